@@ -1,0 +1,34 @@
+# Fresh machine: `make test` or `make demo` installs everything into .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH := torch==2.13.0
+JOBS ?= 2
+
+.PHONY: venv test demo bench cpp-test clean
+
+venv: $(STAMP)
+
+# Re-install only when the dependency list changes; torch is pinned so pip takes the CPU build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q -n $(JOBS) tests
+
+demo: venv
+	$(VENV)/bin/gptj-popxl demo
+
+bench: venv
+	$(PY) -m pytest -q benchmarks --benchmark-only
+
+cpp-test:
+	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j $(JOBS) && ctest --test-dir build --output-on-failure
+
+clean:
+	rm -rf build .pytest_cache .benchmarks

@@ -1,0 +1,378 @@
+"""Conversion between Hugging Face GPT-J checkpoints and our tensor-parallel layout.
+
+Our layout (``hf_to_popxl`` output, ``popxl_to_hf`` input) stores linear weights as
+``(in_features, out_features)``, the transpose of torch's ``nn.Linear.weight``.
+Every tensor-parallel (TP) sharded tensor has a leading axis of size ``tp`` with one
+slice per shard; replicated tensors have no such axis. Heads, MLP columns and
+vocabulary entries are zero-padded up to a multiple of ``tp`` (see ``tp_layout``).
+
+With ``E = n_embd``, ``D = head_dim``, ``hps = heads_per_shard``,
+``ips = inner_per_shard`` and ``vps = vocab_per_shard``:
+
+=============================  ====================  ==========================================
+name                           shape                 contents
+=============================  ====================  ==========================================
+embedding.word.weight          (tp, vps, E)          wte rows, shard s: [s*vps, (s+1)*vps)
+layers.{i}.ln_1.weight/bias    (E,)                  replicated
+layers.{i}.attn.qkv.weight     (tp, E, 3*hps*D)      last axis [q | k | v] of shard s's heads
+                                                     [s*hps, (s+1)*hps), each head's D
+                                                     features contiguous
+layers.{i}.attn.out.weight     (tp, hps*D, E)        out_proj.weight.T rows of those heads
+layers.{i}.mlp.fc_in.weight    (tp, E, ips)          fc_in.weight.T columns
+layers.{i}.mlp.fc_in.bias      (tp, ips)
+layers.{i}.mlp.fc_out.weight   (tp, ips, E)          fc_out.weight.T rows
+layers.{i}.mlp.fc_out.bias     (E,)                  replicated
+ln_f.weight/bias               (E,)                  replicated
+lm_head.weight                 (tp, E, vps)          lm_head.weight.T columns
+lm_head.bias                   (tp, vps)
+=============================  ====================  ==========================================
+"""
+import json
+import os
+from typing import Callable, Dict, List, Mapping, Tuple, Union
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+import torch
+
+from gptj_popxl.checkpoint import atomic_directory
+from gptj_popxl.model.config import GPTJConfig, tp_layout
+
+PathLike = Union[str, "os.PathLike[str]"]
+Shape = Tuple[int, ...]
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+TORCH_FILE = "pytorch_model.bin"
+TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
+
+# Causal-mask buffers that old transformers versions saved alongside the weights.
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def hf_param_shapes(config: GPTJConfig) -> Dict[str, Shape]:
+    """HF GPT-J parameter names, in ``hf_param_names`` order, mapped to their shapes."""
+    e, i, v = config.n_embd, config.inner_size, config.vocab_size
+    shapes: Dict[str, Shape] = {"transformer.wte.weight": (v, e)}
+    for layer in range(config.n_layer):
+        p = f"transformer.h.{layer}."
+        shapes.update({
+            p + "ln_1.weight": (e,),
+            p + "ln_1.bias": (e,),
+            p + "attn.q_proj.weight": (e, e),
+            p + "attn.k_proj.weight": (e, e),
+            p + "attn.v_proj.weight": (e, e),
+            p + "attn.out_proj.weight": (e, e),
+            p + "mlp.fc_in.weight": (i, e),
+            p + "mlp.fc_in.bias": (i,),
+            p + "mlp.fc_out.weight": (e, i),
+            p + "mlp.fc_out.bias": (e,),
+        })
+    shapes.update({
+        "transformer.ln_f.weight": (e,),
+        "transformer.ln_f.bias": (e,),
+        "lm_head.weight": (v, e),
+        "lm_head.bias": (v,),
+    })
+    return shapes
+
+
+def hf_param_names(config: GPTJConfig) -> List[str]:
+    """Names of all parameters of ``transformers.GPTJForCausalLM`` for ``config``, in order."""
+    return list(hf_param_shapes(config))
+
+
+def popxl_param_shapes(config: GPTJConfig, tp: int) -> Dict[str, Shape]:
+    """Names and shapes of our parameters (the ``hf_to_popxl`` output) for ``tp`` shards."""
+    lay = tp_layout(config, tp)
+    e = config.n_embd
+    qkv_cols = 3 * lay.heads_per_shard * config.head_dim
+    shapes: Dict[str, Shape] = {"embedding.word.weight": (tp, lay.vocab_per_shard, e)}
+    for layer in range(config.n_layer):
+        p = f"layers.{layer}."
+        shapes.update({
+            p + "ln_1.weight": (e,),
+            p + "ln_1.bias": (e,),
+            p + "attn.qkv.weight": (tp, e, qkv_cols),
+            p + "attn.out.weight": (tp, lay.heads_per_shard * config.head_dim, e),
+            p + "mlp.fc_in.weight": (tp, e, lay.inner_per_shard),
+            p + "mlp.fc_in.bias": (tp, lay.inner_per_shard),
+            p + "mlp.fc_out.weight": (tp, lay.inner_per_shard, e),
+            p + "mlp.fc_out.bias": (e,),
+        })
+    shapes.update({
+        "ln_f.weight": (e,),
+        "ln_f.bias": (e,),
+        "lm_head.weight": (tp, e, lay.vocab_per_shard),
+        "lm_head.bias": (tp, lay.vocab_per_shard),
+    })
+    return shapes
+
+
+def _checked_arrays(
+    tensors: Mapping[str, np.ndarray], expected: Mapping[str, Shape], what: str
+) -> Dict[str, np.ndarray]:
+    """``tensors`` as numpy arrays after checking names and shapes against ``expected``."""
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ValueError(f"{what} is missing {len(missing)} tensor(s): {', '.join(missing)}")
+    unexpected = sorted(k for k in tensors if k not in expected)
+    if unexpected:
+        raise ValueError(f"{what} has unexpected tensor(s): {', '.join(unexpected)}")
+    arrays = {}
+    for name, shape in expected.items():
+        a = np.asarray(tensors[name])
+        if a.shape != shape:
+            raise ValueError(f"{what}: tensor {name} has shape {a.shape}, expected {shape}")
+        if a.dtype.kind != "f":
+            raise ValueError(f"{what}: tensor {name} has dtype {a.dtype}, expected a floating-point dtype")
+        arrays[name] = a
+    return arrays
+
+
+def _pad_axis(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Zero-pad ``a`` at the end of ``axis`` up to ``size``."""
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, size - a.shape[axis])
+    return np.pad(a, widths)
+
+
+def hf_to_popxl(
+    state_dict: Mapping[str, np.ndarray], config: GPTJConfig, tp: int, dtype=np.float32
+) -> Dict[str, np.ndarray]:
+    """Convert a HF GPT-J state dict to our layout for ``tp`` shards (see module doc).
+
+    Args:
+        state_dict: HF parameter name -> array (e.g. from ``load_hf_state_dict``);
+            exactly the names of ``hf_param_names(config)``.
+        config: the model's config.
+        tp: tensor-parallel degree.
+        dtype: floating-point dtype of the returned arrays.
+
+    Returns:
+        Our parameter name -> new C-contiguous array of ``dtype``, shaped as in
+        ``popxl_param_shapes(config, tp)``; padding is zero.
+
+    Raises:
+        ValueError: a parameter is missing, unexpected, wrongly shaped or not floating point.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    sd = _checked_arrays(state_dict, hf_param_shapes(config), "HF state dict")
+    lay = tp_layout(config, tp)
+    e, d, h = config.n_embd, config.head_dim, config.n_head
+    hps, ips, vps = lay.heads_per_shard, lay.inner_per_shard, lay.vocab_per_shard
+
+    def heads_in_cols(w: np.ndarray) -> np.ndarray:
+        # (out=h*d, in=e) torch weight -> (e, tp, hps, d): per-shard head blocks.
+        return _pad_axis(w.T.reshape(e, h, d), 1, lay.heads_padded).reshape(e, tp, hps, d)
+
+    def cols_sharded(w_t: np.ndarray, size: int, per_shard: int) -> np.ndarray:
+        # (in, out) -> (tp, in, per_shard): shard s gets output columns [s*per_shard, ...).
+        return _pad_axis(w_t, 1, size).reshape(w_t.shape[0], tp, per_shard).transpose(1, 0, 2)
+
+    out = {"embedding.word.weight": _pad_axis(sd["transformer.wte.weight"], 0, lay.vocab_padded).reshape(tp, vps, e)}
+    for layer in range(config.n_layer):
+        src, dst = f"transformer.h.{layer}.", f"layers.{layer}."
+        qkv = np.stack([heads_in_cols(sd[src + f"attn.{n}_proj.weight"]) for n in "qkv"], axis=1)
+        o = sd[src + "attn.out_proj.weight"].T.reshape(h, d, e)
+        out.update({
+            dst + "ln_1.weight": sd[src + "ln_1.weight"],
+            dst + "ln_1.bias": sd[src + "ln_1.bias"],
+            # (e, 3, tp, hps, d) -> (tp, e, 3, hps, d): per shard [q | k | v] of its heads.
+            dst + "attn.qkv.weight": qkv.transpose(2, 0, 1, 3, 4).reshape(tp, e, 3 * hps * d),
+            dst + "attn.out.weight": _pad_axis(o, 0, lay.heads_padded).reshape(tp, hps * d, e),
+            dst + "mlp.fc_in.weight": cols_sharded(sd[src + "mlp.fc_in.weight"].T, lay.inner_padded, ips),
+            dst + "mlp.fc_in.bias": _pad_axis(sd[src + "mlp.fc_in.bias"], 0, lay.inner_padded).reshape(tp, ips),
+            dst + "mlp.fc_out.weight": _pad_axis(sd[src + "mlp.fc_out.weight"].T, 0, lay.inner_padded).reshape(
+                tp, ips, e
+            ),
+            dst + "mlp.fc_out.bias": sd[src + "mlp.fc_out.bias"],
+        })
+    out.update({
+        "ln_f.weight": sd["transformer.ln_f.weight"],
+        "ln_f.bias": sd["transformer.ln_f.bias"],
+        "lm_head.weight": cols_sharded(sd["lm_head.weight"].T, lay.vocab_padded, vps),
+        "lm_head.bias": _pad_axis(sd["lm_head.bias"], 0, lay.vocab_padded).reshape(tp, vps),
+    })
+    # Always copy so the result never aliases the caller's arrays.
+    return {k: np.array(a, dtype=dtype, order="C") for k, a in out.items()}
+
+
+def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int) -> Dict[str, np.ndarray]:
+    """Convert arrays in our layout back to HF GPT-J names and shapes (inverse of ``hf_to_popxl``).
+
+    Padding entries are dropped whatever their values, so this also turns gradients
+    in our layout (whose padding need not be zero) into HF-shaped gradients.
+
+    Args:
+        params: our name -> array, shaped as in ``popxl_param_shapes(config, tp)``.
+        config: the model's config.
+        tp: tensor-parallel degree ``params`` were sharded for.
+
+    Returns:
+        HF parameter name -> new C-contiguous array (dtype unchanged), in ``hf_param_names`` order.
+
+    Raises:
+        ValueError: a tensor is missing, unexpected, wrongly shaped or not floating point.
+    """
+    p = _checked_arrays(params, popxl_param_shapes(config, tp), f"tp={tp} parameters")
+    lay = tp_layout(config, tp)
+    e, d, h, i = config.n_embd, config.head_dim, config.n_head, config.inner_size
+    vocab, hps = config.vocab_size, lay.heads_per_shard
+
+    def unshard_cols(w: np.ndarray, size: int) -> np.ndarray:
+        # (tp, in, per_shard) -> (in, size), padding columns dropped.
+        return w.transpose(1, 0, 2).reshape(w.shape[1], -1)[:, :size]
+
+    out = {"transformer.wte.weight": p["embedding.word.weight"].reshape(-1, e)[:vocab]}
+    for layer in range(config.n_layer):
+        src, dst = f"layers.{layer}.", f"transformer.h.{layer}."
+        # (tp, e, 3*hps*d) -> (3, e, tp*hps, d), padded heads dropped -> (3, e, h*d).
+        qkv = p[src + "attn.qkv.weight"].reshape(tp, e, 3, hps, d).transpose(2, 1, 0, 3, 4)
+        q, k, v = qkv.reshape(3, e, -1, d)[:, :, :h].reshape(3, e, h * d)
+        out.update({
+            dst + "ln_1.weight": p[src + "ln_1.weight"],
+            dst + "ln_1.bias": p[src + "ln_1.bias"],
+            dst + "attn.q_proj.weight": q.T,
+            dst + "attn.k_proj.weight": k.T,
+            dst + "attn.v_proj.weight": v.T,
+            dst + "attn.out_proj.weight": p[src + "attn.out.weight"].reshape(-1, e)[: h * d].T,
+            dst + "mlp.fc_in.weight": unshard_cols(p[src + "mlp.fc_in.weight"], i).T,
+            dst + "mlp.fc_in.bias": p[src + "mlp.fc_in.bias"].reshape(-1)[:i],
+            dst + "mlp.fc_out.weight": p[src + "mlp.fc_out.weight"].reshape(-1, e)[:i].T,
+            dst + "mlp.fc_out.bias": p[src + "mlp.fc_out.bias"],
+        })
+    out.update({
+        "transformer.ln_f.weight": p["ln_f.weight"],
+        "transformer.ln_f.bias": p["ln_f.bias"],
+        "lm_head.weight": unshard_cols(p["lm_head.weight"], vocab).T,
+        "lm_head.bias": p["lm_head.bias"].reshape(-1)[:vocab],
+    })
+    return {k: np.array(a, order="C") for k, a in out.items()}
+
+
+def _to_numpy(t: torch.Tensor, name: str, file: str) -> np.ndarray:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{file}: entry {name} is a {type(t).__name__}, expected a tensor")
+    # numpy has no bfloat16; float32 holds every bf16 value exactly.
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def _read_safetensors(file: str) -> Dict[str, np.ndarray]:
+    try:
+        # framework="pt" rather than "numpy" because numpy cannot represent bf16.
+        with safetensors.safe_open(file, framework="pt") as f:
+            return {name: _to_numpy(f.get_tensor(name), name, file) for name in f.keys()}
+    except (OSError, safetensors.SafetensorError) as e:
+        raise ValueError(f"could not read safetensors file {file}: {e}") from e
+
+
+def _read_torch(file: str) -> Dict[str, np.ndarray]:
+    try:
+        # weights_only=True: a checkpoint must never be able to run code on load.
+        sd = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"could not read PyTorch checkpoint {file} (loaded with weights_only=True): {e}") from e
+    if not isinstance(sd, dict):
+        raise ValueError(f"{file} holds a {type(sd).__name__}, expected a state dict")
+    return {name: _to_numpy(t, name, file) for name, t in sd.items()}
+
+
+def _read_sharded(index_path: str, read: Callable[[str], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Read the shards an HF ``*.index.json`` names, each with ``read``."""
+    directory = os.path.dirname(index_path)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path} is not a valid checkpoint index (needs a 'weight_map'): {e}") from e
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path}: 'weight_map' must map tensor names to shard files")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        # Shards live next to the index; refuse paths that would read elsewhere.
+        if os.path.basename(shard) != shard:
+            raise ValueError(f"{index_path} names shard {shard!r}, which is not a plain file name")
+        if not os.path.isfile(os.path.join(directory, shard)):
+            raise FileNotFoundError(f"shard {shard} named in {index_path} does not exist")
+    tensors: Dict[str, np.ndarray] = {}
+    for shard in shards:
+        for name, a in read(os.path.join(directory, shard)).items():
+            if name in tensors:
+                raise ValueError(f"tensor {name} appears in more than one shard of {index_path} (again in {shard})")
+            tensors[name] = a
+    absent = [f"{name} (in {shard})" for name, shard in weight_map.items() if name not in tensors]
+    if absent:
+        raise ValueError(f"tensors listed in {index_path} are missing from their shards: {', '.join(absent)}")
+    return tensors
+
+
+def load_hf_state_dict(path: PathLike) -> Dict[str, np.ndarray]:
+    """Read the weights of a local Hugging Face checkpoint directory as numpy arrays.
+
+    Looks, in this order, for ``model.safetensors``, ``model.safetensors.index.json``
+    (sharded), ``pytorch_model.bin`` and ``pytorch_model.bin.index.json`` (sharded).
+    PyTorch pickles are read with ``torch.load(weights_only=True)`` only. Arrays keep
+    their stored dtype except bfloat16, which becomes float32. Causal-mask buffers
+    (``*.attn.bias``, ``*.attn.masked_bias``) that old checkpoints contain are skipped.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a directory, holds none of the files above,
+            or a shard named in an index is missing.
+        ValueError: a file cannot be read or an index is inconsistent.
+    """
+    directory = os.fspath(path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    readers = (
+        (SAFETENSORS_FILE, _read_safetensors),
+        (SAFETENSORS_INDEX_FILE, lambda f: _read_sharded(f, _read_safetensors)),
+        (TORCH_FILE, _read_torch),
+        (TORCH_INDEX_FILE, lambda f: _read_sharded(f, _read_torch)),
+    )
+    for name, read in readers:
+        file = os.path.join(directory, name)
+        if os.path.isfile(file):
+            tensors = read(file)
+            return {k: a for k, a in tensors.items() if not k.endswith(_BUFFER_SUFFIXES)}
+    raise FileNotFoundError(
+        f"no weights in checkpoint directory {directory}: expected one of {', '.join(n for n, _ in readers)}"
+    )
+
+
+def save_hf_checkpoint(
+    path: PathLike, config: GPTJConfig, state_dict: Mapping[str, np.ndarray], *, safe_serialization: bool = True
+) -> None:
+    """Write a HF GPT-J checkpoint directory loadable by ``GPTJForCausalLM.from_pretrained``.
+
+    Writes ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin`` via
+    ``torch.save`` when ``safe_serialization`` is False). The directory is built in a
+    temporary sibling and swapped in only when complete, so an existing checkpoint at
+    ``path`` is replaced whole or, on failure, left untouched.
+
+    Args:
+        path: target directory.
+        config: the model's config.
+        state_dict: HF parameter name -> array, exactly ``hf_param_names(config)``
+            (e.g. from ``popxl_to_hf``).
+        safe_serialization: write safetensors (default) rather than a torch pickle.
+
+    Raises:
+        ValueError: a parameter is missing, unexpected, wrongly shaped or not floating point.
+    """
+    sd = _checked_arrays(state_dict, hf_param_shapes(config), "HF state dict")
+    sd = {k: np.ascontiguousarray(a) for k, a in sd.items()}
+    config_json = json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n"
+    with atomic_directory(path) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config_json)
+        if safe_serialization:
+            # transformers refuses safetensors files without format metadata.
+            safetensors.numpy.save_file(sd, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
+        else:
+            torch.save({k: torch.from_numpy(a) for k, a in sd.items()}, os.path.join(tmp, TORCH_FILE))

@@ -1,0 +1,133 @@
+"""Lowering: each graph becomes a flat plan of kernel calls over numbered value slots, once per session.
+
+Values are torch tensors with a leading replica axis. A plan step is ``(fn, input slots, output
+slots, slots to free)``; running a plan walks no graph and infers no shapes. Lowering also settles
+aliasing statically: out-of-place view kernels are made to copy where an in-place op of the same
+storage would otherwise show through them, a subgraph's inputs are copied at a call site when the
+subgraph writes them but the call does not pass them by reference, and subgraph outputs that share
+storage with an input are copied on return.
+"""
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from .tensor import Constant, Tensor, Variable
+
+
+class _Storage:
+    """Union-find over tensor ids: which tensors may share storage at run time."""
+
+    def __init__(self):
+        self.parent: Dict[str, str] = {}
+
+    def find(self, a: str) -> str:
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _storage_classes(graph, copied_views):
+    classes = _Storage()
+    for op in graph._ops:
+        if not op.outputs or not op.inputs:
+            continue
+        mods = op.modified_inputs
+        if mods:
+            classes.union(op.outputs[0].id, op.inputs[mods[0]].id)
+        elif op.prim.alias or (op.prim.view and op not in copied_views):
+            classes.union(op.outputs[0].id, op.inputs[0].id)
+    written = {classes.find(op.inputs[i].id) for op in graph._ops for i in op.modified_inputs}
+    return classes, written
+
+
+class Plan:
+    """A graph lowered for one session."""
+
+    def __init__(self, graph, runtime):
+        self.graph = graph
+        # Pass 1: which view kernels must copy, and which inputs the graph writes.
+        copied = set()
+        classes, written = _storage_classes(graph, copied)
+        for op in graph._ops:
+            if op.prim.view and op.inputs and classes.find(op.outputs[0].id) in written:
+                copied.add(op)
+        classes, written = _storage_classes(graph, copied)
+        self.written_inputs = frozenset(i for i, t in enumerate(graph._inputs) if classes.find(t.id) in written)
+        input_classes = {classes.find(t.id) for t in graph._inputs}
+
+        slot: Dict[str, int] = {}
+
+        def slot_of(t: Tensor) -> int:
+            if t.id not in slot:
+                slot[t.id] = len(slot)
+            return slot[t.id]
+
+        self.in_slots = tuple(slot_of(t) for t in graph._inputs)
+        init: Dict[int, torch.Tensor] = {}
+        steps = []
+        for op in graph._ops:
+            ins = []
+            for t in op.inputs:
+                if t.id not in slot and t._producer is None and t not in graph._inputs:
+                    init[slot_of(t)] = runtime.persistent_value(t, writable=classes.find(t.id) in written)
+                ins.append(slot_of(t))
+            fn = op.prim.lower(op, runtime)
+            if op in copied:
+                fn = _copying(fn)
+            outs = tuple(slot_of(t) for t in op.outputs)
+            steps.append([fn, tuple(ins), outs[0] if len(outs) == 1 else outs, ()])
+        for t in graph._outputs:
+            if t.id not in slot:
+                init[slot_of(t)] = runtime.persistent_value(t, writable=False)
+        self.out_slots = tuple(slot[t.id] for t in graph._outputs)
+        # Outputs sharing storage with an input are copied so callers never see the input change.
+        self.copy_out = tuple(classes.find(t.id) in input_classes for t in graph._outputs)
+        self.num_slots = len(slot)
+        self.init = [init.get(i) for i in range(self.num_slots)]
+        self._add_frees(steps, set(init) | set(self.out_slots))
+        self.steps = [tuple(s) for s in steps]
+
+    @staticmethod
+    def _add_frees(steps, keep):
+        last_use: Dict[int, int] = {}
+        for k, (_, ins, outs, _) in enumerate(steps):
+            for s in ins + ((outs,) if isinstance(outs, int) else outs):
+                last_use[s] = k
+        frees: Dict[int, List[int]] = {}
+        for s, k in last_use.items():
+            if s not in keep:
+                frees.setdefault(k, []).append(s)
+        for k, step in enumerate(steps):
+            step[3] = tuple(frees.get(k, ()))
+
+    def run(self, args):
+        vals = list(self.init)
+        for s, a in zip(self.in_slots, args):
+            vals[s] = a
+        for fn, ins, outs, frees in self.steps:
+            result = fn(*[vals[i] for i in ins])
+            if type(outs) is int:
+                vals[outs] = result
+            elif outs:
+                for s, v in zip(outs, result):
+                    vals[s] = v
+            for s in frees:
+                vals[s] = None
+        return [vals[s].clone() if c else vals[s] for s, c in zip(self.out_slots, self.copy_out)]
+
+
+def _copying(fn):
+    return lambda *xs: fn(*xs).clone()
+
+
+def host_to_replicas(per_group: np.ndarray, assignment, dtype: torch.dtype) -> torch.Tensor:
+    """``(groups, *shape)`` host data -> ``(R, *shape)`` with replica r holding its group's value."""
+    data = torch.from_numpy(np.ascontiguousarray(per_group)).to(dtype)
+    index = torch.as_tensor(assignment, dtype=torch.long)
+    return data.index_select(0, index).contiguous()

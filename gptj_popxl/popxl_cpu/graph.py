@@ -1,0 +1,147 @@
+"""Graphs: ordered ops over tensors, with inputs and outputs."""
+from typing import Dict, List, Optional
+
+from .context import get_current_context
+from .tensor import Constant, Tensor, Variable
+
+
+class Graph:
+    """A list of ops in creation order (the order they run in), with graph inputs and outputs."""
+
+    def __init__(self):
+        raise TypeError("graphs are made by ir.create_graph or ir.create_empty_graph")
+
+    @classmethod
+    def _create(cls, ir, name: str) -> "Graph":
+        self = object.__new__(cls)
+        self._ir = ir
+        self._name = name
+        self._id = f"{name}_{len(ir._graphs)}"
+        self._ops: List = []
+        self._inputs: List[Tensor] = []
+        self._outputs: List[Tensor] = []
+        self._tensors: Dict[str, Tensor] = {}
+        self._by_ref_inputs = set()
+        # parent tensor id -> (parent tensor, graph input) for tensors captured from enclosing graphs
+        self._captured: Dict[str, tuple] = {}
+        self._call_sites: List = []
+        self._hooks = {}
+        ir._graphs.append(self)
+        return self
+
+    @property
+    def ir(self):
+        return self._ir
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def main_graph(self) -> "Graph":
+        return self._ir.main_graph
+
+    @property
+    def inputs(self):
+        return tuple(self._inputs)
+
+    @property
+    def outputs(self):
+        return tuple(self._outputs)
+
+    @property
+    def inputs_by_name(self) -> Dict[str, Tensor]:
+        return {t.name: t for t in self._inputs}
+
+    @property
+    def tensors(self):
+        return tuple(self._tensors.values())
+
+    @property
+    def variables(self):
+        return tuple(t for t in self._tensors.values() if isinstance(t, Variable))
+
+    @property
+    def constants(self):
+        return tuple(t for t in self._tensors.values() if isinstance(t, Constant))
+
+    @property
+    def called_graphs(self):
+        seen = []
+        for op in self._ops:
+            for g in op.called_graphs:
+                if g not in seen:
+                    seen.append(g)
+        return tuple(seen)
+
+    def get_tensor(self, tensor_id: str) -> Tensor:
+        try:
+            return self._tensors[tensor_id]
+        except KeyError:
+            raise KeyError(f"graph '{self._name}' has no tensor with id {tensor_id!r}") from None
+
+    def register_op_created_hook(self, fn) -> int:
+        return get_current_context().register_op_created_hook(
+            lambda op: fn(op) if op.graph is self else None)
+
+    def remove_op_created_hook(self, handle: int) -> None:
+        get_current_context().remove_op_created_hook(handle)
+
+    def _add_output(self, t: Tensor) -> None:
+        """Appends an output; every op calling this graph gains the matching output."""
+        self._outputs.append(t)
+        for op in self._call_sites:
+            op._graph_output_added(t)
+
+    def _capture(self, t: Tensor) -> Tensor:
+        """The input of this graph standing for ``t`` of an enclosing graph (added on first use)."""
+        entry = self._captured.get(t.id)
+        if entry is not None:
+            return entry[1]
+        t_in = Tensor._create(self, t.shape, t.dtype, t.name.rpartition("/")[2], meta_shape=t.meta_shape)
+        self._inputs.append(t_in)
+        self._captured[t.id] = (t, t_in)
+        return t_in
+
+    def __enter__(self) -> "Graph":
+        get_current_context().push_graph(self)
+        return self
+
+    def __exit__(self, *exc):
+        get_current_context().pop_graph()
+
+    def __eq__(self, value) -> bool:
+        return self is value
+
+    def __hash__(self):
+        return id(self)
+
+    def __repr__(self) -> str:
+        return f"Graph[{self._name}: {len(self._inputs)} inputs, {len(self._ops)} ops, {len(self._outputs)} outputs]"
+
+    def _describe(self) -> str:
+        """A readable listing of the graph's ops, for debugging."""
+        lines = [repr(self)]
+        for op in self._ops:
+            ins = ", ".join(t.name for t in op.inputs)
+            outs = ", ".join(f"{t.name}{t.shape}" for t in op.outputs)
+            lines.append(f"  {outs} = {op.prim.name}({ins})")
+        return "\n".join(lines)
+
+
+def resolve_in_graph(t: Tensor, graph: Graph, what: str) -> Tensor:
+    """``t`` itself if it is in ``graph``, else its capture from an enclosing graph being built."""
+    if t._graph is graph:
+        return t
+    stack = get_current_context()._graphs
+    if t._graph in stack and graph in stack and stack.index(t._graph) < stack.index(graph):
+        chain = stack[stack.index(t._graph) + 1: stack.index(graph) + 1]
+        for g in chain:
+            t = g._capture(t)
+        return t
+    raise ValueError(f"{what}: tensor '{t.name}' {t.shape} belongs to graph '{t._graph.name}', which is neither "
+                     f"the graph being built ('{graph.name}') nor one enclosing it")

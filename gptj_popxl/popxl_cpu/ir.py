@@ -1,0 +1,150 @@
+"""The IR: one main graph, the subgraphs, variables, streams and remote buffers of a program."""
+import inspect
+import itertools
+from typing import Any, Callable, List, Optional, Union
+
+from .graph import Graph
+from .replica_grouping import ReplicaGrouping
+from .tensor import Tensor, TensorSpec, graph_input
+
+_ir_ids = itertools.count()
+
+
+class Ir:
+    """A popxl program. ``replication`` replicas of the main graph run SPMD."""
+
+    def __init__(self, replication: Union[int, str] = 1):
+        if replication == "popdist":
+            replication = 1
+        if not isinstance(replication, int) or replication < 1:
+            raise ValueError(f"replication must be a positive int, got {replication!r}")
+        self._id = next(_ir_ids)
+        self._replication = replication
+        self._num_host_transfers = 1
+        self._graphs: List[Graph] = []
+        self._variables: List = []
+        self._streams: List = []
+        self._remote_buffers: List = []
+        self._main = Graph._create(self, "main_graph")
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @property
+    def main_graph(self) -> Graph:
+        return self._main
+
+    @property
+    def replication_factor(self) -> int:
+        return self._replication
+
+    @replication_factor.setter
+    def replication_factor(self, value: int) -> None:
+        if self._variables:
+            raise ValueError("set ir.replication_factor before creating variables")
+        self._replication = int(value)
+
+    @property
+    def instance_replication_factor(self) -> int:
+        return self._replication
+
+    @property
+    def num_host_transfers(self) -> int:
+        return self._num_host_transfers
+
+    @num_host_transfers.setter
+    def num_host_transfers(self, value: int) -> None:
+        if int(value) < 1:
+            raise ValueError(f"num_host_transfers must be >= 1, got {value}")
+        self._num_host_transfers = int(value)
+
+    def replica_grouping(self, stride: int = 1, group_size: Optional[int] = None) -> ReplicaGrouping:
+        """Groups of ``group_size`` replicas ``stride`` apart (default: all replicas in one group)."""
+        return ReplicaGrouping._create(self._replication, stride, group_size)
+
+    def replica_grouping_from_assignments(self, assignment: List[int]) -> ReplicaGrouping:
+        assignment = list(assignment)
+        if len(assignment) != self._replication:
+            raise ValueError(f"assignment has {len(assignment)} entries for {self._replication} replicas")
+        for stride in range(1, self._replication + 1):
+            for group_size in range(1, self._replication + 1):
+                try:
+                    g = ReplicaGrouping._create(self._replication, stride, group_size)
+                except ValueError:
+                    continue
+                if g.assignment == assignment:
+                    return g
+        raise ValueError(f"assignment {assignment} is not expressible by a stride and group size")
+
+    def get_all_d2h_streams(self):
+        from .streams import DeviceToHostStream
+        return {s for s in self._streams if isinstance(s, DeviceToHostStream)}
+
+    def get_all_h2d_streams(self):
+        from .streams import HostToDeviceStream
+        return {s for s in self._streams if isinstance(s, HostToDeviceStream)}
+
+    def create_empty_graph(self, name: Optional[str] = None) -> Graph:
+        return Graph._create(self, name or "graph")
+
+    def create_graph(self, fn: Callable[..., Any], *args, **kwargs) -> Graph:
+        """Builds a subgraph by calling ``fn``; ``TensorSpec``/``Tensor`` arguments become graph inputs.
+
+        ``fn`` may be a function or a ``popxl.Module`` (its ``build`` is traced). Returned tensors
+        become the graph's outputs, in order.
+        """
+        build = fn.build if hasattr(fn, "build") and not inspect.isfunction(fn) else fn
+        name = getattr(fn, "__name__", None) or type(fn).__name__
+        graph = Graph._create(self, name)
+        try:
+            params = list(inspect.signature(build).parameters)
+        except (TypeError, ValueError):
+            params = []
+        with graph:
+            in_args = [_as_graph_input(a, params[i] if i < len(params) else f"arg{i}") for i, a in enumerate(args)]
+            in_kwargs = {k: _as_graph_input(v, k) for k, v in kwargs.items()}
+            outputs = build(*in_args, **in_kwargs)
+            for t in _flatten_outputs(outputs, name):
+                graph._add_output(_own(graph, t))
+        return graph
+
+    def dot_checkpoint(self, check: str, save_dir: Optional[str] = None) -> None:
+        """Graph visualisation hook of the SDK; nothing to write on the CPU."""
+
+    def __eq__(self, value) -> bool:
+        return self is value
+
+    def __hash__(self):
+        return id(self)
+
+    def __repr__(self):
+        return f"Ir[{self._id}: replication {self._replication}, {len(self._graphs)} graphs]"
+
+
+def _as_graph_input(arg, name: str):
+    if isinstance(arg, (TensorSpec, Tensor)):
+        spec = arg.spec if isinstance(arg, Tensor) else arg
+        return graph_input(spec.shape, spec.dtype, name, meta_shape=spec.meta_shape)
+    if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, (TensorSpec, Tensor)) for a in arg):
+        return type(arg)(_as_graph_input(a, f"{name}_{i}") for i, a in enumerate(arg))
+    return arg
+
+
+def _flatten_outputs(outputs, name: str):
+    if outputs is None:
+        return []
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    if isinstance(outputs, (list, tuple)):
+        flat = []
+        for o in outputs:
+            flat.extend(_flatten_outputs(o, name))
+        return flat
+    raise TypeError(f"graph {name!r}: the function must return tensors, a tuple/list of tensors or None; "
+                    f"got {type(outputs).__name__}")
+
+
+def _own(graph: Graph, t: Tensor) -> Tensor:
+    from .graph import resolve_in_graph
+    return resolve_in_graph(t, graph, f"output of graph '{graph.name}'")

@@ -1,0 +1,61 @@
+"""Helpers shared by op definitions."""
+from typing import Sequence, Tuple
+
+import numpy as np
+
+from ..tensor import Tensor, constant
+
+
+def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> Tuple[int, ...]:
+    """Numpy broadcasting of two shapes; ValueError naming both when they do not broadcast."""
+    try:
+        return tuple(np.broadcast_shapes(tuple(a), tuple(b)))
+    except ValueError:
+        raise ValueError(f"shapes {tuple(a)} and {tuple(b)} do not broadcast") from None
+
+
+def norm_axis(axis: int, rank: int, what: str = "axis") -> int:
+    if not -rank <= axis < max(rank, 1):
+        raise ValueError(f"{what} {axis} is out of range for rank {rank}")
+    return axis % rank if rank else 0
+
+
+def norm_axes(axis, rank: int) -> Tuple[int, ...]:
+    """``None`` -> all axes; int or list -> sorted non-negative axes."""
+    if axis is None:
+        return tuple(range(rank))
+    if isinstance(axis, int):
+        axis = [axis]
+    return tuple(sorted({norm_axis(int(a), rank) for a in axis}))
+
+
+def scalar_like(value, t: Tensor) -> Tensor:
+    return value if isinstance(value, Tensor) else constant(np.asarray(value), t.dtype, name="scalar")
+
+
+def replica_view_shape(shape: Sequence[int], rank: int, replicas: int) -> Tuple[int, ...]:
+    """Runtime shape ``(R, 1.., *shape)`` padding ``shape`` with leading ones up to ``rank``."""
+    return (replicas,) + (1,) * (rank - len(shape)) + tuple(shape)
+
+
+def unbroadcast(dy: Tensor, shape: Sequence[int]) -> Tensor:
+    """Sums ``dy`` over the axes that broadcasting added or stretched, giving a ``shape`` gradient."""
+    from . import reduce_sum, reshape
+    shape = tuple(shape)
+    if dy.shape == shape:
+        return dy
+    lead = dy.rank - len(shape)
+    axes = list(range(lead)) + [lead + i for i, s in enumerate(shape) if s == 1 and dy.shape[lead + i] != 1]
+    out = reduce_sum(dy, axes, keepdims=False) if axes else dy
+    return reshape(out, shape) if out.shape != shape else out
+
+
+def check_same_dtype(*ts: Tensor) -> None:
+    dtypes = {t.dtype for t in ts}
+    if len(dtypes) > 1:
+        raise TypeError("inputs must have the same dtype, got " + ", ".join(f"{t.dtype.name}" for t in ts))
+
+
+def check_float(t: Tensor, what: str) -> None:
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{what} needs a floating point tensor, got '{t.name}' {t.dtype.name}")

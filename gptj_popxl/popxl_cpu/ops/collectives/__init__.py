@@ -1,0 +1,1 @@
+"""popxl.ops.collectives: collectives across replicas (filled in by the collectives module)."""

@@ -1,0 +1,218 @@
+"""Subgraph calls: ``call`` runs a graph once, ``repeat`` runs it in a loop."""
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from ..context import get_current_graph
+from ..graph import Graph, resolve_in_graph
+from ..primitive import Op, Primitive
+from ..tensor import Tensor, TensorSpec, constant
+
+
+class Call(Primitive):
+    """Runs ``graph`` on the inputs; inputs are passed by value unless marked modified (by reference)."""
+    name = "call"
+
+    @staticmethod
+    def infer(*inputs, graph, modified, num_outputs=None):
+        return tuple(t.spec for t in graph._outputs)
+
+    @classmethod
+    def called_graphs(cls, op):
+        return (op.attrs["graph"],)
+
+    @classmethod
+    def modified_inputs(cls, op):
+        return tuple(sorted(op.attrs["modified"]))
+
+    @classmethod
+    def graph_output_added(cls, op, t):
+        out = Tensor._create(op.graph, t.shape, t.dtype, t.name.rpartition("/")[2], producer=op)
+        op.outputs.append(out)
+
+    @classmethod
+    def lower(cls, op, runtime):
+        plan = runtime.plan(op.attrs["graph"])
+        copy_in = _copy_in(plan, op)
+        run = plan.run
+        if not copy_in:
+            return lambda *xs: run(xs)
+        return lambda *xs: run([x.clone() if c else x for x, c in zip(xs, copy_in)])
+
+    @staticmethod
+    def grad(g):
+        from ..transforms.autodiff import call_grad
+        return call_grad(g)
+
+
+def _copy_in(plan, op) -> Tuple[bool, ...]:
+    """Inputs the subgraph writes that this call does not pass by reference are copied in."""
+    modified = op.attrs["modified"]
+    copy = tuple(i in plan.written_inputs and i not in modified for i in range(len(op.inputs)))
+    return copy if any(copy) else ()
+
+
+class Repeat(Call):
+    """Runs ``graph`` ``repeat_count`` times; output i feeds input i of the next iteration."""
+    name = "repeat"
+
+    @staticmethod
+    def infer(*inputs, graph, modified, repeat_count, num_outputs):
+        return tuple(t.spec for t in graph._outputs[:num_outputs])
+
+    @classmethod
+    def graph_output_added(cls, op, t):
+        pass  # a loop's outputs are fixed when it is built
+
+    @classmethod
+    def lower(cls, op, runtime):
+        plan = runtime.plan(op.attrs["graph"])
+        count, k = op.attrs["repeat_count"], op.attrs["num_outputs"]
+        copy_in = _copy_in(plan, op)
+
+        def repeat(*xs):
+            xs = [x.clone() if copy_in and copy_in[i] else x for i, x in enumerate(xs)]
+            carried = xs[:k]
+            for _ in range(count):
+                carried = plan.run(carried + xs[k:] if k < len(xs) else carried)[:k]
+            return tuple(carried)
+        return repeat
+
+    @staticmethod
+    def grad(g):
+        from ..transforms.autodiff import repeat_grad
+        return repeat_grad(g)
+
+
+class CallSiteInfo:
+    """How a call or repeat op connects its parent graph's tensors to the called graph."""
+
+    def __init__(self, subgraph_op: Op):
+        self._op = subgraph_op
+
+    @property
+    def called_graph(self) -> Graph:
+        return self._op.attrs["graph"]
+
+    @property
+    def inputs(self) -> Tuple[Tensor, ...]:
+        return tuple(self._op.inputs)
+
+    @property
+    def outputs(self) -> Tuple[Tensor, ...]:
+        return tuple(self._op.outputs)
+
+    def parent_input(self, idx: int) -> Tensor:
+        return self._op.inputs[idx]
+
+    def parent_output(self, idx: int) -> Tensor:
+        return self._op.outputs[idx]
+
+    def graph_to_parent(self, graph_tensor: Tensor) -> Tensor:
+        g = self.called_graph
+        if graph_tensor in g._inputs:
+            return self._op.inputs[g._inputs.index(graph_tensor)]
+        for i, t in enumerate(g._outputs[:len(self._op.outputs)]):
+            if t is graph_tensor:
+                return self._op.outputs[i]
+        raise ValueError(f"tensor '{graph_tensor.name}' is neither an input nor an output of graph '{g.name}'")
+
+    def parent_to_graph(self, parent_tensor: Tensor) -> Tensor:
+        for i, t in enumerate(self._op.inputs):
+            if t is parent_tensor:
+                return self.called_graph._inputs[i]
+        raise ValueError(f"tensor '{parent_tensor.name}' is not an input of this call of '{self.called_graph.name}'")
+
+    def graph_to_parent_input_index(self, idx: int) -> int:
+        return idx
+
+    def parent_to_graph_input_index(self, idx: int) -> int:
+        return idx
+
+    def graph_to_parent_output_index(self, idx: int) -> int:
+        return idx
+
+    def parent_to_graph_output_index(self, idx: int) -> int:
+        return idx
+
+    def set_parent_input_modified(self, parent_tensor: Tensor, infer_modified_regions: bool = False) -> None:
+        """Marks ``parent_tensor`` as passed by reference: in-place changes in the graph reach it."""
+        self.parent_to_graph(parent_tensor)
+        self._op.attrs["modified"] = self._op.attrs["modified"] | {
+            i for i, t in enumerate(self._op.inputs) if t is parent_tensor}
+
+
+def _connect(graph: Graph, inputs, inputs_dict, what: str) -> List[Tensor]:
+    """Parent tensors for every input of ``graph``: positional, then by dict, then captured."""
+    parent = get_current_graph()
+    flat = []
+    for t in inputs:
+        flat.extend(t if isinstance(t, (list, tuple)) else [t])
+    if len(flat) > len(graph._inputs):
+        raise ValueError(f"{what} '{graph.name}': {len(flat)} inputs given, the graph has {len(graph._inputs)}")
+    connected: Dict[int, Tensor] = dict(enumerate(flat))
+    for sub, par in (inputs_dict or {}).items():
+        if sub not in graph._inputs:
+            raise ValueError(f"{what} '{graph.name}': inputs_dict key '{getattr(sub, 'name', sub)}' is not an input "
+                             f"of the graph")
+        connected[graph._inputs.index(sub)] = par
+    for par, sub in graph._captured.values():
+        connected.setdefault(graph._inputs.index(sub), par)
+    out = []
+    for i, sub in enumerate(graph._inputs):
+        if i not in connected:
+            raise ValueError(f"{what} '{graph.name}': no tensor given for graph input '{sub.name}' {sub.shape} "
+                             f"{sub.dtype.name}")
+        par = connected[i]
+        if not isinstance(par, Tensor):
+            par = constant(np.asarray(par), sub.dtype, name=sub.name.rpartition("/")[2])
+        par = resolve_in_graph(par, parent, f"{what} '{graph.name}'")
+        if par.shape != sub.shape or par.dtype != sub.dtype:
+            raise ValueError(f"{what} '{graph.name}': input '{sub.name}' expects {sub.shape} {sub.dtype.name}, got "
+                             f"'{par.name}' {par.shape} {par.dtype.name}")
+        out.append(par)
+    return out
+
+
+def _by_ref(graph: Graph):
+    return frozenset(i for i, t in enumerate(graph._inputs) if t in graph._by_ref_inputs)
+
+
+def call_with_info(graph: Graph, *inputs, inputs_dict: Optional[Mapping[Tensor, Tensor]] = None,
+                   check_inputs: bool = True) -> CallSiteInfo:
+    """Calls ``graph`` and returns the call site's :class:`CallSiteInfo`."""
+    ins = _connect(graph, inputs, inputs_dict, "call")
+    Call.create(*ins, graph=graph, modified=_by_ref(graph))
+    op = get_current_graph()._ops[-1]
+    graph._call_sites.append(op)
+    return CallSiteInfo(op)
+
+
+def call(graph: Graph, *inputs, inputs_dict: Optional[Mapping[Tensor, Tensor]] = None) -> Tuple[Tensor, ...]:
+    """Calls ``graph`` once; returns its outputs as a tuple."""
+    return call_with_info(graph, *inputs, inputs_dict=inputs_dict).outputs
+
+
+def repeat_with_info(graph: Graph, repeat_count: int, *inputs, inputs_dict=None, check_inputs: bool = True):
+    """Runs ``graph`` ``repeat_count`` times, feeding output i to input i; returns the CallSiteInfo."""
+    if repeat_count < 0:
+        raise ValueError(f"repeat of '{graph.name}': repeat_count must be >= 0, got {repeat_count}")
+    if len(graph._outputs) > len(graph._inputs):
+        raise ValueError(f"repeat of '{graph.name}': the graph has {len(graph._outputs)} outputs but only "
+                         f"{len(graph._inputs)} inputs to carry them")
+    ins = _connect(graph, inputs, inputs_dict, "repeat")
+    k = len(graph._outputs)
+    for i, (sub_in, sub_out) in enumerate(zip(graph._inputs, graph._outputs)):
+        if sub_in.shape != sub_out.shape or sub_in.dtype != sub_out.dtype:
+            raise ValueError(f"repeat of '{graph.name}': output {i} '{sub_out.name}' {sub_out.shape} "
+                             f"{sub_out.dtype.name} cannot feed input {i} '{sub_in.name}' {sub_in.shape} "
+                             f"{sub_in.dtype.name}")
+    Repeat.create(*ins, graph=graph, modified=_by_ref(graph), repeat_count=int(repeat_count), num_outputs=k)
+    op = get_current_graph()._ops[-1]
+    graph._call_sites.append(op)
+    return CallSiteInfo(op)
+
+
+def repeat(graph: Graph, repeat_count: int, *inputs, inputs_dict=None) -> Tuple[Tensor, ...]:
+    """Runs ``graph`` ``repeat_count`` times; returns the last iteration's outputs."""
+    return repeat_with_info(graph, repeat_count, *inputs, inputs_dict=inputs_dict).outputs

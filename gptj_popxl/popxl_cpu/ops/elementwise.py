@@ -1,0 +1,418 @@
+"""Elementwise ops: unary maths, broadcasting binary maths, comparisons and casts."""
+import math
+from typing import Callable, Dict
+
+import torch
+
+from .. import dtypes
+from ..primitive import Primitive, spec
+from ..tensor import Tensor
+from ._util import broadcast_shape, check_float, check_same_dtype, replica_view_shape, scalar_like, unbroadcast
+
+# ---------------------------------------------------------------- unary
+
+_DERIVATIVES: Dict[str, Callable] = {}
+
+
+class ElementwiseGrad(Primitive):
+    """``dy * f'(x)`` for a unary op ``f``, computed from the forward input ``x`` and output ``y``."""
+    name = "elementwise_grad"
+
+    @staticmethod
+    def infer(dy, x, y, of):
+        return dy.spec
+
+    @staticmethod
+    def kernel(dy, x, y, of):
+        return dy * _DERIVATIVES[of](x, y).to(dy.dtype)
+
+
+def _unary_grad(g):
+    return [ElementwiseGrad.create(g.dy, g.x(0), g.y(0), of=g.op.prim.name)]
+
+
+def _unary(name: str, fn: Callable, derivative: Callable = None, floating: bool = True, out_dtype=None):
+    """Defines a unary primitive; ``derivative(x, y)`` (torch) gives its gradient rule."""
+    attrs = {
+        "name": name,
+        "infer": staticmethod(lambda t: _unary_infer(t, name, floating, out_dtype)),
+        "kernel": staticmethod(fn),
+    }
+    if derivative is not None:
+        _DERIVATIVES[name] = derivative
+        attrs["grad"] = staticmethod(_unary_grad)
+    return type(name.title().replace("_", ""), (Primitive,), attrs)
+
+
+def _unary_infer(t, name, floating, out_dtype):
+    if floating:
+        check_float(t, name)
+    return spec(t.shape, out_dtype or t.dtype)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh_derivative(x, y):
+    x = x.float()
+    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
+    th = torch.tanh(inner)
+    return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+
+
+def _gelu_erf_derivative(x, y):
+    x = x.float()
+    return 0.5 * (1 + torch.erf(x / math.sqrt(2.0))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _swish_derivative(x, y):
+    s = torch.sigmoid(x.float())
+    return s * (1 + x.float() * (1 - s))
+
+
+Negate = _unary("negate", torch.neg, lambda x, y: torch.full_like(x, -1), floating=False)
+Sqrt = _unary("sqrt", torch.sqrt, lambda x, y: 0.5 / y)
+Exp = _unary("exp", torch.exp, lambda x, y: y)
+Log = _unary("log", torch.log, lambda x, y: 1 / x)
+Log2 = _unary("log2", torch.log2, lambda x, y: 1 / (x * math.log(2.0)))
+Tanh = _unary("tanh", torch.tanh, lambda x, y: 1 - y * y)
+Sin = _unary("sin", torch.sin, lambda x, y: torch.cos(x))
+Cos = _unary("cos", torch.cos, lambda x, y: -torch.sin(x))
+Abs = _unary("abs", torch.abs, lambda x, y: torch.sign(x), floating=False)
+Relu = _unary("relu", torch.relu, lambda x, y: (x > 0).to(x.dtype), floating=False)
+Gelu = _unary("gelu", lambda x: torch.nn.functional.gelu(x, approximate="tanh"), _gelu_tanh_derivative)
+Geluerf = _unary("geluerf", torch.nn.functional.gelu, _gelu_erf_derivative)
+Swish = _unary("swish", torch.nn.functional.silu, _swish_derivative)
+Sign = _unary("sign", torch.sign, lambda x, y: torch.zeros_like(x), floating=False)
+Floor = _unary("floor", torch.floor, lambda x, y: torch.zeros_like(x))
+Ceil = _unary("ceil", torch.ceil, lambda x, y: torch.zeros_like(x))
+LogicalNot = _unary("logical_not", torch.logical_not, floating=False, out_dtype=dtypes.bool_)
+Isnan = _unary("isnan", torch.isnan, floating=False, out_dtype=dtypes.bool_)
+Isinf = _unary("isinf", torch.isinf, floating=False, out_dtype=dtypes.bool_)
+Isfinite = _unary("isfinite", torch.isfinite, floating=False, out_dtype=dtypes.bool_)
+
+
+def _inplace(prim):
+    """The in-place twin of a unary primitive: writes its input."""
+    return type(prim.__name__ + "Inplace", (prim,), {
+        "name": prim.name + "_", "modifies": (0,), "grad": None,
+        "kernel": staticmethod(lambda x, _f=prim.kernel: x.copy_(_f(x))),
+    })
+
+
+ExpInplace, ReluInplace, GeluInplace, GeluerfInplace, SwishInplace = map(_inplace, (Exp, Relu, Gelu, Geluerf, Swish))
+
+
+def negate(t: Tensor) -> Tensor:
+    return Negate.create(t)
+
+
+def sqrt(t: Tensor) -> Tensor:
+    return Sqrt.create(t)
+
+
+def exp(t: Tensor) -> Tensor:
+    return Exp.create(t)
+
+
+def exp_(t: Tensor) -> Tensor:
+    return ExpInplace.create(t)
+
+
+def log(t: Tensor) -> Tensor:
+    return Log.create(t)
+
+
+def log2(t: Tensor) -> Tensor:
+    return Log2.create(t)
+
+
+def tanh(t: Tensor) -> Tensor:
+    return Tanh.create(t)
+
+
+def sin(t: Tensor) -> Tensor:
+    return Sin.create(t)
+
+
+def cos(t: Tensor) -> Tensor:
+    return Cos.create(t)
+
+
+def abs(t: Tensor) -> Tensor:  # noqa: A001 - popxl's name
+    return Abs.create(t)
+
+
+def relu(t: Tensor) -> Tensor:
+    return Relu.create(t)
+
+
+def relu_(t: Tensor) -> Tensor:
+    return ReluInplace.create(t)
+
+
+def gelu(t: Tensor) -> Tensor:
+    """GELU with the tanh approximation, as popxl's ``gelu``."""
+    return Gelu.create(t)
+
+
+def gelu_(t: Tensor) -> Tensor:
+    return GeluInplace.create(t)
+
+
+def geluerf(t: Tensor) -> Tensor:
+    """Exact GELU, ``x * Phi(x)``."""
+    return Geluerf.create(t)
+
+
+def geluerf_(t: Tensor) -> Tensor:
+    return GeluerfInplace.create(t)
+
+
+def swish(t: Tensor) -> Tensor:
+    return Swish.create(t)
+
+
+def swish_(t: Tensor) -> Tensor:
+    return SwishInplace.create(t)
+
+
+def sign(t: Tensor) -> Tensor:
+    return Sign.create(t)
+
+
+def floor(t: Tensor) -> Tensor:
+    return Floor.create(t)
+
+
+def ceil(t: Tensor) -> Tensor:
+    return Ceil.create(t)
+
+
+def logical_not(t: Tensor) -> Tensor:
+    return LogicalNot.create(t)
+
+
+def isnan(t: Tensor) -> Tensor:
+    return Isnan.create(t)
+
+
+def isinf(t: Tensor) -> Tensor:
+    return Isinf.create(t)
+
+
+def isfinite(t: Tensor) -> Tensor:
+    return Isfinite.create(t)
+
+
+# ---------------------------------------------------------------- binary
+
+class Binary(Primitive):
+    """Broadcasting binary op; subclasses set ``fn`` (torch) and a gradient rule."""
+    fn = None
+    out_dtype = None
+
+    @classmethod
+    def infer(cls, a, b):
+        check_same_dtype(a, b)
+        return spec(broadcast_shape(a.shape, b.shape), cls.out_dtype or a.dtype)
+
+    @classmethod
+    def lower(cls, op, runtime):
+        a, b = op.inputs
+        rank, fn = op.outputs[0].rank, cls.fn
+        if a.rank == rank and b.rank == rank:
+            return fn
+        sa = replica_view_shape(a.shape, rank, runtime.replicas)
+        sb = replica_view_shape(b.shape, rank, runtime.replicas)
+        return lambda x, y: fn(x.reshape(sa), y.reshape(sb))
+
+
+def _binary(name, fn, grad=None, out_dtype=None):
+    return type(name.title().replace("_", ""), (Binary,), {
+        "name": name, "fn": staticmethod(fn), "out_dtype": out_dtype,
+        "grad": staticmethod(grad) if grad else None})
+
+
+def _grads(g, da, db):
+    """Reduces broadcast gradients back to each input's shape, skipping unwanted ones."""
+    return [unbroadcast(da(), g.in_spec(0).shape) if g.needs(0) else None,
+            unbroadcast(db(), g.in_spec(1).shape) if g.needs(1) else None]
+
+
+Add = _binary("add", torch.add, lambda g: _grads(g, lambda: g.dy, lambda: g.dy))
+Sub = _binary("sub", torch.sub, lambda g: _grads(g, lambda: g.dy, lambda: negate(g.dy)))
+Mul = _binary("mul", torch.mul, lambda g: _grads(g, lambda: mul(g.dy, g.x(1)), lambda: mul(g.dy, g.x(0))))
+Div = _binary("div", lambda a, b: torch.div(a, b) if a.is_floating_point() else torch.div(a, b, rounding_mode="trunc"),
+              lambda g: _grads(g, lambda: div(g.dy, g.x(1)), lambda: negate(div(mul(g.dy, g.y(0)), g.x(1)))))
+Pow = _binary("pow", torch.pow, lambda g: _grads(
+    g, lambda: mul(g.dy, mul(g.x(1), pow(g.x(0), sub(g.x(1), scalar_like(1, g.x(1)))))),
+    lambda: mul(g.dy, mul(g.y(0), log(g.x(0))))))
+Fmod = _binary("fmod", torch.fmod, lambda g: _grads(
+    g, lambda: g.dy, lambda: negate(mul(g.dy, _trunc_div(g.x(0), g.x(1))))))
+Maximum = _binary("maximum", torch.maximum, lambda g: _grads(
+    g, lambda: mul(g.dy, cast(_ge(g.x(0), g.x(1)), g.dy.dtype)),
+    lambda: mul(g.dy, cast(logical_not(_ge(g.x(0), g.x(1))), g.dy.dtype))))
+Equal = _binary("equal", torch.eq, out_dtype=dtypes.bool_)
+Greater = _binary("greater", torch.gt, out_dtype=dtypes.bool_)
+GreaterEqual = _binary("greater_equal", torch.ge, out_dtype=dtypes.bool_)
+LogicalAnd = _binary("logical_and", torch.logical_and, out_dtype=dtypes.bool_)
+LogicalOr = _binary("logical_or", torch.logical_or, out_dtype=dtypes.bool_)
+TruncDiv = _binary("trunc_div", lambda a, b: torch.trunc(a / b))
+
+
+def _ge(a, b):
+    return GreaterEqual.create(a, b)
+
+
+def _trunc_div(a, b):
+    return TruncDiv.create(a, b)
+
+
+class AddInplace(Binary):
+    name = "add_"
+    modifies = (0,)
+
+    @classmethod
+    def infer(cls, a, b):
+        check_same_dtype(a, b)
+        if broadcast_shape(a.shape, b.shape) != a.shape:
+            raise ValueError(f"add_ writes its lhs, so rhs {b.shape} must broadcast to lhs {a.shape}")
+        return a.spec
+
+    @classmethod
+    def lower(cls, op, runtime):
+        a, b = op.inputs
+        sb = replica_view_shape(b.shape, a.rank, runtime.replicas)
+        return lambda x, y: x.add_(y.reshape(sb))
+
+
+def _pair(lhs, rhs):
+    if not isinstance(lhs, Tensor) and isinstance(rhs, Tensor):
+        lhs = scalar_like(lhs, rhs)
+    return lhs, scalar_like(rhs, lhs)
+
+
+def add(lhs: Tensor, rhs: Tensor) -> Tensor:
+    return Add.create(*_pair(lhs, rhs))
+
+
+def add_(lhs: Tensor, rhs: Tensor) -> Tensor:
+    return AddInplace.create(*_pair(lhs, rhs))
+
+
+def sub(lhs: Tensor, rhs: Tensor) -> Tensor:
+    return Sub.create(*_pair(lhs, rhs))
+
+
+def mul(lhs: Tensor, rhs: Tensor) -> Tensor:
+    return Mul.create(*_pair(lhs, rhs))
+
+
+def div(lhs: Tensor, rhs: Tensor) -> Tensor:
+    return Div.create(*_pair(lhs, rhs))
+
+
+def pow(t: Tensor, e) -> Tensor:  # noqa: A001 - popxl's name
+    return Pow.create(*_pair(t, e))
+
+
+def fmod(lhs: Tensor, rhs: Tensor) -> Tensor:
+    return Fmod.create(*_pair(lhs, rhs))
+
+
+def maximum(*ts: Tensor) -> Tensor:
+    """Elementwise maximum of two or more tensors."""
+    if len(ts) < 2:
+        raise ValueError("maximum needs at least two tensors")
+    out = ts[0]
+    for t in ts[1:]:
+        out = Maximum.create(*_pair(out, t))
+    return out
+
+
+def equal(lhs: Tensor, rhs: Tensor) -> Tensor:
+    return Equal.create(*_pair(lhs, rhs))
+
+
+def greater(input: Tensor, other: Tensor) -> Tensor:  # noqa: A002 - popxl's name
+    return Greater.create(*_pair(input, other))
+
+
+def logical_and(lhs: Tensor, rhs: Tensor) -> Tensor:
+    return LogicalAnd.create(*_pair(lhs, rhs))
+
+
+def logical_or(lhs: Tensor, rhs: Tensor) -> Tensor:
+    return LogicalOr.create(*_pair(lhs, rhs))
+
+
+# ---------------------------------------------------------------- casts and identities
+
+class Cast(Primitive):
+    name = "cast"
+
+    @staticmethod
+    def infer(t, data_type):
+        return spec(t.shape, data_type)
+
+    @staticmethod
+    def kernel(t, data_type):
+        return t.to(data_type.as_torch())
+
+    @staticmethod
+    def grad(g):
+        if not g.in_spec(0).dtype.is_floating_point:
+            return [None]
+        return [cast(g.dy, g.in_spec(0).dtype)]
+
+
+def cast(t: Tensor, data_type) -> Tensor:
+    data_type = dtypes.dtype.as_dtype(data_type)
+    if not isinstance(t, Tensor):
+        raise TypeError(f"cast expects a Tensor, got {type(t).__name__}")
+    return Cast.create(t, data_type=data_type)
+
+
+class Identity(Primitive):
+    name = "identity"
+    view = True
+
+    @staticmethod
+    def infer(t):
+        return t.spec
+
+    @staticmethod
+    def kernel(t):
+        return t
+
+    @staticmethod
+    def grad(g):
+        return [g.dy]
+
+
+class Detach(Identity):
+    name = "detach"
+
+    @staticmethod
+    def grad(g):
+        return [None]
+
+
+class DetachInplace(Detach):
+    name = "detach_"
+    view = False
+    alias = True
+
+
+def identity(t: Tensor, output_name=None) -> Tensor:
+    return Identity.create(t, name=output_name)
+
+
+def detach(t: Tensor) -> Tensor:
+    """``t`` with no gradient flowing back through it."""
+    return Detach.create(t)
+
+
+def detach_(t: Tensor) -> Tensor:
+    return DetachInplace.create(t)

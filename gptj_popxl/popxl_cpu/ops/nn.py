@@ -1,0 +1,127 @@
+"""Neural-network ops: matmul, softmax, normalisation."""
+import torch
+
+from .. import dtypes
+from ..primitive import Primitive, spec
+from ..tensor import Tensor
+from ._util import broadcast_shape, check_float, norm_axis, replica_view_shape, unbroadcast
+
+
+def _matmul_shape(a, b):
+    if a.rank == 0 or b.rank == 0:
+        raise ValueError("matmul needs inputs of rank >= 1")
+    sa = (1,) + a.shape if a.rank == 1 else a.shape
+    sb = b.shape + (1,) if b.rank == 1 else b.shape
+    if sa[-1] != sb[-2]:
+        raise ValueError(f"contraction dimensions differ: '{a.name}' {a.shape} @ '{b.name}' {b.shape}")
+    batch = broadcast_shape(sa[:-2], sb[:-2])
+    out = batch + (sa[-2], sb[-1])
+    if a.rank == 1:
+        out = out[:-2] + out[-1:]
+    if b.rank == 1:
+        out = out[:-1]
+    return out
+
+
+class MatMul(Primitive):
+    """Batched, broadcasting matmul; float16 inputs accumulate in float32."""
+    name = "matmul"
+
+    @staticmethod
+    def infer(a, b, output_type):
+        if a.dtype != b.dtype:
+            raise TypeError(f"matmul inputs must share a dtype, got {a.dtype.name} and {b.dtype.name}")
+        return spec(_matmul_shape(a, b), output_type or a.dtype)
+
+    @classmethod
+    def lower(cls, op, runtime):
+        a, b = op.inputs
+        out = op.outputs[0].dtype.as_torch()
+        # Align ranks so the leading replica axis lines up with the other operand's.
+        ra, rb = max(a.rank, 2), max(b.rank, 2)
+        rank = max(ra, rb)
+        sa = replica_view_shape(a.shape if a.rank > 1 else (1,) + a.shape, rank, runtime.replicas)
+        sb = replica_view_shape(b.shape if b.rank > 1 else b.shape + (1,), rank, runtime.replicas)
+        out_shape = (runtime.replicas,) + op.outputs[0].shape
+        half = a.dtype == dtypes.float16
+
+        def matmul(x, y):
+            if half:
+                x, y = x.float(), y.float()
+            return torch.matmul(x.reshape(sa), y.reshape(sb)).reshape(out_shape).to(out)
+        return matmul
+
+    @staticmethod
+    def grad(g):
+        from .shape import reshape, transpose
+        a, b = g.in_spec(0), g.in_spec(1)
+        dy = g.dy
+        dy2 = reshape(dy, _matmul_shape_2d(a.shape, b.shape, dy.shape))
+        x = g.x(0) if a.shape and len(a.shape) > 1 else reshape(g.x(0), (1,) + a.shape)
+        y = g.x(1) if len(b.shape) > 1 else reshape(g.x(1), b.shape + (1,))
+        da = db = None
+        if g.needs(0):
+            da = matmul(dy2, transpose(y, _swap_last(y.rank)))
+            da = reshape(unbroadcast(da, x.shape), a.shape)
+        if g.needs(1):
+            db = matmul(transpose(x, _swap_last(x.rank)), dy2)
+            db = reshape(unbroadcast(db, y.shape), b.shape)
+        return [da, db]
+
+
+def _swap_last(rank):
+    return tuple(range(rank - 2)) + (rank - 1, rank - 2)
+
+
+def _matmul_shape_2d(sa, sb, sy):
+    """The output shape with the matrix axes that rank-1 operands dropped put back."""
+    sy = tuple(sy)
+    if len(sa) == 1:
+        sy = sy[:-1] + (1,) + sy[-1:] if len(sb) > 1 else sy + (1,)
+    if len(sb) == 1:
+        sy = sy + (1,)
+    return sy
+
+
+def matmul(lhs: Tensor, rhs: Tensor, available_memory_proportion=None, output_type=None, partials_type=None):
+    """Numpy-style matmul; ``output_type`` casts the result."""
+    output_type = dtypes.dtype.as_dtype(output_type) if output_type is not None else None
+    return MatMul.create(lhs, rhs, output_type=output_type)
+
+
+class Softmax(Primitive):
+    name = "softmax"
+
+    @staticmethod
+    def infer(t, axis):
+        check_float(t, "softmax")
+        return t.spec
+
+    @classmethod
+    def lower(cls, op, runtime):
+        axis = op.attrs["axis"] + 1
+        if op.inputs[0].dtype == dtypes.float16:
+            return lambda x: torch.softmax(x.float(), axis).half()
+        return lambda x: torch.softmax(x, axis)
+
+    @staticmethod
+    def grad(g):
+        return [SoftmaxGrad.create(g.dy, g.y(0), axis=g.attrs["axis"])]
+
+
+class SoftmaxGrad(Primitive):
+    name = "softmax_grad"
+
+    @staticmethod
+    def infer(dy, y, axis):
+        return dy.spec
+
+    @classmethod
+    def lower(cls, op, runtime):
+        axis = op.attrs["axis"] + 1
+        return lambda dy, y: y * (dy - (dy * y).sum(axis, keepdim=True))
+
+
+def softmax(t: Tensor, axis: int) -> Tensor:
+    """Numerically stable softmax along ``axis``."""
+    return Softmax.create(t, axis=norm_axis(axis, t.rank))

@@ -1,0 +1,240 @@
+"""Reductions over axes."""
+import torch
+
+from .. import dtypes
+from ..primitive import Primitive, spec
+from ..tensor import Tensor
+from ._util import norm_axes, norm_axis
+
+
+def _reduced_shape(shape, axes, keepdims):
+    if keepdims:
+        return tuple(1 if i in axes else s for i, s in enumerate(shape))
+    return tuple(s for i, s in enumerate(shape) if i not in axes)
+
+
+class Reduce(Primitive):
+    """Reduction over ``axes`` (already normalised); values carry the replica axis, hence ``+1``."""
+    fn = None
+
+    @classmethod
+    def infer(cls, t, axes, keepdims):
+        return spec(_reduced_shape(t.shape, axes, keepdims), t.dtype)
+
+    @classmethod
+    def lower(cls, op, runtime):
+        axes, keepdims, fn = tuple(a + 1 for a in op.attrs["axes"]), op.attrs["keepdims"], cls.fn
+        if not axes:
+            return lambda x: x.clone()
+        return lambda x: fn(x, axes, keepdims)
+
+
+def _expand_back(g, dy):
+    """``dy`` of a reduction, reshaped with kept axes and broadcast to the input shape."""
+    from .shape import reshape
+    from .elementwise import mul
+    shape = g.in_spec(0).shape
+    kept = _reduced_shape(shape, g.attrs["axes"], True)
+    dy = reshape(dy, kept) if dy.shape != kept else dy
+    ones = _ones(shape, dy.dtype)
+    return mul(dy, ones) if kept != shape else dy
+
+
+def _ones(shape, dtype):
+    from .io import init_value
+    return init_value(shape, dtype, 1.0)
+
+
+class ReduceSum(Reduce):
+    name = "sum"
+    fn = staticmethod(lambda x, axes, keepdims: torch.sum(x, axes, keepdim=keepdims))
+
+    @staticmethod
+    def grad(g):
+        return [_expand_back(g, g.dy)]
+
+
+class ReduceMean(Reduce):
+    name = "mean"
+    fn = staticmethod(lambda x, axes, keepdims: torch.mean(x, axes, keepdim=keepdims))
+
+    @staticmethod
+    def grad(g):
+        from .elementwise import mul
+        from ..tensor import constant
+        count = 1
+        for a in g.attrs["axes"]:
+            count *= g.in_spec(0).shape[a]
+        return [_expand_back(g, mul(g.dy, constant(1.0 / count, g.dy.dtype)))]
+
+
+class ReduceMax(Reduce):
+    name = "max"
+    fn = staticmethod(lambda x, axes, keepdims: torch.amax(x, axes, keepdim=keepdims))
+
+    @staticmethod
+    def grad(g):
+        from .elementwise import cast, div, equal, mul
+        mask = cast(equal(g.x(0), _expand_back_value(g, g.y(0))), g.dy.dtype)
+        count = _expand_back_value(g, reduce_sum(mask, g.attrs["axes"], True))
+        return [div(mul(_expand_back(g, g.dy), mask), count)]
+
+
+class ReduceMin(ReduceMax):
+    name = "min"
+    fn = staticmethod(lambda x, axes, keepdims: torch.amin(x, axes, keepdim=keepdims))
+
+
+class ReduceProd(Reduce):
+    name = "prod"
+
+    @staticmethod
+    def fn(x, axes, keepdims):
+        for a in sorted(axes, reverse=True):
+            x = torch.prod(x, a, keepdim=keepdims)
+        return x
+
+    @staticmethod
+    def grad(g):
+        from .elementwise import div, mul
+        return [div(mul(_expand_back(g, g.dy), _expand_back_value(g, g.y(0))), g.x(0))]
+
+
+class ReduceSumSquare(Reduce):
+    name = "sumsquare"
+    fn = staticmethod(lambda x, axes, keepdims: torch.sum(x * x, axes, keepdim=keepdims))
+
+    @staticmethod
+    def grad(g):
+        from .elementwise import mul
+        from ..tensor import constant
+        return [mul(_expand_back(g, g.dy), mul(g.x(0), constant(2.0, g.dy.dtype)))]
+
+
+class ReduceLogSumExp(Reduce):
+    name = "logsumexp"
+    fn = staticmethod(lambda x, axes, keepdims: torch.logsumexp(x, axes, keepdim=keepdims))
+
+    @staticmethod
+    def grad(g):
+        from .elementwise import exp, mul, sub
+        return [mul(_expand_back(g, g.dy), exp(sub(g.x(0), _expand_back_value(g, g.y(0)))))]
+
+
+class ReduceL1(Reduce):
+    name = "l1"
+    fn = staticmethod(lambda x, axes, keepdims: torch.sum(torch.abs(x), axes, keepdim=keepdims))
+
+    @staticmethod
+    def grad(g):
+        from .elementwise import mul, sign
+        return [mul(_expand_back(g, g.dy), sign(g.x(0)))]
+
+
+class ReduceL2(Reduce):
+    name = "l2"
+    fn = staticmethod(lambda x, axes, keepdims: torch.sqrt(torch.sum(x * x, axes, keepdim=keepdims)))
+
+    @staticmethod
+    def grad(g):
+        from .elementwise import div, mul
+        return [div(mul(_expand_back(g, g.dy), g.x(0)), _expand_back_value(g, g.y(0)))]
+
+
+class ReduceLogSum(Reduce):
+    name = "logsum"
+    fn = staticmethod(lambda x, axes, keepdims: torch.log(torch.sum(x, axes, keepdim=keepdims)))
+
+    @staticmethod
+    def grad(g):
+        from .elementwise import exp, div
+        return [div(_expand_back(g, g.dy), _expand_back_value(g, exp(g.y(0))))]
+
+
+def _expand_back_value(g, v):
+    """A reduced forward value broadcast back to the input shape."""
+    return _expand_back(g, v)
+
+
+def _reduce(prim, t: Tensor, axis, keepdims) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{prim.name} expects a Tensor, got {type(t).__name__}")
+    return prim.create(t, axes=norm_axes(axis, t.rank), keepdims=bool(keepdims))
+
+
+def reduce_sum(t: Tensor, axis=None, keepdims=False) -> Tensor:
+    return _reduce(ReduceSum, t, axis, keepdims)
+
+
+def sum(t: Tensor, axis=None, keepdims=False) -> Tensor:  # noqa: A001 - popxl's name
+    """Sum over ``axis`` (an int, a list of ints, or None for all axes)."""
+    return _reduce(ReduceSum, t, axis, keepdims)
+
+
+def mean(t: Tensor, axis=None, keepdims=False) -> Tensor:
+    return _reduce(ReduceMean, t, axis, keepdims)
+
+
+def max(t: Tensor, axis=None, keepdims=False) -> Tensor:  # noqa: A001 - popxl's name
+    return _reduce(ReduceMax, t, axis, keepdims)
+
+
+def min(t: Tensor, axis=None, keepdims=False) -> Tensor:  # noqa: A001 - popxl's name
+    return _reduce(ReduceMin, t, axis, keepdims)
+
+
+def prod(t: Tensor, axis=None, keepdims=False) -> Tensor:
+    return _reduce(ReduceProd, t, axis, keepdims)
+
+
+def sumsquare(t: Tensor, axis=None, keepdims=False) -> Tensor:
+    return _reduce(ReduceSumSquare, t, axis, keepdims)
+
+
+def logsumexp(t: Tensor, axis=None, keepdims=False) -> Tensor:
+    return _reduce(ReduceLogSumExp, t, axis, keepdims)
+
+
+def logsum(t: Tensor, axis=None, keepdims=False) -> Tensor:
+    return _reduce(ReduceLogSum, t, axis, keepdims)
+
+
+def l1(t: Tensor, axis=None, keepdims=False) -> Tensor:
+    return _reduce(ReduceL1, t, axis, keepdims)
+
+
+def l2(t: Tensor, axis=None, keepdims=False) -> Tensor:
+    return _reduce(ReduceL2, t, axis, keepdims)
+
+
+class ArgExtreme(Primitive):
+    name = "argmax"
+    fn = staticmethod(torch.argmax)
+
+    @staticmethod
+    def infer(t, dim, keepdim):
+        shape = list(t.shape)
+        if keepdim:
+            shape[dim] = 1
+        else:
+            del shape[dim]
+        return spec(shape, dtypes.int32)
+
+    @classmethod
+    def lower(cls, op, runtime):
+        dim, keepdim, fn = op.attrs["dim"] + 1, op.attrs["keepdim"], cls.fn
+        return lambda x: fn(x, dim, keepdim).to(torch.int32)
+
+
+class ArgMin(ArgExtreme):
+    name = "argmin"
+    fn = staticmethod(torch.argmin)
+
+
+def argmax(t: Tensor, dim: int = 0, keepdim: bool = False) -> Tensor:
+    """Index (int32) of the largest value along ``dim``."""
+    return ArgExtreme.create(t, dim=norm_axis(dim, t.rank, "dim"), keepdim=bool(keepdim))
+
+
+def argmin(t: Tensor, dim: int = 0, keepdim: bool = False) -> Tensor:
+    return ArgMin.create(t, dim=norm_axis(dim, t.rank, "dim"), keepdim=bool(keepdim))

@@ -1,0 +1,1 @@
+"""popxl.ops.var_updates: in-place variable updates."""

@@ -1,0 +1,151 @@
+"""Ops as primitives: each primitive keeps its shape rule, kernel and gradient rule in one class.
+
+A primitive subclasses :class:`Primitive` and defines
+
+* ``infer(*inputs, **attrs)`` -> ``TensorSpec`` or a tuple of them: the shape/dtype rule, run at build
+  time on the input tensors. Raise ``ValueError``/``TypeError`` naming what is wrong.
+* ``kernel(*values, **attrs)`` -> torch tensor(s): the computation. Every runtime value carries a
+  leading replica axis, so a tensor of IR shape ``(a, b)`` arrives as ``(R, a, b)``.
+* ``grad(g)`` (optional) -> one gradient tensor (or ``None``) per input, built with popxl ops in the
+  gradient graph; ``g`` is a :class:`GradOp` giving the output gradients and forward values.
+
+and optionally ``modifies`` (input indices written in place; output 0 aliases the first), ``view``
+(an out-of-place op whose kernel may return a view of input 0; the runtime copies where a later
+in-place op would otherwise be visible through it) or ``alias`` (output 0 deliberately aliases input 0,
+as ``reshape_``). Ops that need runtime state (streams, remote buffers, subgraphs, replicas) override
+``lower(op, runtime)`` to return the callable run for each execution.
+
+Custom ops are primitives defined outside this package; nothing needs registering beyond the class.
+"""
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .context import get_current_context, get_current_graph
+from .graph import resolve_in_graph
+from .tensor import Tensor, TensorSpec
+
+
+class Op:
+    """One application of a primitive in a graph."""
+
+    __slots__ = ("prim", "inputs", "outputs", "attrs", "graph", "ipu", "io_tiles", "in_sequence", "name")
+
+    def __init__(self, prim, inputs, attrs, graph, name):
+        ctx = get_current_context()
+        self.prim = prim
+        self.inputs: List[Tensor] = list(inputs)
+        self.outputs: List[Tensor] = []
+        self.attrs: Dict[str, Any] = attrs
+        self.graph = graph
+        self.ipu = ctx.ipu_id
+        self.io_tiles = ctx.io_tile_set
+        self.in_sequence = ctx.in_sequence()
+        self.name = name
+
+    @property
+    def called_graphs(self):
+        return self.prim.called_graphs(self)
+
+    @property
+    def modified_inputs(self) -> Tuple[int, ...]:
+        return self.prim.modified_inputs(self)
+
+    def _graph_output_added(self, t: Tensor) -> None:
+        self.prim.graph_output_added(self, t)
+
+    def __repr__(self):
+        return f"Op[{self.prim.name} {self.name}]"
+
+
+class Primitive:
+    name: str = "primitive"
+    modifies: Tuple[int, ...] = ()
+    view: bool = False
+    alias: bool = False
+    grad = None
+
+    @staticmethod
+    def infer(*inputs, **attrs):
+        raise NotImplementedError
+
+    @staticmethod
+    def kernel(*values, **attrs):
+        raise NotImplementedError
+
+    @classmethod
+    def lower(cls, op: Op, runtime):
+        """The callable run at each execution: values in, output value(s) out."""
+        kernel, attrs = cls.kernel, op.attrs
+        if not attrs:
+            return kernel
+        return lambda *xs: kernel(*xs, **attrs)
+
+    @classmethod
+    def called_graphs(cls, op: Op):
+        return ()
+
+    @classmethod
+    def modified_inputs(cls, op: Op) -> Tuple[int, ...]:
+        return cls.modifies
+
+    @classmethod
+    def graph_output_added(cls, op: Op, t: Tensor) -> None:
+        pass
+
+    @classmethod
+    def create(cls, *inputs: Tensor, name: Optional[str] = None, **attrs):
+        """Adds this op to the current graph; returns its output tensor (or tuple when several)."""
+        graph = get_current_graph()
+        ins = []
+        for i, t in enumerate(inputs):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"ops.{cls.name}: input {i} must be a popxl Tensor, got {type(t).__name__}")
+            ins.append(resolve_in_graph(t, graph, f"ops.{cls.name}"))
+        try:
+            specs = cls.infer(*ins, **attrs)
+        except (ValueError, TypeError) as e:
+            described = ", ".join(f"'{t.name}' {t.shape} {t.dtype.name}" for t in ins)
+            raise type(e)(f"ops.{cls.name}: {e} [inputs: {described}]") from None
+        single = isinstance(specs, TensorSpec)
+        op = Op(cls, ins, attrs, graph, name or cls.name)
+        op.outputs = [Tensor._create(graph, s.shape, s.dtype, name or cls.name, producer=op, meta_shape=s.meta_shape)
+                      for s in ([specs] if single else specs)]
+        graph._ops.append(op)
+        get_current_context()._op_created(op)
+        return op.outputs[0] if single else tuple(op.outputs)
+
+
+class GradOp:
+    """What a gradient rule sees: output gradients and forward values, as tensors of the gradient graph."""
+
+    def __init__(self, op: Op, dys: Sequence[Tensor], fwd_value, needs: Sequence[bool]):
+        self.op = op
+        self.dys = list(dys)
+        self.attrs = op.attrs
+        self._fwd_value = fwd_value
+        self._needs = needs
+
+    @property
+    def dy(self) -> Tensor:
+        return self.dys[0]
+
+    def x(self, i: int) -> Tensor:
+        """Forward input ``i``, available in the gradient graph."""
+        return self._fwd_value(self.op.inputs[i])
+
+    def y(self, i: int = 0) -> Tensor:
+        """Forward output ``i``, available in the gradient graph."""
+        return self._fwd_value(self.op.outputs[i])
+
+    def in_spec(self, i: int) -> TensorSpec:
+        return self.op.inputs[i].spec
+
+    def out_spec(self, i: int = 0) -> TensorSpec:
+        return self.op.outputs[i].spec
+
+    def needs(self, i: int) -> bool:
+        """Whether the gradient of input ``i`` is wanted (rules may skip the work when not)."""
+        return self._needs[i]
+
+
+def spec(shape, dtype, meta_shape=()) -> TensorSpec:
+    return TensorSpec(shape, dtype, meta_shape)

@@ -1,0 +1,87 @@
+"""Remote buffers: per-replica streaming-memory arrays of ``entries`` equally shaped tensors."""
+from typing import Tuple
+
+from . import dtypes
+from .context import get_current_context
+from .tensor import TensorSpec
+
+
+class RemoteBuffer:
+    """``entries`` slots of ``tensor_shape``/``tensor_dtype`` tensors in each replica's streaming memory."""
+
+    def __init__(self, tensor_shape: Tuple[int, ...], tensor_dtype: dtypes.dtype, entries: int):
+        if int(entries) < 1:
+            raise ValueError(f"a remote buffer needs at least one entry, got entries={entries}")
+        ir = get_current_context().graph.ir
+        self._ir = ir
+        self._shape = tuple(int(s) for s in tensor_shape)
+        self._dtype = dtypes.dtype.as_dtype(tensor_dtype)
+        self._entries = int(entries)
+        self._meta_shape = ()
+        self._shard_over = None
+        self._id = len(ir._remote_buffers) + 1
+        ir._remote_buffers.append(self)
+
+    @property
+    def remote_buffer_id(self) -> int:
+        return self._id
+
+    @property
+    def tensor_shape(self) -> Tuple[int, ...]:
+        return self._shape
+
+    @property
+    def tensor_dtype(self) -> dtypes.dtype:
+        return self._dtype
+
+    @property
+    def entries(self) -> int:
+        return self._entries
+
+    @entries.setter
+    def entries(self, _entries: int) -> None:
+        if int(_entries) < self._entries:
+            raise ValueError(f"remote buffer {self._id}: entries can grow, not shrink ({self._entries} -> {_entries})")
+        self._entries = int(_entries)
+
+    @property
+    def meta_shape(self) -> Tuple[int, ...]:
+        return self._meta_shape
+
+    @meta_shape.setter
+    def meta_shape(self, shape) -> None:
+        self._meta_shape = tuple(shape)
+
+    def set_remote_buffer_info(self, tensor_dtype, tensor_shape, entries) -> None:
+        self._dtype = dtypes.dtype.as_dtype(tensor_dtype)
+        self._shape = tuple(tensor_shape)
+        self._entries = int(entries)
+
+    def validate_tensor_matches_buffer(self, t, num_shards: int = 1) -> None:
+        shape = tuple(t.shape)
+        if num_shards > 1:
+            nelms = 1
+            for s in shape:
+                nelms *= s
+            shape = (-(-nelms // num_shards),)
+        if shape != self._shape or dtypes.dtype.as_dtype(t.dtype) != self._dtype:
+            name = getattr(t, "name", "tensor")
+            raise ValueError(f"tensor '{name}' {shape} {t.dtype.name} does not match remote buffer {self._id} "
+                             f"of {self._shape} {self._dtype.name}")
+
+    def _check_entry(self, entry: int, what: str) -> None:
+        if not 0 <= int(entry) < self._entries:
+            raise ValueError(f"{what}: entry {entry} is out of range for remote buffer {self._id} with "
+                             f"{self._entries} entries")
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self._shape, self._dtype)
+
+    def __repr__(self):
+        return f"RemoteBuffer[{self._id}: {self._entries} x {self._shape} {self._dtype.name}]"
+
+
+def remote_buffer(tensor_shape: Tuple[int, ...], tensor_dtype: dtypes.dtype, entries: int = 1) -> RemoteBuffer:
+    """A new remote buffer of ``entries`` slots."""
+    return RemoteBuffer(tensor_shape, tensor_dtype, entries)

@@ -1,0 +1,494 @@
+"""Tensors of the IR: activations, variables, constants, and the functions that make them."""
+import itertools
+from collections.abc import Mapping
+from typing import Any, Iterable, Optional, Tuple
+
+import numpy as np
+
+from . import dtypes
+from .context import get_current_context, get_current_graph, get_main_graph
+
+_ids = itertools.count()
+
+
+class TensorSpec(Mapping):
+    """Shape, dtype and meta shape of a tensor, without the tensor."""
+
+    def __init__(self, shape: Tuple[int, ...], dtype: dtypes.dtype, meta_shape: Tuple[int, ...] = ()):
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = dtypes.dtype.as_dtype(dtype)
+        self.meta_shape = tuple(meta_shape or ())
+
+    def to_dict(self):
+        return {"shape": self.shape, "dtype": self.dtype, "meta_shape": self.meta_shape}
+
+    def to_tuple(self):
+        return self.shape, self.dtype, self.meta_shape
+
+    def __getitem__(self, key):
+        return self.to_dict()[key]
+
+    def __iter__(self):
+        return iter(self.to_dict())
+
+    def __len__(self):
+        return 3
+
+    def __eq__(self, other):
+        return isinstance(other, TensorSpec) and self.to_tuple() == other.to_tuple()
+
+    def __hash__(self):
+        return hash(self.to_tuple())
+
+    def __repr__(self):
+        return f"TensorSpec(shape={self.shape}, dtype={self.dtype})"
+
+
+def _describe(t) -> str:
+    return f"'{t.name}' {t.shape} {t.dtype.name}"
+
+
+class Tensor:
+    """A value in one graph: the output of an op, a graph input, a variable or a constant."""
+
+    def __init__(self):
+        raise TypeError("tensors are made by ops, popxl.variable, popxl.constant or popxl.graph_input")
+
+    @classmethod
+    def _create(cls, graph, shape, dtype, name: Optional[str] = None, producer=None, meta_shape=()) -> "Tensor":
+        self = object.__new__(cls)
+        self._graph = graph
+        self._shape = tuple(int(s) for s in shape)
+        self._dtype = dtypes.dtype.as_dtype(dtype)
+        self._meta_shape = tuple(meta_shape or ())
+        self._producer = producer
+        scopes = get_current_context().name_scopes
+        base = name or "t"
+        self._name = "/".join(scopes + [base]) if scopes else base
+        self._id = f"{self._name}__{next(_ids)}"
+        graph._tensors[self._id] = self
+        return self
+
+    # --- description
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> dtypes.dtype:
+        return self._dtype
+
+    @property
+    def rank(self) -> int:
+        return len(self._shape)
+
+    @property
+    def nelms(self) -> int:
+        return int(np.prod(self._shape, dtype=np.int64))
+
+    @property
+    def meta_shape(self) -> Tuple[int, ...]:
+        return self._meta_shape
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self._shape, self._dtype, self._meta_shape)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def scope(self) -> str:
+        return self._name.rpartition("/")[0]
+
+    @property
+    def ir(self):
+        return self._graph.ir
+
+    @property
+    def ipu(self) -> int:
+        return self._producer.ipu if self._producer is not None else 0
+
+    @property
+    def tile_set(self) -> str:
+        io = self._producer is not None and self._producer.io_tiles
+        return "io" if io else "compute"
+
+    @property
+    def in_sync_with_ipu(self) -> bool:
+        return True
+
+    @property
+    def location_info(self):
+        return None
+
+    def strides(self, shape=None) -> Tuple[int, ...]:
+        shape = self._shape if shape is None else tuple(shape)
+        itemsize = self._dtype.as_numpy().itemsize
+        return tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) * itemsize for i in range(len(shape)))
+
+    def __len__(self) -> int:
+        if not self._shape:
+            raise TypeError(f"len() of the scalar tensor {_describe(self)}")
+        return self._shape[0]
+
+    def __repr__(self) -> str:
+        return f"Tensor[{self._name} {self._dtype.name} {self._shape}]"
+
+    def __hash__(self):
+        return hash(self._id)
+
+    def __bool__(self):
+        raise TypeError(f"the truth value of tensor {_describe(self)} is only known when the program runs")
+
+    # --- methods that build ops
+    def reshape(self, shape):
+        from . import ops
+        return ops.reshape(self, shape)
+
+    def reshape_(self, shape):
+        from . import ops
+        return ops.reshape_(self, shape)
+
+    def flatten(self):
+        from . import ops
+        return ops.flatten(self)
+
+    def flatten_(self):
+        from . import ops
+        return ops.flatten_(self)
+
+    def transpose(self, permutation=None):
+        from . import ops
+        return ops.transpose(self, permutation)
+
+    def transpose_(self, permutation=None):
+        from . import ops
+        return ops.transpose_(self, permutation)
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    @property
+    def T_(self):
+        return self.transpose_()
+
+    def detach(self):
+        from . import ops
+        return ops.detach(self)
+
+    def detach_(self):
+        from . import ops
+        return ops.detach_(self)
+
+    def diag(self):
+        from . import ops
+        if self.rank != 2 or self._shape[0] != self._shape[1]:
+            raise ValueError(f"diag needs a square matrix, got {_describe(self)}")
+        n = self._shape[0]
+        eye = constant(np.eye(n, dtype=self._dtype.as_numpy()), name="eye")
+        return ops.sum(self * eye, axis=1)
+
+    def copy_to_ipu(self, destination: int, source: Optional[int] = None):
+        from . import ops
+        return ops.ipu_copy(self, destination, source)
+
+    def _ensure(self, other) -> "Tensor":
+        return other if isinstance(other, Tensor) else constant(other, self._dtype, name="scalar")
+
+    def __add__(self, other):
+        from . import ops
+        return ops.add(self, self._ensure(other))
+
+    def __radd__(self, other):
+        from . import ops
+        return ops.add(self._ensure(other), self)
+
+    def __sub__(self, other):
+        from . import ops
+        return ops.sub(self, self._ensure(other))
+
+    def __rsub__(self, other):
+        from . import ops
+        return ops.sub(self._ensure(other), self)
+
+    def __mul__(self, other):
+        from . import ops
+        return ops.mul(self, self._ensure(other))
+
+    def __rmul__(self, other):
+        from . import ops
+        return ops.mul(self._ensure(other), self)
+
+    def __truediv__(self, other):
+        from . import ops
+        return ops.div(self, self._ensure(other))
+
+    def __rtruediv__(self, other):
+        from . import ops
+        return ops.div(self._ensure(other), self)
+
+    def __mod__(self, other):
+        from . import ops
+        return ops.fmod(self, self._ensure(other))
+
+    def __pow__(self, other):
+        from . import ops
+        return ops.pow(self, self._ensure(other))
+
+    def __neg__(self):
+        from . import ops
+        return ops.negate(self)
+
+    def __matmul__(self, other):
+        from . import ops
+        return ops.matmul(self, self._ensure(other))
+
+    def __rmatmul__(self, other):
+        from . import ops
+        return ops.matmul(self._ensure(other), self)
+
+    def __eq__(self, other):
+        # Identity, as popxl: tensors are dict keys and list members everywhere. Use ops.equal for values.
+        return self is other
+
+    def __gt__(self, other):
+        from . import ops
+        return ops.greater(self, self._ensure(other))
+
+    def __lt__(self, other):
+        from . import ops
+        return ops.greater(self._ensure(other), self)
+
+    def __and__(self, other):
+        from . import ops
+        return ops.logical_and(self, self._ensure(other))
+
+    def __or__(self, other):
+        from . import ops
+        return ops.logical_or(self, self._ensure(other))
+
+    def __invert__(self):
+        from . import ops
+        return ops.logical_not(self)
+
+    def __getitem__(self, key):
+        from . import ops
+        return ops.index(self, key)
+
+
+class Variable(Tensor):
+    """A tensor of the main graph whose value persists between runs and is read/written by the host."""
+
+    @property
+    def replica_grouping(self):
+        return self._replica_grouping
+
+    @property
+    def retrieval_mode(self) -> str:
+        return self._retrieval_mode
+
+    @property
+    def shape_on_replica(self) -> Tuple[int, ...]:
+        return self._shape
+
+    @property
+    def shape_on_host(self) -> Tuple[int, ...]:
+        full = self._full_shape
+        groups = self._replica_grouping.num_groups
+        if self._retrieval_mode == "all_replicas":
+            return (self.ir.replication_factor,) + full
+        return ((groups,) if groups > 1 else ()) + full
+
+    def copy_to_ipu(self, dst: int, src: int):
+        raise TypeError(f"variable {_describe(self)} cannot be copied between IPUs; copy an activation")
+
+
+class Constant(Tensor):
+    """A tensor whose value is fixed when the graph is built."""
+
+    def copy_to_ipu(self, dst: int, src: int):
+        from . import ops
+        return ops.ipu_copy(self, dst, src)
+
+
+def _to_host_array(data, dtype, what: str, downcast: bool = True) -> Tuple[np.ndarray, dtypes.dtype]:
+    """Converts user data to a numpy array of the requested popxl dtype."""
+    if isinstance(data, Tensor):
+        raise TypeError(f"{what}: expected host data, got the tensor {_describe(data)}")
+    try:
+        import torch
+        if isinstance(data, torch.Tensor):
+            data = data.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    arr = np.asarray(data)
+    if dtype is None:
+        if arr.dtype == np.float64 and downcast:
+            dtype = dtypes.float32
+        elif arr.dtype == np.int64 and downcast:
+            dtype = dtypes.int32
+        else:
+            dtype = dtypes.dtype.as_dtype(arr.dtype)
+    dtype = dtypes.dtype.as_dtype(dtype)
+    return np.asarray(arr.astype(dtype.as_numpy(), copy=False), order="C"), dtype
+
+
+def constant(data, dtype=None, name=None, downcast=True, log2_scale=None, nan_on_overflow=None) -> Constant:
+    """A constant tensor in the current graph holding ``data``."""
+    arr, dtype = _to_host_array(data, dtype, f"constant {name or ''}".strip(), downcast)
+    t = Constant._create(get_current_graph(), arr.shape, dtype, name or "constant")
+    t._data = arr
+    return t
+
+
+def _check_grouping(replica_grouping, what: str):
+    ir = get_main_graph().ir
+    if replica_grouping is None:
+        return ir.replica_grouping()
+    if replica_grouping._replication != ir.replication_factor:
+        raise ValueError(f"{what}: replica grouping made for {replica_grouping._replication} replicas used in an IR "
+                         f"with replication factor {ir.replication_factor}")
+    return replica_grouping
+
+
+def _host_variable_data(data, dtype, name, downcast, replica_grouping, retrieval_mode):
+    """Splits host data into (per-group data, per-replica shape) and checks it against the grouping."""
+    grouping = _check_grouping(replica_grouping, f"variable {name!r}")
+    arr, dtype = _to_host_array(data, dtype, f"variable {name!r}", downcast)
+    if retrieval_mode not in (None, "one_per_group", "all_replicas"):
+        raise ValueError(f"variable {name!r}: retrieval_mode must be 'one_per_group' or 'all_replicas', "
+                         f"got {retrieval_mode!r}")
+    groups = grouping.num_groups
+    if groups > 1:
+        if arr.ndim == 0 or arr.shape[0] != groups:
+            raise ValueError(f"variable {name!r}: its replica grouping has {groups} groups, so its data must be "
+                             f"shaped ({groups}, *shape); got {arr.shape}")
+        per_group = arr
+    else:
+        per_group = arr[None]
+    return per_group, dtype, grouping, retrieval_mode or "one_per_group"
+
+
+def _make_variable(per_group, dtype, name, grouping, retrieval_mode, shape, full_shape) -> Variable:
+    main = get_main_graph()
+    with main:
+        v = Variable._create(main, shape, dtype, name or "variable")
+    v._data = per_group
+    v._replica_grouping = grouping
+    v._retrieval_mode = retrieval_mode
+    v._full_shape = tuple(full_shape)
+    v._remote = None          # (RemoteBuffer, entry) when the variable lives in a remote buffer
+    v._shard_group = None     # ReplicaGrouping the variable is sharded over (replica-sharded variables)
+    main.ir._variables.append(v)
+    return v
+
+
+def variable(data, dtype=None, name=None, downcast=True, replica_grouping=None, retrieval_mode=None,
+             log2_scale=None, nan_on_overflow=None) -> Variable:
+    """A variable of the main graph initialised with ``data`` (``(num_groups, *shape)`` with >1 group)."""
+    per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
+                                                           retrieval_mode)
+    shape = per_group.shape[1:]
+    return _make_variable(per_group, dtype, name, grouping, mode, shape, shape)
+
+
+def _shard_grouping(grouping, shard_over, name):
+    ir = get_main_graph().ir
+    n = grouping.group_size if shard_over is None else int(shard_over)
+    if n < 1 or grouping.group_size % n:
+        raise ValueError(f"variable {name!r}: shard_over={n} must divide the replica group size "
+                         f"{grouping.group_size}")
+    # Shards are spread over the first n members of each group, `grouping.stride` apart.
+    return ir.replica_grouping(stride=grouping.stride, group_size=n)
+
+
+def _shard_shape(full_shape, n):
+    nelms = int(np.prod(full_shape, dtype=np.int64))
+    return (-(-nelms // n),)
+
+
+def replica_sharded_variable(data, dtype=None, name=None, downcast=True, replica_grouping=None, shard_over=None,
+                             retrieval_mode="one_per_group", log2_scale=None, nan_on_overflow=None) -> Variable:
+    """A variable stored as flat shards spread over the replicas of each group."""
+    per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
+                                                           retrieval_mode)
+    shard_group = _shard_grouping(grouping, shard_over, name)
+    full = per_group.shape[1:]
+    v = _make_variable(per_group, dtype, name, grouping, mode, _shard_shape(full, shard_group.group_size), full)
+    v._shard_group = shard_group
+    return v
+
+
+def remote_variable(data, remote_buffer, offset=0, dtype=None, name=None, downcast=True, replica_grouping=None,
+                    retrieval_mode="one_per_group", log2_scale=None, nan_on_overflow=None) -> Variable:
+    """A variable living in entry ``offset`` of ``remote_buffer``; load it with ``ops.remote_load``."""
+    per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
+                                                           retrieval_mode)
+    full = per_group.shape[1:]
+    remote_buffer._check_entry(offset, f"remote variable {name!r}")
+    remote_buffer.validate_tensor_matches_buffer(TensorSpec(full, dtype))
+    v = _make_variable(per_group, dtype, name, grouping, mode, full, full)
+    v._remote = (remote_buffer, int(offset))
+    return v
+
+
+def remote_replica_sharded_variable(data, remote_buffer, offset=0, dtype=None, name=None, downcast=True,
+                                    replica_grouping=None, retrieval_mode="one_per_group", log2_scale=None,
+                                    nan_on_overflow=None) -> Variable:
+    """A replica-sharded variable living in ``remote_buffer``; each replica holds one flat shard."""
+    per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
+                                                           retrieval_mode)
+    full = per_group.shape[1:]
+    shard_over = remote_buffer._shard_over or grouping.group_size
+    shard_group = _shard_grouping(grouping, shard_over, name)
+    shape = _shard_shape(full, shard_group.group_size)
+    remote_buffer._check_entry(offset, f"remote variable {name!r}")
+    remote_buffer.validate_tensor_matches_buffer(TensorSpec(shape, dtype))
+    v = _make_variable(per_group, dtype, name, grouping, mode, shape, full)
+    v._remote = (remote_buffer, int(offset))
+    v._shard_group = shard_group
+    return v
+
+
+def replica_sharded_buffer(shape, dtype, replica_grouping=None, shard_over=None, entries=1):
+    """A remote buffer sized for flat shards of a ``shape`` tensor spread over ``shard_over`` replicas."""
+    from .remote_buffer import RemoteBuffer
+    grouping = _check_grouping(replica_grouping, "replica_sharded_buffer")
+    n = grouping.group_size if shard_over is None else int(shard_over)
+    buffer = RemoteBuffer(_shard_shape(shape, n), dtype, entries)
+    buffer._shard_over = n
+    return buffer
+
+
+def graph_input(shape: Iterable[int], dtype, name: Optional[str] = None, by_ref: bool = False,
+                meta_shape=None) -> Tensor:
+    """Adds an input to the graph being built (inside ``ir.create_graph``)."""
+    graph = get_current_graph()
+    if graph is graph.ir.main_graph:
+        raise ValueError(f"graph_input {name!r}: the main graph has no inputs; use popxl.h2d_stream")
+    t = Tensor._create(graph, tuple(shape), dtype, name or "input", meta_shape=meta_shape or ())
+    graph._inputs.append(t)
+    if by_ref:
+        graph._by_ref_inputs.add(t)
+    return t
+
+
+def graph_output(t: Tensor) -> None:
+    """Marks ``t`` as an output of the graph being built."""
+    graph = get_current_graph()
+    if not isinstance(t, Tensor):
+        raise TypeError(f"graph_output expects a Tensor, got {type(t).__name__}")
+    if t._graph is not graph:
+        raise ValueError(f"graph_output: tensor {_describe(t)} is in graph '{t._graph.name}', not in the graph "
+                         f"being built '{graph.name}'")
+    graph._add_output(t)
+
+
+TensorLike = Any

@@ -1,0 +1,301 @@
+"""Reverse-mode autodiff as a graph-to-graph transform (popxl.transforms.autodiff).
+
+The gradient graph takes the gradients of the forward outputs first (in forward output order),
+then the forward values its rules need. Forward intermediates that are needed are appended to the
+forward graph's outputs, and every op calling the forward graph gains the matching output, so a
+caller can pass them on with ``GradGraphInfo.inputs_dict``.
+"""
+import enum
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+from ..graph import Graph
+from ..primitive import GradOp
+from ..tensor import Constant, Tensor, constant, graph_output
+from ..ops.control import CallSiteInfo
+
+
+class ExpectedConnectionType(enum.Enum):
+    Fwd = "Fwd"
+    FwdGrad = "FwdGrad"
+
+
+class ExpectedConnection:
+    """A gradient-graph input or output: a forward tensor, or the gradient of one."""
+
+    def __init__(self):
+        raise TypeError("ExpectedConnections are made by autodiff")
+
+    @classmethod
+    def _create(cls, fwd_tensor: Tensor, connection_type: ExpectedConnectionType) -> "ExpectedConnection":
+        self = object.__new__(cls)
+        self._fwd_tensor = fwd_tensor
+        self._type = connection_type
+        return self
+
+    @property
+    def fwd_tensor(self) -> Tensor:
+        return self._fwd_tensor
+
+    @property
+    def connection_type(self) -> ExpectedConnectionType:
+        return self._type
+
+    def __repr__(self):
+        return f"({self._type}, {self._fwd_tensor})"
+
+
+class GradGraphInfo:
+    """The result of autodiff: the gradient graph and how to connect it."""
+
+    def __init__(self):
+        raise TypeError("GradGraphInfo is made by autodiff")
+
+    @classmethod
+    def _create(cls, graph, forward_graph, expected_inputs, expected_outputs) -> "GradGraphInfo":
+        self = object.__new__(cls)
+        self._graph = graph
+        self._forward_graph = forward_graph
+        self._expected_inputs = tuple(expected_inputs)
+        self._expected_outputs = tuple(expected_outputs)
+        return self
+
+    @property
+    def graph(self) -> Graph:
+        return self._graph
+
+    @property
+    def forward_graph(self) -> Graph:
+        return self._forward_graph
+
+    @property
+    def expected_inputs(self) -> Tuple[ExpectedConnection, ...]:
+        return self._expected_inputs
+
+    @property
+    def expected_outputs(self) -> Tuple[ExpectedConnection, ...]:
+        return self._expected_outputs
+
+    @property
+    def inputs(self) -> Tuple[Tensor, ...]:
+        return tuple(c.fwd_tensor for c in self._expected_inputs)
+
+    @property
+    def outputs(self) -> Tuple[Tensor, ...]:
+        return tuple(c.fwd_tensor for c in self._expected_outputs)
+
+    def inputs_dict(self, fwd_call_info: CallSiteInfo) -> Dict[Tensor, Tensor]:
+        """Gradient-graph inputs of forward values -> the tensors at ``fwd_call_info``'s call site."""
+        if fwd_call_info.called_graph is not self._forward_graph:
+            raise TypeError(f"the call site calls '{fwd_call_info.called_graph.name}', not the forward graph "
+                            f"'{self._forward_graph.name}'")
+        return {self._graph._inputs[i]: fwd_call_info.graph_to_parent(c.fwd_tensor)
+                for i, c in enumerate(self._expected_inputs) if c.connection_type is ExpectedConnectionType.Fwd}
+
+    def fwd_graph_ins_to_grad_parent_outs(self, grad_call_info: CallSiteInfo) -> Dict[Tensor, Tensor]:
+        return {c.fwd_tensor: grad_call_info.graph_to_parent(self._graph._outputs[i])
+                for i, c in enumerate(self._expected_outputs)}
+
+    def fwd_parent_ins_to_grad_parent_outs(self, fwd_call_info: CallSiteInfo,
+                                           grad_call_info: CallSiteInfo) -> Dict[Tensor, Tensor]:
+        return {fwd_call_info.graph_to_parent(c.fwd_tensor): grad_call_info.graph_to_parent(self._graph._outputs[i])
+                for i, c in enumerate(self._expected_outputs)}
+
+
+class _Builder:
+    """State of one autodiff run over one forward graph."""
+
+    def __init__(self, graph: Graph, grads_provided, grads_required, grad_infos: Dict[Graph, GradGraphInfo]):
+        self.fwd = graph
+        self.grad_infos = grad_infos
+        self.grad_graph = graph.ir.create_empty_graph(graph.name + "_grad")
+        self.expected_inputs: List[ExpectedConnection] = []
+        self.values: Dict[str, Tensor] = {}  # forward tensor id -> its value in the gradient graph
+        self.grads: Dict[str, Tensor] = {}   # forward tensor id -> accumulated gradient
+        self.provided = [t for t in graph._outputs if t in grads_provided]
+        self.required = list(grads_required)
+
+    def fwd_value(self, t: Tensor) -> Tensor:
+        """The value of forward tensor ``t`` inside the gradient graph."""
+        value = self.values.get(t.id)
+        if value is not None:
+            return value
+        if isinstance(t, Constant):
+            value = constant(t._data, t.dtype, name=t.name.rpartition("/")[2])
+        else:
+            if t not in self.fwd._inputs and t not in self.fwd._outputs:
+                self.fwd._add_output(t)
+            from ..tensor import graph_input
+            value = graph_input(t.shape, t.dtype, t.name.rpartition("/")[2])
+            self.expected_inputs.append(ExpectedConnection._create(t, ExpectedConnectionType.Fwd))
+        self.values[t.id] = value
+        return value
+
+    def accumulate(self, t: Tensor, g: Optional[Tensor]) -> None:
+        if g is None:
+            return
+        if g.shape != t.shape or g.dtype != t.dtype:
+            raise ValueError(f"gradient for '{t.name}' {t.shape} {t.dtype.name} has shape {g.shape} {g.dtype.name}")
+        from ..ops import add
+        prev = self.grads.get(t.id)
+        self.grads[t.id] = g if prev is None else add(prev, g)
+
+    def run(self) -> GradGraphInfo:
+        from ..ops.io import init_value
+        from ..tensor import graph_input
+        fwd = self.fwd
+        with self.grad_graph:
+            for t in self.provided:
+                self.grads[t.id] = graph_input(t.shape, t.dtype, "grad_" + t.name.rpartition("/")[2])
+                self.expected_inputs.append(ExpectedConnection._create(t, ExpectedConnectionType.FwdGrad))
+            needed = self._needed_ops()
+            for op in reversed(list(fwd._ops)):
+                if op not in needed or not any(t.id in self.grads for t in op.outputs):
+                    continue
+                if op.prim.grad is None:
+                    raise NotImplementedError(f"autodiff of '{fwd.name}': op {op.prim.name} ('{op.name}') has no "
+                                              f"gradient rule, but a required gradient flows through it")
+                dys = [self.grads[t.id] if t.id in self.grads else init_value(t.shape, t.dtype, 0.0) for t in op.outputs]
+                wants = [self._wants(t) for t in op.inputs]
+                dxs = op.prim.grad(GradOp(op, dys, self.fwd_value, wants))
+                for t, dx, want in zip(op.inputs, dxs, wants):
+                    if want:
+                        self.accumulate(t, dx)
+            outputs = []
+            for t in self.required:
+                g = self.grads.get(t.id)
+                if g is None:
+                    g = init_value(t.shape, t.dtype, 0.0)
+                elif g._graph is not self.grad_graph or g in self.grad_graph._outputs or g in self.grad_graph._inputs:
+                    from ..ops import identity
+                    g = identity(g)
+                graph_output(g)
+                outputs.append(ExpectedConnection._create(t, ExpectedConnectionType.FwdGrad))
+        # FwdGrad inputs were created first; Fwd inputs follow in the order rules asked for them.
+        return GradGraphInfo._create(self.grad_graph, fwd, self.expected_inputs, outputs)
+
+    def _needed_ops(self):
+        """Ops on a path from a required input to a provided output."""
+        reach = {t.id for t in self.required}
+        forward = set()
+        for op in self.fwd._ops:
+            if any(t.id in reach for t in op.inputs):
+                forward.add(op)
+                reach.update(t.id for t in op.outputs)
+        back = {t.id for t in self.provided}
+        needed = set()
+        for op in reversed(self.fwd._ops):
+            if op in forward and any(t.id in back for t in op.outputs):
+                needed.add(op)
+                back.update(t.id for t in op.inputs)
+        self._reach = reach & back
+        return needed
+
+    def _wants(self, t: Tensor) -> bool:
+        return t.id in self._reach and t.dtype.is_floating_point
+
+
+def autodiff(graph: Graph, grads_provided: Optional[Iterable[Tensor]] = None,
+             grads_required: Optional[Iterable[Tensor]] = None,
+             called_graphs_grad_info: Optional[Mapping[Graph, GradGraphInfo]] = None,
+             return_all_grad_graphs: bool = False):
+    """Builds the gradient graph of ``graph``.
+
+    ``grads_provided``: forward outputs whose gradients the gradient graph takes (default: all).
+    ``grads_required``: forward inputs whose gradients it returns, in order (default: all).
+    ``called_graphs_grad_info``: gradient graphs to reuse for graphs that ``graph`` calls.
+    Returns a :class:`GradGraphInfo`, or ``{graph: GradGraphInfo}`` for ``graph`` and every graph
+    differentiated on the way when ``return_all_grad_graphs``.
+    """
+    provided = list(graph._outputs if grads_provided is None else grads_provided)
+    required = list(graph._inputs if grads_required is None else grads_required)
+    for t in provided:
+        if t not in graph._outputs:
+            raise ValueError(f"autodiff of '{graph.name}': grads_provided tensor '{t.name}' is not a graph output")
+    for t in required:
+        if t not in graph._inputs:
+            raise ValueError(f"autodiff of '{graph.name}': grads_required tensor '{t.name}' is not a graph input")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"autodiff of '{graph.name}': cannot differentiate with respect to '{t.name}' of dtype "
+                            f"{t.dtype.name}")
+    infos = dict(called_graphs_grad_info or {})
+    info = _Builder(graph, provided, required, infos).run()
+    infos[graph] = info
+    return infos if return_all_grad_graphs else info
+
+
+def _sub_grad_info(builder_infos, graph: Graph, num_outputs: int) -> GradGraphInfo:
+    info = builder_infos.get(graph)
+    if info is None:
+        required = [t for t in graph._inputs if t.dtype.is_floating_point]
+        info = autodiff(graph, graph._outputs[:num_outputs], required, builder_infos)
+        builder_infos[graph] = info
+    return info
+
+
+def _grad_call_inputs(info: GradGraphInfo, fwd_grads: Mapping[str, Tensor], fwd_value):
+    """Gradient-graph inputs: output gradients by forward output, forward values via ``fwd_value``."""
+    from ..ops.io import init_value
+    ins = []
+    for c in info.expected_inputs:
+        t = c.fwd_tensor
+        if c.connection_type is ExpectedConnectionType.FwdGrad:
+            g = fwd_grads.get(t.id)
+            ins.append(g if g is not None else init_value(t.shape, t.dtype, 0.0))
+        else:
+            ins.append(fwd_value(t))
+    return ins
+
+
+def call_grad(g: GradOp):
+    """Gradient rule of ``call``: call the called graph's gradient graph."""
+    from ..ops.control import call
+    op = g.op
+    graph = op.attrs["graph"]
+    infos = _infos_of(g)
+    info = _sub_grad_info(infos, graph, len(graph._outputs))
+    site = CallSiteInfo(op)
+    grads = {sub.id: dy for sub, dy in zip(graph._outputs, g.dys)}
+
+    def value(sub: Tensor) -> Tensor:
+        return g._fwd_value(site.graph_to_parent(sub))
+    outs = call(info.graph, *_grad_call_inputs(info, grads, value))
+    dxs = [None] * len(op.inputs)
+    for c, dx in zip(info.expected_outputs, outs):
+        dxs[graph._inputs.index(c.fwd_tensor)] = dx
+    return dxs
+
+
+def repeat_grad(g: GradOp):
+    """Gradient rule of ``repeat``: recompute each iteration's inputs, then run the body's gradient backwards."""
+    from ..ops import add
+    from ..ops.control import call_with_info, call
+    op = g.op
+    body = op.attrs["graph"]
+    k, count = op.attrs["num_outputs"], op.attrs["repeat_count"]
+    infos = _infos_of(g)
+    info = _sub_grad_info(infos, body, k)
+    inputs = [g.x(i) for i in range(len(op.inputs))]
+    sites = []
+    carried = inputs[:k]
+    for _ in range(count):
+        site = call_with_info(body, *(carried + inputs[k:]))
+        sites.append(site)
+        carried = list(site.outputs[:k])
+    carried_grads = list(g.dys)
+    const_grads: List[Optional[Tensor]] = [None] * (len(op.inputs) - k)
+    for site in reversed(sites):
+        grads = {sub.id: dy for sub, dy in zip(body._outputs[:k], carried_grads)}
+        outs = call(info.graph, *_grad_call_inputs(info, grads, site.graph_to_parent))
+        by_input = {body._inputs.index(c.fwd_tensor): dx for c, dx in zip(info.expected_outputs, outs)}
+        carried_grads = [by_input.get(i) for i in range(k)]
+        for j in range(len(const_grads)):
+            dx = by_input.get(k + j)
+            if dx is not None:
+                const_grads[j] = dx if const_grads[j] is None else add(const_grads[j], dx)
+    return carried_grads + const_grads
+
+
+def _infos_of(g: GradOp) -> Dict[Graph, GradGraphInfo]:
+    """The grad-info cache of the autodiff run that is calling this rule."""
+    builder = getattr(g._fwd_value, "__self__", None)
+    return builder.grad_infos if builder is not None else {}

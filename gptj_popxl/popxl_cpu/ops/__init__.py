@@ -11,3 +11,10 @@ from .reduce import (argmax, argmin, l1, l2, logsum, logsumexp, max, mean, min, 
                      sumsquare)
 from .shape import (concat, concat_, flatten, flatten_, index, reshape, reshape_, slice, slice_, split, squeeze,
                     transpose, transpose_)
+from .dynamic import *  # noqa: F401,F403 - each module lists its public ops in __all__
+from .gather import *  # noqa: F401,F403
+from .loss import *  # noqa: F401,F403
+from .misc import *  # noqa: F401,F403
+from .norm import *  # noqa: F401,F403
+from .random import *  # noqa: F401,F403
+from .where import *  # noqa: F401,F403

@@ -1,0 +1,2 @@
+"""popxl.ops: dynamic ops."""
+__all__ = []

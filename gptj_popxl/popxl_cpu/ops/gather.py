@@ -1,0 +1,2 @@
+"""popxl.ops: gather ops."""
+__all__ = []

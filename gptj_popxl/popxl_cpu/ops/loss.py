@@ -1,0 +1,2 @@
+"""popxl.ops: loss ops."""
+__all__ = []

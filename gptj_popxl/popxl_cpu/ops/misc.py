@@ -1,0 +1,2 @@
+"""popxl.ops: misc ops."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""popxl.ops: norm ops."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""popxl.ops: random ops."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""popxl.ops: where ops."""
+__all__ = []

@@ -9,7 +9,6 @@ storage with an input are copied on return.
 """
 from typing import Dict, List
 
-import numpy as np
 import torch
 
 from .tensor import Constant, Tensor, Variable
@@ -75,13 +74,18 @@ class Plan:
             ins = []
             for t in op.inputs:
                 if t.id not in slot and t._producer is None and t not in graph._inputs:
-                    init[slot_of(t)] = runtime.persistent_value(t, writable=classes.find(t.id) in written)
+                    value = runtime.persistent_value(t, writable=False)
+                    if isinstance(t, Constant) and classes.find(t.id) in written:
+                        # A constant written in place starts from its value again on every run.
+                        steps.append([value.clone, (), slot_of(t), ()])
+                    else:
+                        init[slot_of(t)] = value
                 ins.append(slot_of(t))
             fn = op.prim.lower(op, runtime)
             if op in copied:
                 fn = _copying(fn)
             outs = tuple(slot_of(t) for t in op.outputs)
-            steps.append([fn, tuple(ins), outs[0] if len(outs) == 1 else outs, ()])
+            steps.append([fn, tuple(ins), outs[0] if op.single else outs, ()])
         for t in graph._outputs:
             if t.id not in slot:
                 init[slot_of(t)] = runtime.persistent_value(t, writable=False)
@@ -125,9 +129,3 @@ class Plan:
 def _copying(fn):
     return lambda *xs: fn(*xs).clone()
 
-
-def host_to_replicas(per_group: np.ndarray, assignment, dtype: torch.dtype) -> torch.Tensor:
-    """``(groups, *shape)`` host data -> ``(R, *shape)`` with replica r holding its group's value."""
-    data = torch.from_numpy(np.ascontiguousarray(per_group)).to(dtype)
-    index = torch.as_tensor(assignment, dtype=torch.long)
-    return data.index_select(0, index).contiguous()

@@ -25,6 +25,8 @@ class Graph:
         # parent tensor id -> (parent tensor, graph input) for tensors captured from enclosing graphs
         self._captured: Dict[str, tuple] = {}
         self._call_sites: List = []
+        # Outputs that autodiff appended so gradient graphs can read forward values.
+        self._stitched: set = set()
         self._hooks = {}
         ir._graphs.append(self)
         return self
@@ -98,12 +100,17 @@ class Graph:
             op._graph_output_added(t)
 
     def _capture(self, t: Tensor) -> Tensor:
-        """The input of this graph standing for ``t`` of an enclosing graph (added on first use)."""
+        """The input of this graph standing for ``t`` of an enclosing graph (added on first use).
+
+        It is passed by reference: in-place ops on it inside the graph change ``t``, as they would
+        if the ops had been written in the enclosing graph.
+        """
         entry = self._captured.get(t.id)
         if entry is not None:
             return entry[1]
         t_in = Tensor._create(self, t.shape, t.dtype, t.name.rpartition("/")[2], meta_shape=t.meta_shape)
         self._inputs.append(t_in)
+        self._by_ref_inputs.add(t_in)
         self._captured[t.id] = (t, t_in)
         return t_in
 

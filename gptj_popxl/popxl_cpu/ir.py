@@ -5,7 +5,7 @@ from typing import Any, Callable, List, Optional, Union
 
 from .graph import Graph
 from .replica_grouping import ReplicaGrouping
-from .tensor import Tensor, TensorSpec, graph_input
+from .tensor import Tensor, TensorByRef, TensorSpec, graph_input
 
 _ir_ids = itertools.count()
 
@@ -64,18 +64,8 @@ class Ir:
         return ReplicaGrouping._create(self._replication, stride, group_size)
 
     def replica_grouping_from_assignments(self, assignment: List[int]) -> ReplicaGrouping:
-        assignment = list(assignment)
-        if len(assignment) != self._replication:
-            raise ValueError(f"assignment has {len(assignment)} entries for {self._replication} replicas")
-        for stride in range(1, self._replication + 1):
-            for group_size in range(1, self._replication + 1):
-                try:
-                    g = ReplicaGrouping._create(self._replication, stride, group_size)
-                except ValueError:
-                    continue
-                if g.assignment == assignment:
-                    return g
-        raise ValueError(f"assignment {assignment} is not expressible by a stride and group size")
+        """The grouping putting replica r in group ``assignment[r]`` (groups numbered in order of appearance)."""
+        return ReplicaGrouping._from_assignment(self._replication, assignment)
 
     def get_all_d2h_streams(self):
         from .streams import DeviceToHostStream
@@ -98,12 +88,16 @@ class Ir:
         name = getattr(fn, "__name__", None) or type(fn).__name__
         graph = Graph._create(self, name)
         try:
-            params = list(inspect.signature(build).parameters)
+            signature = inspect.signature(build).parameters
         except (TypeError, ValueError):
-            params = []
+            signature = {}
+        params = list(signature)
+        # Parameters annotated TensorByRef get by-reference graph inputs.
+        by_ref = {n for n, p in signature.items() if p.annotation is TensorByRef}
         with graph:
-            in_args = [_as_graph_input(a, params[i] if i < len(params) else f"arg{i}") for i, a in enumerate(args)]
-            in_kwargs = {k: _as_graph_input(v, k) for k, v in kwargs.items()}
+            in_args = [_as_graph_input(a, n, n in by_ref)
+                       for a, n in zip(args, params + [f"arg{i}" for i in range(len(params), len(args))])]
+            in_kwargs = {k: _as_graph_input(v, k, k in by_ref) for k, v in kwargs.items()}
             outputs = build(*in_args, **in_kwargs)
             for t in _flatten_outputs(outputs, name):
                 graph._add_output(_own(graph, t))
@@ -122,11 +116,13 @@ class Ir:
         return f"Ir[{self._id}: replication {self._replication}, {len(self._graphs)} graphs]"
 
 
-def _as_graph_input(arg, name: str):
+def _as_graph_input(arg, name: str, by_ref: bool = False):
     if isinstance(arg, (TensorSpec, Tensor)):
         spec = arg.spec if isinstance(arg, Tensor) else arg
-        return graph_input(spec.shape, spec.dtype, name, meta_shape=spec.meta_shape)
-    if isinstance(arg, (list, tuple)) and arg and all(isinstance(a, (TensorSpec, Tensor)) for a in arg):
+        return graph_input(spec.shape, spec.dtype, name, by_ref=by_ref, meta_shape=spec.meta_shape)
+    if isinstance(arg, (list, tuple)) and any(isinstance(a, (TensorSpec, Tensor)) for a in arg):
+        if not all(isinstance(a, (TensorSpec, Tensor)) for a in arg):
+            raise TypeError(f"create_graph: argument {name!r} mixes tensors and other values: {arg!r}")
         return type(arg)(_as_graph_input(a, f"{name}_{i}") for i, a in enumerate(arg))
     return arg
 

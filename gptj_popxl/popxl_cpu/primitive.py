@@ -27,13 +27,15 @@ from .tensor import Tensor, TensorSpec
 class Op:
     """One application of a primitive in a graph."""
 
-    __slots__ = ("prim", "inputs", "outputs", "attrs", "graph", "ipu", "io_tiles", "in_sequence", "name")
+    __slots__ = ("prim", "inputs", "outputs", "single", "attrs", "graph", "ipu", "io_tiles", "in_sequence", "name")
 
-    def __init__(self, prim, inputs, attrs, graph, name):
+    def __init__(self, prim, inputs, attrs, graph, name, single=True):
         ctx = get_current_context()
         self.prim = prim
         self.inputs: List[Tensor] = list(inputs)
         self.outputs: List[Tensor] = []
+        # True when the kernel returns one value; False when it returns a sequence (even of one).
+        self.single = single
         self.attrs: Dict[str, Any] = attrs
         self.graph = graph
         self.ipu = ctx.ipu_id
@@ -106,7 +108,7 @@ class Primitive:
             described = ", ".join(f"'{t.name}' {t.shape} {t.dtype.name}" for t in ins)
             raise type(e)(f"ops.{cls.name}: {e} [inputs: {described}]") from None
         single = isinstance(specs, TensorSpec)
-        op = Op(cls, ins, attrs, graph, name or cls.name)
+        op = Op(cls, ins, attrs, graph, name or cls.name, single)
         op.outputs = [Tensor._create(graph, s.shape, s.dtype, name or cls.name, producer=op, meta_shape=s.meta_shape)
                       for s in ([specs] if single else specs)]
         graph._ops.append(op)
@@ -117,16 +119,32 @@ class Primitive:
 class GradOp:
     """What a gradient rule sees: output gradients and forward values, as tensors of the gradient graph."""
 
-    def __init__(self, op: Op, dys: Sequence[Tensor], fwd_value, needs: Sequence[bool]):
+    def __init__(self, op: Op, dys: Sequence[Tensor], fwd_value, needs: Sequence[bool], grad_infos=None):
         self.op = op
-        self.dys = list(dys)
+        self._dys = list(dys)
         self.attrs = op.attrs
         self._fwd_value = fwd_value
         self._needs = needs
+        # {called graph: GradGraphInfo} of the autodiff run, shared so each subgraph is differentiated once.
+        self.grad_infos = {} if grad_infos is None else grad_infos
+
+    @property
+    def dys(self) -> List[Tensor]:
+        """The gradient of every output; zeros (made on first use) for outputs no gradient reached."""
+        from .ops.io import init_value
+        for i, (dy, t) in enumerate(zip(self._dys, self.op.outputs)):
+            if dy is None:
+                self._dys[i] = init_value(t.shape, t.dtype, 0.0)
+        return list(self._dys)
 
     @property
     def dy(self) -> Tensor:
         return self.dys[0]
+
+    def dy_or_none(self, i: int) -> Optional[Tensor]:
+        """The gradient of output ``i``, or None when no gradient reached it (or the output is newer than
+        this rule, as outputs autodiff appends to a called graph)."""
+        return self._dys[i] if i < len(self._dys) else None
 
     def x(self, i: int) -> Tensor:
         """Forward input ``i``, available in the gradient graph."""
@@ -135,6 +153,10 @@ class GradOp:
     def y(self, i: int = 0) -> Tensor:
         """Forward output ``i``, available in the gradient graph."""
         return self._fwd_value(self.op.outputs[i])
+
+    def value(self, t: Tensor) -> Tensor:
+        """Any tensor of the forward graph, available in the gradient graph."""
+        return self._fwd_value(t)
 
     def in_spec(self, i: int) -> TensorSpec:
         return self.op.inputs[i].spec

@@ -58,6 +58,7 @@ class RemoteBuffer:
         self._entries = int(entries)
 
     def validate_tensor_matches_buffer(self, t, num_shards: int = 1) -> None:
+        """ValueError unless ``t`` (split into ``num_shards`` flat shards if > 1) fits one entry."""
         shape = tuple(t.shape)
         if num_shards > 1:
             nelms = 1
@@ -65,21 +66,21 @@ class RemoteBuffer:
                 nelms *= s
             shape = (-(-nelms // num_shards),)
         if shape != self._shape or dtypes.dtype.as_dtype(t.dtype) != self._dtype:
-            name = getattr(t, "name", "tensor")
-            raise ValueError(f"tensor '{name}' {shape} {t.dtype.name} does not match remote buffer {self._id} "
-                             f"of {self._shape} {self._dtype.name}")
+            name = getattr(t, "name", None)
+            what = f"tensor '{name}'" if name else "a tensor"
+            sharded = f" (as {num_shards} shards of {tuple(t.shape)})" if num_shards > 1 else ""
+            raise ValueError(f"{what} {shape}{sharded} {t.dtype.name} does not match {self!r}")
 
     def _check_entry(self, entry: int, what: str) -> None:
         if not 0 <= int(entry) < self._entries:
-            raise ValueError(f"{what}: entry {entry} is out of range for remote buffer {self._id} with "
-                             f"{self._entries} entries")
+            raise ValueError(f"{what}: entry {entry} is out of range for {self!r}")
 
     @property
     def spec(self) -> TensorSpec:
         return TensorSpec(self._shape, self._dtype)
 
     def __repr__(self):
-        return f"RemoteBuffer[{self._id}: {self._entries} x {self._shape} {self._dtype.name}]"
+        return f"RemoteBuffer[id={self._id}: {self._entries} entries of {self._shape} {self._dtype.name}]"
 
 
 def remote_buffer(tensor_shape: Tuple[int, ...], tensor_dtype: dtypes.dtype, entries: int = 1) -> RemoteBuffer:

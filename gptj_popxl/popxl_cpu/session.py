@@ -1,15 +1,18 @@
 """Session: runs an IR's main graph on the CPU, all replicas at once."""
+import numbers
 import warnings
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 import torch
 
-from .executor import Plan, host_to_replicas
+from .executor import Plan
 from .streams import DeviceToHostStream, HostToDeviceStream
 from .tensor import Constant, Tensor, Variable
 
 _DEVICES = ("cpu", "ipu_model", "ipu_hw")
+# popxl's to_numpy: without an explicit dtype, 64-bit host data is sent as 32-bit.
+_DOWNCAST = {np.dtype(np.int64): np.int32, np.dtype(np.uint64): np.uint32, np.dtype(np.float64): np.float32}
 
 
 class Runtime:
@@ -21,12 +24,16 @@ class Runtime:
         self.plans: Dict[object, Plan] = {}
         self._lowering = []
         self.variables: Dict[str, torch.Tensor] = {}
+        # Each buffer is (R, entries, *tensor_shape); kernels and variables write it in place, never rebind it.
         self.remote: Dict[int, torch.Tensor] = {
-            b.remote_buffer_id: torch.zeros((self.replicas, b.entries) + b.tensor_shape, dtype=b.tensor_dtype.as_torch())
+            b.remote_buffer_id: torch.zeros((self.replicas, b.entries) + b.tensor_shape,
+                                            dtype=b.tensor_dtype.as_torch())
             for b in ir._remote_buffers}
         self.stream_in: Dict[HostToDeviceStream, torch.Tensor] = {}
         self.stream_in_next: Dict[HostToDeviceStream, int] = {}
-        self.stream_out: Dict[DeviceToHostStream, list] = {}
+        # The run's host arrays, viewed (transfers, R, *shape): host_store copies straight into them.
+        self.stream_out: Dict[DeviceToHostStream, np.ndarray] = {}
+        self.stream_out_next: Dict[DeviceToHostStream, int] = {}
 
     def plan(self, graph) -> Plan:
         """The plan of ``graph``, lowered on first use."""
@@ -41,6 +48,10 @@ class Runtime:
                 self._lowering.pop()
         return plan
 
+    def remote_entry(self, buffer, entry: int) -> torch.Tensor:
+        """The ``(R, *tensor_shape)`` storage of one entry of a remote buffer (a view: writes go through)."""
+        return self.remote[buffer.remote_buffer_id][:, entry]
+
     def persistent_value(self, t: Tensor, writable: bool) -> torch.Tensor:
         if isinstance(t, Variable):
             if t._remote is not None:
@@ -50,14 +61,14 @@ class Runtime:
         if isinstance(t, Constant):
             value = torch.from_numpy(t._data).unsqueeze(0).expand((self.replicas,) + t.shape)
             return value.clone() if writable else value
+        rts_entry = getattr(t, "_rts_entry", None)
+        if rts_entry is not None:
+            return self.remote_entry(*rts_entry)
         raise ValueError(f"tensor '{t.name}' of graph '{t._graph.name}' has no producer and is not an input")
 
     # --- host streams, used by host_load / host_store kernels
     def load_stream(self, stream: HostToDeviceStream) -> torch.Tensor:
-        data = self.stream_in.get(stream)
-        if data is None:
-            raise ValueError(f"no data given for host stream '{stream._name}' {stream.shape} {stream.dtype.name}; "
-                             f"pass it in session.run(inputs)")
+        data = self.stream_in[stream]
         k = self.stream_in_next[stream]
         if k >= data.shape[0]:
             raise ValueError(f"host stream '{stream._name}' was loaded more than ir.num_host_transfers="
@@ -66,17 +77,66 @@ class Runtime:
         return data[k]
 
     def store_stream(self, stream: DeviceToHostStream, value: torch.Tensor) -> None:
-        self.stream_out.setdefault(stream, []).append(value.clone())
+        """Copies ``value`` to the host now, so later in-place ops cannot change what the host gets."""
+        target = self.stream_out[stream]
+        k = self.stream_out_next[stream]
+        if k >= target.shape[0]:
+            raise ValueError(f"host stream '{stream._name}' was stored more than ir.num_host_transfers="
+                             f"{target.shape[0]} times in one run")
+        self.stream_out_next[stream] = k + 1
+        target[k] = value.numpy()  # numpy's copy: torch's would wake its thread pool, slow on a busy host
 
 
-def _shard_members(v: Variable, replica: int):
-    group = v._shard_group
-    members = group.groups()[group.assignment[replica]]
-    return members.index(replica), len(members)
+class _VariableLayout:
+    """How a variable's host data maps to its per-replica device value, and back.
+
+    Host data is ``(num_groups, *shape)`` (one value per group) or, for 'all_replicas' retrieval,
+    ``(R, *shape)``. Device values are ``(R, *shape)``, or ``(R, shard)`` flat shards for
+    replica-sharded variables.
+    """
+
+    def __init__(self, v: Variable, replicas: int):
+        from .ops.collectives.replicated import GroupIndex, merger, splitter
+        grouping = v.replica_grouping
+        self.per_replica = v.retrieval_mode == "all_replicas"
+        self.assignment = torch.as_tensor(grouping.assignment)
+        self.rows = torch.arange(replicas) if self.per_replica else self.assignment
+        self.num_groups = grouping.num_groups
+        self.firsts = torch.as_tensor(grouping._member_matrix()[:, 0])
+        self.dtype = v.dtype.as_torch()
+        self.sharded = v._shard_over is not None
+        if self.sharded:
+            self.index = GroupIndex(grouping, v._shard_over)
+            self.split = splitter("flat", 0, v._shard_over, v.shape, replicas)
+            self.merge = merger("flat", 0, v._shard_over, v.shape, replicas)
+
+    def initial_host(self, per_group: np.ndarray) -> np.ndarray:
+        """The host array of a variable made with ``per_group`` data ``(num_groups, *shape)``."""
+        return per_group[self.assignment.numpy()] if self.per_replica else per_group.copy()
+
+    def to_device(self, host: np.ndarray) -> torch.Tensor:
+        full = torch.from_numpy(np.ascontiguousarray(host)).to(self.dtype)[self.rows]
+        return self.index.own(self.split(full)) if self.sharded else full
+
+    def to_host(self, device: torch.Tensor) -> np.ndarray:
+        full = self.merge(device[self.index.peers]) if self.sharded else device
+        return (full if self.per_replica else full[self.firsts]).numpy().copy()
+
+    def host_data(self, data: np.ndarray) -> np.ndarray:
+        """``data`` shaped as the variable's ``shape_on_host`` -> this layout's host array."""
+        return (data[None] if self.num_groups == 1 else data).copy()
+
+    def user_data(self, host: np.ndarray) -> np.ndarray:
+        """This layout's host array -> what ``get_tensor_data`` returns (no axis of one group/replica)."""
+        return host[0].copy() if host.shape[0] == 1 else host.copy()
 
 
 class Session:
-    """Runs ``ir`` (popxl's Session): lowers it once, then ``run`` executes the main graph."""
+    """Runs ``ir`` (popxl's Session): lowers it once, then ``run`` executes the main graph.
+
+    Use it as a context manager: entering attaches (and copies the variables' host values to the
+    device), leaving copies them back (``weights_to_host_on_exit``) and detaches.
+    """
 
     def __init__(self, ir, device_desc: str = "cpu", weights_to_host_on_exit: bool = True):
         if device_desc not in _DEVICES:
@@ -88,13 +148,13 @@ class Session:
         self._device_desc = device_desc
         self._weights_to_host_on_exit = weights_to_host_on_exit
         self._attached = False
+        self._was_attached: List[bool] = []
         self._rt = Runtime(ir)
-        # Host copies of every variable: (groups, *full shape), or (replicas, *full shape) for 'all_replicas'.
-        self._host: Dict[Variable, np.ndarray] = {v: self._initial_host(v) for v in ir._variables}
-        self._weights_from_host(self._host)
+        self._layouts = {v: _VariableLayout(v, self._rt.replicas) for v in ir._variables}
+        self._host: Dict[Variable, np.ndarray] = {v: layout.initial_host(v._data)
+                                                  for v, layout in self._layouts.items()}
+        self._copy_to_device(self._host)
         self._main = self._rt.plan(ir.main_graph)
-        self._h2d = [s for s in ir._streams if isinstance(s, HostToDeviceStream)]
-        self._d2h = [s for s in ir._streams if isinstance(s, DeviceToHostStream)]
         self._loaded = self._streams_used(ir.main_graph, "host_load")
 
     # --- attachment
@@ -107,82 +167,134 @@ class Session:
         return self._attached
 
     def __enter__(self) -> "Session":
-        self._attached = True
-        self.weights_from_host()
+        self._was_attached.append(self._attached)
+        if not self._attached:
+            self._attached = True
+            self.weights_from_host()
         return self
 
     def __exit__(self, exc_type, exc_value, exc_tb):
-        if self._weights_to_host_on_exit:
+        if self._was_attached.pop():
+            return
+        if exc_type is None and self._weights_to_host_on_exit:
             self.weights_to_host()
         self._attached = False
 
     def _require_attached(self, what: str) -> None:
         if not self._attached:
-            raise RuntimeError(f"Session.{what} needs an attached session: use `with session:`")
+            raise ValueError(f"Session.{what}: must be attached to the device first; call it inside "
+                             f"`with session:`")
 
     # --- running
-    def expected_inputs(self):
-        """The host-to-device streams the program loads, which ``run`` needs data for."""
-        return [s for s in self._h2d if s in self._loaded]
+    def expected_inputs(self) -> List[HostToDeviceStream]:
+        """The host-to-device streams the program loads: ``run`` needs data for each of them."""
+        return [s for s in self._ir._streams if isinstance(s, HostToDeviceStream) and s in self._loaded]
+
+    def _outputs(self) -> List[DeviceToHostStream]:
+        return [s for s in self._ir._streams if isinstance(s, DeviceToHostStream)]
+
+    def _extra_dims(self):
+        """``(num_host_transfers, replicas)`` less the ones equal to 1: what host arrays add to a stream shape."""
+        return tuple(d for d in (self._ir.num_host_transfers, self._rt.replicas) if d > 1)
 
     def create_host_outputs(self) -> Dict[DeviceToHostStream, np.ndarray]:
-        return {s: np.zeros(self._host_stream_shape(s), s.dtype.as_numpy()) for s in self._d2h}
+        """An array for every d2h stream, shaped ``(num_host_transfers, replicas, *stream.shape)``
+        without the leading dims that are 1."""
+        return {s: np.zeros(self._extra_dims() + s.shape, s.dtype.as_numpy()) for s in self._outputs()}
 
-    def run(self, inputs: Optional[Mapping[HostToDeviceStream, np.ndarray]] = None, downcast_inputs: bool = True):
-        """Runs the main graph once; returns ``{d2h_stream: array}`` shaped ``(N, R, *shape)`` less axes of 1."""
+    def run(self, inputs: Optional[Mapping[HostToDeviceStream, np.ndarray]] = None,
+            downcast_inputs: bool = True) -> Dict[DeviceToHostStream, np.ndarray]:
+        """Runs the main graph once; returns ``{d2h_stream: array}`` (see ``create_host_outputs``).
+
+        ``inputs`` maps each of ``expected_inputs()`` to its data, shaped the same way.
+        """
+        self._require_attached("run")
         outputs = self.create_host_outputs()
         self.run_with_outputs(inputs, outputs, downcast_inputs)
         return outputs
 
-    def run_with_outputs(self, inputs=None, outputs=None, downcast_inputs: bool = True) -> None:
-        """Runs the main graph once, writing stream outputs into the given arrays."""
-        self._require_attached("run")
+    def run_with_outputs(self, inputs: Optional[Mapping[HostToDeviceStream, np.ndarray]] = None,
+                         outputs: Optional[Mapping[DeviceToHostStream, np.ndarray]] = None,
+                         downcast_inputs: bool = True) -> None:
+        """Runs the main graph once, writing every d2h stream into the given ``outputs`` arrays."""
+        self._require_attached("run_with_outputs")
+        inputs = {s: self._host_input(s, a, downcast_inputs) for s, a in (inputs or {}).items()}
+        outputs = dict(outputs or {})
+        self._check_streams(inputs, self.expected_inputs(), "input")
+        self._check_streams(outputs, self._outputs(), "output")
         rt = self._rt
-        rt.stream_in = self._stream_inputs(inputs or {}, downcast_inputs)
+        n = self._ir.num_host_transfers
+        rt.stream_in = {s: torch.from_numpy(np.ascontiguousarray(a[:n] if n > 1 else a)).reshape(
+            (n, rt.replicas) + s.shape) for s, a in inputs.items()}
         rt.stream_in_next = {s: 0 for s in rt.stream_in}
-        rt.stream_out = {}
-        self._main.run(())
-        for stream, values in rt.stream_out.items():
-            if outputs is None or stream not in outputs:
-                continue
-            n = self._ir.num_host_transfers
-            if len(values) > n:
-                raise ValueError(f"host stream '{stream._name}' was stored {len(values)} times, more than "
-                                 f"ir.num_host_transfers={n}")
-            stacked = torch.stack(values).numpy()
-            target = outputs[stream]
-            full = stacked.reshape((len(values), self._rt.replicas) + stream.shape)
-            view = target.reshape((n, self._rt.replicas) + stream.shape)
-            view[:len(values)] = full
-        rt.stream_in = {}
+        views = {s: self._output_view(s, a) for s, a in outputs.items()}
+        rt.stream_out = {s: view for s, (view, _) in views.items()}
+        rt.stream_out_next = dict.fromkeys(rt.stream_out, 0)
+        try:
+            self._main.run(())
+            for view, copy_back in views.values():
+                if copy_back is not None:
+                    copy_back[...] = view.reshape(copy_back.shape)
+        finally:
+            rt.stream_in = {}
+            rt.stream_out = {}
 
-    def _host_stream_shape(self, stream):
-        lead = tuple(d for d in (self._ir.num_host_transfers, self._rt.replicas) if d > 1)
-        return lead + stream.shape
+    def _host_input(self, stream, array, downcast: bool) -> np.ndarray:
+        if not isinstance(stream, HostToDeviceStream):
+            raise TypeError(f"session inputs must be keyed by h2d streams, got {stream!r}")
+        if isinstance(array, torch.Tensor):
+            array = array.detach().cpu().numpy()
+        arr = np.asarray(array)
+        if downcast and arr.dtype in _DOWNCAST:
+            arr = arr.astype(_DOWNCAST[arr.dtype])
+        if arr.dtype != stream.dtype.as_numpy():
+            raise TypeError(f"input for stream '{stream._name}' {stream.shape} {stream.dtype.name} has dtype "
+                            f"{arr.dtype}; convert it to {np.dtype(stream.dtype.as_numpy()).name}")
+        return arr
 
-    def _stream_inputs(self, inputs, downcast: bool):
-        data = {}
-        for stream, array in inputs.items():
-            if not isinstance(stream, HostToDeviceStream):
-                raise TypeError(f"session.run inputs must be keyed by h2d streams, got {stream!r}")
-            arr = np.asarray(array)
-            expected = self._host_stream_shape(stream)
-            if arr.shape != expected:
-                raise ValueError(f"host data for stream '{stream._name}' has shape {arr.shape}; expected {expected} "
-                                 f"(num_host_transfers={self._ir.num_host_transfers}, replicas={self._rt.replicas}, "
-                                 f"stream shape {stream.shape})")
-            want = stream.dtype.as_numpy()
-            if arr.dtype != want:
-                if not downcast and np.dtype(arr.dtype).itemsize > want.itemsize:
-                    raise TypeError(f"host data for stream '{stream._name}' is {arr.dtype}, stream is {want}")
-                arr = arr.astype(want)
-            full = (self._ir.num_host_transfers, self._rt.replicas) + stream.shape
-            data[stream] = torch.from_numpy(np.ascontiguousarray(arr)).reshape(full)
-        for stream in self.expected_inputs():
-            if stream not in data:
-                raise ValueError(f"session.run: no data for host stream '{stream._name}' {stream.shape} "
-                                 f"{stream.dtype.name}, which the program loads")
-        return data
+    def _check_streams(self, given: Mapping, expected: List, kind: str) -> None:
+        missing = [s for s in expected if s not in given]
+        unexpected = [s for s in given if s not in expected]
+        if missing or unexpected:
+            def describe(streams):
+                return ", ".join(f"'{s._name}' {self._extra_dims() + s.shape}" for s in streams) or "none"
+            raise ValueError(f"Unexpected/Missing {kind} streams. Missing: {describe(missing)}. "
+                             f"Unexpected: {describe(unexpected)}")
+        for s, arr in given.items():
+            self._check_host_shape(s, np.asarray(arr), kind)
+
+    def _check_host_shape(self, stream, arr: np.ndarray, kind: str) -> None:
+        """popxl's checks: at least N transfers, exactly R replicas, then the stream shape."""
+        n, r = self._ir.num_host_transfers, self._rt.replicas
+        expected = self._extra_dims() + stream.shape
+        problem = None
+        data_index = 0
+        if n > 1:
+            data_index += 1
+            if arr.ndim < 1 or arr.shape[0] < n:
+                problem = f"dimension 0 must be at least num_host_transfers={n}"
+        if r > 1 and problem is None:
+            if arr.ndim <= data_index or arr.shape[data_index] != r:
+                problem = f"dimension {data_index} must be the replication factor {r}"
+            data_index += 1
+        # As popxl, arrays whose data dims are all ones pass the shape check (sizes must still agree).
+        ones = arr.squeeze().shape[data_index:] == () and int(np.prod(stream.shape, dtype=np.int64)) == 1
+        if problem is None and not ones and arr.shape[data_index:] != stream.shape:
+            problem = f"the stream shape is {stream.shape}"
+        if problem is not None:
+            raise ValueError(f"{kind} array for stream '{stream._name}' has shape {arr.shape}; expected {expected} "
+                             f"({problem})")
+
+    def _output_view(self, stream, target: np.ndarray):
+        """``(view, copy_back)``: ``target`` seen as ``(transfers, R, *shape)`` and None, or, when its
+        strides allow no such view, a new array and the part of ``target`` to copy it to after the run."""
+        n, r = self._ir.num_host_transfers, self._rt.replicas
+        shape = (n, r) + stream.shape
+        target = target[:n] if n > 1 else target
+        try:
+            return np.reshape(target, shape, copy=False), None
+        except ValueError:
+            return np.empty(shape, target.dtype), target
 
     def _streams_used(self, graph, kind, seen=None):
         seen = set() if seen is None else seen
@@ -198,106 +310,77 @@ class Session:
         return used
 
     # --- variables
-    @staticmethod
-    def _initial_host(v: Variable) -> np.ndarray:
-        if v.retrieval_mode == "all_replicas":
-            return v._data[v.replica_grouping.assignment]
-        return v._data.copy()
-
-    def _device_value(self, v: Variable, host: np.ndarray) -> torch.Tensor:
-        dtype = v.dtype.as_torch()
-        rows = range(self._rt.replicas) if v.retrieval_mode == "all_replicas" else v.replica_grouping.assignment
-        full = host_to_replicas(host, rows, dtype)
-        if v._shard_group is None:
-            return full
-        flat = full.reshape(self._rt.replicas, -1)
-        shard = v.shape[0]
-        shards = []
-        for r in range(self._rt.replicas):
-            k, n = _shard_members(v, r)
-            padded = torch.nn.functional.pad(flat[r], (0, shard * n - flat.shape[1]))
-            shards.append(padded[k * shard:(k + 1) * shard])
-        return torch.stack(shards)
-
-    def _host_value(self, v: Variable, device: torch.Tensor) -> np.ndarray:
-        """Per-replica device values -> popxl's host layout for ``v``."""
-        if v._shard_group is not None:
-            nelms = int(np.prod(v._full_shape, dtype=np.int64))
-            full = []
-            for r in range(self._rt.replicas):
-                members = v._shard_group.groups()[v._shard_group.assignment[r]]
-                full.append(torch.cat([device[m] for m in members])[:nelms].reshape(v._full_shape))
-            device = torch.stack(full)
-        if v.retrieval_mode == "all_replicas":
-            return device.numpy().copy()
-        firsts = [members[0] for members in v.replica_grouping.groups()]
-        return device[firsts].numpy().copy()
-
     def _device_tensor(self, v: Variable) -> torch.Tensor:
         if v._remote is not None:
-            buffer, entry = v._remote
-            return self._rt.remote[buffer.remote_buffer_id][:, entry]
+            return self._rt.remote_entry(*v._remote)
         return self._rt.variables[v.id]
 
-    def _weights_from_host(self, host: Mapping[Variable, np.ndarray]) -> None:
+    def _copy_to_device(self, host: Mapping[Variable, np.ndarray]) -> None:
         for v, data in host.items():
-            value = self._device_value(v, data)
+            value = self._layouts[v].to_device(data)
             if v._remote is None and v.id not in self._rt.variables:
                 self._rt.variables[v.id] = value
             else:
                 self._device_tensor(v).copy_(value)
 
     def weights_from_host(self) -> None:
-        """Copies every variable's host value to the device."""
-        self._weights_from_host(self._host)
+        """Copies every variable's host value to the device (the session must be attached)."""
+        self._require_attached("weights_from_host")
+        self._copy_to_device(self._host)
 
     def weights_to_host(self) -> None:
-        """Copies every variable's device value to the host."""
+        """Copies every variable's device value to the host (the session must be attached)."""
+        self._require_attached("weights_to_host")
         for v in self._host:
-            self._host[v] = self._host_value(v, self._device_tensor(v))
-
-    def _check_variable(self, tensor) -> Variable:
-        if not isinstance(tensor, Variable) and not isinstance(tensor, Constant):
-            raise TypeError(f"tensor '{getattr(tensor, 'name', tensor)}' is not a variable or constant")
-        if isinstance(tensor, Variable) and tensor not in self._host:
-            raise ValueError(f"variable '{tensor.name}' belongs to another IR")
-        return tensor
+            self._host[v] = self._layouts[v].to_host(self._device_tensor(v))
 
     def get_tensor_data(self, tensor) -> np.ndarray:
-        """The host value of a variable (synced from the device when attached) or constant."""
+        """The value of a variable (read from the device when attached) or a constant.
+
+        Shaped as ``tensor.shape_on_host`` (one value per group); for variables with
+        ``retrieval_mode='all_replicas'``, one value per replica ``(R, *shape)``.
+        """
         return self.get_tensors_data([tensor])[tensor]
 
     def get_tensors_data(self, tensors: Iterable) -> Dict:
-        tensors = [self._check_variable(t) for t in tensors]
-        if self._attached:
-            self.weights_to_host()
-        out = {}
+        """:meth:`get_tensor_data` of several tensors, reading the device once."""
+        tensors = list(tensors)
         for t in tensors:
-            if isinstance(t, Constant):
-                out[t] = t._data.copy()
-            else:
-                data = self._host[t]
-                grouped = t.retrieval_mode == "all_replicas" or t.replica_grouping.num_groups > 1
-                out[t] = data.copy() if grouped else data[0].copy()
-        return out
+            if not isinstance(t, (Variable, Constant)):
+                raise TypeError(f"{t!r} is not a Variable or Constant; get_tensor_data reads only those")
+            if isinstance(t, Variable) and t not in self._host:
+                raise ValueError(f"variable '{t.name}' belongs to another IR")
+        if self._attached and any(isinstance(t, Variable) for t in tensors):
+            self.weights_to_host()
+        return {t: self._layouts[t].user_data(self._host[t]) if isinstance(t, Variable) else t._data.copy()
+                for t in tensors}
 
-    def write_variable_data(self, tensor, data) -> None:
-        """Sets a variable's value (host layout, as ``variable`` takes); the device too when attached."""
+    def write_variable_data(self, tensor: Variable, data) -> None:
+        """Sets a variable's value from host ``data`` shaped ``tensor.shape_on_host`` with its exact dtype.
+
+        Attached, the device is updated at once; otherwise at the next ``weights_from_host``.
+        """
         self.write_variables_data({tensor: data})
 
     def write_variables_data(self, tensors: Mapping) -> None:
+        """:meth:`write_variable_data` of several variables, updating the device once."""
         written = {}
-        for t, data in tensors.items():
-            v = self._check_variable(t)
-            if isinstance(v, Constant):
-                raise TypeError(f"constant '{v.name}' cannot be written")
-            arr = np.asarray(data, dtype=v.dtype.as_numpy())
-            expected = v.shape_on_host
-            if arr.shape != expected:
-                raise ValueError(f"data for variable '{v.name}' has shape {arr.shape}; expected {expected}")
-            if v.retrieval_mode != "all_replicas" and v.replica_grouping.num_groups == 1:
-                arr = arr[None]
-            self._host[v] = arr.copy()
-            written[v] = self._host[v]
+        for v, data in tensors.items():
+            if not isinstance(v, Variable):
+                raise TypeError(f"{v!r} is not a Variable; write_variable_data writes only those")
+            if v not in self._host:
+                raise ValueError(f"variable '{v.name}' belongs to another IR")
+            want = v.dtype.as_numpy()
+            arr = np.array(data, dtype=want) if isinstance(data, numbers.Number) else np.asarray(data)
+            if arr.dtype != want:
+                raise TypeError(f"data for variable '{v.name}' has dtype {arr.dtype}; the variable is "
+                                f"{v.dtype.name} ({np.dtype(want).name})")
+            if arr.shape != v.shape_on_host:
+                raise ValueError(f"data for variable '{v.name}' has shape {arr.shape}; expected its host shape "
+                                 f"{v.shape_on_host}")
+            if v.retrieval_mode == "all_replicas" and v.replica_grouping.group_size > 1:
+                raise NotImplementedError(f"writing variable '{v.name}' with retrieval_mode='all_replicas' and "
+                                          f"replica groups of {v.replica_grouping.group_size} is not supported")
+            written[v] = self._host[v] = self._layouts[v].host_data(arr)
         if self._attached:
-            self._weights_from_host(written)
+            self._copy_to_device(written)

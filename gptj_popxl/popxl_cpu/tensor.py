@@ -300,14 +300,16 @@ class Variable(Tensor):
 
     @property
     def shape_on_host(self) -> Tuple[int, ...]:
-        full = self._full_shape
+        """The host data shape: ``(num_groups, *shape)`` with several groups, else ``shape``."""
         groups = self._replica_grouping.num_groups
-        if self._retrieval_mode == "all_replicas":
-            return (self.ir.replication_factor,) + full
-        return ((groups,) if groups > 1 else ()) + full
+        return ((groups,) if groups > 1 else ()) + self._shape
 
     def copy_to_ipu(self, dst: int, src: int):
         raise TypeError(f"variable {_describe(self)} cannot be copied between IPUs; copy an activation")
+
+
+class TensorByRef(Tensor):
+    """Type hint of a ``create_graph`` function parameter: its graph input is passed by reference."""
 
 
 class Constant(Tensor):
@@ -359,16 +361,17 @@ def _check_grouping(replica_grouping, what: str):
 
 
 def _host_variable_data(data, dtype, name, downcast, replica_grouping, retrieval_mode):
-    """Splits host data into (per-group data, per-replica shape) and checks it against the grouping."""
-    grouping = _check_grouping(replica_grouping, f"variable {name!r}")
-    arr, dtype = _to_host_array(data, dtype, f"variable {name!r}", downcast)
+    """Host data as ``(num_groups, *shape)`` per-group values, checked against the grouping."""
+    what = f"variable {name!r}" if name else "variable"
+    grouping = _check_grouping(replica_grouping, what)
+    arr, dtype = _to_host_array(data, dtype, what, downcast)
     if retrieval_mode not in (None, "one_per_group", "all_replicas"):
-        raise ValueError(f"variable {name!r}: retrieval_mode must be 'one_per_group' or 'all_replicas', "
+        raise ValueError(f"{what}: retrieval_mode must be 'one_per_group' or 'all_replicas', "
                          f"got {retrieval_mode!r}")
     groups = grouping.num_groups
     if groups > 1:
         if arr.ndim == 0 or arr.shape[0] != groups:
-            raise ValueError(f"variable {name!r}: its replica grouping has {groups} groups, so its data must be "
+            raise ValueError(f"{what}: its replica grouping has {groups} groups, so its data must be "
                              f"shaped ({groups}, *shape); got {arr.shape}")
         per_group = arr
     else:
@@ -376,65 +379,55 @@ def _host_variable_data(data, dtype, name, downcast, replica_grouping, retrieval
     return per_group, dtype, grouping, retrieval_mode or "one_per_group"
 
 
-def _make_variable(per_group, dtype, name, grouping, retrieval_mode, shape, full_shape) -> Variable:
+def _make_variable(per_group, dtype, name, grouping, retrieval_mode) -> Variable:
     main = get_main_graph()
     with main:
-        v = Variable._create(main, shape, dtype, name or "variable")
+        v = Variable._create(main, per_group.shape[1:], dtype, name or "variable")
     v._data = per_group
     v._replica_grouping = grouping
     v._retrieval_mode = retrieval_mode
-    v._full_shape = tuple(full_shape)
-    v._remote = None          # (RemoteBuffer, entry) when the variable lives in a remote buffer
-    v._shard_group = None     # ReplicaGrouping the variable is sharded over (replica-sharded variables)
+    v._remote = None      # (RemoteBuffer, entry) for variables stored in remote buffers
+    v._shard_over = None  # replicas each group's value is sharded over, for replica-sharded variables
     main.ir._variables.append(v)
     return v
 
 
+def _check_in_main_graph(what: str) -> None:
+    if get_current_graph() is not get_main_graph():
+        raise ValueError(f"{what}: variables can only be made in the main graph, not in "
+                         f"'{get_current_graph().name}'; pass the value into the graph as an input")
+
+
 def variable(data, dtype=None, name=None, downcast=True, replica_grouping=None, retrieval_mode=None,
              log2_scale=None, nan_on_overflow=None) -> Variable:
-    """A variable of the main graph initialised with ``data`` (``(num_groups, *shape)`` with >1 group)."""
+    """A variable of the main graph initialised with ``data`` (``(num_groups, *shape)`` with >1 group).
+
+    ``retrieval_mode``: 'one_per_group' (default) reads back one value per group, 'all_replicas'
+    every replica's value.
+    """
+    _check_in_main_graph(f"variable {name!r}")
     per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
                                                            retrieval_mode)
-    shape = per_group.shape[1:]
-    return _make_variable(per_group, dtype, name, grouping, mode, shape, shape)
+    return _make_variable(per_group, dtype, name, grouping, mode)
 
 
-def _shard_grouping(grouping, shard_over, name):
-    ir = get_main_graph().ir
-    n = grouping.group_size if shard_over is None else int(shard_over)
-    if n < 1 or grouping.group_size % n:
-        raise ValueError(f"variable {name!r}: shard_over={n} must divide the replica group size "
-                         f"{grouping.group_size}")
-    # Shards are spread over the first n members of each group, `grouping.stride` apart.
-    return ir.replica_grouping(stride=grouping.stride, group_size=n)
-
-
-def _shard_shape(full_shape, n):
-    nelms = int(np.prod(full_shape, dtype=np.int64))
-    return (-(-nelms // n),)
-
-
-def replica_sharded_variable(data, dtype=None, name=None, downcast=True, replica_grouping=None, shard_over=None,
-                             retrieval_mode="one_per_group", log2_scale=None, nan_on_overflow=None) -> Variable:
-    """A variable stored as flat shards spread over the replicas of each group."""
-    per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
-                                                           retrieval_mode)
-    shard_group = _shard_grouping(grouping, shard_over, name)
-    full = per_group.shape[1:]
-    v = _make_variable(per_group, dtype, name, grouping, mode, _shard_shape(full, shard_group.group_size), full)
-    v._shard_group = shard_group
-    return v
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def remote_variable(data, remote_buffer, offset=0, dtype=None, name=None, downcast=True, replica_grouping=None,
                     retrieval_mode="one_per_group", log2_scale=None, nan_on_overflow=None) -> Variable:
-    """A variable living in entry ``offset`` of ``remote_buffer``; load it with ``ops.remote_load``."""
+    """A variable stored in entry ``offset`` of ``remote_buffer`` on every replica.
+
+    Read and write it with the session like any variable; in programs use ``ops.remote_load``.
+    """
+    what = f"remote variable {name!r}"
+    _check_in_main_graph(what)
     per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
                                                            retrieval_mode)
-    full = per_group.shape[1:]
-    remote_buffer._check_entry(offset, f"remote variable {name!r}")
-    remote_buffer.validate_tensor_matches_buffer(TensorSpec(full, dtype))
-    v = _make_variable(per_group, dtype, name, grouping, mode, full, full)
+    remote_buffer._check_entry(offset, what)
+    remote_buffer.validate_tensor_matches_buffer(TensorSpec(per_group.shape[1:], dtype))
+    v = _make_variable(per_group, dtype, name, grouping, mode)
     v._remote = (remote_buffer, int(offset))
     return v
 
@@ -442,29 +435,84 @@ def remote_variable(data, remote_buffer, offset=0, dtype=None, name=None, downca
 def remote_replica_sharded_variable(data, remote_buffer, offset=0, dtype=None, name=None, downcast=True,
                                     replica_grouping=None, retrieval_mode="one_per_group", log2_scale=None,
                                     nan_on_overflow=None) -> Variable:
-    """A replica-sharded variable living in ``remote_buffer``; each replica holds one flat shard."""
+    """A variable whose value is sharded over replicas, each storing its shard in ``remote_buffer``.
+
+    The host data is the full value (``(num_groups, *shape)`` with several groups). Each group's
+    value is flattened, zero-padded and cut into ``shard_over`` shards (the buffer's, by default
+    the group size); the k-th replica of a block of ``shard_over`` group members stores shard k at
+    entry ``offset``. ``ops.replicated_all_gather`` of a loaded shard gives back the full value.
+    """
+    what = f"remote replica-sharded variable {name!r}"
+    _check_in_main_graph(what)
+    replicas = get_main_graph().ir.replication_factor
+    if replicas <= 1:
+        raise ValueError(f"{what}: the IR's replication factor is {replicas}; replica-sharded variables need "
+                         f"more than one replica")
     per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
                                                            retrieval_mode)
-    full = per_group.shape[1:]
+    shape = per_group.shape[1:]
+    if not remote_buffer.meta_shape:
+        remote_buffer.meta_shape = shape
+    elif remote_buffer.meta_shape != shape:
+        raise ValueError(f"{what}: cannot use {remote_buffer!r} for a variable of shape {shape}: the buffer's "
+                         f"meta_shape is {remote_buffer.meta_shape}")
     shard_over = remote_buffer._shard_over or grouping.group_size
-    shard_group = _shard_grouping(grouping, shard_over, name)
-    shape = _shard_shape(full, shard_group.group_size)
-    remote_buffer._check_entry(offset, f"remote variable {name!r}")
-    remote_buffer.validate_tensor_matches_buffer(TensorSpec(shape, dtype))
-    v = _make_variable(per_group, dtype, name, grouping, mode, shape, full)
+    if grouping.group_size % shard_over:
+        raise ValueError(f"{what}: {remote_buffer!r} shards over {shard_over} replicas, which does not divide the "
+                         f"replica group size {grouping.group_size}")
+    remote_buffer._check_entry(offset, what)
+    remote_buffer.validate_tensor_matches_buffer(TensorSpec(shape, dtype), shard_over)
+    v = _make_variable(per_group, dtype, name, grouping, mode)
     v._remote = (remote_buffer, int(offset))
-    v._shard_group = shard_group
+    v._shard_over = shard_over
     return v
 
 
 def replica_sharded_buffer(shape, dtype, replica_grouping=None, shard_over=None, entries=1):
-    """A remote buffer sized for flat shards of a ``shape`` tensor spread over ``shard_over`` replicas."""
-    from .remote_buffer import RemoteBuffer
-    grouping = _check_grouping(replica_grouping, "replica_sharded_buffer")
-    n = grouping.group_size if shard_over is None else int(shard_over)
-    buffer = RemoteBuffer(_shard_shape(shape, n), dtype, entries)
-    buffer._shard_over = n
+    """A remote buffer for flat shards of a ``shape`` variable sharded over ``shard_over`` replicas.
+
+    ``shape`` is the variable's host shape (with the group axis when ``replica_grouping`` has
+    several groups). ``shard_over`` defaults to the replica group size and must divide it.
+    """
+    from .remote_buffer import remote_buffer
+    replicas = get_current_graph().ir.replication_factor
+    if replica_grouping is not None:
+        _check_grouping(replica_grouping, "replica_sharded_buffer")
+    group_size = replica_grouping.group_size if replica_grouping is not None else replicas
+    shard_over = group_size if shard_over is None else int(shard_over)
+    if not 0 < shard_over <= group_size or group_size % shard_over:
+        raise ValueError(f"replica_sharded_buffer: shard_over={shard_over} must divide the replica group size "
+                         f"{group_size}")
+    grouped = replica_grouping is not None and replica_grouping.num_groups > 1
+    tensor_shape = tuple(int(s) for s in shape)[1 if grouped else 0:]
+    nelms = int(np.prod(tensor_shape, dtype=np.int64))
+    buffer = remote_buffer((_ceil_div(nelms, shard_over),), dtype, entries)
+    buffer.meta_shape = tensor_shape
+    buffer._shard_over = shard_over
     return buffer
+
+
+def replica_sharded_variable(data, dtype=None, name=None, downcast=True, replica_grouping=None, shard_over=None,
+                             retrieval_mode="one_per_group", log2_scale=None,
+                             nan_on_overflow=None) -> Tuple[Variable, Tensor]:
+    """A variable sharded over replicas: returns ``(var, var_shard)``.
+
+    ``var`` is the full variable (a :func:`remote_replica_sharded_variable` in a one-entry buffer)
+    for the session's ``get_tensor_data``/``write_variable_data``; do not use it in programs.
+    ``var_shard`` is this replica's flat shard (``meta_shape`` = the full shape), a main-graph tensor
+    that programs read and update in place; its value persists between runs and is what the
+    session reads back into ``var``.
+    """
+    per_group, dtype, _, _ = _host_variable_data(data, dtype, name, downcast, replica_grouping, retrieval_mode)
+    host = per_group if replica_grouping is not None and replica_grouping.num_groups > 1 else per_group[0]
+    buffer = replica_sharded_buffer(host.shape, dtype, replica_grouping, shard_over)
+    var = remote_replica_sharded_variable(host, buffer, 0, dtype, name, downcast, replica_grouping, retrieval_mode)
+    main = get_main_graph()
+    with main:
+        var_shard = Tensor._create(main, buffer.tensor_shape, dtype, var.name.rpartition("/")[2] + "_rts",
+                                   meta_shape=buffer.meta_shape)
+    var_shard._rts_entry = (buffer, 0)  # the runtime keeps the shard in the buffer entry itself
+    return var, var_shard
 
 
 def graph_input(shape: Iterable[int], dtype, name: Optional[str] = None, by_ref: bool = False,

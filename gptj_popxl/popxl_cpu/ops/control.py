@@ -71,10 +71,15 @@ class Repeat(Call):
         copy_in = _copy_in(plan, op)
 
         def repeat(*xs):
-            xs = [x.clone() if copy_in and copy_in[i] else x for i, x in enumerate(xs)]
-            carried = xs[:k]
+            if count == 0:
+                return tuple(x.clone() for x in xs[:k])
+            carried, rest = list(xs[:k]), list(xs[k:])
             for _ in range(count):
-                carried = plan.run(carried + xs[k:] if k < len(xs) else carried)[:k]
+                ins = carried + rest
+                if copy_in:
+                    # Every iteration receives by-value inputs unchanged, as a fresh call would.
+                    ins = [x.clone() if c else x for x, c in zip(ins, copy_in)]
+                carried = plan.run(ins)[:k]
             return tuple(carried)
         return repeat
 

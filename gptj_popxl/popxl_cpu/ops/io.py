@@ -86,14 +86,16 @@ def host_store(d2h_stream: DeviceToHostStream, t: Tensor) -> None:
 # ---------------------------------------------------------------- remote buffers
 
 def _entry_lookup(buffer: RemoteBuffer, what: str):
-    """Runtime check of a dynamic entry index, naming the buffer."""
+    """Per-replica entry indices from an offset value, checked against the buffer at run time."""
     entries = buffer.entries
 
     def entry(offset: torch.Tensor) -> torch.Tensor:
         index = offset.reshape(offset.shape[0]).long()
-        if bool(((index < 0) | (index >= entries)).any()):
-            raise IndexError(f"{what}: entry {index.tolist()} is out of range for remote buffer "
-                             f"{buffer.remote_buffer_id} with {entries} entries")
+        bad = (index < 0) | (index >= entries)
+        if bool(bad.any()):
+            replica = int(bad.nonzero()[0, 0])
+            raise IndexError(f"{what}: entry {int(index[replica])} (on replica {replica}) is out of range for "
+                             f"{buffer!r}")
         return index
     return entry
 
@@ -110,7 +112,7 @@ class RemoteLoad(Primitive):
         buffer = op.attrs["buffer"]
         store, entry = runtime.remote[buffer.remote_buffer_id], _entry_lookup(buffer, "remote_load")
         replicas = torch.arange(runtime.replicas)
-        return lambda offset: store[replicas, entry(offset)].clone()
+        return lambda offset: store[replicas, entry(offset)]
 
 
 class RemoteLoadInplace(RemoteLoad):
@@ -148,6 +150,9 @@ class RemoteStore(Primitive):
 
 
 def _offset(remote_buffer: RemoteBuffer, offset, what: str) -> Tensor:
+    """The entry offset as a tensor: ints are checked now, tensors at run time."""
+    if not isinstance(remote_buffer, RemoteBuffer):
+        raise TypeError(f"{what}: expected a RemoteBuffer, got {type(remote_buffer).__name__}")
     if isinstance(offset, Tensor):
         if offset.nelms != 1 or not offset.dtype.is_int:
             raise ValueError(f"{what}: offset must be a scalar integer tensor, got '{offset.name}' {offset.shape} "

@@ -125,13 +125,16 @@ class Slice(Primitive):
     def lower(cls, op, runtime):
         slices = op.attrs["slices"]
         if all(s[2] > 0 for s in slices):
-            key = (slice(None),) + tuple(slice(*s) for s in slices)
+            key = (builtin_slice(None),) + tuple(builtin_slice(*s) for s in slices)
             return lambda x: x[key]
-        index = [torch.arange(*s) if s[2] < 0 else None for s in slices]
+        # Positive steps slice as usual; negative ones pick their positions with index_select.
+        key = (builtin_slice(None),) + tuple(builtin_slice(*s) if s[2] > 0 else builtin_slice(None) for s in slices)
+        index = [(axis + 1, torch.arange(*s)) for axis, s in enumerate(slices) if s[2] < 0]
 
         def negative_step(x):
-            for axis, (s, idx) in enumerate(zip(slices, index)):
-                x = x.index_select(axis + 1, idx) if idx is not None else x.narrow(axis + 1, s[0], len(range(*s)))
+            x = x[key]
+            for axis, idx in index:
+                x = x.index_select(axis, idx)
             return x
         return negative_step
 
@@ -179,7 +182,7 @@ def _slices(t: Tensor, start, stop, step, axis):
     slices = [(0, s, 1) for s in t.shape]
     for i, a in enumerate(axis):
         a = norm_axis(a, t.rank)
-        py = slice(start[i] if start else None, stop[i] if stop else None, step[i] if step else None)
+        py = builtin_slice(start[i] if start else None, stop[i] if stop else None, step[i] if step else None)
         slices[a] = py.indices(t.shape[a])
     return tuple(slices)
 
@@ -211,7 +214,6 @@ def squeeze(t: Tensor, axes: Optional[Union[int, List[int]]] = None) -> Tensor:
 def index(t: Tensor, key) -> Tensor:
     """``t[key]`` for ints, slices, Ellipsis, int tensors (gather) and bool tensors (mask)."""
     from .gather import gather
-    from .elementwise import cast
     from .where import where
     if isinstance(key, Tensor):
         if key.dtype.name == "bool":

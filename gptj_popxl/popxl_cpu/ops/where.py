@@ -1,2 +1,70 @@
-"""popxl.ops: where ops."""
-__all__ = []
+"""Selection ops: ``where`` and ``clip``."""
+import torch
+
+from .. import dtypes
+from ..primitive import Primitive, spec
+from ..tensor import Tensor
+from ._util import broadcast_shape, check_float, check_same_dtype, replica_view_shape, scalar_like, unbroadcast
+from .elementwise import equal
+
+__all__ = ["where", "clip"]
+
+
+class Where(Primitive):
+    """``condition ? lhs : rhs`` elementwise, broadcasting all three."""
+    name = "where"
+
+    @staticmethod
+    def infer(condition, lhs, rhs):
+        if condition.dtype != dtypes.bool_:
+            raise TypeError(f"condition '{condition.name}' must be bool, got {condition.dtype.name}")
+        check_same_dtype(lhs, rhs)
+        return spec(broadcast_shape(condition.shape, broadcast_shape(lhs.shape, rhs.shape)), lhs.dtype)
+
+    @classmethod
+    def lower(cls, op, runtime):
+        rank = op.outputs[0].rank
+        shapes = [replica_view_shape(t.shape, rank, runtime.replicas) for t in op.inputs]
+        return lambda c, a, b: torch.where(c.reshape(shapes[0]), a.reshape(shapes[1]), b.reshape(shapes[2]))
+
+    @staticmethod
+    def grad(g):
+        zero = scalar_like(0, g.dy)
+        cond = g.x(0)
+        return [None,
+                unbroadcast(where(cond, g.dy, zero), g.in_spec(1).shape) if g.needs(1) else None,
+                unbroadcast(where(cond, zero, g.dy), g.in_spec(2).shape) if g.needs(2) else None]
+
+
+def where(condition: Tensor, lhs, rhs) -> Tensor:
+    """``lhs`` where ``condition`` is true, else ``rhs`` (numpy broadcasting; either may be a python number)."""
+    if not isinstance(lhs, Tensor) and isinstance(rhs, Tensor):
+        lhs = scalar_like(lhs, rhs)
+    if not isinstance(lhs, Tensor):
+        raise TypeError("where: lhs or rhs must be a Tensor")
+    return Where.create(condition, lhs, scalar_like(rhs, lhs))
+
+
+class Clip(Primitive):
+    name = "clip"
+
+    @staticmethod
+    def infer(t, min, max):  # noqa: A002 - popxl's names
+        check_float(t, "clip")
+        if min > max:
+            raise ValueError(f"clip of '{t.name}': min {min} is greater than max {max}")
+        return t.spec
+
+    @staticmethod
+    def kernel(x, min, max):  # noqa: A002
+        return torch.clamp(x, min, max)
+
+    @staticmethod
+    def grad(g):
+        # The gradient passes where the input was inside [min, max], i.e. where clipping changed nothing.
+        return [where(equal(g.x(0), g.y(0)), g.dy, 0)]
+
+
+def clip(t: Tensor, min: float = float("-inf"), max: float = float("inf")) -> Tensor:  # noqa: A002
+    """``t`` with every element clamped to ``[min, max]``."""
+    return Clip.create(t, min=float(min), max=float(max))

@@ -9,9 +9,11 @@ import enum
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..graph import Graph
+from ..ops.control import CallSiteInfo, call, call_with_info
+from ..ops.elementwise import add, identity
+from ..ops.io import init_value
 from ..primitive import GradOp
-from ..tensor import Constant, Tensor, constant, graph_output
-from ..ops.control import CallSiteInfo
+from ..tensor import Constant, Tensor, constant, graph_input, graph_output
 
 
 class ExpectedConnectionType(enum.Enum):
@@ -122,9 +124,12 @@ class _Builder:
         if isinstance(t, Constant):
             value = constant(t._data, t.dtype, name=t.name.rpartition("/")[2])
         else:
+            if t._graph is not self.fwd:
+                raise ValueError(f"autodiff of '{self.fwd.name}': tensor '{t.name}' belongs to graph "
+                                 f"'{t._graph.name}'")
             if t not in self.fwd._inputs and t not in self.fwd._outputs:
+                self.fwd._stitched.add(t)
                 self.fwd._add_output(t)
-            from ..tensor import graph_input
             value = graph_input(t.shape, t.dtype, t.name.rpartition("/")[2])
             self.expected_inputs.append(ExpectedConnection._create(t, ExpectedConnectionType.Fwd))
         self.values[t.id] = value
@@ -135,28 +140,26 @@ class _Builder:
             return
         if g.shape != t.shape or g.dtype != t.dtype:
             raise ValueError(f"gradient for '{t.name}' {t.shape} {t.dtype.name} has shape {g.shape} {g.dtype.name}")
-        from ..ops import add
         prev = self.grads.get(t.id)
         self.grads[t.id] = g if prev is None else add(prev, g)
 
     def run(self) -> GradGraphInfo:
-        from ..ops.io import init_value
-        from ..tensor import graph_input
         fwd = self.fwd
         with self.grad_graph:
+            # FwdGrad inputs come first, in forward output order; Fwd inputs follow as rules ask for them.
             for t in self.provided:
                 self.grads[t.id] = graph_input(t.shape, t.dtype, "grad_" + t.name.rpartition("/")[2])
                 self.expected_inputs.append(ExpectedConnection._create(t, ExpectedConnectionType.FwdGrad))
             needed = self._needed_ops()
-            for op in reversed(list(fwd._ops)):
+            for op in reversed(fwd._ops):
                 if op not in needed or not any(t.id in self.grads for t in op.outputs):
                     continue
                 if op.prim.grad is None:
                     raise NotImplementedError(f"autodiff of '{fwd.name}': op {op.prim.name} ('{op.name}') has no "
                                               f"gradient rule, but a required gradient flows through it")
-                dys = [self.grads[t.id] if t.id in self.grads else init_value(t.shape, t.dtype, 0.0) for t in op.outputs]
+                dys = [self.grads.get(t.id) for t in op.outputs]
                 wants = [self._wants(t) for t in op.inputs]
-                dxs = op.prim.grad(GradOp(op, dys, self.fwd_value, wants))
+                dxs = op.prim.grad(GradOp(op, dys, self.fwd_value, wants, self.grad_infos))
                 for t, dx, want in zip(op.inputs, dxs, wants):
                     if want:
                         self.accumulate(t, dx)
@@ -165,12 +168,10 @@ class _Builder:
                 g = self.grads.get(t.id)
                 if g is None:
                     g = init_value(t.shape, t.dtype, 0.0)
-                elif g._graph is not self.grad_graph or g in self.grad_graph._outputs or g in self.grad_graph._inputs:
-                    from ..ops import identity
+                elif g in self.grad_graph._outputs or g in self.grad_graph._inputs:
                     g = identity(g)
                 graph_output(g)
                 outputs.append(ExpectedConnection._create(t, ExpectedConnectionType.FwdGrad))
-        # FwdGrad inputs were created first; Fwd inputs follow in the order rules asked for them.
         return GradGraphInfo._create(self.grad_graph, fwd, self.expected_inputs, outputs)
 
     def _needed_ops(self):
@@ -201,40 +202,58 @@ def autodiff(graph: Graph, grads_provided: Optional[Iterable[Tensor]] = None,
     """Builds the gradient graph of ``graph``.
 
     ``grads_provided``: forward outputs whose gradients the gradient graph takes (default: all).
-    ``grads_required``: forward inputs whose gradients it returns, in order (default: all).
+    ``grads_required``: forward inputs whose gradients it returns, in order (default: every floating
+    point input). A required input no gradient reaches gets zeros.
     ``called_graphs_grad_info``: gradient graphs to reuse for graphs that ``graph`` calls.
     Returns a :class:`GradGraphInfo`, or ``{graph: GradGraphInfo}`` for ``graph`` and every graph
     differentiated on the way when ``return_all_grad_graphs``.
+
+    Forward values the gradient graph needs are appended to ``graph``'s outputs (every call site
+    gains them); connect them with :meth:`GradGraphInfo.inputs_dict`.
     """
+    if not isinstance(graph, Graph):
+        raise TypeError(f"autodiff expects a Graph, got {type(graph).__name__}")
     provided = list(graph._outputs if grads_provided is None else grads_provided)
-    required = list(graph._inputs if grads_required is None else grads_required)
+    if grads_required is None:
+        required = [t for t in graph._inputs if t.dtype.is_floating_point]
+    else:
+        required = list(grads_required)
     for t in provided:
         if t not in graph._outputs:
-            raise ValueError(f"autodiff of '{graph.name}': grads_provided tensor '{t.name}' is not a graph output")
+            raise ValueError(f"autodiff of '{graph.name}': grads_provided tensor '{t.name}' is not an output of "
+                             f"the graph")
     for t in required:
         if t not in graph._inputs:
-            raise ValueError(f"autodiff of '{graph.name}': grads_required tensor '{t.name}' is not a graph input")
+            raise ValueError(f"autodiff of '{graph.name}': grads_required tensor '{t.name}' is not an input of "
+                             f"the graph")
         if not t.dtype.is_floating_point:
             raise TypeError(f"autodiff of '{graph.name}': cannot differentiate with respect to '{t.name}' of dtype "
                             f"{t.dtype.name}")
     infos = dict(called_graphs_grad_info or {})
-    info = _Builder(graph, provided, required, infos).run()
-    infos[graph] = info
+    info = _differentiate(graph, provided, required, infos)
     return infos if return_all_grad_graphs else info
 
 
-def _sub_grad_info(builder_infos, graph: Graph, num_outputs: int) -> GradGraphInfo:
-    info = builder_infos.get(graph)
-    if info is None:
-        required = [t for t in graph._inputs if t.dtype.is_floating_point]
-        info = autodiff(graph, graph._outputs[:num_outputs], required, builder_infos)
-        builder_infos[graph] = info
+def _differentiate(graph: Graph, provided, required, infos: Dict[Graph, GradGraphInfo]) -> GradGraphInfo:
+    """Builds and records ``graph``'s gradient graph; ``infos`` is shared by every graph of one run."""
+    info = _Builder(graph, provided, required, infos).run()
+    infos[graph] = info
     return info
 
 
-def _grad_call_inputs(info: GradGraphInfo, fwd_grads: Mapping[str, Tensor], fwd_value):
-    """Gradient-graph inputs: output gradients by forward output, forward values via ``fwd_value``."""
-    from ..ops.io import init_value
+def _sub_grad_info(infos: Dict[Graph, GradGraphInfo], graph: Graph) -> GradGraphInfo:
+    """The gradient graph of a called graph: reused when made before, else made for all its own outputs."""
+    info = infos.get(graph)
+    if info is None:
+        provided = [t for t in graph._outputs if t not in graph._stitched]
+        required = [t for t in graph._inputs if t.dtype.is_floating_point]
+        info = _differentiate(graph, provided, required, infos)
+    return info
+
+
+def _grad_call_inputs(info: GradGraphInfo, fwd_grads: Mapping[str, Optional[Tensor]], fwd_value) -> List[Tensor]:
+    """Gradient-graph inputs: output gradients by forward output id (zeros when absent), forward values via
+    ``fwd_value``."""
     ins = []
     for c in info.expected_inputs:
         t = c.fwd_tensor
@@ -246,34 +265,32 @@ def _grad_call_inputs(info: GradGraphInfo, fwd_grads: Mapping[str, Tensor], fwd_
     return ins
 
 
+def _grads_by_input(info: GradGraphInfo, graph: Graph, outs) -> Dict[int, Tensor]:
+    return {graph._inputs.index(c.fwd_tensor): dx for c, dx in zip(info.expected_outputs, outs)}
+
+
 def call_grad(g: GradOp):
     """Gradient rule of ``call``: call the called graph's gradient graph."""
-    from ..ops.control import call
     op = g.op
     graph = op.attrs["graph"]
-    infos = _infos_of(g)
-    info = _sub_grad_info(infos, graph, len(graph._outputs))
+    info = _sub_grad_info(g.grad_infos, graph)
     site = CallSiteInfo(op)
-    grads = {sub.id: dy for sub, dy in zip(graph._outputs, g.dys)}
-
-    def value(sub: Tensor) -> Tensor:
-        return g._fwd_value(site.graph_to_parent(sub))
-    outs = call(info.graph, *_grad_call_inputs(info, grads, value))
-    dxs = [None] * len(op.inputs)
-    for c, dx in zip(info.expected_outputs, outs):
-        dxs[graph._inputs.index(c.fwd_tensor)] = dx
-    return dxs
+    grads = {sub.id: g.dy_or_none(i) for i, sub in enumerate(graph._outputs)}
+    outs = call(info.graph, *_grad_call_inputs(info, grads, lambda sub: g.value(site.graph_to_parent(sub))))
+    by_input = _grads_by_input(info, graph, outs)
+    return [by_input.get(i) for i in range(len(op.inputs))]
 
 
 def repeat_grad(g: GradOp):
-    """Gradient rule of ``repeat``: recompute each iteration's inputs, then run the body's gradient backwards."""
-    from ..ops import add
-    from ..ops.control import call_with_info, call
+    """Gradient rule of ``repeat``: recompute each iteration's inputs, then run the body's gradient backwards.
+
+    Carried gradients flow from each iteration to the one before; gradients of the inputs that stay
+    constant across iterations are summed over iterations.
+    """
     op = g.op
     body = op.attrs["graph"]
     k, count = op.attrs["num_outputs"], op.attrs["repeat_count"]
-    infos = _infos_of(g)
-    info = _sub_grad_info(infos, body, k)
+    info = _sub_grad_info(g.grad_infos, body)
     inputs = [g.x(i) for i in range(len(op.inputs))]
     sites = []
     carried = inputs[:k]
@@ -281,21 +298,14 @@ def repeat_grad(g: GradOp):
         site = call_with_info(body, *(carried + inputs[k:]))
         sites.append(site)
         carried = list(site.outputs[:k])
-    carried_grads = list(g.dys)
+    carried_grads = [g.dy_or_none(i) for i in range(k)]
     const_grads: List[Optional[Tensor]] = [None] * (len(op.inputs) - k)
     for site in reversed(sites):
         grads = {sub.id: dy for sub, dy in zip(body._outputs[:k], carried_grads)}
-        outs = call(info.graph, *_grad_call_inputs(info, grads, site.graph_to_parent))
-        by_input = {body._inputs.index(c.fwd_tensor): dx for c, dx in zip(info.expected_outputs, outs)}
+        by_input = _grads_by_input(info, body, call(info.graph, *_grad_call_inputs(info, grads, site.graph_to_parent)))
         carried_grads = [by_input.get(i) for i in range(k)]
         for j in range(len(const_grads)):
             dx = by_input.get(k + j)
             if dx is not None:
                 const_grads[j] = dx if const_grads[j] is None else add(const_grads[j], dx)
     return carried_grads + const_grads
-
-
-def _infos_of(g: GradOp) -> Dict[Graph, GradGraphInfo]:
-    """The grad-info cache of the autodiff run that is calling this rule."""
-    builder = getattr(g._fwd_value, "__self__", None)
-    return builder.grad_infos if builder is not None else {}

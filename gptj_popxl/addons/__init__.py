@@ -1,0 +1,101 @@
+"""popxl-addons' API (the parts GPT-J uses), written against the public popxl API only.
+
+Use ``from gptj_popxl import addons`` and ``from gptj_popxl.backend import popxl, ops``. Names and
+signatures follow popxl-addons 3.4; differences are noted.
+
+Trees of named things (``dot_tree``, ``named_tensors``)
+    ``DotTree(**kw)``: keys are identifiers or non-negative ints, dotted keys nest ("a.b.0").
+    ``get/[]/.attr``, ``insert(key, value, overwrite=False)``, ``update(tree, overwrite=False)``,
+    ``pop``, ``copy`` (structure copied, leaves shared), ``filter_keys(keys)``, ``keys/values``,
+    ``keys_flat/values_flat``, ``len/len_flat``, ``to_dict()`` (flat ``{"a.b": leaf}``),
+    ``from_dict(d)``, ``unpack()`` -> (names, leaves) sorted by name, ``pack(names, leaves)``,
+    ``map(fn)``, ``to_mapping(other)`` -> ``{leaf: other's leaf}`` for shared names.
+    ``NamedTensors`` (tensors; ``.tensors`` sorted by tensor name, ``.named_tensors`` flat dict,
+    ``.variables``, ``remap(mapping)``), ``NamedTensorData`` (host arrays).
+
+Variables (``variable_factory``)
+    ``VariableFactory(data_iter, dtype=None, name=None, by_ref=False, replica_grouping=None, shard_over=1)``:
+    ``data_iter`` is a callable (called once at construction to learn shape/dtype, then once per
+    instance and per replica group) or an iterable. ``create_input(prefix=None)`` -> graph input;
+    ``create_tensor(name=None)`` -> ``popxl.variable`` (host data ``(num_groups, *shape)`` when the
+    grouping has several groups); ``create_remote_tensor(buffer, entry, name=None)``.
+    ``NamedVariableFactories``: ``init(prefix=None)`` -> NamedTensors of variables (made in sorted
+    name order), ``init_remote(buffers, entry=0, prefix=None)``, ``init_zero()`` / ``init_undef()``
+    (``ops.init`` in the current graph), ``replica_groupings``.
+
+Modules and graphs (``module``, ``graph``)
+    ``Module(cache=False)``: subclass, define ``build(...)``; inside it
+    ``self.add_variable_input(name, data_iter, dtype=None, by_ref=False, replica_grouping=None, overwrite=False)``
+    returns the graph input. A Module stored as an attribute is a sub-module: calling it inlines
+    its build; its variables are named ``<attr>.<name>`` and tensors scoped ``<attr>/``.
+    ``create_graph(*args, **kwargs)`` -> ``(NamedVariableFactories, GraphWithNamedArgs)``; tensor /
+    TensorSpec args become the first graph inputs. ``add_variable_inputs(name, factories)`` ->
+    NamedTensors; ``call_module(module, name=None, autodiff="auto")(*args)`` outlines a sub-graph
+    and calls it (outputs tuple). ``Module.from_list([...])`` holds modules as "0", "1", ...
+    No ``build_grad``/``create_grad_graph`` (custom gradients go in popxl_cpu primitives).
+    ``GraphWithNamedArgs(graph, args=None)``: ``.graph``, ``.args`` (NamedTensors of inputs),
+    ``bind(named_tensors)`` -> ``BoundGraph`` (matched by name), ``call(*targs, args=None)`` ->
+    outputs tuple, ``call_with_info``, ``autodiff(grads_provided=None, grads_required=None,
+    called_graphs_grad_info=None)`` (once; ``force=True`` to repeat), ``grad_graph_info``.
+    ``BoundGraph(graph, {input: tensor})``: ``call``, ``call_with_info``, ``bind(more)``.
+
+Autodiff (``transforms``)
+    ``autodiff(graph_wna, grads_provided=None, grads_required=None, called_graphs_grad_info=None)``
+    -> GraphWithNamedArgs of the gradient graph with ``.grad_graph_info`` (call it with the output
+    gradients positionally and ``args=info.inputs_dict(fwd_call_info)``).
+    ``autodiff_with_accumulation(graph, tensors_to_accumulate_grads, grads_provided=None,
+    grads_required=None, called_graphs_grad_info=None, replica_groupings=None)`` ->
+    (factories, grad graph) whose by-ref named args ``mean_accum_counter`` and ``accum.<name>``
+    keep running means of those gradients (not outputs). Its grad_graph_info is an
+    ``AccumulatingGradGraphInfo`` with GradGraphInfo's interface (public popxl cannot remove graph
+    outputs, so the gradient graph is wrapped).
+
+Layers (``layers``)
+    ``Linear(out_features, bias=True, replica_grouping=None)``: ``x @ weight + bias``, weight
+    (in, out); ``Linear.torch_mapping(variables, nn_linear, dtype)`` -> ``{variable: array}``.
+    ``LayerNorm(replica_grouping=None)``, ``build(x, eps=1e-5)``: last axis, any rank.
+    ``Embedding(dtype, vocab_size, hidden_size, axis=0, replica_grouping=None)``: vocab sharded
+    over ``replica_grouping.num_groups`` shards of ``get_vocab_shard_size(V, n) = ceil(V / n)``
+    rows (NOT rounded to 16 as popxl-addons does); ``get_offsets(V, n)``; callers pass indices
+    minus their shard's offset (host helper ``Embedding.offset_input``); out-of-shard -> zero rows.
+
+Ops (``ops``)
+    ``replicated_all_reduce_identical_inputs(t, op="add", group=None)``: identity forward,
+    all-reduce of the gradient. ``replicated_all_reduce_identical_grad_inputs(t, op="add",
+    group=None)``: all-reduce forward, identity gradient (on the CPU: the collectives' primitives;
+    on the SDK: popxl-addons' custom ops). ``cross_entropy_sharded_loss(logits, indices,
+    ignore_index=None, replica_grouping=None, reduction="mean")``: logits (n, classes_per_shard);
+    ``indices`` AND ``ignore_index`` relative to each shard's first class (``labels - offset``,
+    ``IGNORE - offset``), as popxl-addons requires; loss identical on all shards.
+
+Optimiser (``optimizers``)
+    ``AdamOptimizerStep().create_graph(var, grad_spec, replica_grouping=None, *, lr, beta1=0.9,
+    beta2=0.999, eps=1e-5, weight_decay=0.01, first_order_dtype=popxl.float16, bias_correction=True,
+    loss_scaling=1, global_norm=None, global_norm_max=None)``: in-place AdamW (== torch.optim.AdamW)
+    on the by-reference ``var``; named args ``first_order``, ``second_order``, ``step``.
+
+Remote buffers and streams (``remote``, ``streams``)
+    ``named_variable_buffers(factories, entries=1, shard_over_dict=True)`` -> ``NamedRemoteBuffers``
+    (replica-sharded where ``shard_over`` > 1; False/1: plain); ``factories.init_remote(buffers, i)``;
+    ``load_remote_graph(buffers, entries=1)`` -> (graph taking an int32 entry index, output names);
+    ``store_remote_graph(buffers, entries=1)`` -> graph taking the index, tensors as named args;
+    ``load_remote(buffers, entry)``, ``store_remote(buffers, tensors, entry)``,
+    ``create_remote_buffer(spec, entries=1, replica_group=None, shard_over=None)``, ``named_buffers``.
+    ``InputStreams(x=((2, 4), popxl.float32))`` / ``OutputStreams(...)``: host streams by name.
+
+Host arrays (``array_munging``)
+    ``shard(x, n, axis)`` -> (n, ...) contiguous blocks; ``unshard(x, axis)``; ``repeat(x, n, axis=0)``
+    (new axis); ``repeat_axis``; ``repeat_shard``; ``pad_axis(x, n, axis, value=0)``; ``squeeze_safe``;
+    ``tensor_parallel_input(data, tp, rf)``.
+"""
+from . import array_munging, layers, ops, optimizers, remote, streams, transforms
+from .dot_tree import DotTree, sanitise, to_mapping
+from .graph import BoundGraph, GraphWithNamedArgs
+from .module import Module
+from .named_tensors import NamedTensorData, NamedTensors
+from .remote import (NamedRemoteBuffers, create_remote_buffer, load_remote, load_remote_graph, named_buffers,
+                     named_variable_buffers, store_remote, store_remote_graph)
+from .streams import InputStreams, OutputStreams
+from .transforms import AccumulatingGradGraphInfo, autodiff, autodiff_with_accumulation
+from .variable_factory import (NamedReplicaGrouping, NamedVariableFactories, VariableFactory,
+                               add_replica_sharded_variable_input, add_variable_input)

@@ -1,0 +1,4 @@
+"""Optimizer step modules."""
+from .adam import AdamOptimizerStep
+
+__all__ = ["AdamOptimizerStep"]

@@ -1,0 +1,342 @@
+"""Collectives across replicas: all-reduce, all-gather, reduce-scatter and replica slices.
+
+Every runtime value carries the replica axis first, so a collective is an index over that axis:
+at lowering the grouping becomes index tensors (each group's members, each replica's peers and
+position), and a run is one gather plus one reduction, with no loop over replicas.
+
+Gathered and scattered data follow a *layout* that maps a full tensor to ``group_size`` chunks:
+
+* ``new_axis``: chunk k is ``full[k]`` (the group axis is a new leading axis);
+* ``concat``: chunk k is the k-th equal slice of ``full`` along ``axis``;
+* ``flat``: ``full`` flattened and zero-padded to a multiple of ``group_size`` elements, chunk k is
+  the k-th 1-D piece (replicated tensor sharding; gathering drops the padding again).
+
+Replica ``r`` owns the chunk at its position in its group (groups ordered by replica index).
+
+Gradient rules, per input of replica r: ``all_reduce`` 'add'/'mean' -> the same all-reduce of the
+output gradients; ``all_gather`` -> reduce-scatter ('add') of the output gradients; reduce-scatter
+'add'/'mean' -> all-gather (scaled by 1/group_size for 'mean'); the replica slices (no reduction)
+-> all-gather, as popxl (it treats the sliced input as identical on the group's replicas).
+"""
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ...context import get_current_graph
+from ...primitive import Primitive, spec
+from ...replica_grouping import ReplicaGrouping
+from ...tensor import Tensor
+from .._util import norm_axis, scalar_like
+from ..elementwise import div
+from ..shape import reshape
+
+# Reductions over axis `d` of a stacked (…, group, …) tensor, keeping the dtype. popxl's own op table
+# maps 'mul' to a mean; here 'mul' is the product its name promises.
+_REDUCE = {
+    "add": lambda x, d: x.sum(d, dtype=x.dtype),
+    "mean": lambda x, d: (x.sum(d, dtype=torch.float32 if x.dtype.is_floating_point else None)
+                          / x.shape[d]).to(x.dtype),
+    "mul": lambda x, d: x.prod(d, dtype=x.dtype),
+    "min": lambda x, d: x.amin(d),
+    "max": lambda x, d: x.amax(d),
+    "and": lambda x, d: x.bool().all(d).to(x.dtype),
+    "or": lambda x, d: x.bool().any(d).to(x.dtype),
+    "square_add": lambda x, d: (x * x).sum(d, dtype=x.dtype),
+}
+LOCAL = "local"  # a reduce-scatter that reduces nothing: each replica slices its own value
+
+
+def check_op(op: str, what: str) -> str:
+    if op not in _REDUCE:
+        raise ValueError(f"{what}: op {op!r} is not a collective op; choose from {', '.join(_REDUCE)}")
+    return op
+
+
+def resolve_group(group: Optional[ReplicaGrouping], what: str) -> ReplicaGrouping:
+    """``group`` checked against the IR being built (default: all replicas in one group)."""
+    ir = get_current_graph().ir
+    if group is None:
+        return ir.replica_grouping()
+    if not isinstance(group, ReplicaGrouping):
+        raise TypeError(f"{what}: group must be a ReplicaGrouping, got {type(group).__name__}")
+    if group._replication != ir.replication_factor:
+        raise ValueError(f"{what}: {group!r} was made for {group._replication} replicas, the IR has "
+                         f"{ir.replication_factor}")
+    if not group.is_const:
+        raise ValueError(f"{what}: collectives need a grouping made by ir.replica_grouping(stride, group_size); "
+                         f"got {group!r}")
+    return group
+
+
+class GroupIndex:
+    """Index tensors of a grouping over the replica axis, made once per lowering.
+
+    ``size``: work in consecutive blocks of ``size`` members of each group (default: whole groups).
+    """
+
+    def __init__(self, group: ReplicaGrouping, size: Optional[int] = None):
+        self.members = torch.as_tensor(group._member_matrix())        # (groups, group_size)
+        self.assignment = torch.as_tensor(group.assignment)            # (R,)
+        peers, position = group._peers(size)
+        self.peers = torch.as_tensor(peers)                            # (R, size)
+        self.position = torch.as_tensor(position)                      # (R,)
+        self.replicas = torch.arange(len(position))
+
+    def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """Each replica gets the reduction of its group's values."""
+        return _REDUCE[op](x[self.members], 1)[self.assignment]
+
+    def own(self, chunks: torch.Tensor) -> torch.Tensor:
+        """``(R, size, *chunk)`` -> each replica's chunk at its position."""
+        return chunks[self.replicas, self.position]
+
+
+# ---------------------------------------------------------------- layouts
+
+def _chunk_shape(full_shape, layout: str, axis: int, size: int):
+    """The shape of one of ``size`` chunks of a ``full_shape`` tensor under ``layout``."""
+    full_shape = tuple(full_shape)
+    if layout == "flat":
+        nelms = int(np.prod(full_shape, dtype=np.int64))
+        return (-(-nelms // size),)
+    if layout == "new_axis":
+        if not full_shape or full_shape[0] != size:
+            raise ValueError(f"axis 0 of {full_shape} must equal the replica group size {size}")
+        return full_shape[1:]
+    if not full_shape:
+        raise ValueError(f"cannot split a scalar along axis {axis}")
+    if full_shape[axis] % size:
+        raise ValueError(f"axis {axis} of {full_shape} (size {full_shape[axis]}) does not divide into "
+                         f"replica group size {size}")
+    return full_shape[:axis] + (full_shape[axis] // size,) + full_shape[axis + 1:]
+
+
+def _full_shape(chunk_shape, layout: str, axis: int, size: int, meta_shape):
+    """The shape gathered from ``size`` chunks of ``chunk_shape`` under ``layout``."""
+    chunk_shape = tuple(chunk_shape)
+    if layout == "flat":
+        meta_shape = tuple(meta_shape)
+        if _chunk_shape(meta_shape, "flat", axis, size) != chunk_shape:
+            raise ValueError(f"a {chunk_shape} shard is not one of {size} flat shards of {meta_shape}")
+        return meta_shape
+    if layout == "new_axis":
+        return (size,) + chunk_shape
+    if not chunk_shape:
+        raise ValueError(f"cannot concatenate scalars along axis {axis}; use output_shape='new_axis'")
+    return chunk_shape[:axis] + (chunk_shape[axis] * size,) + chunk_shape[axis + 1:]
+
+
+def splitter(layout: str, axis: int, size: int, full_shape, replicas: int):
+    """Runtime ``(R, *full)`` -> ``(R, size, *chunk)``."""
+    if layout == "new_axis":
+        return lambda x: x
+    if layout == "flat":
+        nelms = int(np.prod(full_shape, dtype=np.int64))
+        padded = -(-nelms // size) * size
+
+        def split_flat(x):
+            flat = x.reshape(replicas, nelms)
+            if padded != nelms:
+                flat = torch.nn.functional.pad(flat, (0, padded - nelms))
+            return flat.reshape(replicas, size, padded // size)
+        return split_flat
+    pieces = (replicas,) + tuple(full_shape[:axis]) + (size, full_shape[axis] // size) + tuple(full_shape[axis + 1:])
+    return lambda x: x.reshape(pieces).movedim(axis + 1, 1)
+
+
+def merger(layout: str, axis: int, size: int, full_shape, replicas: int):
+    """Runtime ``(R, size, *chunk)`` -> ``(R, *full)``."""
+    full = (replicas,) + tuple(full_shape)
+    if layout == "new_axis":
+        return lambda g: g
+    if layout == "flat":
+        nelms = int(np.prod(full_shape, dtype=np.int64))
+        return lambda g: g.reshape(replicas, -1)[:, :nelms].reshape(full)
+    return lambda g: g.movedim(1, axis + 1).reshape(full)
+
+
+# ---------------------------------------------------------------- primitives
+
+class ReplicatedAllReduce(Primitive):
+    """Each replica gets the reduction (``op``) of the values of the replicas in its group."""
+    name = "replicated_all_reduce"
+
+    @staticmethod
+    def infer(t, op, group):
+        return t.spec
+
+    @classmethod
+    def lower(cls, op, runtime):
+        index, reduce_op = GroupIndex(op.attrs["group"]), op.attrs["op"]
+        return lambda x: index.reduce(x, reduce_op)
+
+    @staticmethod
+    def grad(g):
+        op, group = g.attrs["op"], g.attrs["group"]
+        if op not in ("add", "mean"):
+            raise NotImplementedError(f"autodiff: replicated_all_reduce with op={op!r} has no gradient rule; "
+                                      f"only 'add' and 'mean' do")
+        return [ReplicatedAllReduce.create(g.dy, op=op, group=group)]
+
+
+class ReplicatedAllReduceInplace(ReplicatedAllReduce):
+    name = "replicated_all_reduce_"
+    modifies = (0,)
+
+    @classmethod
+    def lower(cls, op, runtime):
+        reduce = ReplicatedAllReduce.lower(op, runtime)
+        return lambda x: x.copy_(reduce(x))
+
+
+class ReplicatedAllReduceIdenticalInputs(ReplicatedAllReduce):
+    """Identity forward, all-reduce of the gradients backward (the inputs are equal on the group)."""
+    name = "replicated_all_reduce_identical_inputs"
+    view = True
+
+    @classmethod
+    def lower(cls, op, runtime):
+        return lambda x: x
+
+
+class ReplicatedAllReduceIdenticalGradInputs(ReplicatedAllReduce):
+    """All-reduce forward, identity backward (the output gradients are equal on the group)."""
+    name = "replicated_all_reduce_identical_grad_inputs"
+
+    @staticmethod
+    def grad(g):
+        return [g.dy]
+
+
+class ReplicatedAllGather(Primitive):
+    """Each replica gets the chunks of all replicas of its group, assembled under ``layout``."""
+    name = "replicated_all_gather"
+
+    @staticmethod
+    def infer(t, group, layout, axis, meta_shape=()):
+        return spec(_full_shape(t.shape, layout, axis, group.group_size, meta_shape), t.dtype)
+
+    @classmethod
+    def lower(cls, op, runtime):
+        a = op.attrs
+        index = GroupIndex(a["group"])
+        merge = merger(a["layout"], a["axis"], a["group"].group_size, op.outputs[0].shape, runtime.replicas)
+        return lambda x: merge(x[index.peers])
+
+    @staticmethod
+    def grad(g):
+        a = g.attrs
+        return [ReplicatedReduceScatter.create(g.dy, op="add", group=a["group"], layout=a["layout"], axis=a["axis"])]
+
+
+class ReplicatedReduceScatter(Primitive):
+    """Reduces (``op``) over each group, then each replica keeps its own chunk under ``layout``."""
+    name = "replicated_reduce_scatter"
+
+    @staticmethod
+    def infer(t, op, group, layout, axis):
+        shape = _chunk_shape(t.shape, layout, axis, group.group_size)
+        return spec(shape, t.dtype, t.shape if layout == "flat" else ())
+
+    @classmethod
+    def lower(cls, op, runtime):
+        a = op.attrs
+        index, reduce_op = GroupIndex(a["group"]), a["op"]
+        split = splitter(a["layout"], a["axis"], a["group"].group_size, op.inputs[0].shape, runtime.replicas)
+        if reduce_op == LOCAL:
+            return lambda x: index.own(split(x))
+        return lambda x: index.own(split(index.reduce(x, reduce_op)))
+
+    @staticmethod
+    def grad(g):
+        a = g.attrs
+        op, group = a["op"], a["group"]
+        if op not in ("add", "mean", LOCAL):
+            raise NotImplementedError(f"autodiff: replicated_reduce_scatter with op={op!r} has no gradient rule; "
+                                      f"only 'add' and 'mean' do")
+        dx = ReplicatedAllGather.create(g.dy, group=group, layout=a["layout"], axis=a["axis"],
+                                        meta_shape=g.in_spec(0).shape)
+        if op == "mean":
+            dx = div(dx, scalar_like(group.group_size, dx))
+        return [dx]
+
+
+# ---------------------------------------------------------------- public functions
+
+def replicated_all_reduce(t: Tensor, op: str = "add", group: Optional[ReplicaGrouping] = None) -> Tensor:
+    """Reduces ``t`` over the replicas of each group of ``group`` (default: all replicas).
+
+    ``op``: 'add', 'mean', 'mul', 'min', 'max', 'and', 'or' or 'square_add'.
+    """
+    return ReplicatedAllReduce.create(t, op=check_op(op, "replicated_all_reduce"),
+                                      group=resolve_group(group, "replicated_all_reduce"),
+                                      name=t.name + "_all_reduced")
+
+
+def replicated_all_reduce_(t: Tensor, op: str = "add", group: Optional[ReplicaGrouping] = None) -> Tensor:
+    """In-place :func:`replicated_all_reduce`: ``t`` is overwritten with the reduction."""
+    return ReplicatedAllReduceInplace.create(t, op=check_op(op, "replicated_all_reduce_"),
+                                             group=resolve_group(group, "replicated_all_reduce_"))
+
+
+_OUTPUT_SHAPES = ("auto", "new_axis", "concat", "meta_shape")
+
+
+def replicated_all_gather(t: Tensor, axis: int = 0, group: Optional[ReplicaGrouping] = None,
+                          output_shape: str = "auto") -> Tensor:
+    """Gathers ``t`` from the replicas of each group, in replica order.
+
+    ``output_shape``: 'new_axis' -> ``(group_size, *t.shape)``; 'concat' -> concatenated along
+    ``axis``; 'meta_shape' -> a replica-sharded ``t`` reassembled to ``t.meta_shape`` (padding
+    dropped); 'auto' -> 'meta_shape' when ``t`` has a meta shape, else 'concat'.
+    """
+    what = "replicated_all_gather"
+    if output_shape not in _OUTPUT_SHAPES:
+        raise ValueError(f"{what}: output_shape must be one of {_OUTPUT_SHAPES}, got {output_shape!r}")
+    if output_shape == "auto":
+        output_shape = "meta_shape" if t.meta_shape else "concat"
+    layout = {"new_axis": "new_axis", "concat": "concat", "meta_shape": "flat"}[output_shape]
+    if layout == "flat" and not t.meta_shape:
+        raise ValueError(f"{what}: output_shape='meta_shape' needs a tensor with a meta shape; "
+                         f"'{t.name}' {t.shape} has none")
+    axis = norm_axis(int(axis), t.rank) if layout == "concat" and t.rank else 0
+    return ReplicatedAllGather.create(t, group=resolve_group(group, what), layout=layout, axis=axis,
+                                      meta_shape=t.meta_shape if layout == "flat" else (),
+                                      name=t.name + "_all_gathered")
+
+
+def replicated_reduce_scatter(t: Tensor, op: str = "add", group: Optional[ReplicaGrouping] = None,
+                              configure_output_for_replicated_tensor_sharding: bool = False) -> Tensor:
+    """Reduces ``t`` over each group; replica k of a group keeps the k-th flat shard of the result.
+
+    The output is 1-D with ``ceil(t.nelms / group_size)`` elements and ``meta_shape == t.shape``.
+    Shards are in plain element order, so ``configure_output_for_replicated_tensor_sharding`` changes
+    nothing here.
+    """
+    what = "replicated_reduce_scatter"
+    return ReplicatedReduceScatter.create(t, op=check_op(op, what), group=resolve_group(group, what),
+                                          layout="flat", axis=0, name=t.name + "_reduce_scattered")
+
+
+def replica_sharded_slice(t: Tensor, group: Optional[ReplicaGrouping] = None) -> Tensor:
+    """Each replica's own flat shard of its value of ``t`` (no communication)."""
+    return ReplicatedReduceScatter.create(t, op=LOCAL, group=resolve_group(group, "replica_sharded_slice"),
+                                          layout="flat", axis=0, name=t.name + "_sharded_slice")
+
+
+def replicated_slice(t: Tensor, axis: int = 0, group: Optional[ReplicaGrouping] = None) -> Tensor:
+    """Replica k of a group takes the k-th of ``group_size`` equal slices of ``t`` along ``axis``.
+
+    As popxl, the axis is removed when each slice has length 1.
+    """
+    what = "replicated_slice"
+    group = resolve_group(group, what)
+    if not t.rank:
+        raise ValueError(f"{what}: cannot slice the scalar '{t.name}'")
+    axis = norm_axis(int(axis), t.rank)
+    out = ReplicatedReduceScatter.create(t, op=LOCAL, group=group, layout="concat", axis=axis,
+                                         name=t.name + "_replicated_slice")
+    if t.shape[axis] == group.group_size:
+        out = reshape(out, out.shape[:axis] + out.shape[axis + 1:])
+    return out

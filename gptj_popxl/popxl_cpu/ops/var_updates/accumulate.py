@@ -1,0 +1,197 @@
+"""In-place variable updates: accumulators, scaling, copies and the Adam/LAMB weight step.
+
+Each op writes its first input ``t`` and returns an alias of it. ``t`` and the update ``X`` have the
+same shape (no broadcasting) but may differ in dtype; factors are python numbers (constants) or
+scalar tensors. Half-precision values are combined in float32 and rounded once into ``t``.
+"""
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from ... import dtypes
+from ...primitive import Primitive
+from ...tensor import Tensor, constant
+
+Factor = Union[float, Tensor]
+
+
+def factor(f: Factor, what: str, name: str) -> Tensor:
+    """A scalar factor as a tensor: python numbers become float32 constants."""
+    if isinstance(f, Tensor):
+        if f.nelms != 1:
+            raise ValueError(f"{what}: {name} must be a scalar, got '{f.name}' {f.shape}")
+        return f
+    return constant(np.float32(f), dtypes.float32, name=name)
+
+
+def check_same_shape(t: Tensor, x: Tensor, what: str, name: str = "X") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what}: {name} must be a Tensor, got {type(x).__name__}")
+    if x.shape != t.shape:
+        raise ValueError(f"{what}: {name} '{x.name}' {x.shape} must have the shape of t '{t.name}' {t.shape} "
+                         f"(no broadcasting)")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class VarUpdate(Primitive):
+    """``t <- formula(t, *full, *scalars)`` in place.
+
+    ``full`` inputs (``num_full`` of them, ``t`` first) have ``t``'s shape; the rest are scalar
+    factors, broadcast over ``t``.
+    """
+    modifies = (0,)
+    num_full = 2
+
+    @staticmethod
+    def formula(*values):
+        raise NotImplementedError
+
+    @staticmethod
+    def infer(t, *others, **attrs):
+        return t.spec
+
+    @classmethod
+    def lower(cls, op, runtime):
+        rank, num_full, formula = op.inputs[0].rank, cls.num_full, cls.formula
+
+        def update(t, *others):
+            dtype = compute_dtype(t.dtype)
+            full = [t.to(dtype)] + [x.to(dtype) for x in others[:num_full - 1]]
+            scalars = [s.reshape((s.shape[0],) + (1,) * rank).to(dtype) for s in others[num_full - 1:]]
+            return t.copy_(formula(*full, *scalars))
+        return update
+
+
+def _var_update(name: str, formula, num_full: int = 2):
+    return type(name.title().replace("_", ""), (VarUpdate,),
+                {"name": name, "formula": staticmethod(formula), "num_full": num_full})
+
+
+Accumulate = _var_update("accumulate", lambda t, x, f: t + f * x)
+AccumulateSquare = _var_update("accumulate_square", lambda t, x, f: t + f * x * x)
+AccumulateMean = _var_update("accumulate_mean", lambda t, x, step: step / (step + 1) * t + x / (step + 1))
+AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: f * t + (1 - f) * x)
+AccumulateMovingAverageSquare = _var_update("accumulate_moving_average_square",
+                                            lambda t, x, f: f * t + (1 - f) * x * x)
+AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t * f, num_full=1)
+AccumulatorZero = _var_update("accumulator_zero", torch.zeros_like, num_full=1)
+CopyVarUpdate = _var_update("copy_var_update", lambda t, x: x)
+Increment = _var_update("increment", lambda t: t + 1, num_full=1)
+
+
+def _lamb_ratio(r1sq, r2sq):
+    """``sqrt(r1sq) / sqrt(r2sq)``, or 1 where either squared norm is 0."""
+    ratio = torch.sqrt(r1sq) / torch.sqrt(r2sq)
+    return torch.where((r1sq == 0) | (r2sq == 0), torch.ones_like(ratio), ratio)
+
+
+AdamVarUpdate = _var_update("adam_var_update", lambda t, x, r1sq, r2sq, lr: t - lr * _lamb_ratio(r1sq, r2sq) * x)
+
+
+def _accumulate(prim, t: Tensor, X: Tensor, f: Factor, what: str) -> Tensor:
+    check_same_shape(t, X, what)
+    return prim.create(t, X, factor(f, what, "f"), name=f"{what}_{t.name}")
+
+
+def accumulate_(t: Tensor, X: Tensor, f: Optional[Factor] = None) -> Tensor:
+    """``t += f * X`` in place (``t += X`` when ``f`` is None)."""
+    return _accumulate(Accumulate, t, X, 1.0 if f is None else f, "accumulate_")
+
+
+def accumulate_square_(t: Tensor, X: Tensor, f: Factor = 1.0) -> Tensor:
+    """``t += f * X**2`` in place."""
+    return _accumulate(AccumulateSquare, t, X, f, "accumulate_square_")
+
+
+def accumulate_mean_(t: Tensor, X: Tensor, step: Factor) -> Tensor:
+    """Running mean in place: ``t = step/(step+1) * t + X/(step+1)``.
+
+    ``step`` is the number of values accumulated so far; the op does not increment it.
+    """
+    return _accumulate(AccumulateMean, t, X, step, "accumulate_mean_")
+
+
+def accumulate_moving_average_(t: Tensor, X: Tensor, f: Factor) -> Tensor:
+    """``t = f * t + (1 - f) * X`` in place."""
+    return _accumulate(AccumulateMovingAverage, t, X, f, "accumulate_moving_average_")
+
+
+def accumulate_moving_average_square_(t: Tensor, X: Tensor, f: Factor) -> Tensor:
+    """``t = f * t + (1 - f) * X**2`` in place."""
+    return _accumulate(AccumulateMovingAverageSquare, t, X, f, "accumulate_moving_average_square_")
+
+
+def accumulator_scale_(t: Tensor, f: Factor) -> Tensor:
+    """``t *= f`` in place; a constant 0 zeroes ``t`` outright (non-finite values too)."""
+    if not isinstance(f, Tensor) and float(f) == 0.0:
+        return accumulator_zero_(t)
+    return AccumulatorScale.create(t, factor(f, "accumulator_scale_", "f"), name=f"accumulator_scale_{t.name}")
+
+
+def accumulator_zero_(t: Tensor) -> Tensor:
+    """Zeroes ``t`` in place."""
+    return AccumulatorZero.create(t, name=f"accumulator_zero_{t.name}")
+
+
+def copy_var_update_(t: Tensor, X: Tensor) -> Tensor:
+    """``t = X`` in place."""
+    check_same_shape(t, X, "copy_var_update_")
+    return CopyVarUpdate.create(t, X, name=f"copy_var_update_{t.name}")
+
+
+def increment_(t: Tensor) -> Tensor:
+    """``t += 1`` in place (the time step of bias-corrected optimizers)."""
+    return Increment.create(t, name=f"increment_{t.name}")
+
+
+class SparseAccumulate(Primitive):
+    """``t[..., indices[i], ...] += f * X[..., i, ...]`` along ``axis``, in place (repeated indices add up)."""
+    name = "sparse_accumulate"
+    modifies = (0,)
+
+    @staticmethod
+    def infer(t, X, indices, f, axis):
+        expected = t.shape[:axis] + indices.shape + t.shape[axis + 1:]
+        if X.shape != expected:
+            raise ValueError(f"X '{X.name}' {X.shape} must be {expected}: t's shape with axis "
+                             f"{axis} replaced by the indices' shape {indices.shape}")
+        if not indices.dtype.is_int:
+            raise TypeError(f"indices '{indices.name}' must be integers, got {indices.dtype.name}")
+        return t.spec
+
+    @classmethod
+    def lower(cls, op, runtime):
+        t_in, _, indices, _ = op.inputs
+        axis, rank = op.attrs["axis"], t_in.rank
+        count = max(indices.nelms, 1)
+        replicas = torch.arange(runtime.replicas).unsqueeze(1).expand(runtime.replicas, count)
+
+        def sparse_accumulate(t, x, idx, f):
+            dtype = compute_dtype(t.dtype)
+            # Index axis `axis` (moved next to the replica axis) with one row of indices per replica.
+            moved = t.movedim(axis + 1, 1)
+            rows = x.reshape(x.shape[:axis + 1] + (count,) + x.shape[axis + 1 + indices.rank:]).movedim(axis + 1, 1)
+            scaled = (rows.to(dtype) * f.reshape((f.shape[0],) + (1,) * rank).to(dtype)).to(t.dtype)
+            moved.index_put_((replicas, idx.reshape(runtime.replicas, count).long()), scaled, accumulate=True)
+            return t
+        return sparse_accumulate
+
+
+def sparse_accumulate_(t: Tensor, X: Tensor, indices: Tensor, axis: int = 0, f: Optional[Factor] = None,
+                       W: Optional[Tensor] = None) -> Tensor:
+    """Adds the slices of ``X`` into ``t`` at ``indices`` along ``axis`` (scaled by ``f``), in place.
+
+    ``X`` is shaped like ``t`` with ``axis`` replaced by ``indices.shape`` (the gradient of a gather).
+    ``W`` only guides tile mapping on the IPU and is not used here.
+    """
+    what = "sparse_accumulate_"
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"{what}: indices must be a Tensor, got {type(indices).__name__}")
+    if not -t.rank <= axis < t.rank:
+        raise ValueError(f"{what}: axis {axis} is out of range for t '{t.name}' {t.shape}")
+    return SparseAccumulate.create(t, X, indices, factor(1.0 if f is None else f, what, "f"), axis=axis % t.rank,
+                                   name=f"{what}{t.name}")

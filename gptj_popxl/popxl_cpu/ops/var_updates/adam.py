@@ -1,0 +1,123 @@
+"""Adam-family updater terms and the weight step that applies them."""
+from typing import Optional, Union
+
+import torch
+
+from ...primitive import Primitive, spec
+from ...tensor import Tensor
+from .accumulate import AdamVarUpdate, Factor, check_same_shape, compute_dtype, factor, increment_
+
+
+def weight_decay_is_required(weight_decay: Union[None, float, Tensor]) -> bool:
+    """Whether ``weight_decay`` adds a ``wd * w`` term: any tensor, or a non-zero number."""
+    if isinstance(weight_decay, Tensor):
+        return True
+    return weight_decay is not None and weight_decay != 0.0
+
+
+class AdamUpdater(Primitive):
+    """The updater term ``x`` (a new tensor) for Adam, LAMB or AdaMax.
+
+    Inputs: ``m, v, eps``, then ``w, wd`` with weight decay, then the (already incremented) time step
+    ``t`` and ``beta1`` (and ``beta2`` unless AdaMax) with bias correction.
+    """
+    name = "adam_updater"
+
+    @staticmethod
+    def infer(m, v, *rest, mode, decay, bias, out_dtype):
+        return spec(m.shape, out_dtype)
+
+    @classmethod
+    def lower(cls, op, runtime):
+        a = op.attrs
+        rank, decay, bias, adamax = op.inputs[0].rank, a["decay"], a["bias"], a["mode"] == "adamax"
+        out_dtype = a["out_dtype"].as_torch()
+
+        def updater(m, v, eps, *rest):
+            dtype = compute_dtype(m.dtype)
+
+            def scalar(s):
+                return s.reshape((s.shape[0],) + (1,) * rank).to(dtype)
+            rest = list(rest)
+            m, v, eps = m.to(dtype), v.to(dtype), scalar(eps)
+            if decay:
+                w, wd = rest.pop(0).to(dtype), scalar(rest.pop(0))
+            if bias:
+                step, beta1 = scalar(rest.pop(0)), scalar(rest.pop(0))
+                m = m / (1 - beta1 ** step)
+                if not adamax:
+                    v = v / (1 - scalar(rest.pop(0)) ** step)
+            x = m / (v + eps) if adamax else m / (torch.sqrt(v) + eps)
+            if decay:
+                x = x + wd * w
+            return x.to(out_dtype)
+        return updater
+
+
+def _updater(mode: str, m: Tensor, v: Tensor, weight: Optional[Tensor], time_step: Optional[Tensor],
+             weight_decay: Optional[Factor], beta1: Optional[Factor], beta2: Optional[Factor],
+             epsilon: Factor) -> Tensor:
+    what = f"{mode}_updater"
+    check_same_shape(m, v, what, "acc_second_order")
+    decay = weight_decay_is_required(weight_decay)
+    if decay and weight is None:
+        raise ValueError(f"{what}: weight decay {weight_decay!r} needs the weight")
+    if mode == "adamax" and time_step is None:
+        raise ValueError(f"{what}: AdaMax needs time_step")
+    if time_step is not None and (beta1 is None or (mode != "adamax" and beta2 is None)):
+        raise ValueError(f"{what}: bias correction (time_step given) needs beta1 and beta2")
+    inputs = [m, v, factor(epsilon, what, "epsilon")]
+    if decay:
+        check_same_shape(m, weight, what, "weight")
+        inputs += [weight, factor(weight_decay, what, "weight_decay")]
+    bias = time_step is not None
+    if bias:
+        # popxl increments the step first, so the first update corrects with t = 1.
+        inputs += [increment_(time_step), factor(beta1, what, "beta1")]
+        if mode != "adamax":
+            inputs.append(factor(beta2, what, "beta2"))
+    out_dtype = weight.dtype if decay else m.dtype
+    return AdamUpdater.create(*inputs, mode=mode, decay=decay, bias=bias, out_dtype=out_dtype, name="Updater")
+
+
+def adam_updater(acc_first_order: Tensor, acc_second_order: Tensor, weight: Optional[Tensor] = None,
+                 time_step: Optional[Tensor] = None, weight_decay: Optional[Factor] = None,
+                 beta1: Optional[Factor] = None, beta2: Optional[Factor] = None, epsilon: Factor = 1e-07) -> Tensor:
+    """Adam's updater ``x = mc / (sqrt(vc) + eps) (+ wd * w)``.
+
+    With ``time_step`` (incremented in place first) ``mc = m / (1 - beta1**t)`` and
+    ``vc = v / (1 - beta2**t)``; without it ``mc = m``, ``vc = v``.
+    """
+    return _updater("adam", acc_first_order, acc_second_order, weight, time_step, weight_decay, beta1, beta2,
+                    epsilon)
+
+
+def lamb_updater(acc_first_order: Tensor, acc_second_order: Tensor, weight: Optional[Tensor] = None,
+                 time_step: Optional[Tensor] = None, weight_decay: Optional[Factor] = None,
+                 beta1: Optional[Factor] = None, beta2: Optional[Factor] = None, epsilon: Factor = 1e-07) -> Tensor:
+    """LAMB's updater: the same term as :func:`adam_updater` (the trust ratio is in ``adam_var_update``)."""
+    return _updater("lamb", acc_first_order, acc_second_order, weight, time_step, weight_decay, beta1, beta2,
+                    epsilon)
+
+
+def adamax_updater(acc_first_order: Tensor, acc_second_order: Tensor, weight: Optional[Tensor] = None,
+                   time_step: Optional[Tensor] = None, weight_decay: Optional[Factor] = None,
+                   beta1: Factor = 0.9, epsilon: Factor = 1e-07) -> Tensor:
+    """AdaMax's updater ``x = m / (1 - beta1**t) / (v + eps) (+ wd * w)``; ``time_step`` is incremented first."""
+    return _updater("adamax", acc_first_order, acc_second_order, weight, time_step, weight_decay, beta1, None,
+                    epsilon)
+
+
+def adam_var_update(t: Tensor, x: Tensor, r1: Tensor, r2: Tensor, learning_rate: Optional[Factor] = None,
+                    max_weight_norm: Optional[Factor] = None) -> Tensor:
+    """``t -= lr * ratio * x`` in place, ``ratio = sqrt(r1) / sqrt(r2)`` (1 when either is 0).
+
+    ``r1``/``r2`` are the squared norms of the weight and of the updater (LAMB's trust ratio; pass
+    zeros for Adam). ``learning_rate`` None means 0, as popxl. ``max_weight_norm`` is accepted for
+    popxl's signature; popart's kernel does not apply it either.
+    """
+    what = "adam_var_update"
+    check_same_shape(t, x, what, "x")
+    r1, r2 = factor(r1, what, "r1"), factor(r2, what, "r2")
+    return AdamVarUpdate.create(t, x, r1, r2, factor(0.0 if learning_rate is None else learning_rate, what,
+                                                     "learning_rate"), name=f"{what}_{t.name}")

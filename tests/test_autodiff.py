@@ -1,0 +1,305 @@
+"""transforms.autodiff through call and repeat, checked against torch autograd."""
+import numpy as np
+import pytest
+import torch
+
+from gptj_popxl import popxl_cpu as popxl
+from gptj_popxl.popxl_cpu import ops
+from gptj_popxl.popxl_cpu.transforms import ExpectedConnectionType
+
+F32 = popxl.float32
+
+
+def spec(*shape, dtype=F32):
+    return popxl.TensorSpec(shape, dtype)
+
+
+def fetch(ir, tensors):
+    """Stores ``tensors`` of the main graph to the host, runs once and returns their values."""
+    with ir.main_graph:
+        streams = []
+        for t in tensors:
+            s = popxl.d2h_stream(t.shape, t.dtype, name=f"out{len(streams)}")
+            ops.host_store(s, t)
+            streams.append(s)
+    with popxl.Session(ir) as session:
+        out = session.run()
+    return [out[s] for s in streams]
+
+
+def popxl_grads(ir, fwd, info, arrays, seeds):
+    """Calls ``fwd`` on variables holding ``arrays`` and its gradient graph on ``seeds`` (one per FwdGrad
+    input); returns (forward outputs, gradients) as arrays."""
+    with ir.main_graph:
+        args = [popxl.variable(a, dtype=popxl.dtype.as_dtype(a.dtype), name=f"in{i}") for i, a in enumerate(arrays)]
+        site = ops.call_with_info(fwd, *args)
+        seed_ts = [popxl.variable(s, name=f"seed{i}") for i, s in enumerate(seeds)]
+        grads = ops.call(info.graph, *seed_ts, inputs_dict=info.inputs_dict(site))
+        n_out = len(site.outputs) - len(fwd._stitched)
+    values = fetch(ir, list(site.outputs[:n_out]) + list(grads))
+    return values[:n_out], values[n_out:]
+
+
+def torch_grads(fn, arrays, provided, required, seeds):
+    """Outputs of ``fn`` and the gradients of ``provided`` outputs (seeded) w.r.t. ``required`` inputs."""
+    ts = [torch.tensor(a, requires_grad=a.dtype.kind == "f") for a in arrays]
+    outs = fn(*ts)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = torch.autograd.grad([outs[i] for i in provided], [ts[i] for i in required],
+                                [torch.tensor(s) for s in seeds], allow_unused=True)
+    grads = [torch.zeros_like(ts[i]) if g is None else g for i, g in zip(required, grads)]
+    return [o.detach().numpy() for o in outs], [g.numpy() for g in grads]
+
+
+def check(fn_popxl, fn_torch, arrays, provided=None, required=None, rtol=1e-5, atol=1e-5):
+    """Differentiates ``fn_popxl`` and compares outputs and gradients with torch on ``fn_torch``."""
+    rng = np.random.default_rng(7)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        fwd = ir.create_graph(fn_popxl, *[spec(*a.shape, dtype=popxl.dtype.as_dtype(a.dtype)) for a in arrays])
+    n_out = len(fwd.outputs)
+    provided = list(range(n_out)) if provided is None else provided
+    required = [i for i, a in enumerate(arrays) if a.dtype.kind == "f"] if required is None else required
+    info = popxl.transforms.autodiff(fwd, grads_provided=[fwd.outputs[i] for i in provided],
+                                     grads_required=[fwd.inputs[i] for i in required])
+    seeds = [rng.standard_normal(fwd.outputs[i].shape).astype(np.float32) for i in provided]
+    outs, grads = popxl_grads(ir, fwd, info, arrays, seeds)
+    ref_outs, ref_grads = torch_grads(fn_torch, arrays, provided, required, seeds)
+    assert len(outs) == len(ref_outs) and len(grads) == len(ref_grads)
+    for a, e in zip(outs + grads, ref_outs + ref_grads):
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+    return ir, fwd, info
+
+
+def randn(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def t_gelu(x):
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+# ------------------------------------------------------------------ subgraph calls
+
+
+def test_call_inside_call_inside_call():
+    def inner(x, w):
+        return ops.gelu(x @ w)
+
+    def middle(x, w):
+        (h,) = ops.call(popxl.gir().create_graph(inner, x, w), x, w)
+        return ops.tanh(h) * x
+
+    def outer(x, w, v):
+        (h,) = ops.call(popxl.gir().create_graph(middle, x, w), x, w)
+        return ops.sum(h @ v)
+
+    def ref(x, w, v):
+        return ((torch.tanh(t_gelu(x @ w)) * x) @ v).sum()
+
+    ir, fwd, info = check(outer, ref, [randn(2, 3), randn(3, 3, seed=1), randn(3, 4, seed=2)])
+    assert [g.name for g in fwd.called_graphs] == ["middle"]
+
+
+def test_graph_called_twice_is_differentiated_once():
+    def outer(x, w1, w2):
+        layer = popxl.gir().create_graph(lambda h, w: ops.gelu(h @ w), x, w1)
+        (h,) = ops.call(layer, x, w1)
+        (y,) = ops.call(layer, h, w2)
+        return ops.sum(y * y)
+
+    def ref(x, w1, w2):
+        return (t_gelu(t_gelu(x @ w1) @ w2) ** 2).sum()
+
+    ir, fwd, info = check(outer, ref, [randn(2, 3), randn(3, 3, seed=1), randn(3, 3, seed=2)])
+    grad_graphs = [g for g in ir._graphs if g.name.endswith("_grad")]
+    assert sorted(g.name for g in grad_graphs) == ["<lambda>_grad", "outer_grad"]
+
+
+def test_call_made_before_autodiff_gains_the_stitched_outputs():
+    ir = popxl.Ir()
+    x_data, w_data = randn(2, 3), randn(3, 3, seed=1)
+    with ir.main_graph:
+        fwd = ir.create_graph(lambda x, w: ops.sum(ops.tanh(x @ w)), spec(2, 3), spec(3, 3))
+        x, w = popxl.variable(x_data, name="x"), popxl.variable(w_data, name="w")
+        site = ops.call_with_info(fwd, x, w)
+        assert len(site.outputs) == 1
+        info = popxl.transforms.autodiff(fwd)
+        assert len(site.outputs) == len(fwd.outputs) > 1
+        (dx, dw) = ops.call(info.graph, popxl.constant(1.0), inputs_dict=info.inputs_dict(site))
+    dx, dw = fetch(ir, [dx, dw])
+    xt, wt = torch.tensor(x_data, requires_grad=True), torch.tensor(w_data, requires_grad=True)
+    torch.tanh(xt @ wt).sum().backward()
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw, wt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ repeat
+
+
+def _layer(h, c, w):
+    return ops.tanh(h @ w) + c, h * c
+
+
+def _t_layer(h, c, w):
+    return torch.tanh(h @ w) + c, h * c
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_repeat_with_carried_and_constant_inputs(count):
+    def outer(h, c, w):
+        body = popxl.gir().create_graph(_layer, h, c, w)
+        return ops.repeat(body, count, h, c, w)
+
+    def ref(h, c, w):
+        for _ in range(count):
+            h, c = _t_layer(h, c, w)
+        return h * 1, c * 1
+
+    check(outer, ref, [randn(2, 3), randn(2, 3, seed=1) * 0.5, randn(3, 3, seed=2)])
+
+
+def test_repeat_inside_call():
+    def block(x, w, b):
+        body = popxl.gir().create_graph(lambda h, w, b: ops.tanh(h @ w + b), x, w, b)
+        (y,) = ops.repeat(body, 3, x, w, b)
+        return y
+
+    def outer(x, w, b):
+        (y,) = ops.call(popxl.gir().create_graph(block, x, w, b), x, w, b)
+        return ops.sum(y * y)
+
+    def ref(x, w, b):
+        for _ in range(3):
+            x = torch.tanh(x @ w + b)
+        return (x * x).sum()
+
+    check(outer, ref, [randn(2, 3), randn(3, 3, seed=1), randn(3, seed=2)])
+
+
+def test_call_inside_repeat():
+    def body(h, w):
+        inner = popxl.gir().create_graph(lambda a, b: ops.gelu(a @ b), h, w)
+        (y,) = ops.call(inner, h, w)
+        return y
+
+    def outer(x, w):
+        (y,) = ops.repeat(popxl.gir().create_graph(body, x, w), 2, x, w)
+        return y
+
+    check(outer, lambda x, w: t_gelu(t_gelu(x @ w) @ w), [randn(2, 3), randn(3, 3, seed=1)])
+
+
+# ------------------------------------------------------------------ provided / required
+
+
+def _two_outputs(x, w):
+    h = x @ w
+    return ops.tanh(h), ops.sum(h * h)
+
+
+def _t_two_outputs(x, w):
+    h = x @ w
+    return torch.tanh(h), (h * h).sum()
+
+
+def test_grads_provided_subset():
+    ir, fwd, info = check(_two_outputs, _t_two_outputs, [randn(2, 3), randn(3, 4, seed=1)], provided=[1])
+    grad_inputs = [c for c in info.expected_inputs if c.connection_type is ExpectedConnectionType.FwdGrad]
+    assert [c.fwd_tensor for c in grad_inputs] == [fwd.outputs[1]]
+    assert info.expected_inputs[0] is grad_inputs[0]
+
+
+def test_grads_required_subset_in_given_order():
+    ir, fwd, info = check(_two_outputs, _t_two_outputs, [randn(2, 3), randn(3, 4, seed=1)], required=[1, 0])
+    assert info.outputs == (fwd.inputs[1], fwd.inputs[0])
+    assert all(c.connection_type is ExpectedConnectionType.FwdGrad for c in info.expected_outputs)
+    ir, fwd, info = check(_two_outputs, _t_two_outputs, [randn(2, 3), randn(3, 4, seed=1)], required=[1])
+    assert info.outputs == (fwd.inputs[1],)
+
+
+def test_return_all_grad_graphs_and_reuse():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        leaf = ir.create_graph(lambda x: ops.sin(x) * x, spec(2, 3))
+        mid = ir.create_graph(lambda x: ops.call(leaf, x)[0] + x, spec(2, 3))
+        top = ir.create_graph(lambda x: ops.sum(ops.call(mid, x)[0]), spec(2, 3))
+        infos = popxl.transforms.autodiff(top, return_all_grad_graphs=True)
+        assert set(infos) == {top, mid, leaf}
+        assert all(infos[g].forward_graph is g for g in infos)
+        n_graphs = len(ir._graphs)
+        top2 = ir.create_graph(lambda x: ops.sum(ops.call(mid, x)[0] * ops.call(mid, x)[0]), spec(2, 3))
+        infos2 = popxl.transforms.autodiff(top2, called_graphs_grad_info=infos, return_all_grad_graphs=True)
+        # Only top2 and its gradient are new: mid's and leaf's gradient graphs are reused.
+        assert len(ir._graphs) == n_graphs + 2
+        assert infos2[mid] is infos[mid] and infos2[leaf] is infos[leaf]
+        x_data = randn(2, 3)
+        x = popxl.variable(x_data, name="x")
+        site = ops.call_with_info(top2, x)
+        (dx,) = ops.call(infos2[top2].graph, popxl.constant(1.0), inputs_dict=infos2[top2].inputs_dict(site))
+    (dx,) = fetch(ir, [dx])
+    xt = torch.tensor(x_data, requires_grad=True)
+    ((torch.sin(xt) * xt + xt) ** 2).sum().backward()
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_int_input_is_not_differentiated():
+    def fn(x, k):
+        return x * ops.cast(k, F32)
+
+    arrays = [randn(2, 3), np.array([[1, 2, 3], [4, 5, 6]], np.int32)]
+    ir, fwd, info = check(fn, lambda x, k: x * k.float(), arrays)
+    assert info.outputs == (fwd.inputs[0],)
+    with pytest.raises(TypeError, match="cannot differentiate with respect to 'k' of dtype int32"):
+        popxl.transforms.autodiff(fwd, grads_required=fwd.inputs)
+
+
+def test_required_input_without_path_gets_zeros():
+    check(lambda x, y: ops.sin(x), lambda x, y: torch.sin(x), [randn(2, 3), randn(4, seed=1)])
+
+
+def test_tensor_used_by_several_ops_accumulates():
+    def fn(x, w):
+        return ops.sum(x * x + ops.sin(x) + (x @ w) * x)
+
+    check(fn, lambda x, w: (x * x + torch.sin(x) + (x @ w) * x).sum(), [randn(3, 3), randn(3, 3, seed=1)])
+
+
+def test_output_that_is_an_input():
+    check(lambda x, y: (x, x * y), lambda x, y: (x * 1, x * y), [randn(2), randn(2, seed=1)])
+
+
+# ------------------------------------------------------------------ connection helpers and errors
+
+
+def test_grad_info_connection_maps():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        fwd = ir.create_graph(lambda x, w: ops.sum(x @ w), spec(2, 3), spec(3, 4))
+        info = popxl.transforms.autodiff(fwd)
+        x, w = popxl.variable(randn(2, 3), name="x"), popxl.variable(randn(3, 4), name="w")
+        site = ops.call_with_info(fwd, x, w)
+        grad_site = ops.call_with_info(info.graph, popxl.constant(1.0), inputs_dict=info.inputs_dict(site))
+        by_fwd = info.fwd_graph_ins_to_grad_parent_outs(grad_site)
+        by_parent = info.fwd_parent_ins_to_grad_parent_outs(site, grad_site)
+    assert by_fwd == {fwd.inputs[0]: grad_site.outputs[0], fwd.inputs[1]: grad_site.outputs[1]}
+    assert by_parent == {x: grad_site.outputs[0], w: grad_site.outputs[1]}
+    assert info.forward_graph is fwd and info.inputs[0] is fwd.outputs[0]
+    assert all(k in info.graph.inputs for k in info.inputs_dict(site))
+    with pytest.raises(TypeError, match="not the forward graph"):
+        info.inputs_dict(grad_site)
+
+
+def test_autodiff_errors():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        fwd = ir.create_graph(lambda x: ops.gelu_(x * 2.0) + x, spec(2))
+        other = ir.create_graph(lambda x: x * 2.0, spec(2))
+        with pytest.raises(ValueError, match="grads_provided tensor .* is not an output"):
+            popxl.transforms.autodiff(fwd, grads_provided=other.outputs)
+        with pytest.raises(ValueError, match="grads_required tensor .* is not an input"):
+            popxl.transforms.autodiff(fwd, grads_required=other.inputs)
+        with pytest.raises(NotImplementedError, match="op gelu_ .* has no gradient rule"):
+            popxl.transforms.autodiff(fwd)
+        with pytest.raises(TypeError, match="expects a Graph"):
+            popxl.transforms.autodiff(fwd.inputs[0])

@@ -1,0 +1,230 @@
+"""Neural-network ops and reductions against torch: matmul, softmax, norms, NLL losses, reductions."""
+import numpy as np
+import pytest
+import torch
+
+from gptj_popxl.popxl_cpu import dtypes, ops
+from ops_check import FLOATS, build_error, check, rand, run_graph, spec
+
+F = torch.nn.functional
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shapes", [((3, 4), (4, 5)), ((2, 3, 4), (4, 2)), ((4,), (4, 3)), ((3, 4), (4,)),
+                                    ((2, 1, 3, 4), (5, 4, 2))])
+def test_matmul(shapes, dtype, rng):
+    a, b = rand(rng, *shapes[0], dtype=dtype), rand(rng, *shapes[1], dtype=dtype)
+    check(ops.matmul, torch.matmul, a, b)
+
+
+def test_matmul_output_type_and_operator(rng):
+    a, b = rand(rng, 2, 3, dtype=np.float16), rand(rng, 3, 2, dtype=np.float16)
+    out, _ = run_graph(lambda a, b: (ops.matmul(a, b, output_type=dtypes.float32), a @ b), a, b)
+    assert out[0].dtype == np.float32 and out[1].dtype == np.float16
+    np.testing.assert_allclose(out[0], a.astype(np.float32) @ b.astype(np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("axis", [0, -1])
+def test_softmax(axis, dtype, rng):
+    check(lambda x: ops.softmax(x, axis), lambda x: torch.softmax(x, axis), rand(rng, 3, 5, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_layer_norm(dtype, rng):
+    x = (rand(rng, 4, 6) * 3 + 1).astype(dtype)
+    w, b = rand(rng, 6, dtype=dtype), rand(rng, 6, dtype=dtype)
+    check(ops.layer_norm, lambda x, w, b: F.layer_norm(x, (6,), w, b, 1e-5), x, w, b, tol=(2e-2, 3e-2)
+          if dtype == np.float16 else None)
+    check(lambda x, w, b: ops.layer_norm(x, w, b, eps=0.5), lambda x, w, b: F.layer_norm(x, (6,), w, b, 0.5), x, w, b,
+          tol=(2e-2, 3e-2) if dtype == np.float16 else None)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("shape,groups", [((2, 6, 3), 2), ((3, 4, 2, 2), 1), ((2, 6), 3)])
+def test_group_norm(shape, groups, dtype, rng):
+    x = rand(rng, *shape, dtype=dtype)
+    w, b = rand(rng, shape[1], dtype=dtype), rand(rng, shape[1], dtype=dtype)
+    check(lambda x, w, b: ops.group_norm(x, w, b, groups), lambda x, w, b: F.group_norm(x, groups, w, b, 1e-5),
+          x, w, b, tol=(2e-2, 3e-2) if dtype == np.float16 else None)
+
+
+def test_layer_norm_of_3d_input_normalises_axes_1_on(rng):
+    """popxl's layer norm is group norm with one group: 3-D inputs are normalised over axes 1 and 2."""
+    x, w, b = rand(rng, 2, 3, 4), rand(rng, 3), rand(rng, 3)
+    check(ops.layer_norm, lambda x, w, b: F.group_norm(x, 1, w, b, 1e-5), x, w, b)
+
+
+def test_batch_norm_inference(rng):
+    x = rand(rng, 2, 3, 4)
+    scale, bias, mean = rand(rng, 3), rand(rng, 3), rand(rng, 3)
+    var = np.abs(rand(rng, 3)) + 0.1
+    check(ops.batch_norm_inference,
+          lambda x, s, b, m, v: (x - m[:, None]) / torch.sqrt(v[:, None] + 1e-5) * s[:, None] + b[:, None],
+          x, scale, bias, mean, var)
+    out, _ = run_graph(ops.batch_norm_inference, x, scale, bias, mean, var)
+    expected = F.batch_norm(*(torch.tensor(a) for a in (x, mean, var, scale, bias)), training=False, eps=1e-5)
+    np.testing.assert_allclose(out[0], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_norm_errors():
+    with pytest.raises(ValueError, match=r"weight 'w' must be \(4,\) float32, one per channel of 'x' \(2, 4\); "
+                                         r"got \(3,\) float32"):
+        build_error(lambda x, w, b: ops.layer_norm(x, w, b), spec((2, 4)), spec((3,)), spec((4,)))
+    with pytest.raises(ValueError, match=r"num_groups 3 must divide the 4 channels"):
+        build_error(lambda x, w, b: ops.group_norm(x, w, b, 3), spec((2, 4)), spec((4,)), spec((4,)))
+    with pytest.raises(ValueError, match=r"needs rank >= 2"):
+        build_error(lambda x, w, b: ops.layer_norm(x, w, b), spec((4,)), spec((4,)), spec((4,)))
+    with pytest.raises(ValueError, match=r"scale 'v' must have shape \(3,\)"):
+        build_error(lambda x, v: ops.batch_norm_inference(x, v, v, v, v), spec((2, 3)), spec((2,)))
+
+
+# ---------------------------------------------------------------- losses
+
+def torch_nll(p, labels, ignore_index, reduction, log_prob, eps=1e-7):
+    """torch's nll_loss on log-probabilities with the class axis last; popxl clamps p before the log."""
+    logp = p if log_prob else torch.log(p.clamp(min=eps))
+    classes = p.shape[-1]
+    loss = F.nll_loss(logp.reshape(-1, classes), labels.reshape(-1),
+                      ignore_index=-100 if ignore_index is None else ignore_index, reduction=reduction)
+    return loss.reshape(labels.shape) if reduction == "none" else loss
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("ignore_index", [None, 2])
+@pytest.mark.parametrize("log_prob", [False, True])
+def test_nll_loss(log_prob, ignore_index, reduction, dtype, rng):
+    logits = torch.tensor(rand(rng, 2, 3, 5) * 2)
+    p = (F.log_softmax(logits, -1) if log_prob else F.softmax(logits, -1)).numpy().astype(dtype)
+    labels = rng.integers(0, 5, (2, 3)).astype(np.int32)
+    labels[0, :2] = 2
+    eps = 6.104e-5 if dtype == np.float16 else 1e-7
+    check(lambda p, l: ops.nll_loss(p, l, ignore_index, reduction, log_prob),
+          lambda p, l: torch_nll(p, l, ignore_index, reduction, log_prob, eps), p, labels)
+
+
+def test_nll_loss_clamps_tiny_probabilities():
+    p = np.array([[1e-9, 1 - 1e-9], [0.5, 0.5]], np.float32)
+    labels = np.array([0, 1], np.int32)
+    check(lambda p, l: ops.nll_loss(p, l, reduction="none"), lambda p, l: -torch.log(
+        torch.stack([p[0, 0].clamp(min=1e-7), p[1, 1]])), p, labels)
+
+
+def test_nll_loss_out_of_range_label_picks_probability_zero():
+    p = np.full((2, 3), 1 / 3, np.float32)
+    out, grads = run_graph(lambda p, l: ops.nll_loss(p, l, reduction="none"), p, np.array([5, 1], np.int32),
+                           dys=[np.ones(2, np.float32)])
+    np.testing.assert_allclose(out[0], [-np.log(1e-7), np.log(3)], rtol=1e-6)
+    np.testing.assert_allclose(grads[0], [[0, 0, 0], [0, -3, 0]], rtol=1e-6)
+
+
+def test_nll_loss_all_ignored_is_zero():
+    p = np.full((2, 3), 1 / 3, np.float32)
+    out, grads = run_graph(lambda p, l: ops.nll_loss(p, l, ignore_index=1), p, np.array([1, 1], np.int32),
+                           dys=[np.float32(1)])
+    assert out[0] == 0 and not grads[0].any()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("reduction,ignore_index", [("mean", None), ("mean", 3), ("sum", None), ("none", 0)])
+def test_nll_loss_with_softmax_grad(reduction, ignore_index, dtype, rng):
+    """``dx`` is torch's gradient of ``loss_grad * cross_entropy`` for the logits."""
+    logits = rand(rng, 4, 6)
+    labels = rng.integers(0, 6, (4,)).astype(np.int32)
+    labels[:2] = 3
+    probs = torch.softmax(torch.tensor(logits, dtype=torch.float64), -1).numpy().astype(dtype)
+    loss_grad = 0.5 if reduction != "none" else 1.0
+    out, _ = run_graph(lambda p, l: ops.nll_loss_with_softmax_grad(p, l, loss_grad, ignore_index, reduction),
+                       probs, labels)
+    x = torch.tensor(logits, dtype=torch.float64, requires_grad=True)
+    loss = F.cross_entropy(x, torch.tensor(labels, dtype=torch.long), reduction=reduction,
+                           ignore_index=-100 if ignore_index is None else ignore_index)
+    (dx,) = torch.autograd.grad((loss * loss_grad).sum(), x)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == np.float16 else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[0].astype(np.float64), loss.detach().numpy(), **tol)
+    np.testing.assert_allclose(out[1].astype(np.float64), dx.numpy(), **tol)
+    assert out[1].dtype == dtype
+
+
+def test_nll_loss_with_softmax_grad_tensor_loss_grad(rng):
+    probs = torch.softmax(torch.tensor(rand(rng, 3, 4)), -1).numpy()
+    labels = np.array([0, 3, 1], np.int32)
+    scale = np.float32(2.5)
+    out, _ = run_graph(lambda p, l, g: ops.nll_loss_with_softmax_grad(p, l, g), probs, labels, scale)
+    expected = (probs - np.eye(4, dtype=np.float32)[labels]) * scale / 3
+    np.testing.assert_allclose(out[1], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_loss_errors():
+    with pytest.raises(ValueError, match=r"labels 'l' \(3,\) must have the shape of probs 'p' \(2, 4\) without its "
+                                         r"class axis, \(2,\)"):
+        build_error(lambda p, l: ops.nll_loss(p, l), spec((2, 4)), spec((3,), dtypes.int32))
+    with pytest.raises(TypeError, match="labels 'l' must have an integer dtype, got float32"):
+        build_error(lambda p, l: ops.nll_loss(p, l), spec((2, 4)), spec((2,)))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        build_error(lambda p, l: ops.nll_loss(p, l, reduction="avg"), spec((2, 4)), spec((2,), dtypes.int32))
+    with pytest.raises(ValueError, match=r"loss_grad 'g' must be a scalar"):
+        build_error(lambda p, l, g: ops.nll_loss_with_softmax_grad(p, l, g), spec((2, 4)), spec((2,), dtypes.int32),
+                    spec((2,)))
+
+
+# ---------------------------------------------------------------- reductions
+
+REDUCTIONS = {
+    "sum": (ops.sum, lambda x, a, k: torch.sum(x, a, keepdim=k), None),
+    "mean": (ops.mean, lambda x, a, k: torch.mean(x, a, keepdim=k), None),
+    "max": (ops.max, lambda x, a, k: torch.amax(x, a, keepdim=k), None),
+    "min": (ops.min, lambda x, a, k: torch.amin(x, a, keepdim=k), None),
+    "prod": (ops.prod, lambda x, a, k: _prod(x, a, k), lambda x: np.abs(x) + 0.5),
+    "logsumexp": (ops.logsumexp, lambda x, a, k: torch.logsumexp(x, a, keepdim=k), None),
+    "l1": (ops.l1, lambda x, a, k: torch.sum(torch.abs(x), a, keepdim=k), lambda x: x + np.sign(x) * 0.1),
+    "l2": (ops.l2, lambda x, a, k: torch.sqrt(torch.sum(x * x, a, keepdim=k)), None),
+    "sumsquare": (ops.sumsquare, lambda x, a, k: torch.sum(x * x, a, keepdim=k), None),
+    "logsum": (ops.logsum, lambda x, a, k: torch.log(torch.sum(x, a, keepdim=k)), lambda x: np.abs(x) + 0.5),
+}
+
+
+def _prod(x, axes, keepdim):
+    for a in sorted(axes, reverse=True):
+        x = torch.prod(x, a, keepdim=keepdim)
+    return x
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("axis,keepdims", [(None, False), (1, True), ([0, 2], False), (-1, False)])
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
+def test_reduction(name, axis, keepdims, dtype, rng):
+    op, ref, domain = REDUCTIONS[name]
+    x = rand(rng, 2, 3, 4)
+    x = (domain(x) if domain else x).astype(dtype)
+    axes = [0, 1, 2] if axis is None else ([axis] if isinstance(axis, int) else axis)
+    check(lambda x: op(x, axis, keepdims), lambda x: ref(x, axes, keepdims), x,
+          tol=(2e-2, 3e-2) if dtype == np.float16 else None)
+
+
+def test_argmax_argmin(rng):
+    x = rand(rng, 3, 4)
+    x[0, :2] = 5.0  # a tie: the first occurrence wins
+    out, _ = run_graph(lambda x: (ops.argmax(x, 1), ops.argmin(x), ops.argmax(x, -1, keepdim=True)), x)
+    np.testing.assert_array_equal(out[0], np.argmax(x, 1))
+    np.testing.assert_array_equal(out[1], np.argmin(x, 0))
+    np.testing.assert_array_equal(out[2], np.argmax(x, -1)[:, None])
+    assert out[0].dtype == np.int32
+
+
+def test_replicas_normalise_and_score_their_own_data(rng):
+    """Norms, losses, matmuls and reductions keep replicas apart."""
+    x = rand(rng, 2, 3, 4) * np.array([1, 5], np.float32)[:, None, None]
+    w, b = rand(rng, 2, 4), rand(rng, 2, 4)
+    check(lambda x, w, b: ops.layer_norm(x, w, b), lambda x, w, b: F.layer_norm(x, (4,), w, b), x, w, b,
+          replication=2)
+    check(lambda x, w: (ops.matmul(x, ops.reshape(w, (4, 1))), ops.softmax(x, -1), ops.sum(x, 0), ops.max(x, 1)),
+          lambda x, w: (x @ w.reshape(4, 1), torch.softmax(x, -1), x.sum(0), x.amax(1)), x, w, replication=2)
+    probs = torch.softmax(torch.tensor(x), -1).numpy()
+    labels = np.array([[0, 1, 3], [2, 2, 1]], np.int32)
+    check(lambda p, l: ops.nll_loss(p, l, ignore_index=1),
+          lambda p, l: torch_nll(p, l, 1, "mean", False), probs, labels, replication=2)
+    out, _ = run_graph(lambda p, l: ops.nll_loss_with_softmax_grad(p, l), probs, labels, replication=2)
+    expected = (probs - np.eye(4, dtype=np.float32)[labels]) / 3
+    np.testing.assert_allclose(out[1], expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,209 @@
+"""Session: host data shapes, host transfers, attachment, and reading/writing variables."""
+import numpy as np
+import pytest
+
+from gptj_popxl import popxl_cpu as popxl
+from gptj_popxl.popxl_cpu import ops
+
+F32 = popxl.float32
+
+
+def doubler(R=1, N=1, shape=(2, 3)):
+    """A program that loads ``x`` N times per run (in a repeat) and stores ``2 * x`` each time."""
+    ir = popxl.Ir(replication=R)
+    ir.num_host_transfers = N
+    with ir.main_graph:
+        x = popxl.h2d_stream(shape, F32, "x")
+        y = popxl.d2h_stream(shape, F32, "y")
+
+        def step():
+            ops.host_store(y, ops.host_load(x) * 2.0)
+        ops.repeat(ir.create_graph(step), N)
+    return ir, x, y
+
+
+@pytest.mark.parametrize("N, R, host_shape", [(1, 1, (2, 3)), (4, 1, (4, 2, 3)), (1, 2, (2, 2, 3)),
+                                              (4, 2, (4, 2, 2, 3))])
+def test_host_arrays_are_transfers_then_replicas_then_stream_shape(N, R, host_shape):
+    ir, x, y = doubler(R, N)
+    data = np.arange(np.prod(host_shape), dtype=np.float32).reshape(host_shape)
+    with popxl.Session(ir) as session:
+        assert session.create_host_outputs()[y].shape == host_shape
+        assert session.expected_inputs() == [x]
+        out = session.run({x: data})
+    np.testing.assert_array_equal(out[y], 2 * data)
+
+
+def test_more_transfers_than_needed_are_accepted_and_outputs_fill_given_arrays():
+    ir, x, y = doubler(R=2, N=3)
+    data = np.random.default_rng(0).normal(size=(5, 2, 2, 3)).astype(np.float32)
+    target = np.full((3, 2, 2, 3), -1.0, np.float32)
+    with popxl.Session(ir) as session:
+        assert session.run_with_outputs({x: data}, {y: target}) is None
+    np.testing.assert_array_equal(target, 2 * data[:3])
+
+
+def test_stream_loaded_more_often_than_num_host_transfers():
+    ir, x, _ = doubler(N=3)
+    ir.num_host_transfers = 2
+    with popxl.Session(ir) as session, pytest.raises(ValueError, match="'x' was loaded more than "
+                                                                      "ir.num_host_transfers=2 times"):
+        session.run({x: np.zeros((2, 2, 3), np.float32)})
+
+
+def test_all_ones_data_dims_pass_the_shape_check():
+    ir = popxl.Ir(replication=2)
+    with ir.main_graph:
+        x = popxl.h2d_stream((1,), F32, "x")
+        y = popxl.d2h_stream((1,), F32, "y")
+        ops.host_store(y, ops.host_load(x) + 1.0)
+    with popxl.Session(ir) as session:
+        out = session.run({x: np.array([3.0, 4.0], np.float32)})  # (R,) for stream shape (1,)
+    np.testing.assert_array_equal(out[y], [[4.0], [5.0]])
+
+
+def test_input_errors_name_the_stream_and_shapes():
+    ir, x, y = doubler(R=2, N=2)
+    with ir.main_graph:
+        unused = popxl.h2d_stream((3,), F32, "unused")
+    good = np.zeros((2, 2, 2, 3), np.float32)
+    with popxl.Session(ir) as session:
+        assert session.expected_inputs() == [x]
+        with pytest.raises(ValueError, match=r"Missing: 'x' \(2, 2, 2, 3\)"):
+            session.run({})
+        with pytest.raises(ValueError, match=r"Unexpected: 'unused' \(2, 2, 3\)"):
+            session.run({x: good, unused: np.zeros((2, 2, 3), np.float32)})
+        with pytest.raises(ValueError, match=r"input array for stream 'x' has shape \(1, 2, 2, 3\); expected "
+                                             r"\(2, 2, 2, 3\) \(dimension 0 must be at least num_host_transfers=2\)"):
+            session.run({x: good[:1]})
+        with pytest.raises(ValueError, match=r"shape \(2, 3, 2, 3\); expected \(2, 2, 2, 3\) \(dimension 1 must be "
+                                             r"the replication factor 2\)"):
+            session.run({x: np.zeros((2, 3, 2, 3), np.float32)})
+        with pytest.raises(ValueError, match=r"shape \(2, 2, 3, 2\); expected \(2, 2, 2, 3\) \(the stream shape is "
+                                             r"\(2, 3\)\)"):
+            session.run({x: np.zeros((2, 2, 3, 2), np.float32)})
+        with pytest.raises(TypeError, match=r"input for stream 'x' \(2, 3\) float32 has dtype int32"):
+            session.run({x: good.astype(np.int32)})
+        with pytest.raises(ValueError, match=r"output array for stream 'y' has shape \(2, 3\)"):
+            session.run_with_outputs({x: good}, {y: np.zeros((2, 3), np.float32)})
+        with pytest.raises(ValueError, match="Missing: 'y'"):
+            session.run_with_outputs({x: good})
+        # 64-bit data is sent as 32-bit, unless downcasting is off.
+        np.testing.assert_array_equal(session.run({x: good.astype(np.float64) + 1})[y], 2 * good + 2)
+        with pytest.raises(TypeError, match="has dtype float64"):
+            session.run({x: good.astype(np.float64)}, downcast_inputs=False)
+
+
+def test_running_needs_an_attached_session():
+    ir, x, _ = doubler()
+    session = popxl.Session(ir)
+    assert not session.is_attached
+    with pytest.raises(ValueError, match="Session.run: must be attached"):
+        session.run({x: np.zeros((2, 3), np.float32)})
+    with pytest.raises(ValueError, match="Session.weights_to_host: must be attached"):
+        session.weights_to_host()
+    with session:
+        assert session.is_attached
+        with session:  # nested: still attached after the inner exit
+            pass
+        assert session.is_attached
+        session.run({x: np.zeros((2, 3), np.float32)})
+    assert not session.is_attached
+
+
+def _counter(weights_to_host_on_exit=True):
+    ir = popxl.Ir()
+    with ir.main_graph:
+        v = popxl.variable(np.zeros(2, np.float32), name="v")
+        ops.var_updates.accumulate_(v, popxl.constant(np.ones(2, np.float32)))
+    return popxl.Session(ir, weights_to_host_on_exit=weights_to_host_on_exit), v
+
+
+def test_weights_to_host_on_exit():
+    session, v = _counter()
+    with session:
+        session.run()
+        session.run()
+    np.testing.assert_array_equal(session.get_tensor_data(v), [2, 2])
+
+    session, v = _counter(weights_to_host_on_exit=False)
+    with session:
+        session.run()
+        np.testing.assert_array_equal(session.get_tensor_data(v), [1, 1])  # attached: read from the device
+    np.testing.assert_array_equal(session.get_tensor_data(v), [1, 1])  # get_tensor_data synced the host
+    with session:
+        session.run()
+    np.testing.assert_array_equal(session.get_tensor_data(v), [1, 1])  # exit did not copy the second run back
+    with session:  # entering copies the host value to the device again
+        session.run()
+        np.testing.assert_array_equal(session.get_tensor_data(v), [2, 2])
+
+
+def test_write_variable_data_attached_and_detached():
+    session, v = _counter()
+    session.write_variable_data(v, np.array([5, 6], np.float32))  # host only until attached
+    np.testing.assert_array_equal(session.get_tensor_data(v), [5, 6])
+    with session:
+        session.run()
+        session.write_variable_data(v, np.array([10, 10], np.float32))
+        np.testing.assert_array_equal(session.get_tensor_data(v), [10, 10])
+        session.run()
+    np.testing.assert_array_equal(session.get_tensor_data(v), [11, 11])
+
+
+@pytest.mark.parametrize("R, stride, group_size, mode, read_shape", [
+    (1, 1, None, None, (2,)), (4, 1, None, None, (2,)), (4, 1, 2, None, (2, 2)), (4, 2, 2, None, (2, 2)),
+    (4, 1, 1, None, (4, 2)), (4, 1, None, "all_replicas", (4, 2)), (4, 2, 2, "all_replicas", (4, 2)),
+    (4, 1, 1, "all_replicas", (4, 2))])
+def test_variable_host_layout(R, stride, group_size, mode, read_shape):
+    """get_tensor_data: one value per group (no group axis with one group), or one per replica."""
+    ir = popxl.Ir(replication=R)
+    with ir.main_graph:
+        rg = ir.replica_grouping(stride, group_size)
+        host = (rg.num_groups,) * (rg.num_groups > 1) + (2,)
+        data = np.arange(np.prod(host), dtype=np.float32).reshape(host)
+        v = popxl.variable(data, replica_grouping=rg, retrieval_mode=mode, name="v")
+        assert v.shape == (2,) and v.shape_on_host == host and v.shape_on_replica == (2,)
+        # Each replica adds its own replica index (read from the host) to its copy.
+        index = popxl.h2d_stream((1,), F32, "index")
+        ops.var_updates.accumulate_(v, ops.host_load(index) * popxl.constant(np.ones(2, np.float32)))
+    per_replica = data.reshape(-1, 2)[rg.assignment] + np.arange(R, dtype=np.float32)[:, None]
+    firsts = [rg.assignment.index(g) for g in range(rg.num_groups)]
+    with popxl.Session(ir) as session:
+        session.run({index: np.arange(R, dtype=np.float32).reshape((R,) * (R > 1) + (1,))})
+        got = session.get_tensor_data(v)
+    expected = per_replica if mode == "all_replicas" else per_replica[firsts]
+    assert got.shape == read_shape
+    np.testing.assert_array_equal(got, expected.reshape(read_shape))
+
+
+def test_get_and_write_errors():
+    ir = popxl.Ir(replication=2)
+    with ir.main_graph:
+        v = popxl.variable(np.zeros((2, 3), np.float32), name="v")
+        c = popxl.constant(np.arange(3, dtype=np.int32), name="c")
+        t = v + 1.0
+        everyone = popxl.variable(np.zeros(3, np.float32), retrieval_mode="all_replicas", name="everyone")
+        scalar = popxl.variable(np.float16(0), name="scalar")
+    other = popxl.Ir()
+    with other.main_graph:
+        foreign = popxl.variable(np.zeros(1, np.float32), name="foreign")
+    session = popxl.Session(ir)
+    np.testing.assert_array_equal(session.get_tensor_data(c), [0, 1, 2])
+    with pytest.raises(TypeError, match="is not a Variable or Constant"):
+        session.get_tensor_data(t)
+    with pytest.raises(TypeError, match="is not a Variable; write_variable_data"):
+        session.write_variable_data(c, np.zeros(3, np.int32))
+    with pytest.raises(TypeError, match=r"data for variable 'v' has dtype float64; the variable is float32"):
+        session.write_variable_data(v, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"data for variable 'v' has shape \(3, 2\); expected its host shape "
+                                         r"\(2, 3\)"):
+        session.write_variable_data(v, np.zeros((3, 2), np.float32))
+    session.write_variable_data(scalar, 3)  # python numbers are cast to the variable's dtype...
+    assert session.get_tensor_data(scalar).dtype == np.float16 and session.get_tensor_data(scalar) == 3
+    with pytest.raises(ValueError, match=r"has shape \(\); expected its host shape \(2, 3\)"):
+        session.write_variable_data(v, 3.0)  # ...but must still have the variable's shape
+    with pytest.raises(NotImplementedError, match="retrieval_mode='all_replicas'"):
+        session.write_variable_data(everyone, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="'foreign' belongs to another IR"):
+        session.get_tensor_data(foreign)

@@ -1,0 +1,15 @@
+"""gptj-popxl: GPT-J as hand-built popxl graphs, with a CPU runtime for popxl programs.
+
+``gptj_popxl.from_pretrained(path, tensor_parallel=..., dtype=...)`` loads a Hugging Face GPT-J
+checkpoint as a model with ``logits`` and ``loss_and_grads`` (see ``gptj_popxl.model.gptj``).
+"""
+
+__all__ = ["from_pretrained"]
+
+
+def __getattr__(name):
+    # Lazy, so that importing a subpackage (e.g. the CPU runtime alone) does not build the model stack.
+    if name == "from_pretrained":
+        from gptj_popxl.model.gptj import from_pretrained
+        return from_pretrained
+    raise AttributeError(f"module 'gptj_popxl' has no attribute {name!r}")

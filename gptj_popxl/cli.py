@@ -1,0 +1,100 @@
+"""The ``gptj-popxl`` command line.
+
+``gptj-popxl golden --model DIR`` compares our model with transformers on a local
+checkpoint and exits 1 past tolerance; ``gptj-popxl demo`` does so on a tiny random
+checkpoint it writes to a temporary directory, for tensor parallel 1 and 2. Bad
+options exit with code 2.
+"""
+import argparse
+import os
+import sys
+import tempfile
+from typing import List, Optional
+
+from gptj_popxl.golden import compare_with_hf, random_hf_checkpoint
+from gptj_popxl.model.config import GPTJConfig
+from gptj_popxl.model.gptj import DTYPES
+
+# Tiny but awkward on purpose: 3 heads, 101 tokens and 51 MLP columns all need padding at tp=2,
+# and only 4 of each head's 12 features are rotated.
+DEMO_CONFIG = dict(vocab_size=101, n_positions=32, n_embd=36, n_layer=2, n_head=3, rotary_dim=4, n_inner=51)
+DEMO_TENSOR_PARALLEL = (1, 2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptj-popxl", description="GPT-J as popxl graphs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    golden = commands.add_parser("golden", help="compare with Hugging Face transformers on a local checkpoint")
+    golden.add_argument("--model", required=True, help="Hugging Face GPT-J checkpoint directory")
+    golden.add_argument("--tensor-parallel", type=_positive_int, default=1, help="tensor-parallel degree")
+    golden.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of both models")
+    golden.add_argument("--batch", type=_positive_int, default=2, help="batch size of the random tokens")
+    golden.add_argument("--seq", type=_positive_int, default=None,
+                        help="sequence length (default: min(16, n_positions))")
+    golden.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
+    golden.add_argument("--attention-serialisation", type=_positive_int, default=1,
+                        help="query blocks the attention is computed in (must divide --seq)")
+
+    commands.add_parser("demo", help="golden comparison on a tiny random checkpoint, tensor parallel 1 and 2")
+    return parser
+
+
+def _check_golden_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject options the comparison would fail on, before any model is built."""
+    if not os.path.isdir(args.model):
+        parser.error(f"--model {args.model}: no such directory")
+    try:
+        config = GPTJConfig.from_pretrained_dir(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--model {args.model}: {e}")
+    seq = min(16, config.n_positions) if args.seq is None else args.seq
+    if seq > config.n_positions:
+        parser.error(f"--seq {seq} exceeds the model's n_positions ({config.n_positions})")
+    if seq < 2:
+        parser.error("--seq must be at least 2: the loss predicts each next token")
+    if seq % args.attention_serialisation:
+        parser.error(f"--attention-serialisation {args.attention_serialisation} must divide the sequence length {seq}")
+
+
+def _golden(args: argparse.Namespace) -> int:
+    report = compare_with_hf(args.model, tensor_parallel=args.tensor_parallel, dtype=args.dtype, batch=args.batch,
+                             seq=args.seq, seed=args.seed, attention_serialisation=args.attention_serialisation)
+    print(report.table())
+    return 0 if report.passed else 1
+
+
+def _demo() -> int:
+    passed = True
+    with tempfile.TemporaryDirectory(prefix="gptj-popxl-demo-") as tmp:
+        path = random_hf_checkpoint(os.path.join(tmp, "tiny-gptj"), GPTJConfig(**DEMO_CONFIG), seed=0)
+        print(f"tiny random GPT-J checkpoint: {DEMO_CONFIG}\n")
+        for tp in DEMO_TENSOR_PARALLEL:
+            report = compare_with_hf(path, tensor_parallel=tp, batch=2, seq=16)
+            print(report.table() + "\n")
+            passed = passed and report.passed
+    return 0 if passed else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``gptj-popxl``; returns the exit code (0 ok, 1 past tolerance, 2 bad options)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "golden":
+        _check_golden_args(parser, args)
+        return _golden(args)
+    return _demo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""GPT-J layers as addons Modules, tensor parallel over ``tp`` replicas.
+
+Variable names and shard layouts are those of ``hf_mapping`` (see its module docstring):
+sharded variables use ``TPGroups.sharded`` (host data ``(tp, *shard)``), replicated ones
+the default grouping, and the collectives between shards run over ``TPGroups.tp_group``.
+A column-sharded layer needs its input identical on every shard and leaves each shard
+with a slice of the output features; a row-sharded layer takes such a slice and
+all-reduces its partial products. Hidden states between blocks are ``(batch, seq, n_embd)``,
+identical on every shard.
+"""
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+
+from gptj_popxl import addons
+from gptj_popxl.backend import ops, popxl
+from gptj_popxl.model.config import GPTJConfig, TPLayout, tp_layout
+from gptj_popxl.model.rotary import rotary_embedding, trig_tables
+
+# Std of the normal initial weights when a layer is made from scratch (transformers' GPT-J default).
+INIT_STD = 0.02
+# Label value that the loss skips (transformers' convention).
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class TPGroups:
+    """Replica groupings of a tensor-parallel program with ``tp`` shards and ``dp = R / tp`` copies.
+
+    Attributes:
+        tp: tensor-parallel degree.
+        sharded: grouping of sharded variables: replica ``r`` holds shard ``r % tp`` and each
+            group is one shard's ``dp`` replicas, so host data is ``(tp, *shard)``.
+        tp_group: grouping of tensor-parallel collectives: the ``tp`` shards of one copy.
+    """
+
+    tp: int
+    sharded: object
+    tp_group: object
+
+
+def tp_groups(ir, tp: int) -> TPGroups:
+    """The ``TPGroups`` of ``ir`` for ``tp`` shards.
+
+    Raises:
+        ValueError: ``tp`` does not divide ``ir.replication_factor``.
+    """
+    replicas = ir.replication_factor
+    if not isinstance(tp, int) or tp < 1 or replicas % tp:
+        raise ValueError(f"tensor-parallel degree {tp!r} must be a positive divisor of the IR's replication "
+                         f"factor {replicas}")
+    sharded = ir.replica_grouping(stride=tp, group_size=replicas // tp)
+    return TPGroups(tp, sharded, sharded.transpose())
+
+
+def _normal(shape, dtype) -> Callable[[], np.ndarray]:
+    return lambda: np.random.normal(0.0, INIT_STD, shape).astype(dtype)
+
+
+def _zeros(shape, dtype) -> Callable[[], np.ndarray]:
+    return lambda: np.zeros(shape, dtype)
+
+
+def _sharded_weight(module: addons.Module, shape, dtype, groups: TPGroups) -> popxl.Tensor:
+    """``module``'s variable input ``weight``: one ``shape`` block per shard, normal initial values."""
+    return module.add_variable_input("weight", _normal(shape, dtype.as_numpy()), dtype,
+                                     replica_grouping=groups.sharded)
+
+
+def identical_inputs(x: popxl.Tensor, groups: TPGroups) -> popxl.Tensor:
+    """Enter a sharded region: identity forward, gradients summed over the shards backward."""
+    return addons.ops.replicated_all_reduce_identical_inputs(x, group=groups.tp_group)
+
+
+def sum_shards(x: popxl.Tensor, groups: TPGroups) -> popxl.Tensor:
+    """Leave a sharded region: partial results summed over the shards, gradient passed unchanged."""
+    return addons.ops.replicated_all_reduce_identical_grad_inputs(x, group=groups.tp_group)
+
+
+class ColumnShardedLinear(addons.Module):
+    """``x @ W + b`` with ``W``'s columns (output features) and ``b`` sharded.
+
+    ``x`` must be identical on every shard; each shard computes its slice of the output
+    features, and the gradient of ``x`` is summed over the shards. ``inplace_bias`` adds the
+    bias into the product's buffer, saving a large allocation (e.g. the LM head's logits)
+    where the graph is not differentiated.
+    """
+
+    def __init__(self, out_features: int, groups: TPGroups, bias: bool = True, inplace_bias: bool = False):
+        super().__init__()
+        self.out_features = out_features
+        self.groups = groups
+        self.bias = bias
+        self.inplace_bias = inplace_bias
+
+    def build(self, x: popxl.Tensor) -> popxl.Tensor:
+        w = _sharded_weight(self, (x.shape[-1], self.out_features), x.dtype, self.groups)
+        y = identical_inputs(x, self.groups) @ w
+        if self.bias:
+            b = self.add_variable_input("bias", _zeros((self.out_features,), x.dtype.as_numpy()), x.dtype,
+                                        replica_grouping=self.groups.sharded)
+            y = ops.add_(y, b) if self.inplace_bias else y + b
+        return y
+
+
+class RowShardedLinear(addons.Module):
+    """``x @ W (+ b)`` with ``W``'s rows (input features) sharded and ``b`` replicated.
+
+    Each shard multiplies its slice of the input features by its rows of ``W``; the partial
+    products are summed over the shards, then the bias is added once.
+    """
+
+    def __init__(self, out_features: int, groups: TPGroups, bias: bool = True):
+        super().__init__()
+        self.out_features = out_features
+        self.groups = groups
+        self.bias = bias
+
+    def build(self, x: popxl.Tensor) -> popxl.Tensor:
+        w = _sharded_weight(self, (x.shape[-1], self.out_features), x.dtype, self.groups)
+        y = sum_shards(x @ w, self.groups)
+        if self.bias:
+            y = y + self.add_variable_input("bias", _zeros((self.out_features,), x.dtype.as_numpy()), x.dtype)
+        return y
+
+
+class VocabShardedEmbedding(addons.Module):
+    """Token embedding with the vocabulary sharded: each shard holds ``vocab_per_shard`` rows.
+
+    A shard looks up the ids in its range ``[offset, offset + vocab_per_shard)`` and gives
+    zeros for the others; summing over the shards gives every token's row.
+    """
+
+    def __init__(self, vocab_per_shard: int, hidden: int, groups: TPGroups, dtype=popxl.float32):
+        super().__init__()
+        self.vocab_per_shard = vocab_per_shard
+        self.hidden = hidden
+        self.groups = groups
+        self.dtype = dtype
+
+    def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:
+        w = _sharded_weight(self, (self.vocab_per_shard, self.hidden), self.dtype, self.groups)
+        x = ops.gather(w, input_ids - shard_offset, zero_OOR=True)
+        return sum_shards(x, self.groups)
+
+
+class Embedding(addons.Module):
+    """The embedding stage: ``word`` embeddings (GPT-J has no learned positions)."""
+
+    def __init__(self, config: GPTJConfig, groups: TPGroups, dtype=popxl.float32):
+        super().__init__()
+        layout = tp_layout(config, groups.tp)
+        self.word = VocabShardedEmbedding(layout.vocab_per_shard, config.n_embd, groups, dtype)
+
+    def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:
+        return self.word(input_ids, shard_offset)
+
+
+def causal_mask(rows: range, seq: int) -> np.ndarray:
+    """Additive float32 mask of query positions ``rows`` over ``seq`` keys: 0 where a query may
+    attend (key <= query), the float32 minimum above the diagonal (as transformers)."""
+    q = np.arange(rows.start, rows.stop)[:, None]
+    return np.where(np.arange(seq)[None, :] <= q, 0.0, np.finfo(np.float32).min).astype(np.float32)
+
+
+def attend(q: popxl.Tensor, k_t: popxl.Tensor, v: popxl.Tensor, mask: popxl.Tensor) -> popxl.Tensor:
+    """``softmax(q @ k_t / sqrt(head_dim) + mask) @ v`` per head.
+
+    ``q`` (batch, heads, queries, head_dim), ``k_t`` (batch, heads, head_dim, keys), ``v``
+    (batch, heads, keys, head_dim), ``mask`` (queries, keys) float32. Scores and softmax are
+    float32 whatever the dtype of ``v``; the probabilities are cast back to it before ``@ v``.
+    """
+    if q.dtype != popxl.float32:
+        q, k_t = ops.cast(q, popxl.float32), ops.cast(k_t, popxl.float32)
+    scores = (q @ k_t) / popxl.constant(math.sqrt(q.shape[-1]), popxl.float32, name="scale")
+    probs = ops.softmax(scores + mask, axis=-1)
+    if v.dtype != popxl.float32:
+        probs = ops.cast(probs, v.dtype)
+    return probs @ v
+
+
+def causal_attention(q: popxl.Tensor, k_t: popxl.Tensor, v: popxl.Tensor, blocks: int = 1) -> popxl.Tensor:
+    """Causal self-attention (shapes as ``attend``), the queries taken in ``blocks`` blocks.
+
+    With ``blocks > 1`` one graph computing a block of queries against all keys is called once
+    per block, one after another, so only a block's scores are live at a time; the results
+    are the same.
+
+    Raises:
+        ValueError: ``blocks`` does not divide the sequence length.
+    """
+    seq = q.shape[2]
+    if not isinstance(blocks, int) or blocks < 1 or seq % blocks:
+        raise ValueError(f"attention serialisation: {blocks!r} query blocks must be a positive divisor of the "
+                         f"sequence length {seq}")
+    if blocks == 1:
+        return attend(q, k_t, v, popxl.constant(causal_mask(range(seq), seq), name="causal_mask"))
+    size = seq // blocks
+    q_block = popxl.TensorSpec(q.shape[:2] + (size,) + q.shape[3:], q.dtype)
+    graph = popxl.gir().create_graph(attend, q_block, k_t, v, popxl.TensorSpec((size, seq), popxl.float32))
+    outs = []
+    for b in range(blocks):
+        rows = range(b * size, (b + 1) * size)
+        mask = popxl.constant(causal_mask(rows, seq), name=f"causal_mask_{b}")
+        outs.append(ops.call(graph, q[:, :, rows.start:rows.stop], k_t, v, mask)[0])
+    return ops.concat(outs, axis=2)
+
+
+class Attention(addons.Module):
+    """GPT-J self-attention with the heads sharded: ``heads_per_shard`` heads per shard.
+
+    Fused ``qkv`` projection (column sharded, per shard ``[q | k | v]`` of its heads), rotary
+    position embedding on ``q`` and ``k``, causal softmax attention and the row-sharded ``out``
+    projection, summed over the shards.
+    """
+
+    def __init__(self, config: GPTJConfig, groups: TPGroups, attention_serialisation: int = 1):
+        super().__init__()
+        self.config = config
+        self.groups = groups
+        self.layout: TPLayout = tp_layout(config, groups.tp)
+        self.attention_serialisation = attention_serialisation
+        self.qkv = ColumnShardedLinear(3 * self.layout.heads_per_shard * config.head_dim, groups, bias=False)
+        self.out = RowShardedLinear(config.n_embd, groups, bias=False)
+
+    def build(self, x: popxl.Tensor, positions: popxl.Tensor) -> popxl.Tensor:
+        batch, seq, _ = x.shape
+        heads, head_dim, rotary_dim = self.layout.heads_per_shard, self.config.head_dim, self.config.rotary_dim
+        qkv = self.qkv(x)
+        q, k, v = (t.reshape((batch, seq, heads, head_dim)) for t in ops.split(qkv, 3, axis=-1))
+        sin, cos = (popxl.constant(table, x.dtype, name=name)
+                    for table, name in zip(trig_tables(self.config.n_positions, rotary_dim), ("sin", "cos")))
+        q = rotary_embedding(q, sin, cos, positions, rotary_dim)
+        k = rotary_embedding(k, sin, cos, positions, rotary_dim)
+        z = causal_attention(q.transpose((0, 2, 1, 3)), k.transpose((0, 2, 3, 1)), v.transpose((0, 2, 1, 3)),
+                             self.attention_serialisation)
+        z = z.transpose((0, 2, 1, 3)).reshape((batch, seq, heads * head_dim))
+        return self.out(z)
+
+
+class MLP(addons.Module):
+    """GPT-J feed-forward: column-sharded ``fc_in`` (+ bias), tanh GELU, row-sharded ``fc_out``."""
+
+    def __init__(self, config: GPTJConfig, groups: TPGroups):
+        super().__init__()
+        self.fc_in = ColumnShardedLinear(tp_layout(config, groups.tp).inner_per_shard, groups)
+        self.fc_out = RowShardedLinear(config.n_embd, groups, bias=True)
+
+    def build(self, x: popxl.Tensor) -> popxl.Tensor:
+        return self.fc_out(ops.gelu(self.fc_in(x)))
+
+
+class DecoderBlock(addons.Module):
+    """One GPT-J block with its parallel residual: ``x + attn(ln_1(x)) + mlp(ln_1(x))``.
+
+    ``build(x, positions)``: ``x`` (batch, seq, n_embd) identical on every shard, ``positions``
+    (batch, seq) int32 token positions (for the rotary embedding). Returns the new hidden states.
+    """
+
+    def __init__(self, config: GPTJConfig, groups: TPGroups, attention_serialisation: int = 1):
+        super().__init__()
+        self.eps = config.layer_norm_epsilon
+        self.ln_1 = addons.layers.LayerNorm()
+        self.attn = Attention(config, groups, attention_serialisation)
+        self.mlp = MLP(config, groups)
+
+    def build(self, x: popxl.Tensor, positions: popxl.Tensor) -> popxl.Tensor:
+        h = self.ln_1(x, eps=self.eps)
+        # transformers' order of the sums, so rounding matches too.
+        return self.attn(h, positions) + self.mlp(h) + x
+
+
+class GPTJLM(addons.Module):
+    """GPT-J causal LM: embedding, ``n_layer`` decoder blocks, ``ln_f`` and the vocab-sharded head.
+
+    One decoder-block graph is built and called once per layer with that layer's variables
+    (``layers.{i}.*``). ``build(input_ids, shard_offset)``: ``input_ids`` (batch, seq) int32,
+    ``shard_offset`` the first vocabulary entry of this replica's shard (scalar int32).
+    Returns this shard's logits ``(batch, seq, vocab_per_shard)``.
+    """
+
+    # Whether autodiff runs over the graph (ops with no gradient rule, such as in-place adds, are avoided).
+    differentiated = False
+
+    def __init__(self, config: GPTJConfig, groups: TPGroups, dtype=popxl.float32, attention_serialisation: int = 1):
+        super().__init__()
+        self.config = config
+        self.groups = groups
+        self.dtype = dtype
+        self.attention_serialisation = attention_serialisation
+        self.embedding = Embedding(config, groups, dtype)
+        self.ln_f = addons.layers.LayerNorm()
+        self.lm_head = ColumnShardedLinear(tp_layout(config, groups.tp).vocab_per_shard, groups,
+                                           inplace_bias=not self.differentiated)
+
+    def hidden_states(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:
+        """Final hidden states after ``ln_f``, ``(batch, seq, n_embd)``."""
+        batch, seq = input_ids.shape
+        positions = popxl.constant(np.tile(np.arange(seq, dtype=np.int32), (batch, 1)), name="positions")
+        x = self.embedding(input_ids, shard_offset)
+        block = DecoderBlock(self.config, self.groups, self.attention_serialisation)
+        facts, graph = block.create_graph(x, positions)
+        for i in range(self.config.n_layer):
+            x, = graph.bind(self.add_variable_inputs(f"layers.{i}", facts)).call(x, positions)
+        return self.ln_f(x, eps=self.config.layer_norm_epsilon)
+
+    def logits(self, hidden: popxl.Tensor) -> popxl.Tensor:
+        """This shard's logits of ``hidden``; padded vocabulary columns take the head's bias."""
+        return self.lm_head(hidden)
+
+    def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:
+        return self.logits(self.hidden_states(input_ids, shard_offset))
+
+
+class GPTJLMLoss(GPTJLM):
+    """``GPTJLM`` with transformers' causal-LM loss instead of the logits.
+
+    ``build(input_ids, shard_offset, labels)``: position ``t``'s logits are scored against
+    ``labels[:, t + 1]`` (the shift is done here, as transformers does); labels equal to
+    ``IGNORE_INDEX`` are skipped and the loss is the mean over the others. The loss is
+    computed in float32 over the sharded logits without gathering them.
+    """
+
+    differentiated = True
+
+    def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor) -> popxl.Tensor:
+        batch, seq = input_ids.shape
+        hidden = self.hidden_states(input_ids, shard_offset)[:, : seq - 1]
+        logits = self.logits(hidden.reshape((batch * (seq - 1), self.config.n_embd)))
+        targets = labels[:, 1:].reshape((batch * (seq - 1),))
+        return sharded_cross_entropy(logits, targets, shard_offset, self.groups)
+
+
+def sharded_cross_entropy(logits: popxl.Tensor, labels: popxl.Tensor, shard_offset: popxl.Tensor,
+                          groups: TPGroups) -> popxl.Tensor:
+    """Mean float32 cross entropy of ``labels`` (full-vocabulary ids, ``IGNORE_INDEX`` skipped)
+    over vocab-sharded ``logits`` ``(tokens, vocab_per_shard)``."""
+    # The loss op takes labels relative to the shard, and the ignore index in the same frame.
+    ignore = popxl.constant(IGNORE_INDEX, popxl.int32, name="ignore_index") - shard_offset
+    return addons.ops.cross_entropy_sharded_loss(ops.cast(logits, popxl.float32), labels - shard_offset,
+                                                 ignore_index=ignore, replica_grouping=groups.tp_group)

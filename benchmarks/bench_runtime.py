@@ -1,22 +1,25 @@
 """Runtime dispatch overhead: a popxl program run by ``Session.run`` against the same torch eager code.
 
-    PYTHONPATH=. .venv/bin/python -m pytest benchmarks/bench_runtime.py -s
-
-The popxl program loads a 512x512 float32 batch from the host, computes ``softmax(gelu(x @ w))``
-and stores the result to the host; torch does the same from and to numpy. Each test reports
-``popxl time / torch time`` (goal: at most 1.10) in ``benchmark.extra_info`` and prints it.
-Timings only: nothing is asserted about them.
+The popxl program loads a ``size`` x ``size`` float32 batch from the host, computes
+``softmax(gelu(x @ w))`` and stores the result to the host; torch does the same from and to numpy.
+Goal on 512x512: overhead <= 10%, i.e. a speed-up of at least 0.91x.
 """
-import time
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import compare
 from gptj_popxl import popxl_cpu as popxl
 from gptj_popxl.popxl_cpu import ops
 
-ROUNDS = 40
+SIZES = [512, 64]
+
+
+def _data(size):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((size, size)).astype(np.float32)
+    w = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+    return x, w
 
 
 def _popxl_program(x, w):
@@ -38,38 +41,17 @@ def _torch_program(x, w):
     return lambda: torch.softmax(torch.nn.functional.gelu(torch.from_numpy(x) @ w, approximate="tanh"), -1).numpy()
 
 
-def _interleaved_min(fns, rounds):
-    """The fastest of ``rounds`` runs of each function, run in turn so that load from other processes
-    affects them alike."""
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
-@pytest.mark.parametrize("size", [512, 64])
-def test_session_run_overhead(benchmark, size):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((size, size)).astype(np.float32)
-    w = (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32)
+@pytest.mark.parametrize("size", SIZES)
+def test_popxl_session_run(benchmark, size):
+    compare(benchmark, f"matmul+gelu+softmax {size}x{size}", "ours", goal=0.91 if size == 512 else None)
+    x, w = _data(size)
     session, run_popxl = _popxl_program(x, w)
-    run_torch = _torch_program(x, w)
     with session:
-        np.testing.assert_allclose(run_popxl(), run_torch(), rtol=1e-5, atol=1e-7)
-        t_popxl, t_torch = _interleaved_min([run_popxl, run_torch], ROUNDS)
-        benchmark.pedantic(run_popxl, rounds=ROUNDS, warmup_rounds=2)
-    ratio = t_popxl / t_torch
-    benchmark.extra_info.update(size=size, popxl_min_s=t_popxl, torch_min_s=t_torch, ratio=ratio,
-                                overhead_us=(t_popxl - t_torch) * 1e6)
-    print(f"\n{size}x{size} matmul+gelu+softmax: popxl {t_popxl * 1e3:.3f} ms, torch {t_torch * 1e3:.3f} ms, "
-          f"ratio {ratio:.3f} (overhead {(t_popxl - t_torch) * 1e6:.0f} us)")
+        np.testing.assert_allclose(run_popxl(), _torch_program(x, w)(), rtol=1e-5, atol=1e-7)
+        benchmark(run_popxl)
 
 
-def test_torch_eager_reference(benchmark):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((512, 512)).astype(np.float32)
-    w = (rng.standard_normal((512, 512)) / np.sqrt(512)).astype(np.float32)
-    benchmark.pedantic(_torch_program(x, w), rounds=ROUNDS, warmup_rounds=2)
+@pytest.mark.parametrize("size", SIZES)
+def test_torch_eager(benchmark, size):
+    compare(benchmark, f"matmul+gelu+softmax {size}x{size}", "peer")
+    benchmark(_torch_program(*_data(size)))

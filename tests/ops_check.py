@@ -137,3 +137,22 @@ def rand(rng, *shape, dtype=np.float32) -> np.ndarray:
 
 
 FLOATS = [np.float32, np.float16]
+
+
+def run_and_read(ir: Ir, tensors: Sequence, variables: Sequence = (), runs: int = 1):
+    """Stores ``tensors`` of the main graph to the host and runs ``runs`` times; returns the last run's
+    values of ``tensors`` and, after it, the values of ``variables``."""
+    with ir.main_graph:
+        streams = []
+        for t in tensors:
+            streams.append(d2h_stream(t.shape, t.dtype, name=f"out{len(streams)}"))
+            ops.host_store(streams[-1], t)
+    with Session(ir) as session:
+        for _ in range(runs):
+            out = session.run()
+        return [out[s] for s in streams], [session.get_tensor_data(v) for v in variables]
+
+
+def fetch(ir: Ir, tensors: Sequence, runs: int = 1):
+    """The values of ``tensors`` after ``runs`` runs (see :func:`run_and_read`)."""
+    return run_and_read(ir, tensors, runs=runs)[0]

@@ -6,25 +6,13 @@ import torch
 from gptj_popxl import popxl_cpu as popxl
 from gptj_popxl.popxl_cpu import ops
 from gptj_popxl.popxl_cpu.transforms import ExpectedConnectionType
+from ops_check import fetch
 
 F32 = popxl.float32
 
 
 def spec(*shape, dtype=F32):
     return popxl.TensorSpec(shape, dtype)
-
-
-def fetch(ir, tensors):
-    """Stores ``tensors`` of the main graph to the host, runs once and returns their values."""
-    with ir.main_graph:
-        streams = []
-        for t in tensors:
-            s = popxl.d2h_stream(t.shape, t.dtype, name=f"out{len(streams)}")
-            ops.host_store(s, t)
-            streams.append(s)
-    with popxl.Session(ir) as session:
-        out = session.run()
-    return [out[s] for s in streams]
 
 
 def popxl_grads(ir, fwd, info, arrays, seeds):

@@ -4,39 +4,13 @@ import pytest
 
 from gptj_popxl import popxl_cpu as popxl
 from gptj_popxl.popxl_cpu import ops
+from ops_check import fetch, run_and_read
 
 F32 = popxl.float32
 
 
 def spec(*shape, dtype=F32):
     return popxl.TensorSpec(shape, dtype)
-
-
-def fetch(ir, tensors, runs=1):
-    """Stores ``tensors`` of the main graph to the host; runs ``runs`` times; returns the last values."""
-    with ir.main_graph:
-        streams = []
-        for t in tensors:
-            s = popxl.d2h_stream(t.shape, t.dtype, name=f"out{len(streams)}")
-            ops.host_store(s, t)
-            streams.append(s)
-    with popxl.Session(ir) as session:
-        for _ in range(runs):
-            out = session.run()
-    return [out[s] for s in streams]
-
-
-def run_and_read(ir, tensors, variables):
-    """Values of ``tensors`` after one run, then the variables' values after it."""
-    with ir.main_graph:
-        streams = []
-        for t in tensors:
-            s = popxl.d2h_stream(t.shape, t.dtype, name=f"out{len(streams)}")
-            ops.host_store(s, t)
-            streams.append(s)
-    with popxl.Session(ir) as session:
-        out = session.run()
-        return [out[s] for s in streams], [session.get_tensor_data(v) for v in variables]
 
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)

@@ -207,3 +207,32 @@ def test_get_and_write_errors():
         session.write_variable_data(everyone, np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="'foreign' belongs to another IR"):
         session.get_tensor_data(foreign)
+
+
+def test_host_gets_values_as_stored_even_when_written_later():
+    """run() hands over stored activations without copying; values written after their store, and
+    variables, must still reach the host as they were at the store, and stay so after later runs."""
+    x0 = np.arange(6, dtype=np.float32).reshape(2, 3)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        v = popxl.variable(x0, name="v")
+        y = v * 2.0
+        z = v + 0.0
+        streams = [popxl.d2h_stream((2, 3), popxl.float32, name) for name in ("y", "v", "z")]
+        ops.host_store(streams[0], y)
+        ops.host_store(streams[1], v)
+        ops.host_store(streams[2], z)
+        ops.add_(y, popxl.constant(100.0))   # written after its store
+        ops.var_updates.accumulate_(v, y)    # the variable changes after its store
+    with popxl.Session(ir) as session:
+        first = session.run()
+        kept = {s: first[s].copy() for s in streams}
+        second = session.run()
+    np.testing.assert_array_equal(kept[streams[0]], x0 * 2)
+    np.testing.assert_array_equal(kept[streams[1]], x0)
+    np.testing.assert_array_equal(kept[streams[2]], x0)
+    for s in streams:  # a later run does not change arrays an earlier one returned
+        np.testing.assert_array_equal(first[s], kept[s])
+    v1 = x0 + (x0 * 2 + 100)
+    np.testing.assert_array_equal(second[streams[1]], v1)
+    np.testing.assert_array_equal(second[streams[0]], v1 * 2)

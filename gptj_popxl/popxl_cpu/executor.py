@@ -60,6 +60,12 @@ class Plan:
         self.written_inputs = frozenset(i for i, t in enumerate(graph._inputs) if classes.find(t.id) in written)
         input_classes = {classes.find(t.id) for t in graph._inputs}
 
+        # Storage that nothing changes once computed: main-graph activations no op writes that share
+        # no storage with a variable, constant or input. A host may keep such values as they are.
+        changing = written | {classes.find(t.id) for t in graph._tensors.values() if t._producer is None}
+        unchanging = set() if graph is not graph.ir.main_graph else {
+            classes.find(t.id) for t in graph._tensors.values() if t._producer is not None} - changing
+
         slot: Dict[str, int] = {}
 
         def slot_of(t: Tensor) -> int:
@@ -84,6 +90,9 @@ class Plan:
             fn = op.prim.lower(op, runtime)
             if op in copied:
                 fn = _copying(fn)
+            shared = tuple(i for i in op.prim.retains if classes.find(op.inputs[i].id) not in unchanging)
+            if shared:
+                fn = _copying_inputs(fn, shared)
             outs = tuple(slot_of(t) for t in op.outputs)
             steps.append([fn, tuple(ins), outs[0] if op.single else outs, ()])
         for t in graph._outputs:
@@ -124,6 +133,12 @@ class Plan:
             for s in frees:
                 vals[s] = None
         return [vals[s].clone() if c else vals[s] for s, c in zip(self.out_slots, self.copy_out)]
+
+
+def _copying_inputs(fn, indices):
+    def copy_then_run(*xs):
+        return fn(*[x.clone() if i in indices else x for i, x in enumerate(xs)])
+    return copy_then_run
 
 
 def _copying(fn):

@@ -11,7 +11,9 @@ A primitive subclasses :class:`Primitive` and defines
 
 and optionally ``modifies`` (input indices written in place; output 0 aliases the first), ``view``
 (an out-of-place op whose kernel may return a view of input 0; the runtime copies where a later
-in-place op would otherwise be visible through it) or ``alias`` (output 0 deliberately aliases input 0,
+in-place op would otherwise be visible through it), ``retains`` (inputs the kernel keeps a reference
+to after it returns, as ``host_store`` hands its value to the host; the runtime passes a copy unless
+nothing can change the value later) or ``alias`` (output 0 deliberately aliases input 0,
 as ``reshape_``). Ops that need runtime state (streams, remote buffers, subgraphs, replicas) override
 ``lower(op, runtime)`` to return the callable run for each execution.
 
@@ -62,6 +64,7 @@ class Primitive:
     name: str = "primitive"
     modifies: Tuple[int, ...] = ()
     view: bool = False
+    retains: Tuple[int, ...] = ()
     alias: bool = False
     grad = None
 

@@ -32,7 +32,9 @@ class Runtime:
         self.stream_in: Dict[HostToDeviceStream, torch.Tensor] = {}
         self.stream_in_next: Dict[HostToDeviceStream, int] = {}
         # The run's host arrays, viewed (transfers, R, *shape): host_store copies straight into them.
-        self.stream_out: Dict[DeviceToHostStream, np.ndarray] = {}
+        # A stream mapped to None keeps the stored value itself (one transfer, outputs made by the run).
+        self.stream_out: Dict[DeviceToHostStream, Optional[np.ndarray]] = {}
+        self.stream_kept: Dict[DeviceToHostStream, torch.Tensor] = {}
         self.stream_out_next: Dict[DeviceToHostStream, int] = {}
 
     def plan(self, graph) -> Plan:
@@ -77,14 +79,19 @@ class Runtime:
         return data[k]
 
     def store_stream(self, stream: DeviceToHostStream, value: torch.Tensor) -> None:
-        """Copies ``value`` to the host now, so later in-place ops cannot change what the host gets."""
+        """Sends ``value`` to the host: copied into the run's host array, or kept as it is (lowering
+        hands over a copy unless nothing can change the value later)."""
         target = self.stream_out[stream]
         k = self.stream_out_next[stream]
-        if k >= target.shape[0]:
+        transfers = 1 if target is None else target.shape[0]
+        if k >= transfers:
             raise ValueError(f"host stream '{stream._name}' was stored more than ir.num_host_transfers="
-                             f"{target.shape[0]} times in one run")
+                             f"{transfers} times in one run")
         self.stream_out_next[stream] = k + 1
-        target[k] = value.numpy()  # numpy's copy: torch's would wake its thread pool, slow on a busy host
+        if target is None:
+            self.stream_kept[stream] = value
+        else:
+            target[k] = value.numpy()  # numpy's copy: torch's would wake its thread pool, slow on a busy host
 
 
 class _VariableLayout:
@@ -209,35 +216,49 @@ class Session:
         ``inputs`` maps each of ``expected_inputs()`` to its data, shaped the same way.
         """
         self._require_attached("run")
-        outputs = self.create_host_outputs()
-        self.run_with_outputs(inputs, outputs, downcast_inputs)
-        return outputs
+        if self._ir.num_host_transfers > 1:
+            outputs = self.create_host_outputs()
+            self.run_with_outputs(inputs, outputs, downcast_inputs)
+            return outputs
+        # One transfer per stream: hand over the stored values themselves instead of copying them.
+        kept = self._execute(inputs, downcast_inputs, dict.fromkeys(self._outputs()))
+        squeeze = self._rt.replicas == 1
+        return {s: (kept[s][0] if squeeze else kept[s]).numpy() if s in kept
+                else np.zeros(self._extra_dims() + s.shape, s.dtype.as_numpy()) for s in self._outputs()}
 
     def run_with_outputs(self, inputs: Optional[Mapping[HostToDeviceStream, np.ndarray]] = None,
                          outputs: Optional[Mapping[DeviceToHostStream, np.ndarray]] = None,
                          downcast_inputs: bool = True) -> None:
         """Runs the main graph once, writing every d2h stream into the given ``outputs`` arrays."""
         self._require_attached("run_with_outputs")
-        inputs = {s: self._host_input(s, a, downcast_inputs) for s, a in (inputs or {}).items()}
         outputs = dict(outputs or {})
-        self._check_streams(inputs, self.expected_inputs(), "input")
         self._check_streams(outputs, self._outputs(), "output")
+        views = {s: self._output_view(s, a) for s, a in outputs.items()}
+        self._execute(inputs, downcast_inputs, {s: view for s, (view, _) in views.items()})
+        for view, copy_back in views.values():
+            if copy_back is not None:
+                copy_back[...] = view.reshape(copy_back.shape)
+
+    def _execute(self, inputs, downcast: bool, targets) -> Dict[DeviceToHostStream, torch.Tensor]:
+        """Runs the main plan; d2h streams store into their ``targets`` view, or are kept (None).
+        Returns the kept values."""
+        inputs = {s: self._host_input(s, a, downcast) for s, a in (inputs or {}).items()}
+        self._check_streams(inputs, self.expected_inputs(), "input")
         rt = self._rt
         n = self._ir.num_host_transfers
         rt.stream_in = {s: torch.from_numpy(np.ascontiguousarray(a[:n] if n > 1 else a)).reshape(
             (n, rt.replicas) + s.shape) for s, a in inputs.items()}
         rt.stream_in_next = {s: 0 for s in rt.stream_in}
-        views = {s: self._output_view(s, a) for s, a in outputs.items()}
-        rt.stream_out = {s: view for s, (view, _) in views.items()}
-        rt.stream_out_next = dict.fromkeys(rt.stream_out, 0)
+        rt.stream_out = targets
+        rt.stream_out_next = dict.fromkeys(targets, 0)
+        rt.stream_kept = {}
         try:
             self._main.run(())
-            for view, copy_back in views.values():
-                if copy_back is not None:
-                    copy_back[...] = view.reshape(copy_back.shape)
+            return rt.stream_kept
         finally:
             rt.stream_in = {}
             rt.stream_out = {}
+            rt.stream_kept = {}
 
     def _host_input(self, stream, array, downcast: bool) -> np.ndarray:
         if not isinstance(stream, HostToDeviceStream):

@@ -55,6 +55,7 @@ class HostLoad(Primitive):
 
 class HostStore(Primitive):
     name = "host_store"
+    retains = (0,)
 
     @staticmethod
     def infer(t, stream):

@@ -25,7 +25,7 @@ demo: venv
 	$(VENV)/bin/gptj-popxl demo
 
 bench: venv
-	$(PY) -m pytest -q benchmarks --benchmark-only
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-warmup=on --benchmark-min-rounds=20
 
 cpp-test:
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j $(JOBS) && ctest --test-dir build --output-on-failure

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-test: venv
+test: venv cpp-test
 	$(PY) -m pytest -q -n $(JOBS) tests
 
 demo: venv
@@ -27,8 +27,11 @@ demo: venv
 bench: venv
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-warmup=on --benchmark-min-rounds=20
 
-cpp-test:
-	cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null && cmake --build build -j $(JOBS) && ctest --test-dir build --output-on-failure
+# The C++ kernels' own tests, with the cmake that `make venv` installs.
+cpp-test: venv
+	$(VENV)/bin/cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+	$(VENV)/bin/cmake --build build -j $(JOBS)
+	$(VENV)/bin/ctest --test-dir build --output-on-failure
 
 clean:
 	rm -rf build .pytest_cache .benchmarks

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
-from gptj_popxl.golden import compare_with_hf, random_hf_checkpoint
+from gptj_popxl.golden import compare_with_hf, default_seq, random_hf_checkpoint
 from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.gptj import DTYPES
 
@@ -58,7 +58,7 @@ def _check_golden_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         config = GPTJConfig.from_pretrained_dir(args.model)
     except (FileNotFoundError, ValueError) as e:
         parser.error(f"--model {args.model}: {e}")
-    seq = min(16, config.n_positions) if args.seq is None else args.seq
+    seq = default_seq(config, args.seq)
     if seq > config.n_positions:
         parser.error(f"--seq {seq} exceeds the model's n_positions ({config.n_positions})")
     if seq < 2:

@@ -14,15 +14,14 @@ logits too, since float16 keeps about 3 significant digits whatever the magnitud
 import contextlib
 import dataclasses
 import os
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from gptj_popxl.checkpoint import PathLike, atomic_directory
 from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.gptj import from_pretrained
 from gptj_popxl.model.layers import IGNORE_INDEX
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +137,7 @@ def random_hf_checkpoint(path: PathLike, config: GPTJConfig, seed: int = 0) -> s
     width), LayerNorm weights ``1 + N(0, 0.2)`` and all biases ``N(0, 0.2)``: nothing is
     left at an initial 0 or 1 that could hide a misplaced tensor. Needs no network.
 
-    Returns the directory path.
+    The directory is replaced whole (see ``atomic_directory``). Returns its path.
     """
     import torch
     import transformers
@@ -154,8 +153,8 @@ def random_hf_checkpoint(path: PathLike, config: GPTJConfig, seed: int = 0) -> s
                 p.normal_(0.0, 0.2)
             else:
                 p.normal_(0.0, p.shape[1] ** -0.5)
-    with _no_progress_bars():
-        model.save_pretrained(os.fspath(path))
+    with _no_progress_bars(), atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
     return os.fspath(path)
 
 
@@ -181,6 +180,11 @@ def hf_logits_loss_grads(
 
 
 # ----------------------------------------------------------------------------- comparison
+
+
+def default_seq(config: GPTJConfig, seq: Optional[int] = None) -> int:
+    """``seq``, or when None the comparison's default sequence length ``min(16, n_positions)``."""
+    return min(16, config.n_positions) if seq is None else seq
 
 
 def golden_inputs(vocab_size: int, batch: int, seq: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -216,7 +220,7 @@ def compare_with_hf(
     """
     model = from_pretrained(model_dir, tensor_parallel=tensor_parallel, dtype=dtype,
                             attention_serialisation=attention_serialisation)
-    seq = min(16, model.config.n_positions) if seq is None else seq
+    seq = default_seq(model.config, seq)
     ids, labels = golden_inputs(model.config.vocab_size, batch, seq, seed)
     logits = model.logits(ids)
     loss, grads = model.loss_and_grads(ids, labels)

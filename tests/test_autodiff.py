@@ -291,3 +291,15 @@ def test_autodiff_errors():
             popxl.transforms.autodiff(fwd)
         with pytest.raises(TypeError, match="expects a Graph"):
             popxl.transforms.autodiff(fwd.inputs[0])
+
+
+def test_stitched_outputs_keep_their_meta_shape_at_call_sites():
+    ir = popxl.Ir(replication=2)
+    with ir.main_graph:
+        def fwd(x):
+            shard = ops.collectives.replica_sharded_slice(x)  # meta_shape (4,)
+            return shard * shard  # its gradient needs the shard: autodiff appends it to the outputs
+        graph = ir.create_graph(fwd, spec(4))
+        site = ops.call_with_info(graph, ops.init((4,), F32))
+        popxl.transforms.autodiff(graph)
+    assert [t.meta_shape for t in site.outputs] == [t.meta_shape for t in graph.outputs] == [(), (4,)]

@@ -201,6 +201,16 @@ def test_random_checkpoint_leaves_no_parameter_at_its_initial_value(ckpt):
         assert p.std() > 0.05 and not torch.all(p == 1), name
 
 
+def test_random_checkpoint_replaces_an_existing_directory_whole(tmp_path):
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    (path / "pytorch_model.bin").write_bytes(b"stale")
+    golden.random_hf_checkpoint(path, tiny_config(n_layer=1), seed=1)
+    assert not (path / "pytorch_model.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary sibling left behind
+    transformers.GPTJForCausalLM.from_pretrained(path)
+
+
 def test_compare_with_hf_reports_every_tensor(ckpt):
     report = golden.compare_with_hf(ckpt, tensor_parallel=2, batch=2, seq=8)
     assert [r.name for r in report.rows] == ["logits", "loss"] + hf_param_names(tiny_config())

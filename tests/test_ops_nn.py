@@ -24,6 +24,17 @@ def test_matmul_output_type_and_operator(rng):
     np.testing.assert_allclose(out[0], a.astype(np.float32) @ b.astype(np.float32), rtol=1e-6)
 
 
+def test_matmul_output_type_gradient_has_input_dtype(rng):
+    a, b = rand(rng, 2, 3, dtype=np.float16), rand(rng, 3, 4, dtype=np.float16)
+    dy = rand(rng, 2, 4)
+    _, (da, db) = run_graph(lambda a, b: ops.matmul(a, b, output_type=dtypes.float32), a, b, dys=[dy])
+    assert da.dtype == db.dtype == np.float16
+    ta, tb = (torch.tensor(v, dtype=torch.float32, requires_grad=True) for v in (a, b))
+    (ta @ tb).backward(torch.tensor(dy))
+    np.testing.assert_allclose(da, ta.grad.numpy(), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(db, tb.grad.numpy(), rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("axis", [0, -1])
 def test_softmax(axis, dtype, rng):
@@ -228,3 +239,10 @@ def test_replicas_normalise_and_score_their_own_data(rng):
     out, _ = run_graph(lambda p, l: ops.nll_loss_with_softmax_grad(p, l), probs, labels, replication=2)
     expected = (probs - np.eye(4, dtype=np.float32)[labels]) / 3
     np.testing.assert_allclose(out[1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_axis_errors_name_the_tensor():
+    with pytest.raises(ValueError, match=r"axis 2 is out of range for rank 2 of 'x' \(3, 4\)"):
+        build_error(lambda x: ops.softmax(x, 2), spec((3, 4)))
+    with pytest.raises(ValueError, match=r"axis -3 is out of range for rank 2 of 'x' \(3, 4\)"):
+        build_error(lambda x: ops.sum(x, [0, -3]), spec((3, 4)))

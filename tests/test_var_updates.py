@@ -129,6 +129,18 @@ def test_sparse_accumulate(axis):
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
+def test_sparse_accumulate_float16_sums_repeated_indices_in_float32():
+    # 2048 + 1 + 1: one rounding gives 2050; adding in float16 twice would round back to 2048 each time.
+    t0 = np.full((1, 3), 2048, np.float16)
+    x = np.ones((2, 3), np.float16)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        t = popxl.variable(t0, name="t")
+        V.sparse_accumulate_(t, popxl.variable(x), popxl.variable(np.array([0, 0], np.int32)))
+        (got,) = values_after(ir, [t])
+    np.testing.assert_array_equal(got, (t0.astype(np.float32) + x.astype(np.float32).sum(0)).astype(np.float16))
+
+
 def _adam_reference(m, v, w=None, step=None, wd=0.0, b1=None, b2=None, eps=1e-7, adamax=False):
     if step is not None:
         m = m / (1 - b1 ** step)

@@ -99,8 +99,7 @@ class GraphWithNamedArgs:
         if self.autodiff_applied and not force:
             raise RuntimeError(f"graph '{self.graph.name}' was already differentiated; autodiff changes the forward "
                                f"graph, pass force=True to differentiate it again")
-        infos = {**_normalise_grad_infos(called_graphs_grad_info), **self.called_graphs_grad_info}
-        grad = autodiff(self, grads_provided, grads_required, infos)
+        grad = autodiff(self, grads_provided, grads_required, called_graphs_grad_info)
         self.autodiff_applied = True
         return grad
 

@@ -69,8 +69,7 @@ def named_variable_buffers(factories: NamedVariableFactories, entries: int = 1,
     """
     buffers = {}
     for name, f in factories.to_dict().items():
-        spec = popxl.TensorSpec(f.shape, f.dtype, f.meta_shape or ())
-        buffers[name] = create_remote_buffer(spec, entries, f.replica_grouping,
+        buffers[name] = create_remote_buffer(f.spec, entries, f.replica_grouping,
                                              _shard_over(shard_over_dict, name, f))
     return NamedRemoteBuffers.from_dict(buffers)
 

@@ -109,6 +109,7 @@ class VariableFactory:
 
     @property
     def spec(self):
+        """The graph input's ``TensorSpec`` (shape, dtype and, when replica sharded, meta shape)."""
         return popxl.TensorSpec(self.shape, self.dtype, self.meta_shape or ())
 
     def create_input(self, prefix: Optional[str] = None) -> popxl.Tensor:

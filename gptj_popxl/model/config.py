@@ -7,9 +7,13 @@ from typing import Any, Dict, Mapping, Optional, Union
 _SUPPORTED_ACTIVATION = "gelu_new"
 
 
+def is_positive_int(value: Any) -> bool:
+    """Whether ``value`` is an ``int`` >= 1 (bool is an int subclass, but True as a count is a bug, not a 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_positive_int(name: str, value: Any) -> None:
-    # bool is an int subclass; True as a layer count is a bug, not a 1.
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"GPTJConfig.{name} must be a positive integer, got {value!r}")
 
 
@@ -165,7 +169,7 @@ def tp_layout(config: GPTJConfig, tp: int) -> TPLayout:
     Raises:
         ValueError: ``tp`` is not an integer >= 1.
     """
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+    if not is_positive_int(tp):
         raise ValueError(f"tensor-parallel degree tp must be an integer >= 1, got {tp!r}")
     heads = _round_up(config.n_head, tp)
     inner = _round_up(config.inner_size, tp)

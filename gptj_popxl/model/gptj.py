@@ -5,18 +5,16 @@ The model compiles one popxl program (an ``Ir`` and its ``Session``) per kind of
 Each program holds its own copy of the weights, made from the host arrays in our layout.
 """
 import dataclasses
-import os
-from typing import Dict, Mapping, Tuple, Union
+from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
 from gptj_popxl import addons
 from gptj_popxl.backend import IS_CPU, ops, popxl
-from gptj_popxl.model.config import GPTJConfig, tp_layout
+from gptj_popxl.checkpoint import PathLike
+from gptj_popxl.model.config import GPTJConfig, is_positive_int, tp_layout
 from gptj_popxl.model.hf_mapping import hf_to_popxl, load_hf_state_dict, popxl_param_shapes, popxl_to_hf
 from gptj_popxl.model.layers import IGNORE_INDEX, GPTJLM, GPTJLMLoss, tp_groups
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 DTYPES = {"float32": popxl.float32, "float16": popxl.float16}
 
@@ -86,17 +84,12 @@ class Program:
         return {name: results[stream] for name, stream in self.outputs.items()}
 
 
-def _is_positive_int(value) -> bool:
-    # bool is an int subclass; True as a shard count is a bug, not a 1.
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def _check_options(tensor_parallel, dtype, attention_serialisation) -> None:
-    if not _is_positive_int(tensor_parallel):
+    if not is_positive_int(tensor_parallel):
         raise ValueError(f"tensor_parallel must be an integer >= 1, got {tensor_parallel!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if not _is_positive_int(attention_serialisation):
+    if not is_positive_int(attention_serialisation):
         raise ValueError(f"attention_serialisation must be an integer >= 1, got {attention_serialisation!r}")
 
 
@@ -205,7 +198,7 @@ class GPTJ:
             builders = {"logits": self._build_logits, "loss_and_grads": self._build_loss_and_grads}
             if kind not in builders:
                 raise ValueError(f"program kind must be one of {sorted(builders)}, got {kind!r}")
-            if not (_is_positive_int(batch) and _is_positive_int(seq) and seq <= self.config.n_positions):
+            if not (is_positive_int(batch) and is_positive_int(seq) and seq <= self.config.n_positions):
                 raise ValueError(f"program ({kind!r}, batch={batch!r}, seq={seq!r}): batch and seq must be integers "
                                  f">= 1 with seq <= n_positions ({self.config.n_positions})")
             program = self._programs[key] = builders[kind](batch, seq)

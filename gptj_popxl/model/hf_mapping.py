@@ -29,17 +29,17 @@ lm_head.bias                   (tp, vps)
 """
 import json
 import os
-from typing import Callable, Dict, List, Mapping, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Tuple
 
 import numpy as np
 import safetensors
 import safetensors.numpy
 import torch
 
-from gptj_popxl.checkpoint import atomic_directory
+from gptj_popxl.addons.array_munging import pad_axis, shard, unshard
+from gptj_popxl.checkpoint import PathLike, atomic_directory
 from gptj_popxl.model.config import GPTJConfig, tp_layout
 
-PathLike = Union[str, "os.PathLike[str]"]
 Shape = Tuple[int, ...]
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -131,13 +131,6 @@ def _checked_arrays(
     return arrays
 
 
-def _pad_axis(a: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """Zero-pad ``a`` at the end of ``axis`` up to ``size``."""
-    widths = [(0, 0)] * a.ndim
-    widths[axis] = (0, size - a.shape[axis])
-    return np.pad(a, widths)
-
-
 def hf_to_popxl(
     state_dict: Mapping[str, np.ndarray], config: GPTJConfig, tp: int, dtype=np.float32
 ) -> Dict[str, np.ndarray]:
@@ -163,39 +156,36 @@ def hf_to_popxl(
     sd = _checked_arrays(state_dict, hf_param_shapes(config), "HF state dict")
     lay = tp_layout(config, tp)
     e, d, h = config.n_embd, config.head_dim, config.n_head
-    hps, ips, vps = lay.heads_per_shard, lay.inner_per_shard, lay.vocab_per_shard
+    hps = lay.heads_per_shard
+
+    def sharded(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+        # Zero-padded to ``size`` along ``axis``, then cut into tp contiguous blocks on a new axis 0.
+        return shard(pad_axis(a, size, axis), tp, axis)
 
     def heads_in_cols(w: np.ndarray) -> np.ndarray:
         # (out=h*d, in=e) torch weight -> (e, tp, hps, d): per-shard head blocks.
-        return _pad_axis(w.T.reshape(e, h, d), 1, lay.heads_padded).reshape(e, tp, hps, d)
+        return pad_axis(w.T.reshape(e, h, d), lay.heads_padded, 1).reshape(e, tp, hps, d)
 
-    def cols_sharded(w_t: np.ndarray, size: int, per_shard: int) -> np.ndarray:
-        # (in, out) -> (tp, in, per_shard): shard s gets output columns [s*per_shard, ...).
-        return _pad_axis(w_t, 1, size).reshape(w_t.shape[0], tp, per_shard).transpose(1, 0, 2)
-
-    out = {"embedding.word.weight": _pad_axis(sd["transformer.wte.weight"], 0, lay.vocab_padded).reshape(tp, vps, e)}
+    out = {"embedding.word.weight": sharded(sd["transformer.wte.weight"], 0, lay.vocab_padded)}
     for layer in range(config.n_layer):
         src, dst = f"transformer.h.{layer}.", f"layers.{layer}."
         qkv = np.stack([heads_in_cols(sd[src + f"attn.{n}_proj.weight"]) for n in "qkv"], axis=1)
-        o = sd[src + "attn.out_proj.weight"].T.reshape(h, d, e)
         out.update({
             dst + "ln_1.weight": sd[src + "ln_1.weight"],
             dst + "ln_1.bias": sd[src + "ln_1.bias"],
             # (e, 3, tp, hps, d) -> (tp, e, 3, hps, d): per shard [q | k | v] of its heads.
             dst + "attn.qkv.weight": qkv.transpose(2, 0, 1, 3, 4).reshape(tp, e, 3 * hps * d),
-            dst + "attn.out.weight": _pad_axis(o, 0, lay.heads_padded).reshape(tp, hps * d, e),
-            dst + "mlp.fc_in.weight": cols_sharded(sd[src + "mlp.fc_in.weight"].T, lay.inner_padded, ips),
-            dst + "mlp.fc_in.bias": _pad_axis(sd[src + "mlp.fc_in.bias"], 0, lay.inner_padded).reshape(tp, ips),
-            dst + "mlp.fc_out.weight": _pad_axis(sd[src + "mlp.fc_out.weight"].T, 0, lay.inner_padded).reshape(
-                tp, ips, e
-            ),
+            dst + "attn.out.weight": sharded(sd[src + "attn.out_proj.weight"].T, 0, lay.heads_padded * d),
+            dst + "mlp.fc_in.weight": sharded(sd[src + "mlp.fc_in.weight"].T, 1, lay.inner_padded),
+            dst + "mlp.fc_in.bias": sharded(sd[src + "mlp.fc_in.bias"], 0, lay.inner_padded),
+            dst + "mlp.fc_out.weight": sharded(sd[src + "mlp.fc_out.weight"].T, 0, lay.inner_padded),
             dst + "mlp.fc_out.bias": sd[src + "mlp.fc_out.bias"],
         })
     out.update({
         "ln_f.weight": sd["transformer.ln_f.weight"],
         "ln_f.bias": sd["transformer.ln_f.bias"],
-        "lm_head.weight": cols_sharded(sd["lm_head.weight"].T, lay.vocab_padded, vps),
-        "lm_head.bias": _pad_axis(sd["lm_head.bias"], 0, lay.vocab_padded).reshape(tp, vps),
+        "lm_head.weight": sharded(sd["lm_head.weight"].T, 1, lay.vocab_padded),
+        "lm_head.bias": sharded(sd["lm_head.bias"], 0, lay.vocab_padded),
     })
     # Always copy so the result never aliases the caller's arrays.
     return {k: np.array(a, dtype=dtype, order="C") for k, a in out.items()}
@@ -223,11 +213,11 @@ def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int) -
     e, d, h, i = config.n_embd, config.head_dim, config.n_head, config.inner_size
     vocab, hps = config.vocab_size, lay.heads_per_shard
 
-    def unshard_cols(w: np.ndarray, size: int) -> np.ndarray:
-        # (tp, in, per_shard) -> (in, size), padding columns dropped.
-        return w.transpose(1, 0, 2).reshape(w.shape[1], -1)[:, :size]
+    def unsharded(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+        # The tp blocks of ``a`` joined along ``axis`` (an axis of a block), padding past ``size`` dropped.
+        return unshard(a, axis)[(slice(None),) * axis + (slice(size),)]
 
-    out = {"transformer.wte.weight": p["embedding.word.weight"].reshape(-1, e)[:vocab]}
+    out = {"transformer.wte.weight": unsharded(p["embedding.word.weight"], 0, vocab)}
     for layer in range(config.n_layer):
         src, dst = f"layers.{layer}.", f"transformer.h.{layer}."
         # (tp, e, 3*hps*d) -> (3, e, tp*hps, d), padded heads dropped -> (3, e, h*d).
@@ -239,17 +229,17 @@ def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int) -
             dst + "attn.q_proj.weight": q.T,
             dst + "attn.k_proj.weight": k.T,
             dst + "attn.v_proj.weight": v.T,
-            dst + "attn.out_proj.weight": p[src + "attn.out.weight"].reshape(-1, e)[: h * d].T,
-            dst + "mlp.fc_in.weight": unshard_cols(p[src + "mlp.fc_in.weight"], i).T,
-            dst + "mlp.fc_in.bias": p[src + "mlp.fc_in.bias"].reshape(-1)[:i],
-            dst + "mlp.fc_out.weight": p[src + "mlp.fc_out.weight"].reshape(-1, e)[:i].T,
+            dst + "attn.out_proj.weight": unsharded(p[src + "attn.out.weight"], 0, h * d).T,
+            dst + "mlp.fc_in.weight": unsharded(p[src + "mlp.fc_in.weight"], 1, i).T,
+            dst + "mlp.fc_in.bias": unsharded(p[src + "mlp.fc_in.bias"], 0, i),
+            dst + "mlp.fc_out.weight": unsharded(p[src + "mlp.fc_out.weight"], 0, i).T,
             dst + "mlp.fc_out.bias": p[src + "mlp.fc_out.bias"],
         })
     out.update({
         "transformer.ln_f.weight": p["ln_f.weight"],
         "transformer.ln_f.bias": p["ln_f.bias"],
-        "lm_head.weight": unshard_cols(p["lm_head.weight"], vocab).T,
-        "lm_head.bias": p["lm_head.bias"].reshape(-1)[:vocab],
+        "lm_head.weight": unsharded(p["lm_head.weight"], 1, vocab).T,
+        "lm_head.bias": unsharded(p["lm_head.bias"], 0, vocab),
     })
     return {k: np.array(a, order="C") for k, a in out.items()}
 

@@ -10,14 +10,13 @@ identical on every shard.
 """
 import dataclasses
 import math
-from typing import Callable
 
 import numpy as np
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
-from gptj_popxl.model.config import GPTJConfig, TPLayout, tp_layout
-from gptj_popxl.model.rotary import rotary_embedding, trig_tables
+from gptj_popxl.model.config import GPTJConfig, TPLayout, is_positive_int, tp_layout
+from gptj_popxl.model.rotary import cast_to, rotary_embedding, trig_tables
 
 # Std of the normal initial weights when a layer is made from scratch (transformers' GPT-J default).
 INIT_STD = 0.02
@@ -48,25 +47,23 @@ def tp_groups(ir, tp: int) -> TPGroups:
         ValueError: ``tp`` does not divide ``ir.replication_factor``.
     """
     replicas = ir.replication_factor
-    if not isinstance(tp, int) or tp < 1 or replicas % tp:
+    if not is_positive_int(tp) or replicas % tp:
         raise ValueError(f"tensor-parallel degree {tp!r} must be a positive divisor of the IR's replication "
                          f"factor {replicas}")
     sharded = ir.replica_grouping(stride=tp, group_size=replicas // tp)
     return TPGroups(tp, sharded, sharded.transpose())
 
 
-def _normal(shape, dtype) -> Callable[[], np.ndarray]:
-    return lambda: np.random.normal(0.0, INIT_STD, shape).astype(dtype)
-
-
-def _zeros(shape, dtype) -> Callable[[], np.ndarray]:
-    return lambda: np.zeros(shape, dtype)
-
-
 def _sharded_weight(module: addons.Module, shape, dtype, groups: TPGroups) -> popxl.Tensor:
     """``module``'s variable input ``weight``: one ``shape`` block per shard, normal initial values."""
-    return module.add_variable_input("weight", _normal(shape, dtype.as_numpy()), dtype,
-                                     replica_grouping=groups.sharded)
+    return module.add_variable_input("weight", lambda: np.random.normal(0.0, INIT_STD, shape).astype(dtype.as_numpy()),
+                                     dtype, replica_grouping=groups.sharded)
+
+
+def _bias(module: addons.Module, size: int, dtype, replica_grouping=None) -> popxl.Tensor:
+    """``module``'s variable input ``bias`` of ``size`` zeros (one block per shard with a sharded grouping)."""
+    return module.add_variable_input("bias", lambda: np.zeros(size, dtype.as_numpy()), dtype,
+                                     replica_grouping=replica_grouping)
 
 
 def identical_inputs(x: popxl.Tensor, groups: TPGroups) -> popxl.Tensor:
@@ -99,8 +96,7 @@ class ColumnShardedLinear(addons.Module):
         w = _sharded_weight(self, (x.shape[-1], self.out_features), x.dtype, self.groups)
         y = identical_inputs(x, self.groups) @ w
         if self.bias:
-            b = self.add_variable_input("bias", _zeros((self.out_features,), x.dtype.as_numpy()), x.dtype,
-                                        replica_grouping=self.groups.sharded)
+            b = _bias(self, self.out_features, x.dtype, self.groups.sharded)
             y = ops.add_(y, b) if self.inplace_bias else y + b
         return y
 
@@ -122,40 +118,25 @@ class RowShardedLinear(addons.Module):
         w = _sharded_weight(self, (x.shape[-1], self.out_features), x.dtype, self.groups)
         y = sum_shards(x @ w, self.groups)
         if self.bias:
-            y = y + self.add_variable_input("bias", _zeros((self.out_features,), x.dtype.as_numpy()), x.dtype)
+            y = y + _bias(self, self.out_features, x.dtype)
         return y
 
 
-class VocabShardedEmbedding(addons.Module):
-    """Token embedding with the vocabulary sharded: each shard holds ``vocab_per_shard`` rows.
-
-    A shard looks up the ids in its range ``[offset, offset + vocab_per_shard)`` and gives
-    zeros for the others; summing over the shards gives every token's row.
-    """
-
-    def __init__(self, vocab_per_shard: int, hidden: int, groups: TPGroups, dtype=popxl.float32):
-        super().__init__()
-        self.vocab_per_shard = vocab_per_shard
-        self.hidden = hidden
-        self.groups = groups
-        self.dtype = dtype
-
-    def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:
-        w = _sharded_weight(self, (self.vocab_per_shard, self.hidden), self.dtype, self.groups)
-        x = ops.gather(w, input_ids - shard_offset, zero_OOR=True)
-        return sum_shards(x, self.groups)
-
-
 class Embedding(addons.Module):
-    """The embedding stage: ``word`` embeddings (GPT-J has no learned positions)."""
+    """The embedding stage: ``word`` embeddings (GPT-J has no learned positions), vocabulary sharded.
+
+    Each shard looks up the ids in its range ``[offset, offset + vocab_per_shard)`` and gives zeros
+    for the others; summing over the shards gives every token's row.
+    """
 
     def __init__(self, config: GPTJConfig, groups: TPGroups, dtype=popxl.float32):
         super().__init__()
-        layout = tp_layout(config, groups.tp)
-        self.word = VocabShardedEmbedding(layout.vocab_per_shard, config.n_embd, groups, dtype)
+        self.groups = groups
+        # addons' shard size ceil(V / tp) is tp_layout's vocab_per_shard.
+        self.word = addons.layers.Embedding(dtype, config.vocab_size, config.n_embd, replica_grouping=groups.sharded)
 
     def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:
-        return self.word(input_ids, shard_offset)
+        return sum_shards(self.word(input_ids - shard_offset), self.groups)
 
 
 def causal_mask(rows: range, seq: int) -> np.ndarray:
@@ -172,13 +153,10 @@ def attend(q: popxl.Tensor, k_t: popxl.Tensor, v: popxl.Tensor, mask: popxl.Tens
     (batch, heads, keys, head_dim), ``mask`` (queries, keys) float32. Scores and softmax are
     float32 whatever the dtype of ``v``; the probabilities are cast back to it before ``@ v``.
     """
-    if q.dtype != popxl.float32:
-        q, k_t = ops.cast(q, popxl.float32), ops.cast(k_t, popxl.float32)
+    q, k_t = cast_to(q, popxl.float32), cast_to(k_t, popxl.float32)
     scores = (q @ k_t) / popxl.constant(math.sqrt(q.shape[-1]), popxl.float32, name="scale")
     probs = ops.softmax(scores + mask, axis=-1)
-    if v.dtype != popxl.float32:
-        probs = ops.cast(probs, v.dtype)
-    return probs @ v
+    return cast_to(probs, v.dtype) @ v
 
 
 def causal_attention(q: popxl.Tensor, k_t: popxl.Tensor, v: popxl.Tensor, blocks: int = 1) -> popxl.Tensor:
@@ -192,7 +170,7 @@ def causal_attention(q: popxl.Tensor, k_t: popxl.Tensor, v: popxl.Tensor, blocks
         ValueError: ``blocks`` does not divide the sequence length.
     """
     seq = q.shape[2]
-    if not isinstance(blocks, int) or blocks < 1 or seq % blocks:
+    if not is_positive_int(blocks) or seq % blocks:
         raise ValueError(f"attention serialisation: {blocks!r} query blocks must be a positive divisor of the "
                          f"sequence length {seq}")
     if blocks == 1:
@@ -339,5 +317,5 @@ def sharded_cross_entropy(logits: popxl.Tensor, labels: popxl.Tensor, shard_offs
     over vocab-sharded ``logits`` ``(tokens, vocab_per_shard)``."""
     # The loss op takes labels relative to the shard, and the ignore index in the same frame.
     ignore = popxl.constant(IGNORE_INDEX, popxl.int32, name="ignore_index") - shard_offset
-    return addons.ops.cross_entropy_sharded_loss(ops.cast(logits, popxl.float32), labels - shard_offset,
+    return addons.ops.cross_entropy_sharded_loss(cast_to(logits, popxl.float32), labels - shard_offset,
                                                  ignore_index=ignore, replica_grouping=groups.tp_group)

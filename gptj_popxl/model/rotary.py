@@ -39,8 +39,7 @@ import numpy as np
 import torch
 
 from gptj_popxl.backend import IS_CPU, ops, popxl
-from gptj_popxl.popxl_cpu.primitive import Primitive
-
+from gptj_popxl.model.config import is_positive_int
 IMPLS = ("auto", "cpp", "composite")
 
 _SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -55,7 +54,7 @@ def trig_tables(max_positions: int, rotary_dim: int, base: float = 10000) -> Tup
     """
     if not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2:
         raise ValueError(f"trig_tables: rotary_dim must be a positive even int, got {rotary_dim!r}")
-    if not isinstance(max_positions, int) or max_positions < 1:
+    if not is_positive_int(max_positions):
         raise ValueError(f"trig_tables: max_positions must be a positive int, got {max_positions!r}")
     inv_freq = 1.0 / (float(base) ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
     angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq
@@ -106,42 +105,47 @@ def extension():
     return cppimport.imp_from_filepath(_SOURCE, "rotary_embedding")
 
 
-class RotaryEmbedding(Primitive):
-    """The C++ rotary embedding on popxl_cpu; ``inverse`` rotates backwards (the gradient)."""
-    name = "rotary_embedding"
+# The C++ op is a popxl_cpu primitive: defined only on that backend, so the SDK never imports popxl_cpu.
+if IS_CPU:
+    from gptj_popxl.popxl_cpu.primitive import Primitive
 
-    @staticmethod
-    def infer(x, sin, cos, positions, rotary_dim, inverse):
-        check_inputs(x, sin, cos, positions, rotary_dim)
-        return x.spec
+    class RotaryEmbedding(Primitive):
+        """The C++ rotary embedding on popxl_cpu; ``inverse`` rotates backwards (the gradient)."""
+        name = "rotary_embedding"
 
-    @staticmethod
-    def kernel(x, sin, cos, positions, rotary_dim, inverse):
-        ext, threads = extension(), torch.get_num_threads()
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        for r in range(x.shape[0]):
-            try:
-                ext.rotary_embedding(x[r].numpy(), sin[r].float().contiguous().numpy(),
-                                     cos[r].float().contiguous().numpy(), positions[r].contiguous().numpy(),
-                                     out[r].numpy(), rotary_dim, inverse, threads)
-            except IndexError as e:
-                raise IndexError(f"rotary_embedding, replica {r}: {e}") from None
-        return out
+        @staticmethod
+        def infer(x, sin, cos, positions, rotary_dim, inverse):
+            check_inputs(x, sin, cos, positions, rotary_dim)
+            return x.spec
 
-    @classmethod
-    def lower(cls, op, runtime):
-        extension()  # build or load at session creation, not in the middle of the first run
-        return super().lower(op, runtime)
+        @staticmethod
+        def kernel(x, sin, cos, positions, rotary_dim, inverse):
+            ext, threads = extension(), torch.get_num_threads()
+            x = x.contiguous()
+            out = torch.empty_like(x)
+            for r in range(x.shape[0]):
+                try:
+                    ext.rotary_embedding(x[r].numpy(), sin[r].float().contiguous().numpy(),
+                                         cos[r].float().contiguous().numpy(), positions[r].contiguous().numpy(),
+                                         out[r].numpy(), rotary_dim, inverse, threads)
+                except IndexError as e:
+                    raise IndexError(f"rotary_embedding, replica {r}: {e}") from None
+            return out
 
-    @staticmethod
-    def grad(g):
-        dx = RotaryEmbedding.create(g.dy, g.x(1), g.x(2), g.x(3), rotary_dim=g.attrs["rotary_dim"],
-                                    inverse=not g.attrs["inverse"])
-        return [dx, None, None, None]
+        @classmethod
+        def lower(cls, op, runtime):
+            extension()  # build or load at session creation, not in the middle of the first run
+            return super().lower(op, runtime)
+
+        @staticmethod
+        def grad(g):
+            dx = RotaryEmbedding.create(g.dy, g.x(1), g.x(2), g.x(3), rotary_dim=g.attrs["rotary_dim"],
+                                        inverse=not g.attrs["inverse"])
+            return [dx, None, None, None]
 
 
-def _to(t, dtype):
+def cast_to(t, dtype):
+    """``t`` cast to ``dtype``, or ``t`` itself when it already has it (no copy op)."""
     return t if t.dtype == dtype else ops.cast(t, dtype)
 
 
@@ -151,13 +155,13 @@ def rotary_embedding_composite(x, sin, cos, positions, rotary_dim: Optional[int]
     batch, seq, heads, head_dim = x.shape
     half = rotary_dim // 2
     # (batch, seq, 1, half, 1): broadcast over heads, shared by both members of a pair.
-    sin_t, cos_t = (ops.reshape(_to(ops.gather(t, positions), popxl.float32), (batch, seq, 1, half, 1))
+    sin_t, cos_t = (ops.reshape(cast_to(ops.gather(t, positions), popxl.float32), (batch, seq, 1, half, 1))
                     for t in (sin, cos))
     rot = x if rotary_dim == head_dim else ops.slice(x, stop=rotary_dim, axis=3)
-    pairs = _to(ops.reshape(rot, (batch, seq, heads, half, 2)), popxl.float32)
+    pairs = cast_to(ops.reshape(rot, (batch, seq, heads, half, 2)), popxl.float32)
     even, odd = ops.split(pairs, 2, axis=4)
     rotated = ops.concat([even * cos_t - odd * sin_t, odd * cos_t + even * sin_t], axis=4)
-    rotated = ops.reshape(_to(rotated, x.dtype), (batch, seq, heads, rotary_dim))
+    rotated = ops.reshape(cast_to(rotated, x.dtype), (batch, seq, heads, rotary_dim))
     if rotary_dim == head_dim:
         return rotated
     return ops.concat([rotated, ops.slice(x, start=rotary_dim, axis=3)], axis=3)

@@ -1,7 +1,7 @@
 """Build-time context: the graph stack, name scopes and op placement settings."""
 import contextlib
 import inspect
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 
 class Context:

@@ -11,7 +11,7 @@ from typing import Dict, List
 
 import torch
 
-from .tensor import Constant, Tensor, Variable
+from .tensor import Constant, Tensor
 
 
 class _Storage:

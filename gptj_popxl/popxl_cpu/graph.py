@@ -1,5 +1,5 @@
 """Graphs: ordered ops over tensors, with inputs and outputs."""
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from .context import get_current_context
 from .tensor import Constant, Tensor, Variable
@@ -27,7 +27,6 @@ class Graph:
         self._call_sites: List = []
         # Outputs that autodiff appended so gradient graphs can read forward values.
         self._stitched: set = set()
-        self._hooks = {}
         ir._graphs.append(self)
         return self
 
@@ -129,15 +128,6 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"Graph[{self._name}: {len(self._inputs)} inputs, {len(self._ops)} ops, {len(self._outputs)} outputs]"
-
-    def _describe(self) -> str:
-        """A readable listing of the graph's ops, for debugging."""
-        lines = [repr(self)]
-        for op in self._ops:
-            ins = ", ".join(t.name for t in op.inputs)
-            outs = ", ".join(f"{t.name}{t.shape}" for t in op.outputs)
-            lines.append(f"  {outs} = {op.prim.name}({ins})")
-        return "\n".join(lines)
 
 
 def resolve_in_graph(t: Tensor, graph: Graph, what: str) -> Tensor:

@@ -164,9 +164,6 @@ class GradOp:
     def in_spec(self, i: int) -> TensorSpec:
         return self.op.inputs[i].spec
 
-    def out_spec(self, i: int = 0) -> TensorSpec:
-        return self.op.outputs[i].spec
-
     def needs(self, i: int) -> bool:
         """Whether the gradient of input ``i`` is wanted (rules may skip the work when not)."""
         return self._needs[i]

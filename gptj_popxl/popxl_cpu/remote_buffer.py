@@ -3,7 +3,7 @@ from typing import Tuple
 
 from . import dtypes
 from .context import get_current_context
-from .tensor import TensorSpec
+from .tensor import TensorSpec, flat_shard_shape
 
 
 class RemoteBuffer:
@@ -61,10 +61,7 @@ class RemoteBuffer:
         """ValueError unless ``t`` (split into ``num_shards`` flat shards if > 1) fits one entry."""
         shape = tuple(t.shape)
         if num_shards > 1:
-            nelms = 1
-            for s in shape:
-                nelms *= s
-            shape = (-(-nelms // num_shards),)
+            shape = flat_shard_shape(shape, num_shards)
         if shape != self._shape or dtypes.dtype.as_dtype(t.dtype) != self._dtype:
             name = getattr(t, "name", None)
             what = f"tensor '{name}'" if name else "a tensor"

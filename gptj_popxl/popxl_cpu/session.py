@@ -162,7 +162,8 @@ class Session:
                                                   for v, layout in self._layouts.items()}
         self._copy_to_device(self._host)
         self._main = self._rt.plan(ir.main_graph)
-        self._loaded = self._streams_used(ir.main_graph, "host_load")
+        loaded = self._streams_used(ir.main_graph, "host_load")
+        self._expected_inputs = [s for s in ir._streams if s in loaded]
 
     # --- attachment
     @property
@@ -195,7 +196,7 @@ class Session:
     # --- running
     def expected_inputs(self) -> List[HostToDeviceStream]:
         """The host-to-device streams the program loads: ``run`` needs data for each of them."""
-        return [s for s in self._ir._streams if isinstance(s, HostToDeviceStream) and s in self._loaded]
+        return list(self._expected_inputs)
 
     def _outputs(self) -> List[DeviceToHostStream]:
         return [s for s in self._ir._streams if isinstance(s, DeviceToHostStream)]
@@ -243,7 +244,7 @@ class Session:
         """Runs the main plan; d2h streams store into their ``targets`` view, or are kept (None).
         Returns the kept values."""
         inputs = {s: self._host_input(s, a, downcast) for s, a in (inputs or {}).items()}
-        self._check_streams(inputs, self.expected_inputs(), "input")
+        self._check_streams(inputs, self._expected_inputs, "input")
         rt = self._rt
         n = self._ir.num_host_transfers
         rt.stream_in = {s: torch.from_numpy(np.ascontiguousarray(a[:n] if n > 1 else a)).reshape(

@@ -411,8 +411,10 @@ def variable(data, dtype=None, name=None, downcast=True, replica_grouping=None, 
     return _make_variable(per_group, dtype, name, grouping, mode)
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+def flat_shard_shape(shape, shards: int) -> Tuple[int]:
+    """The shape of one of ``shards`` equal 1-D pieces of a ``shape`` tensor flattened and zero-padded."""
+    nelms = int(np.prod(tuple(shape), dtype=np.int64))
+    return (-(-nelms // shards),)
 
 
 def remote_variable(data, remote_buffer, offset=0, dtype=None, name=None, downcast=True, replica_grouping=None,
@@ -485,8 +487,7 @@ def replica_sharded_buffer(shape, dtype, replica_grouping=None, shard_over=None,
                          f"{group_size}")
     grouped = replica_grouping is not None and replica_grouping.num_groups > 1
     tensor_shape = tuple(int(s) for s in shape)[1 if grouped else 0:]
-    nelms = int(np.prod(tensor_shape, dtype=np.int64))
-    buffer = remote_buffer((_ceil_div(nelms, shard_over),), dtype, entries)
+    buffer = remote_buffer(flat_shard_shape(tensor_shape, shard_over), dtype, entries)
     buffer.meta_shape = tensor_shape
     buffer._shard_over = shard_over
     return buffer

@@ -7,8 +7,7 @@ from .elementwise import (abs, add, add_, cast, ceil, cos, detach, detach_, div,
                           swish_, tanh)
 from .io import host_load, host_store, init, remote_load, remote_load_, remote_store
 from .nn import matmul, softmax
-from .reduce import (argmax, argmin, l1, l2, logsum, logsumexp, max, mean, min, prod, reduce_sum, sum,
-                     sumsquare)
+from .reduce import argmax, argmin, l1, l2, logsum, logsumexp, max, mean, min, prod, sum, sumsquare
 from .shape import (concat, concat_, flatten, flatten_, index, reshape, reshape_, slice, slice_, split, squeeze,
                     transpose, transpose_)
 from .dynamic import *  # noqa: F401,F403 - each module lists its public ops in __all__

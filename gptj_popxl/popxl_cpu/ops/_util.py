@@ -14,19 +14,22 @@ def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> Tuple[int, ...]:
         raise ValueError(f"shapes {tuple(a)} and {tuple(b)} do not broadcast") from None
 
 
-def norm_axis(axis: int, rank: int, what: str = "axis") -> int:
+def norm_axis(axis: int, of, what: str = "axis") -> int:
+    """``axis`` of a tensor ``of`` (or of a rank) made non-negative; ValueError naming both when out of range."""
+    rank = of.rank if isinstance(of, Tensor) else of
     if not -rank <= axis < max(rank, 1):
-        raise ValueError(f"{what} {axis} is out of range for rank {rank}")
+        where = f" of '{of.name}' {of.shape}" if isinstance(of, Tensor) else ""
+        raise ValueError(f"{what} {axis} is out of range for rank {rank}{where}")
     return axis % rank if rank else 0
 
 
-def norm_axes(axis, rank: int) -> Tuple[int, ...]:
-    """``None`` -> all axes; int or list -> sorted non-negative axes."""
+def norm_axes(axis, of) -> Tuple[int, ...]:
+    """``None`` -> all axes of ``of`` (a tensor or a rank); int or list -> sorted non-negative axes."""
     if axis is None:
-        return tuple(range(rank))
+        return tuple(range(of.rank if isinstance(of, Tensor) else of))
     if isinstance(axis, int):
         axis = [axis]
-    return tuple(sorted({norm_axis(int(a), rank) for a in axis}))
+    return tuple(sorted({norm_axis(int(a), of) for a in axis}))
 
 
 def scalar_like(value, t: Tensor) -> Tensor:
@@ -40,7 +43,8 @@ def replica_view_shape(shape: Sequence[int], rank: int, replicas: int) -> Tuple[
 
 def unbroadcast(dy: Tensor, shape: Sequence[int]) -> Tensor:
     """Sums ``dy`` over the axes that broadcasting added or stretched, giving a ``shape`` gradient."""
-    from . import reduce_sum, reshape
+    from .reduce import sum as reduce_sum
+    from .shape import reshape
     shape = tuple(shape)
     if dy.shape == shape:
         return dy

@@ -1,12 +1,12 @@
 """Subgraph calls: ``call`` runs a graph once, ``repeat`` runs it in a loop."""
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ..context import get_current_graph
 from ..graph import Graph, resolve_in_graph
 from ..primitive import Op, Primitive
-from ..tensor import Tensor, TensorSpec, constant
+from ..tensor import Tensor, constant
 
 
 class Call(Primitive):
@@ -14,7 +14,7 @@ class Call(Primitive):
     name = "call"
 
     @staticmethod
-    def infer(*inputs, graph, modified, num_outputs=None):
+    def infer(*inputs, graph, modified):
         return tuple(t.spec for t in graph._outputs)
 
     @classmethod
@@ -27,7 +27,8 @@ class Call(Primitive):
 
     @classmethod
     def graph_output_added(cls, op, t):
-        out = Tensor._create(op.graph, t.shape, t.dtype, t.name.rpartition("/")[2], producer=op)
+        out = Tensor._create(op.graph, t.shape, t.dtype, t.name.rpartition("/")[2], producer=op,
+                             meta_shape=t.meta_shape)
         op.outputs.append(out)
 
     @classmethod
@@ -179,18 +180,21 @@ def _connect(graph: Graph, inputs, inputs_dict, what: str) -> List[Tensor]:
     return out
 
 
-def _by_ref(graph: Graph):
-    return frozenset(i for i, t in enumerate(graph._inputs) if t in graph._by_ref_inputs)
+def _call_site(prim, graph: Graph, ins: List[Tensor], **attrs) -> CallSiteInfo:
+    """Adds a call/repeat op of ``graph`` and registers it as one of the graph's call sites."""
+    parent = get_current_graph()
+    at = len(parent._ops)  # op-created hooks may add ops after this one
+    prim.create(*ins, graph=graph, modified=frozenset(i for i, t in enumerate(graph._inputs)
+                                                     if t in graph._by_ref_inputs), **attrs)
+    op = parent._ops[at]
+    graph._call_sites.append(op)
+    return CallSiteInfo(op)
 
 
 def call_with_info(graph: Graph, *inputs, inputs_dict: Optional[Mapping[Tensor, Tensor]] = None,
                    check_inputs: bool = True) -> CallSiteInfo:
     """Calls ``graph`` and returns the call site's :class:`CallSiteInfo`."""
-    ins = _connect(graph, inputs, inputs_dict, "call")
-    Call.create(*ins, graph=graph, modified=_by_ref(graph))
-    op = get_current_graph()._ops[-1]
-    graph._call_sites.append(op)
-    return CallSiteInfo(op)
+    return _call_site(Call, graph, _connect(graph, inputs, inputs_dict, "call"))
 
 
 def call(graph: Graph, *inputs, inputs_dict: Optional[Mapping[Tensor, Tensor]] = None) -> Tuple[Tensor, ...]:
@@ -212,10 +216,7 @@ def repeat_with_info(graph: Graph, repeat_count: int, *inputs, inputs_dict=None,
             raise ValueError(f"repeat of '{graph.name}': output {i} '{sub_out.name}' {sub_out.shape} "
                              f"{sub_out.dtype.name} cannot feed input {i} '{sub_in.name}' {sub_in.shape} "
                              f"{sub_in.dtype.name}")
-    Repeat.create(*ins, graph=graph, modified=_by_ref(graph), repeat_count=int(repeat_count), num_outputs=k)
-    op = get_current_graph()._ops[-1]
-    graph._call_sites.append(op)
-    return CallSiteInfo(op)
+    return _call_site(Repeat, graph, ins, repeat_count=int(repeat_count), num_outputs=k)
 
 
 def repeat(graph: Graph, repeat_count: int, *inputs, inputs_dict=None) -> Tuple[Tensor, ...]:

@@ -16,26 +16,35 @@ from .io import init_value
 __all__ = ["dynamic_slice", "dynamic_update", "dynamic_update_"]
 
 
-def _region(shape, axes, sizes, replicas: int, index: torch.Tensor):
-    """Advanced-indexing key selecting each replica's region of a ``(R, *shape)`` value."""
+def _region(shape, axes, sizes, replicas: int):
+    """``key(index)``: the advanced-indexing key selecting each replica's region of a ``(R, *shape)`` value.
+
+    Everything but the offsets is fixed at lowering; a run only turns its index values into positions.
+    """
     rank = len(shape) + 1
-    index = index.reshape(replicas, -1).long()
 
     def along(dim, positions):
         """``positions`` (replicas or 1, n) as a key for ``dim``, broadcasting against the other keys."""
         view = [positions.shape[0]] + [1] * (rank - 1)
         view[dim] = positions.shape[1]
         return positions.reshape(view)
-    key = [torch.arange(replicas).reshape((replicas,) + (1,) * (rank - 1))]
-    for a, n in enumerate(shape):
-        if a in axes:
-            i = axes.index(a)
+    static = [torch.arange(replicas).reshape((replicas,) + (1,) * (rank - 1))]
+    static += [along(a + 1, torch.arange(n).unsqueeze(0)) for a, n in enumerate(shape)]
+    windows = [(axes.index(a) if a in axes else None, n) for a, n in enumerate(shape)]
+    steps = {i: torch.arange(s) for i, s in enumerate(sizes)}
+
+    def key(index: torch.Tensor):
+        index = index.reshape(replicas, -1).long()
+        out = static[:1]
+        for a, (i, n) in enumerate(windows):
+            if i is None:
+                out.append(static[a + 1])
+                continue
             start = index[:, i:i + 1]
             start = torch.where((start >= 0) & (start < n), start, 0)
-            key.append(along(a + 1, (start + torch.arange(sizes[i])) % n))
-        else:
-            key.append(along(a + 1, torch.arange(n).unsqueeze(0)))
-    return tuple(key)
+            out.append(along(a + 1, (start + steps[i]) % n))
+        return tuple(out)
+    return key
 
 
 def _sliced_shape(shape, axes, sizes):
@@ -54,8 +63,8 @@ class DynamicSlice(Primitive):
 
     @classmethod
     def lower(cls, op, runtime):
-        shape, axes, sizes = op.inputs[0].shape, op.attrs["axes"], op.attrs["sizes"]
-        return lambda x, index: x[_region(shape, axes, sizes, runtime.replicas, index)]
+        region = _region(op.inputs[0].shape, op.attrs["axes"], op.attrs["sizes"], runtime.replicas)
+        return lambda x, index: x[region(index)]
 
     @staticmethod
     def grad(g):
@@ -78,12 +87,12 @@ class DynamicUpdate(Primitive):
 
     @classmethod
     def lower(cls, op, runtime):
-        shape, axes, sizes = op.inputs[0].shape, op.attrs["axes"], op.attrs["sizes"]
+        region = _region(op.inputs[0].shape, op.attrs["axes"], op.attrs["sizes"], runtime.replicas)
         inplace = bool(cls.modifies)
 
         def update(x, index, upd):
             out = x if inplace else x.clone()
-            out[_region(shape, axes, sizes, runtime.replicas, index)] = upd
+            out[region(index)] = upd
             return out
         return update
 
@@ -104,7 +113,7 @@ class DynamicUpdateInplace(DynamicUpdate):
 def _attrs(t: Tensor, index: Tensor, axes: Sequence[int], sizes: Sequence[int], what: str) -> dict:
     if not isinstance(index, Tensor):
         raise TypeError(f"{what}: index must be a Tensor, got {type(index).__name__}")
-    axes = [norm_axis(int(a), t.rank) for a in axes]
+    axes = [norm_axis(int(a), t) for a in axes]
     sizes = [int(s) for s in sizes]
     if len(set(axes)) != len(axes):
         raise ValueError(f"{what}: repeated axes {axes}")

@@ -1,6 +1,6 @@
 """Elementwise ops: unary maths, broadcasting binary maths, comparisons and casts."""
 import math
-from typing import Callable, Dict
+from typing import Callable
 
 import torch
 
@@ -11,24 +11,22 @@ from ._util import broadcast_shape, check_float, check_same_dtype, replica_view_
 
 # ---------------------------------------------------------------- unary
 
-_DERIVATIVES: Dict[str, Callable] = {}
-
-
 class ElementwiseGrad(Primitive):
-    """``dy * f'(x)`` for a unary op ``f``, computed from the forward input ``x`` and output ``y``."""
+    """``dy * f'(x)`` for a unary primitive ``of``, computed from the forward input ``x`` and output ``y``."""
     name = "elementwise_grad"
 
     @staticmethod
     def infer(dy, x, y, of):
         return dy.spec
 
-    @staticmethod
-    def kernel(dy, x, y, of):
-        return dy * _DERIVATIVES[of](x, y).to(dy.dtype)
+    @classmethod
+    def lower(cls, op, runtime):
+        derivative = op.attrs["of"].derivative
+        return lambda dy, x, y: dy * derivative(x, y).to(dy.dtype)
 
 
 def _unary_grad(g):
-    return [ElementwiseGrad.create(g.dy, g.x(0), g.y(0), of=g.op.prim.name)]
+    return [ElementwiseGrad.create(g.dy, g.x(0), g.y(0), of=g.op.prim)]
 
 
 def _unary(name: str, fn: Callable, derivative: Callable = None, floating: bool = True, out_dtype=None):
@@ -39,7 +37,7 @@ def _unary(name: str, fn: Callable, derivative: Callable = None, floating: bool 
         "kernel": staticmethod(fn),
     }
     if derivative is not None:
-        _DERIVATIVES[name] = derivative
+        attrs["derivative"] = staticmethod(derivative)
         attrs["grad"] = staticmethod(_unary_grad)
     return type(name.title().replace("_", ""), (Primitive,), attrs)
 

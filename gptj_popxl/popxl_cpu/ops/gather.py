@@ -109,7 +109,7 @@ def _gather(prim, t: Tensor, indices: Tensor, axis: int, zero_OOR: bool) -> Tens
     _check_indices(indices, prim.name)
     if t.rank == 0:
         raise ValueError(f"{prim.name} of the scalar '{t.name}': needs a tensor of rank >= 1")
-    axis = norm_axis(axis, t.rank)
+    axis = norm_axis(axis, t)
     if t.shape[axis] == 0:
         raise ValueError(f"{prim.name} along axis {axis} of '{t.name}' {t.shape}: the axis is empty")
     return prim.create(t, indices, axis=axis, zero_OOR=bool(zero_OOR))
@@ -203,7 +203,7 @@ class GatherElements(Primitive):
 def scatter(t: Tensor, indices: Tensor, values: Tensor, axis: int = 0, available_memory_proportion=None) -> Tensor:
     """A copy of ``t`` with ``values`` written at ``indices`` along ``axis`` (ONNX ScatterElements);
     ``indices``, ``values`` and ``t`` have the same rank, ``indices`` and ``values`` the same shape."""
-    return Scatter.create(t, indices, values, axis=norm_axis(axis, t.rank))
+    return Scatter.create(t, indices, values, axis=norm_axis(axis, t))
 
 
 # ---------------------------------------------------------------- onehot
@@ -327,7 +327,7 @@ def topk(t: Tensor, k: int, axis: int, largest: bool, sorted: bool,  # noqa: A00
     """The ``k`` largest (or smallest) values along ``axis`` and their int32 indices."""
     if t.rank == 0:
         raise ValueError(f"topk of the scalar '{t.name}': needs a tensor of rank >= 1")
-    axis = norm_axis(axis, t.rank)
+    axis = norm_axis(axis, t)
     if isinstance(k, Tensor) or int(k) != k or not 1 <= k <= t.shape[axis]:
         raise ValueError(f"topk of '{t.name}' {t.shape}: k must be an int in [1, {t.shape[axis]}] (axis {axis}), "
                          f"got {k!r}")

@@ -11,7 +11,7 @@ from ..primitive import Primitive, spec
 from ..tensor import Tensor, constant
 from ._util import norm_axis
 from .elementwise import Identity, cast, mul
-from .reduce import reduce_sum
+from .reduce import sum as reduce_sum
 from .shape import reshape, slice as slice_op
 
 __all__ = ["increment_mod", "increment_mod_", "scaled_add", "scaled_add_", "print_tensor", "ipu_copy",
@@ -77,10 +77,10 @@ class ScaledAdd(Primitive):
     @classmethod
     def lower(cls, op, runtime):
         a, b = op.attrs["a"], op.attrs["b"]
-        inplace = bool(cls.modifies)
+        inplace, view = bool(cls.modifies), (-1,) + (1,) * op.inputs[0].rank
 
         def scale(given, tensors):
-            return given if given is not None else tensors.pop(0).reshape((-1,) + (1,) * op.inputs[0].rank).float()
+            return given if given is not None else tensors.pop(0).reshape(view).float()
 
         def scaled_add(x, y, *scales):
             tensors = list(scales)
@@ -257,7 +257,7 @@ def cumsum(t: Tensor, dim: int = 0) -> Tensor:
     """Running sum of ``t`` along ``dim``."""
     if t.rank == 0:
         raise ValueError(f"cumsum of the scalar '{t.name}': needs a tensor of rank >= 1")
-    return CumSum.create(t, dim=norm_axis(dim, t.rank, "dim"), reverse=False)
+    return CumSum.create(t, dim=norm_axis(dim, t, "dim"), reverse=False)
 
 
 def subsample(t: Tensor, strides: Sequence[int]) -> Tensor:

@@ -53,11 +53,13 @@ class MatMul(Primitive):
 
     @staticmethod
     def grad(g):
+        from .elementwise import cast
         from .shape import reshape, transpose
         a, b = g.in_spec(0), g.in_spec(1)
-        dy = g.dy
+        # With output_type the gradient arrives in that dtype; the inputs' gradients are in theirs.
+        dy = g.dy if g.dy.dtype == a.dtype else cast(g.dy, a.dtype)
         dy2 = reshape(dy, _matmul_shape_2d(a.shape, b.shape, dy.shape))
-        x = g.x(0) if a.shape and len(a.shape) > 1 else reshape(g.x(0), (1,) + a.shape)
+        x = g.x(0) if len(a.shape) > 1 else reshape(g.x(0), (1,) + a.shape)
         y = g.x(1) if len(b.shape) > 1 else reshape(g.x(1), b.shape + (1,))
         da = db = None
         if g.needs(0):
@@ -124,4 +126,4 @@ class SoftmaxGrad(Primitive):
 
 def softmax(t: Tensor, axis: int) -> Tensor:
     """Numerically stable softmax along ``axis``."""
-    return Softmax.create(t, axis=norm_axis(axis, t.rank))
+    return Softmax.create(t, axis=norm_axis(axis, t))

@@ -29,20 +29,16 @@ class Reduce(Primitive):
         return lambda x: fn(x, axes, keepdims)
 
 
-def _expand_back(g, dy):
-    """``dy`` of a reduction, reshaped with kept axes and broadcast to the input shape."""
-    from .shape import reshape
+def _expand_back(g, v):
+    """A reduced value (the gradient or a forward output), reshaped with kept axes and broadcast to the
+    input shape."""
     from .elementwise import mul
+    from .io import init_value
+    from .shape import reshape
     shape = g.in_spec(0).shape
     kept = _reduced_shape(shape, g.attrs["axes"], True)
-    dy = reshape(dy, kept) if dy.shape != kept else dy
-    ones = _ones(shape, dy.dtype)
-    return mul(dy, ones) if kept != shape else dy
-
-
-def _ones(shape, dtype):
-    from .io import init_value
-    return init_value(shape, dtype, 1.0)
+    v = reshape(v, kept) if v.shape != kept else v
+    return mul(v, init_value(shape, v.dtype, 1.0)) if kept != shape else v
 
 
 class ReduceSum(Reduce):
@@ -75,8 +71,8 @@ class ReduceMax(Reduce):
     @staticmethod
     def grad(g):
         from .elementwise import cast, div, equal, mul
-        mask = cast(equal(g.x(0), _expand_back_value(g, g.y(0))), g.dy.dtype)
-        count = _expand_back_value(g, reduce_sum(mask, g.attrs["axes"], True))
+        mask = cast(equal(g.x(0), _expand_back(g, g.y(0))), g.dy.dtype)
+        count = _expand_back(g, sum(mask, g.attrs["axes"], True))
         return [div(mul(_expand_back(g, g.dy), mask), count)]
 
 
@@ -97,7 +93,7 @@ class ReduceProd(Reduce):
     @staticmethod
     def grad(g):
         from .elementwise import div, mul
-        return [div(mul(_expand_back(g, g.dy), _expand_back_value(g, g.y(0))), g.x(0))]
+        return [div(mul(_expand_back(g, g.dy), _expand_back(g, g.y(0))), g.x(0))]
 
 
 class ReduceSumSquare(Reduce):
@@ -118,7 +114,7 @@ class ReduceLogSumExp(Reduce):
     @staticmethod
     def grad(g):
         from .elementwise import exp, mul, sub
-        return [mul(_expand_back(g, g.dy), exp(sub(g.x(0), _expand_back_value(g, g.y(0)))))]
+        return [mul(_expand_back(g, g.dy), exp(sub(g.x(0), _expand_back(g, g.y(0)))))]
 
 
 class ReduceL1(Reduce):
@@ -138,7 +134,7 @@ class ReduceL2(Reduce):
     @staticmethod
     def grad(g):
         from .elementwise import div, mul
-        return [div(mul(_expand_back(g, g.dy), g.x(0)), _expand_back_value(g, g.y(0)))]
+        return [div(mul(_expand_back(g, g.dy), g.x(0)), _expand_back(g, g.y(0)))]
 
 
 class ReduceLogSum(Reduce):
@@ -148,22 +144,13 @@ class ReduceLogSum(Reduce):
     @staticmethod
     def grad(g):
         from .elementwise import exp, div
-        return [div(_expand_back(g, g.dy), _expand_back_value(g, exp(g.y(0))))]
-
-
-def _expand_back_value(g, v):
-    """A reduced forward value broadcast back to the input shape."""
-    return _expand_back(g, v)
+        return [div(_expand_back(g, g.dy), _expand_back(g, exp(g.y(0))))]
 
 
 def _reduce(prim, t: Tensor, axis, keepdims) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{prim.name} expects a Tensor, got {type(t).__name__}")
-    return prim.create(t, axes=norm_axes(axis, t.rank), keepdims=bool(keepdims))
-
-
-def reduce_sum(t: Tensor, axis=None, keepdims=False) -> Tensor:
-    return _reduce(ReduceSum, t, axis, keepdims)
+    return prim.create(t, axes=norm_axes(axis, t), keepdims=bool(keepdims))
 
 
 def sum(t: Tensor, axis=None, keepdims=False) -> Tensor:  # noqa: A001 - popxl's name
@@ -207,7 +194,7 @@ def l2(t: Tensor, axis=None, keepdims=False) -> Tensor:
     return _reduce(ReduceL2, t, axis, keepdims)
 
 
-class ArgExtreme(Primitive):
+class ArgMax(Primitive):
     name = "argmax"
     fn = staticmethod(torch.argmax)
 
@@ -226,15 +213,15 @@ class ArgExtreme(Primitive):
         return lambda x: fn(x, dim, keepdim).to(torch.int32)
 
 
-class ArgMin(ArgExtreme):
+class ArgMin(ArgMax):
     name = "argmin"
     fn = staticmethod(torch.argmin)
 
 
 def argmax(t: Tensor, dim: int = 0, keepdim: bool = False) -> Tensor:
     """Index (int32) of the largest value along ``dim``."""
-    return ArgExtreme.create(t, dim=norm_axis(dim, t.rank, "dim"), keepdim=bool(keepdim))
+    return ArgMax.create(t, dim=norm_axis(dim, t, "dim"), keepdim=bool(keepdim))
 
 
 def argmin(t: Tensor, dim: int = 0, keepdim: bool = False) -> Tensor:
-    return ArgMin.create(t, dim=norm_axis(dim, t.rank, "dim"), keepdim=bool(keepdim))
+    return ArgMin.create(t, dim=norm_axis(dim, t, "dim"), keepdim=bool(keepdim))

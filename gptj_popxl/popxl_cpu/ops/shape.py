@@ -65,10 +65,6 @@ def flatten_(t: Tensor) -> Tensor:
     return reshape_(t, (t.nelms,))
 
 
-def reshape_handle_negative_axis(t: Tensor, shape: Sequence[int]) -> tuple:
-    return _resolve_shape(t, shape)
-
-
 class Transpose(Primitive):
     name = "transpose"
     view = True
@@ -97,7 +93,7 @@ class TransposeInplace(Transpose):
 def _permutation(t: Tensor, permutation) -> tuple:
     if permutation is None:
         return tuple(reversed(range(t.rank)))
-    perm = tuple(norm_axis(int(p), t.rank, "permutation axis") for p in permutation)
+    perm = tuple(norm_axis(int(p), t, "permutation axis") for p in permutation)
     if sorted(perm) != list(range(t.rank)):
         raise ValueError(f"permutation {tuple(permutation)} is not a permutation of the {t.rank} axes of '{t.name}'")
     return perm
@@ -181,7 +177,7 @@ def _slices(t: Tensor, start, stop, step, axis):
     axis = axis if axis is not None else list(range(n))
     slices = [(0, s, 1) for s in t.shape]
     for i, a in enumerate(axis):
-        a = norm_axis(a, t.rank)
+        a = norm_axis(a, t)
         py = builtin_slice(start[i] if start else None, stop[i] if stop else None, step[i] if step else None)
         slices[a] = py.indices(t.shape[a])
     return tuple(slices)
@@ -202,13 +198,14 @@ def squeeze(t: Tensor, axes: Optional[Union[int, List[int]]] = None) -> Tensor:
         drop = {i for i, s in enumerate(t.shape) if s == 1}
     else:
         axes = [axes] if isinstance(axes, int) else list(axes)
-        drop = [norm_axis(a, t.rank) for a in axes]
-        if len(set(drop)) != len(drop):
+        normed = [norm_axis(a, t) for a in axes]
+        drop = set(normed)
+        if len(drop) != len(normed):
             raise ValueError(f"squeeze of '{t.name}': repeated axes {axes}")
-        for a in drop:
+        for a in normed:
             if t.shape[a] != 1:
                 raise ValueError(f"squeeze of '{t.name}' {t.shape}: axis {a} has size {t.shape[a]}, not 1")
-    return reshape(t, [s for i, s in enumerate(t.shape) if i not in set(drop)])
+    return reshape(t, [s for i, s in enumerate(t.shape) if i not in drop])
 
 
 def index(t: Tensor, key) -> Tensor:
@@ -278,7 +275,7 @@ def concat(ts: Iterable[Tensor], axis: int = 0) -> Tensor:
     ts = list(ts)
     if not ts:
         raise ValueError("concat needs at least one tensor")
-    return Concat.create(*ts, axis=norm_axis(axis, ts[0].rank))
+    return Concat.create(*ts, axis=norm_axis(axis, ts[0]))
 
 
 def concat_(ts: Iterable[Tensor], axis: int = 0) -> Tensor:
@@ -287,7 +284,7 @@ def concat_(ts: Iterable[Tensor], axis: int = 0) -> Tensor:
 
 def split(t: Tensor, splits: Union[int, List[int]], axis: int = 0) -> List[Tensor]:
     """Splits ``t`` along ``axis`` into ``splits`` equal parts, or parts of the listed sizes."""
-    axis = norm_axis(axis, t.rank)
+    axis = norm_axis(axis, t)
     n = t.shape[axis]
     if isinstance(splits, int):
         if splits < 1 or n % splits:

@@ -26,7 +26,7 @@ import torch
 from ...context import get_current_graph
 from ...primitive import Primitive, spec
 from ...replica_grouping import ReplicaGrouping
-from ...tensor import Tensor
+from ...tensor import Tensor, flat_shard_shape
 from .._util import norm_axis, scalar_like
 from ..elementwise import div
 from ..shape import reshape
@@ -98,8 +98,7 @@ def _chunk_shape(full_shape, layout: str, axis: int, size: int):
     """The shape of one of ``size`` chunks of a ``full_shape`` tensor under ``layout``."""
     full_shape = tuple(full_shape)
     if layout == "flat":
-        nelms = int(np.prod(full_shape, dtype=np.int64))
-        return (-(-nelms // size),)
+        return flat_shard_shape(full_shape, size)
     if layout == "new_axis":
         if not full_shape or full_shape[0] != size:
             raise ValueError(f"axis 0 of {full_shape} must equal the replica group size {size}")
@@ -300,7 +299,7 @@ def replicated_all_gather(t: Tensor, axis: int = 0, group: Optional[ReplicaGroup
     if layout == "flat" and not t.meta_shape:
         raise ValueError(f"{what}: output_shape='meta_shape' needs a tensor with a meta shape; "
                          f"'{t.name}' {t.shape} has none")
-    axis = norm_axis(int(axis), t.rank) if layout == "concat" and t.rank else 0
+    axis = norm_axis(int(axis), t) if layout == "concat" and t.rank else 0
     return ReplicatedAllGather.create(t, group=resolve_group(group, what), layout=layout, axis=axis,
                                       meta_shape=t.meta_shape if layout == "flat" else (),
                                       name=t.name + "_all_gathered")
@@ -334,7 +333,7 @@ def replicated_slice(t: Tensor, axis: int = 0, group: Optional[ReplicaGrouping] 
     group = resolve_group(group, what)
     if not t.rank:
         raise ValueError(f"{what}: cannot slice the scalar '{t.name}'")
-    axis = norm_axis(int(axis), t.rank)
+    axis = norm_axis(int(axis), t)
     out = ReplicatedReduceScatter.create(t, op=LOCAL, group=group, layout="concat", axis=axis,
                                          name=t.name + "_replicated_slice")
     if t.shape[axis] == group.group_size:

@@ -57,9 +57,9 @@ class VarUpdate(Primitive):
     @classmethod
     def lower(cls, op, runtime):
         rank, num_full, formula = op.inputs[0].rank, cls.num_full, cls.formula
+        dtype = compute_dtype(op.inputs[0].dtype.as_torch())
 
         def update(t, *others):
-            dtype = compute_dtype(t.dtype)
             full = [t.to(dtype)] + [x.to(dtype) for x in others[:num_full - 1]]
             scalars = [s.reshape((s.shape[0],) + (1,) * rank).to(dtype) for s in others[num_full - 1:]]
             return t.copy_(formula(*full, *scalars))
@@ -166,18 +166,21 @@ class SparseAccumulate(Primitive):
     @classmethod
     def lower(cls, op, runtime):
         t_in, _, indices, _ = op.inputs
-        axis, rank = op.attrs["axis"], t_in.rank
+        axis, rank, r = op.attrs["axis"], t_in.rank, runtime.replicas
         count = max(indices.nelms, 1)
-        replicas = torch.arange(runtime.replicas).unsqueeze(1).expand(runtime.replicas, count)
+        replicas = torch.arange(r).unsqueeze(1).expand(r, count)
+        rows_shape = (r,) + t_in.shape[:axis] + (count,) + t_in.shape[axis + 1:]
+        dtype = compute_dtype(t_in.dtype.as_torch())
+        widen = dtype != t_in.dtype.as_torch()
 
         def sparse_accumulate(t, x, idx, f):
-            dtype = compute_dtype(t.dtype)
             # Index axis `axis` (moved next to the replica axis) with one row of indices per replica.
-            moved = t.movedim(axis + 1, 1)
-            rows = x.reshape(x.shape[:axis + 1] + (count,) + x.shape[axis + 1 + indices.rank:]).movedim(axis + 1, 1)
-            scaled = (rows.to(dtype) * f.reshape((f.shape[0],) + (1,) * rank).to(dtype)).to(t.dtype)
-            moved.index_put_((replicas, idx.reshape(runtime.replicas, count).long()), scaled, accumulate=True)
-            return t
+            rows = x.reshape(rows_shape).movedim(axis + 1, 1).to(dtype)
+            scaled = rows * f.reshape((r,) + (1,) * rank).to(dtype)
+            # Half-precision rows sharing an index are summed in float32 and rounded once into t.
+            acc = t.to(dtype) if widen else t
+            acc.movedim(axis + 1, 1).index_put_((replicas, idx.reshape(r, count).long()), scaled, accumulate=True)
+            return t.copy_(acc) if widen else t
         return sparse_accumulate
 
 

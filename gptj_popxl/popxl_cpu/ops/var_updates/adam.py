@@ -32,10 +32,9 @@ class AdamUpdater(Primitive):
         a = op.attrs
         rank, decay, bias, adamax = op.inputs[0].rank, a["decay"], a["bias"], a["mode"] == "adamax"
         out_dtype = a["out_dtype"].as_torch()
+        dtype = compute_dtype(op.inputs[0].dtype.as_torch())
 
         def updater(m, v, eps, *rest):
-            dtype = compute_dtype(m.dtype)
-
             def scalar(s):
                 return s.reshape((s.shape[0],) + (1,) * rank).to(dtype)
             rest = list(rest)

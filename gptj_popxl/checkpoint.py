@@ -46,32 +46,6 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, replacing any existing file.
-
-    Readers see either the old file or the complete new one. Parent directories
-    are created if needed.
-    """
-    path = os.path.abspath(os.fspath(path))
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = _sibling_name(path, "tmp")
-    # os.open with mode 0o666 (not mkstemp's 0o600) so the final file gets the
-    # usual umask-derived permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_path(parent)
-
-
 @contextlib.contextmanager
 def atomic_directory(path: PathLike) -> Iterator[str]:
     """Build a directory in a temporary sibling and swap it into ``path`` on success.

@@ -554,7 +554,7 @@ def test_remote_load_and_store_graphs_round_trip(rng, sharded):
             {k: addons.VariableFactory(lambda v=v: v.copy(), F32, k.rpartition(".")[2]) for k, v in data.items()})
         buffers = addons.remote.named_variable_buffers(facts, entries=2, shard_over_dict=sharded)
         assert buffers.a.entries == 2 and bool(buffers.a.meta_shape) == sharded
-        layer0 = facts.init_remote(buffers, 0, "layer0")
+        facts.init_remote(buffers, 0, "layer0")
         layer1 = facts.init_remote(buffers, 1, "layer1")
         load, names = addons.remote.load_remote_graph(buffers)
         store = addons.remote.store_remote_graph(buffers)

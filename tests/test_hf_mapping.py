@@ -13,7 +13,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from gptj_popxl.checkpoint import atomic_directory, atomic_write_bytes
+from gptj_popxl.checkpoint import atomic_directory
 from gptj_popxl.model.config import GPTJConfig, tp_layout
 from gptj_popxl.model.hf_mapping import (
     hf_param_names,
@@ -411,14 +411,6 @@ def test_save_validates_before_writing(hf_sd, config, tmp_path):
 
 
 # ----------------------------------------------------------------------------- atomic helpers
-
-
-def test_atomic_write_bytes(tmp_path):
-    target = tmp_path / "sub" / "f.bin"
-    atomic_write_bytes(target, b"one")
-    atomic_write_bytes(target, b"two")
-    assert target.read_bytes() == b"two"
-    assert os.listdir(target.parent) == ["f.bin"]
 
 
 def test_atomic_directory_failure_keeps_old_and_cleans_up(tmp_path):

@@ -14,6 +14,8 @@ from gptj_popxl import cli, golden
 from gptj_popxl.model.hf_mapping import hf_param_names, popxl_param_shapes
 from helpers_gptj import TINY, tiny_checkpoint, tiny_config
 
+hf_reference = golden.hf_logits_loss_grads  # transformers' logits, loss and parameter gradients
+
 BATCH, SEQ = 2, 8
 # The stated float16 tolerances (both models run in float16): logits relative to max |logits|
 # (5e-3), the loss absolute (1e-3), gradients relative to each gradient's max |value| (1e-2).
@@ -32,15 +34,6 @@ def tokens():
     labels = ids.copy()
     labels[0, 2] = labels[0, 5] = labels[1, 7] = -100  # the ignore path, including a last position
     return ids, labels
-
-
-def hf_reference(path, ids, labels, dtype=torch.float32):
-    """transformers' logits, loss and parameter gradients for ``labels``."""
-    model = transformers.GPTJForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
-    out = model(torch.from_numpy(ids), labels=torch.from_numpy(labels))
-    out.loss.backward()
-    grads = {n: p.grad.float().numpy() for n, p in model.named_parameters()}
-    return out.logits.detach().float().numpy(), out.loss.item(), grads
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +107,7 @@ def test_ignore_index_skips_labels(ckpt, tokens):
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_float16_matches_hf(ckpt, tokens, tp):
-    ref = hf_reference(ckpt, *tokens, dtype=torch.float16)
+    ref = hf_reference(ckpt, *tokens, dtype="float16")
     assert_matches(ours(ckpt, *tokens, tensor_parallel=tp, dtype="float16"), ref,
                    F16.logits, F16.loss, F16.grads, logits_rel=True)
 

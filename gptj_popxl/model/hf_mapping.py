@@ -283,20 +283,20 @@ def _read_sharded(index_path: str, read: Callable[[str], Dict[str, np.ndarray]])
         raise ValueError(f"{index_path} is not a valid checkpoint index (needs a 'weight_map'): {e}") from e
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path}: 'weight_map' must map tensor names to shard files")
-    shards = sorted(set(weight_map.values()))
-    for shard in shards:
+    shard_files = sorted(set(weight_map.values()))
+    for shard_file in shard_files:
         # Shards live next to the index; refuse paths that would read elsewhere.
-        if os.path.basename(shard) != shard:
-            raise ValueError(f"{index_path} names shard {shard!r}, which is not a plain file name")
-        if not os.path.isfile(os.path.join(directory, shard)):
-            raise FileNotFoundError(f"shard {shard} named in {index_path} does not exist")
+        if os.path.basename(shard_file) != shard_file:
+            raise ValueError(f"{index_path} names shard {shard_file!r}, which is not a plain file name")
+        if not os.path.isfile(os.path.join(directory, shard_file)):
+            raise FileNotFoundError(f"shard {shard_file} named in {index_path} does not exist")
     tensors: Dict[str, np.ndarray] = {}
-    for shard in shards:
-        for name, a in read(os.path.join(directory, shard)).items():
+    for shard_file in shard_files:
+        for name, a in read(os.path.join(directory, shard_file)).items():
             if name in tensors:
-                raise ValueError(f"tensor {name} appears in more than one shard of {index_path} (again in {shard})")
+                raise ValueError(f"tensor {name} appears in more than one shard of {index_path} (again in {shard_file})")
             tensors[name] = a
-    absent = [f"{name} (in {shard})" for name, shard in weight_map.items() if name not in tensors]
+    absent = [f"{name} (in {file})" for name, file in weight_map.items() if name not in tensors]
     if absent:
         raise ValueError(f"tensors listed in {index_path} are missing from their shards: {', '.join(absent)}")
     return tensors

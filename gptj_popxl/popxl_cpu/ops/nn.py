@@ -121,7 +121,13 @@ class SoftmaxGrad(Primitive):
     @classmethod
     def lower(cls, op, runtime):
         axis = op.attrs["axis"] + 1
-        return lambda dy, y: y * (dy - (dy * y).sum(axis, keepdim=True))
+        if op.inputs[0].dtype == dtypes.float16:  # in float32, as the forward
+            return lambda dy, y: _softmax_grad(dy.float(), y.float(), axis).half()
+        return lambda dy, y: _softmax_grad(dy, y, axis)
+
+
+def _softmax_grad(dy, y, axis):
+    return y * (dy - (dy * y).sum(axis, keepdim=True))
 
 
 def softmax(t: Tensor, axis: int) -> Tensor:

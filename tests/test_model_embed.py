@@ -42,34 +42,41 @@ def hf_block_output(hf_model, hidden, positions):
     return (out[0] if isinstance(out, tuple) else out).numpy()
 
 
-def run_user_program(hf_model, hidden, positions, tp):
+def run_user_program(hf_model, hidden, positions, tp, dp=1):
+    """Our block in a user program with ``tp * dp`` replicas; ``hidden``/``positions`` carry a leading
+    axis of one entry per data-parallel copy. Returns the output of every replica."""
     config = GPTJConfig.from_hf_dict(hf_model.config.to_dict())
     weights = hf_to_popxl({k: v.numpy() for k, v in hf_model.state_dict().items()}, config, tp)
+    replicas = tp * dp
 
-    ir = popxl.Ir(replication=tp)
+    ir = popxl.Ir(replication=replicas)
     with ir.main_graph:
-        x_stream = popxl.h2d_stream(hidden.shape, popxl.float32, "hidden")
-        pos_stream = popxl.h2d_stream(positions.shape, popxl.int32, "positions")
+        x_stream = popxl.h2d_stream(hidden.shape[1:], popxl.float32, "hidden")
+        pos_stream = popxl.h2d_stream(positions.shape[1:], popxl.int32, "positions")
         x, pos = ops.host_load(x_stream), ops.host_load(pos_stream)
         facts, block = DecoderBlock(config, tp_groups(ir, tp)).create_graph(x, pos)
-        variables = create_variables(facts, weights, prefix="layers.0.")
-        y, = ops.call(block.graph, x, pos, inputs_dict=block.bind(variables).args)
+        (y,) = block.bind(create_variables(facts, weights, prefix="layers.0.")).call(x, pos)
         y_stream = popxl.d2h_stream(y.shape, y.dtype, "out")
         ops.host_store(y_stream, y)
 
     def per_replica(a):
-        return np.broadcast_to(a, (tp,) + a.shape) if tp > 1 else a
+        # The tensor-parallel group of a data-parallel copy is `tp` consecutive replicas.
+        return np.repeat(a, tp, axis=0) if replicas > 1 else a[0]
     with popxl.Session(ir) as session:
         out = session.run({x_stream: per_replica(hidden), pos_stream: per_replica(positions)})[y_stream]
-    return out if tp > 1 else out[None]
+    return out if replicas > 1 else out[None]
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_block_in_user_program_matches_hf_block(hf_model, inputs, tp):
-    expected = hf_block_output(hf_model, *inputs)
-    out = run_user_program(hf_model, *inputs, tp)
-    assert out.shape == (tp,) + expected.shape
-    for replica in out:  # every shard ends with the full hidden states
+@pytest.mark.parametrize("tp,dp", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)])
+def test_block_in_user_program_matches_hf_block(hf_model, inputs, tp, dp):
+    hidden, positions = inputs
+    # Each data-parallel copy gets its own batch.
+    hiddens = np.stack([hidden * (1 + d) for d in range(dp)])
+    positionss = np.stack([positions + d for d in range(dp)])
+    out = run_user_program(hf_model, hiddens, positionss, tp, dp)
+    assert out.shape == (tp * dp,) + hidden.shape
+    for r, replica in enumerate(out):  # every shard ends with its copy's full hidden states
+        expected = hf_block_output(hf_model, hiddens[r // tp], positionss[r // tp])
         np.testing.assert_allclose(replica, expected, rtol=0, atol=1e-5)
 
 

@@ -248,6 +248,26 @@ def _reduce_scatter(values, peers):
     return out
 
 
+def run_with_gradient(fn, R, stride, group_size, shape, seed):
+    """Runs ``y = fn(x, group)`` and its gradient graph on random per-replica ``x`` and ``dy``;
+    returns ``(x, dy, y, dx)`` as host arrays, each with a leading replica axis."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(R,) + shape).astype(np.float32)
+    ir = popxl.Ir(replication=R)
+    with ir.main_graph:
+        group = ir.replica_grouping(stride, group_size)
+        fwd = ir.create_graph(lambda x: fn(x, group), popxl.TensorSpec(shape, F32))
+        info = autodiff(fwd)
+        xs, xt = load(shape, F32, "x")
+        site = ops.call_with_info(fwd, xt)
+        y = site.outputs[0]
+        dys, dyt = load(y.shape, F32, "dy")
+        (dx,) = ops.call(info.graph, dyt, inputs_dict=info.inputs_dict(site))
+    dy = rng.normal(size=(R,) + y.shape).astype(np.float32)
+    got_y, got_dx = run(ir, {xs: x, dys: dy}, [y, dx])
+    return x, dy, got_y, got_dx
+
+
 @pytest.mark.parametrize("R, stride, group_size", [(4, 2, 2), (8, 2, 4), (8, 1, 2)])
 @pytest.mark.parametrize("name", ["all_reduce", "all_reduce_mean", "all_reduce_", "all_gather", "reduce_scatter",
                                   "reduce_scatter_mean"])
@@ -268,20 +288,7 @@ def test_collective_gradients_match_torch(name, R, stride, group_size):
                                 lambda xs, p: [y / len(p[0]) for y in _reduce_scatter(xs, p)]),
     }
     fn, reference = fns[name]
-    rng = np.random.default_rng(11)
-    x = rng.normal(size=(R,) + shape).astype(np.float32)
-    ir = popxl.Ir(replication=R)
-    with ir.main_graph:
-        group = ir.replica_grouping(stride, group_size)
-        fwd = ir.create_graph(lambda x: fn(x, group), popxl.TensorSpec(shape, F32))
-        info = autodiff(fwd)
-        xs, xt = load(shape, F32, "x")
-        site = ops.call_with_info(fwd, xt)
-        y = site.outputs[0]
-        dys, dyt = load(y.shape, F32, "dy")
-        (dx,) = ops.call(info.graph, dyt, inputs_dict=info.inputs_dict(site))
-    dy = rng.normal(size=(R,) + y.shape).astype(np.float32)
-    got_y, got_dx = run(ir, {xs: x, dys: dy}, [y, dx])
+    x, dy, got_y, got_dx = run_with_gradient(fn, R, stride, group_size, shape, seed=11)
     peers = members(R, stride, group_size)
     xt_ = torch.tensor(x, requires_grad=True)
     ys = reference(list(xt_), peers)
@@ -304,20 +311,7 @@ def test_gradients_that_assume_identical_values(name):
            "replica_sharded_slice": lambda x, g: C.replica_sharded_slice(x, g),
            "identical_inputs": lambda x, g: ReplicatedAllReduceIdenticalInputs.create(x, op="add", group=g),
            "identical_grad_inputs": lambda x, g: ReplicatedAllReduceIdenticalGradInputs.create(x, op="add", group=g)}
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(R,) + shape).astype(np.float32)
-    ir = popxl.Ir(replication=R)
-    with ir.main_graph:
-        group = ir.replica_grouping(stride, group_size)
-        fwd = ir.create_graph(lambda x: fns[name](x, group), popxl.TensorSpec(shape, F32))
-        info = autodiff(fwd)
-        xs, xt = load(shape, F32, "x")
-        site = ops.call_with_info(fwd, xt)
-        y = site.outputs[0]
-        dys, dyt = load(y.shape, F32, "dy")
-        (dx,) = ops.call(info.graph, dyt, inputs_dict=info.inputs_dict(site))
-    dy = rng.normal(size=(R,) + y.shape).astype(np.float32)
-    got_y, got_dx = run(ir, {xs: x, dys: dy}, [y, dx])
+    x, dy, got_y, got_dx = run_with_gradient(fns[name], R, stride, group_size, shape, seed=2)
     peers = members(R, stride, group_size)
     for r in range(R):
         p, k = peers[r], peers[r].index(r)

@@ -98,6 +98,8 @@ from .remote import (NamedRemoteBuffers, create_remote_buffer, load_remote, load
 from .rts import (all_gather_replica_sharded_graph, gather_replica_sharded_tensor, reduce_replica_sharded_graph,
                   reduce_replica_sharded_tensor, replica_sharded_spec)
 from .streams import InputStreams, OutputStreams
-from .transforms import AccumulatingGradGraphInfo, autodiff, autodiff_with_accumulation
+from .transforms import (AccumulatingGradGraphInfo, BatchSerialResult, RemoteHandle, add_recompute_inputs, autodiff,
+                         autodiff_with_accumulation, batch_serial_buffer, batch_serialise, batch_serialise_fwd_and_grad,
+                         recompute_graph, remap_grad_info)
 from .variable_factory import (NamedReplicaGrouping, NamedVariableFactories, VariableFactory,
                                add_replica_sharded_variable_input, add_variable_input)

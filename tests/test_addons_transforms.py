@@ -191,3 +191,27 @@ def test_remap_grad_info_moves_connections_by_position():
         assert [ins2.index(c.fwd_tensor) for c in moved.expected_outputs] == \
             [ins.index(c.fwd_tensor) for c in info.expected_outputs]
         assert moved.graph is fwd2_bwd.graph and moved.forward_graph is fwd2.graph
+
+
+def test_repeat_graph_repeats_the_whole_main_graph(rng):
+    """A training-like main graph (stream in, update a variable in place, stream out) run 3 times per session run."""
+    count = 3
+    xs = rng.normal(size=(count, H)).astype(np.float32)
+    ir = popxl.Ir()
+    ir.num_host_transfers = count
+    with ir.main_graph:
+        total = popxl.variable(np.ones(H, np.float32), name="total")
+        x_stream = popxl.h2d_stream((H,), F32, "x")
+        out_stream = popxl.d2h_stream((H,), F32, "out")
+        x = ops.host_load(x_stream)
+        ops.var_updates.accumulate_(total, x * 2.0)
+        ops.host_store(out_stream, total + 0.5)
+        assert addons.transforms.repeat_graph(ir.main_graph, 1) is ir.main_graph
+    body = addons.transforms.repeat_graph(ir.main_graph, count)
+    assert body is not ir.main_graph and len(body.inputs) >= 1
+    with popxl.Session(ir) as session:
+        out = session.run({x_stream: xs})
+        final = session.get_tensor_data(total)
+    expected = 1.0 + np.cumsum(2.0 * xs, axis=0)
+    np.testing.assert_allclose(out[out_stream], expected + 0.5, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(final, expected[-1], rtol=1e-5, atol=1e-6)

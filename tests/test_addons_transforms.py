@@ -47,11 +47,14 @@ def torch_reference(data):
     return {"y": h.detach().numpy(), "dx": x.grad.numpy(), "dw": w.grad.numpy() / S, "db": b.grad.numpy() / S}
 
 
-def build_phased_training(data, io_mode, recompute):
+def build_phased_training(data, io_mode, recompute, replicas=1):
     """The phased program; returns the IR, per-layer weight and gradient variables and the remote variables
-    standing for the last activation row and the first gradient row."""
-    ir = popxl.Ir()
+    standing for the last activation row and the first gradient row. With several replicas (all
+    computing the same) the activations are kept replica-sharded over all of them."""
+    ir = popxl.Ir(replication=replicas)
     with ir.main_graph:
+        shard_group = ir.replica_grouping() if replicas > 1 else None
+        remote_variable = popxl.remote_replica_sharded_variable if shard_group else popxl.remote_variable
         facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
         accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
                                                              grads_required=[fwd.graph.inputs[0]])
@@ -61,25 +64,26 @@ def build_phased_training(data, io_mode, recompute):
         weights = [facts.init_remote(weight_buffers, n, f"layer{n}") for n in range(L)]
         grads = [accum_facts.init(f"grad{n}") for n in range(L)]
 
-        x_buffer = addons.batch_serial_buffer(fwd.graph.outputs[0], steps=S, rows=L + 1)
-        dx_buffer = addons.batch_serial_buffer(bwd.graph.inputs[0], steps=S, rows=L + 1)
+        x_buffer = addons.batch_serial_buffer(fwd.graph.outputs[0], steps=S, rows=L + 1, shard_group=shard_group)
+        dx_buffer = addons.batch_serial_buffer(bwd.graph.inputs[0], steps=S, rows=L + 1, shard_group=shard_group)
         assert x_buffer.entries == dx_buffer.entries == S * (L + 1)
+        assert x_buffer.tensor_shape == ((B * H // replicas,) if shard_group else (B, H))
         # Row 0 of x holds the inputs, row L of dx the loss gradient; x row L and dx row 0 receive the results.
         for s in range(S):
-            popxl.remote_variable(data["x"][s], x_buffer, s, name=f"x{s}")
-            popxl.remote_variable(data["dy"][s], dx_buffer, L * S + s, name=f"dy{s}")
-        outputs = {"y": [popxl.remote_variable(np.zeros((B, H), np.float32), x_buffer, L * S + s, name=f"y{s}")
+            remote_variable(data["x"][s], x_buffer, s, name=f"x{s}")
+            remote_variable(data["dy"][s], dx_buffer, L * S + s, name=f"dy{s}")
+        outputs = {"y": [remote_variable(np.zeros((B, H), np.float32), x_buffer, L * S + s, name=f"y{s}")
                          for s in range(S)],
-                   "dx": [popxl.remote_variable(np.zeros((B, H), np.float32), dx_buffer, s, name=f"dx{s}")
+                   "dx": [remote_variable(np.zeros((B, H), np.float32), dx_buffer, s, name=f"dx{s}")
                           for s in range(S)]}
 
         fwd_bs, bwd_bs = addons.batch_serialise_fwd_and_grad(
             fwd, bwd, fwd.args, S,
-            load_handles={fwd.graph.inputs[0]: addons.RemoteHandle(x_buffer, 0),
-                          bwd.graph.inputs[0]: addons.RemoteHandle(dx_buffer, 1)},
+            load_handles={fwd.graph.inputs[0]: addons.RemoteHandle(x_buffer, 0, shard_group),
+                          bwd.graph.inputs[0]: addons.RemoteHandle(dx_buffer, 1, shard_group)},
             store_streams={},
-            store_buffers={fwd.graph.outputs[0]: addons.RemoteHandle(x_buffer, 1),
-                           bwd.graph.outputs[0]: addons.RemoteHandle(dx_buffer, 0)},
+            store_buffers={fwd.graph.outputs[0]: addons.RemoteHandle(x_buffer, 1, shard_group),
+                           bwd.graph.outputs[0]: addons.RemoteHandle(dx_buffer, 0, shard_group)},
             rows=L, io_mode=io_mode)
         # The forward weights the backward reads become its named args (all of them when it recomputes).
         needed = fwd.args.keys_flat() if recompute else ["fc.weight"]
@@ -95,11 +99,11 @@ def build_phased_training(data, io_mode, recompute):
     return ir, weights, grads, outputs
 
 
-@pytest.mark.parametrize("io_mode", IO_MODES)
-@pytest.mark.parametrize("recompute", [False, True])
-def test_batch_serialised_phased_training_equals_torch(io_mode, recompute, rng):
+@pytest.mark.parametrize("io_mode, recompute, replicas", [(m, r, 1) for m in IO_MODES for r in (False, True)]
+                         + [("io", True, 2), ("io_overlapped", False, 2)])
+def test_batch_serialised_phased_training_equals_torch(io_mode, recompute, replicas, rng):
     data = host_data(rng)
-    ir, weights, grads, outputs = build_phased_training(data, io_mode, recompute)
+    ir, weights, grads, outputs = build_phased_training(data, io_mode, recompute, replicas)
     with popxl.Session(ir) as session:
         for n in range(L):
             session.write_variables_data({weights[n].fc.weight: data["w"][n], weights[n].fc.bias: data["b"][n]})
@@ -215,3 +219,16 @@ def test_repeat_graph_repeats_the_whole_main_graph(rng):
     expected = 1.0 + np.cumsum(2.0 * xs, axis=0)
     np.testing.assert_allclose(out[out_stream], expected + 0.5, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(final, expected[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_available_memory_proportions_are_checked_and_recorded():
+    from gptj_popxl.addons.transforms.available_memory_proportion import recorded_proportions
+    ir = popxl.Ir()
+    with ir.main_graph:
+        graph = ir.create_empty_graph("g")
+    addons.transforms.set_available_memory_proportion_by_ipu(ir, [0.3, 0.5])
+    addons.transforms.set_graph_available_memory_proportion_by_ipu(graph, (0.2,))
+    assert recorded_proportions(ir) == (0.3, 0.5) and recorded_proportions(graph) == (0.2,)
+    for bad in ([], [0.0], [1.5]):
+        with pytest.raises(ValueError, match="proportion"):
+            addons.transforms.set_available_memory_proportion_by_ipu(ir, bad)

@@ -232,3 +232,39 @@ def test_available_memory_proportions_are_checked_and_recorded():
     for bad in ([], [0.0], [1.5]):
         with pytest.raises(ValueError, match="proportion"):
             addons.transforms.set_available_memory_proportion_by_ipu(ir, bad)
+
+
+@pytest.mark.parametrize("io_mode", IO_MODES)
+def test_fwd_and_grad_store_host_loaded_inputs_for_the_backward(io_mode, rng):
+    """An input the backward needs that came from a host stream (as token ids do) is stored by the
+    forward loop and reloaded by the backward loop; streams out from both loops."""
+    xs = rng.normal(size=(S, B, H)).astype(np.float32)
+    dys = rng.normal(size=(S, B, H)).astype(np.float32)
+    w_np = rng.normal(size=(H,)).astype(np.float32)
+    ir = popxl.Ir()
+    ir.num_host_transfers = S
+    with ir.main_graph:
+        def fn(x, w):
+            return x * w
+        graph = addons.GraphWithNamedArgs(ir.create_graph(fn, popxl.TensorSpec((B, H), F32),
+                                                          popxl.TensorSpec((H,), F32)))
+        x_in, w_in = graph.graph.inputs
+        graph.args = addons.NamedTensors(w=w_in)
+        accum_facts, grad = addons.autodiff_with_accumulation(graph, [w_in], grads_required=[])
+        streams = {"x": popxl.h2d_stream((B, H), F32, "x"), "dy": popxl.h2d_stream((B, H), F32, "dy"),
+                   "y": popxl.d2h_stream((B, H), F32, "y")}
+        fwd_bs, grad_bs = addons.batch_serialise_fwd_and_grad(
+            graph, grad, graph.args, S, {x_in: streams["x"], grad.graph.inputs[0]: streams["dy"]},
+            {graph.graph.outputs[0]: streams["y"]}, {}, io_mode=io_mode)
+        assert x_in in fwd_bs.stored_buffers and fwd_bs.stored_buffers[x_in].buffer.entries == S
+        w = popxl.variable(w_np, name="w")
+        accums = accum_facts.init()
+        fwd_bs.graph.bind(addons.NamedTensors(w=w)).call(0)
+        named = addons.NamedTensors(w=w)
+        named.update(accums)
+        grad_bs.graph.bind(named).call(0)
+    with popxl.Session(ir) as session:
+        out = session.run({streams["x"]: xs, streams["dy"]: dys})
+        dw = session.get_tensor_data(accums.accum.w)
+    np.testing.assert_allclose(out[streams["y"]], xs * w_np, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw, (xs * dys).sum(1).mean(0), rtol=1e-5, atol=1e-6)

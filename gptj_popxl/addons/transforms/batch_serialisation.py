@@ -26,6 +26,7 @@ from ..graph import GraphWithNamedArgs
 from ..named_tensors import NamedTensors
 from ..remote import create_remote_buffer
 from ..rts import gather_replica_sharded_tensor
+from ._named import graph_input_like, remap
 from .autodiff import remap_grad_info
 
 __all__ = ["batch_serialise", "batch_serialise_fwd_and_grad", "batch_serial_buffer", "RemoteHandle"]
@@ -68,11 +69,7 @@ class BatchSerialResult:
     def remap_tensors(self, ts: NamedTensors) -> NamedTensors:
         """``ts``'s tensors of the original graph replaced by the transformed graph's inputs standing
         for them (tensors the transform loads itself have none and are left out)."""
-        return _remap(ts, self._remap_dict)
-
-
-def _remap(ts: NamedTensors, mapping: Mapping[popxl.Tensor, popxl.Tensor]) -> NamedTensors:
-    return NamedTensors.from_dict({name: mapping[t] for name, t in ts.to_dict().items() if t in mapping})
+        return remap(ts, self._remap_dict)
 
 
 def batch_serial_buffer(t: popxl.Tensor, steps: int = 1, rows: int = 1,
@@ -198,7 +195,7 @@ class _Plan:
 
         By reference: the compute graph's own call decides which of them it writes.
         """
-        return [_graph_input_like(t, by_ref=True) for t in self.passed_through]
+        return [graph_input_like(t, by_ref=True) for t in self.passed_through]
 
     def stored_buffers(self) -> Dict[popxl.Tensor, RemoteHandle]:
         ts = self.graph.graph.inputs + self.graph.graph.outputs
@@ -206,14 +203,9 @@ class _Plan:
                 for t, h in self.store_buffers.items() if t in ts}
 
     def result(self, graph: popxl.Graph, passed: Sequence[popxl.Tensor]) -> BatchSerialResult:
-        remap = dict(zip(self.passed_through, passed))
-        return BatchSerialResult(GraphWithNamedArgs(graph, _remap(self.graph.args, remap)), self.stored_buffers(),
-                                 remap)
-
-
-def _graph_input_like(t: popxl.Tensor, by_ref: bool = False) -> popxl.Tensor:
-    return popxl.graph_input(t.shape, t.dtype, t.name.rpartition("/")[2], by_ref=by_ref,
-                             meta_shape=t.meta_shape or None)
+        mapping = dict(zip(self.passed_through, passed))
+        return BatchSerialResult(GraphWithNamedArgs(graph, remap(self.graph.args, mapping)), self.stored_buffers(),
+                                 mapping)
 
 
 def _group_size(group: Optional[popxl.ReplicaGrouping]) -> int:
@@ -309,8 +301,8 @@ def batch_serialise_overlapped(graph: GraphWithNamedArgs, steps: int, load_handl
                 # Carried values first (index, seed, loaded, stored), as the loop feeds outputs back.
                 b_index = popxl.graph_input((), popxl.int32, "batch_serial_index")
                 b_seed = plan.seed_graph_input()
-                b_loaded = [_graph_input_like(t) for t in loaded]
-                b_stored = [_graph_input_like(t) for t in stored]
+                b_loaded = [graph_input_like(t) for t in loaded]
+                b_stored = [graph_input_like(t) for t in stored]
                 b_passed = plan.passed_graph_inputs()
                 with popxl.io_tiles():
                     store_index = b_index - 2

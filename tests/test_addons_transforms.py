@@ -108,7 +108,8 @@ def test_batch_serialised_phased_training_equals_torch(io_mode, recompute, repli
         for n in range(L):
             session.write_variables_data({weights[n].fc.weight: data["w"][n], weights[n].fc.bias: data["b"][n]})
         session.run()
-        got = session.get_tensors_data([t for ts in outputs.values() for t in ts] + [t for g in grads for t in g.tensors])
+        got = session.get_tensors_data([t for ts in outputs.values() for t in ts]
+                                       + [t for g in grads for t in g.tensors])
     ref = torch_reference(data)
     for key in ("y", "dx"):
         np.testing.assert_allclose(np.stack([got[t] for t in outputs[key]]), ref[key], rtol=1e-5, atol=1e-6)

@@ -27,16 +27,16 @@ class Layer(addons.Module):
         return ops.tanh(self.fc(x))
 
 
-def host_data(rng):
-    return {"x": rng.normal(size=(S, B, H)).astype(np.float32),
-            "dy": rng.normal(size=(S, B, H)).astype(np.float32),
+def host_data(rng, micro_batches=S):
+    return {"x": rng.normal(size=(micro_batches, B, H)).astype(np.float32),
+            "dy": rng.normal(size=(micro_batches, B, H)).astype(np.float32),
             "w": rng.normal(size=(L, H, H)).astype(np.float32) * 0.5,
             "b": rng.normal(size=(L, H)).astype(np.float32) * 0.1}
 
 
 def torch_reference(data):
     """Layer outputs, the input gradient per micro-batch and the weight gradients (mean over micro-batches)
-    of ``sum_s sum(y_s * dy_s)``."""
+    of ``sum_m sum(y_m * dy_m)``."""
     w = torch.tensor(data["w"], requires_grad=True)
     b = torch.tensor(data["b"], requires_grad=True)
     x = torch.tensor(data["x"], requires_grad=True)
@@ -44,7 +44,8 @@ def torch_reference(data):
     for n in range(L):
         h = torch.tanh(h @ w[n] + b[n])
     (h * torch.tensor(data["dy"])).sum().backward()
-    return {"y": h.detach().numpy(), "dx": x.grad.numpy(), "dw": w.grad.numpy() / S, "db": b.grad.numpy() / S}
+    m = x.shape[0]
+    return {"y": h.detach().numpy(), "dx": x.grad.numpy(), "dw": w.grad.numpy() / m, "db": b.grad.numpy() / m}
 
 
 def build_phased_training(data, io_mode, recompute, replicas=1):
@@ -117,6 +118,82 @@ def test_batch_serialised_phased_training_equals_torch(io_mode, recompute, repli
         np.testing.assert_allclose(got[grads[n].accum.fc.weight], ref["dw"][n], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got[grads[n].accum.fc.bias], ref["db"][n], rtol=1e-5, atol=1e-6)
         assert got[grads[n].mean_accum_counter] == S
+
+
+def test_data_parallel_phases_with_replica_sharded_weights_and_gradients(rng):
+    """The phase pattern of the training program with dp 2: weights replica-sharded in remote buffers
+    (one entry per layer) are all-gathered at the start of a phase; the backward phase zeroes the
+    accumulators, loops over the micro-batches, reduce-scatters the mean gradient over dp and stores
+    its shard in a gradient buffer at the layer's entry. Replica r takes micro-batches r*S .. r*S+S-1."""
+    R = 2
+    data = host_data(rng, R * S)
+    ir = popxl.Ir(replication=R)
+    with ir.main_graph:
+        dp = ir.replica_grouping()
+        own = ir.replica_grouping(group_size=1)  # a value per replica
+        facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
+        accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
+                                                             grads_required=[fwd.graph.inputs[0]])
+        bwd = addons.recompute_graph(bwd)
+        weight_buffers = addons.named_variable_buffers(facts, entries=L)
+        grad_buffers = addons.named_variable_buffers(facts, entries=L)
+        assert weight_buffers.fc.weight.meta_shape == (H, H)  # replica-sharded over dp
+        weights = [facts.init_remote(weight_buffers, n, f"layer{n}") for n in range(L)]
+        grads = [facts.init_remote(grad_buffers, n, f"grad{n}") for n in range(L)]
+        accums = accum_facts.init()
+
+        x_buffer = addons.batch_serial_buffer(fwd.graph.outputs[0], steps=S, rows=L + 1)
+        dx_buffer = addons.batch_serial_buffer(bwd.graph.inputs[0], steps=S, rows=L + 1)
+        per_replica = {k: data[k].reshape(R, S, B, H) for k in ("x", "dy")}
+        outputs = {"y": [], "dx": []}
+        for s in range(S):
+            popxl.remote_variable(per_replica["x"][:, s], x_buffer, s, replica_grouping=own, name=f"x{s}")
+            popxl.remote_variable(per_replica["dy"][:, s], dx_buffer, L * S + s, replica_grouping=own, name=f"dy{s}")
+            zeros = np.zeros((R, B, H), np.float32)
+            outputs["y"].append(popxl.remote_variable(zeros, x_buffer, L * S + s, replica_grouping=own, name=f"y{s}"))
+            outputs["dx"].append(popxl.remote_variable(zeros, dx_buffer, s, replica_grouping=own, name=f"dx{s}"))
+        fwd_bs, bwd_bs = addons.batch_serialise_fwd_and_grad(
+            fwd, bwd, fwd.args, S,
+            load_handles={fwd.graph.inputs[0]: addons.RemoteHandle(x_buffer, 0),
+                          bwd.graph.inputs[0]: addons.RemoteHandle(dx_buffer, 1)},
+            store_streams={},
+            store_buffers={fwd.graph.outputs[0]: addons.RemoteHandle(x_buffer, 1),
+                           bwd.graph.outputs[0]: addons.RemoteHandle(dx_buffer, 0)},
+            rows=L)
+
+        load, names = addons.load_remote_graph(weight_buffers)
+        gather, gathered_names = addons.all_gather_replica_sharded_graph(
+            addons.NamedTensors.pack(names, load.graph.outputs), replica_groups=facts.replica_groupings)
+        reduce, reduced_names = addons.reduce_replica_sharded_graph(
+            accums.accum, "mean", shard_groups=facts.replica_groupings, replica_group=dp)
+        store = addons.store_remote_graph(grad_buffers)
+
+        def layer_weights(n):
+            shards = addons.NamedTensors.pack(names, load.call(n))
+            return addons.NamedTensors.pack(gathered_names, gather.bind(shards).call())
+
+        for n in range(L):
+            fwd_bs.graph.bind(layer_weights(n)).call(n)
+        for n in reversed(range(L)):
+            ops.var_updates.accumulator_zero_(accums.mean_accum_counter)  # restarts the running means
+            layer = layer_weights(n)
+            layer.update(accums)
+            bwd_bs.graph.bind(layer).call(n)
+            shards = addons.NamedTensors.pack(reduced_names, reduce.bind(accums.accum).call())
+            store.bind(shards).call(n)
+    with popxl.Session(ir) as session:
+        for n in range(L):
+            session.write_variables_data({weights[n].fc.weight: data["w"][n], weights[n].fc.bias: data["b"][n]})
+        session.run()
+        got = session.get_tensors_data([t for ts in outputs.values() for t in ts]
+                                       + [t for g in grads for t in g.tensors])
+    ref = torch_reference(data)
+    for key in ("y", "dx"):
+        np.testing.assert_allclose(np.stack([got[t] for t in outputs[key]], 1).reshape(R * S, B, H), ref[key],
+                                   rtol=1e-5, atol=1e-6)
+    for n in range(L):
+        np.testing.assert_allclose(got[grads[n].fc.weight], ref["dw"][n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[grads[n].fc.bias], ref["db"][n], rtol=1e-5, atol=1e-6)
 
 
 def test_recomputed_gradient_graph_needs_only_the_forward_inputs():

@@ -346,3 +346,19 @@ def test_fwd_and_grad_store_host_loaded_inputs_for_the_backward(io_mode, rng):
         dw = session.get_tensor_data(accums.accum.w)
     np.testing.assert_allclose(out[streams["y"]], xs * w_np, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dw, (xs * dys).sum(1).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_serialise_rejects_bad_arguments():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        graph = addons.GraphWithNamedArgs(ir.create_graph(lambda x: x + 1.0, popxl.TensorSpec((H,), F32)))
+        (x,), (y,) = graph.graph.inputs, graph.graph.outputs
+        stream = popxl.h2d_stream((H,), F32, "x")
+        with pytest.raises(TypeError, match="handle of tensor .* must be a RemoteHandle"):
+            addons.batch_serialise(graph, S, {}, {}, {y: stream})
+        with pytest.raises(ValueError, match="io_mode"):
+            addons.batch_serialise(graph, S, {x: stream}, {}, {}, io_mode="fast")
+        with pytest.raises(ValueError, match="steps must be >= 1"):
+            addons.batch_serialise(graph, 0, {x: stream}, {}, {})
+        with pytest.raises(ValueError, match="overlapped IO needs steps >= 2"):
+            addons.transforms.batch_serialise_overlapped(graph, 1, {x: stream}, {}, {})

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..backend import ops, popxl
 from .dot_tree import DotTree
+from .named_replica_grouping import NamedReplicaGrouping
 from .named_tensors import NamedTensors
 
 DataIter = Union[Callable[[], object], Iterable[object]]
@@ -159,10 +160,6 @@ class VariableFactory:
 def _no_memmap(memmap_dir) -> None:
     if memmap_dir is not None:
         raise NotImplementedError("memmap_dir is not supported: pass host data through data_iter")
-
-
-class NamedReplicaGrouping(DotTree[object]):
-    """Replica groupings by dotted variable name."""
 
 
 class NamedVariableFactories(DotTree[VariableFactory]):

@@ -88,14 +88,20 @@ Host arrays (``array_munging``)
     (new axis); ``repeat_axis``; ``repeat_shard``; ``pad_axis(x, n, axis, value=0)``; ``squeeze_safe``;
     ``tensor_parallel_input(data, tp, rf)``.
 """
-from . import array_munging, layers, ops, optimizers, remote, streams, transforms
+from . import (array_munging, debugging, graph_cache, layers, named_replica_grouping, ops, optimizers, patterns, remote,
+               streams, task_session, transforms, utils)
 from .dot_tree import DotTree, sanitise, to_mapping
 from .graph import BoundGraph, GraphWithNamedArgs
+from .graph_cache import GraphCache
 from .module import Module
+from .named_replica_grouping import NamedReplicaGrouping
 from .named_tensors import NamedTensorData, NamedTensors
+from .ops.streams import host_load, host_store
+from .seed_variable import seed_variable
+from .task_session import TaskSession
 from .remote import (NamedRemoteBuffers, create_remote_buffer, load_remote, load_remote_graph, named_buffers,
                      named_variable_buffers, store_remote, store_remote_graph)
 from .streams import InputStreams, OutputStreams
 from .transforms import AccumulatingGradGraphInfo, autodiff, autodiff_with_accumulation
-from .variable_factory import (NamedReplicaGrouping, NamedVariableFactories, VariableFactory,
-                               add_replica_sharded_variable_input, add_variable_input)
+from .variable_factory import (NamedVariableFactories, VariableFactory, add_replica_sharded_variable_input,
+                               add_variable_input)

@@ -24,8 +24,8 @@ class NamedReplicaGrouping(DotTree[object]):
     """Replica groupings by dotted variable name."""
 
     @classmethod
-    def build_groups(cls, names: List[str], value=None) -> "NamedReplicaGrouping":
-        """Every name in ``names`` mapped to ``value`` (default: all replicas of the current IR)."""
+    def build_groups(cls, names: List[str], value) -> "NamedReplicaGrouping":
+        """Every name in ``names`` mapped to ``value`` (None: all replicas of the current IR)."""
         value = value or _ir().replica_grouping()
         return cls.pack(names, [value] * len(names))
 

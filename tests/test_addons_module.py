@@ -181,3 +181,27 @@ def test_print_named_tensors(capsys):
         nt = addons.NamedTensors.from_dict({"b.w": popxl.variable(np.zeros(2, np.float32), name="bw")})
         addons.named_tensors.print_named_tensors(nt)
     assert "b.w: (2,) float32 'bw'" in capsys.readouterr().out
+
+
+def test_route_tensor_into_already_called_graphs():
+    """A main-graph variable reaches a graph called (twice, in a repeat) from a graph called by main."""
+    from gptj_popxl.addons.route_tensor import called_graph_paths, is_subgraph, route_tensor_into_graph
+    ir = popxl.Ir()
+    with ir.main_graph:
+        counter = popxl.variable(np.zeros(2, np.float32), name="counter")
+        inner = ir.create_empty_graph("inner")
+        outer = ir.create_empty_graph("outer")
+        with outer:
+            ops.repeat(inner, 3)
+        ops.call(outer)
+        assert is_subgraph(ir.main_graph, inner) and not is_subgraph(inner, outer)
+        assert called_graph_paths(ir.main_graph, inner) == {(ir.main_graph, outer, inner)}
+        with inner:
+            routed = route_tensor_into_graph(counter, modified=True)
+            ops.var_updates.accumulate_(routed, popxl.constant(np.array([1.0, 2.0], np.float32)))
+        assert route_tensor_into_graph(counter, inner) is routed
+        with pytest.raises(ValueError, match="not in graph"):
+            route_tensor_into_graph(routed, ir.main_graph)  # main does not lie below inner
+    with popxl.Session(ir) as session:
+        session.run()
+        np.testing.assert_array_equal(session.get_tensor_data(counter), [3.0, 6.0])

@@ -89,7 +89,7 @@ Host arrays (``array_munging``)
     ``tensor_parallel_input(data, tp, rf)``.
 """
 from . import (array_munging, debugging, graph_cache, layers, named_replica_grouping, ops, optimizers, patterns, remote,
-               streams, task_session, transforms, utils)
+               route_tensor, streams, task_session, transforms, utils)
 from .dot_tree import DotTree, sanitise, to_mapping
 from .graph import BoundGraph, GraphWithNamedArgs
 from .graph_cache import GraphCache

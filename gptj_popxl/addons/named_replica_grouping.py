@@ -5,7 +5,7 @@ Without poprun there is one instance holding every replica; the IPU-link domain 
 """
 import json
 import os
-from typing import List, Optional
+from typing import List
 
 from ..backend import popxl
 from .dot_tree import DotTree

@@ -5,7 +5,7 @@ at their existing call sites.
 On the CPU runtime graphs are ``popxl_cpu`` graphs and paths are tuples of them; with the Poplar SDK
 popxl-addons' own implementation (on popart's IR) is used.
 """
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, Set, Tuple
 
 from ..backend import IS_CPU, popxl
 

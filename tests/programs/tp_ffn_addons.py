@@ -14,7 +14,7 @@ import numpy as np
 import popxl
 import popxl_addons as addons
 from popxl import ops
-from popxl_addons import NamedTensors, TaskSession, host_load
+from popxl_addons import TaskSession, host_load
 from popxl_addons.array_munging import shard, unshard
 from popxl_addons.layers import Linear
 from popxl_addons.ops.replicated_all_reduce_TP import (replicated_all_reduce_identical_grad_inputs,

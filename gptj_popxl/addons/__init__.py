@@ -75,6 +75,26 @@ Phased execution (``transforms``, ``rts``)
     ``reduce_replica_sharded_graph(tensors, op="add", use_io_tiles=False, shard_groups=None,
     replica_group=None)`` -> ``(graph, names)``. One instance: no cross-instance stages.
 
+Sessions and checkpoints (``task_session``)
+    ``TaskSession(inputs, outputs, state, max_checkpoints=1, *session_args, **session_kwargs)``:
+    ``run`` counts ``session_state["steps"]``; ``get_named_tensors_data()``;
+    ``save_checkpoint(dir)`` / ``load_checkpoint(dir, report_missing="warn", skip_memmap=False)``
+    (``model/<name>.npz``, memmapped ``model/<name>.npy``, ``session_info.json``,
+    ``dataloader.bin``; written atomically); ``add_session_state_info``; ``dataloader`` (needs
+    ``save``/``resume``); ``load_from_session``. ``initialise_memmap_dir_from_checkpoint``.
+    Memory-mapped variables: ``factories.init(memmap_dir=...)`` / ``VariableFactory.next_memmap``.
+    ``seed_variable(seed, replica_grouping=None)`` -> (variable, tensor).
+
+Replica groupings (``named_replica_grouping``)
+    ``NamedReplicaGrouping.build_groups``, ``fill_none_group``, ``get_instance_replica_grouping``,
+    ``get_ild_replica_grouping``, ``is_cross_instance``, ``is_cross_ild``,
+    ``get_ild_size_from_popdist`` (one instance; ILD size from ``POPLAR_TARGET_OPTIONS`` else min(R, 64)).
+
+Misc: ``patterns.apply_pre_alias_patterns(ir, level)`` (no-op on the CPU), ``route_tensor``
+    (``route_tensor_into_graph`` into already-called graphs), ``utils`` (``timer``, ``WeightsDict``,
+    ``OrderedDict``, ``null_context``, ``suffix_graph_name``, ``overrides``, ``duplicate_items``),
+    ``debugging`` (``print_tensor``/``print_text`` gated by ``MODEL_LOG_LEVEL``).
+
 Layers (``layers``)
     ``Linear(out_features, bias=True, replica_grouping=None)``: ``x @ weight + bias``, weight
     (in, out); ``Linear.torch_mapping(variables, nn_linear, dtype)`` -> ``{variable: array}``.
@@ -83,6 +103,9 @@ Layers (``layers``)
     over ``replica_grouping.num_groups`` shards of ``get_vocab_shard_size(V, n) = ceil(V / n)``
     rows (NOT rounded to 16 as popxl-addons does); ``get_offsets(V, n)``; callers pass indices
     minus their shard's offset (host helper ``Embedding.offset_input``); out-of-shard -> zero rows.
+    ``LayerNormDistributed(replica_grouping=None)``: hidden axis sharded over the group.
+    ``LinearGQ(out_features, bias=True, replica_grouping=None, group_size=0, dim=-1)``: 4-bit
+    group-quantised weight, ``torch_mapping(..., group_size=64, dim=-1)`` quantises.
 
 Ops (``ops``)
     ``replicated_all_reduce_identical_inputs(t, op="add", group=None)``: identity forward,
@@ -92,6 +115,12 @@ Ops (``ops``)
     ignore_index=None, replica_grouping=None, reduction="mean")``: logits (n, classes_per_shard);
     ``indices`` AND ``ignore_index`` relative to each shard's first class (``labels - offset``,
     ``IGNORE - offset``), as popxl-addons requires; loss identical on all shards.
+    ``cross_entropy`` / ``cross_entropy_with_grad``, ``cross_entropy_sharded_wr_loss`` (shards on
+    IPUs of one replica), ``grad_reduce_square_add``, ``layer_norm_distributed``, ``linear_layout``
+    (identity), ``group_quantize_decompress`` (+ numpy ``group_quantize_compress_numpy`` /
+    ``group_quantize_decompress_numpy``), ``replicated_{all_gather,all_reduce,reduce_scatter}_strided``
+    (+ identical-inputs forms, ``replicated_all_reduce_strided_graph``), ``streams.host_load(t, dtype,
+    name)`` -> (array, stream, tensor) / ``host_store(t)`` -> stream (also ``addons.host_load``).
 
 Optimiser (``optimizers``)
     ``AdamOptimizerStep().create_graph(var, grad_spec, replica_grouping=None, *, lr, beta1=0.9,
@@ -106,26 +135,33 @@ Remote buffers and streams (``remote``, ``streams``)
     ``store_remote_graph(buffers, entries=1)`` -> graph taking the index, tensors as named args;
     ``load_remote(buffers, entry)``, ``store_remote(buffers, tensors, entry)``,
     ``create_remote_buffer(spec, entries=1, replica_group=None, shard_over=None)``, ``named_buffers``.
-    ``InputStreams(x=((2, 4), popxl.float32))`` / ``OutputStreams(...)``: host streams by name.
+    ``InputStreams(x=((2, 4), popxl.float32))`` / ``OutputStreams(...)``: host streams by name;
+    ``from_streams(streams)`` keys existing streams by ``tensor_id``.
 
 Host arrays (``array_munging``)
     ``shard(x, n, axis)`` -> (n, ...) contiguous blocks; ``unshard(x, axis)``; ``repeat(x, n, axis=0)``
     (new axis); ``repeat_axis``; ``repeat_shard``; ``pad_axis(x, n, axis, value=0)``; ``squeeze_safe``;
-    ``tensor_parallel_input(data, tp, rf)``.
+    ``tensor_parallel_input(data, tp, rf)``, ``tensor_parallel_output``; ``shard2D``/``split2D``/``unshard2D``.
 """
-from . import array_munging, layers, ops, optimizers, remote, rts, streams, transforms
+from . import (array_munging, debugging, graph_cache, layers, named_replica_grouping, ops, optimizers, patterns, remote,
+               route_tensor, rts, streams, task_session, transforms, utils)
 from .dot_tree import DotTree, sanitise, to_mapping
 from .graph import BoundGraph, GraphWithNamedArgs
+from .graph_cache import GraphCache
 from .module import Module
+from .named_replica_grouping import NamedReplicaGrouping
 from .named_tensors import NamedTensorData, NamedTensors
+from .ops.streams import host_load, host_store
 from .remote import (NamedRemoteBuffers, create_remote_buffer, load_remote, load_remote_graph, named_buffers,
                      named_variable_buffers, store_remote, store_remote_graph)
 from .rts import (all_gather_replica_sharded_graph, gather_replica_sharded_tensor, reduce_replica_sharded_graph,
                   reduce_replica_sharded_tensor, replica_sharded_spec)
+from .seed_variable import seed_variable
 from .streams import InputStreams, OutputStreams
+from .task_session import TaskSession
 from .transforms import (AccumulatingGradGraphInfo, BatchSerialResult, RemoteHandle, add_recompute_inputs, autodiff,
                          autodiff_with_accumulation, batch_serial_buffer, batch_serialise, batch_serialise_fwd_and_grad,
                          recompute_graph, remap_grad_info, set_available_memory_proportion_by_ipu,
                          set_graph_available_memory_proportion_by_ipu)
-from .variable_factory import (NamedReplicaGrouping, NamedVariableFactories, VariableFactory,
-                               add_replica_sharded_variable_input, add_variable_input)
+from .variable_factory import (NamedVariableFactories, VariableFactory, add_replica_sharded_variable_input,
+                               add_variable_input)

@@ -100,3 +100,43 @@ def tensor_parallel_input(input_data: np.ndarray, tp: int, rf: int, repeat_fn=No
     copies = [repeat_fn(data.copy(), i) if repeat_fn else data for i in range(tp)]
     out = np.concatenate(copies, axis=1).reshape(-1, rf, *np.shape(input_data)[1:])
     return squeeze_safe(out, [0, 1])
+
+
+def split2D(x: np.ndarray, n_1: int, n_2: int, axis_1: int, axis_2: int) -> List[List[np.ndarray]]:
+    """``x`` split into ``n_1`` blocks along ``axis_1``, each split into ``n_2`` blocks along ``axis_2``."""
+    return [np.split(block, n_2, axis_2) for block in np.split(np.asarray(x), n_1, axis_1)]
+
+
+def shard2D(x: np.ndarray, n_1: int, n_2: int, axis_1: int, axis_2: int) -> np.ndarray:
+    """The ``n_1 * n_2`` blocks of :func:`split2D` stacked on a new axis 0, ``axis_2``'s index varying fastest."""
+    return np.stack([b for row in split2D(x, n_1, n_2, axis_1, axis_2) for b in row])
+
+
+def unshard2D(x: np.ndarray, n_1: int, n_2: int, axis_1: int, axis_2: int) -> np.ndarray:
+    """Inverse of :func:`shard2D` (axes are those of a block)."""
+    x = np.asarray(x)
+    if x.shape[0] != n_1 * n_2:
+        raise ValueError(f"unshard2D: axis 0 has {x.shape[0]} blocks, expected n_1 * n_2 = {n_1 * n_2}")
+    rows = [unshard_arrays(list(x[i * n_2:(i + 1) * n_2]), axis_2) for i in range(n_1)]
+    return np.concatenate(rows, axis=handle_negative_axis(rows[0], axis_1))
+
+
+def tensor_parallel_output(output_data: np.ndarray, num_host_transfers: int, tp: int, rf: int,
+                           data_shape, tp_identical: bool = True,
+                           true_num_host_transfers: Optional[int] = None) -> np.ndarray:
+    """Inverse of :func:`tensor_parallel_input` for a host output stream.
+
+    ``output_data`` holds ``num_host_transfers`` transfers of ``rf = dp * tp`` replicas, each of
+    ``data_shape`` (axes of length 1 may be squeezed, as a session returns them). Returns
+    ``(num_host_transfers * dp, *data_shape)`` in sample order (transfer-major) when ``tp_identical``
+    (one copy per TP group, all copies equal), else ``(num_host_transfers * dp, tp, *data_shape)``.
+    ``true_num_host_transfers``: keep only the first transfers (the rest were padding).
+    """
+    if tp > rf or rf % tp:
+        raise ValueError(f"tensor parallel factor tp={tp} must divide the replication factor rf={rf}")
+    data_shape = tuple(data_shape)
+    x = np.asarray(output_data).reshape(num_host_transfers, rf // tp, tp, *data_shape)
+    if true_num_host_transfers is not None:
+        x = x[:true_num_host_transfers]
+    x = x[:, :, 0] if tp_identical else x
+    return x.reshape(-1, *x.shape[2:])

@@ -88,24 +88,34 @@ class GraphWithNamedArgs:
 
     def autodiff(self, grads_provided=None, grads_required=None, called_graphs_grad_info=None, method: str = "auto",
                  force: bool = False) -> "GraphWithNamedArgs":
-        """The gradient graph of this graph (see :func:`gptj_popxl.addons.autodiff`).
+        """The gradient graph of this graph, with its ``grad_graph_info``.
 
-        Autodiff adds forward outputs to this graph, so a second call raises unless ``force``.
+        ``method``: 'build_grad' traces the module's ``build_grad`` (``Module.create_grad_graph``),
+        'autodiff' differentiates the graph (:func:`gptj_popxl.addons.autodiff`), 'auto' picks
+        'build_grad' when the module that made this graph defines it. Both add forward outputs to
+        this graph, so a second call raises unless ``force``.
         """
         from .transforms.autodiff import autodiff
-        if method not in ("auto", "autodiff"):
-            raise ValueError(f"method must be 'auto' or 'autodiff' (modules here define no build_grad), got "
-                             f"{method!r}")
+        if method not in ("auto", "build_grad", "autodiff"):
+            raise ValueError(f"method must be 'auto', 'build_grad' or 'autodiff', got {method!r}")
         if self.autodiff_applied and not force:
             raise RuntimeError(f"graph '{self.graph.name}' was already differentiated; autodiff changes the forward "
                                f"graph, pass force=True to differentiate it again")
-        grad = autodiff(self, grads_provided, grads_required, called_graphs_grad_info)
+        module = self._from_module
+        if method == "auto":
+            method = "build_grad" if module is not None and module.implements_grad_graph else "autodiff"
+        if method == "build_grad":
+            if module is None:
+                raise ValueError(f"graph '{self.graph.name}' was not made by a Module: it has no build_grad")
+            grad = module.create_grad_graph(self, grads_provided, grads_required)
+        else:
+            grad = autodiff(self, grads_provided, grads_required, called_graphs_grad_info)
         self.autodiff_applied = True
         return grad
 
     def copy(self) -> "GraphWithNamedArgs":
-        return GraphWithNamedArgs(self.graph, self.args.copy(), self._grad_graph_info,
-                                  called_graphs_grad_info=self.called_graphs_grad_info)
+        return GraphWithNamedArgs(self.graph, self.args.copy(), self._grad_graph_info, self._from_module, self._aux,
+                                  self.called_graphs_grad_info)
 
     def print_schedule(self) -> str:
         """A readable listing of the graph's inputs (with their names in ``args``)."""

@@ -37,3 +37,9 @@ class NamedTensors(DotTree[popxl.Tensor]):
 
 class NamedTensorData(DotTree[np.ndarray]):
     """Host arrays by dotted name (e.g. the weights of a checkpoint)."""
+
+
+def print_named_tensors(named_tensors: NamedTensors) -> None:
+    """Prints one line per tensor: dotted name, shape, dtype and tensor name (sorted by dotted name)."""
+    for name, t in sorted(named_tensors.to_dict().items()):
+        print(f"{name}: {tuple(t.shape)} {t.dtype.name} '{t.name}'")

@@ -12,6 +12,14 @@ class _Streams(OrderedDict):
         for name, (shape, dtype) in streams.items():
             self[name] = type(self)._make(shape, dtype, name=name)
 
+    @classmethod
+    def from_streams(cls, streams):
+        """Existing streams (an iterable of popxl streams) keyed by their ``tensor_id``."""
+        self = cls()
+        for stream in streams:
+            self[stream.tensor_id] = stream
+        return self
+
     def __getattr__(self, name: str):
         try:
             return self[name]

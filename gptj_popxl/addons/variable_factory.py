@@ -4,15 +4,21 @@ A :class:`VariableFactory` remembers the shape, dtype, replica grouping and an i
 one graph input. Building a module records one factory per variable input; ``init()`` later turns
 them into ``popxl.variable`` (or remote variable) tensors of the main graph, as many times as needed.
 """
+import os
+import weakref
 from typing import Callable, Iterable, Optional, Tuple, Union
 
 import numpy as np
 
 from ..backend import ops, popxl
 from .dot_tree import DotTree
+from .named_replica_grouping import NamedReplicaGrouping
 from .named_tensors import NamedTensors
 
 DataIter = Union[Callable[[], object], Iterable[object]]
+
+# Variables created from a memory-mapped file -> that file's array (TaskSession writes them back there).
+MEMMAPPED_VARIABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _host_array_info(data) -> Tuple[Tuple[int, ...], object]:
@@ -134,35 +140,67 @@ class VariableFactory:
             return one()
         return np.stack([np.asarray(one()) for _ in range(group.num_groups)])
 
+    def next_memmap(self, memmap_dir: str, name: str, empty: bool = False,
+                    read_only_if_exists: bool = False) -> np.memmap:
+        """The host data of one instance in the raw memory-mapped file ``<memmap_dir>/<name>.npy``.
+
+        A new file is filled with :meth:`next_data` (left zero if ``empty``); an existing file is
+        used as it is (``data_iter`` not called), read-only if ``read_only_if_exists``.
+        """
+        os.makedirs(memmap_dir, exist_ok=True)
+        path = os.path.join(memmap_dir, f"{name}.npy")
+        shape = tuple(self.meta_shape or self.shape)
+        group = self.replica_grouping
+        if group is not None and group.num_groups > 1:
+            shape = (group.num_groups,) + shape
+        np_dtype = self.dtype.as_numpy()
+        if os.path.exists(path):
+            expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(np_dtype).itemsize
+            if os.path.getsize(path) != expected:
+                raise ValueError(f"variable {name!r}: memmap file {path} has {os.path.getsize(path)} bytes, "
+                                 f"expected {expected} for {shape} {self.dtype.name}")
+            return np.memmap(path, dtype=np_dtype, shape=shape, mode="r" if read_only_if_exists else "r+")
+        data = np.memmap(path, dtype=np_dtype, shape=shape, mode="w+")
+        if not empty:
+            data[...] = np.asarray(self.next_data(empty))
+            data.flush()
+        return data
+
+    def _initial_data(self, name: str, empty: bool, memmap_dir, read_only_if_exists: bool):
+        if memmap_dir is None:
+            return self.next_data(empty)
+        return self.next_memmap(memmap_dir, name, empty, read_only_if_exists)
+
+    @staticmethod
+    def _record(var: popxl.Variable, data) -> popxl.Variable:
+        if isinstance(data, np.memmap):
+            MEMMAPPED_VARIABLES[var] = data
+        return var
+
     def create_tensor(self, name: Optional[str] = None, empty: bool = False, memmap_dir=None,
                       read_only_if_exists: bool = False) -> popxl.Variable:
-        """A new variable in the main graph holding the next data (``empty``: zeros, data_iter not called)."""
-        _no_memmap(memmap_dir)
-        return popxl.variable(self.next_data(empty), self.dtype, name or self.name,
-                              replica_grouping=self._replica_grouping)
+        """A new variable in the main graph holding the next data (``empty``: zeros, data_iter not called).
+
+        With ``memmap_dir`` its host data lives in a memory-mapped file (see :meth:`next_memmap`).
+        """
+        name = name or self.name
+        data = self._initial_data(name, empty, memmap_dir, read_only_if_exists)
+        return self._record(popxl.variable(data, self.dtype, name, replica_grouping=self._replica_grouping), data)
 
     def create_remote_tensor(self, buffer, entry: int, name: Optional[str] = None, empty: bool = False,
                              memmap_dir=None, read_only_if_exists: bool = False) -> popxl.Variable:
         """A new variable stored in entry ``entry`` of remote ``buffer`` (replica sharded if the buffer is)."""
-        _no_memmap(memmap_dir)
-        data = self.next_data(empty)
+        name = name or self.name
+        data = self._initial_data(name, empty, memmap_dir, read_only_if_exists)
         if buffer.meta_shape:
-            return popxl.remote_replica_sharded_variable(data, buffer, entry, self.dtype, name or self.name,
-                                                         replica_grouping=self._replica_grouping)
-        return popxl.remote_variable(data, buffer, entry, self.dtype, name or self.name,
-                                     replica_grouping=self._replica_grouping)
+            var = popxl.remote_replica_sharded_variable(data, buffer, entry, self.dtype, name,
+                                                        replica_grouping=self._replica_grouping)
+        else:
+            var = popxl.remote_variable(data, buffer, entry, self.dtype, name, replica_grouping=self._replica_grouping)
+        return self._record(var, data)
 
     def __repr__(self):
         return f"VariableFactory({self.name!r}, {self.shape}, {self.dtype.name})"
-
-
-def _no_memmap(memmap_dir) -> None:
-    if memmap_dir is not None:
-        raise NotImplementedError("memmap_dir is not supported: pass host data through data_iter")
-
-
-class NamedReplicaGrouping(DotTree[object]):
-    """Replica groupings by dotted variable name."""
 
 
 class NamedVariableFactories(DotTree[VariableFactory]):
@@ -176,7 +214,8 @@ class NamedVariableFactories(DotTree[VariableFactory]):
         """
         made = {}
         for name, f in sorted(self.to_dict().items()):
-            made[name] = f.create_tensor(f"{prefix}.{name}" if prefix else name, empty, memmap_dir)
+            made[name] = f.create_tensor(f"{prefix}.{name}" if prefix else name, empty, memmap_dir,
+                                         read_only_if_exists)
         return NamedTensors.from_dict(made)
 
     def init_remote(self, buffers, entry: int = 0, prefix: Optional[str] = None, empty: bool = False,
@@ -188,7 +227,7 @@ class NamedVariableFactories(DotTree[VariableFactory]):
             if name not in by_name:
                 raise KeyError(f"init_remote: no remote buffer named {name!r}; buffers: {sorted(by_name)}")
             made[name] = f.create_remote_tensor(by_name[name], entry, f"{prefix}.{name}" if prefix else name,
-                                                empty, memmap_dir)
+                                                empty, memmap_dir, read_only_if_exists)
         return NamedTensors.from_dict(made)
 
     def _init(self, init_type: str) -> NamedTensors:

@@ -146,6 +146,31 @@ class Graph:
         target._ops, self._ops = self._ops, []
         return sources
 
+    def _route_from_parent(self, t: Tensor, modified: bool) -> Tensor:
+        """The input of this graph receiving ``t`` from the graph that calls it (for popxl-addons'
+        ``route_tensor_into_graph``): made on first use and connected at every existing call site,
+        all of which must be in ``t``'s graph; later call sites connect it too. ``modified``: in-place
+        changes inside reach ``t``."""
+        entry = self._captured.get(t.id)
+        if entry is None:
+            elsewhere = [op.graph.name for op in self._call_sites if op.graph is not t._graph]
+            if elsewhere:
+                raise ValueError(f"cannot route '{t.name}' into graph '{self._name}': it is also called from graphs "
+                                 f"{elsewhere}, which do not hold '{t.name}'")
+            t_in = self._capture(t)
+            if not modified:
+                self._by_ref_inputs.discard(t_in)
+            for op in self._call_sites:
+                op.inputs.append(t)
+        else:
+            t_in = entry[1]
+        if modified:
+            self._by_ref_inputs.add(t_in)
+            index = self._inputs.index(t_in)
+            for op in self._call_sites:
+                op.attrs["modified"] = frozenset(op.attrs["modified"]) | {index}
+        return t_in
+
     def __enter__(self) -> "Graph":
         get_current_context().push_graph(self)
         return self

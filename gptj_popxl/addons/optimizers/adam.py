@@ -25,6 +25,10 @@ class AdamOptimizerStep(Module):
     which is ``torch.optim.AdamW``. The state uses ``replica_grouping`` (default: all replicas).
     """
 
+    def __init__(self, *args, **kwargs):
+        """As :class:`Module` (``cache``, ``grad_inlining_error``)."""
+        super().__init__(*args, **kwargs)
+
     def build(self, var: popxl.TensorByRef, grad: popxl.Tensor, replica_grouping=None, *, lr: Scalar,
               beta1: Scalar = 0.9, beta2: Scalar = 0.999, eps: Scalar = 1e-5, weight_decay: Scalar = 1e-2,
               first_order_dtype=popxl.float16, bias_correction: bool = True, loss_scaling: Scalar = 1,

@@ -308,14 +308,14 @@ def test_gradients_that_assume_identical_values(name):
     """Slices' gradients gather the slices' gradients (popxl treats the input as equal on the group);
     the identical-inputs all-reduce is the identity forward and an all-reduce backward, and the
     identical-grad-inputs one the reverse."""
-    from gptj_popxl.popxl_cpu.ops.collectives.replicated import (ReplicatedAllReduceIdenticalGradInputs,
-                                                                 ReplicatedAllReduceIdenticalInputs)
+    from gptj_popxl.addons.ops import (replicated_all_reduce_identical_grad_inputs,
+                                       replicated_all_reduce_identical_inputs)
     R, stride, group_size = 8, 2, 4
     shape = (group_size, 2)
     fns = {"replicated_slice": lambda x, g: C.replicated_slice(x, 0, g),
            "replica_sharded_slice": lambda x, g: C.replica_sharded_slice(x, g),
-           "identical_inputs": lambda x, g: ReplicatedAllReduceIdenticalInputs.create(x, op="add", group=g),
-           "identical_grad_inputs": lambda x, g: ReplicatedAllReduceIdenticalGradInputs.create(x, op="add", group=g)}
+           "identical_inputs": lambda x, g: replicated_all_reduce_identical_inputs(x, "add", g),
+           "identical_grad_inputs": lambda x, g: replicated_all_reduce_identical_grad_inputs(x, "add", g)}
     x, dy, got_y, got_dx = run_with_gradient(fns[name], R, stride, group_size, shape, seed=2)
     peers = members(R, stride, group_size)
     for r in range(R):

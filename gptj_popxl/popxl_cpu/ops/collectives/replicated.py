@@ -91,25 +91,6 @@ class ReplicatedAllReduceInplace(ReplicatedAllReduce):
         return lambda x: x.copy_(reduce(x))
 
 
-class ReplicatedAllReduceIdenticalInputs(ReplicatedAllReduce):
-    """Identity forward, all-reduce of the gradients backward (the inputs are equal on the group)."""
-    name = "replicated_all_reduce_identical_inputs"
-    view = True
-
-    @classmethod
-    def lower(cls, op, runtime):
-        return lambda x: x
-
-
-class ReplicatedAllReduceIdenticalGradInputs(ReplicatedAllReduce):
-    """All-reduce forward, identity backward (the output gradients are equal on the group)."""
-    name = "replicated_all_reduce_identical_grad_inputs"
-
-    @staticmethod
-    def grad(g):
-        return [g.dy]
-
-
 class ReplicatedAllGather(Primitive):
     """Each replica gets the chunks of all replicas of its group, assembled under ``layout``."""
     name = "replicated_all_gather"

@@ -32,7 +32,7 @@ def test_remote_buffer_properties():
         assert (a.tensor_shape, a.tensor_dtype, a.entries, a.meta_shape) == ((2, 3), F32, 4, ())
         a.entries = 6
         assert a.entries == 6
-        with pytest.raises(ValueError, match="at least one entry"):
+        with pytest.raises(ValueError, match="Entries must be a non-zero, positive integer"):
             popxl.remote_buffer((2,), F32, entries=0)
 
 
@@ -193,5 +193,5 @@ def test_replica_sharded_errors():
 
         def make_variable_in_subgraph():
             popxl.variable(np.zeros(2, np.float32), name="inner")
-        with pytest.raises(ValueError, match="variables can only be made in the main graph"):
+        with pytest.raises(ValueError, match="You cannot initialise a variable tensor within a graph"):
             ir.create_graph(make_variable_in_subgraph)

@@ -5,7 +5,9 @@ import torch
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
 
 from gptj_popxl import popxl_cpu as popxl
-from gptj_popxl.model.rotary import RotaryEmbedding, extension, rotary_embedding, trig_tables
+from gptj_popxl.addons.ops.rotary_pos_embed import (RotaryPosEmbed, extension, rotary_pos_embed, trig_table_constants)
+from gptj_popxl.addons.ops.rotary_pos_embed import trig_tables as addons_trig_tables
+from gptj_popxl.model.rotary import rotary_embedding, trig_tables
 from gptj_popxl.popxl_cpu import ops
 
 IMPLS = ["cpp", "composite"]
@@ -122,7 +124,7 @@ def test_gradient_rule_is_the_inverse_op():
                               popxl.TensorSpec((1, 2, 1, 4), popxl.float32), popxl.TensorSpec((3, 1), popxl.float32),
                               popxl.TensorSpec((3, 1), popxl.float32), popxl.TensorSpec((1, 2), popxl.int32))
         info = popxl.transforms.autodiff(fwd, grads_required=[fwd.inputs[0]])
-    (op,) = [op for op in info.graph._ops if op.prim is RotaryEmbedding]
+    (op,) = [op for op in info.graph._ops if op.prim is RotaryPosEmbed]
     assert op.attrs == {"rotary_dim": 2, "inverse": True}
 
 
@@ -147,7 +149,7 @@ def test_auto_uses_the_custom_op_on_popxl_cpu():
         sin, cos = (popxl.constant(t) for t in trig_tables(P, 8))
         rotary_embedding(popxl.constant(np.zeros((1, 2, 1, 8), np.float32)), sin, cos,
                          popxl.constant(np.zeros((1, 2), np.int32)))
-    assert [op.prim for op in ir.main_graph._ops] == [RotaryEmbedding]
+    assert RotaryPosEmbed in [op.prim for op in ir.main_graph._ops]
 
 
 def _build(x_shape=(B, S, H, D), x_dtype=popxl.float32, table_shape=(P, 4), table_dtype=popxl.float32,
@@ -185,12 +187,60 @@ def test_non_tensor_operand():
         rotary_embedding(popxl.constant(np.zeros((1, 2, 1, 8), np.float32)), sin, sin, np.zeros((1, 2), np.int32))
 
 
-def test_out_of_range_position_raises_at_run_time():
+def test_out_of_range_position_follows_gather_in_both_impls():
     x, positions = inputs(7)
     positions[1, 2] = P
-    match = rf"replica 0: positions\[1, 2\] = {P} is outside the sin/cos tables' {P} rows"
-    with pytest.raises(IndexError, match=match):
-        run_rotary(x, positions, 8, "cpp")
+    np.testing.assert_array_equal(run_rotary(x, positions, 8, "cpp"), run_rotary(x, positions, 8, "composite"))
+
+
+# ------------------------------------------------------------------ popxl-addons' API
+
+def test_addons_trig_tables_match_hf():
+    sin, cos = addons_trig_tables(12, 8)
+    want_sin, want_cos = np.split(create_sinusoidal_positions(12, 8).numpy(), 2, axis=1)
+    assert sin.shape == cos.shape == (12, 4) and sin.dtype == np.float32
+    np.testing.assert_allclose(sin, want_sin, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(cos, want_cos, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize("rotary_dim", [None, 8])
+def test_addons_rotary_pos_embed_matches_hf_and_its_gradient(per_batch, rotary_dim):
+    """popxl-addons' signature: t (batch, seq, heads, head_dim) and per-position table rows, shared by
+    the batch (seq, rotary_dim/2) or per sequence (batch, seq, rotary_dim/2); against HF GPT-J."""
+    x, positions = inputs(9)
+    rd = rotary_dim or D
+    dy = np.random.default_rng(10).standard_normal(x.shape).astype(np.float32)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        if per_batch:
+            sin, cos = (popxl.constant(t[positions]) for t in addons_trig_tables(P, rd))
+        else:
+            sin, cos = trig_table_constants(S, rd)
+        fwd = ir.create_graph(lambda t, s, c: rotary_pos_embed(t, s, c, rotary_dim),
+                              popxl.TensorSpec(x.shape, popxl.float32), sin.spec, cos.spec)
+        info = popxl.transforms.autodiff(fwd, grads_required=[fwd.inputs[0]])
+        site = ops.call_with_info(fwd, popxl.constant(x), sin, cos)
+        (dx,) = ops.call(info.graph, popxl.constant(dy), inputs_dict=info.inputs_dict(site))
+        streams = [popxl.d2h_stream(t.shape, t.dtype) for t in (site.outputs[0], dx)]
+        for stream, t in zip(streams, (site.outputs[0], dx)):
+            ops.host_store(stream, t)
+    with popxl.Session(ir) as session:
+        got = session.run()
+    xt = torch.tensor(x, requires_grad=True)
+    hf_positions = positions if per_batch else np.tile(np.arange(S), (B, 1))
+    want = hf_rotary(xt, hf_positions, rd)
+    (want_dx,) = torch.autograd.grad(want, xt, torch.from_numpy(dy))
+    np.testing.assert_allclose(got[streams[0]], want.detach().numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got[streams[1]], want_dx.numpy(), rtol=0, atol=1e-5)
+
+
+def test_addons_rotary_pos_embed_errors_name_the_tensor():
+    with popxl.Ir().main_graph:
+        t = popxl.constant(np.zeros((B, S, H, D), np.float32), name="t")
+        sin, cos = trig_table_constants(S + 1, D)
+        with pytest.raises(ValueError, match=r"sin must be \(5, 8\) or \(2, 5, 8\).*got sin 'sin' \(6, 8\)"):
+            rotary_pos_embed(t, sin, cos)
 
 
 def test_extension_checks_its_arrays():

@@ -73,18 +73,19 @@ def test_input_errors_name_the_stream_and_shapes():
             session.run({})
         with pytest.raises(ValueError, match=r"Unexpected: 'unused' \(2, 2, 3\)"):
             session.run({x: good, unused: np.zeros((2, 2, 3), np.float32)})
-        with pytest.raises(ValueError, match=r"input array for stream 'x' has shape \(1, 2, 2, 3\); expected "
-                                             r"\(2, 2, 2, 3\) \(dimension 0 must be at least num_host_transfers=2\)"):
+        with pytest.raises(ValueError, match=r"Dimension 0 \(1\) for the array provided for input stream 'x' "
+                                             r"\(shape \(1, 2, 2, 3\), expected \(2, 2, 2, 3\)\) is not large enough"):
             session.run({x: good[:1]})
-        with pytest.raises(ValueError, match=r"shape \(2, 3, 2, 3\); expected \(2, 2, 2, 3\) \(dimension 1 must be "
-                                             r"the replication factor 2\)"):
+        with pytest.raises(ValueError, match=r"Dimension 1 \(3\) for the array provided for input stream 'x' "
+                                             r".* is the wrong size. It should be of size replication_factor = 2"):
             session.run({x: np.zeros((2, 3, 2, 3), np.float32)})
-        with pytest.raises(ValueError, match=r"shape \(2, 2, 3, 2\); expected \(2, 2, 2, 3\) \(the stream shape is "
-                                             r"\(2, 3\)\)"):
+        with pytest.raises(ValueError, match=r"Shape mismatch for input stream 'x': stream shape = \(2, 3\), "
+                                             r"therefore expected full global batch shape \(2, 2, 2, 3\). Got array "
+                                             r"shape = \(2, 2, 3, 2\)"):
             session.run({x: np.zeros((2, 2, 3, 2), np.float32)})
         with pytest.raises(TypeError, match=r"input for stream 'x' \(2, 3\) float32 has dtype int32"):
             session.run({x: good.astype(np.int32)})
-        with pytest.raises(ValueError, match=r"output array for stream 'y' has shape \(2, 3\)"):
+        with pytest.raises(ValueError, match=r"Dimension 1 \(3\) for the array provided for output stream 'y' \(shape \(2, 3\)"):
             session.run_with_outputs({x: good}, {y: np.zeros((2, 3), np.float32)})
         with pytest.raises(ValueError, match="Missing: 'y'"):
             session.run_with_outputs({x: good})
@@ -98,9 +99,9 @@ def test_running_needs_an_attached_session():
     ir, x, _ = doubler()
     session = popxl.Session(ir)
     assert not session.is_attached
-    with pytest.raises(ValueError, match="Session.run: must be attached"):
+    with pytest.raises(ValueError, match=r"Must be attached to device before calling a runtime function. Put the call \(Session.run\)"):
         session.run({x: np.zeros((2, 3), np.float32)})
-    with pytest.raises(ValueError, match="Session.weights_to_host: must be attached"):
+    with pytest.raises(ValueError, match=r"Must be attached to device .* \(Session.weights_to_host\)"):
         session.weights_to_host()
     with session:
         assert session.is_attached
@@ -190,20 +191,20 @@ def test_get_and_write_errors():
         foreign = popxl.variable(np.zeros(1, np.float32), name="foreign")
     session = popxl.Session(ir)
     np.testing.assert_array_equal(session.get_tensor_data(c), [0, 1, 2])
-    with pytest.raises(TypeError, match="is not a Variable or Constant"):
+    with pytest.raises(TypeError, match="is not of type Constant or Variable. get_tensor_data is not supported"):
         session.get_tensor_data(t)
-    with pytest.raises(TypeError, match="is not a Variable; write_variable_data"):
+    with pytest.raises(TypeError, match="^Tensor c__[0-9]+ is not of type Variable. write_variable_data is not supported"):
         session.write_variable_data(c, np.zeros(3, np.int32))
-    with pytest.raises(TypeError, match=r"data for variable 'v' has dtype float64; the variable is float32"):
+    with pytest.raises(TypeError, match=r"The dtype of the input array float64 must match the equivalent type of the tensor v__[0-9]+ : float32"):
         session.write_variable_data(v, np.zeros((2, 3)))
-    with pytest.raises(ValueError, match=r"data for variable 'v' has shape \(3, 2\); expected its host shape "
+    with pytest.raises(ValueError, match=r"The shape of the input array \(3, 2\) must match the shape of the tensor v__[0-9]+ : "
                                          r"\(2, 3\)"):
         session.write_variable_data(v, np.zeros((3, 2), np.float32))
     session.write_variable_data(scalar, 3)  # python numbers are cast to the variable's dtype...
     assert session.get_tensor_data(scalar).dtype == np.float16 and session.get_tensor_data(scalar) == 3
-    with pytest.raises(ValueError, match=r"has shape \(\); expected its host shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"The shape of the input array \(\) must match the shape of the tensor v__[0-9]+ : \(2, 3\)"):
         session.write_variable_data(v, 3.0)  # ...but must still have the variable's shape
-    with pytest.raises(NotImplementedError, match="retrieval_mode='all_replicas'"):
+    with pytest.raises(NotImplementedError, match='with "all_replicas" retrieval mode'):
         session.write_variable_data(everyone, np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="'foreign' belongs to another IR"):
         session.get_tensor_data(foreign)

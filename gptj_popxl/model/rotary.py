@@ -1,4 +1,5 @@
-"""GPT-J's rotary position embedding: a C++ custom op for popxl_cpu and a composite of plain popxl ops.
+"""GPT-J's rotary position embedding: popxl-addons' ``rotary_pos_embed`` custom op, or a composite of plain
+popxl ops.
 
 For ``x`` of shape ``(batch, seq, heads, head_dim)`` and per-token ``positions`` ``(batch, seq)`` int32,
 feature pair ``(x[2i], x[2i+1])``, ``i < rotary_dim / 2``, of every head is rotated by the angle
@@ -9,41 +10,19 @@ feature pair ``(x[2i], x[2i+1])``, ``i < rotary_dim / 2``, of every head is rota
 
 and features ``rotary_dim..head_dim-1`` pass through (GPT-J's "rotate every two"). The gradient is
 the inverse rotation of the output gradient. float16 inputs are rotated in float32 and stored as
-float16.
-
-Registering a custom op (the project's pattern)
------------------------------------------------
-Custom ops are :class:`~gptj_popxl.popxl_cpu.primitive.Primitive` subclasses defined outside the
-runtime package; nothing else needs registering:
-
-1. Write the kernel in C++ under ``custom_ops/``: a header-only kernel on raw pointers (built and
-   unit-tested by CMake without Python, ``make cpp-test``) plus a thin pybind11 binding
-   ``custom_ops/<name>.cpp`` whose first lines are the cppimport configuration comment
-   ``/* <% setup_pybind11(cfg) ... %> */``. cppimport compiles the binding on first use into
-   ``custom_ops/<name>.<abi>.so`` (git-ignored) and rebuilds it when the source or a listed
-   dependency changes. Its file lock lets concurrent processes (pytest-xdist workers) import
-   safely: one builds while the others wait for it.
-2. Subclass ``Primitive``: ``infer`` (shape/dtype rule, raising errors that name tensors and shapes),
-   ``kernel`` (torch values in and out, each with a leading replica axis of size
-   ``ir.replication_factor``; hand the extension one replica slice at a time) and ``grad`` (built
-   from ops, here the same primitive with ``inverse`` flipped). Override ``lower`` to do per-session
-   work once, such as loading the extension.
-3. Expose a public function that validates its arguments and calls ``Prim.create(...)``, and give
-   it a composite of plain popxl ops so the model also builds with the Poplar SDK.
+float16. The custom op itself (its C++ kernel and how a custom op is defined) lives in
+``gptj_popxl/addons/ops/rotary_pos_embed/``.
 """
-import functools
-import os
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 
+from gptj_popxl.addons.ops.rotary_pos_embed import rotary_pos_embed
 from gptj_popxl.backend import IS_CPU, ops, popxl
 from gptj_popxl.model.config import is_positive_int
-IMPLS = ("auto", "cpp", "composite")
 
-_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                       "custom_ops", "rotary_embedding.cpp")
+IMPLS = ("auto", "cpp", "composite")
 
 
 def trig_tables(max_positions: int, rotary_dim: int, base: float = 10000) -> Tuple[np.ndarray, np.ndarray]:
@@ -98,52 +77,6 @@ def check_inputs(x, sin, cos, positions, rotary_dim: Optional[int] = None) -> in
     return rotary_dim
 
 
-@functools.lru_cache(maxsize=None)
-def extension():
-    """The compiled C++ extension module, built by cppimport on first call."""
-    import cppimport
-    return cppimport.imp_from_filepath(_SOURCE, "rotary_embedding")
-
-
-# The C++ op is a popxl_cpu primitive: defined only on that backend, so the SDK never imports popxl_cpu.
-if IS_CPU:
-    from gptj_popxl.popxl_cpu.primitive import Primitive
-
-    class RotaryEmbedding(Primitive):
-        """The C++ rotary embedding on popxl_cpu; ``inverse`` rotates backwards (the gradient)."""
-        name = "rotary_embedding"
-
-        @staticmethod
-        def infer(x, sin, cos, positions, rotary_dim, inverse):
-            check_inputs(x, sin, cos, positions, rotary_dim)
-            return x.spec
-
-        @staticmethod
-        def kernel(x, sin, cos, positions, rotary_dim, inverse):
-            ext, threads = extension(), torch.get_num_threads()
-            x = x.contiguous()
-            out = torch.empty_like(x)
-            for r in range(x.shape[0]):
-                try:
-                    ext.rotary_embedding(x[r].numpy(), sin[r].float().contiguous().numpy(),
-                                         cos[r].float().contiguous().numpy(), positions[r].contiguous().numpy(),
-                                         out[r].numpy(), rotary_dim, inverse, threads)
-                except IndexError as e:
-                    raise IndexError(f"rotary_embedding, replica {r}: {e}") from None
-            return out
-
-        @classmethod
-        def lower(cls, op, runtime):
-            extension()  # build or load at session creation, not in the middle of the first run
-            return super().lower(op, runtime)
-
-        @staticmethod
-        def grad(g):
-            dx = RotaryEmbedding.create(g.dy, g.x(1), g.x(2), g.x(3), rotary_dim=g.attrs["rotary_dim"],
-                                        inverse=not g.attrs["inverse"])
-            return [dx, None, None, None]
-
-
 def cast_to(t, dtype):
     """``t`` cast to ``dtype``, or ``t`` itself when it already has it (no copy op)."""
     return t if t.dtype == dtype else ops.cast(t, dtype)
@@ -172,9 +105,10 @@ def rotary_embedding(x, sin, cos, positions, rotary_dim: Optional[int] = None, i
 
     ``sin``/``cos``: (max_positions, rotary_dim / 2) tables from :func:`trig_tables` (as float32
     tensors, or float16 for float16 ``x``); ``rotary_dim`` defaults to twice their width. ``impl``:
-    'cpp' (the C++ custom op; popxl_cpu only), 'composite' (plain popxl ops) or 'auto' (the C++ op on
-    popxl_cpu, else the composite). No gradient flows to the tables or positions. Out-of-range
-    positions raise IndexError at run time with the C++ op; the composite follows ``ops.gather``.
+    'cpp' (popxl-addons' ``rotary_pos_embed`` on the table rows gathered at ``positions``; its C++
+    kernel on popxl_cpu), 'composite' (plain popxl ops) or 'auto' (the C++ op on popxl_cpu, else the
+    composite). No gradient flows to the tables or positions; out-of-range positions follow
+    ``ops.gather``.
     """
     if impl not in IMPLS:
         raise ValueError(f"rotary_embedding: impl must be one of {IMPLS}, got {impl!r}")
@@ -183,4 +117,5 @@ def rotary_embedding(x, sin, cos, positions, rotary_dim: Optional[int] = None, i
     if impl == "composite" or not IS_CPU:
         return rotary_embedding_composite(x, sin, cos, positions, rotary_dim)
     rotary_dim = check_inputs(x, sin, cos, positions, rotary_dim)
-    return RotaryEmbedding.create(x, sin, cos, positions, rotary_dim=rotary_dim, inverse=False)
+    sin_rows, cos_rows = (ops.gather(t, positions) for t in (sin, cos))
+    return rotary_pos_embed(x, sin_rows, cos_rows, rotary_dim)

@@ -52,7 +52,16 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
-        return importlib.import_module(self._target(spec.name))
+        module = importlib.import_module(self._target(spec.name))
+        # Submodules the stand-in has already imported get their public names now. Importing one later
+        # under its public name would otherwise rebind the parent package's attribute of that name to the
+        # submodule (Python does so for every freshly loaded submodule), hiding a function of the same
+        # name, such as ``popxl.transforms.autodiff``; popxl's own packages import them up front.
+        prefix = self.stand_in + "."
+        for name, sub in list(sys.modules.items()):
+            if name.startswith(prefix) and sub is not None:
+                sys.modules.setdefault(self.public + name[len(self.stand_in):], sub)
+        return module
 
     def exec_module(self, module):
         pass  # the stand-in module ran when create_module imported it

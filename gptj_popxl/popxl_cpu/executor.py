@@ -88,6 +88,8 @@ class Plan:
                         init[slot_of(t)] = value
                 ins.append(slot_of(t))
             fn = op.prim.lower(op, runtime)
+            if _computes_on_wide_unsigned(op):
+                fn = _in_int64(fn, op)
             if op in copied:
                 fn = _copying(fn)
             shared = tuple(i for i in op.prim.retains if classes.find(op.inputs[i].id) not in unchanging)
@@ -99,8 +101,10 @@ class Plan:
             if t.id not in slot:
                 init[slot_of(t)] = runtime.persistent_value(t, writable=False)
         self.out_slots = tuple(slot[t.id] for t in graph._outputs)
-        # Outputs sharing storage with an input are copied so callers never see the input change.
-        self.copy_out = tuple(classes.find(t.id) in input_classes for t in graph._outputs)
+        # Outputs sharing storage with an input or a constant are copied: callers get fresh values, so
+        # writing to one never changes the input or the constant's later value.
+        shared = input_classes | {classes.find(t.id) for t in graph._tensors.values() if isinstance(t, Constant)}
+        self.copy_out = tuple(classes.find(t.id) in shared for t in graph._outputs)
         self.num_slots = len(slot)
         self.init = [init.get(i) for i in range(self.num_slots)]
         self._add_frees(steps, set(init) | set(self.out_slots))
@@ -144,3 +148,49 @@ def _copying_inputs(fn, indices):
 def _copying(fn):
     return lambda *xs: fn(*xs).clone()
 
+
+
+# torch implements little arithmetic for these types; kernels compute on int64 and results wrap around.
+_WIDE_UNSIGNED = {torch.uint16: 0xFFFF, torch.uint32: 0xFFFFFFFF, torch.uint64: None}
+
+
+def _computes_on_wide_unsigned(op) -> bool:
+    prim = op.prim
+    if prim.view or prim.alias or prim.moves_unsigned:
+        return False
+    return any(t.dtype.as_torch() in _WIDE_UNSIGNED for t in op.inputs + op.outputs)
+
+
+def _widen(x):
+    if not isinstance(x, torch.Tensor) or x.dtype not in _WIDE_UNSIGNED:
+        return x
+    # uint64 keeps its bits (two's complement arithmetic wraps the same way); the others fit in int64.
+    return x.view(torch.int64) if x.dtype == torch.uint64 else x.to(torch.int64)
+
+
+def _narrow(y, dtype: torch.dtype):
+    if dtype not in _WIDE_UNSIGNED or y.dtype == dtype:
+        return y
+    y = y.to(torch.int64)
+    mask = _WIDE_UNSIGNED[dtype]
+    return y.view(torch.uint64) if mask is None else (y & mask).to(dtype)
+
+
+def _in_int64(fn, op):
+    """``fn`` run on int64 copies of its uint16/32/64 values, results narrowed back with wrap-around;
+    inputs it modifies get the narrowed result written back."""
+    modified = op.modified_inputs
+    out_dtypes = [t.dtype.as_torch() for t in op.outputs]
+    single = op.single
+
+    def run_in_int64(*xs):
+        wide = [_widen(x) for x in xs]
+        result = fn(*wide)
+        for i in modified:
+            xs[i].copy_(_narrow(wide[i], xs[i].dtype))
+        results = [result] if single else list(result)
+        results = [_narrow(y, d) for y, d in zip(results, out_dtypes)]
+        if modified and results:
+            results[0] = xs[modified[0]]
+        return results[0] if single else tuple(results)
+    return run_in_int64

@@ -13,8 +13,9 @@ and optionally ``modifies`` (input indices written in place; output 0 aliases th
 (an out-of-place op whose kernel may return a view of input 0; the runtime copies where a later
 in-place op would otherwise be visible through it), ``retains`` (inputs the kernel keeps a reference
 to after it returns, as ``host_store`` hands its value to the host; the runtime passes a copy unless
-nothing can change the value later) or ``alias`` (output 0 deliberately aliases input 0,
-as ``reshape_``). Ops that need runtime state (streams, remote buffers, subgraphs, replicas) override
+nothing can change the value later), ``alias`` (output 0 deliberately aliases input 0,
+as ``reshape_``) or ``moves_unsigned`` (the kernel only moves uint16/32/64 values, which torch
+can do; other kernels see such values as int64 and their results wrap around as on the IPU). Ops that need runtime state (streams, remote buffers, subgraphs, replicas) override
 ``lower(op, runtime)`` to return the callable run for each execution.
 
 Custom ops are primitives defined outside this package; nothing needs registering beyond the class.
@@ -66,6 +67,7 @@ class Primitive:
     view: bool = False
     retains: Tuple[int, ...] = ()
     alias: bool = False
+    moves_unsigned: bool = False
     grad = None
 
     @staticmethod

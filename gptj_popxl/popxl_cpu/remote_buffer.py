@@ -11,7 +11,7 @@ class RemoteBuffer:
 
     def __init__(self, tensor_shape: Tuple[int, ...], tensor_dtype: dtypes.dtype, entries: int):
         if int(entries) < 1:
-            raise ValueError(f"a remote buffer needs at least one entry, got entries={entries}")
+            raise ValueError(f"Entries must be a non-zero, positive integer. Got {entries}")
         ir = get_current_context().graph.ir
         self._ir = ir
         self._shape = tuple(int(s) for s in tensor_shape)
@@ -40,8 +40,8 @@ class RemoteBuffer:
 
     @entries.setter
     def entries(self, _entries: int) -> None:
-        if int(_entries) < self._entries:
-            raise ValueError(f"remote buffer {self._id}: entries can grow, not shrink ({self._entries} -> {_entries})")
+        if int(_entries) < 1:
+            raise ValueError(f"Entries must be a non-zero, positive integer. Got {_entries}")
         self._entries = int(_entries)
 
     @property
@@ -66,7 +66,8 @@ class RemoteBuffer:
             name = getattr(t, "name", None)
             what = f"tensor '{name}'" if name else "a tensor"
             sharded = f" (as {num_shards} shards of {tuple(t.shape)})" if num_shards > 1 else ""
-            raise ValueError(f"{what} {shape}{sharded} {t.dtype.name} does not match {self!r}")
+            raise ValueError(f"Tensor does not match buffer. {what} {shape}{sharded} {t.dtype.name} does not match "
+                             f"{self!r}")
 
     def _check_entry(self, entry: int, what: str) -> None:
         if not 0 <= int(entry) < self._entries:

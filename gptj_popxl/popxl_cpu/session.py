@@ -7,12 +7,13 @@ import numpy as np
 import torch
 
 from .executor import Plan
+from .ops.io import HostLoad
+from .replica_layout import GroupIndex, merger, splitter
 from .streams import DeviceToHostStream, HostToDeviceStream
 from .tensor import Constant, Tensor, Variable
+from .utils import to_numpy
 
 _DEVICES = ("cpu", "ipu_model", "ipu_hw")
-# popxl's to_numpy: without an explicit dtype, 64-bit host data is sent as 32-bit.
-_DOWNCAST = {np.dtype(np.int64): np.int32, np.dtype(np.uint64): np.uint32, np.dtype(np.float64): np.float32}
 
 
 class Runtime:
@@ -63,9 +64,8 @@ class Runtime:
         if isinstance(t, Constant):
             value = torch.from_numpy(t._data).unsqueeze(0).expand((self.replicas,) + t.shape)
             return value.clone() if writable else value
-        rts_entry = getattr(t, "_rts_entry", None)
-        if rts_entry is not None:
-            return self.remote_entry(*rts_entry)
+        if t._rts_entry is not None:
+            return self.remote_entry(*t._rts_entry)
         raise ValueError(f"tensor '{t.name}' of graph '{t._graph.name}' has no producer and is not an input")
 
     # --- host streams, used by host_load / host_store kernels
@@ -98,12 +98,12 @@ class _VariableLayout:
     """How a variable's host data maps to its per-replica device value, and back.
 
     Host data is ``(num_groups, *shape)`` (one value per group) or, for 'all_replicas' retrieval,
-    ``(R, *shape)``. Device values are ``(R, *shape)``, or ``(R, shard)`` flat shards for
-    replica-sharded variables.
+    ``(R, *shape)``. Device values are ``(R, *shape)``, ``(R, *entry_shape)`` for a remote variable
+    whose buffer entry has another shape of as many elements, or ``(R, shard)`` flat shards for
+    replica-sharded variables. An ``np.memmap`` given as the variable's data stays its host array.
     """
 
     def __init__(self, v: Variable, replicas: int):
-        from .ops.collectives.replicated import GroupIndex, merger, splitter
         grouping = v.replica_grouping
         self.per_replica = v.retrieval_mode == "all_replicas"
         self.assignment = torch.as_tensor(grouping.assignment)
@@ -112,6 +112,8 @@ class _VariableLayout:
         self.firsts = torch.as_tensor(grouping._member_matrix()[:, 0])
         self.dtype = v.dtype.as_torch()
         self.sharded = v._shard_over is not None
+        self.shape = (replicas,) + v.shape
+        self.device_shape = (replicas,) + (v._remote[0].tensor_shape if v._remote and not self.sharded else v.shape)
         if self.sharded:
             self.index = GroupIndex(grouping, v._shard_over)
             self.split = splitter("flat", 0, v._shard_over, v.shape, replicas)
@@ -119,15 +121,27 @@ class _VariableLayout:
 
     def initial_host(self, per_group: np.ndarray) -> np.ndarray:
         """The host array of a variable made with ``per_group`` data ``(num_groups, *shape)``."""
-        return per_group[self.assignment.numpy()] if self.per_replica else per_group.copy()
+        if self.per_replica:
+            return per_group[self.assignment.numpy()]
+        return per_group if isinstance(per_group, np.memmap) else per_group.copy()
 
     def to_device(self, host: np.ndarray) -> torch.Tensor:
-        full = torch.from_numpy(np.ascontiguousarray(host)).to(self.dtype)[self.rows]
-        return self.index.own(self.split(full)) if self.sharded else full
+        full = torch.from_numpy(np.array(host, copy=True)).to(self.dtype)[self.rows]
+        return self.index.own(self.split(full)) if self.sharded else full.reshape(self.device_shape)
 
     def to_host(self, device: torch.Tensor) -> np.ndarray:
-        full = self.merge(device[self.index.peers]) if self.sharded else device
+        full = self.merge(device[self.index.peers]) if self.sharded else device.reshape(self.shape)
         return (full if self.per_replica else full[self.firsts]).numpy().copy()
+
+    @staticmethod
+    def store(host: np.ndarray, value: np.ndarray) -> np.ndarray:
+        """The host array after writing ``value``: a memmap is written into and flushed, as popxl's
+        weights_to_host does; other arrays are replaced."""
+        if isinstance(host, np.memmap):
+            host[...] = value
+            host.flush()
+            return host
+        return value
 
     def host_data(self, data: np.ndarray) -> np.ndarray:
         """``data`` shaped as the variable's ``shape_on_host`` -> this layout's host array."""
@@ -162,7 +176,7 @@ class Session:
                                                   for v, layout in self._layouts.items()}
         self._copy_to_device(self._host)
         self._main = self._rt.plan(ir.main_graph)
-        loaded = self._streams_used(ir.main_graph, "host_load")
+        loaded = self._streams_used(ir.main_graph, HostLoad)
         self._expected_inputs = [s for s in ir._streams if s in loaded]
 
     # --- attachment
@@ -190,8 +204,8 @@ class Session:
 
     def _require_attached(self, what: str) -> None:
         if not self._attached:
-            raise ValueError(f"Session.{what}: must be attached to the device first; call it inside "
-                             f"`with session:`")
+            raise ValueError(f"Must be attached to device before calling a runtime function. Put the call "
+                             f"(Session.{what}) inside a `Session` context, for example `with session: session.run()`.")
 
     # --- running
     def expected_inputs(self) -> List[HostToDeviceStream]:
@@ -262,13 +276,11 @@ class Session:
             rt.stream_kept = {}
 
     def _host_input(self, stream, array, downcast: bool) -> np.ndarray:
+        """The run's own copy of an input (as popxl): in-place ops on a loaded value never reach the
+        caller's array."""
         if not isinstance(stream, HostToDeviceStream):
             raise TypeError(f"session inputs must be keyed by h2d streams, got {stream!r}")
-        if isinstance(array, torch.Tensor):
-            array = array.detach().cpu().numpy()
-        arr = np.asarray(array)
-        if downcast and arr.dtype in _DOWNCAST:
-            arr = arr.astype(_DOWNCAST[arr.dtype])
+        arr = to_numpy(array, downcast=downcast, copy=True)
         if arr.dtype != stream.dtype.as_numpy():
             raise TypeError(f"input for stream '{stream._name}' {stream.shape} {stream.dtype.name} has dtype "
                             f"{arr.dtype}; convert it to {np.dtype(stream.dtype.as_numpy()).name}")
@@ -280,8 +292,8 @@ class Session:
         if missing or unexpected:
             def describe(streams):
                 return ", ".join(f"'{s._name}' {self._extra_dims() + s.shape}" for s in streams) or "none"
-            raise ValueError(f"Unexpected/Missing {kind} streams. Missing: {describe(missing)}. "
-                             f"Unexpected: {describe(unexpected)}")
+            raise ValueError(f"Unexpected/Missing {kind}.\n  Unexpected: {describe(unexpected)}\n  "
+                             f"Missing: {describe(missing)}")
         for s, arr in given.items():
             self._check_host_shape(s, np.asarray(arr), kind)
 
@@ -289,23 +301,24 @@ class Session:
         """popxl's checks: at least N transfers, exactly R replicas, then the stream shape."""
         n, r = self._ir.num_host_transfers, self._rt.replicas
         expected = self._extra_dims() + stream.shape
-        problem = None
+        where = f"for the array provided for {kind} stream '{stream._name}' (shape {arr.shape}, expected {expected})"
         data_index = 0
         if n > 1:
             data_index += 1
             if arr.ndim < 1 or arr.shape[0] < n:
-                problem = f"dimension 0 must be at least num_host_transfers={n}"
-        if r > 1 and problem is None:
+                raise ValueError(f"Dimension 0 ({arr.shape[0] if arr.ndim else None}) {where} is not large "
+                                 f"enough. It should be at least of size num_host_transfers = {n}")
+        if r > 1:
             if arr.ndim <= data_index or arr.shape[data_index] != r:
-                problem = f"dimension {data_index} must be the replication factor {r}"
+                size = arr.shape[data_index] if arr.ndim > data_index else None
+                raise ValueError(f"Dimension {data_index} ({size}) {where} is the wrong size. It should be of "
+                                 f"size replication_factor = {r}")
             data_index += 1
         # As popxl, arrays whose data dims are all ones pass the shape check (sizes must still agree).
         ones = arr.squeeze().shape[data_index:] == () and int(np.prod(stream.shape, dtype=np.int64)) == 1
-        if problem is None and not ones and arr.shape[data_index:] != stream.shape:
-            problem = f"the stream shape is {stream.shape}"
-        if problem is not None:
-            raise ValueError(f"{kind} array for stream '{stream._name}' has shape {arr.shape}; expected {expected} "
-                             f"({problem})")
+        if not ones and arr.shape[data_index:] != stream.shape:
+            raise ValueError(f"Shape mismatch for {kind} stream '{stream._name}': stream shape = {stream.shape}, "
+                             f"therefore expected full global batch shape {expected}. Got array shape = {arr.shape}")
 
     def _output_view(self, stream, target: np.ndarray):
         """``(view, copy_back)``: ``target`` seen as ``(transfers, R, *shape)`` and None, or, when its
@@ -318,17 +331,18 @@ class Session:
         except ValueError:
             return np.empty(shape, target.dtype), target
 
-    def _streams_used(self, graph, kind, seen=None):
+    def _streams_used(self, graph, prim, seen=None):
+        """The streams of every ``prim`` op (HostLoad) in ``graph`` and the graphs it calls."""
         seen = set() if seen is None else seen
         used = set()
         if graph in seen:
             return used
         seen.add(graph)
         for op in graph._ops:
-            if op.prim.name == kind:
+            if issubclass(op.prim, prim):
                 used.add(op.attrs["stream"])
             for g in op.called_graphs:
-                used |= self._streams_used(g, kind, seen)
+                used |= self._streams_used(g, prim, seen)
         return used
 
     # --- variables
@@ -353,8 +367,8 @@ class Session:
     def weights_to_host(self) -> None:
         """Copies every variable's device value to the host (the session must be attached)."""
         self._require_attached("weights_to_host")
-        for v in self._host:
-            self._host[v] = self._layouts[v].to_host(self._device_tensor(v))
+        for v, layout in self._layouts.items():
+            self._host[v] = layout.store(self._host[v], layout.to_host(self._device_tensor(v)))
 
     def get_tensor_data(self, tensor) -> np.ndarray:
         """The value of a variable (read from the device when attached) or a constant.
@@ -369,7 +383,8 @@ class Session:
         tensors = list(tensors)
         for t in tensors:
             if not isinstance(t, (Variable, Constant)):
-                raise TypeError(f"{t!r} is not a Variable or Constant; get_tensor_data reads only those")
+                raise TypeError(f"{t} is not of type Constant or Variable. get_tensor_data is not supported for "
+                                f"this type.")
             if isinstance(t, Variable) and t not in self._host:
                 raise ValueError(f"variable '{t.name}' belongs to another IR")
         if self._attached and any(isinstance(t, Variable) for t in tensors):
@@ -389,20 +404,22 @@ class Session:
         written = {}
         for v, data in tensors.items():
             if not isinstance(v, Variable):
-                raise TypeError(f"{v!r} is not a Variable; write_variable_data writes only those")
+                raise TypeError(f"Tensor {getattr(v, 'id', v)} is not of type Variable. write_variable_data is not "
+                                f"supported for this type.")
             if v not in self._host:
                 raise ValueError(f"variable '{v.name}' belongs to another IR")
             want = v.dtype.as_numpy()
             arr = np.array(data, dtype=want) if isinstance(data, numbers.Number) else np.asarray(data)
             if arr.dtype != want:
-                raise TypeError(f"data for variable '{v.name}' has dtype {arr.dtype}; the variable is "
-                                f"{v.dtype.name} ({np.dtype(want).name})")
+                raise TypeError(f"The dtype of the input array {arr.dtype} must match the equivalent type of the "
+                                f"tensor {v.id} : {v.dtype.name}")
             if arr.shape != v.shape_on_host:
-                raise ValueError(f"data for variable '{v.name}' has shape {arr.shape}; expected its host shape "
-                                 f"{v.shape_on_host}")
+                raise ValueError(f"The shape of the input array {arr.shape} must match the shape of the tensor "
+                                 f"{v.id} : {v.shape_on_host}")
             if v.retrieval_mode == "all_replicas" and v.replica_grouping.group_size > 1:
-                raise NotImplementedError(f"writing variable '{v.name}' with retrieval_mode='all_replicas' and "
+                raise NotImplementedError(f'Copying to tensor {v.id} with "all_replicas" retrieval mode and '
                                           f"replica groups of {v.replica_grouping.group_size} is not supported")
-            written[v] = self._host[v] = self._layouts[v].host_data(arr)
+            layout = self._layouts[v]
+            written[v] = self._host[v] = layout.store(self._host[v], layout.host_data(arr))
         if self._attached:
             self._copy_to_device(written)

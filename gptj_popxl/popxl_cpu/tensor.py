@@ -1,14 +1,20 @@
 """Tensors of the IR: activations, variables, constants, and the functions that make them."""
 import itertools
 from collections.abc import Mapping
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, Optional, Tuple, Union
 
 import numpy as np
+import torch
 
 from . import dtypes
 from .context import get_current_context, get_current_graph, get_main_graph
+from .utils import to_numpy
 
 _ids = itertools.count()
+
+HostTensor = Union[np.ndarray, Iterable, torch.Tensor]
+"""Host data that popxl turns into a tensor: numpy arrays, torch tensors and (nested) sequences."""
+_HOST_TENSOR_TYPES = (np.ndarray, torch.Tensor, list)
 
 
 class TensorSpec(Mapping):
@@ -50,6 +56,14 @@ def _describe(t) -> str:
 
 class Tensor:
     """A value in one graph: the output of an op, a graph input, a variable or a constant."""
+
+    # (RemoteBuffer, entry) holding the value of a replica-sharded variable's shard (`var_shard`).
+    _rts_entry: Optional[Tuple[Any, int]] = None
+    # Iterating a tensor or testing membership would fall back to __getitem__: refuse, as popxl.
+    __iter__ = None
+    __contains__ = None
+    # numpy defers to the reflected operators (`array + tensor` is `tensor.__radd__(array)`).
+    __array_ufunc__ = None
 
     def __init__(self):
         raise TypeError("tensors are made by ops, popxl.variable, popxl.constant or popxl.graph_input")
@@ -206,6 +220,13 @@ class Tensor:
         from . import ops
         return ops.add(self, self._ensure(other))
 
+    def __iadd__(self, other):
+        """``t += x`` adds in place (``ops.add_``) and keeps ``t``, as popxl. The other augmented
+        operators (``-=``, ``*=``, ...) are Python's default: a new tensor bound to the name."""
+        from . import ops
+        ops.add_(self, self._ensure(other))
+        return self
+
     def __radd__(self, other):
         from . import ops
         return ops.add(self._ensure(other), self)
@@ -238,9 +259,17 @@ class Tensor:
         from . import ops
         return ops.fmod(self, self._ensure(other))
 
+    def __rmod__(self, other):
+        from . import ops
+        return ops.fmod(self._ensure(other), self)
+
     def __pow__(self, other):
         from . import ops
         return ops.pow(self, self._ensure(other))
+
+    def __rpow__(self, other):
+        from . import ops
+        return ops.pow(self._ensure(other), self)
 
     def __neg__(self):
         from . import ops
@@ -270,21 +299,38 @@ class Tensor:
         from . import ops
         return ops.logical_and(self, self._ensure(other))
 
+    def __rand__(self, other):
+        from . import ops
+        return ops.logical_and(self._ensure(other), self)
+
     def __or__(self, other):
         from . import ops
         return ops.logical_or(self, self._ensure(other))
+
+    def __ror__(self, other):
+        from . import ops
+        return ops.logical_or(self._ensure(other), self)
 
     def __invert__(self):
         from . import ops
         return ops.logical_not(self)
 
     def __getitem__(self, key):
+        """Slicing (ints, slices, Ellipsis), integer indexing (an int tensor or host array: a gather)
+        or boolean masking (a bool tensor or host array: masked elements become 0)."""
         from . import ops
+        if isinstance(key, _HOST_TENSOR_TYPES):
+            key = constant(key, name="index")
         return ops.index(self, key)
 
 
 class Variable(Tensor):
     """A tensor of the main graph whose value persists between runs and is read/written by the host."""
+
+    # (RemoteBuffer, entry) for variables stored in remote buffers.
+    _remote: Optional[Tuple[Any, int]] = None
+    # Replicas each group's value is sharded over, for replica-sharded variables.
+    _shard_over: Optional[int] = None
 
     @property
     def replica_grouping(self):
@@ -320,31 +366,24 @@ class Constant(Tensor):
         return ops.ipu_copy(self, dst, src)
 
 
-def _to_host_array(data, dtype, what: str, downcast: bool = True) -> Tuple[np.ndarray, dtypes.dtype]:
-    """Converts user data to a numpy array of the requested popxl dtype."""
+def _to_host_array(data, dtype, what: str, downcast: bool = True, log2_scale=None, nan_on_overflow=None,
+                   keep_memmap: bool = False) -> Tuple[np.ndarray, dtypes.dtype]:
+    """User data as a numpy array of the requested popxl dtype, copied now (as popxl) so later changes
+    to ``data`` do not reach the tensor; with ``keep_memmap``, an ``np.memmap`` already of that dtype
+    is kept itself, as the storage the tensor's value lives in."""
     if isinstance(data, Tensor):
         raise TypeError(f"{what}: expected host data, got the tensor {_describe(data)}")
-    try:
-        import torch
-        if isinstance(data, torch.Tensor):
-            data = data.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    arr = np.asarray(data)
-    if dtype is None:
-        if arr.dtype == np.float64 and downcast:
-            dtype = dtypes.float32
-        elif arr.dtype == np.int64 and downcast:
-            dtype = dtypes.int32
-        else:
-            dtype = dtypes.dtype.as_dtype(arr.dtype)
-    dtype = dtypes.dtype.as_dtype(dtype)
-    return np.asarray(arr.astype(dtype.as_numpy(), copy=False), order="C"), dtype
+    if dtype is not None:
+        dtype = dtypes.dtype.as_dtype(dtype)
+    arr = to_numpy(data, dtype, downcast, copy=True, log2_scale=log2_scale, nan_on_overflow=nan_on_overflow)
+    if keep_memmap and isinstance(data, np.memmap) and arr.dtype == data.dtype and data.flags.c_contiguous:
+        arr = data
+    return arr, dtypes.dtype.as_dtype(arr.dtype)
 
 
 def constant(data, dtype=None, name=None, downcast=True, log2_scale=None, nan_on_overflow=None) -> Constant:
-    """A constant tensor in the current graph holding ``data``."""
-    arr, dtype = _to_host_array(data, dtype, f"constant {name or ''}".strip(), downcast)
+    """A constant tensor in the current graph holding a copy of ``data``."""
+    arr, dtype = _to_host_array(data, dtype, f"constant {name or ''}".strip(), downcast, log2_scale, nan_on_overflow)
     t = Constant._create(get_current_graph(), arr.shape, dtype, name or "constant")
     t._data = arr
     return t
@@ -360,11 +399,12 @@ def _check_grouping(replica_grouping, what: str):
     return replica_grouping
 
 
-def _host_variable_data(data, dtype, name, downcast, replica_grouping, retrieval_mode):
+def _host_variable_data(data, dtype, name, downcast, replica_grouping, retrieval_mode, log2_scale=None,
+                        nan_on_overflow=None):
     """Host data as ``(num_groups, *shape)`` per-group values, checked against the grouping."""
     what = f"variable {name!r}" if name else "variable"
     grouping = _check_grouping(replica_grouping, what)
-    arr, dtype = _to_host_array(data, dtype, what, downcast)
+    arr, dtype = _to_host_array(data, dtype, what, downcast, log2_scale, nan_on_overflow, keep_memmap=True)
     if retrieval_mode not in (None, "one_per_group", "all_replicas"):
         raise ValueError(f"{what}: retrieval_mode must be 'one_per_group' or 'all_replicas', "
                          f"got {retrieval_mode!r}")
@@ -386,28 +426,29 @@ def _make_variable(per_group, dtype, name, grouping, retrieval_mode) -> Variable
     v._data = per_group
     v._replica_grouping = grouping
     v._retrieval_mode = retrieval_mode
-    v._remote = None      # (RemoteBuffer, entry) for variables stored in remote buffers
-    v._shard_over = None  # replicas each group's value is sharded over, for replica-sharded variables
     main.ir._variables.append(v)
     return v
 
 
 def _check_in_main_graph(what: str) -> None:
     if get_current_graph() is not get_main_graph():
-        raise ValueError(f"{what}: variables can only be made in the main graph, not in "
-                         f"'{get_current_graph().name}'; pass the value into the graph as an input")
+        raise ValueError(f"You cannot initialise a variable tensor within a graph. It can only be initialised "
+                         f"within the main graph ({what}, made in '{get_current_graph().name}'); pass the value "
+                         f"into the graph as an input (popxl.graph_input) or use a constant")
 
 
 def variable(data, dtype=None, name=None, downcast=True, replica_grouping=None, retrieval_mode=None,
              log2_scale=None, nan_on_overflow=None) -> Variable:
     """A variable of the main graph initialised with ``data`` (``(num_groups, *shape)`` with >1 group).
 
-    ``retrieval_mode``: 'one_per_group' (default) reads back one value per group, 'all_replicas'
-    every replica's value.
+    ``data`` is copied now, except an ``np.memmap`` of the variable's dtype: that stays the variable's
+    host storage, which ``Session.weights_to_host`` writes back into and flushes (for weights too large
+    to copy). ``retrieval_mode``: 'one_per_group' (default) reads back one value per group,
+    'all_replicas' every replica's value.
     """
     _check_in_main_graph(f"variable {name!r}")
     per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
-                                                           retrieval_mode)
+                                                           retrieval_mode, log2_scale, nan_on_overflow)
     return _make_variable(per_group, dtype, name, grouping, mode)
 
 
@@ -426,9 +467,14 @@ def remote_variable(data, remote_buffer, offset=0, dtype=None, name=None, downca
     what = f"remote variable {name!r}"
     _check_in_main_graph(what)
     per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
-                                                           retrieval_mode)
+                                                           retrieval_mode, log2_scale, nan_on_overflow)
     remote_buffer._check_entry(offset, what)
-    remote_buffer.validate_tensor_matches_buffer(TensorSpec(per_group.shape[1:], dtype))
+    # As popxl, the variable keeps its data's shape; a buffer entry holds its elements in its own shape
+    # (such as data with a leading axis of one group in a buffer of the unbatched shape).
+    nelms = int(np.prod(per_group.shape[1:], dtype=np.int64))
+    if nelms != int(np.prod(remote_buffer.tensor_shape, dtype=np.int64)) or dtype != remote_buffer.tensor_dtype:
+        raise ValueError(f"Tensor does not match buffer. {what}: data {per_group.shape[1:]} {dtype.name} has not the "
+                         f"elements of one entry of {remote_buffer!r}")
     v = _make_variable(per_group, dtype, name, grouping, mode)
     v._remote = (remote_buffer, int(offset))
     return v
@@ -451,7 +497,7 @@ def remote_replica_sharded_variable(data, remote_buffer, offset=0, dtype=None, n
         raise ValueError(f"{what}: the IR's replication factor is {replicas}; replica-sharded variables need "
                          f"more than one replica")
     per_group, dtype, grouping, mode = _host_variable_data(data, dtype, name, downcast, replica_grouping,
-                                                           retrieval_mode)
+                                                           retrieval_mode, log2_scale, nan_on_overflow)
     shape = per_group.shape[1:]
     if not remote_buffer.meta_shape:
         remote_buffer.meta_shape = shape

@@ -5,20 +5,50 @@
 * ``replicated_all_reduce_identical_grad_inputs``: forward all-reduce (of partial results),
   backward identity (the output gradient is equal on the group). Put after row-sharded layers.
 
-On the CPU runtime these are the collectives' primitives of the same names; with the Poplar SDK
-they are popxl-addons' custom ops (popxl itself has no such ops).
+On the CPU runtime these are custom ops (``gptj_popxl.backend.custom_op``); with the Poplar SDK they
+are popxl-addons' custom ops (popxl itself has no such ops).
 """
 from typing import Optional
 
-from ...backend import IS_CPU, ops, popxl
+from ...backend import IS_CPU, custom_op, ops, popxl
 
 if IS_CPU:
-    from ...popxl_cpu.ops.collectives.replicated import (ReplicatedAllReduceIdenticalGradInputs,
-                                                          ReplicatedAllReduceIdenticalInputs, check_op, resolve_group)
+    class ReplicatedAllReduceIdenticalInputs(custom_op.CustomOp):
+        """Identity forward (the input is equal on the group), all-reduce of the gradients backward."""
+        name = "replicated_all_reduce_identical_inputs"
+        view = True
+
+        @staticmethod
+        def infer(t, op, group):
+            return t.spec
+
+        @staticmethod
+        def kernel(t, op, group):
+            return t
+
+        @staticmethod
+        def grad(g):
+            return [ops.collectives.replicated_all_reduce(g.dy, g.attrs["op"], g.attrs["group"])]
+
+    class ReplicatedAllReduceIdenticalGradInputs(custom_op.CustomOp):
+        """All-reduce forward, identity backward (the output gradients are equal on the group)."""
+        name = "replicated_all_reduce_identical_grad_inputs"
+
+        @staticmethod
+        def infer(t, op, group):
+            return t.spec
+
+        @classmethod
+        def lower(cls, op, runtime):
+            return custom_op.group_reducer(op.attrs["op"], op.attrs["group"])
+
+        @staticmethod
+        def grad(g):
+            return [g.dy]
 
     def _create(prim, t: popxl.Tensor, op: str, group):
-        what = prim.name
-        return prim.create(t, op=check_op(op, what), group=resolve_group(group, what), name=t.name + "_" + what)
+        op, group = custom_op.collective_args(op, group, prim.name)
+        return prim.create(t, op=op, group=group, name=t.name + "_" + prim.name)
 
     def _identical_inputs(t, op, group):
         return _create(ReplicatedAllReduceIdenticalInputs, t, op, group)

@@ -10,7 +10,8 @@ from .nn import matmul, softmax
 from .reduce import argmax, argmin, l1, l2, logsum, logsumexp, max, mean, min, prod, sum, sumsquare
 from .shape import (concat, concat_, flatten, flatten_, index, reshape, reshape_, slice, slice_, split, squeeze,
                     transpose, transpose_)
-from .dynamic import *  # noqa: F401,F403 - each module lists its public ops in __all__
+from .code_copy import *  # noqa: F401,F403 - each module lists its public ops in __all__
+from .dynamic import *  # noqa: F401,F403
 from .gather import *  # noqa: F401,F403
 from .loss import *  # noqa: F401,F403
 from .misc import *  # noqa: F401,F403

@@ -42,6 +42,7 @@ def init(shape, dtype, name: Optional[str] = None, init_type: str = "zero", meta
 
 class HostLoad(Primitive):
     name = "host_load"
+    moves_unsigned = True
 
     @staticmethod
     def infer(stream):
@@ -55,6 +56,7 @@ class HostLoad(Primitive):
 
 class HostStore(Primitive):
     name = "host_store"
+    moves_unsigned = True
     retains = (0,)
 
     @staticmethod
@@ -103,6 +105,7 @@ def _entry_lookup(buffer: RemoteBuffer, what: str):
 
 class RemoteLoad(Primitive):
     name = "remote_load"
+    moves_unsigned = True
 
     @staticmethod
     def infer(offset, buffer):
@@ -133,6 +136,7 @@ class RemoteLoadInplace(RemoteLoad):
 
 class RemoteStore(Primitive):
     name = "remote_store"
+    moves_unsigned = True
 
     @staticmethod
     def infer(offset, t, buffer):

@@ -1,4 +1,6 @@
 """Reductions over axes."""
+import builtins
+
 import torch
 
 from .. import dtypes
@@ -26,7 +28,9 @@ class Reduce(Primitive):
         axes, keepdims, fn = tuple(a + 1 for a in op.attrs["axes"]), op.attrs["keepdims"], cls.fn
         if not axes:
             return lambda x: x.clone()
-        return lambda x: fn(x, axes, keepdims)
+        # torch sums and multiplies integers in int64; the result keeps the input's dtype, wrapping
+        # around on overflow as the IPU does.
+        return lambda x: fn(x, axes, keepdims).to(x.dtype)
 
 
 def _expand_back(g, v):
@@ -61,7 +65,8 @@ class ReduceMean(Reduce):
         count = 1
         for a in g.attrs["axes"]:
             count *= g.in_spec(0).shape[a]
-        return [_expand_back(g, mul(g.dy, constant(1.0 / count, g.dy.dtype)))]
+        # An empty reduction has an empty gradient: any scale does, but not a division by zero.
+        return [_expand_back(g, mul(g.dy, constant(1.0 / builtins.max(count, 1), g.dy.dtype)))]
 
 
 class ReduceMax(Reduce):

@@ -113,7 +113,8 @@ class _Builder:
         self.expected_inputs: List[ExpectedConnection] = []
         self.values: Dict[str, Tensor] = {}  # forward tensor id -> its value in the gradient graph
         self.grads: Dict[str, Tensor] = {}   # forward tensor id -> accumulated gradient
-        self.provided = [t for t in graph._outputs if t in grads_provided]
+        # In the order given, as popxl guarantees: the gradient graph's inputs follow it.
+        self.provided = list(dict.fromkeys(grads_provided))
         self.required = list(grads_required)
 
     def fwd_value(self, t: Tensor) -> Tensor:
@@ -146,7 +147,7 @@ class _Builder:
     def run(self) -> GradGraphInfo:
         fwd = self.fwd
         with self.grad_graph:
-            # FwdGrad inputs come first, in forward output order; Fwd inputs follow as rules ask for them.
+            # FwdGrad inputs come first, in grads_provided order; Fwd inputs follow as rules ask for them.
             for t in self.provided:
                 self.grads[t.id] = graph_input(t.shape, t.dtype, "grad_" + t.name.rpartition("/")[2])
                 self.expected_inputs.append(ExpectedConnection._create(t, ExpectedConnectionType.FwdGrad))
@@ -201,7 +202,8 @@ def autodiff(graph: Graph, grads_provided: Optional[Iterable[Tensor]] = None,
              return_all_grad_graphs: bool = False):
     """Builds the gradient graph of ``graph``.
 
-    ``grads_provided``: forward outputs whose gradients the gradient graph takes (default: all).
+    ``grads_provided``: forward outputs whose gradients the gradient graph takes, as its leading
+    inputs in this order (default: all outputs, in output order).
     ``grads_required``: forward inputs whose gradients it returns, in order (default: every floating
     point input). A required input no gradient reaches gets zeros.
     ``called_graphs_grad_info``: gradient graphs to reuse for graphs that ``graph`` calls.

@@ -5,7 +5,8 @@ import torch
 
 from ...primitive import Primitive
 from ...tensor import Tensor
-from .replicated import _REDUCE, check_op
+from ...replica_layout import REDUCE
+from .replicated import check_op
 
 
 class AllReduce(Primitive):
@@ -28,7 +29,7 @@ class AllReduce(Primitive):
     @staticmethod
     def _forward(reduce_op):
         def all_reduce(*xs):
-            total = _REDUCE[reduce_op](torch.stack(xs), 0)
+            total = REDUCE[reduce_op](torch.stack(xs), 0)
             return tuple(total.clone() for _ in xs)
         return all_reduce
 

@@ -1,55 +1,43 @@
 """Collectives across replicas: all-reduce, all-gather, reduce-scatter and replica slices.
 
-Every runtime value carries the replica axis first, so a collective is an index over that axis:
-at lowering the grouping becomes index tensors (each group's members, each replica's peers and
-position), and a run is one gather plus one reduction, with no loop over replicas.
+Gathered and scattered data follow a layout of :mod:`..replica_layout`; replica ``r`` owns the chunk
+at its position in its group (groups ordered by replica index).
 
-Gathered and scattered data follow a *layout* that maps a full tensor to ``group_size`` chunks:
-
-* ``new_axis``: chunk k is ``full[k]`` (the group axis is a new leading axis);
-* ``concat``: chunk k is the k-th equal slice of ``full`` along ``axis``;
-* ``flat``: ``full`` flattened and zero-padded to a multiple of ``group_size`` elements, chunk k is
-  the k-th 1-D piece (replicated tensor sharding; gathering drops the padding again).
-
-Replica ``r`` owns the chunk at its position in its group (groups ordered by replica index).
-
-Gradient rules, per input of replica r: ``all_reduce`` 'add'/'mean' -> the same all-reduce of the
-output gradients; ``all_gather`` -> reduce-scatter ('add') of the output gradients; reduce-scatter
-'add'/'mean' -> all-gather (scaled by 1/group_size for 'mean'); the replica slices (no reduction)
--> all-gather, as popxl (it treats the sliced input as identical on the group's replicas).
+Gradient rules, as PopART's, per input of replica r: ``all_reduce`` 'add'/'mean' -> the same
+all-reduce of the output gradients; ``all_gather`` -> replica r's own chunk of its output gradient
+(a reduce-scatter with the local operator: no sum over replicas); reduce-scatter 'add'/'mean' ->
+all-gather (scaled by 1/group_size for 'mean'); the replica slices (no reduction) -> all-gather.
 """
+import warnings
 from typing import Optional
 
-import numpy as np
-import torch
 
 from ...context import get_current_graph
 from ...primitive import Primitive, spec
 from ...replica_grouping import ReplicaGrouping
-from ...tensor import Tensor, flat_shard_shape
+from ...replica_layout import REDUCE, GroupIndex, chunk_shape_of, gathered_shape, merger, splitter
+from ...tensor import Tensor
 from .._util import norm_axis, scalar_like
 from ..elementwise import div
 from ..shape import reshape
 
-# Reductions over axis `d` of a stacked (…, group, …) tensor, keeping the dtype. popxl's own op table
-# maps 'mul' to a mean; here 'mul' is the product its name promises.
-_REDUCE = {
-    "add": lambda x, d: x.sum(d, dtype=x.dtype),
-    "mean": lambda x, d: (x.sum(d, dtype=torch.float32 if x.dtype.is_floating_point else None)
-                          / x.shape[d]).to(x.dtype),
-    "mul": lambda x, d: x.prod(d, dtype=x.dtype),
-    "min": lambda x, d: x.amin(d),
-    "max": lambda x, d: x.amax(d),
-    "and": lambda x, d: x.bool().all(d).to(x.dtype),
-    "or": lambda x, d: x.bool().any(d).to(x.dtype),
-    "square_add": lambda x, d: (x * x).sum(d, dtype=x.dtype),
-}
 LOCAL = "local"  # a reduce-scatter that reduces nothing: each replica slices its own value
 
 
+_warned_mul = False
+
+
 def check_op(op: str, what: str) -> str:
-    if op not in _REDUCE:
-        raise ValueError(f"{what}: op {op!r} is not a collective op; choose from {', '.join(_REDUCE)}")
+    """The reduction run for ``op``: popxl maps 'mul' to a mean (warned once), so programs give its numbers."""
+    global _warned_mul
+    if op == "mul":
+        if not _warned_mul:
+            warnings.warn(f"{what}: popxl computes a mean for op='mul', not a product; so does this runtime",
+                          stacklevel=3)
+            _warned_mul = True
+        return "mean"
+    if op not in REDUCE:
+        raise ValueError(f"{what}: op {op!r} is not a collective op; choose from {', '.join(REDUCE)}, mul")
     return op
 
 
@@ -67,92 +55,6 @@ def resolve_group(group: Optional[ReplicaGrouping], what: str) -> ReplicaGroupin
         raise ValueError(f"{what}: collectives need a grouping made by ir.replica_grouping(stride, group_size); "
                          f"got {group!r}")
     return group
-
-
-class GroupIndex:
-    """Index tensors of a grouping over the replica axis, made once per lowering.
-
-    ``size``: work in consecutive blocks of ``size`` members of each group (default: whole groups).
-    """
-
-    def __init__(self, group: ReplicaGrouping, size: Optional[int] = None):
-        self.members = torch.as_tensor(group._member_matrix())        # (groups, group_size)
-        self.assignment = torch.as_tensor(group.assignment)            # (R,)
-        peers, position = group._peers(size)
-        self.peers = torch.as_tensor(peers)                            # (R, size)
-        self.position = torch.as_tensor(position)                      # (R,)
-        self.replicas = torch.arange(len(position))
-
-    def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
-        """Each replica gets the reduction of its group's values."""
-        return _REDUCE[op](x[self.members], 1)[self.assignment]
-
-    def own(self, chunks: torch.Tensor) -> torch.Tensor:
-        """``(R, size, *chunk)`` -> each replica's chunk at its position."""
-        return chunks[self.replicas, self.position]
-
-
-# ---------------------------------------------------------------- layouts
-
-def _chunk_shape(full_shape, layout: str, axis: int, size: int):
-    """The shape of one of ``size`` chunks of a ``full_shape`` tensor under ``layout``."""
-    full_shape = tuple(full_shape)
-    if layout == "flat":
-        return flat_shard_shape(full_shape, size)
-    if layout == "new_axis":
-        if not full_shape or full_shape[0] != size:
-            raise ValueError(f"axis 0 of {full_shape} must equal the replica group size {size}")
-        return full_shape[1:]
-    if not full_shape:
-        raise ValueError(f"cannot split a scalar along axis {axis}")
-    if full_shape[axis] % size:
-        raise ValueError(f"axis {axis} of {full_shape} (size {full_shape[axis]}) does not divide into "
-                         f"replica group size {size}")
-    return full_shape[:axis] + (full_shape[axis] // size,) + full_shape[axis + 1:]
-
-
-def _full_shape(chunk_shape, layout: str, axis: int, size: int, meta_shape):
-    """The shape gathered from ``size`` chunks of ``chunk_shape`` under ``layout``."""
-    chunk_shape = tuple(chunk_shape)
-    if layout == "flat":
-        meta_shape = tuple(meta_shape)
-        if _chunk_shape(meta_shape, "flat", axis, size) != chunk_shape:
-            raise ValueError(f"a {chunk_shape} shard is not one of {size} flat shards of {meta_shape}")
-        return meta_shape
-    if layout == "new_axis":
-        return (size,) + chunk_shape
-    if not chunk_shape:
-        raise ValueError(f"cannot concatenate scalars along axis {axis}; use output_shape='new_axis'")
-    return chunk_shape[:axis] + (chunk_shape[axis] * size,) + chunk_shape[axis + 1:]
-
-
-def splitter(layout: str, axis: int, size: int, full_shape, replicas: int):
-    """Runtime ``(R, *full)`` -> ``(R, size, *chunk)``."""
-    if layout == "new_axis":
-        return lambda x: x
-    if layout == "flat":
-        nelms = int(np.prod(full_shape, dtype=np.int64))
-        padded = -(-nelms // size) * size
-
-        def split_flat(x):
-            flat = x.reshape(replicas, nelms)
-            if padded != nelms:
-                flat = torch.nn.functional.pad(flat, (0, padded - nelms))
-            return flat.reshape(replicas, size, padded // size)
-        return split_flat
-    pieces = (replicas,) + tuple(full_shape[:axis]) + (size, full_shape[axis] // size) + tuple(full_shape[axis + 1:])
-    return lambda x: x.reshape(pieces).movedim(axis + 1, 1)
-
-
-def merger(layout: str, axis: int, size: int, full_shape, replicas: int):
-    """Runtime ``(R, size, *chunk)`` -> ``(R, *full)``."""
-    full = (replicas,) + tuple(full_shape)
-    if layout == "new_axis":
-        return lambda g: g
-    if layout == "flat":
-        nelms = int(np.prod(full_shape, dtype=np.int64))
-        return lambda g: g.reshape(replicas, -1)[:, :nelms].reshape(full)
-    return lambda g: g.movedim(1, axis + 1).reshape(full)
 
 
 # ---------------------------------------------------------------- primitives
@@ -189,32 +91,13 @@ class ReplicatedAllReduceInplace(ReplicatedAllReduce):
         return lambda x: x.copy_(reduce(x))
 
 
-class ReplicatedAllReduceIdenticalInputs(ReplicatedAllReduce):
-    """Identity forward, all-reduce of the gradients backward (the inputs are equal on the group)."""
-    name = "replicated_all_reduce_identical_inputs"
-    view = True
-
-    @classmethod
-    def lower(cls, op, runtime):
-        return lambda x: x
-
-
-class ReplicatedAllReduceIdenticalGradInputs(ReplicatedAllReduce):
-    """All-reduce forward, identity backward (the output gradients are equal on the group)."""
-    name = "replicated_all_reduce_identical_grad_inputs"
-
-    @staticmethod
-    def grad(g):
-        return [g.dy]
-
-
 class ReplicatedAllGather(Primitive):
     """Each replica gets the chunks of all replicas of its group, assembled under ``layout``."""
     name = "replicated_all_gather"
 
     @staticmethod
     def infer(t, group, layout, axis, meta_shape=()):
-        return spec(_full_shape(t.shape, layout, axis, group.group_size, meta_shape), t.dtype)
+        return spec(gathered_shape(t.shape, layout, axis, group.group_size, meta_shape), t.dtype)
 
     @classmethod
     def lower(cls, op, runtime):
@@ -226,7 +109,7 @@ class ReplicatedAllGather(Primitive):
     @staticmethod
     def grad(g):
         a = g.attrs
-        return [ReplicatedReduceScatter.create(g.dy, op="add", group=a["group"], layout=a["layout"], axis=a["axis"])]
+        return [ReplicatedReduceScatter.create(g.dy, op=LOCAL, group=a["group"], layout=a["layout"], axis=a["axis"])]
 
 
 class ReplicatedReduceScatter(Primitive):
@@ -235,7 +118,7 @@ class ReplicatedReduceScatter(Primitive):
 
     @staticmethod
     def infer(t, op, group, layout, axis):
-        shape = _chunk_shape(t.shape, layout, axis, group.group_size)
+        shape = chunk_shape_of(t.shape, layout, axis, group.group_size)
         return spec(shape, t.dtype, t.shape if layout == "flat" else ())
 
     @classmethod

@@ -7,7 +7,7 @@ cfg['dependencies'] = ['rotary_embedding.h']
 %>
 */
 // Python binding of the rotary embedding kernel, built on first import by cppimport
-// (gptj_popxl/model/rotary.py loads it). Takes numpy arrays; torch tensors pass theirs via .numpy().
+// (its Python op in this folder, __init__.py, loads it). Takes numpy arrays; torch tensors pass theirs via .numpy().
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 

@@ -1,0 +1,121 @@
+"""How replicated values are laid out over the replica axis: groups as index tensors, and the layouts
+that map a full tensor to the chunks the replicas of a group own.
+
+Every runtime value carries the replica axis first, so a collective is an index over that axis:
+each group's members, each replica's peers and position become index tensors once, and a run is
+one gather plus one reduction, with no loop over replicas. The session uses the same layouts to
+place replica-sharded variables.
+
+Layouts map a full tensor to ``size`` chunks:
+
+* ``new_axis``: chunk k is ``full[k]`` (the group axis is a new leading axis);
+* ``concat``: chunk k is the k-th equal slice of ``full`` along ``axis``;
+* ``flat``: ``full`` flattened and zero-padded to a multiple of ``size`` elements, chunk k is the
+  k-th 1-D piece (replicated tensor sharding; merging drops the padding again).
+"""
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .replica_grouping import ReplicaGrouping
+from .tensor import flat_shard_shape
+
+# Reductions over axis `d` of a stacked (…, group, …) tensor, keeping the dtype. ('mul' is not here:
+# popxl's collectives compute a mean for it, see ops.collectives.replicated.check_op.)
+REDUCE = {
+    "add": lambda x, d: x.sum(d, dtype=x.dtype),
+    "mean": lambda x, d: (x.sum(d, dtype=torch.float32 if x.dtype.is_floating_point else None)
+                          / x.shape[d]).to(x.dtype),
+    "min": lambda x, d: x.amin(d),
+    "max": lambda x, d: x.amax(d),
+    "and": lambda x, d: x.bool().all(d).to(x.dtype),
+    "or": lambda x, d: x.bool().any(d).to(x.dtype),
+    "square_add": lambda x, d: (x * x).sum(d, dtype=x.dtype),
+}
+
+
+class GroupIndex:
+    """Index tensors of a grouping over the replica axis, made once per lowering.
+
+    ``size``: work in consecutive blocks of ``size`` members of each group (default: whole groups).
+    """
+
+    def __init__(self, group: ReplicaGrouping, size: Optional[int] = None):
+        self.members = torch.as_tensor(group._member_matrix())        # (groups, group_size)
+        self.assignment = torch.as_tensor(group.assignment)            # (R,)
+        peers, position = group._peers(size)
+        self.peers = torch.as_tensor(peers)                            # (R, size)
+        self.position = torch.as_tensor(position)                      # (R,)
+        self.replicas = torch.arange(len(position))
+
+    def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        """Each replica gets the reduction of its group's values."""
+        return REDUCE[op](x[self.members], 1)[self.assignment]
+
+    def own(self, chunks: torch.Tensor) -> torch.Tensor:
+        """``(R, size, *chunk)`` -> each replica's chunk at its position."""
+        return chunks[self.replicas, self.position]
+
+
+# ---------------------------------------------------------------- layouts
+
+def chunk_shape_of(full_shape, layout: str, axis: int, size: int):
+    """The shape of one of ``size`` chunks of a ``full_shape`` tensor under ``layout``."""
+    full_shape = tuple(full_shape)
+    if layout == "flat":
+        return flat_shard_shape(full_shape, size)
+    if layout == "new_axis":
+        if not full_shape or full_shape[0] != size:
+            raise ValueError(f"axis 0 of {full_shape} must equal the replica group size {size}")
+        return full_shape[1:]
+    if not full_shape:
+        raise ValueError(f"cannot split a scalar along axis {axis}")
+    if full_shape[axis] % size:
+        raise ValueError(f"axis {axis} of {full_shape} (size {full_shape[axis]}) does not divide into "
+                         f"replica group size {size}")
+    return full_shape[:axis] + (full_shape[axis] // size,) + full_shape[axis + 1:]
+
+
+def gathered_shape(chunk_shape, layout: str, axis: int, size: int, meta_shape):
+    """The shape gathered from ``size`` chunks of ``chunk_shape`` under ``layout``."""
+    chunk_shape = tuple(chunk_shape)
+    if layout == "flat":
+        meta_shape = tuple(meta_shape)
+        if chunk_shape_of(meta_shape, "flat", axis, size) != chunk_shape:
+            raise ValueError(f"a {chunk_shape} shard is not one of {size} flat shards of {meta_shape}")
+        return meta_shape
+    if layout == "new_axis":
+        return (size,) + chunk_shape
+    if not chunk_shape:
+        raise ValueError(f"cannot concatenate scalars along axis {axis}; use output_shape='new_axis'")
+    return chunk_shape[:axis] + (chunk_shape[axis] * size,) + chunk_shape[axis + 1:]
+
+
+def splitter(layout: str, axis: int, size: int, full_shape, replicas: int):
+    """Runtime ``(R, *full)`` -> ``(R, size, *chunk)``."""
+    if layout == "new_axis":
+        return lambda x: x
+    if layout == "flat":
+        nelms = int(np.prod(full_shape, dtype=np.int64))
+        padded = -(-nelms // size) * size
+
+        def split_flat(x):
+            flat = x.reshape(replicas, nelms)
+            if padded != nelms:
+                flat = torch.nn.functional.pad(flat, (0, padded - nelms))
+            return flat.reshape(replicas, size, padded // size)
+        return split_flat
+    pieces = (replicas,) + tuple(full_shape[:axis]) + (size, full_shape[axis] // size) + tuple(full_shape[axis + 1:])
+    return lambda x: x.reshape(pieces).movedim(axis + 1, 1)
+
+
+def merger(layout: str, axis: int, size: int, full_shape, replicas: int):
+    """Runtime ``(R, size, *chunk)`` -> ``(R, *full)``."""
+    full = (replicas,) + tuple(full_shape)
+    if layout == "new_axis":
+        return lambda g: g
+    if layout == "flat":
+        nelms = int(np.prod(full_shape, dtype=np.int64))
+        return lambda g: g.reshape(replicas, -1)[:, :nelms].reshape(full)
+    return lambda g: g.movedim(1, axis + 1).reshape(full)

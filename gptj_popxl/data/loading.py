@@ -34,8 +34,13 @@ def load_local_dataset(path: str, split: str = "train"):
         suffix = os.path.splitext(path)[1].lower()
         if suffix not in _FILE_BUILDERS:
             raise DataError(f"{path}: unsupported file type {suffix!r}; expected one of {sorted(_FILE_BUILDERS)}")
-        with _quiet_datasets():
-            dataset = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: the data set is empty (an empty file)")
+        try:
+            with _quiet_datasets():
+                dataset = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train")
+        except (ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as e:
+            raise DataError(f"{path}: the data set is empty or not valid {suffix[1:]}: {e}") from None
     elif os.path.isdir(path):
         try:
             with _quiet_datasets():
@@ -43,6 +48,8 @@ def load_local_dataset(path: str, split: str = "train"):
         except FileNotFoundError as e:
             raise DataError(f"{path}: not a folder written by save_to_disk ({e})") from None
         dataset = _pick_split(dataset, split, path)
+    elif os.path.splitext(path)[1].lower() in _FILE_BUILDERS:
+        raise DataError(f"{path}: no such file or directory")
     else:
         dataset = _load_cached_hub_dataset(path, split)
     if len(dataset) == 0:

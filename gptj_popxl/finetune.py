@@ -149,9 +149,31 @@ def _start(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Run:
         model_config = GPTJConfig.from_pretrained_dir(args.model)
     except (OSError, ValueError) as e:
         parser.error(f"--model {args.model}: {e}")
-    settings = dict(DEFAULTS, steps=None, split="train")
+    settings = resolve_settings(parser, args, model_config)
+    tokenizer = _tokenizer(parser, args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
+    batches = _batches(parser, args.data, tokenizer, settings, model_config.vocab_size)
+    # Imported only now: the trainer pulls in the whole runtime, and option errors should not wait for it.
+    from gptj_popxl.trainer import Trainer, TrainingConfig
+
+    config = TrainingConfig(**training_config_fields(settings, batches.batches_per_epoch))
+    try:
+        trainer = Trainer(args.model, config)
+    except ValueError as e:
+        parser.error(f"the training settings do not fit --model {args.model}: {e}")
+    return _Run(trainer, batches, args.output, args.save_every,
+                dict(packing=settings["packing"], split=settings["split"]))
+
+
+def resolve_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, model_config: GPTJConfig
+                     ) -> Dict[str, Any]:
+    """The run's settings: ``DEFAULTS``, then the ``--config`` fields, then the flags given.
+
+    Without ``--gradient-accumulation`` a config's global batch is kept (so ``--data-parallel``
+    changes the accumulation); its warm-up proportion is kept in ``warmup_proportion`` for
+    ``training_config_fields``. Exits 2 (``parser.error``) on settings that cannot work.
+    """
+    settings = dict(DEFAULTS, steps=None, epochs=None, split="train", warmup_proportion=0.0)
     given = {k: v for k, v in vars(args).items() if k in settings and v is not None}
-    named = None
     if args.config:
         try:
             named = load_config(args.config, {k: v for k, v in given.items() if k in field_names()})
@@ -161,35 +183,29 @@ def _start(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Run:
         settings.update({k: v for k, v in named.fields().items() if k in settings})
         settings["gradient_accumulation"] = named.gradient_accumulation
     settings.update(given)
-    if args.epochs is not None:
+    if settings["epochs"] is not None:
         settings["steps"] = None
     settings["gradient_accumulation"] = settings["gradient_accumulation"] or 1
     if settings["sequence_length"] is None:
         settings["sequence_length"] = min(MAX_DEFAULT_SEQUENCE_LENGTH, model_config.n_positions)
     _check_sequence(parser, settings, model_config.n_positions)
+    return settings
 
-    tokenizer = _tokenizer(parser, args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
-    batches = _batches(parser, args.data, tokenizer, settings, model_config.vocab_size)
-    steps = settings["steps"] or batches.batches_per_epoch * (args.epochs or 1)
-    if settings["warmup_steps"] is None:
-        settings["warmup_steps"] = int(steps * named.training.warmup_proportion) if named else 0
-    # Imported only now: the trainer pulls in the whole runtime, and option errors should not wait for it.
-    from gptj_popxl.trainer import Trainer, TrainingConfig
 
-    config = TrainingConfig(
-        learning_rate=settings["learning_rate"], lr_schedule=settings["lr_schedule"],
-        warmup_steps=settings["warmup_steps"], total_steps=steps, weight_decay=settings["weight_decay"],
-        max_grad_norm=settings["max_grad_norm"], micro_batch_size=settings["micro_batch_size"],
-        gradient_accumulation=settings["gradient_accumulation"], data_parallel=settings["data_parallel"],
-        tensor_parallel=settings["tensor_parallel"], dtype=settings["dtype"], loss_scaling=settings["loss_scaling"],
-        phased=settings["phased"], attention_serialisation=settings["attention_serialisation"],
-        seed=settings["seed"])
-    try:
-        trainer = Trainer(args.model, config)
-    except ValueError as e:
-        parser.error(f"the training settings do not fit --model {args.model}: {e}")
-    return _Run(trainer, batches, args.output, args.save_every,
-                dict(packing=settings["packing"], split=settings["split"]))
+# Settings handed to ``TrainingConfig`` as they are.
+TRAINING_CONFIG_SETTINGS = ("learning_rate", "lr_schedule", "weight_decay", "max_grad_norm", "micro_batch_size",
+                            "gradient_accumulation", "data_parallel", "tensor_parallel", "dtype", "loss_scaling",
+                            "phased", "attention_serialisation", "seed")
+
+
+def training_config_fields(settings: Dict[str, Any], batches_per_epoch: int) -> Dict[str, Any]:
+    """``TrainingConfig``'s keyword arguments: the step count (``steps``, or ``epochs`` (default 1) of
+    ``batches_per_epoch``) and the warm-up (``warmup_steps``, or ``int(steps * warmup_proportion)``)."""
+    steps = settings["steps"] or batches_per_epoch * (settings["epochs"] or 1)
+    warmup = settings["warmup_steps"]
+    if warmup is None:
+        warmup = int(steps * settings["warmup_proportion"])
+    return dict({k: settings[k] for k in TRAINING_CONFIG_SETTINGS}, total_steps=steps, warmup_steps=warmup)
 
 
 def _resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Run:

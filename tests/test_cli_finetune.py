@@ -73,7 +73,9 @@ def test_bad_paths_and_data_exit_2_naming_the_option(setup, capsys, tmp_path):
     expect_usage_error(capsys, ["--model", setup["model"], "--data", bad, *common],
                        "--data", "bad.jsonl: row 1: label must be 0, 1 or 2")
     expect_usage_error(capsys, ["--model", setup["model"], "--data", setup["data"], "--tokenizer", tmp_path, *common],
-                       "--tokenizer", "no tokenizer could be loaded")
+                       "--tokenizer", "no tokenizer files in it")
+    expect_usage_error(capsys, ["--model", tiny_checkpoint(tmp_path), "--data", setup["data"], *common],
+                       "--model", "no tokenizer files in it")
     expect_usage_error(capsys, ["--resume", tmp_path / "nope", "--data", setup["data"], "--output", tmp_path],
                        "--resume", "no such directory")
     (tmp_path / "file").write_text("")

@@ -3,16 +3,21 @@ import os
 from typing import Iterable
 
 EOS_TOKEN = "<|endoftext|>"
+# A folder holds a tokenizer when it has one of these (fast tokenizer, GPT-2 BPE, SentencePiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 def load_tokenizer(path: str):
     """``transformers.AutoTokenizer`` from a local folder (a checkpoint or a tokenizer folder).
 
     Raises:
-        ValueError: the folder holds no tokenizer, or one without an eos token.
+        ValueError: the folder holds no tokenizer files, or a tokenizer without an eos token.
     """
     import transformers
 
+    # Without its files transformers would build an empty tokenizer from config.json alone.
+    if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"{path}: no tokenizer files in it (one of {', '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:

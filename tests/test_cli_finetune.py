@@ -54,7 +54,8 @@ def expect_usage_error(capsys, args, *fragments):
     (["--sequence-length", "17"], ["--sequence-length 17 exceeds the model's n_positions (16)"]),
     (["--sequence-length", "8", "--attention-serialisation", "3"], ["--attention-serialisation 3 must divide"]),
     (["--config", "tiny"], ["--config tiny is for another model than --model", "n_embd=64 (checkpoint: 36)"]),
-    (["--learning-rate", "1e-4", "--resume", "{base}"], ["--model, --learning-rate, --packing: cannot be set with --resume"]),
+    (["--learning-rate", "1e-4", "--resume", "{base}"],
+     ["--model, --learning-rate, --packing: cannot be set with --resume"]),
 ])
 def test_bad_options_exit_2_naming_the_option(setup, capsys, tmp_path, extra, fragments):
     extra = [e.format(base=setup["base"]) for e in extra]

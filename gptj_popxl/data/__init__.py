@@ -17,7 +17,7 @@ Typical use::
 """
 from .batches import IGNORE_INDEX, BatchStream, GlobalBatch, TokenRows, build_rows, packed_rows, padded_rows
 from .loading import DataError, load_local_dataset
-from .mnli import LABEL_WORDS, MNLI_COLUMNS, encode_mnli, mnli_prompt, mnli_text
+from .mnli import LABEL_WORDS, MNLI_COLUMNS, encode_mnli, mnli_columns, mnli_prompt, mnli_text
 from .synthetic import synthetic_mnli, write_synthetic_mnli
 from .tokenizer import EOS_TOKEN, load_tokenizer, train_bpe_tokenizer
 
@@ -39,6 +39,6 @@ def load_mnli_rows(path: str, tokenizer, sequence_length: int, packing: bool, sp
 __all__ = [
     "BatchStream", "DataError", "EOS_TOKEN", "GlobalBatch", "IGNORE_INDEX", "LABEL_WORDS", "MNLI_COLUMNS",
     "TokenRows", "build_rows", "encode_mnli", "load_local_dataset", "load_mnli_rows", "load_tokenizer",
-    "mnli_prompt", "mnli_text", "packed_rows", "padded_rows", "synthetic_mnli", "train_bpe_tokenizer",
+    "mnli_columns", "mnli_prompt", "mnli_text", "packed_rows", "padded_rows", "synthetic_mnli", "train_bpe_tokenizer",
     "write_synthetic_mnli",
 ]

@@ -133,3 +133,12 @@ def test_empty_missing_and_uncached_data_sets_are_errors(tokenizer, tmp_path):
             load_mnli_rows(str(path), tokenizer, 48, packing=False)
     with pytest.raises(DataError, match=r"tiny.jsonl: its \d+ tokens do not fill one block of sequence_length 4096"):
         load_mnli_rows(write_jsonl(tmp_path / "tiny.jsonl", ROWS[:1]), tokenizer, 4096, packing=True)
+
+
+def test_mnli_columns_of_plain_rows():
+    from gptj_popxl.data import mnli_columns
+
+    assert mnli_columns(ROWS, "rows") == ([r["premise"] for r in ROWS], [r["hypothesis"] for r in ROWS],
+                                          [r["label"] for r in ROWS])
+    with pytest.raises(DataError, match=r"rows: row 0: label must be 0, 1 or 2.*got True"):
+        mnli_columns([dict(ROWS[0], label=True)], "rows")

@@ -142,3 +142,30 @@ def test_mnli_columns_of_plain_rows():
                                           [r["label"] for r in ROWS])
     with pytest.raises(DataError, match=r"rows: row 0: label must be 0, 1 or 2.*got True"):
         mnli_columns([dict(ROWS[0], label=True)], "rows")
+
+
+def test_a_hub_data_set_in_the_local_cache_is_read_without_network(tokenizer, tmp_path, monkeypatch):
+    """Lay out a cache entry as ``load_dataset("someone/tiny_mnli", "mnli")`` would leave it, then read it."""
+    import glob
+    import os
+    import shutil
+
+    import datasets
+
+    cache = tmp_path / "cache"
+    datasets.load_dataset("json", data_files=write_jsonl(tmp_path / "d.jsonl", ROWS), cache_dir=str(cache))
+    built = glob.glob(str(cache / "json" / "*" / "*" / "*"))[0]
+    entry = cache / "someone___tiny_mnli" / "mnli" / os.path.relpath(built, os.path.dirname(os.path.dirname(built)))
+    shutil.copytree(built, entry)
+    os.rename(entry / "json-train.arrow", entry / "tiny_mnli-train.arrow")
+    info = json.loads((entry / "dataset_info.json").read_text())
+    (entry / "dataset_info.json").write_text(json.dumps(dict(info, config_name="mnli")))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+
+    rows = load_mnli_rows("someone/tiny_mnli:mnli", tokenizer, 48, packing=False)
+    assert rows.input_ids[:, :8].tolist() == [hand_ids(tokenizer, r)[:8] for r in ROWS]
+    with pytest.raises(DataError, match=r"someone/tiny_mnli:mnli \(from the local datasets cache\): .*validation"):
+        load_local_dataset("someone/tiny_mnli:mnli", "validation")
+    with pytest.raises(DataError, match="someone/tiny_mnli:qqp: not a local file or folder, and not in the local "
+                                        "datasets cache"):
+        load_local_dataset("someone/tiny_mnli:qqp")

@@ -73,14 +73,16 @@ def _load_cached_hub_dataset(name: str, split: str):
 
     repo_id, _, config_name = name.partition(":")
     try:
-        with _quiet_datasets():
-            builder = Cache(dataset_name=repo_id.split("/")[-1], repo_id=repo_id, config_name=config_name or None,
-                            version="auto", hash="auto")
-            dataset = builder.as_dataset(split=split)
+        builder = Cache(dataset_name=repo_id.split("/")[-1], repo_id=repo_id, config_name=config_name or None,
+                        version="auto", hash="auto")
     except (ValueError, FileNotFoundError) as e:
         raise DataError(f"{name}: not a local file or folder, and not in the local datasets cache "
                         f"(nothing is downloaded): {e}") from None
-    return dataset
+    try:
+        with _quiet_datasets():
+            return builder.as_dataset(split=split)
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{name} (from the local datasets cache): {e}") from None
 
 
 @contextlib.contextmanager

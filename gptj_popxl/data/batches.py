@@ -65,6 +65,8 @@ def packed_rows(examples: Sequence[Example], sequence_length: int, where: str) -
 def padded_rows(examples: Sequence[Example], sequence_length: int, pad_token_id: int, where: str) -> TokenRows:
     """One example per row, right-padded with ``pad_token_id``; only target positions keep their labels.
 
+    Right padding needs no attention mask: under causal attention no real token sees the padding.
+
     Raises:
         DataError: an example (prompt, label word and eos) longer than ``sequence_length``,
             naming its row.

@@ -11,6 +11,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
+from gptj_popxl.finetune import add_finetune_parser, run_finetune
 from gptj_popxl.golden import compare_with_hf, default_seq, random_hf_checkpoint
 from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.gptj import DTYPES
@@ -47,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="query blocks the attention is computed in (must divide --seq)")
 
     commands.add_parser("demo", help="golden comparison on a tiny random checkpoint, tensor parallel 1 and 2")
+    add_finetune_parser(commands)
     return parser
 
 
@@ -93,6 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "golden":
         _check_golden_args(parser, args)
         return _golden(args)
+    if args.command == "finetune":
+        return run_finetune(parser, args)
     return _demo()
 
 

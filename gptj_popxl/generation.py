@@ -71,16 +71,18 @@ class Generator:
         self.model = model
         self._programs: Dict[tuple, object] = {}
 
-    def prefill(self, batch: int, seq: int, sampling: Optional[Sampling]):
-        key = ("prefill", batch, seq, sampling)
+    def prefill(self, batch: int, seq: int, sampling: Optional[Sampling], with_logits: bool = False):
+        key = ("prefill", batch, seq, sampling, with_logits)
         if key not in self._programs:
-            self._programs[key] = build_prefill(self.model, batch, seq, sampling)
+            self._programs[key] = build_prefill(self.model, batch, seq, sampling, with_logits)
         return self._programs[key]
 
-    def decode(self, batch: int, prompt_len: int, cache_len: int, chunk: int, sampling: Optional[Sampling]):
-        key = ("decode", batch, prompt_len, cache_len, chunk, sampling)
+    def decode(self, batch: int, prompt_len: int, cache_len: int, chunk: int, sampling: Optional[Sampling],
+               with_logits: bool = False):
+        key = ("decode", batch, prompt_len, cache_len, chunk, sampling, with_logits)
         if key not in self._programs:
-            self._programs[key] = build_decode(self.model, batch, prompt_len, cache_len, chunk, sampling)
+            self._programs[key] = build_decode(self.model, batch, prompt_len, cache_len, chunk, sampling,
+                                               with_logits)
         return self._programs[key]
 
     def generate(self, input_ids, **options) -> np.ndarray:
@@ -97,13 +99,15 @@ class Slots:
     """``batch`` rows decoded together, each refillable with a new prompt between decode runs.
 
     The host mirrors each row's state (last token, position, cache write column and mask); the
-    cache itself stays in the decode program's variables.
+    cache itself stays in the decode program's variables. With ``with_logits``, ``logits`` holds
+    the full-vocabulary logits of the last ``start`` (n, vocab) or ``advance`` (batch, chunk, vocab).
     """
 
     def __init__(self, generator: Generator, batch: int, prompt_len: int, max_new_tokens: int,
-                 sampling: Optional[Sampling], rng: np.random.Generator):
+                 sampling: Optional[Sampling], rng: np.random.Generator, with_logits: bool = False):
         model = generator.model
-        self.generator, self.sampling, self.rng = generator, sampling, rng
+        self.generator, self.sampling, self.rng, self.with_logits = generator, sampling, rng, with_logits
+        self.logits: Optional[np.ndarray] = None
         self.config, self.tp = model.config, model.tensor_parallel
         self.batch, self.prompt_len = batch, prompt_len
         self.chunk, runs = decode_chunking(max_new_tokens - 1)
@@ -124,6 +128,11 @@ class Slots:
         total = self.sampling.candidates(self.config, self.tp)[1]
         return {"uniforms": self.rng.random(shape + (total,), dtype=np.float32)}
 
+    def _full_vocab(self, shards: np.ndarray) -> np.ndarray:
+        """Logits shards (tp, ..., vocab_per_shard) as (..., vocab_size)."""
+        shards = shards if self.tp > 1 else shards[None]
+        return np.concatenate(list(shards), axis=-1)[..., :self.config.vocab_size]
+
     def start(self, rows: Sequence[int], ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Prefill left-padded prompts ``ids`` (with ``mask``) into ``rows``; returns their first tokens."""
         n, seq = ids.shape
@@ -132,10 +141,12 @@ class Slots:
         mask = np.pad(mask, ((0, 0), (bucket - seq, 0))).astype(bool)
         positions = np.where(mask, np.cumsum(mask, axis=1) - 1, 1)
         allowed = np.tril(np.ones((bucket, bucket), bool))[None] & mask[:, None, :]
-        program = self.generator.prefill(n, bucket, self.sampling)
+        program = self.generator.prefill(n, bucket, self.sampling, self.with_logits)
         out = program.run(input_ids=ids, positions=positions, mask=np.where(allowed, 0.0, MASKED)[:, None],
                           **self._uniforms(n))
         first = out.pop("token").reshape((self.tp, n))[0]
+        if self.with_logits:
+            self.logits = self._full_vocab(out.pop("logits"))
         for j, row in enumerate(rows):
             for name, kv in out.items():
                 kv = kv.reshape((self.tp, n) + kv.shape[-3:])
@@ -151,10 +162,13 @@ class Slots:
 
     def advance(self) -> np.ndarray:
         """One decode run: every row's next ``chunk`` tokens, (batch, chunk)."""
-        program = self.generator.decode(self.batch, self.prompt_len, self.cache_len, self.chunk, self.sampling)
+        program = self.generator.decode(self.batch, self.prompt_len, self.cache_len, self.chunk, self.sampling,
+                                        self.with_logits)
         out = program.run(token=self.token, position=self.position, column=self.column, mask=self.mask,
                           refill=self.refill, **self.fresh, **self._uniforms(self.chunk, self.batch))
         tokens = out["tokens"].reshape((self.tp, self.batch, self.chunk))[0]
+        if self.with_logits:
+            self.logits = self._full_vocab(out["logits"])
         self.refill[:] = False
         steps = self.column[:, None] + np.arange(self.chunk)[None, :]
         rows = np.broadcast_to(np.arange(self.batch)[:, None], steps.shape)

@@ -84,33 +84,37 @@ def select_tokens(logits: popxl.Tensor, shard_offset: popxl.Tensor, groups: TPGr
 
 
 class PrefillModule(CachedLM):
-    """``build(input_ids, positions, mask, shard_offset[, uniforms])`` -> ``(token, *keys, *values)``."""
+    """``build(input_ids, positions, mask, shard_offset[, uniforms])`` -> ``(token, *keys, *values)``,
+    then the logits shard when ``with_logits``."""
 
-    def __init__(self, config, groups, dtype, sampling: Optional[Sampling]):
+    def __init__(self, config, groups, dtype, sampling: Optional[Sampling], with_logits: bool = False):
         super().__init__(config, groups, dtype)
         self.sampling = sampling
+        self.with_logits = with_logits
 
     def build(self, input_ids, positions, mask, shard_offset, uniforms=None):
         logits, ks, vs = self.prefill(input_ids, positions, mask, shard_offset)
         token = select_tokens(logits, shard_offset, self.groups, self.config, self.sampling, uniforms)
-        return (token, *ks, *vs)
+        return (token, *ks, *vs) + ((cast_to(logits, popxl.float32),) if self.with_logits else ())
 
 
 class DecodeStep(CachedLM):
     """One decode iteration, the body of the decode loop.
 
-    ``build(token, position, column, mask, tokens, step, k_caches, v_caches, shard_offset[, uniforms])``:
+    ``build(token, position, column, mask, tokens, step, k_caches, v_caches, [scores,] shard_offset[, uniforms])``:
     ``token``/``position`` (batch, 1) int32, ``column`` (batch,) int32 (the cache column each row
     writes), ``mask`` (batch, 1, 1, cache_len) float32, ``tokens`` (batch, chunk) int32 (this run's
     tokens so far), ``step`` (1,) int32 and the caches are loop-carried; the outputs are their
-    next values. ``uniforms`` (chunk, batch, total) feed the sampling.
+    next values. ``scores`` (batch, chunk, vocab_per_shard) float32, when given, collects each
+    step's logits shard. ``uniforms`` (chunk, batch, total) feed the sampling.
     """
 
     def __init__(self, config, groups, dtype, sampling: Optional[Sampling]):
         super().__init__(config, groups, dtype)
         self.sampling = sampling
 
-    def build(self, token, position, column, mask, tokens, step, k_caches, v_caches, shard_offset, uniforms=None):
+    def build(self, token, position, column, mask, tokens, step, k_caches, v_caches, scores, shard_offset,
+              uniforms=None):
         batch, cache_len = mask.shape[0], mask.shape[-1]
         columns = popxl.constant(np.arange(cache_len, dtype=np.int32)[None, :], popxl.int32, name="columns")
         write = ops.equal(columns, column.reshape((batch, 1)))
@@ -129,7 +133,11 @@ class DecodeStep(CachedLM):
         next_position = position + popxl.constant(np.int32(1), popxl.int32, name="one")
         next_position = ops.where(ops.greater(next_position, last), last, next_position)
         one = popxl.constant(np.int32(1), popxl.int32, name="one")
-        return (new.reshape((batch, 1)), next_position, column + one, mask, tokens, step + one, *ks, *vs)
+        carried = (new.reshape((batch, 1)), next_position, column + one, mask, tokens, step + one, *ks, *vs)
+        if scores is None:
+            return carried
+        this_step = ops.equal(slots.reshape((1, chunk, 1)), step.reshape((1, 1, 1)))
+        return carried + (ops.where(this_step, cast_to(logits, popxl.float32).reshape((batch, 1, -1)), scores),)
 
 
 def host_weights(model) -> Dict[str, np.ndarray]:
@@ -177,12 +185,14 @@ def _d2h(streams: Dict[str, object], name: str, t: popxl.Tensor) -> None:
     ops.host_store(streams[name], t)
 
 
-def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling]) -> GenerationProgram:
+def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], with_logits: bool = False
+                  ) -> GenerationProgram:
     """Prefill of ``batch`` left-padded prompts of ``seq`` tokens.
 
     Inputs: ``input_ids``, ``positions`` (batch, seq) int32, ``mask`` (batch, 1, seq, seq)
     float32 additive, ``uniforms`` (batch, total) when sampling. Outputs: ``token`` (batch,)
-    and ``k.{i}``/``v.{i}`` (batch, heads_per_shard, seq, head_dim) per layer and shard.
+    and ``k.{i}``/``v.{i}`` (batch, heads_per_shard, seq, head_dim) per layer and shard; with
+    ``with_logits`` also ``logits`` (batch, vocab_per_shard) float32 per shard.
     """
     config, dtype = model.config, DTYPES[model.dtype]
     ir = popxl.Ir(replication=model.tensor_parallel)
@@ -195,23 +205,26 @@ def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling]) -> 
         args = [ids, positions, mask, model._shard_offset(groups)]
         if sampling is not None:
             args.append(_h2d(inputs, "uniforms", (batch, sampling.candidates(config, groups.tp)[1]), popxl.float32))
-        facts, graph = PrefillModule(config, groups, dtype, sampling).create_graph(*args)
+        facts, graph = PrefillModule(config, groups, dtype, sampling, with_logits).create_graph(*args)
         token, *kv = graph.bind(create_variables(facts, host_weights(model))).call(*args)
         _d2h(outputs, "token", token)
+        if with_logits:
+            _d2h(outputs, "logits", kv.pop())
         for i, t in enumerate(kv):
             _d2h(outputs, f"{'kv'[i // config.n_layer]}.{i % config.n_layer}", t)
     return GenerationProgram(ir, model._session(ir), inputs, outputs)
 
 
-def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
-                 sampling: Optional[Sampling]) -> GenerationProgram:
+def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int, sampling: Optional[Sampling],
+                 with_logits: bool = False) -> GenerationProgram:
     """Decode of ``batch`` rows, ``chunk`` tokens per run, over a cache of ``cache_len`` columns.
 
     Inputs: ``token``, ``position`` (batch, 1) int32; ``column`` (batch,) int32; ``mask``
     (batch, 1, 1, cache_len) float32 additive (the column written by a step is unmasked by it);
     ``refill`` (batch,) bool and ``k.{i}``/``v.{i}`` (batch, heads_per_shard, prompt_len, head_dim)
     per layer and shard: the cache rows to replace before decoding (prefill output, zero padded);
-    ``uniforms`` (chunk, batch, total) when sampling. Output: ``tokens`` (batch, chunk).
+    ``uniforms`` (chunk, batch, total) when sampling. Output: ``tokens`` (batch, chunk), and with
+    ``with_logits`` ``logits`` (batch, chunk, vocab_per_shard) float32 per shard.
     """
     config, dtype = model.config, DTYPES[model.dtype]
     tp = model.tensor_parallel
@@ -242,17 +255,24 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         tokens = popxl.constant(np.zeros((batch, chunk), np.int32), popxl.int32, name="tokens")
         step = popxl.constant(np.zeros((1,), np.int32), popxl.int32, name="step")
         n = config.n_layer
-        args = [token, position, column, mask, tokens, step, carried[:n], carried[n:], offset]
+        scores = None
+        if with_logits:
+            vps = tp_layout(config, tp).vocab_per_shard
+            scores = popxl.constant(np.zeros((batch, chunk, vps), np.float32), popxl.float32, name="scores")
+        args = [token, position, column, mask, tokens, step, carried[:n], carried[n:], scores, offset]
         if sampling is not None:
             args.append(_h2d(inputs, "uniforms", (chunk, batch, sampling.candidates(config, tp)[1]), popxl.float32))
         facts, graph = DecodeStep(config, groups, dtype, sampling).create_graph(*args)
         variables = create_variables(facts, host_weights(model))
-        flat = [token, position, column, mask, tokens, step, *carried, offset] + args[9:]
+        flat = [token, position, column, mask, tokens, step, *carried] + ([scores] if with_logits else []) + [
+            t for t in args[9:] if t is not None]
         bound = variables.to_dict()
         loop_inputs = {graph_input: bound[name] for name, graph_input in graph.args.to_dict().items()}
         results = ops.repeat(graph.graph, chunk, *flat, inputs_dict=loop_inputs)
-        for var, final in zip(cache, results[6:]):
+        for var, final in zip(cache, results[6:6 + 2 * n]):
             ops.var_updates.copy_var_update_(var, final)
         _d2h(outputs, "tokens", results[4])
+        if with_logits:
+            _d2h(outputs, "logits", results[-1])
     return GenerationProgram(ir, model._session(ir), inputs, outputs, tuple(cache))
 

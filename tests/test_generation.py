@@ -1,0 +1,91 @@
+"""Generation against transformers' ``GPTJForCausalLM.generate`` on tiny random checkpoints."""
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from gptj_popxl import generation
+from gptj_popxl.model.gptj import from_pretrained
+from helpers_gptj import tiny_checkpoint
+
+# Left padding: row 0 has two pad tokens, row 1 none, row 2 one.
+IDS = np.array([[0, 0, 5, 7, 9], [1, 2, 3, 4, 5], [0, 11, 12, 13, 14]])
+MASK = (np.arange(5)[None] >= np.array([[2], [0], [1]])).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("gen"), n_positions=32)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    return transformers.GPTJForCausalLM.from_pretrained(checkpoint).eval()
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    # Decode runs of 3 steps, so a few new tokens already span several runs.
+    monkeypatch.setattr(generation, "DECODE_CHUNK", 3)
+
+
+def hf_generate(hf, ids, mask=None, **kw):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
+                          do_sample=False, **{"pad_token_id": 0, **kw})
+    return out.numpy()
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_greedy_equals_transformers(checkpoint, hf, tp):
+    model = from_pretrained(checkpoint, tensor_parallel=tp)
+    free = hf_generate(hf, IDS, MASK, max_new_tokens=8)
+    np.testing.assert_array_equal(model.generate(IDS, attention_mask=MASK, max_new_tokens=8), free)
+    # eos: the token row 0 makes 2nd; rows must finish at different steps for the case to count.
+    eos = int(free[0, 6])
+    ref = hf_generate(hf, IDS, MASK, max_new_tokens=8, eos_token_id=eos, pad_token_id=99)
+    finished = [int(np.argmax(row[5:] == eos)) if (row[5:] == eos).any() else None for row in ref]
+    assert finished[0] == 1 and len(set(finished)) > 1
+    out = model.generate(IDS, attention_mask=MASK, max_new_tokens=8, eos_token_id=eos, pad_token_id=99)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_early_stop_shape(checkpoint, hf):
+    model = from_pretrained(checkpoint)
+    free = hf_generate(hf, IDS[1:2], max_new_tokens=8)
+    eos = int(free[0, 7])  # row's 3rd new token, so generation stops after 3 of 8
+    ref = hf_generate(hf, IDS[1:2], max_new_tokens=8, eos_token_id=eos)
+    out = model.generate(IDS[1:2], max_new_tokens=8, eos_token_id=eos)
+    assert out.shape == ref.shape == (1, 8)
+    np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_kv_cache_logits_equal_transformers_past_key_values(checkpoint, hf, tp):
+    model = from_pretrained(checkpoint, tensor_parallel=tp)
+    steps = 7
+    slots = generation.Slots(model.generator, 3, generation.prompt_bucket(5, 32), steps + 1, None,
+                             np.random.default_rng(0), with_logits=True)
+    slots.start(range(3), IDS, MASK)
+    ours = [slots.logits]
+    tokens = [np.argmax(slots.logits, -1)]
+    while len(ours) < steps + 1:
+        new = slots.advance()
+        ours.extend(slots.logits[:, j] for j in range(slots.chunk))
+        tokens.extend(new[:, j] for j in range(slots.chunk))
+    # transformers, step by step with its cache, fed the same tokens.
+    mask = torch.tensor(MASK)
+    with torch.no_grad():
+        out = hf(torch.tensor(IDS), attention_mask=mask, position_ids=torch.tensor(np.where(MASK, MASK.cumsum(1) - 1, 1)),
+                 use_cache=True)
+        past, ref = out.past_key_values, [out.logits[:, -1]]
+        for t in range(steps):
+            mask = torch.cat([mask, torch.ones((3, 1), dtype=mask.dtype)], 1)
+            out = hf(torch.tensor(tokens[t])[:, None], attention_mask=mask, past_key_values=past,
+                     position_ids=(mask.sum(1, keepdim=True) - 1), use_cache=True)
+            past = out.past_key_values
+            ref.append(out.logits[:, -1])
+    for t in range(steps + 1):
+        np.testing.assert_allclose(ours[t], ref[t].numpy(), atol=1e-4, rtol=1e-4, err_msg=f"step {t}")

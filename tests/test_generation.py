@@ -89,3 +89,75 @@ def test_kv_cache_logits_equal_transformers_past_key_values(checkpoint, hf, tp):
             ref.append(out.logits[:, -1])
     for t in range(steps + 1):
         np.testing.assert_allclose(ours[t], ref[t].numpy(), atol=1e-4, rtol=1e-4, err_msg=f"step {t}")
+
+
+def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """transformers' processed sampling distribution: temperature, top-k, top-p, softmax."""
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
+                                   TopPLogitsWarper(top_p)])
+    return torch.softmax(warpers(None, logits.float()), dim=-1).numpy()
+
+
+def hf_next_probs(hf, ids, mask, **warp) -> np.ndarray:
+    """Warped next-token probabilities after every position of ``ids`` (batch, seq, vocab)."""
+    with torch.no_grad():
+        logits = hf(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(np.where(mask, mask.cumsum(1) - 1, 1))).logits
+    return np.stack([warped_probs(logits[:, t], **warp) for t in range(ids.shape[1])], axis=1)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_sampling_limits_equal_greedy(checkpoint, hf, tp):
+    model = from_pretrained(checkpoint, tensor_parallel=tp)
+    greedy = hf_generate(hf, IDS, MASK, max_new_tokens=6)
+    for options in (dict(top_k=1, temperature=0.5), dict(top_p=1e-6), dict(top_k=3, top_p=1e-6, temperature=2.0)):
+        out = model.generate(IDS, attention_mask=MASK, max_new_tokens=6, do_sample=True, seed=1, **options)
+        np.testing.assert_array_equal(out, greedy, err_msg=str(options))
+
+
+def test_seed_reproduces_and_tokens_lie_in_transformers_set(checkpoint, hf):
+    model = from_pretrained(checkpoint, tensor_parallel=2)
+    warp = dict(temperature=0.7, top_k=5, top_p=0.8)
+    runs = [model.generate(IDS, attention_mask=MASK, max_new_tokens=7, do_sample=True, seed=s, **warp)
+            for s in (3, 3, 4)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert (runs[0] != runs[2]).any()
+    for out in runs[::2]:
+        mask = np.concatenate([MASK, np.ones((3, 7), np.int64)], axis=1)
+        probs = hf_next_probs(hf, out, mask, **warp)
+        for t in range(5, out.shape[1]):
+            chosen = probs[np.arange(3), t - 1, out[:, t]]
+            assert (chosen > 0).all(), f"step {t - 5}: sampled tokens {out[:, t]} outside transformers' set"
+
+
+def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    """p-value of observed ``counts`` under ``probs`` (cells expecting < 5 merged)."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    return float(torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2.0), torch.tensor(stat / 2.0)))
+
+
+def test_sampled_frequencies_match_transformers(checkpoint, hf):
+    """Many rows of one prompt sample independently: first tokens (prefill) and second tokens
+    after the most frequent first one (decode) follow transformers' warped probabilities."""
+    model = from_pretrained(checkpoint, tensor_parallel=2)
+    warp = dict(temperature=1.5, top_k=8, top_p=0.9)
+    rows = 600
+    prompt = np.tile(IDS[1], (rows, 1))
+    out = model.generate(prompt, max_new_tokens=2, do_sample=True, seed=0, **warp)
+    first = out[:, 5]
+    probs = hf_next_probs(hf, IDS[1:2], np.ones((1, 5), np.int64), **warp)[0, -1]
+    counts = np.bincount(first, minlength=probs.size)
+    assert counts[probs == 0].sum() == 0
+    assert chi_square_p(counts, probs) > 1e-3
+    mode = int(np.argmax(counts))
+    after = np.append(IDS[1], mode)[None]
+    probs = hf_next_probs(hf, after, np.ones_like(after), **warp)[0, -1]
+    counts = np.bincount(out[first == mode, 6], minlength=probs.size)
+    assert counts[probs == 0].sum() == 0
+    assert chi_square_p(counts, probs) > 1e-3

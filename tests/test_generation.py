@@ -33,7 +33,8 @@ def small_chunks(monkeypatch):
 
 def hf_generate(hf, ids, mask=None, **kw):
     with torch.no_grad():
-        out = hf.generate(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
+        mask = np.ones_like(ids) if mask is None else mask
+        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
                           do_sample=False, **{"pad_token_id": 0, **kw})
     return out.numpy()
 
@@ -161,3 +162,38 @@ def test_sampled_frequencies_match_transformers(checkpoint, hf):
     counts = np.bincount(out[first == mode, 6], minlength=probs.size)
     assert counts[probs == 0].sum() == 0
     assert chi_square_p(counts, probs) > 1e-3
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_generate_many_equals_one_prompt_at_a_time(checkpoint, hf, tp):
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 101, n) for n in (3, 9, 1, 5, 12, 2, 7)]
+    eos = 79  # a token the tiny model often emits, so prompts finish at different steps
+    ref = []
+    for p in prompts:
+        new = hf_generate(hf, p[None], max_new_tokens=6, eos_token_id=eos)[0, len(p):]
+        ref.append(new[: int(np.argmax(new == eos)) + 1] if (new == eos).any() else new)
+    assert len({len(r) for r in ref}) > 2  # slots free up at different times
+    model = from_pretrained(checkpoint, tensor_parallel=tp)
+    out = model.generate_many(prompts, batch_size=3, max_new_tokens=6, eos_token_id=eos)
+    assert len(out) == len(prompts)
+    for i, (o, r) in enumerate(zip(out, ref)):
+        np.testing.assert_array_equal(o, r, err_msg=f"prompt {i}")
+
+
+def test_stream_yields_generate_tokens(checkpoint):
+    model = from_pretrained(checkpoint)
+    full = model.generate(IDS[1:2], max_new_tokens=7)[0, 5:]
+    assert list(model.stream(IDS[1], max_new_tokens=7)) == full.tolist()
+
+
+def test_bad_options_name_the_option(checkpoint):
+    model = from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(IDS, max_new_tokens=0)
+    with pytest.raises(ValueError, match="n_positions"):
+        model.generate(IDS, max_new_tokens=30)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(IDS, do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(IDS, attention_mask=MASK[:, ::-1])

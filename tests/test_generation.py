@@ -197,3 +197,17 @@ def test_bad_options_name_the_option(checkpoint):
         model.generate(IDS, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="attention_mask"):
         model.generate(IDS, attention_mask=MASK[:, ::-1])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_offload_gives_resident_tokens(checkpoint, tp):
+    resident = from_pretrained(checkpoint, tensor_parallel=tp)
+    offloaded = from_pretrained(checkpoint, tensor_parallel=tp, offload=True)
+    np.testing.assert_array_equal(offloaded.generate(IDS, attention_mask=MASK, max_new_tokens=7),
+                                  resident.generate(IDS, attention_mask=MASK, max_new_tokens=7))
+    # Layer weights live only in remote buffers: the programs' variables outside them are not layers.
+    program = next(iter(offloaded.generator._programs.values()))
+    remote = [v.name for v in program.ir.main_graph.variables if v._remote is not None]
+    resident = [v.name for v in program.ir.main_graph.variables if v._remote is None]
+    assert "layers.1.mlp.fc_in.weight" in remote
+    assert not any(name.startswith("layers.") for name in resident)

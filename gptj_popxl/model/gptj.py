@@ -24,8 +24,11 @@ PAD_LOGIT_BIAS = -1e4
 
 
 def create_variables(factories: addons.NamedVariableFactories, weights: Mapping[str, np.ndarray],
-                     prefix: str = "") -> addons.NamedTensors:
+                     prefix: str = "", make=popxl.variable) -> addons.NamedTensors:
     """A main-graph variable per factory, holding ``weights[prefix + name]``.
+
+    ``make(data, dtype, name, replica_grouping=...)`` creates each variable (default
+    ``popxl.variable``; e.g. a ``popxl.remote_variable`` partial for offloaded weights).
 
     ``weights`` are in our layout (``hf_to_popxl``): sharded tensors carry a leading axis of
     one entry per shard, which is the variable's host data when its replica grouping has
@@ -49,7 +52,7 @@ def create_variables(factories: addons.NamedVariableFactories, weights: Mapping[
             else:
                 raise ValueError(f"weights {key!r} have shape {data.shape}; variable needs {expected} "
                                  f"({groups} replica group(s) of {tuple(f.shape)})")
-        made[name] = popxl.variable(data, f.dtype, key, replica_grouping=f.replica_grouping)
+        made[name] = make(data, f.dtype, key, replica_grouping=f.replica_grouping)
     return addons.NamedTensors.from_dict(made)
 
 

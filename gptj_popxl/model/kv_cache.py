@@ -11,6 +11,7 @@ float32 minimum where not (never summed, so fully masked rows stay finite).
 """
 from typing import List, Optional, Sequence, Tuple
 
+from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
 from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, attend
 
@@ -58,14 +59,33 @@ class CachedLM(GPTJLM):
 
     Not a graph by itself: ``prefill`` and ``decode`` are called inside a program module's
     ``build`` (they add the model's variable inputs to that graph).
+
+    With ``offload``, the decoder layers' weights are not variable inputs: they are loaded from
+    remote buffers one layer at a time, just before the layer runs. After the build,
+    ``layer_factories`` describes one layer's variables and ``layer_buffers`` holds their
+    buffers (entry ``i``: layer ``i``), for the program to create the remote variables.
     """
+
+    def __init__(self, config, groups, dtype=popxl.float32, offload: bool = False):
+        super().__init__(config, groups, dtype)
+        self.offload = offload
+        self.layer_factories = self.layer_buffers = None
+
+    def _layer_variables(self, i: int, facts):
+        if not self.offload:
+            return self.add_variable_inputs(f"layers.{i}", facts)
+        if self.layer_buffers is None:
+            self.layer_factories = facts
+            self.layer_buffers = addons.named_variable_buffers(facts, entries=self.config.n_layer,
+                                                               shard_over_dict=False)
+        return addons.load_remote(self.layer_buffers, entry=i)
 
     def _blocks(self, x, positions, mask, *per_layer_args) -> Tuple[popxl.Tensor, List[popxl.Tensor], List[popxl.Tensor]]:
         block = CachedDecoderBlock(self.config, self.groups)
         facts, graph = block.create_graph(x, positions, mask, *[a[0] for a in per_layer_args])
         ks, vs = [], []
         for i in range(self.config.n_layer):
-            variables = self.add_variable_inputs(f"layers.{i}", facts)
+            variables = self._layer_variables(i, facts)
             x, k, v = graph.bind(variables).call(x, positions, mask, *[a[i] for a in per_layer_args])
             ks.append(k)
             vs.append(v)

@@ -87,8 +87,9 @@ class PrefillModule(CachedLM):
     """``build(input_ids, positions, mask, shard_offset[, uniforms])`` -> ``(token, *keys, *values)``,
     then the logits shard when ``with_logits``."""
 
-    def __init__(self, config, groups, dtype, sampling: Optional[Sampling], with_logits: bool = False):
-        super().__init__(config, groups, dtype)
+    def __init__(self, config, groups, dtype, sampling: Optional[Sampling], offload: bool = False,
+                 with_logits: bool = False):
+        super().__init__(config, groups, dtype, offload)
         self.sampling = sampling
         self.with_logits = with_logits
 
@@ -109,8 +110,8 @@ class DecodeStep(CachedLM):
     step's logits shard. ``uniforms`` (chunk, batch, total) feed the sampling.
     """
 
-    def __init__(self, config, groups, dtype, sampling: Optional[Sampling]):
-        super().__init__(config, groups, dtype)
+    def __init__(self, config, groups, dtype, sampling: Optional[Sampling], offload: bool = False):
+        super().__init__(config, groups, dtype, offload)
         self.sampling = sampling
 
     def build(self, token, position, column, mask, tokens, step, k_caches, v_caches, scores, shard_offset,
@@ -175,6 +176,17 @@ class GenerationProgram:
         return {name: results[stream] for name, stream in self.outputs.items()}
 
 
+def _create_remote_layers(model, module: CachedLM) -> None:
+    """With offload, the remote variables holding every layer's weights in ``module``'s buffers."""
+    if not module.offload:
+        return
+    for i in range(model.config.n_layer):
+        def remote(data, dtype, name, replica_grouping, entry=i):
+            buffer = module.layer_buffers.to_dict()[name[len(f"layers.{entry}."):]]
+            return popxl.remote_variable(data, buffer, entry, dtype, name, replica_grouping=replica_grouping)
+        create_variables(module.layer_factories, host_weights(model), prefix=f"layers.{i}.", make=remote)
+
+
 def _h2d(streams: Dict[str, object], name: str, shape, dtype) -> popxl.Tensor:
     streams[name] = popxl.h2d_stream(tuple(shape), dtype, name)
     return ops.host_load(streams[name], name)
@@ -205,7 +217,9 @@ def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], wit
         args = [ids, positions, mask, model._shard_offset(groups)]
         if sampling is not None:
             args.append(_h2d(inputs, "uniforms", (batch, sampling.candidates(config, groups.tp)[1]), popxl.float32))
-        facts, graph = PrefillModule(config, groups, dtype, sampling, with_logits).create_graph(*args)
+        module = PrefillModule(config, groups, dtype, sampling, model.offload, with_logits)
+        facts, graph = module.create_graph(*args)
+        _create_remote_layers(model, module)
         token, *kv = graph.bind(create_variables(facts, host_weights(model))).call(*args)
         _d2h(outputs, "token", token)
         if with_logits:
@@ -262,7 +276,9 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         args = [token, position, column, mask, tokens, step, carried[:n], carried[n:], scores, offset]
         if sampling is not None:
             args.append(_h2d(inputs, "uniforms", (chunk, batch, sampling.candidates(config, tp)[1]), popxl.float32))
-        facts, graph = DecodeStep(config, groups, dtype, sampling).create_graph(*args)
+        module = DecodeStep(config, groups, dtype, sampling, model.offload)
+        facts, graph = module.create_graph(*args)
+        _create_remote_layers(model, module)
         variables = create_variables(facts, host_weights(model))
         flat = [token, position, column, mask, tokens, step, *carried] + ([scores] if with_logits else []) + [
             t for t in args[9:] if t is not None]

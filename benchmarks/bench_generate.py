@@ -48,7 +48,8 @@ CASES = [(kind, batch) for kind in ("generate", "prefill") for batch in (1, 4)]
 
 def _comparison(kind: str, batch: int) -> str:
     what = f"{NEW} new tokens" if kind == "generate" else f"prefill of {PROMPT} tokens"
-    return f"GPT-J {kind} {CONFIG.n_layer} layers, hidden {CONFIG.n_embd}, vocab {CONFIG.vocab_size}, batch {batch}, {what}"
+    return (f"GPT-J {kind} {CONFIG.n_layer} layers, hidden {CONFIG.n_embd}, vocab {CONFIG.vocab_size}, "
+            f"batch {batch}, {what}")
 
 
 @pytest.mark.parametrize("kind,batch", CASES)

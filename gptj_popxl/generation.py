@@ -16,9 +16,10 @@ from gptj_popxl.model.config import is_positive_int, tp_layout
 from gptj_popxl.programs.generation import MASKED, Sampling, build_decode, build_prefill
 
 # Most decode steps per run: a run costs a host round trip, and steps after every row has
-# finished are wasted. Measured on the benchmark model (bench_generate.py): 16 and 32 steps per
-# run are equally fast, 4 and 8 are slower.
-DECODE_CHUNK = 16
+# finished (or past max_new_tokens) are wasted. Measured on the benchmark model
+# (bench_generate.py, 32 new tokens, best of 4 on the shared 2-core machine): 8 steps per run
+# was fastest at batch 1 and 4 (190 / 283 ms), then 32 (217 / 321), 16 (228 / 357), 4 (233 / 309).
+DECODE_CHUNK = 8
 # Smallest prompt bucket; buckets double from it up to n_positions.
 MIN_BUCKET = 8
 

@@ -30,7 +30,8 @@ def add_parsers(commands, positive_int) -> None:
     """Register ``validate`` and ``generate`` on the ``gptj-popxl`` subparsers."""
     validate = commands.add_parser("validate", help="MNLI accuracy by greedy generation")
     validate.add_argument("--model", required=True, help="checkpoint directory (with its tokenizer)")
-    validate.add_argument("--data", required=True, help="MNLI rows: premise, hypothesis, label (json/jsonl/csv/parquet)")
+    validate.add_argument("--data", required=True,
+                          help="MNLI rows: premise, hypothesis, label (json/jsonl/csv/parquet)")
     validate.add_argument("--batch-size", type=positive_int, default=8, help="generation slots")
     validate.add_argument("--max-new-tokens", type=positive_int, default=5, help="tokens generated per example")
     validate.add_argument("--limit", type=positive_int, default=None, help="use only the first N examples")

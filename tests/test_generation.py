@@ -79,8 +79,8 @@ def test_kv_cache_logits_equal_transformers_past_key_values(checkpoint, hf, tp):
     # transformers, step by step with its cache, fed the same tokens.
     mask = torch.tensor(MASK)
     with torch.no_grad():
-        out = hf(torch.tensor(IDS), attention_mask=mask, position_ids=torch.tensor(np.where(MASK, MASK.cumsum(1) - 1, 1)),
-                 use_cache=True)
+        positions = torch.tensor(np.where(MASK, MASK.cumsum(1) - 1, 1))
+        out = hf(torch.tensor(IDS), attention_mask=mask, position_ids=positions, use_cache=True)
         past, ref = out.past_key_values, [out.logits[:, -1]]
         for t in range(steps):
             mask = torch.cat([mask, torch.ones((3, 1), dtype=mask.dtype)], 1)

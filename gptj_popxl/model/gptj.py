@@ -125,6 +125,7 @@ class GPTJ:
         tensor_parallel: number of shards (= replicas) the model is split over.
         dtype: "float32" or "float16".
         attention_serialisation: query blocks the attention is computed in.
+        offload: generation loads the decoder layers' weights from remote buffers, one layer at a time.
     """
 
     def __init__(self, config: GPTJConfig, weights: Mapping[str, np.ndarray], *, tensor_parallel: int = 1,

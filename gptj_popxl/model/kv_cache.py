@@ -28,8 +28,9 @@ class CachedAttention(Attention):
       ``mask`` (batch, 1, 1, cache_len); returns ``(out, new_k_cache, new_v_cache)``.
     """
 
-    def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor, k_cache: Optional[popxl.Tensor] = None,
-              v_cache: Optional[popxl.Tensor] = None, write: Optional[popxl.Tensor] = None):
+    def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
+              k_cache: Optional[popxl.Tensor] = None, v_cache: Optional[popxl.Tensor] = None,
+              write: Optional[popxl.Tensor] = None):
         batch, seq, _ = x.shape
         q, k, v = (t.transpose((0, 2, 1, 3)) for t in self.rotated_qkv(x, positions))
         if k_cache is not None:
@@ -80,7 +81,10 @@ class CachedLM(GPTJLM):
                                                                shard_over_dict=False)
         return addons.load_remote(self.layer_buffers, entry=i)
 
-    def _blocks(self, x, positions, mask, *per_layer_args) -> Tuple[popxl.Tensor, List[popxl.Tensor], List[popxl.Tensor]]:
+    def _blocks(self, x, positions, mask, *per_layer_args
+                ) -> Tuple[popxl.Tensor, List[popxl.Tensor], List[popxl.Tensor]]:
+        """Every layer on ``x``; ``per_layer_args`` are lists with one extra block argument per layer.
+        Returns the final hidden states after ``ln_f`` and each layer's keys and values."""
         block = CachedDecoderBlock(self.config, self.groups)
         facts, graph = block.create_graph(x, positions, mask, *[a[0] for a in per_layer_args])
         ks, vs = [], []

@@ -118,10 +118,11 @@ class DecodeStep(CachedLM):
               uniforms=None):
         batch, cache_len = mask.shape[0], mask.shape[-1]
         columns = popxl.constant(np.arange(cache_len, dtype=np.int32)[None, :], popxl.int32, name="columns")
-        write = ops.equal(columns, column.reshape((batch, 1)))
-        mask = ops.where(write.reshape((batch, 1, 1, cache_len)), 0.0, mask)
-        logits, ks, vs = self.decode(token, position, mask, write.reshape((batch, 1, cache_len, 1)), shard_offset,
-                                     k_caches, v_caches)
+        mask = ops.where(ops.equal(columns, column.reshape((batch, 1))).reshape((batch, 1, 1, cache_len)), 0.0, mask)
+        heads, head_dim = k_caches[0].shape[1], k_caches[0].shape[3]
+        spread = popxl.constant(np.zeros((batch, heads, 1, head_dim), np.int32), popxl.int32, name="spread")
+        write = column.reshape((batch, 1, 1, 1)) + spread
+        logits, ks, vs = self.decode(token, position, mask, write, shard_offset, k_caches, v_caches)
         if uniforms is not None:
             total = uniforms.shape[-1]
             uniforms = ops.dynamic_slice(uniforms, step, axes=[0], sizes=[1], no_overlap=True).reshape((batch, total))

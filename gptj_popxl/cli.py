@@ -2,8 +2,8 @@
 
 ``gptj-popxl golden --model DIR`` compares our model with transformers on a local
 checkpoint and exits 1 past tolerance; ``gptj-popxl demo`` does so on a tiny random
-checkpoint it writes to a temporary directory, for tensor parallel 1 and 2. Bad
-options exit with code 2.
+checkpoint it writes to a temporary directory, for tensor parallel 1 and 2.
+``validate`` and ``generate`` are in ``generation_cli``. Bad options exit with code 2.
 """
 import argparse
 import os
@@ -11,6 +11,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
+from gptj_popxl import generation_cli
 from gptj_popxl.finetune import add_finetune_parser, run_finetune
 from gptj_popxl.golden import compare_with_hf, default_seq, random_hf_checkpoint
 from gptj_popxl.model.config import GPTJConfig
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("demo", help="golden comparison on a tiny random checkpoint, tensor parallel 1 and 2")
     add_finetune_parser(commands)
+    generation_cli.add_parsers(commands, _positive_int)
     return parser
 
 
@@ -97,6 +99,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _golden(args)
     if args.command == "finetune":
         return run_finetune(parser, args)
+    if args.command in generation_cli.COMMANDS:
+        return generation_cli.main(parser, args)
     return _demo()
 
 

@@ -24,8 +24,11 @@ PAD_LOGIT_BIAS = -1e4
 
 
 def create_variables(factories: addons.NamedVariableFactories, weights: Mapping[str, np.ndarray],
-                     prefix: str = "") -> addons.NamedTensors:
+                     prefix: str = "", make=popxl.variable) -> addons.NamedTensors:
     """A main-graph variable per factory, holding ``weights[prefix + name]``.
+
+    ``make(data, dtype, name, replica_grouping=...)`` creates each variable (default
+    ``popxl.variable``; e.g. a ``popxl.remote_variable`` partial for offloaded weights).
 
     ``weights`` are in our layout (``hf_to_popxl``): sharded tensors carry a leading axis of
     one entry per shard, which is the variable's host data when its replica grouping has
@@ -49,7 +52,7 @@ def create_variables(factories: addons.NamedVariableFactories, weights: Mapping[
             else:
                 raise ValueError(f"weights {key!r} have shape {data.shape}; variable needs {expected} "
                                  f"({groups} replica group(s) of {tuple(f.shape)})")
-        made[name] = popxl.variable(data, f.dtype, key, replica_grouping=f.replica_grouping)
+        made[name] = make(data, f.dtype, key, replica_grouping=f.replica_grouping)
     return addons.NamedTensors.from_dict(made)
 
 
@@ -122,10 +125,11 @@ class GPTJ:
         tensor_parallel: number of shards (= replicas) the model is split over.
         dtype: "float32" or "float16".
         attention_serialisation: query blocks the attention is computed in.
+        offload: generation loads the decoder layers' weights from remote buffers, one layer at a time.
     """
 
     def __init__(self, config: GPTJConfig, weights: Mapping[str, np.ndarray], *, tensor_parallel: int = 1,
-                 dtype: str = "float32", attention_serialisation: int = 1):
+                 dtype: str = "float32", attention_serialisation: int = 1, offload: bool = False):
         _check_options(tensor_parallel, dtype, attention_serialisation)
         expected = popxl_param_shapes(config, tensor_parallel)
         shapes = {k: np.shape(v) for k, v in weights.items()}
@@ -139,6 +143,8 @@ class GPTJ:
         self.attention_serialisation = attention_serialisation
         self._weights = dict(weights)
         self._programs: Dict[Tuple[str, int, int], Program] = {}
+        self.offload = offload
+        self._generator = None
 
     # --- public API
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -188,6 +194,50 @@ class GPTJ:
         loss = float(np.asarray(out.pop("loss")).reshape(-1)[0])  # identical on every replica
         ours = self._to_layout({name: np.asarray(g, dtype=np.float32) for name, g in out.items()})
         return loss, popxl_to_hf(ours, self.config, self.tensor_parallel)
+
+    def generate(self, input_ids, **options) -> np.ndarray:
+        """Generate as transformers' ``GPTJForCausalLM.generate``, with a KV cache.
+
+        Args:
+            input_ids: integer array (batch, seq), rows left padded.
+            attention_mask: 0/1 array of the same shape (default: all ones, or ``input_ids !=
+                pad_token_id`` when that pad token occurs and differs from eos); positions count
+                only the real tokens.
+            max_new_tokens: tokens to generate per row (at most).
+            do_sample, temperature, top_k, top_p: sampling, warped in transformers' order
+                (temperature, top-k, top-p); greedy when ``do_sample`` is False.
+            eos_token_id, pad_token_id: a row that emits eos is padded with pad (default eos)
+                from then on; generation stops when every row has finished.
+            seed: seed of the sampling (the same seed gives the same tokens).
+
+        Returns:
+            int64 array (batch, seq + generated): the prompt followed by the new tokens.
+        """
+        return self.generator.generate( input_ids, **options)
+
+    def generate_many(self, prompts, **options):
+        """New tokens (up to and including eos) for each of ``prompts`` (1-D token id sequences of
+        any lengths), generated in ``batch_size`` slots with continuous batching: a finished
+        slot is refilled with the next prompt. Keyword options: ``batch_size=8, max_new_tokens=20,
+        eos_token_id=None, do_sample=False, temperature=1.0, top_k=None, top_p=None, seed=None``.
+
+        Returns:
+            a list of int64 arrays, one per prompt, in order.
+        """
+        return self.generator.generate_many( prompts, **options)
+
+    def stream(self, prompt_ids, **options):
+        """Yield one row's new tokens (ints) as they are generated; ``prompt_ids`` is 1-D. Options
+        as ``generate`` (no ``attention_mask``/``pad_token_id``); stops after eos."""
+        return self.generator.stream( prompt_ids, **options)
+
+    @property
+    def generator(self):
+        """The model's ``generation.Generator``: its generation programs, compiled on first use."""
+        if self._generator is None:
+            from gptj_popxl.generation import Generator  # generation builds on this module
+            self._generator = Generator(self)
+        return self._generator
 
     def program(self, kind: str, batch: int, seq: int) -> Program:
         """The compiled program of ``kind`` ("logits" or "loss_and_grads") for (batch, seq) inputs,
@@ -274,7 +324,7 @@ class GPTJ:
 
 
 def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "float32",
-                    attention_serialisation: int = 1) -> GPTJ:
+                    attention_serialisation: int = 1, offload: bool = False) -> GPTJ:
     """Load a local Hugging Face GPT-J checkpoint directory as our model.
 
     Args:
@@ -284,6 +334,8 @@ def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "f
             loss are float32 either way).
         attention_serialisation: compute the attention in this many blocks of queries, one after
             another (less memory, same numbers); must divide the sequence lengths used.
+        offload: generation keeps the decoder layers' weights in remote buffers and loads them
+            one layer at a time (phased inference), for models larger than device memory.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
@@ -294,4 +346,4 @@ def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "f
     weights = hf_to_popxl(load_hf_state_dict(path), config, tensor_parallel, np.dtype(dtype))
     weights["lm_head.bias"].reshape(-1)[config.vocab_size:] = PAD_LOGIT_BIAS
     return GPTJ(config, weights, tensor_parallel=tensor_parallel, dtype=dtype,
-                attention_serialisation=attention_serialisation)
+                attention_serialisation=attention_serialisation, offload=offload)

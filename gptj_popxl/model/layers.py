@@ -203,15 +203,22 @@ class Attention(addons.Module):
         self.qkv = ColumnShardedLinear(3 * self.layout.heads_per_shard * config.head_dim, groups, bias=False)
         self.out = RowShardedLinear(config.n_embd, groups, bias=False)
 
-    def build(self, x: popxl.Tensor, positions: popxl.Tensor) -> popxl.Tensor:
+    def rotated_qkv(self, x: popxl.Tensor, positions: popxl.Tensor):
+        """This shard's ``(q, k, v)``, each (batch, seq, heads_per_shard, head_dim), ``q`` and ``k``
+        rotated to ``positions``."""
         batch, seq, _ = x.shape
         heads, head_dim, rotary_dim = self.layout.heads_per_shard, self.config.head_dim, self.config.rotary_dim
         qkv = self.qkv(x)
         q, k, v = (t.reshape((batch, seq, heads, head_dim)) for t in ops.split(qkv, 3, axis=-1))
         sin, cos = (popxl.constant(table, x.dtype, name=name)
                     for table, name in zip(trig_tables(self.config.n_positions, rotary_dim), ("sin", "cos")))
-        q = rotary_embedding(q, sin, cos, positions, rotary_dim)
-        k = rotary_embedding(k, sin, cos, positions, rotary_dim)
+        return rotary_embedding(q, sin, cos, positions, rotary_dim), rotary_embedding(k, sin, cos, positions,
+                                                                                      rotary_dim), v
+
+    def build(self, x: popxl.Tensor, positions: popxl.Tensor) -> popxl.Tensor:
+        batch, seq, _ = x.shape
+        heads, head_dim = self.layout.heads_per_shard, self.config.head_dim
+        q, k, v = self.rotated_qkv(x, positions)
         z = causal_attention(q.transpose((0, 2, 1, 3)), k.transpose((0, 2, 3, 1)), v.transpose((0, 2, 1, 3)),
                              self.attention_serialisation)
         z = z.transpose((0, 2, 1, 3)).reshape((batch, seq, heads * head_dim))

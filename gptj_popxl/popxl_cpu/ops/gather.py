@@ -158,6 +158,9 @@ class Scatter(Primitive):
         axis = op.attrs["axis"] + 1
 
         def scatter(x, indices, values):
+            idx = indices.long()
+            if bool(((idx >= 0) & (idx < x.shape[axis])).all()):  # no spare slot needed: one copy, contiguous
+                return x.clone().scatter_(axis, idx, values)
             padded, idx = _with_spare_slot(x, axis, indices)
             return padded.scatter_(axis, idx, values).narrow(axis, 0, x.shape[axis])
         return scatter

@@ -43,6 +43,10 @@ class MatMul(Primitive):
         sa = replica_view_shape(a.shape if a.rank > 1 else (1,) + a.shape, rank, runtime.replicas)
         sb = replica_view_shape(b.shape if b.rank > 1 else b.shape + (1,), rank, runtime.replicas)
         out_shape = (runtime.replicas,) + op.outputs[0].shape
+        if a.rank > 1 and all(d == 1 for d in sb[1:-2]):
+            # One matrix per replica on the right: fold the left batch axes into its rows, so the
+            # matrix is read once rather than once per batch entry (torch would broadcast it).
+            sa, sb = (runtime.replicas, -1, sa[-1]), (runtime.replicas,) + sb[-2:]
         half = a.dtype == dtypes.float16
 
         def matmul(x, y):

@@ -1,0 +1,70 @@
+"""Generation throughput: our KV-cache generate against transformers' ``generate`` on the same CPU.
+
+A 4-layer GPT-J with hidden size 512, 8 heads, a 4096-token vocabulary and random float32
+weights; a 16-token prompt, greedy, 32 new tokens (``min_new_tokens`` makes transformers
+generate all of them too), at batch 1 and 4 (goal: ours >= 3x transformers' tokens/s). The
+prefill alone (one new token) is compared as well.
+"""
+import numpy as np
+import pytest
+import torch
+
+import gptj_popxl
+from conftest import compare
+from gptj_popxl.golden import random_hf_checkpoint
+from gptj_popxl.model.config import GPTJConfig
+
+CONFIG = GPTJConfig(vocab_size=4096, n_positions=64, n_embd=512, n_layer=4, n_head=8, rotary_dim=32)
+PROMPT, NEW = 16, 32
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Our model and transformers' on the same random checkpoint."""
+    import transformers
+    path = random_hf_checkpoint(str(tmp_path_factory.mktemp("bench") / "bench-gptj-gen"), CONFIG, seed=0)
+    ours = gptj_popxl.from_pretrained(path)
+    hf = transformers.GPTJForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    return ours, hf
+
+
+def prompts(batch: int) -> np.ndarray:
+    return np.random.default_rng(batch).integers(0, CONFIG.vocab_size, size=(batch, PROMPT))
+
+
+def hf_generate(hf, ids: np.ndarray, new: int) -> np.ndarray:
+    with torch.no_grad():
+        ids = torch.from_numpy(ids)
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                           min_new_tokens=new, pad_token_id=0).numpy()
+
+
+def ours_generate(model, ids: np.ndarray, new: int) -> np.ndarray:
+    return model.generate(ids, max_new_tokens=new)
+
+
+CASES = [(kind, batch) for kind in ("generate", "prefill") for batch in (1, 4)]
+
+
+def _comparison(kind: str, batch: int) -> str:
+    what = f"{NEW} new tokens" if kind == "generate" else f"prefill of {PROMPT} tokens"
+    return (f"GPT-J {kind} {CONFIG.n_layer} layers, hidden {CONFIG.n_embd}, vocab {CONFIG.vocab_size}, "
+            f"batch {batch}, {what}")
+
+
+@pytest.mark.parametrize("kind,batch", CASES)
+def test_ours(benchmark, models, kind, batch):
+    ours, hf = models
+    new = NEW if kind == "generate" else 1
+    ids = prompts(batch)
+    np.testing.assert_array_equal(ours_generate(ours, ids, new), hf_generate(hf, ids, new))  # also compiles
+    compare(benchmark, _comparison(kind, batch), "ours", goal=3.0, items=batch * (new if new > 1 else PROMPT))
+    benchmark(ours_generate, ours, ids, new)
+
+
+@pytest.mark.parametrize("kind,batch", CASES)
+def test_transformers(benchmark, models, kind, batch):
+    _, hf = models
+    new = NEW if kind == "generate" else 1
+    compare(benchmark, _comparison(kind, batch), "peer", items=batch * (new if new > 1 else PROMPT))
+    benchmark(hf_generate, hf, prompts(batch), new)

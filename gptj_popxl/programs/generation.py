@@ -1,0 +1,295 @@
+"""Generation programs: prefill (prompt -> KV cache + first token) and decode (K tokens per run).
+
+Prefill computes the prompts' keys and values and the first new token. Decode holds the KV
+cache in device variables (per layer, sharded over heads); one run refills the cache rows of
+freshly prefilled slots, then advances every row by ``chunk`` tokens in an ``ops.repeat`` whose
+loop-carried state is the cache, each row's last token, position, write column and mask.
+
+Token selection (:func:`select_tokens`) keeps the logits vocab sharded: each shard computes its
+argmax (greedy) or its top-k (sampling) and only those candidates are gathered.
+"""
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from gptj_popxl.backend import ops, popxl
+from gptj_popxl.model.config import GPTJConfig, tp_layout
+from gptj_popxl.model.gptj import DTYPES, create_variables
+from gptj_popxl.model.kv_cache import CachedLM
+from gptj_popxl.model.layers import TPGroups, tp_groups
+from gptj_popxl.model.rotary import cast_to
+
+# Additive mask value of a masked key (as transformers).
+MASKED = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """transformers' sampling warpers, applied in its order: temperature, top-k, top-p."""
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+    def candidates(self, config: GPTJConfig, tp: int) -> Tuple[int, int]:
+        """``(per_shard, total)``: candidates each shard contributes and the number kept after gathering."""
+        vps = tp_layout(config, tp).vocab_per_shard
+        per_shard = vps if self.top_k is None else min(self.top_k, vps)
+        total = tp * per_shard if self.top_k is None else min(self.top_k, tp * per_shard)
+        return per_shard, total
+
+
+def _take_per_row(values: popxl.Tensor, index: popxl.Tensor) -> popxl.Tensor:
+    """``values[b, index[b, j]]`` for (batch, n) ``values`` and (batch, m) int32 ``index``."""
+    batch, n = values.shape
+    rows = popxl.constant(np.arange(batch, dtype=np.int32)[:, None] * n, popxl.int32, name="row_starts")
+    return ops.gather(values.reshape((batch * n,)), index + rows)
+
+
+def select_tokens(logits: popxl.Tensor, shard_offset: popxl.Tensor, groups: TPGroups, config: GPTJConfig,
+                  sampling: Optional[Sampling], uniforms: Optional[popxl.Tensor]) -> popxl.Tensor:
+    """The next token of each row, (batch,) int32, from this shard's logits (batch, vocab_per_shard).
+
+    Greedy (``sampling`` None): the first largest logit, as ``torch.argmax``. Sampling: the
+    warped candidates are drawn with the Gumbel-max trick from ``uniforms`` (batch, total)
+    in (0, 1), the same on every replica so that every shard picks the same token.
+    """
+    logits = cast_to(logits, popxl.float32)
+    if sampling is None:
+        values = ops.max(logits, axis=-1, keepdims=True)
+        ids = ops.argmax(logits, dim=-1, keepdim=True) + shard_offset
+    else:
+        per_shard, total = sampling.candidates(config, groups.tp)
+        values, ids = ops.topk(logits, per_shard, axis=-1, largest=True, sorted=True)
+        ids = ids + shard_offset
+    if groups.tp > 1:
+        # Shards hold ascending vocabulary blocks, so the gathered candidates stay in id order per value.
+        values, ids = (ops.collectives.replicated_all_gather(t, axis=1, group=groups.tp_group, output_shape="concat")
+                       for t in (values, ids))
+    if sampling is None:
+        return _take_per_row(ids, ops.argmax(values, dim=-1, keepdim=True)).reshape((logits.shape[0],))
+    if groups.tp > 1:
+        values, order = ops.topk(values, total, axis=-1, largest=True, sorted=True)
+        ids = _take_per_row(ids, order)
+    values = values / popxl.constant(float(sampling.temperature), popxl.float32, name="temperature")
+    if sampling.top_p is not None:
+        probs = ops.softmax(values, axis=-1)
+        before = ops.cumsum(probs, dim=1) - probs  # mass of the more likely candidates
+        keep = ops.greater(popxl.constant(float(sampling.top_p), popxl.float32, name="top_p"), before)
+        values = ops.where(keep, values, MASKED)
+    gumbel = ops.negate(ops.log(ops.negate(ops.log(uniforms))))
+    pick = ops.argmax(values + gumbel, dim=-1, keepdim=True)
+    return _take_per_row(ids, pick).reshape((logits.shape[0],))
+
+
+class PrefillModule(CachedLM):
+    """``build(input_ids, positions, mask, shard_offset[, uniforms])`` -> ``(token, *keys, *values)``,
+    then the logits shard when ``with_logits``."""
+
+    def __init__(self, config, groups, dtype, sampling: Optional[Sampling], offload: bool = False,
+                 with_logits: bool = False):
+        super().__init__(config, groups, dtype, offload)
+        self.sampling = sampling
+        self.with_logits = with_logits
+
+    def build(self, input_ids, positions, mask, shard_offset, uniforms=None):
+        logits, ks, vs = self.prefill(input_ids, positions, mask, shard_offset)
+        token = select_tokens(logits, shard_offset, self.groups, self.config, self.sampling, uniforms)
+        return (token, *ks, *vs) + ((cast_to(logits, popxl.float32),) if self.with_logits else ())
+
+
+class DecodeStep(CachedLM):
+    """One decode iteration, the body of the decode loop.
+
+    ``build(token, position, column, mask, tokens, step, k_caches, v_caches, [scores,] shard_offset[, uniforms])``:
+    ``token``/``position`` (batch, 1) int32, ``column`` (batch,) int32 (the cache column each row
+    writes), ``mask`` (batch, 1, 1, cache_len) float32, ``tokens`` (batch, chunk) int32 (this run's
+    tokens so far), ``step`` (1,) int32 and the caches are loop-carried; the outputs are their
+    next values. ``scores`` (batch, chunk, vocab_per_shard) float32, when given, collects each
+    step's logits shard. ``uniforms`` (chunk, batch, total) feed the sampling.
+    """
+
+    def __init__(self, config, groups, dtype, sampling: Optional[Sampling], offload: bool = False):
+        super().__init__(config, groups, dtype, offload)
+        self.sampling = sampling
+
+    def build(self, token, position, column, mask, tokens, step, k_caches, v_caches, scores, shard_offset,
+              uniforms=None):
+        batch, cache_len = mask.shape[0], mask.shape[-1]
+        columns = popxl.constant(np.arange(cache_len, dtype=np.int32)[None, :], popxl.int32, name="columns")
+        mask = ops.where(ops.equal(columns, column.reshape((batch, 1))).reshape((batch, 1, 1, cache_len)), 0.0, mask)
+        heads, head_dim = k_caches[0].shape[1], k_caches[0].shape[3]
+        spread = popxl.constant(np.zeros((batch, heads, 1, head_dim), np.int32), popxl.int32, name="spread")
+        write = column.reshape((batch, 1, 1, 1)) + spread
+        logits, ks, vs = self.decode(token, position, mask, write, shard_offset, k_caches, v_caches)
+        if uniforms is not None:
+            total = uniforms.shape[-1]
+            uniforms = ops.dynamic_slice(uniforms, step, axes=[0], sizes=[1], no_overlap=True).reshape((batch, total))
+        new = select_tokens(logits, shard_offset, self.groups, self.config, self.sampling, uniforms)
+        chunk = tokens.shape[1]
+        slots = popxl.constant(np.arange(chunk, dtype=np.int32)[None, :], popxl.int32, name="slots")
+        tokens = ops.where(ops.equal(slots, step.reshape((1, 1))), new.reshape((batch, 1)), tokens)
+        # Rows past their last useful step keep running; their positions stay inside the rotary tables.
+        last = popxl.constant(np.int32(self.config.n_positions - 1), popxl.int32, name="last_position")
+        next_position = position + popxl.constant(np.int32(1), popxl.int32, name="one")
+        next_position = ops.where(ops.greater(next_position, last), last, next_position)
+        one = popxl.constant(np.int32(1), popxl.int32, name="one")
+        carried = (new.reshape((batch, 1)), next_position, column + one, mask, tokens, step + one, *ks, *vs)
+        if scores is None:
+            return carried
+        this_step = ops.equal(slots.reshape((1, chunk, 1)), step.reshape((1, 1, 1)))
+        return carried + (ops.where(this_step, cast_to(logits, popxl.float32).reshape((batch, 1, -1)), scores),)
+
+
+def host_weights(model) -> Dict[str, np.ndarray]:
+    """The model's host weights in our layout, which every generation program is loaded from."""
+    return model._weights
+
+
+@dataclasses.dataclass
+class GenerationProgram:
+    """A compiled generation program: streams by name, and the decode cache variables."""
+
+    ir: object
+    session: object
+    inputs: Dict[str, object]
+    outputs: Dict[str, object]
+    cache: Tuple[object, ...] = ()
+
+    def run(self, **host_inputs: np.ndarray) -> Dict[str, np.ndarray]:
+        """Run once. Inputs with a leading axis of size ``replicas`` named ``*_per_replica``
+        are split over the replicas; others are the same on every replica.
+
+        Returns host arrays by output name, each ``(replicas, *shape)`` when replicated.
+        """
+        replicas = self.ir.replication_factor
+        feed = {}
+        for name, stream in self.inputs.items():
+            data = np.asarray(host_inputs[name], dtype=stream.dtype.as_numpy())
+            if replicas == 1:
+                feed[stream] = data.reshape(stream.shape)
+            elif data.shape == (replicas,) + tuple(stream.shape):
+                feed[stream] = data
+            else:
+                feed[stream] = np.broadcast_to(data, (replicas,) + data.shape)
+        results = self.session.run(feed)
+        return {name: results[stream] for name, stream in self.outputs.items()}
+
+
+def _create_remote_layers(model, module: CachedLM) -> None:
+    """With offload, the remote variables holding every layer's weights in ``module``'s buffers."""
+    if not module.offload:
+        return
+    for i in range(model.config.n_layer):
+        def remote(data, dtype, name, replica_grouping, entry=i):
+            buffer = module.layer_buffers.to_dict()[name[len(f"layers.{entry}."):]]
+            return popxl.remote_variable(data, buffer, entry, dtype, name, replica_grouping=replica_grouping)
+        create_variables(module.layer_factories, host_weights(model), prefix=f"layers.{i}.", make=remote)
+
+
+def _h2d(streams: Dict[str, object], name: str, shape, dtype) -> popxl.Tensor:
+    streams[name] = popxl.h2d_stream(tuple(shape), dtype, name)
+    return ops.host_load(streams[name], name)
+
+
+def _d2h(streams: Dict[str, object], name: str, t: popxl.Tensor) -> None:
+    streams[name] = popxl.d2h_stream(t.shape, t.dtype, name)
+    ops.host_store(streams[name], t)
+
+
+def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], with_logits: bool = False
+                  ) -> GenerationProgram:
+    """Prefill of ``batch`` left-padded prompts of ``seq`` tokens.
+
+    Inputs: ``input_ids``, ``positions`` (batch, seq) int32, ``mask`` (batch, 1, seq, seq)
+    float32 additive, ``uniforms`` (batch, total) when sampling. Outputs: ``token`` (batch,)
+    and ``k.{i}``/``v.{i}`` (batch, heads_per_shard, seq, head_dim) per layer and shard; with
+    ``with_logits`` also ``logits`` (batch, vocab_per_shard) float32 per shard.
+    """
+    config, dtype = model.config, DTYPES[model.dtype]
+    ir = popxl.Ir(replication=model.tensor_parallel)
+    inputs, outputs = {}, {}
+    with ir.main_graph:
+        groups = tp_groups(ir, model.tensor_parallel)
+        ids = _h2d(inputs, "input_ids", (batch, seq), popxl.int32)
+        positions = _h2d(inputs, "positions", (batch, seq), popxl.int32)
+        mask = _h2d(inputs, "mask", (batch, 1, seq, seq), popxl.float32)
+        args = [ids, positions, mask, model._shard_offset(groups)]
+        if sampling is not None:
+            args.append(_h2d(inputs, "uniforms", (batch, sampling.candidates(config, groups.tp)[1]), popxl.float32))
+        module = PrefillModule(config, groups, dtype, sampling, model.offload, with_logits)
+        facts, graph = module.create_graph(*args)
+        _create_remote_layers(model, module)
+        token, *kv = graph.bind(create_variables(facts, host_weights(model))).call(*args)
+        _d2h(outputs, "token", token)
+        if with_logits:
+            _d2h(outputs, "logits", kv.pop())
+        for i, t in enumerate(kv):
+            _d2h(outputs, f"{'kv'[i // config.n_layer]}.{i % config.n_layer}", t)
+    return GenerationProgram(ir, model._session(ir), inputs, outputs)
+
+
+def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int, sampling: Optional[Sampling],
+                 with_logits: bool = False) -> GenerationProgram:
+    """Decode of ``batch`` rows, ``chunk`` tokens per run, over a cache of ``cache_len`` columns.
+
+    Inputs: ``token``, ``position`` (batch, 1) int32; ``column`` (batch,) int32; ``mask``
+    (batch, 1, 1, cache_len) float32 additive (the column written by a step is unmasked by it);
+    ``refill`` (batch,) bool and ``k.{i}``/``v.{i}`` (batch, heads_per_shard, prompt_len, head_dim)
+    per layer and shard: the cache rows to replace before decoding (prefill output, zero padded);
+    ``uniforms`` (chunk, batch, total) when sampling. Output: ``tokens`` (batch, chunk), and with
+    ``with_logits`` ``logits`` (batch, chunk, vocab_per_shard) float32 per shard.
+    """
+    config, dtype = model.config, DTYPES[model.dtype]
+    tp = model.tensor_parallel
+    heads, head_dim = tp_layout(config, tp).heads_per_shard, config.head_dim
+    ir = popxl.Ir(replication=tp)
+    inputs, outputs = {}, {}
+    with ir.main_graph:
+        groups = tp_groups(ir, model.tensor_parallel)
+        token = _h2d(inputs, "token", (batch, 1), popxl.int32)
+        position = _h2d(inputs, "position", (batch, 1), popxl.int32)
+        column = _h2d(inputs, "column", (batch,), popxl.int32)
+        mask = _h2d(inputs, "mask", (batch, 1, 1, cache_len), popxl.float32)
+        refill = _h2d(inputs, "refill", (batch,), popxl.bool).reshape((batch, 1, 1, 1))
+        shape = (batch, heads, cache_len, head_dim)
+        zeros = np.zeros(((tp,) if tp > 1 else ()) + shape, dtype.as_numpy())
+        tail = popxl.constant(np.zeros((batch, heads, cache_len - prompt_len, head_dim), dtype.as_numpy()), dtype,
+                              name="cache_tail")
+        cache, carried = [], []
+        for kind in "kv":
+            for i in range(config.n_layer):
+                var = popxl.variable(zeros, dtype, f"cache.{kind}.{i}", replica_grouping=groups.sharded)
+                fresh = _h2d(inputs, f"{kind}.{i}", (batch, heads, prompt_len, head_dim), dtype)
+                if cache_len > prompt_len:
+                    fresh = ops.concat([fresh, tail], axis=2)
+                cache.append(var)
+                carried.append(ops.where(refill, fresh, var))
+        offset = model._shard_offset(groups)
+        tokens = popxl.constant(np.zeros((batch, chunk), np.int32), popxl.int32, name="tokens")
+        step = popxl.constant(np.zeros((1,), np.int32), popxl.int32, name="step")
+        n = config.n_layer
+        scores = None
+        if with_logits:
+            vps = tp_layout(config, tp).vocab_per_shard
+            scores = popxl.constant(np.zeros((batch, chunk, vps), np.float32), popxl.float32, name="scores")
+        args = [token, position, column, mask, tokens, step, carried[:n], carried[n:], scores, offset]
+        if sampling is not None:
+            args.append(_h2d(inputs, "uniforms", (chunk, batch, sampling.candidates(config, tp)[1]), popxl.float32))
+        module = DecodeStep(config, groups, dtype, sampling, model.offload)
+        facts, graph = module.create_graph(*args)
+        _create_remote_layers(model, module)
+        variables = create_variables(facts, host_weights(model))
+        flat = [token, position, column, mask, tokens, step, *carried] + ([scores] if with_logits else []) + [
+            t for t in args[9:] if t is not None]
+        bound = variables.to_dict()
+        loop_inputs = {graph_input: bound[name] for name, graph_input in graph.args.to_dict().items()}
+        results = ops.repeat(graph.graph, chunk, *flat, inputs_dict=loop_inputs)
+        for var, final in zip(cache, results[6:6 + 2 * n]):
+            ops.var_updates.copy_var_update_(var, final)
+        _d2h(outputs, "tokens", results[4])
+        if with_logits:
+            _d2h(outputs, "logits", results[-1])
+    return GenerationProgram(ir, model._session(ir), inputs, outputs, tuple(cache))
+

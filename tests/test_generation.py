@@ -1,0 +1,213 @@
+"""Generation against transformers' ``GPTJForCausalLM.generate`` on tiny random checkpoints."""
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+from gptj_popxl import generation
+from gptj_popxl.model.gptj import from_pretrained
+from helpers_gptj import tiny_checkpoint
+
+# Left padding: row 0 has two pad tokens, row 1 none, row 2 one.
+IDS = np.array([[0, 0, 5, 7, 9], [1, 2, 3, 4, 5], [0, 11, 12, 13, 14]])
+MASK = (np.arange(5)[None] >= np.array([[2], [0], [1]])).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("gen"), n_positions=32)
+
+
+@pytest.fixture(scope="module")
+def hf(checkpoint):
+    return transformers.GPTJForCausalLM.from_pretrained(checkpoint).eval()
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    # Decode runs of 3 steps, so a few new tokens already span several runs.
+    monkeypatch.setattr(generation, "DECODE_CHUNK", 3)
+
+
+def hf_generate(hf, ids, mask=None, **kw):
+    with torch.no_grad():
+        mask = np.ones_like(ids) if mask is None else mask
+        out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          do_sample=False, **{"pad_token_id": 0, **kw})
+    return out.numpy()
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_greedy_equals_transformers(checkpoint, hf, tp):
+    model = from_pretrained(checkpoint, tensor_parallel=tp)
+    free = hf_generate(hf, IDS, MASK, max_new_tokens=8)
+    np.testing.assert_array_equal(model.generate(IDS, attention_mask=MASK, max_new_tokens=8), free)
+    # eos: the token row 0 makes 2nd; rows must finish at different steps for the case to count.
+    eos = int(free[0, 6])
+    ref = hf_generate(hf, IDS, MASK, max_new_tokens=8, eos_token_id=eos, pad_token_id=99)
+    finished = [int(np.argmax(row[5:] == eos)) if (row[5:] == eos).any() else None for row in ref]
+    assert finished[0] == 1 and len(set(finished)) > 1
+    out = model.generate(IDS, attention_mask=MASK, max_new_tokens=8, eos_token_id=eos, pad_token_id=99)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_early_stop_shape(checkpoint, hf):
+    model = from_pretrained(checkpoint)
+    free = hf_generate(hf, IDS[1:2], max_new_tokens=8)
+    eos = int(free[0, 7])  # row's 3rd new token, so generation stops after 3 of 8
+    ref = hf_generate(hf, IDS[1:2], max_new_tokens=8, eos_token_id=eos)
+    out = model.generate(IDS[1:2], max_new_tokens=8, eos_token_id=eos)
+    assert out.shape == ref.shape == (1, 8)
+    np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_kv_cache_logits_equal_transformers_past_key_values(checkpoint, hf, tp):
+    model = from_pretrained(checkpoint, tensor_parallel=tp)
+    steps = 7
+    slots = generation.Slots(model.generator, 3, generation.prompt_bucket(5, 32), steps + 1, None,
+                             np.random.default_rng(0), with_logits=True)
+    slots.start(range(3), IDS, MASK)
+    ours = [slots.logits]
+    tokens = [np.argmax(slots.logits, -1)]
+    while len(ours) < steps + 1:
+        new = slots.advance()
+        ours.extend(slots.logits[:, j] for j in range(slots.chunk))
+        tokens.extend(new[:, j] for j in range(slots.chunk))
+    # transformers, step by step with its cache, fed the same tokens.
+    mask = torch.tensor(MASK)
+    with torch.no_grad():
+        positions = torch.tensor(np.where(MASK, MASK.cumsum(1) - 1, 1))
+        out = hf(torch.tensor(IDS), attention_mask=mask, position_ids=positions, use_cache=True)
+        past, ref = out.past_key_values, [out.logits[:, -1]]
+        for t in range(steps):
+            mask = torch.cat([mask, torch.ones((3, 1), dtype=mask.dtype)], 1)
+            out = hf(torch.tensor(tokens[t])[:, None], attention_mask=mask, past_key_values=past,
+                     position_ids=(mask.sum(1, keepdim=True) - 1), use_cache=True)
+            past = out.past_key_values
+            ref.append(out.logits[:, -1])
+    for t in range(steps + 1):
+        np.testing.assert_allclose(ours[t], ref[t].numpy(), atol=1e-4, rtol=1e-4, err_msg=f"step {t}")
+
+
+def warped_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """transformers' processed sampling distribution: temperature, top-k, top-p, softmax."""
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k),
+                                   TopPLogitsWarper(top_p)])
+    return torch.softmax(warpers(None, logits.float()), dim=-1).numpy()
+
+
+def hf_next_probs(hf, ids, mask, **warp) -> np.ndarray:
+    """Warped next-token probabilities after every position of ``ids`` (batch, seq, vocab)."""
+    with torch.no_grad():
+        logits = hf(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(np.where(mask, mask.cumsum(1) - 1, 1))).logits
+    return np.stack([warped_probs(logits[:, t], **warp) for t in range(ids.shape[1])], axis=1)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_sampling_limits_equal_greedy(checkpoint, hf, tp):
+    model = from_pretrained(checkpoint, tensor_parallel=tp)
+    greedy = hf_generate(hf, IDS, MASK, max_new_tokens=6)
+    for options in (dict(top_k=1, temperature=0.5), dict(top_p=1e-6), dict(top_k=3, top_p=1e-6, temperature=2.0)):
+        out = model.generate(IDS, attention_mask=MASK, max_new_tokens=6, do_sample=True, seed=1, **options)
+        np.testing.assert_array_equal(out, greedy, err_msg=str(options))
+
+
+def test_seed_reproduces_and_tokens_lie_in_transformers_set(checkpoint, hf):
+    model = from_pretrained(checkpoint, tensor_parallel=2)
+    warp = dict(temperature=0.7, top_k=5, top_p=0.8)
+    runs = [model.generate(IDS, attention_mask=MASK, max_new_tokens=7, do_sample=True, seed=s, **warp)
+            for s in (3, 3, 4)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert (runs[0] != runs[2]).any()
+    for out in runs[::2]:
+        mask = np.concatenate([MASK, np.ones((3, 7), np.int64)], axis=1)
+        probs = hf_next_probs(hf, out, mask, **warp)
+        for t in range(5, out.shape[1]):
+            chosen = probs[np.arange(3), t - 1, out[:, t]]
+            assert (chosen > 0).all(), f"step {t - 5}: sampled tokens {out[:, t]} outside transformers' set"
+
+
+def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    """p-value of observed ``counts`` under ``probs`` (cells expecting < 5 merged)."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    return float(torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2.0), torch.tensor(stat / 2.0)))
+
+
+def test_sampled_frequencies_match_transformers(checkpoint, hf):
+    """Many rows of one prompt sample independently: first tokens (prefill) and second tokens
+    after the most frequent first one (decode) follow transformers' warped probabilities."""
+    model = from_pretrained(checkpoint, tensor_parallel=2)
+    warp = dict(temperature=1.5, top_k=8, top_p=0.9)
+    rows = 600
+    prompt = np.tile(IDS[1], (rows, 1))
+    out = model.generate(prompt, max_new_tokens=2, do_sample=True, seed=0, **warp)
+    first = out[:, 5]
+    probs = hf_next_probs(hf, IDS[1:2], np.ones((1, 5), np.int64), **warp)[0, -1]
+    counts = np.bincount(first, minlength=probs.size)
+    assert counts[probs == 0].sum() == 0
+    assert chi_square_p(counts, probs) > 1e-3
+    mode = int(np.argmax(counts))
+    after = np.append(IDS[1], mode)[None]
+    probs = hf_next_probs(hf, after, np.ones_like(after), **warp)[0, -1]
+    counts = np.bincount(out[first == mode, 6], minlength=probs.size)
+    assert counts[probs == 0].sum() == 0
+    assert chi_square_p(counts, probs) > 1e-3
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_generate_many_equals_one_prompt_at_a_time(checkpoint, hf, tp):
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, 101, n) for n in (3, 9, 1, 5, 12, 2, 7)]
+    eos = 79  # a token the tiny model often emits, so prompts finish at different steps
+    ref = []
+    for p in prompts:
+        new = hf_generate(hf, p[None], max_new_tokens=6, eos_token_id=eos)[0, len(p):]
+        ref.append(new[: int(np.argmax(new == eos)) + 1] if (new == eos).any() else new)
+    assert len({len(r) for r in ref}) > 2  # slots free up at different times
+    model = from_pretrained(checkpoint, tensor_parallel=tp)
+    out = model.generate_many(prompts, batch_size=3, max_new_tokens=6, eos_token_id=eos)
+    assert len(out) == len(prompts)
+    for i, (o, r) in enumerate(zip(out, ref)):
+        np.testing.assert_array_equal(o, r, err_msg=f"prompt {i}")
+
+
+def test_stream_yields_generate_tokens(checkpoint):
+    model = from_pretrained(checkpoint)
+    full = model.generate(IDS[1:2], max_new_tokens=7)[0, 5:]
+    assert list(model.stream(IDS[1], max_new_tokens=7)) == full.tolist()
+
+
+def test_bad_options_name_the_option(checkpoint):
+    model = from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(IDS, max_new_tokens=0)
+    with pytest.raises(ValueError, match="n_positions"):
+        model.generate(IDS, max_new_tokens=30)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(IDS, do_sample=True, top_p=1.5)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(IDS, attention_mask=MASK[:, ::-1])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_offload_gives_resident_tokens(checkpoint, tp):
+    resident = from_pretrained(checkpoint, tensor_parallel=tp)
+    offloaded = from_pretrained(checkpoint, tensor_parallel=tp, offload=True)
+    np.testing.assert_array_equal(offloaded.generate(IDS, attention_mask=MASK, max_new_tokens=7),
+                                  resident.generate(IDS, attention_mask=MASK, max_new_tokens=7))
+    # Layer weights live only in remote buffers: the programs' variables outside them are not layers.
+    program = next(iter(offloaded.generator._programs.values()))
+    remote = [v.name for v in program.ir.main_graph.variables if v._remote is not None]
+    resident = [v.name for v in program.ir.main_graph.variables if v._remote is None]
+    assert "layers.1.mlp.fc_in.weight" in remote
+    assert not any(name.startswith("layers.") for name in resident)

@@ -88,14 +88,18 @@ Host arrays (``array_munging``)
     (new axis); ``repeat_axis``; ``repeat_shard``; ``pad_axis(x, n, axis, value=0)``; ``squeeze_safe``;
     ``tensor_parallel_input(data, tp, rf)``.
 """
-from . import array_munging, layers, ops, optimizers, remote, streams, transforms
+from . import array_munging, layers, ops, optimizers, remote, rts, streams, transforms
 from .dot_tree import DotTree, sanitise, to_mapping
 from .graph import BoundGraph, GraphWithNamedArgs
 from .module import Module
 from .named_tensors import NamedTensorData, NamedTensors
 from .remote import (NamedRemoteBuffers, create_remote_buffer, load_remote, load_remote_graph, named_buffers,
                      named_variable_buffers, store_remote, store_remote_graph)
+from .rts import (all_gather_replica_sharded_graph, gather_replica_sharded_tensor, reduce_replica_sharded_graph,
+                  reduce_replica_sharded_tensor, replica_sharded_spec)
 from .streams import InputStreams, OutputStreams
-from .transforms import AccumulatingGradGraphInfo, autodiff, autodiff_with_accumulation
+from .transforms import (AccumulatingGradGraphInfo, BatchSerialResult, RemoteHandle, add_recompute_inputs, autodiff,
+                         autodiff_with_accumulation, batch_serial_buffer, batch_serialise, batch_serialise_fwd_and_grad,
+                         recompute_graph, remap_grad_info)
 from .variable_factory import (NamedReplicaGrouping, NamedVariableFactories, VariableFactory,
                                add_replica_sharded_variable_input, add_variable_input)

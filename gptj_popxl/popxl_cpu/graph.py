@@ -113,6 +113,39 @@ class Graph:
         self._captured[t.id] = (t, t_in)
         return t_in
 
+    def _move_ops_into(self, target: "Graph") -> Dict[Tensor, Tensor]:
+        """Moves every op of this graph, in order, into the empty graph ``target``.
+
+        For transforms that wrap a graph's ops in a loop (popxl-addons' ``repeat_graph``). Tensors
+        the ops read that no moved op makes (inputs, variables, constants) become by-reference
+        inputs of ``target``; returns ``{target input: the tensor of this graph it stands for}``.
+        """
+        if self._outputs:
+            raise ValueError(f"cannot move the ops of graph '{self._name}': it has outputs")
+        if target._ops or target._inputs:
+            raise ValueError(f"cannot move ops into graph '{target._name}': it is not empty")
+        stand_ins: Dict[str, Tensor] = {}
+        sources: Dict[Tensor, Tensor] = {}
+        for op in self._ops:
+            for i, t in enumerate(op.inputs):
+                if t._graph is target:
+                    continue
+                if t.id not in stand_ins:
+                    stand_in = Tensor._create(target, t.shape, t.dtype, t.name.rpartition("/")[2],
+                                              meta_shape=t.meta_shape)
+                    target._inputs.append(stand_in)
+                    target._by_ref_inputs.add(stand_in)
+                    stand_ins[t.id] = stand_in
+                    sources[stand_in] = t
+                op.inputs[i] = stand_ins[t.id]
+            for t in op.outputs:
+                del self._tensors[t.id]
+                t._graph = target
+                target._tensors[t.id] = t
+            op.graph = target
+        target._ops, self._ops = self._ops, []
+        return sources
+
     def __enter__(self) -> "Graph":
         get_current_context().push_graph(self)
         return self

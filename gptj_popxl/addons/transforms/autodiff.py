@@ -1,6 +1,6 @@
 """Autodiff of GraphWithNamedArgs, optionally accumulating some gradients into by-reference inputs."""
 from functools import partial
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,18 +30,39 @@ def autodiff(graph: GraphWithNamedArgs, grads_provided: Optional[Iterable[popxl.
                                                          called_graphs_grad_info))
 
 
-class AccumulatingGradGraphInfo:
-    """GradGraphInfo of a gradient graph wrapped so that some of its gradients are accumulated.
+class ExpectedConnection:
+    """A gradient-graph input or output: the forward tensor it stands for, or whose gradient it is."""
 
-    The wrapper graph takes the wrapped gradient graph's inputs first, in the same order, followed by
-    the accumulators; its outputs are the gradients that are not accumulated. It answers the same
-    questions as popxl's GradGraphInfo, for the wrapper graph.
+    def __init__(self, fwd_tensor: popxl.Tensor, connection_type):
+        self._fwd_tensor = fwd_tensor
+        self._type = connection_type
+
+    @property
+    def fwd_tensor(self) -> popxl.Tensor:
+        return self._fwd_tensor
+
+    @property
+    def connection_type(self):
+        """A ``popxl.transforms.ExpectedConnectionType``."""
+        return self._type
+
+    def __repr__(self):
+        return f"({self._type}, {self._fwd_tensor})"
+
+
+class RemappedGradGraphInfo:
+    """GradGraphInfo of a gradient graph that the addons transforms made or rewired.
+
+    Public popxl cannot make a GradGraphInfo, so this one answers the same questions: expected
+    input i is ``graph.inputs[i]`` (the graph may have further inputs after them), expected output
+    i is ``graph.outputs[i]``; connections refer to ``forward_graph``'s tensors.
     """
 
-    def __init__(self, inner, graph, kept_outputs: List[int]):
-        self._inner = inner
+    def __init__(self, graph, forward_graph, expected_inputs: Sequence, expected_outputs: Sequence):
         self._graph = graph
-        self._kept = list(kept_outputs)
+        self._forward_graph = forward_graph
+        self._expected_inputs = tuple(expected_inputs)
+        self._expected_outputs = tuple(expected_outputs)
 
     @property
     def graph(self):
@@ -49,38 +70,74 @@ class AccumulatingGradGraphInfo:
 
     @property
     def forward_graph(self):
-        return self._inner.forward_graph
+        return self._forward_graph
 
     @property
-    def expected_inputs(self):
-        return self._inner.expected_inputs
+    def expected_inputs(self) -> Tuple:
+        return self._expected_inputs
 
     @property
-    def expected_outputs(self):
-        outs = self._inner.expected_outputs
-        return tuple(outs[i] for i in self._kept)
+    def expected_outputs(self) -> Tuple:
+        return self._expected_outputs
 
     @property
     def inputs(self) -> Tuple[popxl.Tensor, ...]:
-        return tuple(c.fwd_tensor for c in self.expected_inputs)
+        return tuple(c.fwd_tensor for c in self._expected_inputs)
 
     @property
     def outputs(self) -> Tuple[popxl.Tensor, ...]:
-        return tuple(c.fwd_tensor for c in self.expected_outputs)
+        return tuple(c.fwd_tensor for c in self._expected_outputs)
 
     def inputs_dict(self, fwd_call_info) -> Dict[popxl.Tensor, popxl.Tensor]:
-        """Wrapper-graph inputs of forward values -> the tensors at ``fwd_call_info``'s call site."""
-        inner_inputs = self._inner.graph.inputs
-        by_inner = self._inner.inputs_dict(fwd_call_info)
-        return {self._graph.inputs[i]: by_inner[t] for i, t in enumerate(inner_inputs) if t in by_inner}
+        """Gradient-graph inputs of forward values -> the tensors at ``fwd_call_info``'s call site."""
+        Fwd = popxl.transforms.ExpectedConnectionType.Fwd
+        ins = self._graph.inputs
+        return {ins[i]: fwd_call_info.graph_to_parent(c.fwd_tensor)
+                for i, c in enumerate(self._expected_inputs) if c.connection_type == Fwd}
 
     def fwd_graph_ins_to_grad_parent_outs(self, grad_call_info) -> Dict[popxl.Tensor, popxl.Tensor]:
         return {c.fwd_tensor: grad_call_info.graph_to_parent(out)
-                for c, out in zip(self.expected_outputs, self._graph.outputs)}
+                for c, out in zip(self._expected_outputs, self._graph.outputs)}
 
     def fwd_parent_ins_to_grad_parent_outs(self, fwd_call_info, grad_call_info) -> Dict[popxl.Tensor, popxl.Tensor]:
         return {fwd_call_info.graph_to_parent(c.fwd_tensor): grad_call_info.graph_to_parent(out)
-                for c, out in zip(self.expected_outputs, self._graph.outputs)}
+                for c, out in zip(self._expected_outputs, self._graph.outputs)}
+
+
+class AccumulatingGradGraphInfo(RemappedGradGraphInfo):
+    """GradGraphInfo of a gradient graph wrapped so that some of its gradients are accumulated.
+
+    The wrapper graph takes the wrapped gradient graph's inputs first, in the same order, followed by
+    the accumulators; its outputs are the gradients that are not accumulated.
+    """
+
+    def __init__(self, inner, graph, kept_outputs: List[int]):
+        outs = inner.expected_outputs
+        super().__init__(graph, inner.forward_graph, inner.expected_inputs, [outs[i] for i in kept_outputs])
+
+
+def remap_grad_info(grad_info, forward_graph: popxl.Graph, backward_graph: popxl.Graph) -> RemappedGradGraphInfo:
+    """``grad_info`` moved to another forward graph and gradient graph of the same signature.
+
+    Each connection keeps its position: a connection to forward input (or output) k of
+    ``grad_info.forward_graph`` becomes one to input (or output) k of ``forward_graph``; the
+    gradient graph becomes ``backward_graph``.
+    """
+    old = grad_info.forward_graph
+    old_ins, old_outs = list(old.inputs), list(old.outputs)
+    new_ins, new_outs = forward_graph.inputs, forward_graph.outputs
+
+    def moved(c, outputs_allowed: bool):
+        t = c.fwd_tensor
+        if t in old_ins:
+            return ExpectedConnection(new_ins[old_ins.index(t)], c.connection_type)
+        if outputs_allowed and t in old_outs:
+            return ExpectedConnection(new_outs[old_outs.index(t)], c.connection_type)
+        raise ValueError(f"remap_grad_info: '{t.name}' is not an {'input or output' if outputs_allowed else 'input'} "
+                         f"of forward graph '{old.name}'")
+
+    return RemappedGradGraphInfo(backward_graph, forward_graph, [moved(c, True) for c in grad_info.expected_inputs],
+                                 [moved(c, False) for c in grad_info.expected_outputs])
 
 
 def _grouping_lookup(replica_groupings):

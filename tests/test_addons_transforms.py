@@ -1,0 +1,217 @@
+"""addons.transforms: batch serialisation, recomputation, repeat_graph, remap_grad_info, against torch/numpy.
+
+The training test builds a phased program the way the fine-tuning program does: the weights of
+``L`` identical layers in remote buffers with one entry per layer, activations in a
+``batch_serial_buffer`` of ``L + 1`` rows by ``S`` micro-batches (layer n reads row n and writes
+row n + 1; its backward reads the output gradient from row n + 1 of ``dx`` and writes row n), each
+phase loading its layer's weights once and looping over the micro-batches.
+"""
+import numpy as np
+import pytest
+import torch
+
+from gptj_popxl import addons
+from gptj_popxl.backend import ops, popxl
+
+F32 = popxl.float32
+B, H, S, L = 2, 4, 3, 2  # micro-batch rows, hidden, micro-batches (steps), layers
+IO_MODES = ["compute", "io", "io_overlapped"]
+
+
+class Layer(addons.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = addons.layers.Linear(H)
+
+    def build(self, x):
+        return ops.tanh(self.fc(x))
+
+
+def host_data(rng):
+    return {"x": rng.normal(size=(S, B, H)).astype(np.float32),
+            "dy": rng.normal(size=(S, B, H)).astype(np.float32),
+            "w": rng.normal(size=(L, H, H)).astype(np.float32) * 0.5,
+            "b": rng.normal(size=(L, H)).astype(np.float32) * 0.1}
+
+
+def torch_reference(data):
+    """Layer outputs, the input gradient per micro-batch and the weight gradients (mean over micro-batches)
+    of ``sum_s sum(y_s * dy_s)``."""
+    w = torch.tensor(data["w"], requires_grad=True)
+    b = torch.tensor(data["b"], requires_grad=True)
+    x = torch.tensor(data["x"], requires_grad=True)
+    h = x
+    for n in range(L):
+        h = torch.tanh(h @ w[n] + b[n])
+    (h * torch.tensor(data["dy"])).sum().backward()
+    return {"y": h.detach().numpy(), "dx": x.grad.numpy(), "dw": w.grad.numpy() / S, "db": b.grad.numpy() / S}
+
+
+def build_phased_training(data, io_mode, recompute):
+    """The phased program; returns the IR, per-layer weight and gradient variables and the remote variables
+    standing for the last activation row and the first gradient row."""
+    ir = popxl.Ir()
+    with ir.main_graph:
+        facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
+        accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
+                                                             grads_required=[fwd.graph.inputs[0]])
+        if recompute:
+            bwd = addons.recompute_graph(bwd)
+        weight_buffers = addons.named_variable_buffers(facts, entries=L, shard_over_dict=False)
+        weights = [facts.init_remote(weight_buffers, n, f"layer{n}") for n in range(L)]
+        grads = [accum_facts.init(f"grad{n}") for n in range(L)]
+
+        x_buffer = addons.batch_serial_buffer(fwd.graph.outputs[0], steps=S, rows=L + 1)
+        dx_buffer = addons.batch_serial_buffer(bwd.graph.inputs[0], steps=S, rows=L + 1)
+        assert x_buffer.entries == dx_buffer.entries == S * (L + 1)
+        # Row 0 of x holds the inputs, row L of dx the loss gradient; x row L and dx row 0 receive the results.
+        for s in range(S):
+            popxl.remote_variable(data["x"][s], x_buffer, s, name=f"x{s}")
+            popxl.remote_variable(data["dy"][s], dx_buffer, L * S + s, name=f"dy{s}")
+        outputs = {"y": [popxl.remote_variable(np.zeros((B, H), np.float32), x_buffer, L * S + s, name=f"y{s}")
+                         for s in range(S)],
+                   "dx": [popxl.remote_variable(np.zeros((B, H), np.float32), dx_buffer, s, name=f"dx{s}")
+                          for s in range(S)]}
+
+        fwd_bs, bwd_bs = addons.batch_serialise_fwd_and_grad(
+            fwd, bwd, fwd.args, S,
+            load_handles={fwd.graph.inputs[0]: addons.RemoteHandle(x_buffer, 0),
+                          bwd.graph.inputs[0]: addons.RemoteHandle(dx_buffer, 1)},
+            store_streams={},
+            store_buffers={fwd.graph.outputs[0]: addons.RemoteHandle(x_buffer, 1),
+                           bwd.graph.outputs[0]: addons.RemoteHandle(dx_buffer, 0)},
+            rows=L, io_mode=io_mode)
+        # The forward weights the backward reads become its named args (all of them when it recomputes).
+        needed = fwd.args.keys_flat() if recompute else ["fc.weight"]
+        assert sorted(bwd_bs.graph.args.keys_flat()) == sorted(needed + accum_facts.keys_flat())
+
+        load, names = addons.load_remote_graph(weight_buffers)
+        for n in range(L):  # forward phases
+            fwd_bs.graph.bind(addons.NamedTensors.pack(names, load.call(n))).call(n)
+        for n in reversed(range(L)):  # backward phases
+            layer = addons.NamedTensors.pack(names, load.call(n))
+            layer.update(grads[n])
+            bwd_bs.graph.bind(layer).call(n)
+    return ir, weights, grads, outputs
+
+
+@pytest.mark.parametrize("io_mode", IO_MODES)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_batch_serialised_phased_training_equals_torch(io_mode, recompute, rng):
+    data = host_data(rng)
+    ir, weights, grads, outputs = build_phased_training(data, io_mode, recompute)
+    with popxl.Session(ir) as session:
+        for n in range(L):
+            session.write_variables_data({weights[n].fc.weight: data["w"][n], weights[n].fc.bias: data["b"][n]})
+        session.run()
+        got = session.get_tensors_data([t for ts in outputs.values() for t in ts] + [t for g in grads for t in g.tensors])
+    ref = torch_reference(data)
+    for key in ("y", "dx"):
+        np.testing.assert_allclose(np.stack([got[t] for t in outputs[key]]), ref[key], rtol=1e-5, atol=1e-6)
+    for n in range(L):
+        np.testing.assert_allclose(got[grads[n].accum.fc.weight], ref["dw"][n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[grads[n].accum.fc.bias], ref["db"][n], rtol=1e-5, atol=1e-6)
+        assert got[grads[n].mean_accum_counter] == S
+
+
+def test_recomputed_gradient_graph_needs_only_the_forward_inputs():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
+        accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
+                                                             grads_required=[fwd.graph.inputs[0]])
+        Fwd = popxl.transforms.ExpectedConnectionType.Fwd
+        before = [c.fwd_tensor for c in bwd.grad_graph_info.expected_inputs if c.connection_type == Fwd]
+        assert any(t not in fwd.graph.inputs for t in before)  # autodiff alone takes intermediates
+        recomputed = addons.recompute_graph(bwd)
+        info = recomputed.grad_graph_info
+        fwd_values = [c.fwd_tensor for c in info.expected_inputs if c.connection_type == Fwd]
+        assert sorted(t.name for t in fwd_values) == sorted(t.name for t in fwd.graph.inputs)
+        assert all(t in fwd.graph.inputs for t in fwd_values)
+        assert [c.fwd_tensor for c in info.expected_outputs] == [fwd.graph.inputs[0]]
+        assert sorted(recomputed.args.keys_flat()) == sorted(accum_facts.keys_flat())
+        assert info.graph is recomputed.graph and info.forward_graph is fwd.graph
+
+
+def test_batch_serialise_streams_rows_and_passed_through_inputs(rng):
+    """Host streams in and out, a passed-through variable, a seed, and a buffer row offset:
+    step s of row 1 stores at entry (1 + 1) * S + s."""
+    xs = rng.normal(size=(S, B, H)).astype(np.float32)
+    scale = rng.normal(size=(H,)).astype(np.float32)
+    ir = popxl.Ir()
+    ir.num_host_transfers = S
+    with ir.main_graph:
+        def fn(x, w, seed):
+            return x * w + 1.0, ops.random_uniform(seed, (2,))
+        x_spec, w_spec = popxl.TensorSpec((B, H), F32), popxl.TensorSpec((H,), F32)
+        graph = addons.GraphWithNamedArgs(ir.create_graph(fn, x_spec, w_spec, popxl.TensorSpec((2,), popxl.uint32)))
+        x_in, w_in, seed_in = graph.graph.inputs
+        y, noise = graph.graph.outputs
+        graph.args = addons.NamedTensors(w=w_in)
+        x_stream = popxl.h2d_stream((B, H), F32, "x")
+        y_stream = popxl.d2h_stream((B, H), F32, "y")
+        noise_stream = popxl.d2h_stream((2,), F32, "noise")
+        buffer = popxl.remote_buffer((B, H), F32, 1)
+        result = addons.batch_serialise(graph, S, {x_in: x_stream}, {y: y_stream, noise: noise_stream},
+                                        {x_in: addons.RemoteHandle(buffer, 1)}, seed_input=seed_in, rows=2)
+        assert buffer.entries == 3 * S
+        assert result.stored_buffers[x_in].buffer is buffer
+        assert [t.shape for t in result.graph.graph.inputs] == [(), (2,), (H,)]  # row, seed, then w
+        assert result.remap_tensors(graph.args).w is result.graph.graph.inputs[2]
+        w = popxl.variable(scale, name="w")
+        seed = popxl.variable(np.array([7, 11], np.uint32), popxl.uint32, name="seed")
+        result.graph.bind(addons.NamedTensors(w=w)).call(1, seed)
+        kept = [popxl.remote_variable(np.zeros((B, H), np.float32), buffer, 2 * S + s, name=f"kept{s}")
+                for s in range(S)]
+    with popxl.Session(ir) as session:
+        out = session.run({x_stream: xs})
+        kept_data = session.get_tensors_data(kept)
+    np.testing.assert_allclose(out[y_stream], xs * scale + 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(np.stack([kept_data[t] for t in kept]), xs)
+    noise = out[noise_stream]
+    assert len({tuple(n) for n in noise}) == S  # every micro-batch draws from its own seed
+
+
+def test_remap_grad_info_moves_connections_by_position():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        spec = popxl.TensorSpec((B, H), F32)
+        facts, fwd = Layer().create_graph(spec)
+        _, fwd2 = Layer().create_graph(spec)
+        bwd = addons.autodiff(fwd)
+        info = bwd.grad_graph_info
+        fwd2_bwd = addons.autodiff(fwd2)
+        moved = addons.remap_grad_info(info, fwd2.graph, fwd2_bwd.graph)
+        ins, ins2 = list(fwd.graph.inputs), list(fwd2.graph.inputs)
+        outs, outs2 = list(fwd.graph.outputs), list(fwd2.graph.outputs)
+        for old, new in zip(info.expected_inputs, moved.expected_inputs):
+            where, where2 = (ins, ins2) if old.fwd_tensor in ins else (outs, outs2)
+            assert new.fwd_tensor is where2[where.index(old.fwd_tensor)]
+            assert new.connection_type == old.connection_type
+        assert [ins2.index(c.fwd_tensor) for c in moved.expected_outputs] == \
+            [ins.index(c.fwd_tensor) for c in info.expected_outputs]
+        assert moved.graph is fwd2_bwd.graph and moved.forward_graph is fwd2.graph
+
+
+def test_repeat_graph_repeats_the_whole_main_graph(rng):
+    """A training-like main graph (stream in, update a variable in place, stream out) run 3 times per session run."""
+    count = 3
+    xs = rng.normal(size=(count, H)).astype(np.float32)
+    ir = popxl.Ir()
+    ir.num_host_transfers = count
+    with ir.main_graph:
+        total = popxl.variable(np.ones(H, np.float32), name="total")
+        x_stream = popxl.h2d_stream((H,), F32, "x")
+        out_stream = popxl.d2h_stream((H,), F32, "out")
+        x = ops.host_load(x_stream)
+        ops.var_updates.accumulate_(total, x * 2.0)
+        ops.host_store(out_stream, total + 0.5)
+        assert addons.transforms.repeat_graph(ir.main_graph, 1) is ir.main_graph
+    body = addons.transforms.repeat_graph(ir.main_graph, count)
+    assert body is not ir.main_graph and len(body.inputs) >= 1
+    with popxl.Session(ir) as session:
+        out = session.run({x_stream: xs})
+        final = session.get_tensor_data(total)
+    expected = 1.0 + np.cumsum(2.0 * xs, axis=0)
+    np.testing.assert_allclose(out[out_stream], expected + 0.5, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(final, expected[-1], rtol=1e-5, atol=1e-6)

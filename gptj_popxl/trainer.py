@@ -20,6 +20,7 @@ from gptj_popxl.model.gptj import GPTJ, _check_ids, load_weights
 from gptj_popxl.model.hf_mapping import popxl_to_hf, write_hf_files
 from gptj_popxl.model.layers import IGNORE_INDEX
 from gptj_popxl.programs.execution import DTYPES, ExecutionConfig
+from gptj_popxl.programs.phased import build_phased_training_step
 from gptj_popxl.programs.training import OptimizerConstants, TrainingProgram, build_training_step
 
 LR_SCHEDULES = ("linear", "constant")
@@ -224,8 +225,8 @@ class Trainer:
         """The step program for sequences of ``seq``, carrying the state over from another length's."""
         if self._seq != seq:
             self._sync_host()
-            program = build_training_step(self.model_config, self.config.execution(), self._model.weights, seq,
-                                          self._constants)
+            build = build_phased_training_step if self.config.phased else build_training_step
+            program = build(self.model_config, self.config.execution(), self._model.weights, seq, self._constants)
             if self._host_state:
                 program.load_state(self._host_state)
             self._program, self._seq = program, seq

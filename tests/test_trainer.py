@@ -32,7 +32,7 @@ def reference(checkpoint, batches):
 
 
 SPLITS = {
-    "resident": dict(),
+    "tp1": dict(),
     "tp2": dict(tensor_parallel=2),
     "tp4": dict(tensor_parallel=4),
     "dp2": dict(data_parallel=2, micro_batch_size=2),
@@ -41,9 +41,10 @@ SPLITS = {
 }
 
 
+@pytest.mark.parametrize("phased", [True, False], ids=["phased", "resident"])
 @pytest.mark.parametrize("split", SPLITS)
-def test_training_matches_torch(split, checkpoint, batches, reference, tmp_path):
-    cfg = dataclasses.replace(BASE, **SPLITS[split])
+def test_training_matches_torch(split, phased, checkpoint, batches, reference, tmp_path):
+    cfg = dataclasses.replace(BASE, phased=phased, **SPLITS[split])
     trainer = gptj_popxl.Trainer(checkpoint, cfg)
     losses, norms = [], []
     for ids, labels in batches:

@@ -329,6 +329,30 @@ class GPTJLMWeightedLoss(GPTJLMLoss):
         return self.token_loss(input_ids, shard_offset, labels, "sum") * loss_weight
 
 
+class LMHeadLoss(addons.Module):
+    """The head phase: ``ln_f``, the vocab-sharded LM head and the weighted token loss.
+
+    ``build(x, shard_offset, labels, loss_weight)``: final hidden states ``x`` (batch, seq, n_embd);
+    returns ``loss_weight`` times the summed cross entropy of ``labels`` (shifted inside, ignored
+    ones skipped), as ``GPTJLMWeightedLoss``. Variables ``ln_f.*`` and ``lm_head.*`` (our layout's names).
+    """
+
+    def __init__(self, config: GPTJConfig, groups: TPGroups):
+        super().__init__()
+        self.config = config
+        self.groups = groups
+        self.ln_f = addons.layers.LayerNorm()
+        self.lm_head = ColumnShardedLinear(tp_layout(config, groups.tp).vocab_per_shard, groups)
+
+    def build(self, x: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor,
+              loss_weight: popxl.Tensor) -> popxl.Tensor:
+        batch, seq = labels.shape
+        hidden = self.ln_f(x, eps=self.config.layer_norm_epsilon)[:, : seq - 1]
+        logits = self.lm_head(hidden.reshape((batch * (seq - 1), self.config.n_embd)))
+        targets = labels[:, 1:].reshape((batch * (seq - 1),))
+        return sharded_cross_entropy(logits, targets, shard_offset, self.groups, "sum") * loss_weight
+
+
 def sharded_cross_entropy(logits: popxl.Tensor, labels: popxl.Tensor, shard_offset: popxl.Tensor,
                           groups: TPGroups, reduction: str = "mean") -> popxl.Tensor:
     """Mean (or, with ``reduction="sum"``, summed) float32 cross entropy of ``labels`` (full-vocabulary

@@ -144,10 +144,11 @@ def _global_norm_squared(grads: Mapping[str, popxl.Tensor], sharded: Mapping[str
     return across_shards + totals[False]
 
 
-def adamw_update(weight, master, m, v, grad, scalars, constants: OptimizerConstants, decay: bool, finite) -> None:
-    """AdamW on ``master`` (float32, updated in place with its moments ``m``, ``v``) from float32 ``grad``,
-    in ``torch.optim.AdamW``'s order of operations; ``weight`` gets the new master in its dtype.
-    ``finite``: None, or a bool scalar; when false everything keeps its value."""
+def adamw(master, m, v, grad, scalars, constants: OptimizerConstants, decay: bool, finite):
+    """AdamW's new ``(master, m, v)`` from float32 ``master``, moments ``m``, ``v`` and float32 ``grad``, in
+    ``torch.optim.AdamW``'s order of operations. ``scalars``: the step's ``decay_factor``, ``step_size``
+    and ``bias_correction2_sqrt`` tensors. ``finite``: None, or a bool scalar; when false each value is
+    returned unchanged."""
     c = constants
 
     def const(value, name):
@@ -158,10 +159,16 @@ def adamw_update(weight, master, m, v, grad, scalars, constants: OptimizerConsta
     v_new = v * const(c.beta2, "beta2") + grad * grad * const(1 - c.beta2, "one_minus_beta2")
     denom = ops.sqrt(v_new) / scalars["bias_correction2_sqrt"] + const(c.eps, "eps")
     w_new = w - scalars["step_size"] * (m_new / denom)
-    for target, new in ((m, m_new), (v, v_new), (master, w_new)):
-        ops.var_updates.copy_var_update_(target, new if finite is None else ops.where(finite, new, target))
-    if weight is not master:
-        ops.var_updates.copy_var_update_(weight, ops.cast(master, weight.dtype))
+    new = (w_new, m_new, v_new)
+    if finite is None:
+        return new
+    return tuple(ops.where(finite, n, old) for n, old in zip(new, (master, m, v)))
+
+
+def clip_factor(norm: popxl.Tensor, max_grad_norm: float) -> popxl.Tensor:
+    """``clip_grad_norm_``'s factor: ``min(max_norm / (norm + 1e-6), 1)``."""
+    max_norm = popxl.constant(max_grad_norm, popxl.float32, name="max_grad_norm")
+    return ops.clip(max_norm / (norm + popxl.constant(CLIP_EPS, popxl.float32, name="clip_eps")), max=1.0)
 
 
 def build_training_step(config: GPTJConfig, execution: ExecutionConfig, weights: Mapping[str, np.ndarray],
@@ -203,8 +210,7 @@ def build_training_step(config: GPTJConfig, execution: ExecutionConfig, weights:
         sharded = {name: var_by_name[name].replica_grouping.num_groups > 1 for name in names}
         norm = ops.sqrt(_global_norm_squared(grads, sharded, groups))
         finite = ops.isfinite(norm)
-        max_norm = popxl.constant(constants.max_grad_norm, popxl.float32, name="max_grad_norm")
-        clip = ops.clip(max_norm / (norm + popxl.constant(CLIP_EPS, popxl.float32, name="clip_eps")), max=1.0)
+        clip = clip_factor(norm, constants.max_grad_norm)
 
         master, first, second = {}, {}, {}
         for name in names:
@@ -214,8 +220,12 @@ def build_training_step(config: GPTJConfig, execution: ExecutionConfig, weights:
                 replica_grouping=w.replica_grouping)
             first[name] = _state_like(w, "first_order." + name)
             second[name] = _state_like(w, "second_order." + name)
-            adamw_update(w, master[name], first[name], second[name], grads[name] * clip, scalars, constants,
-                         decays(name), finite if constants.skip_nonfinite else None)
+            updated = adamw(master[name], first[name], second[name], grads[name] * clip, scalars, constants,
+                            decays(name), finite if constants.skip_nonfinite else None)
+            for target, value in zip((master[name], first[name], second[name]), updated):
+                ops.var_updates.copy_var_update_(target, value)
+            if w is not master[name]:
+                ops.var_updates.copy_var_update_(w, ops.cast(master[name], w.dtype))
 
         outputs = {"loss": output_stream("loss", loss), "grad_norm": output_stream("grad_norm", norm),
                    "finite": output_stream("finite", ops.cast(finite, popxl.int32))}

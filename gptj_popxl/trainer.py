@@ -19,6 +19,7 @@ from gptj_popxl.model.config import GPTJConfig, is_positive_int
 from gptj_popxl.model.gptj import GPTJ, _check_ids, load_weights
 from gptj_popxl.model.hf_mapping import popxl_to_hf, write_hf_files
 from gptj_popxl.model.layers import IGNORE_INDEX
+from gptj_popxl.popxl_cpu.memory import MemoryReport
 from gptj_popxl.programs.execution import DTYPES, ExecutionConfig
 from gptj_popxl.programs.phased import build_phased_training_step
 from gptj_popxl.programs.training import OptimizerConstants, TrainingProgram, build_training_step
@@ -324,6 +325,16 @@ class Trainer:
             trainer._host_state = host
         return trainer
 
-    def memory_report(self):
-        """Per replica and per phase device memory of the step program (see ``popxl_cpu.memory``)."""
-        raise NotImplementedError("memory_report needs the phased program")
+    def memory_report(self, seq: Optional[int] = None) -> MemoryReport:
+        """Static per-replica, per-phase device memory of the step program (``popxl_cpu.memory``): peak
+        device bytes from the liveness of the lowered ops, remote-buffer bytes, and per phase the bytes of
+        weights, gradients, optimizer state and activations.
+
+        Args:
+            seq: sequence length of the program; default the last step's (required before any step).
+        """
+        if seq is None:
+            if self._seq is None:
+                raise ValueError("memory_report needs seq before the first step (the program depends on it)")
+            seq = self._seq
+        return self._program_for(seq).memory_report()

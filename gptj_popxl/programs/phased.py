@@ -287,5 +287,13 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
     def merged(kind):
         return addons.NamedTensors.from_dict({k: v for st in stages.values() for k, v in st.variables[kind].items()})
 
+    kinds = {"weights": "weights", "master": "optimizer", "first_order": "optimizer", "second_order": "optimizer",
+             "grads": "gradients"}
+    buffer_kinds = {b.remote_buffer_id: kinds[kind] for st in stages.values() for kind, bufs in st.buffers.items()
+                    for b in bufs.values()}
+    buffer_kinds.update({b.remote_buffer_id: "activations" for b in (x_buffer, dx_buffer)})
+    for b in ir._remote_buffers:
+        buffer_kinds.setdefault(b.remote_buffer_id, "io")
     return TrainingProgram(ir, attached_session(ir), ex, merged("weights"), merged("master"), merged("first_order"),
-                           merged("second_order"), streams, outputs, popxl_param_shapes(config, ex.tensor_parallel))
+                           merged("second_order"), streams, outputs, popxl_param_shapes(config, ex.tensor_parallel),
+                           buffer_kinds)

@@ -21,6 +21,7 @@ import numpy as np
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
+from gptj_popxl.popxl_cpu.memory import MemoryReport, memory_report
 from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.hf_mapping import popxl_param_shapes
 from gptj_popxl.model.layers import GPTJLMWeightedLoss, tp_groups
@@ -70,6 +71,8 @@ class TrainingProgram:
         outputs: ``loss`` (the global batch's), ``grad_norm`` (unscaled, before clipping) and
             ``finite`` (1 when every gradient is finite).
         layout_shapes: our layout's shape of each parameter.
+        buffer_kinds: kind of each remote buffer by id ("weights", "optimizer", "gradients",
+            "activations", "io"); the phased program's.
     """
 
     ir: object
@@ -82,6 +85,24 @@ class TrainingProgram:
     inputs: Dict[str, object]
     outputs: Dict[str, object]
     layout_shapes: Dict[str, tuple]
+    buffer_kinds: Dict[int, str] = dataclasses.field(default_factory=dict)
+
+    def memory_report(self) -> MemoryReport:
+        """Static per-replica device memory of the step (``popxl_cpu.memory``): peak, per phase by kind
+        (weights, gradients, optimizer state, activations), resident variables and remote buffers."""
+        kinds = self.buffer_kinds
+
+        def kind_of(t):
+            op = t._producer
+            if op.prim.name == "remote_load":
+                kind = kinds.get(op.attrs["buffer"].remote_buffer_id)
+                return kind if kind in ("weights", "optimizer", "gradients") else None
+            return "gradients" if op.prim.name == "init" and "accum" in t.name else None
+
+        def variable_kind(v):
+            return "optimizer" if v.name.split(".", 1)[0] in ("first_order", "second_order", "master") else "weights"
+
+        return memory_report(self.ir, kind_of, variable_kind, lambda b: kinds.get(b.remote_buffer_id, "other"))
 
     def run(self, input_ids: np.ndarray, labels: np.ndarray, scalars: Mapping[str, float]) -> Dict[str, float]:
         """One step on a global batch ``(rows, seq)`` split over the data-parallel replicas (row blocks

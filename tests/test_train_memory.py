@@ -52,3 +52,15 @@ def test_phased_weights_and_optimizer_state_live_in_remote_buffers(reports):
     assert set(p.name for p in report.phases) >= {"embedding_fwd", "decoder_fwd", "head_fwd", "head_bwd",
                                                   "decoder_bwd", "embedding_bwd", "dec_optimizer"}
     assert np.all([p.peak_bytes <= report.peak_device_bytes for p in report.phases])
+
+
+def test_data_parallel_shards_the_optimizer_state(tmp_path):
+    path = tiny_checkpoint(tmp_path, seed=0, n_layer=1, n_embd=HIDDEN, n_head=4, vocab_size=50, n_inner=None)
+    remote = {}
+    for dp in (1, 2):
+        cfg = gptj_popxl.TrainingConfig(phased=True, micro_batch_size=MICRO, data_parallel=dp)
+        remote[dp] = gptj_popxl.Trainer(path, cfg).memory_report(seq=SEQ).remote_bytes
+    # Every tensor of this model splits evenly over 2 replicas: each keeps half the moments and gradients.
+    assert remote[2]["optimizer"] * 2 == remote[1]["optimizer"]
+    assert remote[2]["gradients"] * 2 == remote[1]["gradients"]
+    assert remote[2]["weights"] == remote[1]["weights"]

@@ -90,7 +90,9 @@ def test_float16_follows_float32_and_overflow_skips_the_step(phased, checkpoint,
 
 
 def test_resume_is_bit_exact(checkpoint, batches, tmp_path):
-    cfg = dataclasses.replace(BASE, phased=True, gradient_accumulation=2, micro_batch_size=2)
+    # Sharded optimizer state (data parallel), tensor shards, float16 master weights and accumulation.
+    cfg = dataclasses.replace(BASE, phased=True, tensor_parallel=2, data_parallel=2, gradient_accumulation=2,
+                              micro_batch_size=1, dtype="float16", loss_scaling=512.0)
     straight = gptj_popxl.Trainer(checkpoint, cfg)
     straight_losses = [straight.step(ids, labels) for ids, labels in batches]
 

@@ -19,8 +19,13 @@ decoder ``n`` reads row ``n + 1`` and writes row ``n``). Backward phases accumul
 data-parallel group, unscale them, add their squares to the global norm and store them, float32,
 in a gradient buffer. The optimizer phases then clip with the global norm and apply AdamW
 (``training.adamw``) per layer, loading and storing weights, moments and float32 master weights.
+
+With data parallel, the optimizer's tensors (gradients, moments, master weights) are replica
+sharded (``addons.rts``): a backward phase reduce-scatters each gradient over the data-parallel group
+(tensors identical on every replica: all-reduce, then each replica's slice of all replicas), the
+optimizer phase updates the replica's shard and all-gathers the new weights.
 """
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -35,6 +40,8 @@ from gptj_popxl.programs.training import (STEP_SCALARS, OptimizerConstants, Trai
                                           decays)
 
 F32 = popxl.float32
+# Replicas over which parts of the gradients' sum of squares are added up (see ``_Stage.norm_group``).
+NORM_GROUPS = ("all", "tp", "none")
 # Scalars each optimizer phase takes, in order.
 OPTIMIZER_SCALARS = ("decay_factor", "step_size", "bias_correction2_sqrt", "clip", "finite")
 
@@ -46,36 +53,59 @@ class _Stage:
     KINDS = ("weights", "master", "first_order", "second_order")
 
     def __init__(self, facts: addons.NamedVariableFactories, prefixes: List[str], weights: Mapping[str, np.ndarray],
-                 keep_master: bool):
+                 keep_master: bool, groups, data_parallel: int):
         self.facts = facts
         self.prefixes = prefixes
         entries = len(prefixes)
         self.names = list(facts.to_dict())
         self.buffers: Dict[str, Dict[str, popxl.RemoteBuffer]] = {kind: {} for kind in self.KINDS + ("grads",)}
         self.variables: Dict[str, Dict[str, popxl.Tensor]] = {kind: {} for kind in self.KINDS}
-        self.sharded = {}
+        self.sharded: Dict[str, bool] = {}
+        self.shard_group: Dict[str, Optional[popxl.ReplicaGrouping]] = {}
+        ir = popxl.gcg().ir
         for name, f in facts.to_dict().items():
-            grouping = f.replica_grouping
-            groups = grouping.num_groups if grouping is not None else 1
-            self.sharded[name] = groups > 1
-            dtypes = {"weights": f.dtype, "master": F32, "first_order": F32, "second_order": F32, "grads": F32}
-            for kind, dtype in dtypes.items():
+            grouping = f.replica_grouping if f.replica_grouping is not None else ir.replica_grouping()
+            groups_count = grouping.num_groups
+            self.sharded[name] = groups_count > 1
+            # Replicated tensor sharding of the optimizer's tensors: tensor-parallel shards over their
+            # data-parallel group, tensors identical on every replica over all replicas; tensors that do
+            # not split evenly stay whole.
+            shard_group = groups.sharded if groups_count > 1 else ir.replica_grouping()
+            if data_parallel == 1 or int(np.prod(f.shape)) % shard_group.group_size:
+                shard_group = None
+            self.shard_group[name] = shard_group
+            host_shape = ((groups_count,) if groups_count > 1 else ()) + tuple(f.shape)
+            for kind in self.KINDS + ("grads",):
                 if kind == "master" and not keep_master:
                     continue
-                self.buffers[kind][name] = popxl.remote_buffer(tuple(f.shape), dtype, entries)
+                if kind == "weights" or shard_group is None:
+                    dtype = f.dtype if kind == "weights" else F32
+                    self.buffers[kind][name] = popxl.remote_buffer(tuple(f.shape), dtype, entries)
+                else:
+                    self.buffers[kind][name] = popxl.replica_sharded_buffer(
+                        host_shape, F32, None if groups_count == 1 else grouping, shard_group.group_size, entries)
             for entry, prefix in enumerate(prefixes):
                 key = prefix + name
-                data = variable_data(key, weights, groups, f.shape).astype(np.float32)
+                data = variable_data(key, weights, groups_count, f.shape).astype(np.float32)
                 values = {"weights": data, "master": data, "first_order": np.zeros_like(data),
                           "second_order": np.zeros_like(data)}
-                for kind, buffer in self.buffers.items():
-                    if kind == "grads" or name not in buffer:
+                for kind in self.KINDS:
+                    if name not in self.buffers[kind]:
                         continue
-                    self.variables[kind][key] = popxl.remote_variable(
-                        values[kind], buffer[name], entry, buffer[name].tensor_dtype, f"{kind}.{key}",
-                        replica_grouping=grouping)
+                    buffer = self.buffers[kind][name]
+                    make = popxl.remote_variable if kind == "weights" or shard_group is None \
+                        else popxl.remote_replica_sharded_variable
+                    self.variables[kind][key] = make(values[kind], buffer, entry, buffer.tensor_dtype, f"{kind}.{key}",
+                                                     replica_grouping=None if groups_count == 1 else grouping)
         if not keep_master:
             self.variables["master"] = self.variables["weights"]
+
+    def norm_group(self, name: str) -> str:
+        """Over which replicas the squares of ``name``'s stored gradient add up to the model's: "all"
+        (sharded over replicas), "tp" (a tensor-parallel shard, whole) or "none" (whole, replicated)."""
+        if self.shard_group[name] is not None:
+            return "all"
+        return "tp" if self.sharded[name] else "none"
 
     def load(self, kind: str, entry) -> Dict[str, popxl.Tensor]:
         """This stage's tensors of ``kind`` at ``entry``, loaded in the current graph."""
@@ -110,9 +140,10 @@ class _Builder:
         self.hidden = popxl.TensorSpec((ex.micro_batch_size, seq, config.n_embd), ex.popxl_dtype)
 
     def backward_phase(self, name: str, stage: _Stage, bwd: addons.BatchSerialResult, accum_facts, named_extra):
-        """A graph (layer index) -> (sum of squares of the sharded, of the replicated gradients): loads the
-        weights, zeroes the accumulators, runs the backward loop, then reduces, unscales and stores the
-        gradients. Its other inputs: ``inverse_loss_scaling`` and the tensors of ``named_extra``."""
+        """A graph (layer index) -> the gradients' sums of squares per ``NORM_GROUPS``: loads the weights,
+        zeroes the accumulators, runs the backward loop, then reduces (reduce-scatters where the optimizer
+        state is sharded), unscales and stores the gradients. Its other inputs: ``inverse_loss_scaling``
+        and the tensors of ``named_extra``."""
         graph = self.ir.create_empty_graph(name)
         with graph, popxl.in_sequence(True):
             entry = popxl.graph_input((), popxl.int32, "layer")
@@ -121,18 +152,20 @@ class _Builder:
             weights = stage.load("weights", entry)
             accums = accum_facts.init_zero()
             bwd.graph.bind(addons.NamedTensors.from_dict({**weights, **extra, **accums.to_dict()})).call(entry)
-            squares = {True: popxl.constant(0.0, F32, "zero"), False: popxl.constant(0.0, F32, "zero")}
+            squares = {group: popxl.constant(0.0, F32, "zero") for group in NORM_GROUPS}
             grads = {}
             for key in stage.names:
                 # The accumulators hold the mean over the micro-batches; the step needs their sum.
                 g = ops.cast(accums.to_dict()["accum." + key], F32) * popxl.constant(float(self.steps), F32, "steps")
-                if self.ex.data_parallel > 1:
+                if stage.shard_group[key] is not None:
+                    g = addons.rts.reduce_replica_sharded_tensor(g, "add", self.groups.sharded, stage.shard_group[key])
+                elif self.ex.data_parallel > 1:
                     g = ops.collectives.replicated_all_reduce(g, "add", self.groups.sharded)
                 grads[key] = g = g * inverse_scale
-                squares[stage.sharded[key]] = squares[stage.sharded[key]] + ops.sum(g * g)
+                squares[stage.norm_group(key)] = squares[stage.norm_group(key)] + ops.sum(g * g)
             stage.store("grads", entry, grads)
-            popxl.graph_output(squares[True])
-            popxl.graph_output(squares[False])
+            for group in NORM_GROUPS:
+                popxl.graph_output(squares[group])
         return graph
 
     def optimizer_phase(self, name: str, stage: _Stage):
@@ -142,18 +175,24 @@ class _Builder:
             entry = popxl.graph_input((), popxl.int32, "layer")
             scalars = {k: popxl.graph_input((), popxl.bool if k == "finite" else F32, k) for k in OPTIMIZER_SCALARS}
             keep_master = bool(stage.buffers["master"])
-            master = stage.load("master" if keep_master else "weights", entry)
+            weights = stage.load("weights", entry)
+            master = stage.load("master", entry) if keep_master else {
+                key: w if stage.shard_group[key] is None else ops.collectives.replica_sharded_slice(
+                    w, group=stage.shard_group[key]) for key, w in weights.items()}
             grads, first, second = stage.load("grads", entry), stage.load("first_order", entry), \
                 stage.load("second_order", entry)
             finite = scalars["finite"] if self.constants.skip_nonfinite else None
             new = {key: adamw(master[key], first[key], second[key], grads[key] * scalars["clip"], scalars,
                               self.constants, decays(stage.prefixes[0] + key), finite) for key in stage.names}
-            stage.store("master" if keep_master else "weights", entry, {k: v[0] for k, v in new.items()})
+            if keep_master:
+                stage.store("master", entry, {k: v[0] for k, v in new.items()})
             stage.store("first_order", entry, {k: v[1] for k, v in new.items()})
             stage.store("second_order", entry, {k: v[2] for k, v in new.items()})
-            if keep_master:
-                stage.store("weights", entry, {k: ops.cast(v[0], stage.buffers["weights"][k].tensor_dtype)
-                                               for k, v in new.items()})
+            # The new weights, all-gathered from the shards (which split them evenly), in the compute dtype.
+            full = {k: v[0] if stage.shard_group[k] is None else ops.collectives.replicated_all_gather(
+                v[0], group=stage.shard_group[k], output_shape="concat").reshape(weights[k].shape)
+                for k, v in new.items()}
+            stage.store("weights", entry, {k: ops.cast(v, weights[k].dtype) for k, v in full.items()})
         return graph
 
 
@@ -227,9 +266,10 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
                                              grads["head"][1].graph.outputs[0]: T.RemoteHandle(dx_buffer, L)},
             io_mode="compute")
 
-        stages = {"emb": _Stage(emb_facts, ["embedding."], weights, keep_master),
-                  "dec": _Stage(dec_facts, [f"layers.{n}." for n in range(L)], weights, keep_master),
-                  "head": _Stage(head_facts, [""], weights, keep_master)}
+        stages = {key: _Stage(facts, prefixes, weights, keep_master, b.groups, ex.data_parallel)
+                  for key, facts, prefixes in (("emb", emb_facts, ["embedding."]),
+                                               ("dec", dec_facts, [f"layers.{n}." for n in range(L)]),
+                                               ("head", head_facts, [""]))}
         extras = {"emb": {"shard_offset": offset}, "dec": {"positions": positions},
                   "head": {"shard_offset": offset, "loss_weight": scalars["loss_weight"]}}
 
@@ -261,13 +301,15 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
         run_backward("decoder_bwd", "dec", dec_bwd_bs, reversed(range(L)))
         run_backward("embedding_bwd", "emb", emb_bwd_bs, [0])
 
-        sharded_sq = squares[0][0]
-        replicated_sq = squares[0][1]
-        for s_sq, r_sq in squares[1:]:
-            sharded_sq, replicated_sq = sharded_sq + s_sq, replicated_sq + r_sq
+        totals = list(squares[0])
+        for more in squares[1:]:
+            totals = [a + c for a, c in zip(totals, more)]
+        totals = dict(zip(NORM_GROUPS, totals))
+        if ex.replicas > 1:
+            totals["all"] = ops.collectives.replicated_all_reduce(totals["all"], "add")
         if ex.tensor_parallel > 1:
-            sharded_sq = ops.collectives.replicated_all_reduce(sharded_sq, "add", b.groups.tp_group)
-        norm = ops.sqrt(sharded_sq + replicated_sq)
+            totals["tp"] = ops.collectives.replicated_all_reduce(totals["tp"], "add", b.groups.tp_group)
+        norm = ops.sqrt(totals["all"] + totals["tp"] + totals["none"])
         finite = ops.isfinite(norm)
         step = {**scalars, "clip": clip_factor(norm, constants.max_grad_norm), "finite": finite}
         for key, entries in (("emb", [0]), ("dec", range(L)), ("head", [0])):

@@ -27,16 +27,16 @@ class Layer(addons.Module):
         return ops.tanh(self.fc(x))
 
 
-def host_data(rng):
-    return {"x": rng.normal(size=(S, B, H)).astype(np.float32),
-            "dy": rng.normal(size=(S, B, H)).astype(np.float32),
+def host_data(rng, micro_batches=S):
+    return {"x": rng.normal(size=(micro_batches, B, H)).astype(np.float32),
+            "dy": rng.normal(size=(micro_batches, B, H)).astype(np.float32),
             "w": rng.normal(size=(L, H, H)).astype(np.float32) * 0.5,
             "b": rng.normal(size=(L, H)).astype(np.float32) * 0.1}
 
 
 def torch_reference(data):
     """Layer outputs, the input gradient per micro-batch and the weight gradients (mean over micro-batches)
-    of ``sum_s sum(y_s * dy_s)``."""
+    of ``sum_m sum(y_m * dy_m)``."""
     w = torch.tensor(data["w"], requires_grad=True)
     b = torch.tensor(data["b"], requires_grad=True)
     x = torch.tensor(data["x"], requires_grad=True)
@@ -44,14 +44,18 @@ def torch_reference(data):
     for n in range(L):
         h = torch.tanh(h @ w[n] + b[n])
     (h * torch.tensor(data["dy"])).sum().backward()
-    return {"y": h.detach().numpy(), "dx": x.grad.numpy(), "dw": w.grad.numpy() / S, "db": b.grad.numpy() / S}
+    m = x.shape[0]
+    return {"y": h.detach().numpy(), "dx": x.grad.numpy(), "dw": w.grad.numpy() / m, "db": b.grad.numpy() / m}
 
 
-def build_phased_training(data, io_mode, recompute):
+def build_phased_training(data, io_mode, recompute, replicas=1):
     """The phased program; returns the IR, per-layer weight and gradient variables and the remote variables
-    standing for the last activation row and the first gradient row."""
-    ir = popxl.Ir()
+    standing for the last activation row and the first gradient row. With several replicas (all
+    computing the same) the activations are kept replica-sharded over all of them."""
+    ir = popxl.Ir(replication=replicas)
     with ir.main_graph:
+        shard_group = ir.replica_grouping() if replicas > 1 else None
+        remote_variable = popxl.remote_replica_sharded_variable if shard_group else popxl.remote_variable
         facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
         accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
                                                              grads_required=[fwd.graph.inputs[0]])
@@ -61,25 +65,26 @@ def build_phased_training(data, io_mode, recompute):
         weights = [facts.init_remote(weight_buffers, n, f"layer{n}") for n in range(L)]
         grads = [accum_facts.init(f"grad{n}") for n in range(L)]
 
-        x_buffer = addons.batch_serial_buffer(fwd.graph.outputs[0], steps=S, rows=L + 1)
-        dx_buffer = addons.batch_serial_buffer(bwd.graph.inputs[0], steps=S, rows=L + 1)
+        x_buffer = addons.batch_serial_buffer(fwd.graph.outputs[0], steps=S, rows=L + 1, shard_group=shard_group)
+        dx_buffer = addons.batch_serial_buffer(bwd.graph.inputs[0], steps=S, rows=L + 1, shard_group=shard_group)
         assert x_buffer.entries == dx_buffer.entries == S * (L + 1)
+        assert x_buffer.tensor_shape == ((B * H // replicas,) if shard_group else (B, H))
         # Row 0 of x holds the inputs, row L of dx the loss gradient; x row L and dx row 0 receive the results.
         for s in range(S):
-            popxl.remote_variable(data["x"][s], x_buffer, s, name=f"x{s}")
-            popxl.remote_variable(data["dy"][s], dx_buffer, L * S + s, name=f"dy{s}")
-        outputs = {"y": [popxl.remote_variable(np.zeros((B, H), np.float32), x_buffer, L * S + s, name=f"y{s}")
+            remote_variable(data["x"][s], x_buffer, s, name=f"x{s}")
+            remote_variable(data["dy"][s], dx_buffer, L * S + s, name=f"dy{s}")
+        outputs = {"y": [remote_variable(np.zeros((B, H), np.float32), x_buffer, L * S + s, name=f"y{s}")
                          for s in range(S)],
-                   "dx": [popxl.remote_variable(np.zeros((B, H), np.float32), dx_buffer, s, name=f"dx{s}")
+                   "dx": [remote_variable(np.zeros((B, H), np.float32), dx_buffer, s, name=f"dx{s}")
                           for s in range(S)]}
 
         fwd_bs, bwd_bs = addons.batch_serialise_fwd_and_grad(
             fwd, bwd, fwd.args, S,
-            load_handles={fwd.graph.inputs[0]: addons.RemoteHandle(x_buffer, 0),
-                          bwd.graph.inputs[0]: addons.RemoteHandle(dx_buffer, 1)},
+            load_handles={fwd.graph.inputs[0]: addons.RemoteHandle(x_buffer, 0, shard_group),
+                          bwd.graph.inputs[0]: addons.RemoteHandle(dx_buffer, 1, shard_group)},
             store_streams={},
-            store_buffers={fwd.graph.outputs[0]: addons.RemoteHandle(x_buffer, 1),
-                           bwd.graph.outputs[0]: addons.RemoteHandle(dx_buffer, 0)},
+            store_buffers={fwd.graph.outputs[0]: addons.RemoteHandle(x_buffer, 1, shard_group),
+                           bwd.graph.outputs[0]: addons.RemoteHandle(dx_buffer, 0, shard_group)},
             rows=L, io_mode=io_mode)
         # The forward weights the backward reads become its named args (all of them when it recomputes).
         needed = fwd.args.keys_flat() if recompute else ["fc.weight"]
@@ -95,16 +100,17 @@ def build_phased_training(data, io_mode, recompute):
     return ir, weights, grads, outputs
 
 
-@pytest.mark.parametrize("io_mode", IO_MODES)
-@pytest.mark.parametrize("recompute", [False, True])
-def test_batch_serialised_phased_training_equals_torch(io_mode, recompute, rng):
+@pytest.mark.parametrize("io_mode, recompute, replicas", [(m, r, 1) for m in IO_MODES for r in (False, True)]
+                         + [("io", True, 2), ("io_overlapped", False, 2)])
+def test_batch_serialised_phased_training_equals_torch(io_mode, recompute, replicas, rng):
     data = host_data(rng)
-    ir, weights, grads, outputs = build_phased_training(data, io_mode, recompute)
+    ir, weights, grads, outputs = build_phased_training(data, io_mode, recompute, replicas)
     with popxl.Session(ir) as session:
         for n in range(L):
             session.write_variables_data({weights[n].fc.weight: data["w"][n], weights[n].fc.bias: data["b"][n]})
         session.run()
-        got = session.get_tensors_data([t for ts in outputs.values() for t in ts] + [t for g in grads for t in g.tensors])
+        got = session.get_tensors_data([t for ts in outputs.values() for t in ts]
+                                       + [t for g in grads for t in g.tensors])
     ref = torch_reference(data)
     for key in ("y", "dx"):
         np.testing.assert_allclose(np.stack([got[t] for t in outputs[key]]), ref[key], rtol=1e-5, atol=1e-6)
@@ -112,6 +118,82 @@ def test_batch_serialised_phased_training_equals_torch(io_mode, recompute, rng):
         np.testing.assert_allclose(got[grads[n].accum.fc.weight], ref["dw"][n], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got[grads[n].accum.fc.bias], ref["db"][n], rtol=1e-5, atol=1e-6)
         assert got[grads[n].mean_accum_counter] == S
+
+
+def test_data_parallel_phases_with_replica_sharded_weights_and_gradients(rng):
+    """The phase pattern of the training program with dp 2: weights replica-sharded in remote buffers
+    (one entry per layer) are all-gathered at the start of a phase; the backward phase zeroes the
+    accumulators, loops over the micro-batches, reduce-scatters the mean gradient over dp and stores
+    its shard in a gradient buffer at the layer's entry. Replica r takes micro-batches r*S .. r*S+S-1."""
+    R = 2
+    data = host_data(rng, R * S)
+    ir = popxl.Ir(replication=R)
+    with ir.main_graph:
+        dp = ir.replica_grouping()
+        own = ir.replica_grouping(group_size=1)  # a value per replica
+        facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
+        accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
+                                                             grads_required=[fwd.graph.inputs[0]])
+        bwd = addons.recompute_graph(bwd)
+        weight_buffers = addons.named_variable_buffers(facts, entries=L)
+        grad_buffers = addons.named_variable_buffers(facts, entries=L)
+        assert weight_buffers.fc.weight.meta_shape == (H, H)  # replica-sharded over dp
+        weights = [facts.init_remote(weight_buffers, n, f"layer{n}") for n in range(L)]
+        grads = [facts.init_remote(grad_buffers, n, f"grad{n}") for n in range(L)]
+        accums = accum_facts.init()
+
+        x_buffer = addons.batch_serial_buffer(fwd.graph.outputs[0], steps=S, rows=L + 1)
+        dx_buffer = addons.batch_serial_buffer(bwd.graph.inputs[0], steps=S, rows=L + 1)
+        per_replica = {k: data[k].reshape(R, S, B, H) for k in ("x", "dy")}
+        outputs = {"y": [], "dx": []}
+        for s in range(S):
+            popxl.remote_variable(per_replica["x"][:, s], x_buffer, s, replica_grouping=own, name=f"x{s}")
+            popxl.remote_variable(per_replica["dy"][:, s], dx_buffer, L * S + s, replica_grouping=own, name=f"dy{s}")
+            zeros = np.zeros((R, B, H), np.float32)
+            outputs["y"].append(popxl.remote_variable(zeros, x_buffer, L * S + s, replica_grouping=own, name=f"y{s}"))
+            outputs["dx"].append(popxl.remote_variable(zeros, dx_buffer, s, replica_grouping=own, name=f"dx{s}"))
+        fwd_bs, bwd_bs = addons.batch_serialise_fwd_and_grad(
+            fwd, bwd, fwd.args, S,
+            load_handles={fwd.graph.inputs[0]: addons.RemoteHandle(x_buffer, 0),
+                          bwd.graph.inputs[0]: addons.RemoteHandle(dx_buffer, 1)},
+            store_streams={},
+            store_buffers={fwd.graph.outputs[0]: addons.RemoteHandle(x_buffer, 1),
+                           bwd.graph.outputs[0]: addons.RemoteHandle(dx_buffer, 0)},
+            rows=L)
+
+        load, names = addons.load_remote_graph(weight_buffers)
+        gather, gathered_names = addons.all_gather_replica_sharded_graph(
+            addons.NamedTensors.pack(names, load.graph.outputs), replica_groups=facts.replica_groupings)
+        reduce, reduced_names = addons.reduce_replica_sharded_graph(
+            accums.accum, "mean", shard_groups=facts.replica_groupings, replica_group=dp)
+        store = addons.store_remote_graph(grad_buffers)
+
+        def layer_weights(n):
+            shards = addons.NamedTensors.pack(names, load.call(n))
+            return addons.NamedTensors.pack(gathered_names, gather.bind(shards).call())
+
+        for n in range(L):
+            fwd_bs.graph.bind(layer_weights(n)).call(n)
+        for n in reversed(range(L)):
+            ops.var_updates.accumulator_zero_(accums.mean_accum_counter)  # restarts the running means
+            layer = layer_weights(n)
+            layer.update(accums)
+            bwd_bs.graph.bind(layer).call(n)
+            shards = addons.NamedTensors.pack(reduced_names, reduce.bind(accums.accum).call())
+            store.bind(shards).call(n)
+    with popxl.Session(ir) as session:
+        for n in range(L):
+            session.write_variables_data({weights[n].fc.weight: data["w"][n], weights[n].fc.bias: data["b"][n]})
+        session.run()
+        got = session.get_tensors_data([t for ts in outputs.values() for t in ts]
+                                       + [t for g in grads for t in g.tensors])
+    ref = torch_reference(data)
+    for key in ("y", "dx"):
+        np.testing.assert_allclose(np.stack([got[t] for t in outputs[key]], 1).reshape(R * S, B, H), ref[key],
+                                   rtol=1e-5, atol=1e-6)
+    for n in range(L):
+        np.testing.assert_allclose(got[grads[n].fc.weight], ref["dw"][n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[grads[n].fc.bias], ref["db"][n], rtol=1e-5, atol=1e-6)
 
 
 def test_recomputed_gradient_graph_needs_only_the_forward_inputs():
@@ -215,3 +297,68 @@ def test_repeat_graph_repeats_the_whole_main_graph(rng):
     expected = 1.0 + np.cumsum(2.0 * xs, axis=0)
     np.testing.assert_allclose(out[out_stream], expected + 0.5, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(final, expected[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_available_memory_proportions_are_checked_and_recorded():
+    from gptj_popxl.addons.transforms.available_memory_proportion import recorded_proportions
+    ir = popxl.Ir()
+    with ir.main_graph:
+        graph = ir.create_empty_graph("g")
+    addons.transforms.set_available_memory_proportion_by_ipu(ir, [0.3, 0.5])
+    addons.transforms.set_graph_available_memory_proportion_by_ipu(graph, (0.2,))
+    assert recorded_proportions(ir) == (0.3, 0.5) and recorded_proportions(graph) == (0.2,)
+    for bad in ([], [0.0], [1.5]):
+        with pytest.raises(ValueError, match="proportion"):
+            addons.transforms.set_available_memory_proportion_by_ipu(ir, bad)
+
+
+@pytest.mark.parametrize("io_mode", IO_MODES)
+def test_fwd_and_grad_store_host_loaded_inputs_for_the_backward(io_mode, rng):
+    """An input the backward needs that came from a host stream (as token ids do) is stored by the
+    forward loop and reloaded by the backward loop; streams out from both loops."""
+    xs = rng.normal(size=(S, B, H)).astype(np.float32)
+    dys = rng.normal(size=(S, B, H)).astype(np.float32)
+    w_np = rng.normal(size=(H,)).astype(np.float32)
+    ir = popxl.Ir()
+    ir.num_host_transfers = S
+    with ir.main_graph:
+        def fn(x, w):
+            return x * w
+        graph = addons.GraphWithNamedArgs(ir.create_graph(fn, popxl.TensorSpec((B, H), F32),
+                                                          popxl.TensorSpec((H,), F32)))
+        x_in, w_in = graph.graph.inputs
+        graph.args = addons.NamedTensors(w=w_in)
+        accum_facts, grad = addons.autodiff_with_accumulation(graph, [w_in], grads_required=[])
+        streams = {"x": popxl.h2d_stream((B, H), F32, "x"), "dy": popxl.h2d_stream((B, H), F32, "dy"),
+                   "y": popxl.d2h_stream((B, H), F32, "y")}
+        fwd_bs, grad_bs = addons.batch_serialise_fwd_and_grad(
+            graph, grad, graph.args, S, {x_in: streams["x"], grad.graph.inputs[0]: streams["dy"]},
+            {graph.graph.outputs[0]: streams["y"]}, {}, io_mode=io_mode)
+        assert x_in in fwd_bs.stored_buffers and fwd_bs.stored_buffers[x_in].buffer.entries == S
+        w = popxl.variable(w_np, name="w")
+        accums = accum_facts.init()
+        fwd_bs.graph.bind(addons.NamedTensors(w=w)).call(0)
+        named = addons.NamedTensors(w=w)
+        named.update(accums)
+        grad_bs.graph.bind(named).call(0)
+    with popxl.Session(ir) as session:
+        out = session.run({streams["x"]: xs, streams["dy"]: dys})
+        dw = session.get_tensor_data(accums.accum.w)
+    np.testing.assert_allclose(out[streams["y"]], xs * w_np, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw, (xs * dys).sum(1).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_batch_serialise_rejects_bad_arguments():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        graph = addons.GraphWithNamedArgs(ir.create_graph(lambda x: x + 1.0, popxl.TensorSpec((H,), F32)))
+        (x,), (y,) = graph.graph.inputs, graph.graph.outputs
+        stream = popxl.h2d_stream((H,), F32, "x")
+        with pytest.raises(TypeError, match="handle of tensor .* must be a RemoteHandle"):
+            addons.batch_serialise(graph, S, {}, {}, {y: stream})
+        with pytest.raises(ValueError, match="io_mode"):
+            addons.batch_serialise(graph, S, {x: stream}, {}, {}, io_mode="fast")
+        with pytest.raises(ValueError, match="steps must be >= 1"):
+            addons.batch_serialise(graph, 0, {x: stream}, {}, {})
+        with pytest.raises(ValueError, match="overlapped IO needs steps >= 2"):
+            addons.transforms.batch_serialise_overlapped(graph, 1, {x: stream}, {}, {})

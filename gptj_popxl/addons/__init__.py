@@ -50,6 +50,31 @@ Autodiff (``transforms``)
     ``AccumulatingGradGraphInfo`` with GradGraphInfo's interface (public popxl cannot remove graph
     outputs, so the gradient graph is wrapped).
 
+Phased execution (``transforms``, ``rts``)
+    ``batch_serial_buffer(t, steps=1, rows=1, shard_group=None)``: a remote buffer of rows x steps
+    entries (entry ``row * steps + step``), replica-sharded over ``shard_group``.
+    ``RemoteHandle(buffer, row_offset=0, shard_group=None)``: where a tensor is loaded from / stored
+    to (``row_offset`` rows added to the row; None: always row 0).
+    ``batch_serialise(graph, steps, load_handles, store_streams, store_buffers, seed_input=None,
+    rows=1, io_mode="io")`` -> ``BatchSerialResult`` (``.graph`` takes the row index, then the seed
+    if any, then the inputs not loaded, named args remapped; ``.stored_buffers``;
+    ``.remap_tensors``). ``batch_serialise_fwd_and_grad(fwd, grad, named_inputs_for_grad_graph,
+    steps, load_handles, store_streams, store_buffers, seed_input=None, rows=1, io_mode="io")`` ->
+    (fwd result, grad result): the forward loop stores what the gradient needs, the gradient loop
+    loads it; ``named_inputs_for_grad_graph`` (the weights) become the gradient graph's named args.
+    io modes 'compute' / 'io' / 'io_overlapped' give the same values.
+    ``recompute_graph(grad)``: a gradient graph recomputing the forward from its inputs (expected
+    inputs: output gradients and forward inputs only); ``add_recompute_inputs(info)``.
+    ``remap_grad_info(info, forward_graph, backward_graph)``: connections moved by position.
+    ``transforms.repeat_graph(graph, n)``: the graph's ops moved into a loop run n times (CPU only;
+    on the SDK use popxl-addons'). ``set_(graph_)available_memory_proportion_by_ipu``: recorded only.
+    ``rts``: ``replica_sharded_spec(t, shard_over)``, ``gather_replica_sharded_tensor(t,
+    use_io_tiles=False, replica_group=None)``, ``reduce_replica_sharded_tensor(t, op="add",
+    replica_group=None, shard_group=None)`` (reduce-scatter when both groups match, else all-reduce
+    then slice), ``all_gather_replica_sharded_graph(tensors, use_io_tiles=False, replica_groups=None)``,
+    ``reduce_replica_sharded_graph(tensors, op="add", use_io_tiles=False, shard_groups=None,
+    replica_group=None)`` -> ``(graph, names)``. One instance: no cross-instance stages.
+
 Layers (``layers``)
     ``Linear(out_features, bias=True, replica_grouping=None)``: ``x @ weight + bias``, weight
     (in, out); ``Linear.torch_mapping(variables, nn_linear, dtype)`` -> ``{variable: array}``.
@@ -100,6 +125,7 @@ from .rts import (all_gather_replica_sharded_graph, gather_replica_sharded_tenso
 from .streams import InputStreams, OutputStreams
 from .transforms import (AccumulatingGradGraphInfo, BatchSerialResult, RemoteHandle, add_recompute_inputs, autodiff,
                          autodiff_with_accumulation, batch_serial_buffer, batch_serialise, batch_serialise_fwd_and_grad,
-                         recompute_graph, remap_grad_info)
+                         recompute_graph, remap_grad_info, set_available_memory_proportion_by_ipu,
+                         set_graph_available_memory_proportion_by_ipu)
 from .variable_factory import (NamedReplicaGrouping, NamedVariableFactories, VariableFactory,
                                add_replica_sharded_variable_input, add_variable_input)

@@ -26,9 +26,16 @@ from ..graph import GraphWithNamedArgs
 from ..named_tensors import NamedTensors
 from ..remote import create_remote_buffer
 from ..rts import gather_replica_sharded_tensor
+from ._named import graph_input_like, remap
 from .autodiff import remap_grad_info
 
 __all__ = ["batch_serialise", "batch_serialise_fwd_and_grad", "batch_serial_buffer", "RemoteHandle"]
+
+
+@contextlib.contextmanager
+def null_context():
+    """A context that changes nothing (the tile placement when IO tiles are not used)."""
+    yield
 
 _IO_MODES = ("compute", "io", "io_overlapped")
 
@@ -62,11 +69,7 @@ class BatchSerialResult:
     def remap_tensors(self, ts: NamedTensors) -> NamedTensors:
         """``ts``'s tensors of the original graph replaced by the transformed graph's inputs standing
         for them (tensors the transform loads itself have none and are left out)."""
-        return _remap(ts, self._remap_dict)
-
-
-def _remap(ts: NamedTensors, mapping: Mapping[popxl.Tensor, popxl.Tensor]) -> NamedTensors:
-    return NamedTensors.from_dict({name: mapping[t] for name, t in ts.to_dict().items() if t in mapping})
+        return remap(ts, self._remap_dict)
 
 
 def batch_serial_buffer(t: popxl.Tensor, steps: int = 1, rows: int = 1,
@@ -82,38 +85,40 @@ def batch_serial_buffer(t: popxl.Tensor, steps: int = 1, rows: int = 1,
     return create_remote_buffer(t.spec, entries=steps * rows, replica_group=shard_group, shard_over=shard_over)
 
 
-def _as_handle(t: popxl.Tensor, handle, what: str) -> Handle:
-    """A RemoteHandle from the older ``(buffer, row_offset)`` form; streams and handles as they are."""
-    if isinstance(handle, (popxl.HostToDeviceStream, RemoteHandle)):
-        return handle
-    if (isinstance(handle, tuple) and len(handle) == 2 and isinstance(handle[0], popxl.RemoteBuffer)
-            and (handle[1] is None or isinstance(handle[1], int))):
-        return RemoteHandle(*handle)
-    raise TypeError(f"{what}: the handle of tensor '{t.name}' must be a HostToDeviceStream, a RemoteHandle or a "
-                    f"(RemoteBuffer, row_offset) pair, got {handle!r}")
-
-
-def _as_handles(handles: Mapping, what: str) -> Dict[popxl.Tensor, Handle]:
-    return {t: _as_handle(t, h, what) for t, h in handles.items()}
+def _as_handles(handles: Mapping, what: str, streams_allowed: bool = True) -> Dict[popxl.Tensor, Handle]:
+    """RemoteHandles for the older ``(buffer, row_offset)`` form; streams (where allowed) and handles as they are."""
+    converted = {}
+    for t, h in handles.items():
+        if (isinstance(h, tuple) and len(h) == 2 and isinstance(h[0], popxl.RemoteBuffer)
+                and (h[1] is None or isinstance(h[1], int))):
+            h = RemoteHandle(*h)
+        if not (isinstance(h, RemoteHandle) or streams_allowed and isinstance(h, popxl.HostToDeviceStream)):
+            kinds = "a HostToDeviceStream, a RemoteHandle" if streams_allowed else "a RemoteHandle"
+            raise TypeError(f"{what}: the handle of tensor '{t.name}' must be {kinds} or a (RemoteBuffer, row_offset) "
+                            f"pair, got {h!r}")
+        converted[t] = h
+    return converted
 
 
 def _io_context(use_io_tiles: bool):
-    return popxl.io_tiles() if use_io_tiles else contextlib.nullcontext()
+    return popxl.io_tiles() if use_io_tiles else null_context()
 
 
 class _Plan:
     """What one iteration of the loop loads, stores and passes through, and how."""
 
-    def __init__(self, graph: GraphWithNamedArgs, steps: int, load_handles, store_streams, store_buffers,
-                 seed_input: Optional[popxl.Tensor], rows: int):
+    def __init__(self, graph: GraphWithNamedArgs, steps: int, load_handles: Mapping, store_streams: Mapping,
+                 store_buffers: Mapping, seed_input: Optional[popxl.Tensor], rows: int):
+        what = f"batch_serialise of '{graph.graph.name}'"
         if steps < 1:
-            raise ValueError(f"batch_serialise of '{graph.graph.name}': steps must be >= 1, got {steps}")
+            raise ValueError(f"{what}: steps must be >= 1, got {steps}")
         if rows < 1:
-            raise ValueError(f"batch_serialise of '{graph.graph.name}': rows must be >= 1, got {rows}")
+            raise ValueError(f"{what}: rows must be >= 1, got {rows}")
         inputs, outputs = graph.graph.inputs, graph.graph.outputs
         if seed_input is not None and seed_input not in inputs:
-            raise ValueError(f"batch_serialise of '{graph.graph.name}': seed_input '{seed_input.name}' is not an "
-                             f"input of the graph")
+            raise ValueError(f"{what}: seed_input '{seed_input.name}' is not an input of the graph")
+        load_handles = _as_handles(load_handles, what)
+        store_buffers = _as_handles(store_buffers, what, streams_allowed=False)
         self.graph = graph
         self.steps = steps
         self.rows = rows
@@ -192,7 +197,7 @@ class _Plan:
 
         By reference: the compute graph's own call decides which of them it writes.
         """
-        return [_graph_input_like(t, by_ref=True) for t in self.passed_through]
+        return [graph_input_like(t, by_ref=True) for t in self.passed_through]
 
     def stored_buffers(self) -> Dict[popxl.Tensor, RemoteHandle]:
         ts = self.graph.graph.inputs + self.graph.graph.outputs
@@ -200,14 +205,9 @@ class _Plan:
                 for t, h in self.store_buffers.items() if t in ts}
 
     def result(self, graph: popxl.Graph, passed: Sequence[popxl.Tensor]) -> BatchSerialResult:
-        remap = dict(zip(self.passed_through, passed))
-        return BatchSerialResult(GraphWithNamedArgs(graph, _remap(self.graph.args, remap)), self.stored_buffers(),
-                                 remap)
-
-
-def _graph_input_like(t: popxl.Tensor, by_ref: bool = False) -> popxl.Tensor:
-    return popxl.graph_input(t.shape, t.dtype, t.name.rpartition("/")[2], by_ref=by_ref,
-                             meta_shape=t.meta_shape or None)
+        mapping = dict(zip(self.passed_through, passed))
+        return BatchSerialResult(GraphWithNamedArgs(graph, remap(self.graph.args, mapping)), self.stored_buffers(),
+                                 mapping)
 
 
 def _group_size(group: Optional[popxl.ReplicaGrouping]) -> int:
@@ -241,9 +241,7 @@ def batch_serialise_non_overlapped(graph: GraphWithNamedArgs, steps: int, load_h
                                    seed_input: Optional[popxl.Tensor] = None, rows: int = 1,
                                    use_io_tiles: bool = False) -> BatchSerialResult:
     """:func:`batch_serialise` where each iteration loads, computes and stores in turn."""
-    what = f"batch_serialise of '{graph.graph.name}'"
-    plan = _Plan(graph, steps, _as_handles(load_handles, what), store_streams, _as_handles(store_buffers, what),
-                 seed_input, rows)
+    plan = _Plan(graph, steps, load_handles, store_streams, store_buffers, seed_input, rows)
     ir = graph.graph.ir
 
     body = ir.create_empty_graph(graph.graph.name + "_batch_serial_step")
@@ -275,11 +273,9 @@ def batch_serialise_overlapped(graph: GraphWithNamedArgs, steps: int, load_handl
     The loop is software-pipelined: load 0; load 1 while computing 0; then ``steps - 2`` times
     store i-2, load i and compute i-1 together; store n-2 while computing n-1; store n-1.
     """
-    what = f"batch_serialise of '{graph.graph.name}'"
     if steps < 2:
-        raise ValueError(f"{what}: overlapped IO needs steps >= 2, got {steps}")
-    plan = _Plan(graph, steps, _as_handles(load_handles, what), store_streams, _as_handles(store_buffers, what),
-                 seed_input, rows)
+        raise ValueError(f"batch_serialise of '{graph.graph.name}': overlapped IO needs steps >= 2, got {steps}")
+    plan = _Plan(graph, steps, load_handles, store_streams, store_buffers, seed_input, rows)
     ir = graph.graph.ir
 
     def compute(loaded, passed, seed):
@@ -303,8 +299,8 @@ def batch_serialise_overlapped(graph: GraphWithNamedArgs, steps: int, load_handl
                 # Carried values first (index, seed, loaded, stored), as the loop feeds outputs back.
                 b_index = popxl.graph_input((), popxl.int32, "batch_serial_index")
                 b_seed = plan.seed_graph_input()
-                b_loaded = [_graph_input_like(t) for t in loaded]
-                b_stored = [_graph_input_like(t) for t in stored]
+                b_loaded = [graph_input_like(t) for t in loaded]
+                b_stored = [graph_input_like(t) for t in stored]
                 b_passed = plan.passed_graph_inputs()
                 with popxl.io_tiles():
                     store_index = b_index - 2
@@ -378,7 +374,8 @@ def batch_serialise_fwd_and_grad(forward_graph: GraphWithNamedArgs, gradient_gra
     what = f"batch_serialise_fwd_and_grad of '{forward_graph.graph.name}'"
     load_handles = _as_handles(load_handles, what)
     shard_groups = {t: g for t, g in store_buffers.items() if isinstance(g, popxl.ReplicaGrouping)}
-    buffers = _as_handles({t: h for t, h in store_buffers.items() if t not in shard_groups}, what)
+    buffers = _as_handles({t: h for t, h in store_buffers.items() if t not in shard_groups}, what,
+                          streams_allowed=False)
     info = gradient_graph.grad_graph_info
     grad_inputs = gradient_graph.graph.inputs
     kept_names = {t: name for name, t in named_inputs_for_grad_graph.to_dict().items()}

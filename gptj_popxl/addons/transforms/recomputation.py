@@ -5,8 +5,8 @@ from typing import Dict, List, Tuple
 
 from ...backend import ops, popxl
 from ..graph import GraphWithNamedArgs
+from ._named import graph_input_like, remap
 from .autodiff import ExpectedConnection, RemappedGradGraphInfo
-from .batch_serialisation import _graph_input_like, _remap
 
 __all__ = ["recompute_graph", "add_recompute_inputs"]
 
@@ -28,14 +28,14 @@ def add_recompute_inputs(grad_info) -> Tuple[Dict[popxl.Tensor, popxl.Tensor], D
     expected: List[ExpectedConnection] = []
     for i, c in enumerate(grad_info.expected_inputs):
         if c.connection_type == connection.FwdGrad:
-            grad_map[grad_inputs[i]] = _graph_input_like(grad_inputs[i])
+            grad_map[grad_inputs[i]] = graph_input_like(grad_inputs[i])
         elif c.fwd_tensor in fwd_inputs:
-            fwd_map[c.fwd_tensor] = _graph_input_like(c.fwd_tensor)
+            fwd_map[c.fwd_tensor] = graph_input_like(c.fwd_tensor)
         else:
             continue
         expected.append(ExpectedConnection(c.fwd_tensor, c.connection_type))
     for t in sorted((t for t in fwd_inputs if t not in fwd_map), key=lambda t: t.name):
-        fwd_map[t] = _graph_input_like(t)
+        fwd_map[t] = graph_input_like(t)
         expected.append(ExpectedConnection(t, connection.Fwd))
     return fwd_map, grad_map, expected
 
@@ -57,8 +57,8 @@ def recompute_graph(grad_graph: GraphWithNamedArgs) -> GraphWithNamedArgs:
         # The remaining inputs are not the forward's (accumulators and the like); by reference so
         # that the gradient graph's own call decides which of them it writes.
         others = sorted((t for t in grad_graph.graph.inputs if t not in grad_map), key=lambda t: t.name)
-        grad_map.update((t, _graph_input_like(t, by_ref=True)) for t in others)
+        grad_map.update((t, graph_input_like(t, by_ref=True)) for t in others)
         for t in ops.call(grad_graph.graph, inputs_dict=grad_map):
             popxl.graph_output(t)
     grad_info = RemappedGradGraphInfo(graph, info.forward_graph, expected, info.expected_outputs)
-    return GraphWithNamedArgs(graph, _remap(grad_graph.args, grad_map), grad_info)
+    return GraphWithNamedArgs(graph, remap(grad_graph.args, grad_map), grad_info)

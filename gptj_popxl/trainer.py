@@ -195,10 +195,11 @@ class Trainer:
 
         lr = cfg.lr_at(self.step_count)
         t = self.optimizer_steps + 1
+        bias_correction2_sqrt = math.sqrt(1 - cfg.beta2 ** t)
         scalars = {"loss_weight": 1.0 / tokens, "loss_scaling": self.loss_scale,
-                   "inverse_loss_scaling": 1.0 / self.loss_scale,
-                   "step_size": lr / (1 - cfg.beta1 ** t), "bias_correction2_sqrt": math.sqrt(1 - cfg.beta2 ** t),
-                   "decay_factor": 1 - lr * cfg.weight_decay}
+                   "inverse_loss_scaling": 1.0 / self.loss_scale, "decay_factor": 1 - lr * cfg.weight_decay,
+                   "update_scale": -lr / (1 - cfg.beta1 ** t) * bias_correction2_sqrt,
+                   "scaled_eps": cfg.eps * bias_correction2_sqrt}
         out = self._program_for(seq).run(ids, lab, scalars)
         self._device_ahead = True
         finite = bool(out["finite"])

@@ -43,7 +43,7 @@ F32 = popxl.float32
 # Replicas over which parts of the gradients' sum of squares are added up (see ``_Stage.norm_group``).
 NORM_GROUPS = ("all", "tp", "none")
 # Scalars each optimizer phase takes, in order.
-OPTIMIZER_SCALARS = ("decay_factor", "step_size", "bias_correction2_sqrt", "clip", "finite")
+OPTIMIZER_SCALARS = ("decay_factor", "update_scale", "scaled_eps", "clip", "finite")
 
 
 class _Stage:

@@ -5,7 +5,7 @@ loss and its gradient, accumulating float32 gradients. Each micro-batch's loss i
 cross entropy times ``loss_weight`` (one over the token count of the whole global batch, from the
 host), so the sum over micro-batches and data-parallel replicas is exactly transformers' mean loss
 of the global batch, and so are its gradients. Then: gradients summed over the data-parallel group,
-unscaled (``1 / loss_scaling``), clipped by their global norm as ``torch.nn.utils.clip_grad_norm_``
+unscaled (``1 / loss_scaling``) and clipped by their global norm as ``torch.nn.utils.clip_grad_norm_``
 does, and applied by AdamW as ``torch.optim.AdamW`` computes it (decoupled weight decay, bias
 correction, eps outside the square root). float16 programs keep float32 master weights and moments
 and copy the updated masters into the float16 weights. With ``skip_nonfinite`` (dynamic loss
@@ -29,10 +29,10 @@ from gptj_popxl.programs.common import attached_session, create_variables, input
 from gptj_popxl.programs.execution import ExecutionConfig
 
 # Host-computed float32 scalars of one step: ``loss_weight`` (1 / tokens of the global batch),
-# ``inverse_loss_scaling``, ``loss_scaling`` (the gradient seed), ``step_size`` (lr / (1 - beta1^t)),
-# ``bias_correction2_sqrt`` (sqrt(1 - beta2^t)) and ``decay_factor`` (1 - lr * weight_decay).
-STEP_SCALARS = ("loss_weight", "loss_scaling", "inverse_loss_scaling", "step_size", "bias_correction2_sqrt",
-                "decay_factor")
+# ``loss_scaling`` (the gradient seed), ``inverse_loss_scaling``, and AdamW's ``decay_factor``
+# (1 - lr * weight_decay), ``update_scale`` (-lr / (1 - beta1^t) * sqrt(1 - beta2^t)) and ``scaled_eps``
+# (eps * sqrt(1 - beta2^t)) at step t.
+STEP_SCALARS = ("loss_weight", "loss_scaling", "inverse_loss_scaling", "decay_factor", "update_scale", "scaled_eps")
 
 # clip_grad_norm_'s guard against a zero norm.
 CLIP_EPS = 1e-6
@@ -166,24 +166,30 @@ def _global_norm_squared(grads: Mapping[str, popxl.Tensor], sharded: Mapping[str
 
 
 def adamw(master, m, v, grad, scalars, constants: OptimizerConstants, decay: bool, finite):
-    """AdamW's new ``(master, m, v)`` from float32 ``master``, moments ``m``, ``v`` and float32 ``grad``, in
-    ``torch.optim.AdamW``'s order of operations. ``scalars``: the step's ``decay_factor``, ``step_size``
-    and ``bias_correction2_sqrt`` tensors. ``finite``: None, or a bool scalar; when false each value is
-    returned unchanged."""
+    """AdamW's new ``(master, m, v)`` from float32 ``master``, moments ``m``, ``v`` and float32 ``grad``: as
+    ``torch.optim.AdamW`` computes ``w * (1 - lr wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``, with
+    ``sqrt(bc2)`` moved into the step and eps (``update_scale``, ``scaled_eps``) so that it runs as
+    popxl's in-place variable updates. ``scalars``: the step's tensors (``STEP_SCALARS``).
+
+    ``finite``: None, to update ``master``, ``m`` and ``v`` in place and return them; or a bool scalar,
+    to return new tensors, equal to the old ones where it is false (a skipped step).
+    """
     c = constants
+    a = scalars["decay_factor"] if decay else 1.0
+    if finite is None:
+        ops.var_updates.accumulate_moving_average_(m, grad, f=c.beta1)
+        ops.var_updates.accumulate_moving_average_square_(v, grad, f=c.beta2)
+        updater = ops.var_updates.adam_updater(m, v, epsilon=scalars["scaled_eps"])
+        ops.scaled_add_(master, updater, a=a, b=scalars["update_scale"])
+        return master, m, v
 
     def const(value, name):
         return popxl.constant(value, popxl.float32, name=name)
 
-    w = master * scalars["decay_factor"] if decay else master
     m_new = m * const(c.beta1, "beta1") + grad * const(1 - c.beta1, "one_minus_beta1")
     v_new = v * const(c.beta2, "beta2") + grad * grad * const(1 - c.beta2, "one_minus_beta2")
-    denom = ops.sqrt(v_new) / scalars["bias_correction2_sqrt"] + const(c.eps, "eps")
-    w_new = w - scalars["step_size"] * (m_new / denom)
-    new = (w_new, m_new, v_new)
-    if finite is None:
-        return new
-    return tuple(ops.where(finite, n, old) for n, old in zip(new, (master, m, v)))
+    w_new = ops.scaled_add(master, m_new / (ops.sqrt(v_new) + scalars["scaled_eps"]), a=a, b=scalars["update_scale"])
+    return tuple(ops.where(finite, n, old) for n, old in zip((w_new, m_new, v_new), (master, m, v)))
 
 
 def clip_factor(norm: popxl.Tensor, max_grad_norm: float) -> popxl.Tensor:
@@ -219,19 +225,19 @@ def build_training_step(config: GPTJConfig, execution: ExecutionConfig, weights:
         for micro in range(ex.gradient_accumulation):
             info = bound.call_with_info(ids[micro], offset, labels[micro], scalars["loss_weight"])
             micro_grads = grad_graph.call(scalars["loss_scaling"], args=grad_graph.grad_graph_info.inputs_dict(info))
-            micro_grads = [ops.cast(g, popxl.float32) for g in micro_grads]
+            micro_grads = [g if g.dtype == popxl.float32 else ops.cast(g, popxl.float32) for g in micro_grads]
             loss = info.outputs[0] if loss is None else loss + info.outputs[0]
             grads = micro_grads if grads is None else [a + b for a, b in zip(grads, micro_grads)]
         if ex.data_parallel > 1:
             loss = ops.collectives.replicated_all_reduce(loss, "add", groups.sharded)
             grads = [ops.collectives.replicated_all_reduce(g, "add", groups.sharded) for g in grads]
-        grads = {name: g * scalars["inverse_loss_scaling"] for name, g in zip(names, grads)}
+        grads = dict(zip(names, grads))  # still scaled by loss_scaling
 
         var_by_name = variables.to_dict()
         sharded = {name: var_by_name[name].replica_grouping.num_groups > 1 for name in names}
-        norm = ops.sqrt(_global_norm_squared(grads, sharded, groups))
+        norm = ops.sqrt(_global_norm_squared(grads, sharded, groups)) * scalars["inverse_loss_scaling"]
         finite = ops.isfinite(norm)
-        clip = clip_factor(norm, constants.max_grad_norm)
+        grad_factor = clip_factor(norm, constants.max_grad_norm) * scalars["inverse_loss_scaling"]
 
         master, first, second = {}, {}, {}
         for name in names:
@@ -241,10 +247,11 @@ def build_training_step(config: GPTJConfig, execution: ExecutionConfig, weights:
                 replica_grouping=w.replica_grouping)
             first[name] = _state_like(w, "first_order." + name)
             second[name] = _state_like(w, "second_order." + name)
-            updated = adamw(master[name], first[name], second[name], grads[name] * clip, scalars, constants,
+            updated = adamw(master[name], first[name], second[name], grads[name] * grad_factor, scalars, constants,
                             decays(name), finite if constants.skip_nonfinite else None)
             for target, value in zip((master[name], first[name], second[name]), updated):
-                ops.var_updates.copy_var_update_(target, value)
+                if value is not target:
+                    ops.var_updates.copy_var_update_(target, value)
             if w is not master[name]:
                 ops.var_updates.copy_var_update_(w, ops.cast(master[name], w.dtype))
 

@@ -27,7 +27,8 @@ def test_phased_peak_is_flat_in_the_layer_count(reports):
 
 def test_resident_peak_grows_with_the_layer_count_and_exceeds_phased(reports):
     # Resident keeps every layer's weights and moments on the device: 3 float32 copies of them.
-    layer_params = 4 * HIDDEN * HIDDEN + 8 * HIDDEN * HIDDEN + 4 * HIDDEN + HIDDEN + 2 * HIDDEN  # attn, mlp, biases, ln_1
+    # attention, MLP, MLP biases, ln_1
+    layer_params = 4 * HIDDEN * HIDDEN + 8 * HIDDEN * HIDDEN + 4 * HIDDEN + HIDDEN + 2 * HIDDEN
     growth = reports[False, 4].peak_device_bytes - reports[False, 2].peak_device_bytes
     assert growth >= 2 * layer_params * 4 * 3
     for layers in (2, 4):

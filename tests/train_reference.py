@@ -44,8 +44,10 @@ def reference_training(model_dir, cfg, batches) -> ReferenceRun:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    schedule = (transformers.get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.total_steps)
-                if cfg.lr_schedule == "linear" else transformers.get_constant_schedule_with_warmup(opt, cfg.warmup_steps))
+    if cfg.lr_schedule == "linear":
+        schedule = transformers.get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.total_steps)
+    else:
+        schedule = transformers.get_constant_schedule_with_warmup(opt, cfg.warmup_steps)
     losses, norms = [], []
     for ids, labels in batches:
         opt.zero_grad()
@@ -61,5 +63,8 @@ def reference_training(model_dir, cfg, batches) -> ReferenceRun:
 def max_relative_error(ours: dict, ref: dict) -> dict:
     """Per tensor ``max |ours - ref| / max |ref|``."""
     assert sorted(ours) == sorted(ref)
-    return {n: float(np.max(np.abs(np.asarray(ours[n], np.float64) - ref[n])) / max(float(np.max(np.abs(ref[n]))), 1e-30))
-            for n in ref}
+    errors = {}
+    for n in ref:
+        scale = max(float(np.max(np.abs(ref[n]))), 1e-30)
+        errors[n] = float(np.max(np.abs(np.asarray(ours[n], np.float64) - ref[n]))) / scale
+    return errors

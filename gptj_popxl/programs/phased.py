@@ -230,7 +230,8 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
 
         # Forward graphs and their (recomputing, accumulating) gradient graphs.
         emb_facts, emb_fwd = Embedding(config, b.groups, ex.popxl_dtype).create_graph(b.micro, offset)
-        dec_facts, dec_fwd = DecoderBlock(config, b.groups, ex.attention_serialisation).create_graph(b.hidden, positions)
+        decoder = DecoderBlock(config, b.groups, ex.attention_serialisation)
+        dec_facts, dec_fwd = decoder.create_graph(b.hidden, positions)
         head_facts, head_fwd = LMHeadLoss(config, b.groups).create_graph(b.hidden, offset, b.micro,
                                                                          scalars["loss_weight"])
         grads = {}

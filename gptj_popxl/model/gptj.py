@@ -138,7 +138,8 @@ class GPTJ:
         program = self.program("loss_and_grads", batch, seq)
         out = program.run(input_ids=ids, labels=lab)
         loss = float(np.asarray(out.pop("loss")).reshape(-1)[0])  # identical on every replica
-        ours = self._to_layout({name: np.asarray(g, dtype=np.float32) for name, g in out.items()})
+        ours = self._to_layout({name: np.asarray(g, dtype=np.float32) for name, g in out.items()},
+                               program.variables.to_dict())
         return loss, popxl_to_hf(ours, self.config, self.tensor_parallel)
 
     def program(self, kind: str, batch: int, seq: int) -> Program:
@@ -160,18 +161,15 @@ class GPTJ:
             program.load_weights(self.weights, self._weights_version)
         return program
 
-    def _to_layout(self, host: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        """Per-replica host values ``(R, *shape)`` (no R axis when R == 1) -> our layout."""
+    def _to_layout(self, host: Mapping[str, np.ndarray], variables) -> Dict[str, np.ndarray]:
+        """Per-replica host values ``(R, *shape)`` (no R axis when R == 1) of ``variables``' names -> our
+        layout: a tensor-parallel shard per replica, or one value when the variable is replicated."""
         shapes = popxl_param_shapes(self.config, self.tensor_parallel)
-        tp = self.tensor_parallel
         out = {}
         for name, value in host.items():
-            if tp == 1:
-                out[name] = value.reshape(shapes[name])
-            elif value.shape == shapes[name]:
-                out[name] = value  # sharded: replica r holds shard r
-            else:
-                out[name] = value[0]  # replicated: every replica holds the same value
+            if variables[name].replica_grouping.num_groups == 1 and self.tensor_parallel > 1:
+                value = value[0]  # replicated: every replica holds the same value
+            out[name] = value.reshape(shapes[name])
         return out
 
 

@@ -3,6 +3,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 import gptj_popxl
 from helpers_gptj import tiny_checkpoint
@@ -124,3 +125,18 @@ def test_bad_config_and_batch_shape_name_the_culprit(checkpoint):
         trainer.step(ids, ids)
     with pytest.raises(ValueError, match="ignore every token"):
         trainer.step(np.zeros((4, SEQ), np.int64), np.full((4, SEQ), -100))
+
+
+def test_model_programs_read_the_trained_weights(checkpoint, batches, tmp_path):
+    # One host copy of the weights: the logits program built before training sees the updates.
+    trainer = gptj_popxl.Trainer(checkpoint, dataclasses.replace(BASE, tensor_parallel=2))
+    ids = batches[0][0]
+    before = trainer.model.logits(ids)
+    for step_ids, labels in batches[:2]:  # the first step's learning rate is 0 (warmup)
+        trainer.step(step_ids, labels)
+    after = trainer.model.logits(ids)
+    trainer.save(tmp_path / "out")
+    with torch.no_grad():
+        reference = load_hf(tmp_path / "out")(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(after, reference, atol=1e-4)
+    assert np.abs(after - before).max() > 1e-2

@@ -258,6 +258,8 @@ class Trainer:
         """Write a checkpoint to ``out_dir`` atomically: ``config.json`` and ``model.safetensors`` (float32,
         Hugging Face names and shapes: transformers loads it as is), the source's tokenizer files, and the
         trainer state (config, counters, loss scale, AdamW moments and ``data_state``, a JSON-able dict)."""
+        if data_state is not None and not isinstance(data_state, dict):
+            raise TypeError(f"data_state must be a dict or None, got {type(data_state).__name__}")
         try:
             data_json = json.dumps(data_state)
         except (TypeError, ValueError) as e:

@@ -5,7 +5,7 @@ Phases, in order (as Graphcore's GPT-J app runs them):
 
 1. embedding forward;
 2. decoder forward, layer 0 to L-1 (one graph, called with the layer index);
-3. head: ``ln_f``, LM head and loss forward, then its backward;
+3. head: ``ln_f``, LM head and loss forward, then its backward (one phase: the weights load once);
 4. decoder backward, layer L-1 to 0, recomputing the layer's forward from its stored input;
 5. embedding backward;
 6. optimizer: embedding, each decoder layer, head.
@@ -139,17 +139,20 @@ class _Builder:
         self.micro = popxl.TensorSpec((ex.micro_batch_size, seq), popxl.int32)
         self.hidden = popxl.TensorSpec((ex.micro_batch_size, seq, config.n_embd), ex.popxl_dtype)
 
-    def backward_phase(self, name: str, stage: _Stage, bwd: addons.BatchSerialResult, accum_facts, named_extra):
+    def backward_phase(self, name: str, stage: _Stage, bwd: addons.BatchSerialResult, accum_facts, named_extra,
+                       forward: Optional[addons.BatchSerialResult] = None):
         """A graph (layer index) -> the gradients' sums of squares per ``NORM_GROUPS``: loads the weights,
-        zeroes the accumulators, runs the backward loop, then reduces (reduce-scatters where the optimizer
-        state is sharded), unscales and stores the gradients. Its other inputs: ``inverse_loss_scaling``
-        and the tensors of ``named_extra``."""
+        runs the ``forward`` loop when given (the head's phase), zeroes the accumulators, runs the backward
+        loop, then reduces (reduce-scatters where the optimizer state is sharded), unscales and stores the
+        gradients. Its other inputs: ``inverse_loss_scaling`` and the tensors of ``named_extra``."""
         graph = self.ir.create_empty_graph(name)
         with graph, popxl.in_sequence(True):
             entry = popxl.graph_input((), popxl.int32, "layer")
             inverse_scale = popxl.graph_input((), F32, "inverse_loss_scaling")
             extra = {k: popxl.graph_input(t.shape, t.dtype, k) for k, t in named_extra.items()}
             weights = stage.load("weights", entry)
+            if forward is not None:
+                forward.graph.bind(addons.NamedTensors.from_dict({**weights, **extra})).call(entry)
             accums = accum_facts.init_zero()
             bwd.graph.bind(addons.NamedTensors.from_dict({**weights, **extra, **accums.to_dict()})).call(entry)
             squares = {group: popxl.constant(0.0, F32, "zero") for group in NORM_GROUPS}
@@ -289,16 +292,15 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
 
         squares = []
 
-        def run_backward(name, key, bwd_bs, entries):
-            graph = b.backward_phase(name, stages[key], bwd_bs, grads[key][0], extras[key])
+        def run_backward(name, key, bwd_bs, entries, fwd_bs=None):
+            graph = b.backward_phase(name, stages[key], bwd_bs, grads[key][0], extras[key], fwd_bs)
             for n in entries:
                 squares.append(ops.call(graph, popxl.constant(n, popxl.int32, f"{name}_{n}"),
                                         scalars["inverse_loss_scaling"], *extras[key].values()))
 
         run_forward("embedding_fwd", "emb", emb_fwd_bs, [0])
         run_forward("decoder_fwd", "dec", dec_fwd_bs, range(L))
-        run_forward("head_fwd", "head", head_fwd_bs, [0])
-        run_backward("head_bwd", "head", head_bwd_bs, [0])
+        run_backward("head", "head", head_bwd_bs, [0], head_fwd_bs)
         run_backward("decoder_bwd", "dec", dec_bwd_bs, reversed(range(L)))
         run_backward("embedding_bwd", "emb", emb_bwd_bs, [0])
 

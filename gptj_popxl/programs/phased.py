@@ -15,9 +15,10 @@ micro-batches with ``addons.transforms.batch_serialise``: activations go between
 ``batch_serial_buffer``s of ``L + 1`` rows by ``gradient_accumulation`` micro-batches, ``x`` (row 0
 the embedding output, row ``n + 1`` decoder ``n``'s output) and ``dx`` (the head writes row ``L``,
 decoder ``n`` reads row ``n + 1`` and writes row ``n``). Backward phases accumulate the gradients
-(``autodiff_with_accumulation``) in accumulators zeroed at the phase's start, sum them over the
-data-parallel group, unscale them, add their squares to the global norm and store them, float32,
-in a gradient buffer. The optimizer phases then clip with the global norm and apply AdamW
+(``autodiff_with_accumulation``, a mean over the micro-batches) in accumulators zeroed at the phase's
+start, sum them over the data-parallel group, add their squares to the global norm and store them,
+float32, in a gradient buffer. The optimizer phases then scale them by the number of micro-batches,
+unscale, clip with the global norm in one factor, and apply AdamW
 (``training.adamw``) per layer, loading and storing weights, moments and float32 master weights.
 
 With data parallel, the optimizer's tensors (gradients, moments, master weights) are replica
@@ -43,7 +44,7 @@ F32 = popxl.float32
 # Replicas over which parts of the gradients' sum of squares are added up (see ``_Stage.norm_group``).
 NORM_GROUPS = ("all", "tp", "none")
 # Scalars each optimizer phase takes, in order.
-OPTIMIZER_SCALARS = ("decay_factor", "update_scale", "scaled_eps", "clip", "finite")
+OPTIMIZER_SCALARS = ("decay_factor", "update_scale", "scaled_eps", "grad_factor", "finite")
 
 
 class _Stage:
@@ -144,11 +145,11 @@ class _Builder:
         """A graph (layer index) -> the gradients' sums of squares per ``NORM_GROUPS``: loads the weights,
         runs the ``forward`` loop when given (the head's phase), zeroes the accumulators, runs the backward
         loop, then reduces (reduce-scatters where the optimizer state is sharded), unscales and stores the
-        gradients. Its other inputs: ``inverse_loss_scaling`` and the tensors of ``named_extra``."""
+        gradients, still scaled by the loss scale and averaged over the micro-batches (the optimizer's
+        factor undoes both). Its other inputs: the tensors of ``named_extra``."""
         graph = self.ir.create_empty_graph(name)
         with graph, popxl.in_sequence(True):
             entry = popxl.graph_input((), popxl.int32, "layer")
-            inverse_scale = popxl.graph_input((), F32, "inverse_loss_scaling")
             extra = {k: popxl.graph_input(t.shape, t.dtype, k) for k, t in named_extra.items()}
             weights = stage.load("weights", entry)
             if forward is not None:
@@ -158,13 +159,13 @@ class _Builder:
             squares = {group: popxl.constant(0.0, F32, "zero") for group in NORM_GROUPS}
             grads = {}
             for key in stage.names:
-                # The accumulators hold the mean over the micro-batches; the step needs their sum.
-                g = ops.cast(accums.to_dict()["accum." + key], F32) * popxl.constant(float(self.steps), F32, "steps")
+                g = accums.to_dict()["accum." + key]
+                g = g if g.dtype == F32 else ops.cast(g, F32)
                 if stage.shard_group[key] is not None:
                     g = addons.rts.reduce_replica_sharded_tensor(g, "add", self.groups.sharded, stage.shard_group[key])
                 elif self.ex.data_parallel > 1:
                     g = ops.collectives.replicated_all_reduce(g, "add", self.groups.sharded)
-                grads[key] = g = g * inverse_scale
+                grads[key] = g
                 squares[stage.norm_group(key)] = squares[stage.norm_group(key)] + ops.sum(g * g)
             stage.store("grads", entry, grads)
             for group in NORM_GROUPS:
@@ -185,7 +186,7 @@ class _Builder:
             grads, first, second = stage.load("grads", entry), stage.load("first_order", entry), \
                 stage.load("second_order", entry)
             finite = scalars["finite"] if self.constants.skip_nonfinite else None
-            new = {key: adamw(master[key], first[key], second[key], grads[key] * scalars["clip"], scalars,
+            new = {key: adamw(master[key], first[key], second[key], grads[key] * scalars["grad_factor"], scalars,
                               self.constants, decays(stage.prefixes[0] + key), finite) for key in stage.names}
             if keep_master:
                 stage.store("master", entry, {k: v[0] for k, v in new.items()})
@@ -295,8 +296,7 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
         def run_backward(name, key, bwd_bs, entries, fwd_bs=None):
             graph = b.backward_phase(name, stages[key], bwd_bs, grads[key][0], extras[key], fwd_bs)
             for n in entries:
-                squares.append(ops.call(graph, popxl.constant(n, popxl.int32, f"{name}_{n}"),
-                                        scalars["inverse_loss_scaling"], *extras[key].values()))
+                squares.append(ops.call(graph, popxl.constant(n, popxl.int32, f"{name}_{n}"), *extras[key].values()))
 
         run_forward("embedding_fwd", "emb", emb_fwd_bs, [0])
         run_forward("decoder_fwd", "dec", dec_fwd_bs, range(L))
@@ -312,9 +312,11 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
             totals["all"] = ops.collectives.replicated_all_reduce(totals["all"], "add")
         if ex.tensor_parallel > 1:
             totals["tp"] = ops.collectives.replicated_all_reduce(totals["tp"], "add", b.groups.tp_group)
-        norm = ops.sqrt(totals["all"] + totals["tp"] + totals["none"])
+        # The stored gradients are micro-batch means, loss-scaled: the step's are S / loss_scaling times them.
+        unscale = scalars["inverse_loss_scaling"] * popxl.constant(float(S), F32, "micro_batches")
+        norm = ops.sqrt(totals["all"] + totals["tp"] + totals["none"]) * unscale
         finite = ops.isfinite(norm)
-        step = {**scalars, "clip": clip_factor(norm, constants.max_grad_norm), "finite": finite}
+        step = {**scalars, "grad_factor": clip_factor(norm, constants.max_grad_norm) * unscale, "finite": finite}
         for key, entries in (("emb", [0]), ("dec", range(L)), ("head", [0])):
             graph = b.optimizer_phase(f"{key}_optimizer", stages[key])
             for n in entries:

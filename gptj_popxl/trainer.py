@@ -132,7 +132,10 @@ class Trainer:
     Attributes:
         config: the ``TrainingConfig``.
         model_config: the model's ``GPTJConfig``.
-        step_count: optimizer steps taken (``step`` calls, skipped ones included).
+        step_count: optimizer steps taken (``step`` calls, skipped ones included): the learning-rate
+            schedule advances on every call, as transformers' Trainer steps its scheduler.
+        optimizer_steps: updates applied (AdamW's bias-correction step ``t``); a step skipped for
+            inf/NaN gradients under dynamic loss scaling is not one.
         learning_rate: the learning rate of the last step (before any: of the first).
         grad_norm: the last step's global gradient norm, unscaled, before clipping (None before any).
         loss_scale: the current loss scale.

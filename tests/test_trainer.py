@@ -38,7 +38,8 @@ SPLITS = {
     "tp4": dict(tensor_parallel=4),
     "dp2": dict(data_parallel=2, micro_batch_size=2),
     "ga2": dict(gradient_accumulation=2, micro_batch_size=2),
-    "mix": dict(tensor_parallel=2, data_parallel=2, gradient_accumulation=2, micro_batch_size=1),
+    "mix": dict(tensor_parallel=2, data_parallel=2, gradient_accumulation=2, micro_batch_size=1,
+                attention_serialisation=2),
 }
 
 

@@ -1,10 +1,11 @@
 """gptj-popxl: GPT-J as hand-built popxl graphs, with a CPU runtime for popxl programs.
 
 ``gptj_popxl.from_pretrained(path, tensor_parallel=..., dtype=...)`` loads a Hugging Face GPT-J
-checkpoint as a model with ``logits`` and ``loss_and_grads`` (see ``gptj_popxl.model.gptj``).
+checkpoint as a model with ``logits`` and ``loss_and_grads`` (see ``gptj_popxl.model.gptj``);
+``gptj_popxl.Trainer(path, gptj_popxl.TrainingConfig(...))`` fine-tunes one (see ``gptj_popxl.trainer``).
 """
 
-__all__ = ["from_pretrained"]
+__all__ = ["from_pretrained", "TrainingConfig", "Trainer"]
 
 
 def __getattr__(name):
@@ -12,4 +13,7 @@ def __getattr__(name):
     if name == "from_pretrained":
         from gptj_popxl.model.gptj import from_pretrained
         return from_pretrained
+    if name in ("TrainingConfig", "Trainer"):
+        from gptj_popxl import trainer
+        return getattr(trainer, name)
     raise AttributeError(f"module 'gptj_popxl' has no attribute {name!r}")

@@ -1,99 +1,24 @@
 """GPT-J causal LM as popxl programs: ``from_pretrained`` and the model's public API.
 
-The model compiles one popxl program (an ``Ir`` and its ``Session``) per kind of run
-("logits" or "loss_and_grads") and input shape, on first use, and reuses it afterwards.
-Each program holds its own copy of the weights, made from the host arrays in our layout.
+The model builds one popxl program (see ``gptj_popxl.programs``) per kind of run ("logits" or
+"loss_and_grads") and input shape, on first use, and reuses it afterwards. Every program is loaded
+from the model's one host copy of the weights, ``GPTJ.weights``.
 """
-import dataclasses
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from gptj_popxl import addons
-from gptj_popxl.backend import IS_CPU, ops, popxl
 from gptj_popxl.checkpoint import PathLike
-from gptj_popxl.model.config import GPTJConfig, is_positive_int, tp_layout
+from gptj_popxl.model.config import GPTJConfig, is_positive_int
 from gptj_popxl.model.hf_mapping import hf_to_popxl, load_hf_state_dict, popxl_param_shapes, popxl_to_hf
-from gptj_popxl.model.layers import IGNORE_INDEX, GPTJLM, GPTJLMLoss, tp_groups
-
-DTYPES = {"float32": popxl.float32, "float16": popxl.float16}
+from gptj_popxl.model.layers import IGNORE_INDEX
+from gptj_popxl.programs.common import Program, create_variables  # noqa: F401 - create_variables: public here too
+from gptj_popxl.programs.execution import DTYPES, ExecutionConfig  # noqa: F401 - DTYPES: public here too
+from gptj_popxl.programs.inference import build_logits, build_loss_and_grads
 
 # Bias of the padded vocabulary columns of the LM head: their logits never win a softmax or argmax
 # and add exactly 0 to a softmax's sum (exp(-1e4) underflows), in float16 as in float32.
 PAD_LOGIT_BIAS = -1e4
-
-
-def create_variables(factories: addons.NamedVariableFactories, weights: Mapping[str, np.ndarray],
-                     prefix: str = "", make=popxl.variable) -> addons.NamedTensors:
-    """A main-graph variable per factory, holding ``weights[prefix + name]``.
-
-    ``make(data, dtype, name, replica_grouping=...)`` creates each variable (default
-    ``popxl.variable``; e.g. a ``popxl.remote_variable`` partial for offloaded weights).
-
-    ``weights`` are in our layout (``hf_to_popxl``): sharded tensors carry a leading axis of
-    one entry per shard, which is the variable's host data when its replica grouping has
-    several groups and is dropped when it has one (``tp == 1``).
-
-    Raises:
-        KeyError: a factory has no entry in ``weights``.
-        ValueError: an entry's shape fits neither layout.
-    """
-    made = {}
-    for name, f in factories.to_dict().items():
-        key = prefix + name
-        if key not in weights:
-            raise KeyError(f"no weights for variable {key!r}")
-        data = np.asarray(weights[key])
-        groups = f.replica_grouping.num_groups if f.replica_grouping is not None else 1
-        expected = ((groups,) if groups > 1 else ()) + tuple(f.shape)
-        if data.shape != expected:
-            if data.shape == (1,) + expected:
-                data = data[0]
-            else:
-                raise ValueError(f"weights {key!r} have shape {data.shape}; variable needs {expected} "
-                                 f"({groups} replica group(s) of {tuple(f.shape)})")
-        made[name] = make(data, f.dtype, key, replica_grouping=f.replica_grouping)
-    return addons.NamedTensors.from_dict(made)
-
-
-@dataclasses.dataclass
-class Program:
-    """A compiled popxl program of the model.
-
-    Attributes:
-        ir, session: the program and its (attached) session.
-        variables: the model's variables by our parameter name.
-        inputs: host-to-device streams by name (``input_ids``, and ``labels`` for a loss).
-        outputs: device-to-host streams by name (``logits``; or ``loss`` and one per parameter gradient).
-    """
-
-    ir: object
-    session: object
-    variables: addons.NamedTensors
-    inputs: Dict[str, object]
-    outputs: Dict[str, object]
-
-    def run(self, **host_inputs: np.ndarray) -> Dict[str, np.ndarray]:
-        """Run once; ``host_inputs`` by stream name (same data on every replica).
-
-        Returns host arrays by output name, each ``(replicas, *shape)`` when replicated.
-        """
-        replicas = self.ir.replication_factor
-        feed = {}
-        for name, stream in self.inputs.items():
-            data = np.asarray(host_inputs[name], dtype=stream.dtype.as_numpy())
-            feed[stream] = np.broadcast_to(data, (replicas,) + data.shape) if replicas > 1 else data
-        results = self.session.run(feed)
-        return {name: results[stream] for name, stream in self.outputs.items()}
-
-
-def _check_options(tensor_parallel, dtype, attention_serialisation) -> None:
-    if not is_positive_int(tensor_parallel):
-        raise ValueError(f"tensor_parallel must be an integer >= 1, got {tensor_parallel!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if not is_positive_int(attention_serialisation):
-        raise ValueError(f"attention_serialisation must be an integer >= 1, got {attention_serialisation!r}")
 
 
 def _check_ids(what: str, ids, config: GPTJConfig, allow_ignore: bool) -> np.ndarray:
@@ -122,29 +47,53 @@ class GPTJ:
 
     Attributes:
         config: the model's ``GPTJConfig``.
-        tensor_parallel: number of shards (= replicas) the model is split over.
-        dtype: "float32" or "float16".
-        attention_serialisation: query blocks the attention is computed in.
+        execution: the ``ExecutionConfig`` its programs are built with.
+        weights: the one host copy of the weights (our layout, see ``hf_mapping``). Every program is
+            loaded from it; a program that changes the weights (training) writes them back here and
+            calls ``weights_changed`` before another program runs.
+        tensor_parallel, dtype, attention_serialisation: the execution config's fields.
         offload: generation loads the decoder layers' weights from remote buffers, one layer at a time.
     """
 
     def __init__(self, config: GPTJConfig, weights: Mapping[str, np.ndarray], *, tensor_parallel: int = 1,
-                 dtype: str = "float32", attention_serialisation: int = 1, offload: bool = False):
-        _check_options(tensor_parallel, dtype, attention_serialisation)
-        expected = popxl_param_shapes(config, tensor_parallel)
+                 dtype: str = "float32", attention_serialisation: int = 1,
+                 execution: Optional[ExecutionConfig] = None, offload: bool = False):
+        if execution is None:
+            execution = ExecutionConfig(tensor_parallel=tensor_parallel, dtype=dtype,
+                                        attention_serialisation=attention_serialisation)
+        expected = popxl_param_shapes(config, execution.tensor_parallel)
         shapes = {k: np.shape(v) for k, v in weights.items()}
         if shapes != expected:
             wrong = sorted(k for k in set(expected) | set(shapes) if shapes.get(k) != expected.get(k))
-            raise ValueError(f"weights do not match the tp={tensor_parallel} layout of this config at: "
+            raise ValueError(f"weights do not match the tp={execution.tensor_parallel} layout of this config at: "
                              + ", ".join(f"{k} {shapes.get(k)} (expected {expected.get(k)})" for k in wrong[:5]))
         self.config = config
-        self.tensor_parallel = tensor_parallel
-        self.dtype = dtype
-        self.attention_serialisation = attention_serialisation
-        self._weights = dict(weights)
+        self.execution = execution
+        self.weights: Dict[str, np.ndarray] = dict(weights)
+        self._weights_version = 0
         self._programs: Dict[Tuple[str, int, int], Program] = {}
         self.offload = offload
         self._generator = None
+
+    @property
+    def tensor_parallel(self) -> int:
+        return self.execution.tensor_parallel
+
+    @property
+    def dtype(self) -> str:
+        return self.execution.dtype
+
+    @property
+    def attention_serialisation(self) -> int:
+        return self.execution.attention_serialisation
+
+    @property
+    def _weights(self) -> Dict[str, np.ndarray]:
+        return self.weights
+
+    def weights_changed(self) -> None:
+        """Mark ``weights`` as changed: each program reloads them before its next run."""
+        self._weights_version += 1
 
     # --- public API
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -192,7 +141,8 @@ class GPTJ:
         program = self.program("loss_and_grads", batch, seq)
         out = program.run(input_ids=ids, labels=lab)
         loss = float(np.asarray(out.pop("loss")).reshape(-1)[0])  # identical on every replica
-        ours = self._to_layout({name: np.asarray(g, dtype=np.float32) for name, g in out.items()})
+        ours = self._to_layout({name: np.asarray(g, dtype=np.float32) for name, g in out.items()},
+                               program.variables.to_dict())
         return loss, popxl_to_hf(ours, self.config, self.tensor_parallel)
 
     def generate(self, input_ids, **options) -> np.ndarray:
@@ -213,7 +163,7 @@ class GPTJ:
         Returns:
             int64 array (batch, seq + generated): the prompt followed by the new tokens.
         """
-        return self.generator.generate( input_ids, **options)
+        return self.generator.generate(input_ids, **options)
 
     def generate_many(self, prompts, **options):
         """New tokens (up to and including eos) for each of ``prompts`` (1-D token id sequences of
@@ -224,12 +174,12 @@ class GPTJ:
         Returns:
             a list of int64 arrays, one per prompt, in order.
         """
-        return self.generator.generate_many( prompts, **options)
+        return self.generator.generate_many(prompts, **options)
 
     def stream(self, prompt_ids, **options):
         """Yield one row's new tokens (ints) as they are generated; ``prompt_ids`` is 1-D. Options
         as ``generate`` (no ``attention_mask``/``pad_token_id``); stops after eos."""
-        return self.generator.stream( prompt_ids, **options)
+        return self.generator.stream(prompt_ids, **options)
 
     @property
     def generator(self):
@@ -241,86 +191,33 @@ class GPTJ:
 
     def program(self, kind: str, batch: int, seq: int) -> Program:
         """The compiled program of ``kind`` ("logits" or "loss_and_grads") for (batch, seq) inputs,
-        built on first use."""
+        built on first use and holding the current ``weights``."""
         key = (kind, batch, seq)
         program = self._programs.get(key)
         if program is None:
-            builders = {"logits": self._build_logits, "loss_and_grads": self._build_loss_and_grads}
+            builders = {"logits": build_logits, "loss_and_grads": build_loss_and_grads}
             if kind not in builders:
                 raise ValueError(f"program kind must be one of {sorted(builders)}, got {kind!r}")
             if not (is_positive_int(batch) and is_positive_int(seq) and seq <= self.config.n_positions):
                 raise ValueError(f"program ({kind!r}, batch={batch!r}, seq={seq!r}): batch and seq must be integers "
                                  f">= 1 with seq <= n_positions ({self.config.n_positions})")
-            program = self._programs[key] = builders[kind](batch, seq)
+            program = builders[kind](self.config, self.execution, self.weights, batch, seq)
+            program.weights_version = self._weights_version
+            self._programs[key] = program
+        elif program.weights_version != self._weights_version:
+            program.load_weights(self.weights, self._weights_version)
         return program
 
-    # --- program construction
-    def _to_layout(self, host: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        """Per-replica host values ``(R, *shape)`` (no R axis when R == 1) -> our layout."""
+    def _to_layout(self, host: Mapping[str, np.ndarray], variables) -> Dict[str, np.ndarray]:
+        """Per-replica host values ``(R, *shape)`` (no R axis when R == 1) of ``variables``' names -> our
+        layout: a tensor-parallel shard per replica, or one value when the variable is replicated."""
         shapes = popxl_param_shapes(self.config, self.tensor_parallel)
-        tp = self.tensor_parallel
         out = {}
         for name, value in host.items():
-            if tp == 1:
-                out[name] = value.reshape(shapes[name])
-            elif value.shape == shapes[name]:
-                out[name] = value  # sharded: replica r holds shard r
-            else:
-                out[name] = value[0]  # replicated: every replica holds the same value
+            if variables[name].replica_grouping.num_groups == 1 and self.tensor_parallel > 1:
+                value = value[0]  # replicated: every replica holds the same value
+            out[name] = value.reshape(shapes[name])
         return out
-
-    def _inputs(self, batch: int, seq: int, names):
-        streams = {name: popxl.h2d_stream((batch, seq), popxl.int32, name) for name in names}
-        return streams, [ops.host_load(s, name) for name, s in streams.items()]
-
-    def _shard_offset(self, groups) -> popxl.Tensor:
-        """Scalar int32 variable: the first vocabulary id of each replica's shard."""
-        vps = tp_layout(self.config, self.tensor_parallel).vocab_per_shard
-        offsets = np.arange(self.tensor_parallel, dtype=np.int32) * vps
-        return popxl.variable(offsets if self.tensor_parallel > 1 else offsets[0], popxl.int32, "vocab_shard_offset",
-                              replica_grouping=groups.sharded)
-
-    def _session(self, ir):
-        session = popxl.Session(ir, "cpu" if IS_CPU else "ipu_hw")
-        # Kept attached for the model's lifetime: the weights never change between runs.
-        session.__enter__()
-        return session
-
-    def _build_logits(self, batch: int, seq: int) -> Program:
-        ir = popxl.Ir(replication=self.tensor_parallel)
-        with ir.main_graph:
-            groups = tp_groups(ir, self.tensor_parallel)
-            streams, (ids,) = self._inputs(batch, seq, ["input_ids"])
-            offset = self._shard_offset(groups)
-            model = GPTJLM(self.config, groups, DTYPES[self.dtype], self.attention_serialisation)
-            facts, graph = model.create_graph(ids, offset)
-            variables = create_variables(facts, self._weights)
-            logits, = graph.bind(variables).call(ids, offset)
-            out = popxl.d2h_stream(logits.shape, logits.dtype, "logits")
-            ops.host_store(out, logits)
-        return Program(ir, self._session(ir), variables, streams, {"logits": out})
-
-    def _build_loss_and_grads(self, batch: int, seq: int) -> Program:
-        ir = popxl.Ir(replication=self.tensor_parallel)
-        with ir.main_graph:
-            groups = tp_groups(ir, self.tensor_parallel)
-            streams, (ids, labels) = self._inputs(batch, seq, ["input_ids", "labels"])
-            offset = self._shard_offset(groups)
-            model = GPTJLMLoss(self.config, groups, DTYPES[self.dtype], self.attention_serialisation)
-            facts, fwd = model.create_graph(ids, offset, labels)
-            names = list(fwd.args.to_dict())
-            grad = fwd.autodiff(grads_required=[fwd.args.to_dict()[n] for n in names])
-            variables = create_variables(facts, self._weights)
-            info = fwd.bind(variables).call_with_info(ids, offset, labels)
-            loss = info.outputs[0]
-            grads = grad.call(popxl.constant(1.0, popxl.float32, name="loss_grad"),
-                              args=grad.grad_graph_info.inputs_dict(info))
-            outputs = {"loss": popxl.d2h_stream(loss.shape, loss.dtype, "loss")}
-            ops.host_store(outputs["loss"], loss)
-            for name, g in zip(names, grads):
-                outputs[name] = popxl.d2h_stream(g.shape, g.dtype, "grad." + name)
-                ops.host_store(outputs[name], g)
-        return Program(ir, self._session(ir), variables, streams, outputs)
 
 
 def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "float32",
@@ -341,9 +238,16 @@ def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "f
         FileNotFoundError: no checkpoint at ``path``.
         ValueError: an invalid option, config or checkpoint.
     """
-    _check_options(tensor_parallel, dtype, attention_serialisation)  # before the (possibly long) load
+    # Checked before the (possibly long) load.
+    execution = ExecutionConfig(tensor_parallel=tensor_parallel, dtype=dtype,
+                                attention_serialisation=attention_serialisation)
     config = GPTJConfig.from_pretrained_dir(path)
-    weights = hf_to_popxl(load_hf_state_dict(path), config, tensor_parallel, np.dtype(dtype))
+    return GPTJ(config, load_weights(path, config, execution), execution=execution, offload=offload)
+
+
+def load_weights(path: PathLike, config: GPTJConfig, execution: ExecutionConfig) -> Dict[str, np.ndarray]:
+    """The HF checkpoint at ``path`` in our layout for ``execution`` (its tensor parallel and dtype),
+    padded vocabulary columns of the LM head biased away (``PAD_LOGIT_BIAS``)."""
+    weights = hf_to_popxl(load_hf_state_dict(path), config, execution.tensor_parallel, np.dtype(execution.dtype))
     weights["lm_head.bias"].reshape(-1)[config.vocab_size:] = PAD_LOGIT_BIAS
-    return GPTJ(config, weights, tensor_parallel=tensor_parallel, dtype=dtype,
-                attention_serialisation=attention_serialisation, offload=offload)
+    return weights

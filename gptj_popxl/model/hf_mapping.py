@@ -355,14 +355,24 @@ def save_hf_checkpoint(
     Raises:
         ValueError: a parameter is missing, unexpected, wrongly shaped or not floating point.
     """
+    with atomic_directory(path) as tmp:
+        write_hf_files(tmp, config, state_dict, safe_serialization=safe_serialization)
+
+
+def write_hf_files(directory: str, config: GPTJConfig, state_dict: Mapping[str, np.ndarray], *,
+                   safe_serialization: bool = True) -> None:
+    """Write ``config.json`` and the weights of a HF checkpoint into an existing ``directory`` (not
+    atomically: call it inside ``atomic_directory``).
+
+    Raises:
+        ValueError: a parameter is missing, unexpected, wrongly shaped or not floating point.
+    """
     sd = _checked_arrays(state_dict, hf_param_shapes(config), "HF state dict")
     sd = {k: np.ascontiguousarray(a) for k, a in sd.items()}
-    config_json = json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n"
-    with atomic_directory(path) as tmp:
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config_json)
-        if safe_serialization:
-            # transformers refuses safetensors files without format metadata.
-            safetensors.numpy.save_file(sd, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
-        else:
-            torch.save({k: torch.from_numpy(a) for k, a in sd.items()}, os.path.join(tmp, TORCH_FILE))
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(config.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+    if safe_serialization:
+        # transformers refuses safetensors files without format metadata.
+        safetensors.numpy.save_file(sd, os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
+    else:
+        torch.save({k: torch.from_numpy(a) for k, a in sd.items()}, os.path.join(directory, TORCH_FILE))

@@ -311,18 +311,61 @@ class GPTJLMLoss(GPTJLM):
     differentiated = True
 
     def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor) -> popxl.Tensor:
+        return self.token_loss(input_ids, shard_offset, labels, "mean")
+
+    def token_loss(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor,
+                   reduction: str) -> popxl.Tensor:
+        """The shifted cross entropy of ``labels``, reduced by ``reduction`` ("mean" or "sum")."""
         batch, seq = input_ids.shape
         hidden = self.hidden_states(input_ids, shard_offset)[:, : seq - 1]
         logits = self.logits(hidden.reshape((batch * (seq - 1), self.config.n_embd)))
         targets = labels[:, 1:].reshape((batch * (seq - 1),))
-        return sharded_cross_entropy(logits, targets, shard_offset, self.groups)
+        return sharded_cross_entropy(logits, targets, shard_offset, self.groups, reduction)
+
+
+class GPTJLMWeightedLoss(GPTJLMLoss):
+    """``GPTJLMLoss`` summed over the non-ignored tokens and multiplied by ``loss_weight``.
+
+    ``build(input_ids, shard_offset, labels, loss_weight)``: with ``loss_weight`` one over the
+    token count of a whole batch split into parts, the parts' losses (and gradients) add up to the
+    batch's mean loss whatever the split.
+    """
+
+    def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor,
+              loss_weight: popxl.Tensor) -> popxl.Tensor:
+        return self.token_loss(input_ids, shard_offset, labels, "sum") * loss_weight
+
+
+class LMHeadLoss(addons.Module):
+    """The head phase: ``ln_f``, the vocab-sharded LM head and the weighted token loss.
+
+    ``build(x, shard_offset, labels, loss_weight)``: final hidden states ``x`` (batch, seq, n_embd);
+    returns ``loss_weight`` times the summed cross entropy of ``labels`` (shifted inside, ignored
+    ones skipped), as ``GPTJLMWeightedLoss``. Variables ``ln_f.*`` and ``lm_head.*`` (our layout's names).
+    """
+
+    def __init__(self, config: GPTJConfig, groups: TPGroups):
+        super().__init__()
+        self.config = config
+        self.groups = groups
+        self.ln_f = addons.layers.LayerNorm()
+        self.lm_head = ColumnShardedLinear(tp_layout(config, groups.tp).vocab_per_shard, groups)
+
+    def build(self, x: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor,
+              loss_weight: popxl.Tensor) -> popxl.Tensor:
+        batch, seq = labels.shape
+        hidden = self.ln_f(x, eps=self.config.layer_norm_epsilon)[:, : seq - 1]
+        logits = self.lm_head(hidden.reshape((batch * (seq - 1), self.config.n_embd)))
+        targets = labels[:, 1:].reshape((batch * (seq - 1),))
+        return sharded_cross_entropy(logits, targets, shard_offset, self.groups, "sum") * loss_weight
 
 
 def sharded_cross_entropy(logits: popxl.Tensor, labels: popxl.Tensor, shard_offset: popxl.Tensor,
-                          groups: TPGroups) -> popxl.Tensor:
-    """Mean float32 cross entropy of ``labels`` (full-vocabulary ids, ``IGNORE_INDEX`` skipped)
-    over vocab-sharded ``logits`` ``(tokens, vocab_per_shard)``."""
+                          groups: TPGroups, reduction: str = "mean") -> popxl.Tensor:
+    """Mean (or, with ``reduction="sum"``, summed) float32 cross entropy of ``labels`` (full-vocabulary
+    ids, ``IGNORE_INDEX`` skipped) over vocab-sharded ``logits`` ``(tokens, vocab_per_shard)``."""
     # The loss op takes labels relative to the shard, and the ignore index in the same frame.
     ignore = popxl.constant(IGNORE_INDEX, popxl.int32, name="ignore_index") - shard_offset
     return addons.ops.cross_entropy_sharded_loss(cast_to(logits, popxl.float32), labels - shard_offset,
-                                                 ignore_index=ignore, replica_grouping=groups.tp_group)
+                                                 ignore_index=ignore, replica_grouping=groups.tp_group,
+                                                 reduction=reduction)

@@ -15,10 +15,11 @@ import numpy as np
 
 from gptj_popxl.backend import ops, popxl
 from gptj_popxl.model.config import GPTJConfig, tp_layout
-from gptj_popxl.model.gptj import DTYPES, create_variables
 from gptj_popxl.model.kv_cache import CachedLM
 from gptj_popxl.model.layers import TPGroups, tp_groups
 from gptj_popxl.model.rotary import cast_to
+from gptj_popxl.programs.common import attached_session, create_variables, shard_offset
+from gptj_popxl.programs.execution import DTYPES
 
 # Additive mask value of a masked key (as transformers).
 MASKED = float(np.finfo(np.float32).min)
@@ -142,11 +143,6 @@ class DecodeStep(CachedLM):
         return carried + (ops.where(this_step, cast_to(logits, popxl.float32).reshape((batch, 1, -1)), scores),)
 
 
-def host_weights(model) -> Dict[str, np.ndarray]:
-    """The model's host weights in our layout, which every generation program is loaded from."""
-    return model._weights
-
-
 @dataclasses.dataclass
 class GenerationProgram:
     """A compiled generation program: streams by name, and the decode cache variables."""
@@ -185,7 +181,7 @@ def _create_remote_layers(model, module: CachedLM) -> None:
         def remote(data, dtype, name, replica_grouping, entry=i):
             buffer = module.layer_buffers.to_dict()[name[len(f"layers.{entry}."):]]
             return popxl.remote_variable(data, buffer, entry, dtype, name, replica_grouping=replica_grouping)
-        create_variables(module.layer_factories, host_weights(model), prefix=f"layers.{i}.", make=remote)
+        create_variables(module.layer_factories, model.weights, prefix=f"layers.{i}.", make=remote)
 
 
 def _h2d(streams: Dict[str, object], name: str, shape, dtype) -> popxl.Tensor:
@@ -215,19 +211,19 @@ def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], wit
         ids = _h2d(inputs, "input_ids", (batch, seq), popxl.int32)
         positions = _h2d(inputs, "positions", (batch, seq), popxl.int32)
         mask = _h2d(inputs, "mask", (batch, 1, seq, seq), popxl.float32)
-        args = [ids, positions, mask, model._shard_offset(groups)]
+        args = [ids, positions, mask, shard_offset(model.config, model.tensor_parallel, groups)]
         if sampling is not None:
             args.append(_h2d(inputs, "uniforms", (batch, sampling.candidates(config, groups.tp)[1]), popxl.float32))
         module = PrefillModule(config, groups, dtype, sampling, model.offload, with_logits)
         facts, graph = module.create_graph(*args)
         _create_remote_layers(model, module)
-        token, *kv = graph.bind(create_variables(facts, host_weights(model))).call(*args)
+        token, *kv = graph.bind(create_variables(facts, model.weights)).call(*args)
         _d2h(outputs, "token", token)
         if with_logits:
             _d2h(outputs, "logits", kv.pop())
         for i, t in enumerate(kv):
             _d2h(outputs, f"{'kv'[i // config.n_layer]}.{i % config.n_layer}", t)
-    return GenerationProgram(ir, model._session(ir), inputs, outputs)
+    return GenerationProgram(ir, attached_session(ir), inputs, outputs)
 
 
 def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int, sampling: Optional[Sampling],
@@ -266,7 +262,7 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
                     fresh = ops.concat([fresh, tail], axis=2)
                 cache.append(var)
                 carried.append(ops.where(refill, fresh, var))
-        offset = model._shard_offset(groups)
+        offset = shard_offset(model.config, model.tensor_parallel, groups)
         tokens = popxl.constant(np.zeros((batch, chunk), np.int32), popxl.int32, name="tokens")
         step = popxl.constant(np.zeros((1,), np.int32), popxl.int32, name="step")
         n = config.n_layer
@@ -280,7 +276,7 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         module = DecodeStep(config, groups, dtype, sampling, model.offload)
         facts, graph = module.create_graph(*args)
         _create_remote_layers(model, module)
-        variables = create_variables(facts, host_weights(model))
+        variables = create_variables(facts, model.weights)
         flat = [token, position, column, mask, tokens, step, *carried] + ([scores] if with_logits else []) + [
             t for t in args[9:] if t is not None]
         bound = variables.to_dict()
@@ -291,5 +287,5 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         _d2h(outputs, "tokens", results[4])
         if with_logits:
             _d2h(outputs, "logits", results[-1])
-    return GenerationProgram(ir, model._session(ir), inputs, outputs, tuple(cache))
+    return GenerationProgram(ir, attached_session(ir), inputs, outputs, tuple(cache))
 

@@ -1,0 +1,126 @@
+"""Pieces every program builder shares: variables from the host weights, the vocabulary shard
+offset, host streams, and the compiled ``Program`` with its attached session."""
+import dataclasses
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+
+from gptj_popxl import addons
+from gptj_popxl.backend import IS_CPU, ops, popxl
+from gptj_popxl.model.config import GPTJConfig, tp_layout
+
+
+def variable_data(name: str, weights: Mapping[str, np.ndarray], groups: int, shape) -> np.ndarray:
+    """``weights[name]`` (our layout) as the host data of a variable of ``groups`` replica groups
+    of ``shape`` each: ``(groups, *shape)``, or ``shape`` for one group.
+
+    Raises:
+        KeyError: ``weights`` has no ``name``.
+        ValueError: its shape fits neither layout.
+    """
+    if name not in weights:
+        raise KeyError(f"no weights for variable {name!r}")
+    data = np.asarray(weights[name])
+    expected = ((groups,) if groups > 1 else ()) + tuple(shape)
+    if data.shape == expected:
+        return data
+    if data.shape == (1,) + expected:
+        return data[0]
+    raise ValueError(f"weights {name!r} have shape {data.shape}; variable needs {expected} "
+                     f"({groups} replica group(s) of {tuple(shape)})")
+
+
+def create_variables(factories: addons.NamedVariableFactories, weights: Mapping[str, np.ndarray],
+                     prefix: str = "", make=popxl.variable) -> addons.NamedTensors:
+    """A main-graph variable per factory, holding ``weights[prefix + name]``.
+
+    ``make(data, dtype, name, replica_grouping=...)`` creates each variable (default
+    ``popxl.variable``; e.g. a ``popxl.remote_variable`` partial for offloaded weights).
+
+    ``weights`` are in our layout (``hf_to_popxl``): sharded tensors carry a leading axis of
+    one entry per shard, which is the variable's host data when its replica grouping has
+    several groups and is dropped when it has one (``tp == 1``).
+
+    Raises:
+        KeyError: a factory has no entry in ``weights``.
+        ValueError: an entry's shape fits neither layout.
+    """
+    made = {}
+    for name, f in factories.to_dict().items():
+        key = prefix + name
+        groups = f.replica_grouping.num_groups if f.replica_grouping is not None else 1
+        made[name] = make(variable_data(key, weights, groups, f.shape), f.dtype, key,
+                          replica_grouping=f.replica_grouping)
+    return addons.NamedTensors.from_dict(made)
+
+
+def shard_offset(config: GPTJConfig, tensor_parallel: int, groups) -> popxl.Tensor:
+    """Scalar int32 variable: the first vocabulary id of each replica's shard."""
+    vps = tp_layout(config, tensor_parallel).vocab_per_shard
+    offsets = np.arange(tensor_parallel, dtype=np.int32) * vps
+    return popxl.variable(offsets if tensor_parallel > 1 else offsets[0], popxl.int32, "vocab_shard_offset",
+                          replica_grouping=groups.sharded)
+
+
+def input_streams(shape, names, dtype=popxl.int32):
+    """Host-to-device streams of ``shape`` by name, and one ``host_load`` of each (in order)."""
+    streams = {name: popxl.h2d_stream(shape, dtype, name) for name in names}
+    return streams, [ops.host_load(s, name) for name, s in streams.items()]
+
+
+def output_stream(name: str, t: popxl.Tensor) -> popxl.DeviceToHostStream:
+    """A device-to-host stream ``name`` that ``t`` is stored to."""
+    stream = popxl.d2h_stream(t.shape, t.dtype, name)
+    ops.host_store(stream, t)
+    return stream
+
+
+def attached_session(ir):
+    """A session of ``ir``, attached for the program's lifetime (weights move with ``weights_to_host``
+    and ``Program.load_weights``, never by detaching)."""
+    session = popxl.Session(ir, "cpu" if IS_CPU else "ipu_hw")
+    session.__enter__()
+    return session
+
+
+@dataclasses.dataclass
+class Program:
+    """A compiled popxl program of the model.
+
+    Attributes:
+        ir, session: the program and its (attached) session.
+        variables: the model's variables by our parameter name (whose host copy is the model's
+            ``weights``).
+        inputs: host-to-device streams by name (``input_ids``, and ``labels`` for a loss).
+        outputs: device-to-host streams by name (``logits``; or ``loss`` and one per parameter gradient).
+        weights_version: version of the host weights the device copy was loaded from.
+    """
+
+    ir: object
+    session: object
+    variables: addons.NamedTensors
+    inputs: Dict[str, object]
+    outputs: Dict[str, object]
+    weights_version: Optional[int] = 0
+
+    def run(self, **host_inputs: np.ndarray) -> Dict[str, np.ndarray]:
+        """Run once; ``host_inputs`` by stream name (same data on every replica).
+
+        Returns host arrays by output name, each ``(replicas, *shape)`` when replicated.
+        """
+        replicas = self.ir.replication_factor
+        feed = {}
+        for name, stream in self.inputs.items():
+            data = np.asarray(host_inputs[name], dtype=stream.dtype.as_numpy())
+            feed[stream] = np.broadcast_to(data, (replicas,) + data.shape) if replicas > 1 else data
+        results = self.session.run(feed)
+        return {name: results[stream] for name, stream in self.outputs.items()}
+
+    def load_weights(self, weights: Mapping[str, np.ndarray], version: int) -> None:
+        """Write host ``weights`` (our layout) into the device variables."""
+        data = {}
+        for name, v in self.variables.to_dict().items():
+            arr = variable_data(name, weights, v.replica_grouping.num_groups, v.shape)
+            data[v] = arr.astype(v.dtype.as_numpy(), copy=False)
+        self.session.write_variables_data(data)
+        self.weights_version = version

@@ -1,46 +1,25 @@
-"""Conversion between Hugging Face GPT-J checkpoints and our tensor-parallel layout.
+"""Hugging Face GPT-J checkpoints: reading, writing, and conversion to and from our layout.
 
-Our layout (``hf_to_popxl`` output, ``popxl_to_hf`` input) stores linear weights as
-``(in_features, out_features)``, the transpose of torch's ``nn.Linear.weight``.
-Every tensor-parallel (TP) sharded tensor has a leading axis of size ``tp`` with one
-slice per shard; replicated tensors have no such axis. Heads, MLP columns and
-vocabulary entries are zero-padded up to a multiple of ``tp`` (see ``tp_layout``).
-
-With ``E = n_embd``, ``D = head_dim``, ``hps = heads_per_shard``,
-``ips = inner_per_shard`` and ``vps = vocab_per_shard``:
-
-=============================  ====================  ==========================================
-name                           shape                 contents
-=============================  ====================  ==========================================
-embedding.word.weight          (tp, vps, E)          wte rows, shard s: [s*vps, (s+1)*vps)
-layers.{i}.ln_1.weight/bias    (E,)                  replicated
-layers.{i}.attn.qkv.weight     (tp, E, 3*hps*D)      last axis [q | k | v] of shard s's heads
-                                                     [s*hps, (s+1)*hps), each head's D
-                                                     features contiguous
-layers.{i}.attn.out.weight     (tp, hps*D, E)        out_proj.weight.T rows of those heads
-layers.{i}.mlp.fc_in.weight    (tp, E, ips)          fc_in.weight.T columns
-layers.{i}.mlp.fc_in.bias      (tp, ips)
-layers.{i}.mlp.fc_out.weight   (tp, ips, E)          fc_out.weight.T rows
-layers.{i}.mlp.fc_out.bias     (E,)                  replicated
-ln_f.weight/bias               (E,)                  replicated
-lm_head.weight                 (tp, E, vps)          lm_head.weight.T columns
-lm_head.bias                   (tp, vps)
-=============================  ====================  ==========================================
+Our layout (``hf_to_popxl`` output, ``popxl_to_hf`` input) is composed of the phase modules'
+(``layers.Embedding``, ``DecoderBlock`` once per layer, ``LMHead``): each lists in ``weight_maps``
+how its variables are made from HF tensors, tensor-parallel sharding and padding included (see
+``weight_maps``). Names: ``embedding.*`` (HF ``transformer.wte``), ``layers.{i}.*`` (HF
+``transformer.h.{i}``), ``ln_f.*`` and ``lm_head.*``. Linear weights are ``(in_features,
+out_features)``; sharded tensors have a leading axis of ``tp`` blocks, replicated ones none.
 """
 import json
 import os
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Tuple
 
 import numpy as np
 import safetensors
 import safetensors.numpy
 import torch
 
-from gptj_popxl.addons.array_munging import pad_axis, shard, unshard
 from gptj_popxl.checkpoint import PathLike, atomic_directory
-from gptj_popxl.model.config import GPTJConfig, tp_layout
-
-Shape = Tuple[int, ...]
+from gptj_popxl.model.config import GPTJConfig
+from gptj_popxl.model.layers import DecoderBlock, Embedding, LMHead
+from gptj_popxl.model.weight_maps import Shape, WeightMap
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
@@ -51,31 +30,20 @@ TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 
+def _phases(config: GPTJConfig, tp: int) -> Iterator[Tuple[str, str, List[WeightMap]]]:
+    """Each phase module's weight maps with the name prefixes they sit under in the HF model and in
+    ours, in HF order: ``(hf_prefix, prefix, maps)``."""
+    yield "transformer.", "embedding.", Embedding.weight_maps(config, tp)
+    block = DecoderBlock.weight_maps(config, tp)
+    for layer in range(config.n_layer):
+        yield f"transformer.h.{layer}.", f"layers.{layer}.", block
+    yield "", "", LMHead.weight_maps(config, tp)
+
+
 def hf_param_shapes(config: GPTJConfig) -> Dict[str, Shape]:
     """HF GPT-J parameter names, in ``hf_param_names`` order, mapped to their shapes."""
-    e, i, v = config.n_embd, config.inner_size, config.vocab_size
-    shapes: Dict[str, Shape] = {"transformer.wte.weight": (v, e)}
-    for layer in range(config.n_layer):
-        p = f"transformer.h.{layer}."
-        shapes.update({
-            p + "ln_1.weight": (e,),
-            p + "ln_1.bias": (e,),
-            p + "attn.q_proj.weight": (e, e),
-            p + "attn.k_proj.weight": (e, e),
-            p + "attn.v_proj.weight": (e, e),
-            p + "attn.out_proj.weight": (e, e),
-            p + "mlp.fc_in.weight": (i, e),
-            p + "mlp.fc_in.bias": (i,),
-            p + "mlp.fc_out.weight": (e, i),
-            p + "mlp.fc_out.bias": (e,),
-        })
-    shapes.update({
-        "transformer.ln_f.weight": (e,),
-        "transformer.ln_f.bias": (e,),
-        "lm_head.weight": (v, e),
-        "lm_head.bias": (v,),
-    })
-    return shapes
+    return {hf_prefix + name: shape for hf_prefix, _, maps in _phases(config, 1)
+            for m in maps for name, shape in m.hf_shapes.items()}
 
 
 def hf_param_names(config: GPTJConfig) -> List[str]:
@@ -85,29 +53,7 @@ def hf_param_names(config: GPTJConfig) -> List[str]:
 
 def popxl_param_shapes(config: GPTJConfig, tp: int) -> Dict[str, Shape]:
     """Names and shapes of our parameters (the ``hf_to_popxl`` output) for ``tp`` shards."""
-    lay = tp_layout(config, tp)
-    e = config.n_embd
-    qkv_cols = 3 * lay.heads_per_shard * config.head_dim
-    shapes: Dict[str, Shape] = {"embedding.word.weight": (tp, lay.vocab_per_shard, e)}
-    for layer in range(config.n_layer):
-        p = f"layers.{layer}."
-        shapes.update({
-            p + "ln_1.weight": (e,),
-            p + "ln_1.bias": (e,),
-            p + "attn.qkv.weight": (tp, e, qkv_cols),
-            p + "attn.out.weight": (tp, lay.heads_per_shard * config.head_dim, e),
-            p + "mlp.fc_in.weight": (tp, e, lay.inner_per_shard),
-            p + "mlp.fc_in.bias": (tp, lay.inner_per_shard),
-            p + "mlp.fc_out.weight": (tp, lay.inner_per_shard, e),
-            p + "mlp.fc_out.bias": (e,),
-        })
-    shapes.update({
-        "ln_f.weight": (e,),
-        "ln_f.bias": (e,),
-        "lm_head.weight": (tp, e, lay.vocab_per_shard),
-        "lm_head.bias": (tp, lay.vocab_per_shard),
-    })
-    return shapes
+    return {prefix + m.name: m.shape for _, prefix, maps in _phases(config, tp) for m in maps}
 
 
 def _checked_arrays(
@@ -154,41 +100,13 @@ def hf_to_popxl(
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     sd = _checked_arrays(state_dict, hf_param_shapes(config), "HF state dict")
-    lay = tp_layout(config, tp)
-    e, d, h = config.n_embd, config.head_dim, config.n_head
-    hps = lay.heads_per_shard
-
-    def sharded(a: np.ndarray, axis: int, size: int) -> np.ndarray:
-        # Zero-padded to ``size`` along ``axis``, then cut into tp contiguous blocks on a new axis 0.
-        return shard(pad_axis(a, size, axis), tp, axis)
-
-    def heads_in_cols(w: np.ndarray) -> np.ndarray:
-        # (out=h*d, in=e) torch weight -> (e, tp, hps, d): per-shard head blocks.
-        return pad_axis(w.T.reshape(e, h, d), lay.heads_padded, 1).reshape(e, tp, hps, d)
-
-    out = {"embedding.word.weight": sharded(sd["transformer.wte.weight"], 0, lay.vocab_padded)}
-    for layer in range(config.n_layer):
-        src, dst = f"transformer.h.{layer}.", f"layers.{layer}."
-        qkv = np.stack([heads_in_cols(sd[src + f"attn.{n}_proj.weight"]) for n in "qkv"], axis=1)
-        out.update({
-            dst + "ln_1.weight": sd[src + "ln_1.weight"],
-            dst + "ln_1.bias": sd[src + "ln_1.bias"],
-            # (e, 3, tp, hps, d) -> (tp, e, 3, hps, d): per shard [q | k | v] of its heads.
-            dst + "attn.qkv.weight": qkv.transpose(2, 0, 1, 3, 4).reshape(tp, e, 3 * hps * d),
-            dst + "attn.out.weight": sharded(sd[src + "attn.out_proj.weight"].T, 0, lay.heads_padded * d),
-            dst + "mlp.fc_in.weight": sharded(sd[src + "mlp.fc_in.weight"].T, 1, lay.inner_padded),
-            dst + "mlp.fc_in.bias": sharded(sd[src + "mlp.fc_in.bias"], 0, lay.inner_padded),
-            dst + "mlp.fc_out.weight": sharded(sd[src + "mlp.fc_out.weight"].T, 0, lay.inner_padded),
-            dst + "mlp.fc_out.bias": sd[src + "mlp.fc_out.bias"],
-        })
-    out.update({
-        "ln_f.weight": sd["transformer.ln_f.weight"],
-        "ln_f.bias": sd["transformer.ln_f.bias"],
-        "lm_head.weight": sharded(sd["lm_head.weight"].T, 1, lay.vocab_padded),
-        "lm_head.bias": sharded(sd["lm_head.bias"], 0, lay.vocab_padded),
-    })
-    # Always copy so the result never aliases the caller's arrays.
-    return {k: np.array(a, dtype=dtype, order="C") for k, a in out.items()}
+    out = {}
+    for hf_prefix, prefix, maps in _phases(config, tp):
+        for m in maps:
+            # Always copied, so the result never aliases the caller's arrays.
+            out[prefix + m.name] = np.array(m.from_hf(*(sd[hf_prefix + n] for n in m.hf_shapes)), dtype=dtype,
+                                            order="C")
+    return out
 
 
 def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int) -> Dict[str, np.ndarray]:
@@ -209,39 +127,12 @@ def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int) -
         ValueError: a tensor is missing, unexpected, wrongly shaped or not floating point.
     """
     p = _checked_arrays(params, popxl_param_shapes(config, tp), f"tp={tp} parameters")
-    lay = tp_layout(config, tp)
-    e, d, h, i = config.n_embd, config.head_dim, config.n_head, config.inner_size
-    vocab, hps = config.vocab_size, lay.heads_per_shard
-
-    def unsharded(a: np.ndarray, axis: int, size: int) -> np.ndarray:
-        # The tp blocks of ``a`` joined along ``axis`` (an axis of a block), padding past ``size`` dropped.
-        return unshard(a, axis)[(slice(None),) * axis + (slice(size),)]
-
-    out = {"transformer.wte.weight": unsharded(p["embedding.word.weight"], 0, vocab)}
-    for layer in range(config.n_layer):
-        src, dst = f"layers.{layer}.", f"transformer.h.{layer}."
-        # (tp, e, 3*hps*d) -> (3, e, tp*hps, d), padded heads dropped -> (3, e, h*d).
-        qkv = p[src + "attn.qkv.weight"].reshape(tp, e, 3, hps, d).transpose(2, 1, 0, 3, 4)
-        q, k, v = qkv.reshape(3, e, -1, d)[:, :, :h].reshape(3, e, h * d)
-        out.update({
-            dst + "ln_1.weight": p[src + "ln_1.weight"],
-            dst + "ln_1.bias": p[src + "ln_1.bias"],
-            dst + "attn.q_proj.weight": q.T,
-            dst + "attn.k_proj.weight": k.T,
-            dst + "attn.v_proj.weight": v.T,
-            dst + "attn.out_proj.weight": unsharded(p[src + "attn.out.weight"], 0, h * d).T,
-            dst + "mlp.fc_in.weight": unsharded(p[src + "mlp.fc_in.weight"], 1, i).T,
-            dst + "mlp.fc_in.bias": unsharded(p[src + "mlp.fc_in.bias"], 0, i),
-            dst + "mlp.fc_out.weight": unsharded(p[src + "mlp.fc_out.weight"], 0, i).T,
-            dst + "mlp.fc_out.bias": p[src + "mlp.fc_out.bias"],
-        })
-    out.update({
-        "transformer.ln_f.weight": p["ln_f.weight"],
-        "transformer.ln_f.bias": p["ln_f.bias"],
-        "lm_head.weight": unsharded(p["lm_head.weight"], 1, vocab).T,
-        "lm_head.bias": unsharded(p["lm_head.bias"], 0, vocab),
-    })
-    return {k: np.array(a, order="C") for k, a in out.items()}
+    out = {}
+    for hf_prefix, prefix, maps in _phases(config, tp):
+        for m in maps:
+            for name, a in zip(m.hf_shapes, m.to_hf(p[prefix + m.name])):
+                out[hf_prefix + name] = np.array(a, order="C")
+    return out
 
 
 def _to_numpy(t: torch.Tensor, name: str, file: str) -> np.ndarray:

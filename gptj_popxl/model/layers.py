@@ -10,6 +10,7 @@ identical on every shard.
 """
 import dataclasses
 import math
+from typing import List
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
 from gptj_popxl.model.config import GPTJConfig, TPLayout, is_positive_int, tp_layout
 from gptj_popxl.model.rotary import cast_to, rotary_embedding, trig_tables
+from gptj_popxl.model.weight_maps import FusedHeads, Replicated, Sharded, WeightMap
 
 # Std of the normal initial weights when a layer is made from scratch (transformers' GPT-J default).
 INIT_STD = 0.02
@@ -138,6 +140,12 @@ class Embedding(addons.Module):
     def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:
         return sum_shards(self.word(input_ids - shard_offset), self.groups)
 
+    @staticmethod
+    def weight_maps(config: GPTJConfig, tp: int) -> List[WeightMap]:
+        """This module's weights from HF's ``transformer.*``: ``wte`` rows, vocabulary sharded."""
+        vocab = tp_layout(config, tp).vocab_padded
+        return [Sharded("word.weight", "wte.weight", (config.vocab_size, config.n_embd), 0, vocab, tp)]
+
 
 def causal_mask(rows: range, seq: int) -> np.ndarray:
     """Additive float32 mask of query positions ``rows`` over ``seq`` keys: 0 where a query may
@@ -256,32 +264,106 @@ class DecoderBlock(addons.Module):
         # transformers' order of the sums, so rounding matches too.
         return self.attn(h, positions) + self.mlp(h) + x
 
+    @staticmethod
+    def weight_maps(config: GPTJConfig, tp: int) -> List[WeightMap]:
+        """This module's weights from one HF block's (``transformer.h.{i}.*``): per shard the fused
+        ``[q | k | v]`` columns and ``out_proj`` rows of its heads, and its ``fc_in`` columns and
+        ``fc_out`` rows."""
+        lay = tp_layout(config, tp)
+        e, i, d = config.n_embd, config.inner_size, config.head_dim
+        return [
+            Replicated("ln_1.weight", "ln_1.weight", (e,)),
+            Replicated("ln_1.bias", "ln_1.bias", (e,)),
+            FusedHeads("attn.qkv.weight", tuple(f"attn.{n}_proj.weight" for n in "qkv"), e, config.n_head, d,
+                       lay.heads_per_shard, tp),
+            Sharded("attn.out.weight", "attn.out_proj.weight", (e, e), 0, lay.heads_padded * d, tp, transpose=True),
+            Sharded("mlp.fc_in.weight", "mlp.fc_in.weight", (i, e), 1, lay.inner_padded, tp, transpose=True),
+            Sharded("mlp.fc_in.bias", "mlp.fc_in.bias", (i,), 0, lay.inner_padded, tp),
+            Sharded("mlp.fc_out.weight", "mlp.fc_out.weight", (e, i), 0, lay.inner_padded, tp, transpose=True),
+            Replicated("mlp.fc_out.bias", "mlp.fc_out.bias", (e,)),
+        ]
 
-class GPTJLM(addons.Module):
-    """GPT-J causal LM: embedding, ``n_layer`` decoder blocks, ``ln_f`` and the vocab-sharded head.
 
-    One decoder-block graph is built and called once per layer with that layer's variables
-    (``layers.{i}.*``). ``build(input_ids, shard_offset)``: ``input_ids`` (batch, seq) int32,
-    ``shard_offset`` the first vocabulary entry of this replica's shard (scalar int32).
-    Returns this shard's logits ``(batch, seq, vocab_per_shard)``.
+class LMHead(addons.Module):
+    """The head phase: ``ln_f`` and the vocab-sharded LM head.
+
+    ``build(x)``: decoder output ``x`` (..., n_embd) -> this shard's logits (..., vocab_per_shard);
+    padded vocabulary columns take the head's bias. ``inplace_bias`` as ``ColumnShardedLinear``'s
+    (only where the graph is not differentiated). Variables ``ln_f.*`` and ``lm_head.*``.
+    """
+
+    def __init__(self, config: GPTJConfig, groups: TPGroups, inplace_bias: bool = False):
+        super().__init__()
+        self.config = config
+        self.groups = groups
+        self.ln_f = addons.layers.LayerNorm()
+        self.lm_head = ColumnShardedLinear(tp_layout(config, groups.tp).vocab_per_shard, groups,
+                                           inplace_bias=inplace_bias)
+
+    def logits(self, hidden: popxl.Tensor) -> popxl.Tensor:
+        """This shard's logits of ``hidden`` (after ``ln_f``)."""
+        return self.lm_head(hidden)
+
+    def token_loss(self, x: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor,
+                   reduction: str) -> popxl.Tensor:
+        """transformers' shifted cross entropy of ``labels`` (batch, seq) given decoder output ``x``
+        (batch, seq, n_embd): position ``t``'s logits scored against ``labels[:, t + 1]``, labels equal
+        to ``IGNORE_INDEX`` skipped, reduced by ``reduction`` ("mean" or "sum"). float32 over the sharded
+        logits, never gathered."""
+        batch, seq = labels.shape
+        hidden = self.ln_f(x, eps=self.config.layer_norm_epsilon)[:, : seq - 1]
+        logits = self.logits(hidden.reshape((batch * (seq - 1), self.config.n_embd)))
+        targets = labels[:, 1:].reshape((batch * (seq - 1),))
+        return sharded_cross_entropy(logits, targets, shard_offset, self.groups, reduction)
+
+    def build(self, x: popxl.Tensor) -> popxl.Tensor:
+        return self.logits(self.ln_f(x, eps=self.config.layer_norm_epsilon))
+
+    @staticmethod
+    def weight_maps(config: GPTJConfig, tp: int) -> List[WeightMap]:
+        """This module's weights from HF's ``transformer.ln_f`` and ``lm_head``: vocabulary sharded."""
+        e, v, padded = config.n_embd, config.vocab_size, tp_layout(config, tp).vocab_padded
+        return [
+            Replicated("ln_f.weight", "transformer.ln_f.weight", (e,)),
+            Replicated("ln_f.bias", "transformer.ln_f.bias", (e,)),
+            Sharded("lm_head.weight", "lm_head.weight", (v, e), 1, padded, tp, transpose=True),
+            Sharded("lm_head.bias", "lm_head.bias", (v,), 0, padded, tp),
+        ]
+
+
+class LMHeadLoss(LMHead):
+    """The head phase with the weighted token loss instead of the logits.
+
+    ``build(x, shard_offset, labels, loss_weight)``: decoder output ``x`` (batch, seq, n_embd); returns
+    ``loss_weight`` times the summed ``token_loss`` of ``labels``, as ``GPTJLMWeightedLoss``.
+    """
+
+    def build(self, x: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor,
+              loss_weight: popxl.Tensor) -> popxl.Tensor:
+        return self.token_loss(x, shard_offset, labels, "sum") * loss_weight
+
+
+class GPTJLM(LMHead):
+    """GPT-J causal LM: embedding, ``n_layer`` decoder blocks, then the head phase.
+
+    An ``LMHead`` extended by the phases before it, so that the head's variables keep their names
+    (``ln_f.*``, ``lm_head.*``) at the top level. One decoder-block graph is built and called once
+    per layer with that layer's variables (``layers.{i}.*``). ``build(input_ids, shard_offset)``:
+    ``input_ids`` (batch, seq) int32, ``shard_offset`` the first vocabulary entry of this replica's
+    shard (scalar int32). Returns this shard's logits ``(batch, seq, vocab_per_shard)``.
     """
 
     # Whether autodiff runs over the graph (ops with no gradient rule, such as in-place adds, are avoided).
     differentiated = False
 
     def __init__(self, config: GPTJConfig, groups: TPGroups, dtype=popxl.float32, attention_serialisation: int = 1):
-        super().__init__()
-        self.config = config
-        self.groups = groups
+        super().__init__(config, groups, inplace_bias=not self.differentiated)
         self.dtype = dtype
         self.attention_serialisation = attention_serialisation
         self.embedding = Embedding(config, groups, dtype)
-        self.ln_f = addons.layers.LayerNorm()
-        self.lm_head = ColumnShardedLinear(tp_layout(config, groups.tp).vocab_per_shard, groups,
-                                           inplace_bias=not self.differentiated)
 
-    def hidden_states(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:
-        """Final hidden states after ``ln_f``, ``(batch, seq, n_embd)``."""
+    def decoder_output(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:
+        """Hidden states after the last decoder block, before ``ln_f``: ``(batch, seq, n_embd)``."""
         batch, seq = input_ids.shape
         positions = popxl.constant(np.tile(np.arange(seq, dtype=np.int32), (batch, 1)), name="positions")
         x = self.embedding(input_ids, shard_offset)
@@ -289,38 +371,22 @@ class GPTJLM(addons.Module):
         facts, graph = block.create_graph(x, positions)
         for i in range(self.config.n_layer):
             x, = graph.bind(self.add_variable_inputs(f"layers.{i}", facts)).call(x, positions)
-        return self.ln_f(x, eps=self.config.layer_norm_epsilon)
-
-    def logits(self, hidden: popxl.Tensor) -> popxl.Tensor:
-        """This shard's logits of ``hidden``; padded vocabulary columns take the head's bias."""
-        return self.lm_head(hidden)
+        return x
 
     def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:
-        return self.logits(self.hidden_states(input_ids, shard_offset))
+        return super().build(self.decoder_output(input_ids, shard_offset))
 
 
 class GPTJLMLoss(GPTJLM):
     """``GPTJLM`` with transformers' causal-LM loss instead of the logits.
 
-    ``build(input_ids, shard_offset, labels)``: position ``t``'s logits are scored against
-    ``labels[:, t + 1]`` (the shift is done here, as transformers does); labels equal to
-    ``IGNORE_INDEX`` are skipped and the loss is the mean over the others. The loss is
-    computed in float32 over the sharded logits without gathering them.
+    ``build(input_ids, shard_offset, labels)``: the mean ``token_loss`` of ``labels``.
     """
 
     differentiated = True
 
     def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor) -> popxl.Tensor:
-        return self.token_loss(input_ids, shard_offset, labels, "mean")
-
-    def token_loss(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor,
-                   reduction: str) -> popxl.Tensor:
-        """The shifted cross entropy of ``labels``, reduced by ``reduction`` ("mean" or "sum")."""
-        batch, seq = input_ids.shape
-        hidden = self.hidden_states(input_ids, shard_offset)[:, : seq - 1]
-        logits = self.logits(hidden.reshape((batch * (seq - 1), self.config.n_embd)))
-        targets = labels[:, 1:].reshape((batch * (seq - 1),))
-        return sharded_cross_entropy(logits, targets, shard_offset, self.groups, reduction)
+        return self.token_loss(self.decoder_output(input_ids, shard_offset), shard_offset, labels, "mean")
 
 
 class GPTJLMWeightedLoss(GPTJLMLoss):
@@ -333,31 +399,8 @@ class GPTJLMWeightedLoss(GPTJLMLoss):
 
     def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor,
               loss_weight: popxl.Tensor) -> popxl.Tensor:
-        return self.token_loss(input_ids, shard_offset, labels, "sum") * loss_weight
-
-
-class LMHeadLoss(addons.Module):
-    """The head phase: ``ln_f``, the vocab-sharded LM head and the weighted token loss.
-
-    ``build(x, shard_offset, labels, loss_weight)``: final hidden states ``x`` (batch, seq, n_embd);
-    returns ``loss_weight`` times the summed cross entropy of ``labels`` (shifted inside, ignored
-    ones skipped), as ``GPTJLMWeightedLoss``. Variables ``ln_f.*`` and ``lm_head.*`` (our layout's names).
-    """
-
-    def __init__(self, config: GPTJConfig, groups: TPGroups):
-        super().__init__()
-        self.config = config
-        self.groups = groups
-        self.ln_f = addons.layers.LayerNorm()
-        self.lm_head = ColumnShardedLinear(tp_layout(config, groups.tp).vocab_per_shard, groups)
-
-    def build(self, x: popxl.Tensor, shard_offset: popxl.Tensor, labels: popxl.Tensor,
-              loss_weight: popxl.Tensor) -> popxl.Tensor:
-        batch, seq = labels.shape
-        hidden = self.ln_f(x, eps=self.config.layer_norm_epsilon)[:, : seq - 1]
-        logits = self.lm_head(hidden.reshape((batch * (seq - 1), self.config.n_embd)))
-        targets = labels[:, 1:].reshape((batch * (seq - 1),))
-        return sharded_cross_entropy(logits, targets, shard_offset, self.groups, "sum") * loss_weight
+        x = self.decoder_output(input_ids, shard_offset)
+        return self.token_loss(x, shard_offset, labels, "sum") * loss_weight
 
 
 def sharded_cross_entropy(logits: popxl.Tensor, labels: popxl.Tensor, shard_offset: popxl.Tensor,

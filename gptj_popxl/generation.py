@@ -76,7 +76,7 @@ class Generator:
         key = ("prefill", batch, seq, sampling, with_logits)
         if key not in self._programs:
             self._programs[key] = build_prefill(self.model, batch, seq, sampling, with_logits)
-        return self._programs[key]
+        return self.model.with_current_weights(self._programs[key])
 
     def decode(self, batch: int, prompt_len: int, cache_len: int, chunk: int, sampling: Optional[Sampling],
                with_logits: bool = False):
@@ -84,7 +84,7 @@ class Generator:
         if key not in self._programs:
             self._programs[key] = build_decode(self.model, batch, prompt_len, cache_len, chunk, sampling,
                                                with_logits)
-        return self._programs[key]
+        return self.model.with_current_weights(self._programs[key])
 
     def generate(self, input_ids, **options) -> np.ndarray:
         return generate(self, input_ids, **options)

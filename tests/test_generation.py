@@ -211,3 +211,15 @@ def test_offload_gives_resident_tokens(checkpoint, tp):
     resident = [v.name for v in program.ir.main_graph.variables if v._remote is None]
     assert "layers.1.mlp.fc_in.weight" in remote
     assert not any(name.startswith("layers.") for name in resident)
+
+
+def test_offloaded_generation_reloads_changed_weights(checkpoint, tmp_path):
+    # The one host copy rule with remote buffers: after weights_changed, generation uses the new weights.
+    other = tiny_checkpoint(tmp_path, n_positions=32, seed=5)
+    model = from_pretrained(checkpoint, tensor_parallel=2, offload=True)
+    model.generate(IDS, attention_mask=MASK, max_new_tokens=4)
+    model.weights.update(from_pretrained(other, tensor_parallel=2).weights)
+    model.weights_changed()
+    hf_other = transformers.GPTJForCausalLM.from_pretrained(other).eval()
+    np.testing.assert_array_equal(model.generate(IDS, attention_mask=MASK, max_new_tokens=4),
+                                  hf_generate(hf_other, IDS, MASK, max_new_tokens=4))

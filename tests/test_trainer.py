@@ -141,3 +141,23 @@ def test_model_programs_read_the_trained_weights(checkpoint, batches, tmp_path):
         reference = load_hf(tmp_path / "out")(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(after, reference, atol=1e-4)
     assert np.abs(after - before).max() > 1e-2
+
+
+def test_generation_reads_the_trained_weights(checkpoint, batches, tmp_path):
+    # Generation programs built before training reload the one host copy after it, as the logits program does.
+    trainer = gptj_popxl.Trainer(checkpoint, dataclasses.replace(BASE, tensor_parallel=2))
+    prompt = batches[0][0][:2, :4]
+    before = trainer.model.generate(prompt, max_new_tokens=4)
+    for step_ids, labels in batches[:2]:  # the first step's learning rate is 0 (warmup)
+        trainer.step(step_ids, labels)
+    after = trainer.model.generate(prompt, max_new_tokens=4)
+    trainer.save(tmp_path / "out")
+    with torch.no_grad():
+        hf_ids = torch.from_numpy(prompt)
+        reference = load_hf(tmp_path / "out").generate(hf_ids, attention_mask=torch.ones_like(hf_ids), do_sample=False,
+                                                       max_new_tokens=4, pad_token_id=0).numpy()
+        untrained = load_hf(checkpoint).generate(hf_ids, attention_mask=torch.ones_like(hf_ids), do_sample=False,
+                                                 max_new_tokens=4, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(before, untrained)
+    np.testing.assert_array_equal(after, reference)
+    assert (reference != untrained).any()  # training changed the greedy tokens

@@ -91,9 +91,22 @@ class GPTJ:
     def _weights(self) -> Dict[str, np.ndarray]:
         return self.weights
 
+    @property
+    def weights_version(self) -> int:
+        """Version of ``weights``: ``weights_changed`` increments it; a program loaded from an older one
+        reloads them before its next run (see ``with_current_weights``)."""
+        return self._weights_version
+
     def weights_changed(self) -> None:
         """Mark ``weights`` as changed: each program reloads them before its next run."""
         self._weights_version += 1
+
+    def with_current_weights(self, program: Program) -> Program:
+        """``program`` (any of this model's, generation's included) holding the current ``weights``:
+        reloaded when they changed since it was loaded."""
+        if program.weights_version != self._weights_version:
+            program.load_weights(self.weights, self._weights_version)
+        return program
 
     # --- public API
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -204,9 +217,7 @@ class GPTJ:
             program = builders[kind](self.config, self.execution, self.weights, batch, seq)
             program.weights_version = self._weights_version
             self._programs[key] = program
-        elif program.weights_version != self._weights_version:
-            program.load_weights(self.weights, self._weights_version)
-        return program
+        return self.with_current_weights(program)
 
     def _to_layout(self, host: Mapping[str, np.ndarray], variables) -> Dict[str, np.ndarray]:
         """Per-replica host values ``(R, *shape)`` (no R axis when R == 1) of ``variables``' names -> our

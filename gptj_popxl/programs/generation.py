@@ -13,12 +13,13 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
 from gptj_popxl.model.config import GPTJConfig, tp_layout
 from gptj_popxl.model.kv_cache import CachedLM
 from gptj_popxl.model.layers import TPGroups, tp_groups
 from gptj_popxl.model.rotary import cast_to
-from gptj_popxl.programs.common import attached_session, create_variables, shard_offset
+from gptj_popxl.programs.common import Program, attached_session, create_variables, shard_offset
 from gptj_popxl.programs.execution import DTYPES
 
 # Additive mask value of a masked key (as transformers).
@@ -144,13 +145,10 @@ class DecodeStep(CachedLM):
 
 
 @dataclasses.dataclass
-class GenerationProgram:
-    """A compiled generation program: streams by name, and the decode cache variables."""
+class GenerationProgram(Program):
+    """A compiled generation program: a ``Program`` (its weight variables reload with ``load_weights``)
+    whose ``run`` splits ``*_per_replica`` inputs, and the decode cache variables."""
 
-    ir: object
-    session: object
-    inputs: Dict[str, object]
-    outputs: Dict[str, object]
     cache: Tuple[object, ...] = ()
 
     def run(self, **host_inputs: np.ndarray) -> Dict[str, np.ndarray]:
@@ -173,15 +171,23 @@ class GenerationProgram:
         return {name: results[stream] for name, stream in self.outputs.items()}
 
 
-def _create_remote_layers(model, module: CachedLM) -> None:
-    """With offload, the remote variables holding every layer's weights in ``module``'s buffers."""
+def _create_remote_layers(model, module: CachedLM) -> Dict[str, popxl.Tensor]:
+    """With offload, the remote variables holding every layer's weights in ``module``'s buffers, by name."""
+    made = {}
     if not module.offload:
-        return
+        return made
     for i in range(model.config.n_layer):
         def remote(data, dtype, name, replica_grouping, entry=i):
             buffer = module.layer_buffers.to_dict()[name[len(f"layers.{entry}."):]]
             return popxl.remote_variable(data, buffer, entry, dtype, name, replica_grouping=replica_grouping)
-        create_variables(module.layer_factories, model.weights, prefix=f"layers.{i}.", make=remote)
+        layer = create_variables(module.layer_factories, model.weights, prefix=f"layers.{i}.", make=remote)
+        made.update({f"layers.{i}.{name}": v for name, v in layer.to_dict().items()})
+    return made
+
+
+def _weight_variables(resident: addons.NamedTensors, remote: Dict[str, popxl.Tensor]) -> addons.NamedTensors:
+    """Every weight variable of a program by our name: the resident ones and the offloaded layers'."""
+    return addons.NamedTensors.from_dict({**resident.to_dict(), **remote})
 
 
 def _h2d(streams: Dict[str, object], name: str, shape, dtype) -> popxl.Tensor:
@@ -216,14 +222,16 @@ def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], wit
             args.append(_h2d(inputs, "uniforms", (batch, sampling.candidates(config, groups.tp)[1]), popxl.float32))
         module = PrefillModule(config, groups, dtype, sampling, model.offload, with_logits)
         facts, graph = module.create_graph(*args)
-        _create_remote_layers(model, module)
-        token, *kv = graph.bind(create_variables(facts, model.weights)).call(*args)
+        remote = _create_remote_layers(model, module)
+        resident = create_variables(facts, model.weights)
+        token, *kv = graph.bind(resident).call(*args)
         _d2h(outputs, "token", token)
         if with_logits:
             _d2h(outputs, "logits", kv.pop())
         for i, t in enumerate(kv):
             _d2h(outputs, f"{'kv'[i // config.n_layer]}.{i % config.n_layer}", t)
-    return GenerationProgram(ir, attached_session(ir), inputs, outputs)
+    return GenerationProgram(ir, attached_session(ir), _weight_variables(resident, remote), inputs, outputs,
+                             model.weights_version)
 
 
 def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int, sampling: Optional[Sampling],
@@ -275,7 +283,7 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
             args.append(_h2d(inputs, "uniforms", (chunk, batch, sampling.candidates(config, tp)[1]), popxl.float32))
         module = DecodeStep(config, groups, dtype, sampling, model.offload)
         facts, graph = module.create_graph(*args)
-        _create_remote_layers(model, module)
+        remote = _create_remote_layers(model, module)
         variables = create_variables(facts, model.weights)
         flat = [token, position, column, mask, tokens, step, *carried] + ([scores] if with_logits else []) + [
             t for t in args[9:] if t is not None]
@@ -287,5 +295,6 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         _d2h(outputs, "tokens", results[4])
         if with_logits:
             _d2h(outputs, "logits", results[-1])
-    return GenerationProgram(ir, attached_session(ir), inputs, outputs, tuple(cache))
+    return GenerationProgram(ir, attached_session(ir), _weight_variables(variables, remote), inputs, outputs,
+                             model.weights_version, tuple(cache))
 

@@ -16,6 +16,7 @@ from gptj_popxl.finetune import add_finetune_parser, run_finetune
 from gptj_popxl.golden import compare_with_hf, default_seq, random_hf_checkpoint
 from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.gptj import DTYPES
+from gptj_popxl.programs.execution import ExecutionConfig
 
 # Tiny but awkward on purpose: 3 heads, 101 tokens and 51 MLP columns all need padding at tp=2,
 # and only 4 of each head's 12 features are rotated.
@@ -72,8 +73,9 @@ def _check_golden_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def _golden(args: argparse.Namespace) -> int:
-    report = compare_with_hf(args.model, tensor_parallel=args.tensor_parallel, dtype=args.dtype, batch=args.batch,
-                             seq=args.seq, seed=args.seed, attention_serialisation=args.attention_serialisation)
+    execution = ExecutionConfig(tensor_parallel=args.tensor_parallel, dtype=args.dtype,
+                                attention_serialisation=args.attention_serialisation)
+    report = compare_with_hf(args.model, batch=args.batch, seq=args.seq, seed=args.seed, execution=execution)
     print(report.table())
     return 0 if report.passed else 1
 

@@ -20,8 +20,9 @@ import numpy as np
 
 from gptj_popxl.checkpoint import PathLike, atomic_directory
 from gptj_popxl.model.config import GPTJConfig
-from gptj_popxl.model.gptj import from_pretrained
+from gptj_popxl.model.gptj import execution_config, from_pretrained
 from gptj_popxl.model.layers import IGNORE_INDEX
+from gptj_popxl.programs.execution import ExecutionConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +204,8 @@ def compare_with_hf(
     seq: Optional[int] = None,
     seed: int = 0,
     attention_serialisation: int = 1,
+    *,
+    execution: Optional[ExecutionConfig] = None,
 ) -> GoldenReport:
     """Compare our model with transformers on random tokens of a local HF checkpoint.
 
@@ -213,23 +216,26 @@ def compare_with_hf(
         batch, seq: token batch shape; ``seq`` defaults to ``min(16, n_positions)``.
         seed: seed of the random tokens.
         attention_serialisation: query blocks our attention is computed in.
+        execution: our execution config as a whole, instead of ``tensor_parallel``, ``dtype`` and
+            ``attention_serialisation``.
 
     Returns:
         A ``GoldenReport`` with rows ``logits``, ``loss`` and one per HF parameter
         gradient, and ``passed`` when all are within ``TOLERANCES[dtype]``.
     """
-    model = from_pretrained(model_dir, tensor_parallel=tensor_parallel, dtype=dtype,
-                            attention_serialisation=attention_serialisation)
+    execution = execution_config(execution, tensor_parallel=tensor_parallel, dtype=dtype,
+                                 attention_serialisation=attention_serialisation)
+    model = from_pretrained(model_dir, execution=execution)
     seq = default_seq(model.config, seq)
     ids, labels = golden_inputs(model.config.vocab_size, batch, seq, seed)
     logits = model.logits(ids)
     loss, grads = model.loss_and_grads(ids, labels)
-    hf_logits, hf_loss, hf_grads = hf_logits_loss_grads(model_dir, ids, labels, dtype)
+    hf_logits, hf_loss, hf_grads = hf_logits_loss_grads(model_dir, ids, labels, execution.dtype)
 
-    tol = TOLERANCES[dtype]
+    tol = TOLERANCES[execution.dtype]
     logits_row = error_row("logits", logits, hf_logits, "rel" if tol.logits_relative else "abs", tol.logits)
     rows = [logits_row, error_row("loss", np.float64(loss), np.float64(hf_loss), "abs", tol.loss)]
     if sorted(grads) != sorted(hf_grads):
         raise ValueError(f"our gradients are named {sorted(grads)}, transformers' {sorted(hf_grads)}")
     rows += [error_row(name, g, hf_grads[name], "rel", tol.grads) for name, g in grads.items()]
-    return GoldenReport(os.fspath(model_dir), tensor_parallel, dtype, batch, seq, rows)
+    return GoldenReport(os.fspath(model_dir), execution.tensor_parallel, execution.dtype, batch, seq, rows)

@@ -12,6 +12,7 @@ import transformers
 import gptj_popxl
 from gptj_popxl import cli, golden
 from gptj_popxl.model.hf_mapping import hf_param_names, popxl_param_shapes
+from gptj_popxl.programs.execution import ExecutionConfig
 from helpers_gptj import TINY, tiny_checkpoint, tiny_config
 
 hf_reference = golden.hf_logits_loss_grads  # transformers' logits, loss and parameter gradients
@@ -183,6 +184,8 @@ def test_from_pretrained_rejects_bad_options(ckpt, tmp_path):
         model.program("train", 1, 3)
     with pytest.raises(ValueError, match=r"batch=1, seq=17\): .* seq <= n_positions \(16\)"):
         model.program("logits", 1, 17)
+    with pytest.raises(ValueError, match=r"tensor_parallel=2 disagree\(s\) with execution .*tensor_parallel=4"):
+        gptj_popxl.from_pretrained(ckpt, tensor_parallel=2, execution=ExecutionConfig(tensor_parallel=4))
 
 
 # ----------------------------------------------------------------------------- golden report and CLI
@@ -205,7 +208,8 @@ def test_random_checkpoint_replaces_an_existing_directory_whole(tmp_path):
 
 
 def test_compare_with_hf_reports_every_tensor(ckpt):
-    report = golden.compare_with_hf(ckpt, tensor_parallel=2, batch=2, seq=8)
+    report = golden.compare_with_hf(ckpt, batch=2, seq=8, execution=ExecutionConfig(tensor_parallel=2))
+    assert report.tensor_parallel == 2
     assert [r.name for r in report.rows] == ["logits", "loss"] + hf_param_names(tiny_config())
     assert report.passed, report.table()
     assert report.row("logits").max_abs <= 1e-4

@@ -58,9 +58,8 @@ class GPTJ:
     def __init__(self, config: GPTJConfig, weights: Mapping[str, np.ndarray], *, tensor_parallel: int = 1,
                  dtype: str = "float32", attention_serialisation: int = 1,
                  execution: Optional[ExecutionConfig] = None, offload: bool = False):
-        if execution is None:
-            execution = ExecutionConfig(tensor_parallel=tensor_parallel, dtype=dtype,
-                                        attention_serialisation=attention_serialisation)
+        execution = execution_config(execution, tensor_parallel=tensor_parallel, dtype=dtype,
+                                     attention_serialisation=attention_serialisation)
         expected = popxl_param_shapes(config, execution.tensor_parallel)
         shapes = {k: np.shape(v) for k, v in weights.items()}
         if shapes != expected:
@@ -231,8 +230,30 @@ class GPTJ:
         return out
 
 
+def execution_config(execution: Optional[ExecutionConfig] = None, *, tensor_parallel: int = 1,
+                     dtype: str = "float32", attention_serialisation: int = 1) -> ExecutionConfig:
+    """The ``ExecutionConfig`` of a model's programs: ``execution`` when given, else one of the options.
+
+    Raises:
+        ValueError: an invalid option, or an option other than its default given with an ``execution``
+            that disagrees with it.
+    """
+    options = dict(tensor_parallel=tensor_parallel, dtype=dtype, attention_serialisation=attention_serialisation)
+    if execution is None:
+        return ExecutionConfig(**options)
+    if not isinstance(execution, ExecutionConfig):
+        raise TypeError(f"execution must be an ExecutionConfig, got {type(execution).__name__}")
+    defaults = ExecutionConfig()
+    conflicts = [f"{name}={value!r}" for name, value in options.items()
+                 if value != getattr(defaults, name) and value != getattr(execution, name)]
+    if conflicts:
+        raise ValueError(f"{', '.join(conflicts)} disagree(s) with execution {execution}: give one or the other")
+    return execution
+
+
 def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "float32",
-                    attention_serialisation: int = 1, offload: bool = False) -> GPTJ:
+                    attention_serialisation: int = 1, offload: bool = False,
+                    execution: Optional[ExecutionConfig] = None) -> GPTJ:
     """Load a local Hugging Face GPT-J checkpoint directory as our model.
 
     Args:
@@ -244,14 +265,16 @@ def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "f
             another (less memory, same numbers); must divide the sequence lengths used.
         offload: generation keeps the decoder layers' weights in remote buffers and loads them
             one layer at a time (phased inference), for models larger than device memory.
+        execution: the execution config as a whole, instead of ``tensor_parallel``, ``dtype`` and
+            ``attention_serialisation``.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
         ValueError: an invalid option, config or checkpoint.
     """
     # Checked before the (possibly long) load.
-    execution = ExecutionConfig(tensor_parallel=tensor_parallel, dtype=dtype,
-                                attention_serialisation=attention_serialisation)
+    execution = execution_config(execution, tensor_parallel=tensor_parallel, dtype=dtype,
+                                 attention_serialisation=attention_serialisation)
     config = GPTJConfig.from_pretrained_dir(path)
     return GPTJ(config, load_weights(path, config, execution), execution=execution, offload=offload)
 

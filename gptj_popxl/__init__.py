@@ -1,11 +1,12 @@
 """gptj-popxl: GPT-J as hand-built popxl graphs, with a CPU runtime for popxl programs.
 
 ``gptj_popxl.from_pretrained(path, tensor_parallel=..., dtype=...)`` loads a Hugging Face GPT-J
-checkpoint as a model with ``logits`` and ``loss_and_grads`` (see ``gptj_popxl.model.gptj``);
+checkpoint as a model with ``logits`` and ``loss_and_grads`` (see ``gptj_popxl.model.gptj``; the execution
+options may be one ``gptj_popxl.ExecutionConfig``, ``execution=...``);
 ``gptj_popxl.Trainer(path, gptj_popxl.TrainingConfig(...))`` fine-tunes one (see ``gptj_popxl.trainer``).
 """
 
-__all__ = ["from_pretrained", "TrainingConfig", "Trainer"]
+__all__ = ["from_pretrained", "ExecutionConfig", "TrainingConfig", "Trainer"]
 
 
 def __getattr__(name):
@@ -13,6 +14,9 @@ def __getattr__(name):
     if name == "from_pretrained":
         from gptj_popxl.model.gptj import from_pretrained
         return from_pretrained
+    if name == "ExecutionConfig":
+        from gptj_popxl.programs.execution import ExecutionConfig
+        return ExecutionConfig
     if name in ("TrainingConfig", "Trainer"):
         from gptj_popxl import trainer
         return getattr(trainer, name)

@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 import transformers
 
+from gptj_popxl.backend import popxl
 from gptj_popxl.checkpoint import atomic_directory
 from gptj_popxl.model.config import GPTJConfig, tp_layout
 from gptj_popxl.model.hf_mapping import (
@@ -23,6 +24,7 @@ from gptj_popxl.model.hf_mapping import (
     popxl_to_hf,
     save_hf_checkpoint,
 )
+from gptj_popxl.model.layers import DecoderBlock, Embedding, LMHead, tp_groups
 
 # n_head 6 and n_inner 150 pad at tp=4; vocab 101 pads at tp=2 and tp=4.
 HF_KWARGS = dict(
@@ -337,6 +339,26 @@ def test_popxl_to_hf_follows_layout_and_drops_padding(config):
             np.testing.assert_array_equal(hf[dst + n], g[src + n])
     np.testing.assert_array_equal(hf["transformer.ln_f.weight"], g["ln_f.weight"])
     np.testing.assert_array_equal(hf["transformer.ln_f.bias"], g["ln_f.bias"])
+
+
+@pytest.mark.parametrize("tp", (2, 4))
+def test_phase_modules_weight_maps_fit_their_variables(config, tp):
+    """Each phase module maps exactly the variables its graph declares: sharded ones (tp replica groups)
+    with a leading axis of tp blocks, replicated ones as declared."""
+    ir = popxl.Ir(replication=tp)
+    with ir.main_graph:
+        groups = tp_groups(ir, tp)
+        x = popxl.TensorSpec((1, 4, config.n_embd), popxl.float32)
+        ids = popxl.TensorSpec((1, 4), popxl.int32)
+        offset = popxl.TensorSpec((), popxl.int32)
+        for phase, args in ((Embedding(config, groups), (ids, offset)), (DecoderBlock(config, groups), (x, ids)),
+                            (LMHead(config, groups), (x,))):
+            facts, _ = phase.create_graph(*args)
+            declared = {}
+            for name, f in facts.to_dict().items():
+                sharded = f.replica_grouping is not None and f.replica_grouping.num_groups == tp
+                declared[name] = ((tp,) if sharded else ()) + tuple(f.shape)
+            assert declared == {m.name: m.shape for m in phase.weight_maps(config, tp)}, type(phase).__name__
 
 
 def test_mapping_errors_name_the_tensor(hf_sd, config):

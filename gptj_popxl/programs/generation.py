@@ -147,7 +147,7 @@ class DecodeStep(CachedLM):
 @dataclasses.dataclass
 class GenerationProgram(Program):
     """A compiled generation program: a ``Program`` (its weight variables reload with ``load_weights``)
-    whose ``run`` splits ``*_per_replica`` inputs, and the decode cache variables."""
+    whose ``run`` also takes per-replica inputs, and the decode cache variables."""
 
     cache: Tuple[object, ...] = ()
 

@@ -247,7 +247,8 @@ def _run(out: str, settings: DemoSettings) -> DemoResult:
 
 def _summary(result: DemoResult) -> None:
     goal = "reached" if result.accuracy_after >= ACCURACY_GOAL else "NOT reached"
-    print(f"\n=== 8. summary ({result.seconds:.0f} s)")
+    print(f"\n=== 8. loss curve and summary ({result.seconds:.0f} s)")
+    print(f"loss curve of the fine-tuning: {result.paths['loss_curve']}")
     print(f"validation accuracy: {result.accuracy_before:.3f} before, {result.accuracy_after:.3f} after "
           f"fine-tuning (goal {ACCURACY_GOAL:.0%}: {goal})")
     print(f"transformers' greedy tokens: {'identical' if result.same_tokens_as_transformers else 'DIFFERENT'}")

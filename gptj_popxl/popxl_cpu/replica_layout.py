@@ -48,9 +48,13 @@ class GroupIndex:
         self.peers = torch.as_tensor(peers)                            # (R, size)
         self.position = torch.as_tensor(position)                      # (R,)
         self.replicas = torch.arange(len(position))
+        self.singletons = self.members.shape[1] == 1
 
     def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
         """Each replica gets the reduction of its group's values."""
+        if self.singletons:
+            # Every replica is its own group: one pass, no gathers over the replica axis.
+            return REDUCE[op](x.unsqueeze(1), 1)
         return REDUCE[op](x[self.members], 1)[self.assignment]
 
     def own(self, chunks: torch.Tensor) -> torch.Tensor:

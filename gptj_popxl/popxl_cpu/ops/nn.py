@@ -1,4 +1,5 @@
 """Neural-network ops: matmul, softmax, normalisation."""
+import numpy as np
 import torch
 
 from .. import dtypes
@@ -44,11 +45,24 @@ class MatMul(Primitive):
         sb = replica_view_shape(b.shape if b.rank > 1 else b.shape + (1,), rank, runtime.replicas)
         out_shape = (runtime.replicas,) + op.outputs[0].shape
         half = a.dtype == dtypes.float16
+        if a.rank >= 2 and b.rank <= 2:
+            # A weight-like rhs: fold every row of lhs into one (replica-batched) product, as
+            # torch.matmul does for a 2-D rhs; the replica axis would otherwise make it a broadcast bmm.
+            rows, k, n = int(np.prod(a.shape[:-1], dtype=np.int64)), a.shape[-1], sb[-1]
+            if runtime.replicas == 1:
+                def product(x, y):
+                    return torch.mm(x.reshape(rows, k), y.reshape(k, n))
+            else:
+                def product(x, y):
+                    return torch.bmm(x.reshape(-1, rows, k), y.reshape(-1, k, n))
+        else:
+            def product(x, y):
+                return torch.matmul(x.reshape(sa), y.reshape(sb))
 
         def matmul(x, y):
             if half:
                 x, y = x.float(), y.float()
-            return torch.matmul(x.reshape(sa), y.reshape(sb)).reshape(out_shape).to(out)
+            return product(x, y).reshape(out_shape).to(out)
         return matmul
 
     @staticmethod
@@ -65,7 +79,11 @@ class MatMul(Primitive):
         if g.needs(0):
             da = matmul(dy2, transpose(y, _swap_last(y.rank)))
             da = reshape(unbroadcast(da, x.shape), a.shape)
-        if g.needs(1):
+        if g.needs(1) and len(a.shape) > 2 and len(b.shape) == 2:
+            # Batch axes of lhs summed in the product itself: one (k, rows) @ (rows, n) matmul.
+            rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+            db = matmul(transpose(reshape(x, (rows, a.shape[-1])), (1, 0)), reshape(dy2, (rows, b.shape[-1])))
+        elif g.needs(1):
             db = matmul(transpose(x, _swap_last(x.rank)), dy2)
             db = reshape(unbroadcast(db, y.shape), b.shape)
         return [da, db]

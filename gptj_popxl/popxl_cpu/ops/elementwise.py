@@ -237,6 +237,10 @@ class Binary(Primitive):
             return fn
         sa = replica_view_shape(a.shape, rank, runtime.replicas)
         sb = replica_view_shape(b.shape, rank, runtime.replicas)
+        if a.rank == rank:  # only the lower-rank operand needs its view (a reshape per run is not free)
+            return lambda x, y: fn(x, y.reshape(sb))
+        if b.rank == rank:
+            return lambda x, y: fn(x.reshape(sa), y)
         return lambda x, y: fn(x.reshape(sa), y.reshape(sb))
 
 

@@ -89,7 +89,8 @@ class Runtime:
                              f"{transfers} times in one run")
         self.stream_out_next[stream] = k + 1
         if target is None:
-            self.stream_kept[stream] = value
+            # A view (a transpose, a broadcast) would hand the host odd strides, even repeated elements.
+            self.stream_kept[stream] = value if value.is_contiguous() else value.contiguous()
         else:
             target[k] = value.numpy()  # numpy's copy: torch's would wake its thread pool, slow on a busy host
 

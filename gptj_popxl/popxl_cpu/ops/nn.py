@@ -103,6 +103,44 @@ def _matmul_shape_2d(sa, sb, sy):
     return sy
 
 
+def bias_matmul_fusions(graph, replicas: int):
+    """Lowering pattern: ``x @ w`` whose only use is ``+ b`` (``add`` or ``add_``) with a 1-D bias, in
+    float32 on one replica, becomes one ``torch.addmm`` at the add. Returns ``{add op: (kernel,
+    (x, w, b))}`` and the matmul ops it absorbs."""
+    from .elementwise import Add, AddInplace
+    if replicas != 1:
+        return {}, set()
+    uses = {}
+    for op in graph._ops:
+        for t in op.inputs:
+            uses.setdefault(t.id, []).append(op)
+    outputs = {t.id for t in graph._outputs}
+    fused, absorbed = {}, set()
+    for op in graph._ops:
+        if op.prim not in (Add, AddInplace):
+            continue
+        for i in ((0, 1) if op.prim is Add else (0,)):
+            product, bias = op.inputs[i], op.inputs[1 - i]
+            mm = product._producer
+            if (mm is None or mm.prim is not MatMul or mm.graph is not graph or product.id in outputs
+                    or len(uses[product.id]) != 1 or mm.attrs["output_type"] not in (None, product.dtype)):
+                continue
+            x, w = mm.inputs
+            if (x.rank < 2 or w.rank != 2 or bias.shape != (w.shape[1],)
+                    or any(t.dtype != dtypes.float32 for t in (x, w, bias))):
+                continue
+            fused[op] = (_addmm_kernel(x.shape, w.shape), (x, w, bias))
+            absorbed.add(mm)
+            break
+    return fused, absorbed
+
+
+def _addmm_kernel(x_shape, w_shape):
+    rows, (k, n) = int(np.prod(x_shape[:-1], dtype=np.int64)), w_shape
+    out_shape = (1,) + tuple(x_shape[:-1]) + (n,)
+    return lambda x, w, b: torch.addmm(b[0], x.reshape(rows, k), w[0]).reshape(out_shape)
+
+
 def matmul(lhs: Tensor, rhs: Tensor, available_memory_proportion=None, output_type=None, partials_type=None):
     """Numpy-style matmul; ``output_type`` casts the result."""
     output_type = dtypes.dtype.as_dtype(output_type) if output_type is not None else None

@@ -3,6 +3,9 @@
 The popxl program loads a ``size`` x ``size`` float32 batch from the host, computes
 ``softmax(gelu(x @ w))`` and stores the result to the host; torch does the same from and to numpy.
 Goal on 512x512: overhead <= 10%, i.e. a speed-up of at least 0.91x.
+
+Fixed cost: a program that loads 4 floats, adds 1 and stores them, against the same torch eager
+code; the difference of the two times is what ``Session.run`` adds per call (goal <= 10 us).
 """
 import numpy as np
 import pytest
@@ -39,6 +42,33 @@ def _popxl_program(x, w):
 def _torch_program(x, w):
     w = torch.from_numpy(w)
     return lambda: torch.softmax(torch.nn.functional.gelu(torch.from_numpy(x) @ w, approximate="tanh"), -1).numpy()
+
+
+def _tiny_programs():
+    """``run()`` closures of the fixed-cost comparison: our session and torch eager."""
+    x = np.arange(4, dtype=np.float32)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        x_stream = popxl.h2d_stream(x.shape, popxl.float32, "x")
+        y = ops.host_load(x_stream) + 1.0
+        y_stream = popxl.d2h_stream(y.shape, y.dtype, "y")
+        ops.host_store(y_stream, y)
+    session = popxl.Session(ir)
+    inputs = {x_stream: x}
+    return session, lambda: session.run(inputs)[y_stream], lambda: (torch.from_numpy(x.copy()) + 1.0).numpy()
+
+
+def test_popxl_session_run_fixed_cost(benchmark):
+    compare(benchmark, "Session.run fixed cost (4 floats + 1)", "ours")
+    session, run_popxl, run_torch = _tiny_programs()
+    with session:
+        np.testing.assert_array_equal(run_popxl(), run_torch())
+        benchmark(run_popxl)
+
+
+def test_torch_eager_fixed_cost(benchmark):
+    compare(benchmark, "Session.run fixed cost (4 floats + 1)", "peer")
+    benchmark(_tiny_programs()[2])
 
 
 @pytest.mark.parametrize("size", SIZES)

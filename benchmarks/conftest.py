@@ -35,7 +35,8 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.section("speed-up of ours over the peer (median times, same run)")
     for name, ours, peer in rows:
         t_ours, t_peer = ours.stats.median, peer.stats.median
-        line = f"{name}: ours {t_ours * 1e3:.3f} ms, peer {t_peer * 1e3:.3f} ms, speed-up {t_peer / t_ours:.2f}x"
+        line = (f"{name}: ours {t_ours * 1e3:.3f} ms, peer {t_peer * 1e3:.3f} ms (ours - peer "
+                f"{(t_ours - t_peer) * 1e6:.1f} us), speed-up {t_peer / t_ours:.2f}x")
         items = ours.extra_info.get("items")
         if items:
             line += f" ({items / t_ours:.0f} vs {items / t_peer:.0f} items/s)"

@@ -303,3 +303,27 @@ def test_stitched_outputs_keep_their_meta_shape_at_call_sites():
         site = ops.call_with_info(graph, ops.init((4,), F32))
         popxl.transforms.autodiff(graph)
     assert [t.meta_shape for t in site.outputs] == [t.meta_shape for t in graph.outputs] == [(), (4,)]
+
+
+@pytest.mark.parametrize("write_in_place", [False, True])
+def test_reduction_gradient_is_a_plain_host_array(write_in_place):
+    """The gradient of a reduction is a broadcast of dy: written in place or sent to the host, it behaves
+    as an ordinary tensor (values as torch's autograd, C-ordered host array)."""
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    dy = np.array([1.0, 2.0, 3.0], np.float32)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        graph = popxl.gir().create_graph(lambda t: ops.sum(t, axis=1), popxl.TensorSpec((3, 4), popxl.float32))
+        grad = popxl.transforms.autodiff(graph)
+        info = ops.call_with_info(graph, popxl.variable(x))
+        dx, = ops.call(grad.graph, popxl.constant(dy), inputs_dict=grad.inputs_dict(info))
+        if write_in_place:
+            ops.add_(dx, popxl.constant(np.float32(1.0)))
+        stream = popxl.d2h_stream(dx.shape, dx.dtype, "dx")
+        ops.host_store(stream, dx)
+    with popxl.Session(ir) as session:
+        out = session.run()[stream]
+    xt = torch.from_numpy(x).requires_grad_()
+    (xt.sum(1) * torch.from_numpy(dy)).sum().backward()
+    np.testing.assert_array_equal(out, xt.grad.numpy() + (1.0 if write_in_place else 0.0))
+    assert out.flags.c_contiguous

@@ -17,6 +17,26 @@ def test_matmul(shapes, dtype, rng):
     check(ops.matmul, torch.matmul, a, b)
 
 
+# Matmul + bias in each form lowering fuses into addmm (add either way round, add_), and one it must
+# not fuse (the product used twice); as (popxl, torch, has a gradient).
+_BIAS_MATMULS = {
+    "add": (lambda x, w, b: ops.add(x @ w, b), lambda x, w, b: x @ w + b, True),
+    "bias_first": (lambda x, w, b: ops.add(b, x @ w), lambda x, w, b: b + x @ w, True),
+    "add_": (lambda x, w, b: ops.add_(x @ w, b), lambda x, w, b: x @ w + b, False),
+    "shared": (lambda x, w, b: (lambda y: (y + b, y * 2.0))(x @ w), lambda x, w, b: (x @ w + b, x @ w * 2.0), True),
+}
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("replication", [1, 2])
+@pytest.mark.parametrize("form", sorted(_BIAS_MATMULS))
+def test_matmul_bias_patterns(form, replication, dtype, rng):
+    lead = (replication,) if replication > 1 else ()
+    x, w, b = (rand(rng, *lead, *shape, dtype=dtype) for shape in ((2, 3, 4), (4, 5), (5,)))
+    popxl_fn, torch_fn, grad = _BIAS_MATMULS[form]
+    check(popxl_fn, torch_fn, x, w, b, replication=replication, grad=grad)
+
+
 def test_matmul_output_type_and_operator(rng):
     a, b = rand(rng, 2, 3, dtype=np.float16), rand(rng, 3, 2, dtype=np.float16)
     out, _ = run_graph(lambda a, b: (ops.matmul(a, b, output_type=dtypes.float32), a @ b), a, b)

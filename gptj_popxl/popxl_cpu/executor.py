@@ -6,11 +6,15 @@ aliasing statically: out-of-place view kernels are made to copy where an in-plac
 storage would otherwise show through them, a subgraph's inputs are copied at a call site when the
 subgraph writes them but the call does not pass them by reference, and subgraph outputs that share
 storage with an input are copied on return.
+
+Lowering applies one pattern rewrite (``ops.nn.bias_matmul_fusions``): a matmul whose only use is a
+bias add has no step of its own; the add's step computes both (``addmm``) from the matmul's inputs.
 """
 from typing import Dict, List
 
 import torch
 
+from .ops.nn import bias_matmul_fusions
 from .tensor import Constant, Tensor
 
 
@@ -76,9 +80,13 @@ class Plan:
         self.in_slots = tuple(slot_of(t) for t in graph._inputs)
         init: Dict[int, torch.Tensor] = {}
         steps = []
+        fused, absorbed = bias_matmul_fusions(graph, runtime.replicas)
         for op in graph._ops:
+            if op in absorbed:
+                continue
+            fn, inputs = fused.get(op, (None, op.inputs))
             ins = []
-            for t in op.inputs:
+            for t in inputs:
                 if t.id not in slot and t._producer is None and t not in graph._inputs:
                     value = runtime.persistent_value(t, writable=False)
                     if isinstance(t, Constant) and classes.find(t.id) in written:
@@ -87,6 +95,10 @@ class Plan:
                     else:
                         init[slot_of(t)] = value
                 ins.append(slot_of(t))
+            if fn is not None:
+                outs = tuple(slot_of(t) for t in op.outputs)
+                steps.append([fn, tuple(ins), outs[0], ()])
+                continue
             fn = op.prim.lower(op, runtime)
             if _computes_on_wide_unsigned(op):
                 fn = _in_int64(fn, op)

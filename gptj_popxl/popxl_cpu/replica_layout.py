@@ -34,6 +34,8 @@ REDUCE = {
     "square_add": lambda x, d: (x * x).sum(d, dtype=x.dtype),
 }
 
+_OF_ONE_IS_ITSELF = ("add", "mean", "min", "max")
+
 
 class GroupIndex:
     """Index tensors of a grouping over the replica axis, made once per lowering.
@@ -48,9 +50,14 @@ class GroupIndex:
         self.peers = torch.as_tensor(peers)                            # (R, size)
         self.position = torch.as_tensor(position)                      # (R,)
         self.replicas = torch.arange(len(position))
+        self.singletons = self.members.shape[1] == 1
 
     def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
         """Each replica gets the reduction of its group's values."""
+        if self.singletons:
+            # Every replica is its own group: no gathers over the replica axis, and a copy where the
+            # reduction of one value is that value (torch's reduction over an axis of one is far slower).
+            return x.clone() if op in _OF_ONE_IS_ITSELF else REDUCE[op](x.unsqueeze(1), 1)
         return REDUCE[op](x[self.members], 1)[self.assignment]
 
     def own(self, chunks: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,11 @@ from ._util import broadcast_shape, check_float, check_same_dtype, replica_view_
 # ---------------------------------------------------------------- unary
 
 class ElementwiseGrad(Primitive):
-    """``dy * f'(x)`` for a unary primitive ``of``, computed from the forward input ``x`` and output ``y``."""
+    """``dy * f'(x)`` for a unary primitive ``of``, computed from the forward input ``x`` and output ``y``.
+
+    A primitive with a ``fused_grad(dy, x)`` (one torch kernel for the whole product) uses it on float32
+    values; otherwise ``derivative(x, y)`` is built from separate torch ops.
+    """
     name = "elementwise_grad"
 
     @staticmethod
@@ -21,7 +25,11 @@ class ElementwiseGrad(Primitive):
 
     @classmethod
     def lower(cls, op, runtime):
-        derivative = op.attrs["of"].derivative
+        of = op.attrs["of"]
+        fused = getattr(of, "fused_grad", None)
+        if fused is not None and all(t.dtype == dtypes.float32 for t in op.inputs[:2]):
+            return lambda dy, x, y: fused(dy, x)
+        derivative = of.derivative
         return lambda dy, x, y: dy * derivative(x, y).to(dy.dtype)
 
 
@@ -29,8 +37,10 @@ def _unary_grad(g):
     return [ElementwiseGrad.create(g.dy, g.x(0), g.y(0), of=g.op.prim)]
 
 
-def _unary(name: str, fn: Callable, derivative: Callable = None, floating: bool = True, out_dtype=None):
-    """Defines a unary primitive; ``derivative(x, y)`` (torch) gives its gradient rule."""
+def _unary(name: str, fn: Callable, derivative: Callable = None, floating: bool = True, out_dtype=None,
+           fused_grad: Callable = None):
+    """Defines a unary primitive; ``derivative(x, y)`` (torch) gives its gradient rule, ``fused_grad(dy, x)``
+    optionally the same ``dy * f'(x)`` as one torch kernel."""
     attrs = {
         "name": name,
         "infer": staticmethod(lambda t: _unary_infer(t, name, floating, out_dtype)),
@@ -39,6 +49,8 @@ def _unary(name: str, fn: Callable, derivative: Callable = None, floating: bool 
     if derivative is not None:
         attrs["derivative"] = staticmethod(derivative)
         attrs["grad"] = staticmethod(_unary_grad)
+    if fused_grad is not None:
+        attrs["fused_grad"] = staticmethod(fused_grad)
     return type(name.title().replace("_", ""), (Primitive,), attrs)
 
 
@@ -78,9 +90,11 @@ Sin = _unary("sin", torch.sin, lambda x, y: torch.cos(x))
 Cos = _unary("cos", torch.cos, lambda x, y: -torch.sin(x))
 Abs = _unary("abs", torch.abs, lambda x, y: torch.sign(x), floating=False)
 Relu = _unary("relu", torch.relu, lambda x, y: (x > 0).to(x.dtype), floating=False)
-Gelu = _unary("gelu", lambda x: torch.nn.functional.gelu(x, approximate="tanh"), _gelu_tanh_derivative)
-Geluerf = _unary("geluerf", torch.nn.functional.gelu, _gelu_erf_derivative)
-Swish = _unary("swish", torch.nn.functional.silu, _swish_derivative)
+Gelu = _unary("gelu", lambda x: torch.nn.functional.gelu(x, approximate="tanh"), _gelu_tanh_derivative,
+              fused_grad=lambda dy, x: torch.ops.aten.gelu_backward(dy, x, approximate="tanh"))
+Geluerf = _unary("geluerf", torch.nn.functional.gelu, _gelu_erf_derivative,
+                 fused_grad=lambda dy, x: torch.ops.aten.gelu_backward(dy, x, approximate="none"))
+Swish = _unary("swish", torch.nn.functional.silu, _swish_derivative, fused_grad=torch.ops.aten.silu_backward)
 Sign = _unary("sign", torch.sign, lambda x, y: torch.zeros_like(x), floating=False)
 Floor = _unary("floor", torch.floor, lambda x, y: torch.zeros_like(x))
 Ceil = _unary("ceil", torch.ceil, lambda x, y: torch.zeros_like(x))
@@ -223,6 +237,10 @@ class Binary(Primitive):
             return fn
         sa = replica_view_shape(a.shape, rank, runtime.replicas)
         sb = replica_view_shape(b.shape, rank, runtime.replicas)
+        if a.rank == rank:  # only the lower-rank operand needs its view (a reshape per run is not free)
+            return lambda x, y: fn(x, y.reshape(sb))
+        if b.rank == rank:
+            return lambda x, y: fn(x.reshape(sa), y)
         return lambda x, y: fn(x.reshape(sa), y.reshape(sb))
 
 

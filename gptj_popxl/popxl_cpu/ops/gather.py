@@ -55,7 +55,11 @@ class _Take:
     def take(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         r = x.shape[0]
         idx, valid = self.rows(indices)
-        picked = x.movedim(self.axis + 1, 1)[torch.arange(r).unsqueeze(1), idx]
+        source = x.movedim(self.axis + 1, 1)
+        if r == 1:  # index_select is several times faster than advanced indexing on large tables
+            picked = torch.index_select(source[0], 0, idx[0]).unsqueeze(0)
+        else:
+            picked = source[torch.arange(r).unsqueeze(1), idx]
         picked = self._mask(picked, valid)
         return picked.reshape((r,) + self.index_shape + self.rest).permute(self.perm)
 

@@ -1,4 +1,5 @@
 """Neural-network ops: matmul, softmax, normalisation."""
+import numpy as np
 import torch
 
 from .. import dtypes
@@ -48,11 +49,24 @@ class MatMul(Primitive):
             # matrix is read once rather than once per batch entry (torch would broadcast it).
             sa, sb = (runtime.replicas, -1, sa[-1]), (runtime.replicas,) + sb[-2:]
         half = a.dtype == dtypes.float16
+        if a.rank >= 2 and b.rank <= 2:
+            # A weight-like rhs: fold every row of lhs into one (replica-batched) product, as
+            # torch.matmul does for a 2-D rhs; the replica axis would otherwise make it a broadcast bmm.
+            rows, k, n = int(np.prod(a.shape[:-1], dtype=np.int64)), a.shape[-1], sb[-1]
+            if runtime.replicas == 1:
+                def product(x, y):
+                    return torch.mm(x.reshape(rows, k), y.reshape(k, n))
+            else:
+                def product(x, y):
+                    return torch.bmm(x.reshape(-1, rows, k), y.reshape(-1, k, n))
+        else:
+            def product(x, y):
+                return torch.matmul(x.reshape(sa), y.reshape(sb))
 
         def matmul(x, y):
             if half:
                 x, y = x.float(), y.float()
-            return torch.matmul(x.reshape(sa), y.reshape(sb)).reshape(out_shape).to(out)
+            return product(x, y).reshape(out_shape).to(out)
         return matmul
 
     @staticmethod
@@ -69,7 +83,11 @@ class MatMul(Primitive):
         if g.needs(0):
             da = matmul(dy2, transpose(y, _swap_last(y.rank)))
             da = reshape(unbroadcast(da, x.shape), a.shape)
-        if g.needs(1):
+        if g.needs(1) and len(a.shape) > 2 and len(b.shape) == 2:
+            # Batch axes of lhs summed in the product itself: one (k, rows) @ (rows, n) matmul.
+            rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+            db = matmul(transpose(reshape(x, (rows, a.shape[-1])), (1, 0)), reshape(dy2, (rows, b.shape[-1])))
+        elif g.needs(1):
             db = matmul(transpose(x, _swap_last(x.rank)), dy2)
             db = reshape(unbroadcast(db, y.shape), b.shape)
         return [da, db]
@@ -87,6 +105,44 @@ def _matmul_shape_2d(sa, sb, sy):
     if len(sb) == 1:
         sy = sy + (1,)
     return sy
+
+
+def bias_matmul_fusions(graph, replicas: int):
+    """Lowering pattern: ``x @ w`` whose only use is ``+ b`` (``add`` or ``add_``) with a 1-D bias, in
+    float32 on one replica, becomes one ``torch.addmm`` at the add. Returns ``{add op: (kernel,
+    (x, w, b))}`` and the matmul ops it absorbs."""
+    from .elementwise import Add, AddInplace
+    if replicas != 1:
+        return {}, set()
+    uses = {}
+    for op in graph._ops:
+        for t in op.inputs:
+            uses.setdefault(t.id, []).append(op)
+    outputs = {t.id for t in graph._outputs}
+    fused, absorbed = {}, set()
+    for op in graph._ops:
+        if op.prim not in (Add, AddInplace):
+            continue
+        for i in ((0, 1) if op.prim is Add else (0,)):
+            product, bias = op.inputs[i], op.inputs[1 - i]
+            mm = product._producer
+            if (mm is None or mm.prim is not MatMul or mm.graph is not graph or product.id in outputs
+                    or len(uses[product.id]) != 1 or mm.attrs["output_type"] not in (None, product.dtype)):
+                continue
+            x, w = mm.inputs
+            if (x.rank < 2 or w.rank != 2 or bias.shape != (w.shape[1],)
+                    or any(t.dtype != dtypes.float32 for t in (x, w, bias))):
+                continue
+            fused[op] = (_addmm_kernel(x.shape, w.shape), (x, w, bias))
+            absorbed.add(mm)
+            break
+    return fused, absorbed
+
+
+def _addmm_kernel(x_shape, w_shape):
+    rows, (k, n) = int(np.prod(x_shape[:-1], dtype=np.int64)), w_shape
+    out_shape = (1,) + tuple(x_shape[:-1]) + (n,)
+    return lambda x, w, b: torch.addmm(b[0], x.reshape(rows, k), w[0]).reshape(out_shape)
 
 
 def matmul(lhs: Tensor, rhs: Tensor, available_memory_proportion=None, output_type=None, partials_type=None):

@@ -6,7 +6,7 @@ import torch
 from .. import dtypes
 from ..primitive import Primitive, spec
 from ..tensor import Tensor
-from ._util import norm_axes, norm_axis
+from ._util import norm_axes, norm_axis, unbroadcast
 
 
 def _reduced_shape(shape, axes, keepdims):
@@ -33,16 +33,34 @@ class Reduce(Primitive):
         return lambda x: fn(x, axes, keepdims).to(x.dtype)
 
 
+class Expand(Primitive):
+    """``t`` broadcast to ``shape`` as a view (no copy; the runtime copies if something writes it).
+    Gradient rules use it to spread a reduced value back over the reduced axes."""
+    name = "expand"
+    view = True
+
+    @staticmethod
+    def infer(t, shape):
+        return spec(shape, t.dtype)
+
+    @classmethod
+    def lower(cls, op, runtime):
+        shape = (runtime.replicas,) + tuple(op.attrs["shape"])
+        return lambda x: x.expand(shape)
+
+    @staticmethod
+    def grad(g):
+        return [unbroadcast(g.dy, g.in_spec(0).shape)]
+
+
 def _expand_back(g, v):
     """A reduced value (the gradient or a forward output), reshaped with kept axes and broadcast to the
     input shape."""
-    from .elementwise import mul
-    from .io import init_value
     from .shape import reshape
     shape = g.in_spec(0).shape
     kept = _reduced_shape(shape, g.attrs["axes"], True)
     v = reshape(v, kept) if v.shape != kept else v
-    return mul(v, init_value(shape, v.dtype, 1.0)) if kept != shape else v
+    return Expand.create(v, shape=shape) if kept != shape else v
 
 
 class ReduceSum(Reduce):

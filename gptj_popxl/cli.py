@@ -16,6 +16,7 @@ from gptj_popxl.finetune import add_finetune_parser, run_finetune
 from gptj_popxl.golden import compare_with_hf, default_seq, random_hf_checkpoint
 from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.gptj import DTYPES
+from gptj_popxl.plan import add_plan_parser, run_plan
 
 # Tiny but awkward on purpose: 3 heads, 101 tokens and 51 MLP columns all need padding at tp=2,
 # and only 4 of each head's 12 features are rotated.
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", help="golden comparison on a tiny random checkpoint, tensor parallel 1 and 2")
     add_finetune_parser(commands)
     generation_cli.add_parsers(commands, _positive_int)
+    add_plan_parser(commands)
     return parser
 
 
@@ -99,6 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _golden(args)
     if args.command == "finetune":
         return run_finetune(parser, args)
+    if args.command == "plan":
+        return run_plan(parser, args)
     if args.command in generation_cli.COMMANDS:
         return generation_cli.main(parser, args)
     return _demo()

@@ -87,9 +87,9 @@ class _Stage:
                         host_shape, F32, None if groups_count == 1 else grouping, shard_group.group_size, entries)
             for entry, prefix in enumerate(prefixes):
                 key = prefix + name
-                data = variable_data(key, weights, groups_count, f.shape).astype(np.float32)
-                values = {"weights": data, "master": data, "first_order": np.zeros_like(data),
-                          "second_order": np.zeros_like(data)}
+                data = variable_data(key, weights, groups_count, f.shape).astype(np.float32, copy=False)
+                zeros = np.broadcast_to(np.float32(0), data.shape)
+                values = {"weights": data, "master": data, "first_order": zeros, "second_order": zeros}
                 for kind in self.KINDS:
                     if name not in self.buffers[kind]:
                         continue
@@ -201,9 +201,10 @@ class _Builder:
 
 
 def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, weights: Mapping[str, np.ndarray],
-                               seq: int, constants: OptimizerConstants) -> TrainingProgram:
+                               seq: int, constants: OptimizerConstants, attach: bool = True) -> TrainingProgram:
     """The phased training step for ``(global rows, seq)`` batches (see the module docstring); same
-    inputs, outputs and numbers as ``training.build_training_step``."""
+    inputs, outputs and numbers as ``training.build_training_step``. Without ``attach`` it has no
+    session (``session`` None): a program to analyse, not to run (``common.shape_only_weights``)."""
     ex = execution
     L, S = config.n_layer, ex.gradient_accumulation
     ir = popxl.Ir(replication=ex.replicas)
@@ -341,6 +342,6 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
     buffer_kinds.update({b.remote_buffer_id: "activations" for b in (x_buffer, dx_buffer)})
     for b in ir._remote_buffers:
         buffer_kinds.setdefault(b.remote_buffer_id, "io")
-    return TrainingProgram(ir, attached_session(ir), ex, merged("weights"), merged("master"), merged("first_order"),
+    return TrainingProgram(ir, attached_session(ir) if attach else None, ex, merged("weights"), merged("master"), merged("first_order"),
                            merged("second_order"), streams, outputs, popxl_param_shapes(config, ex.tensor_parallel),
                            buffer_kinds)

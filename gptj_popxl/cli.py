@@ -16,6 +16,7 @@ from gptj_popxl.finetune import add_finetune_parser, run_finetune
 from gptj_popxl.golden import compare_with_hf, default_seq, random_hf_checkpoint
 from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.gptj import DTYPES
+from gptj_popxl.bench import add_bench_parser, run_bench_command
 from gptj_popxl.plan import add_plan_parser, run_plan
 
 # Tiny but awkward on purpose: 3 heads, 101 tokens and 51 MLP columns all need padding at tp=2,
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     add_finetune_parser(commands)
     generation_cli.add_parsers(commands, _positive_int)
     add_plan_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -103,6 +105,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_finetune(parser, args)
     if args.command == "plan":
         return run_plan(parser, args)
+    if args.command == "bench":
+        return run_bench_command(parser, args)
     if args.command in generation_cli.COMMANDS:
         return generation_cli.main(parser, args)
     return _demo()

@@ -93,3 +93,34 @@ def test_6b_configs_fit_a_gc200(name):
     assert plan["phased"] is True
     assert plan["fits"] is True
     assert plan["peak_device_bytes_per_replica"] < GC200_MEMORY_BYTES
+
+
+def test_bench_json_of_tiny(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--config", "tiny", "--steps", "1", "--json", str(out), "--layers", "1",
+                 "--tensor-parallel", "2", "--data-parallel", "1", "--gradient-accumulation", "1",
+                 "--new-tokens", "2", "--no-phased"]) == 0
+    result = json.loads(out.read_text())
+    settings = result["settings"]
+    assert (settings["tensor_parallel"], settings["data_parallel"], settings["phased"]) == (2, 1, False)
+    assert (settings["n_layer"], settings["rows_per_step"], settings["prompt_length"]) == (1, 1, 6)
+    assert settings["parameters"] == hf_parameter_count("tiny") - _layer_parameters("tiny")
+    for side in ("ours", "transformers"):
+        for key in ("train_tokens_per_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+            assert result[side][key] > 0
+    for key, ratio in result["ratios"].items():
+        assert ratio == pytest.approx(result["ours"][key] / result["transformers"][key])
+    assert "train" in capsys.readouterr().out
+
+
+def _layer_parameters(name: str) -> int:
+    """One decoder layer of GPT-J: two LayerNorm vectors, q, k, v, out, and the MLP (4x) with biases."""
+    e = load_config(name).model.n_embd
+    return 2 * e + 4 * e * e + 2 * 4 * e * e + 4 * e + e
+
+
+def test_bench_refuses_the_6b_model(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--config", "gptj_6B_1024_pod16"])
+    assert exit_info.value.code == 2
+    assert "--layers" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict
 
 import numpy as np
 
@@ -98,21 +98,39 @@ def _time(fn: Callable[[], Any], steps: int) -> Dict[str, float]:
     return {"first": first, "mean": (time.perf_counter() - start) / steps}
 
 
-def _torch_train_step(model, opt, micro_ids: List) -> Callable[[], float]:
+def training_steps(s: Dict[str, Any], path: str, ids: np.ndarray) -> Dict[str, Callable[[], float]]:
+    """One training step on ``ids`` (the global batch) of ours (``Trainer`` with the settings ``s``)
+    and of transformers (``GPTJForCausalLM`` in ``s["dtype"]`` with ``torch.optim.AdamW``, the
+    micro-batches of ``micro_batch_size * data_parallel`` rows accumulated, then clipped), both
+    loaded from the checkpoint ``path``: callables by side, each returning the loss."""
     import torch
+    import transformers
 
-    def step() -> float:
+    import gptj_popxl
+    from gptj_popxl.trainer import TrainingConfig
+
+    trainer = gptj_popxl.Trainer(path, TrainingConfig(
+        micro_batch_size=s["micro_batch_size"], gradient_accumulation=s["gradient_accumulation"],
+        data_parallel=s["data_parallel"], tensor_parallel=s["tensor_parallel"], dtype=s["dtype"],
+        phased=s["phased"], attention_serialisation=s["attention_serialisation"], loss_scaling=s["loss_scaling"]))
+    hf = transformers.GPTJForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                      dtype=getattr(torch, s["dtype"])).train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, eps=1e-6)
+    per_micro = s["micro_batch_size"] * s["data_parallel"]
+    micro_ids = [torch.from_numpy(ids[k:k + per_micro]) for k in range(0, len(ids), per_micro)]
+
+    def hf_step() -> float:
         opt.zero_grad()
         total = 0.0
-        for ids in micro_ids:
-            loss = model(ids, labels=ids).loss / len(micro_ids)
+        for micro in micro_ids:
+            loss = hf(micro, labels=micro).loss / len(micro_ids)
             loss.backward()
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
         return total
 
-    return step
+    return {"ours": lambda: trainer.step(ids, ids), "transformers": hf_step}
 
 
 def run_bench(s: Dict[str, Any]) -> Dict[str, Any]:
@@ -122,7 +140,6 @@ def run_bench(s: Dict[str, Any]) -> Dict[str, Any]:
 
     import gptj_popxl
     from gptj_popxl.golden import random_hf_checkpoint
-    from gptj_popxl.trainer import TrainingConfig
 
     config, steps, seq = s["model"], s["steps"], s["sequence_length"]
     torch_dtype = getattr(torch, s["dtype"])
@@ -133,22 +150,8 @@ def run_bench(s: Dict[str, Any]) -> Dict[str, Any]:
     results: Dict[str, Dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="gptj-popxl-bench-") as tmp:
         path = random_hf_checkpoint(os.path.join(tmp, "model"), config, seed=0)
-        hf = transformers.GPTJForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch_dtype)
-
-        trainer = gptj_popxl.Trainer(path, TrainingConfig(
-            micro_batch_size=s["micro_batch_size"], gradient_accumulation=s["gradient_accumulation"],
-            data_parallel=s["data_parallel"], tensor_parallel=s["tensor_parallel"], dtype=s["dtype"],
-            phased=s["phased"], attention_serialisation=s["attention_serialisation"],
-            loss_scaling=s["loss_scaling"]))
-        ours_train = _time(lambda: trainer.step(ids, ids), steps)
-        del trainer
-        hf.train()
-        opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, eps=1e-6)
-        per_micro = s["micro_batch_size"] * s["data_parallel"]
-        micro_ids = [torch.from_numpy(ids[k:k + per_micro]) for k in range(0, rows, per_micro)]
-        hf_train = _time(_torch_train_step(hf, opt, micro_ids), steps)
-        hf.eval()
-
+        train = {side: _time(step, steps) for side, step in training_steps(s, path, ids).items()}
+        hf = transformers.GPTJForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch_dtype).eval()
         model = gptj_popxl.from_pretrained(path, tensor_parallel=s["tensor_parallel"], dtype=s["dtype"],
                                            attention_serialisation=s["attention_serialisation"])
         new = s["new_tokens"]
@@ -159,10 +162,10 @@ def run_bench(s: Dict[str, Any]) -> Dict[str, Any]:
                 return hf.generate(t, attention_mask=torch.ones_like(t), do_sample=False, max_new_tokens=n,
                                    min_new_tokens=n, pad_token_id=0)
 
-        timings = {"ours": {"train": ours_train,
+        timings = {"ours": {"train": train["ours"],
                             "prefill": _time(lambda: model.generate(prompt, max_new_tokens=1), steps),
                             "generate": _time(lambda: model.generate(prompt, max_new_tokens=new), steps)},
-                   "transformers": {"train": hf_train,
+                   "transformers": {"train": train["transformers"],
                                     "prefill": _time(lambda: hf_generate(1), steps),
                                     "generate": _time(lambda: hf_generate(new), steps)}}
     batch = s["micro_batch_size"]

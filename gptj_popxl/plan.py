@@ -95,31 +95,26 @@ class _Counter:
 
 
 def program_plan(name: str, ir, report) -> ProgramPlan:
-    """``ir``'s plan from its ``MemoryReport`` and op shapes; phases as the report merges them
-    (consecutive calls of one graph are one phase; the main graph's own ops are a phase ``main``)."""
+    """``ir``'s plan from its ``MemoryReport`` and op shapes. A phase is a graph the main graph
+    calls, all its calls together (the largest peak, the FLOPs and bytes of all), in the order of
+    first call; the main graph's own ops are a phase ``main``."""
     counter = _Counter()
-    counts: List[list] = []
-    main_counts = [0, 0]
+    phases: Dict[str, PhasePlan] = {}
+    for p in report.phases:
+        merged = phases.setdefault(p.name, PhasePlan(p.name, 0, 0, 0))
+        merged.peak_device_bytes = max(merged.peak_device_bytes, p.peak_bytes)
+    main = PhasePlan("main", report.main_peak_bytes, 0, 0)
     for op in ir.main_graph._ops:
         graphs = op.called_graphs
-        if not graphs:
-            f, s = counter.of_op(op)
-            main_counts = [main_counts[0] + f, main_counts[1] + s]
-        for g in graphs:
-            f, s = counter.of_graph(g)
-            if counts and counts[-1][0] == g.name:
-                counts[-1][1] += f
-                counts[-1][2] += s
-            else:
-                counts.append([g.name, f, s])
-    if [c[0] for c in counts] != [p.name for p in report.phases]:
-        raise RuntimeError(f"{name}: phases {[c[0] for c in counts]} differ from the memory report's")
-    phases = [PhasePlan(p.name, p.peak_bytes, c[1], c[2]) for p, c in zip(report.phases, counts)]
-    if any(main_counts) or not phases:
-        phases.append(PhasePlan("main", report.peak_device_bytes if not phases else sum(report.resident_bytes.values()),
-                                *main_counts))
+        for phase, (flops, sent) in ([(phases[g.name], counter.of_graph(g)) for g in graphs] if graphs
+                                     else [(main, counter.of_op(op))]):
+            phase.flops += flops
+            phase.collective_bytes += sent
+    listed = list(phases.values())
+    if main.flops or main.collective_bytes or not listed:
+        listed.append(main)
     return ProgramPlan(name, report.peak_device_bytes, sum(report.remote_bytes.values()),
-                       sum(report.resident_bytes.values()), sum(p.flops for p in phases), phases)
+                       sum(report.resident_bytes.values()), sum(p.flops for p in listed), listed)
 
 
 def settings_of(name: str, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -215,16 +210,16 @@ def format_plan(plan: Dict[str, Any]) -> str:
              f"attention serialisation {plan['attention_serialisation']}",
              "",
              "training step, per replica (MB = 10**6 bytes):",
-             f"{'phase':<20}{'peak MB':>12}{'GFLOP':>14}{'collective MB':>16}"]
+             f"{'phase':<26}{'peak MB':>12}{'GFLOP':>14}{'collective MB':>16}"]
     for p in plan["phases"]:
-        lines.append(f"{p['name']:<20}{_mb(p['peak_device_bytes']):>12}{p['flops'] / 1e9:>14,.1f}"
+        lines.append(f"{p['name']:<26}{_mb(p['peak_device_bytes']):>12}{p['flops'] / 1e9:>14,.1f}"
                      f"{_mb(p['collective_bytes']):>16}")
     fits = "fits" if plan["fits"] else "does NOT fit"
     lines += ["",
               f"peak device memory: {_mb(plan['peak_device_bytes_per_replica'])} MB of "
               f"{_mb(plan['device_memory_bytes_per_replica'])} MB (GC200 In-Processor Memory): {fits}",
               f"remote buffers: {_mb(plan['remote_bytes_per_replica'])} MB per replica",
-              f"estimated step time: {plan['estimated_step_seconds']:.2f} s (estimate: matmul FLOPs per replica "
+              f"estimated step time: {plan['estimated_step_seconds']:.3g} s (estimate: matmul FLOPs per replica "
               f"{plan['flops_per_replica'] / 1e12:,.1f} TFLOP at the GC200's "
               f"{plan['peak_flops_per_replica'] / 1e12:g} TFLOPS {plan['dtype']} peak; a lower bound)"]
     if plan["reference_step_seconds"]:

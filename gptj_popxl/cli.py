@@ -12,11 +12,11 @@ import tempfile
 from typing import List, Optional
 
 from gptj_popxl import generation_cli
+from gptj_popxl.bench import add_bench_parser, run_bench_command
 from gptj_popxl.finetune import add_finetune_parser, run_finetune
 from gptj_popxl.golden import compare_with_hf, default_seq, random_hf_checkpoint
 from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.gptj import DTYPES
-from gptj_popxl.bench import add_bench_parser, run_bench_command
 from gptj_popxl.plan import add_plan_parser, run_plan
 
 # Tiny but awkward on purpose: 3 heads, 101 tokens and 51 MLP columns all need padding at tp=2,

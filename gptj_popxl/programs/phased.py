@@ -342,6 +342,6 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
     buffer_kinds.update({b.remote_buffer_id: "activations" for b in (x_buffer, dx_buffer)})
     for b in ir._remote_buffers:
         buffer_kinds.setdefault(b.remote_buffer_id, "io")
-    return TrainingProgram(ir, attached_session(ir) if attach else None, ex, merged("weights"), merged("master"), merged("first_order"),
-                           merged("second_order"), streams, outputs, popxl_param_shapes(config, ex.tensor_parallel),
-                           buffer_kinds)
+    return TrainingProgram(ir, attached_session(ir) if attach else None, ex, merged("weights"), merged("master"),
+                           merged("first_order"), merged("second_order"), streams, outputs,
+                           popxl_param_shapes(config, ex.tensor_parallel), buffer_kinds)

@@ -30,6 +30,7 @@ from gptj_popxl.plan import parameter_count, settings_of
 
 # The largest model (parameters, unpadded) bench builds; ``--layers`` makes a config smaller.
 MAX_PARAMETERS = 300_000_000
+DEFAULT_NEW_TOKENS = 8
 # Flags that override the config's or finetune's settings (finetune's option names).
 OVERRIDES = ("sequence_length", "micro_batch_size", "gradient_accumulation", "data_parallel", "tensor_parallel",
              "dtype", "attention_serialisation", "phased")
@@ -44,7 +45,9 @@ def add_bench_parser(commands) -> None:
     p.add_argument("--steps", type=_positive_int, default=3, help="timed repetitions of each measurement")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("--layers", type=_positive_int, help="keep only this many decoder layers")
-    p.add_argument("--new-tokens", type=_positive_int, default=8, help="tokens generated for the decode timing")
+    p.add_argument("--new-tokens", type=_positive_int,
+                   help=f"tokens generated for the decode timing (default: {DEFAULT_NEW_TOKENS}, at most half the "
+                        f"sequence); the prompt is the rest of the sequence")
     p.add_argument("--sequence-length", type=_positive_int)
     p.add_argument("--micro-batch-size", type=_positive_int)
     p.add_argument("--gradient-accumulation", type=_positive_int)
@@ -73,17 +76,19 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[s
     if seq % settings["attention_serialisation"]:
         parser.error(f"--attention-serialisation {settings['attention_serialisation']} must divide the sequence "
                      f"length {seq}")
-    prompt = seq - args.new_tokens
-    if prompt < 1 or prompt % settings["attention_serialisation"]:
-        parser.error(f"--new-tokens {args.new_tokens}: the prompt (sequence length {seq} minus the new tokens) "
-                     f"must be >= 1 and divisible by the attention serialisation "
-                     f"{settings['attention_serialisation']}")
+    new = args.new_tokens or min(DEFAULT_NEW_TOKENS, seq // 2)
+    # The prompt fills the rest of the sequence, in whole attention blocks.
+    blocks = settings["attention_serialisation"]
+    prompt = (seq - new) // blocks * blocks
+    if prompt < 1:
+        parser.error(f"--new-tokens {new}: leaves no prompt of a multiple of the attention serialisation "
+                     f"{blocks} in the sequence length {seq}")
     count = parameter_count(model)
     if count > MAX_PARAMETERS:
         parser.error(f"--config {args.config}: {count:,} parameters is more than bench builds on a CPU "
                      f"({MAX_PARAMETERS:,}); use --layers to keep fewer layers, or `gptj-popxl plan` for the "
                      f"memory plan of the full model")
-    settings.update(parameters=count, steps=args.steps, new_tokens=args.new_tokens, prompt_length=prompt)
+    settings.update(parameters=count, steps=args.steps, new_tokens=new, prompt_length=prompt)
     return settings
 
 

@@ -79,7 +79,8 @@ class _Counter:
             k = op.inputs[0].shape[-1]
             return 2 * int(np.prod(op.outputs[0].shape, dtype=np.int64)) * k, 0
         if name in COLLECTIVES:
-            return 0, _bytes(op.inputs[0])
+            # A "local" reduce-scatter (replica_sharded_slice) only slices the replica's own value.
+            return 0, 0 if op.attrs.get("op") == "local" else _bytes(op.inputs[0])
         times = op.attrs.get("repeat_count", 1) if name == "repeat" else 1
         flops = sent = 0
         for g in op.called_graphs:

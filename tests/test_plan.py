@@ -45,7 +45,7 @@ def test_plan_json_of_tiny(capsys):
 
     # One replica's decoder forward, from the model's shapes: its four weight matmuls on its tensor
     # shard, plus scores and weighted values of its heads; then the two all-reduces of each layer's
-    # (micro-batch, seq, n_embd) float32 partial sums.
+    # (micro-batch, seq, n_embd) float32 partial sums, and the all-gather of its input's 1 / tp slices.
     tp, seq, steps = ex.tensor_parallel, named.training.sequence_length, named.gradient_accumulation
     e, inner, head_dim = m.n_embd, 4 * m.n_embd, m.n_embd // m.n_head
     tokens = steps * ex.micro_batch_size * seq
@@ -53,7 +53,8 @@ def test_plan_json_of_tiny(capsys):
     attention_flops = 2 * 2 * steps * ex.micro_batch_size * seq * seq * head_dim * (m.n_head // tp)
     decoder = next(p for p in plan["phases"] if p["name"] == "decoder_fwd")
     assert decoder["flops"] == m.n_layer * (weight_flops + attention_flops)
-    assert decoder["collective_bytes"] == m.n_layer * steps * 2 * ex.micro_batch_size * seq * e * 4
+    hidden_bytes = ex.micro_batch_size * seq * e * 4
+    assert decoder["collective_bytes"] == m.n_layer * steps * (2 * hidden_bytes + hidden_bytes // tp)
 
 
 def test_shape_only_program_holds_no_weight_data():
@@ -124,3 +125,20 @@ def test_bench_refuses_the_6b_model(capsys):
         main(["bench", "--config", "gptj_6B_1024_pod16"])
     assert exit_info.value.code == 2
     assert "--layers" in capsys.readouterr().err
+
+
+def test_phased_activations_are_sliced_over_tensor_parallel():
+    """x and dx: (layers + 1) rows of every micro-batch's hidden states, a 1 / tp slice on each shard."""
+    from gptj_popxl.programs.common import shape_only_weights
+    from gptj_popxl.programs.execution import ExecutionConfig
+    from gptj_popxl.programs.phased import build_phased_training_step
+    from gptj_popxl.programs.training import OptimizerConstants
+
+    named = load_config("tiny")
+    m, seq, tp, steps = named.model, named.training.sequence_length, 4, 3
+    config = named.gptj_config(n_positions=seq)
+    ex = ExecutionConfig(tensor_parallel=tp, gradient_accumulation=steps, phased=True)
+    step = build_phased_training_step(config, ex, shape_only_weights(config, tp), seq,
+                                      OptimizerConstants(0.9, 0.999, 1e-6, 0.0, 1.0, False), attach=False)
+    activations = step.memory_report().remote_bytes["activations"]
+    assert activations == 2 * (m.n_layer + 1) * steps * seq * m.n_embd * 4 // tp

@@ -11,11 +11,13 @@ import sys
 from typing import List, Optional
 
 from gptj_popxl import generation_cli
+from gptj_popxl.bench import add_bench_parser, run_bench_command
 from gptj_popxl.finetune import add_finetune_parser, run_finetune
 from gptj_popxl.golden import compare_with_hf, default_seq
 from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.gptj import DTYPES
 from gptj_popxl.programs.execution import ExecutionConfig
+from gptj_popxl.plan import add_plan_parser, run_plan
 
 
 def _positive_int(text: str) -> int:
@@ -48,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="the smallest sizes (a smoke test, not the accuracy goal)")
     add_finetune_parser(commands)
     generation_cli.add_parsers(commands, _positive_int)
+    add_plan_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 
@@ -85,6 +89,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _golden(args)
     if args.command == "finetune":
         return run_finetune(parser, args)
+    if args.command == "plan":
+        return run_plan(parser, args)
+    if args.command == "bench":
+        return run_bench_command(parser, args)
     if args.command in generation_cli.COMMANDS:
         return generation_cli.main(parser, args)
     from gptj_popxl import demo

@@ -50,6 +50,7 @@ class MemoryReport:
         resident_bytes: bytes of variables and constants (resident for the whole program), by kind.
         remote_bytes: remote-buffer bytes by kind.
         phases: per phase, in program order (consecutive calls of the same graph merged).
+        main_peak_bytes: the peak of the main graph's own ops (between phases), resident included.
     """
 
     replicas: int
@@ -57,6 +58,7 @@ class MemoryReport:
     resident_bytes: Dict[str, int]
     remote_bytes: Dict[str, int]
     phases: List[PhaseMemory]
+    main_peak_bytes: int = 0
 
     def phase(self, name: str) -> PhaseMemory:
         for p in self.phases:
@@ -164,7 +166,7 @@ def memory_report(ir, kind_of: KindOf = lambda t: None, variable_kind: Callable[
                 phases.append(PhaseMemory(g.name, peak, kinds))
         main_peak = max(main_peak, live[k])
     peak = max([base + main_peak] + [p.peak_bytes for p in phases])
-    return MemoryReport(ir.replication_factor, peak, resident, remote, phases)
+    return MemoryReport(ir.replication_factor, peak, resident, remote, phases, base + main_peak)
 
 
 def _all_called(graph, seen=None) -> list:

@@ -375,6 +375,12 @@ def _to_host_array(data, dtype, what: str, downcast: bool = True, log2_scale=Non
         raise TypeError(f"{what}: expected host data, got the tensor {_describe(data)}")
     if dtype is not None:
         dtype = dtypes.dtype.as_dtype(dtype)
+    if isinstance(data, np.ndarray) and data.size > 1 and not any(data.strides):
+        # One value broadcast (``np.broadcast_to``): copy the value, keep the broadcast, so a shape-only
+        # program (``gptj_popxl.plan``) never materialises its variables; a session copies them when made.
+        one = to_numpy(data[(slice(0, 1),) * data.ndim], dtype, downcast, copy=True, log2_scale=log2_scale,
+                       nan_on_overflow=nan_on_overflow)
+        return np.broadcast_to(one, data.shape), dtypes.dtype.as_dtype(one.dtype)
     arr = to_numpy(data, dtype, downcast, copy=True, log2_scale=log2_scale, nan_on_overflow=nan_on_overflow)
     if keep_memmap and isinstance(data, np.memmap) and arr.dtype == data.dtype and data.flags.c_contiguous:
         arr = data

@@ -8,6 +8,7 @@ import numpy as np
 from gptj_popxl import addons
 from gptj_popxl.backend import IS_CPU, ops, popxl
 from gptj_popxl.model.config import GPTJConfig, tp_layout
+from gptj_popxl.model.hf_mapping import popxl_param_shapes
 
 
 def variable_data(name: str, weights: Mapping[str, np.ndarray], groups: int, shape) -> np.ndarray:
@@ -28,6 +29,14 @@ def variable_data(name: str, weights: Mapping[str, np.ndarray], groups: int, sha
         return data[0]
     raise ValueError(f"weights {name!r} have shape {data.shape}; variable needs {expected} "
                      f"({groups} replica group(s) of {tuple(shape)})")
+
+
+def shape_only_weights(config: GPTJConfig, tensor_parallel: int) -> Dict[str, np.ndarray]:
+    """Stand-in weights (our layout, float32) holding no data: one zero broadcast to each parameter's
+    shape, which the runtime keeps as it is, so a program built from them (``attach=False``) can be
+    analysed at any size without a byte of weights."""
+    zero = np.zeros((), np.float32)
+    return {name: np.broadcast_to(zero, shape) for name, shape in popxl_param_shapes(config, tensor_parallel).items()}
 
 
 def create_variables(factories: addons.NamedVariableFactories, weights: Mapping[str, np.ndarray],

@@ -13,9 +13,10 @@ from gptj_popxl.programs.execution import ExecutionConfig
 
 
 def build_logits(config: GPTJConfig, execution: ExecutionConfig, weights: Mapping[str, np.ndarray],
-                 batch: int, seq: int) -> Program:
+                 batch: int, seq: int, attach: bool = True) -> Program:
     """Logits of ``(batch, seq)`` int32 ``input_ids``: output ``logits``, this replica's vocabulary
-    shard ``(batch, seq, vocab_per_shard)`` (padded columns hold the head's bias)."""
+    shard ``(batch, seq, vocab_per_shard)`` (padded columns hold the head's bias). Without ``attach``
+    it has no session (``session`` None): a program to analyse, not to run."""
     tp = execution.tensor_parallel
     ir = popxl.Ir(replication=tp)
     with ir.main_graph:
@@ -27,7 +28,7 @@ def build_logits(config: GPTJConfig, execution: ExecutionConfig, weights: Mappin
         variables = create_variables(facts, weights)
         logits, = graph.bind(variables).call(ids, offset)
         outputs = {"logits": output_stream("logits", logits)}
-    return Program(ir, attached_session(ir), variables, streams, outputs)
+    return Program(ir, attached_session(ir) if attach else None, variables, streams, outputs)
 
 
 def build_loss_and_grads(config: GPTJConfig, execution: ExecutionConfig, weights: Mapping[str, np.ndarray],

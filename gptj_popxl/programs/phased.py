@@ -14,7 +14,7 @@ Each compute phase loads its weights from remote buffer entry ``layer`` once, an
 micro-batches with ``addons.transforms.batch_serialise``: activations go between phases in two
 ``batch_serial_buffer``s of ``L + 1`` rows by ``gradient_accumulation`` micro-batches, ``x`` (row 0
 the embedding output, row ``n + 1`` decoder ``n``'s output) and ``dx`` (the head writes row ``L``,
-decoder ``n`` reads row ``n + 1`` and writes row ``n``). Backward phases accumulate the gradients
+decoder ``n`` reads row ``n + 1`` and writes row ``n``), each tensor-parallel shard holding a slice. Backward phases accumulate the gradients
 (``autodiff_with_accumulation``, a mean over the micro-batches) in accumulators zeroed at the phase's
 start, sum them over the data-parallel group, add their squares to the global norm and store them,
 float32, in a gradient buffer. The optimizer phases then scale them by the number of micro-batches,
@@ -87,9 +87,9 @@ class _Stage:
                         host_shape, F32, None if groups_count == 1 else grouping, shard_group.group_size, entries)
             for entry, prefix in enumerate(prefixes):
                 key = prefix + name
-                data = variable_data(key, weights, groups_count, f.shape).astype(np.float32)
-                values = {"weights": data, "master": data, "first_order": np.zeros_like(data),
-                          "second_order": np.zeros_like(data)}
+                data = variable_data(key, weights, groups_count, f.shape).astype(np.float32, copy=False)
+                zeros = np.broadcast_to(np.float32(0), data.shape)
+                values = {"weights": data, "master": data, "first_order": zeros, "second_order": zeros}
                 for kind in self.KINDS:
                     if name not in self.buffers[kind]:
                         continue
@@ -201,9 +201,10 @@ class _Builder:
 
 
 def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, weights: Mapping[str, np.ndarray],
-                               seq: int, constants: OptimizerConstants) -> TrainingProgram:
+                               seq: int, constants: OptimizerConstants, attach: bool = True) -> TrainingProgram:
     """The phased training step for ``(global rows, seq)`` batches (see the module docstring); same
-    inputs, outputs and numbers as ``training.build_training_step``."""
+    inputs, outputs and numbers as ``training.build_training_step``. Without ``attach`` it has no
+    session (``session`` None): a program to analyse, not to run (``common.shape_only_weights``)."""
     ex = execution
     L, S = config.n_layer, ex.gradient_accumulation
     ir = popxl.Ir(replication=ex.replicas)
@@ -247,28 +248,38 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
         _with_args(dec_fwd, {"positions": dec_fwd.graph.inputs[1]})
         _with_args(head_fwd, {"shard_offset": head_fwd.graph.inputs[1], "loss_weight": head_fwd.graph.inputs[3]})
 
-        x_buffer = T.batch_serial_buffer(dec_fwd.graph.outputs[0], steps=S, rows=L + 1)
-        dx_buffer = T.batch_serial_buffer(dec_fwd.graph.inputs[0], steps=S, rows=L + 1)
+        # Hidden states and their gradients are identical on a copy's tensor-parallel shards: each shard
+        # stores its slice and a load all-gathers them, so the buffers take 1 / tp of the space.
+        tp_group = b.groups.tp_group
+        x_buffer = T.batch_serial_buffer(dec_fwd.graph.outputs[0], steps=S, rows=L + 1, shard_group=tp_group)
+        dx_buffer = T.batch_serial_buffer(dec_fwd.graph.inputs[0], steps=S, rows=L + 1, shard_group=tp_group)
+
+        def x_at(row):
+            return T.RemoteHandle(x_buffer, row, tp_group)
+
+        def dx_at(row):
+            return T.RemoteHandle(dx_buffer, row, tp_group)
+
         emb_fwd_bs, emb_bwd_bs = T.batch_serialise_fwd_and_grad(
             emb_fwd, grads["emb"][1], emb_fwd.args, S,
             load_handles={emb_fwd.graph.inputs[0]: ids_handle,
-                          _grad_input(grads["emb"][1]): T.RemoteHandle(dx_buffer, 0)},
-            store_streams={}, store_buffers={emb_fwd.graph.outputs[0]: T.RemoteHandle(x_buffer, 0)},
+                          _grad_input(grads["emb"][1]): dx_at(0)},
+            store_streams={}, store_buffers={emb_fwd.graph.outputs[0]: x_at(0)},
             io_mode="compute")
         dec_fwd_bs, dec_bwd_bs = T.batch_serialise_fwd_and_grad(
             dec_fwd, grads["dec"][1], dec_fwd.args, S,
-            load_handles={dec_fwd.graph.inputs[0]: T.RemoteHandle(x_buffer, 0),
-                          _grad_input(grads["dec"][1]): T.RemoteHandle(dx_buffer, 1)},
-            store_streams={}, store_buffers={dec_fwd.graph.outputs[0]: T.RemoteHandle(x_buffer, 1),
-                                             grads["dec"][1].graph.outputs[0]: T.RemoteHandle(dx_buffer, 0)},
+            load_handles={dec_fwd.graph.inputs[0]: x_at(0),
+                          _grad_input(grads["dec"][1]): dx_at(1)},
+            store_streams={}, store_buffers={dec_fwd.graph.outputs[0]: x_at(1),
+                                             grads["dec"][1].graph.outputs[0]: dx_at(0)},
             rows=L, io_mode="compute")
         head_fwd_bs, head_bwd_bs = T.batch_serialise_fwd_and_grad(
             head_fwd, grads["head"][1], head_fwd.args, S,
-            load_handles={head_fwd.graph.inputs[0]: T.RemoteHandle(x_buffer, L),
+            load_handles={head_fwd.graph.inputs[0]: x_at(L),
                           head_fwd.graph.inputs[2]: labels_handle,
                           _grad_input(grads["head"][1]): T.RemoteHandle(seed_buffer, None)},
             store_streams={}, store_buffers={head_fwd.graph.outputs[0]: T.RemoteHandle(loss_buffer, None),
-                                             grads["head"][1].graph.outputs[0]: T.RemoteHandle(dx_buffer, L)},
+                                             grads["head"][1].graph.outputs[0]: dx_at(L)},
             io_mode="compute")
 
         stages = {key: _Stage(facts, prefixes, weights, keep_master, b.groups, ex.data_parallel)
@@ -341,6 +352,6 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
     buffer_kinds.update({b.remote_buffer_id: "activations" for b in (x_buffer, dx_buffer)})
     for b in ir._remote_buffers:
         buffer_kinds.setdefault(b.remote_buffer_id, "io")
-    return TrainingProgram(ir, attached_session(ir), ex, merged("weights"), merged("master"), merged("first_order"),
-                           merged("second_order"), streams, outputs, popxl_param_shapes(config, ex.tensor_parallel),
-                           buffer_kinds)
+    return TrainingProgram(ir, attached_session(ir) if attach else None, ex, merged("weights"), merged("master"),
+                           merged("first_order"), merged("second_order"), streams, outputs,
+                           popxl_param_shapes(config, ex.tensor_parallel), buffer_kinds)

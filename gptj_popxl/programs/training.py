@@ -148,7 +148,7 @@ class TrainingProgram:
 
 def _state_like(v: popxl.Tensor, name: str) -> popxl.Tensor:
     """A float32 zero variable shaped and grouped as ``v``."""
-    return popxl.variable(np.zeros(v.shape_on_host, np.float32), popxl.float32, name,
+    return popxl.variable(np.broadcast_to(np.float32(0), v.shape_on_host), popxl.float32, name,
                           replica_grouping=v.replica_grouping)
 
 
@@ -199,9 +199,9 @@ def clip_factor(norm: popxl.Tensor, max_grad_norm: float) -> popxl.Tensor:
 
 
 def build_training_step(config: GPTJConfig, execution: ExecutionConfig, weights: Mapping[str, np.ndarray],
-                        seq: int, constants: OptimizerConstants) -> TrainingProgram:
+                        seq: int, constants: OptimizerConstants, attach: bool = True) -> TrainingProgram:
     """The resident training step for ``(global rows, seq)`` batches, its variables loaded from ``weights``
-    (float32, our layout)."""
+    (float32, our layout); without ``attach``, no session (as ``phased.build_phased_training_step``)."""
     ex = execution
     ir = popxl.Ir(replication=ex.replicas)
     with ir.main_graph, popxl.in_sequence():
@@ -258,5 +258,5 @@ def build_training_step(config: GPTJConfig, execution: ExecutionConfig, weights:
         outputs = {"loss": output_stream("loss", loss), "grad_norm": output_stream("grad_norm", norm),
                    "finite": output_stream("finite", ops.cast(finite, popxl.int32))}
     named = addons.NamedTensors.from_dict
-    return TrainingProgram(ir, attached_session(ir), ex, variables, named(master), named(first), named(second),
-                           streams, outputs, popxl_param_shapes(config, ex.tensor_parallel))
+    return TrainingProgram(ir, attached_session(ir) if attach else None, ex, variables, named(master), named(first),
+                           named(second), streams, outputs, popxl_param_shapes(config, ex.tensor_parallel))

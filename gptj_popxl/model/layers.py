@@ -208,12 +208,13 @@ class Attention(addons.Module):
         rotated to ``positions``."""
         batch, seq, _ = x.shape
         heads, head_dim, rotary_dim = self.layout.heads_per_shard, self.config.head_dim, self.config.rotary_dim
-        qkv = self.qkv(x)
-        q, k, v = (t.reshape((batch, seq, heads, head_dim)) for t in ops.split(qkv, 3, axis=-1))
+        qk, v = ops.split(self.qkv(x), [2 * heads * head_dim, heads * head_dim], axis=-1)
         sin, cos = (popxl.constant(table, x.dtype, name=name)
                     for table, name in zip(trig_tables(self.config.n_positions, rotary_dim), ("sin", "cos")))
-        return rotary_embedding(q, sin, cos, positions, rotary_dim), rotary_embedding(k, sin, cos, positions,
-                                                                                      rotary_dim), v
+        # Queries and keys rotate as one tensor of twice the heads: one table lookup and one rotation.
+        qk = rotary_embedding(qk.reshape((batch, seq, 2 * heads, head_dim)), sin, cos, positions, rotary_dim)
+        q, k = ops.split(qk, 2, axis=2)
+        return q, k, v.reshape((batch, seq, heads, head_dim))
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor) -> popxl.Tensor:
         batch, seq, _ = x.shape

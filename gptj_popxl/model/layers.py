@@ -68,11 +68,15 @@ def _bias(module: addons.Module, size: int, dtype, replica_grouping=None) -> pop
 
 def identical_inputs(x: popxl.Tensor, groups: TPGroups) -> popxl.Tensor:
     """Enter a sharded region: identity forward, gradients summed over the shards backward."""
+    if groups.tp == 1:
+        return x  # one shard: nothing to sum, and no op to run at every step
     return addons.ops.replicated_all_reduce_identical_inputs(x, group=groups.tp_group)
 
 
 def sum_shards(x: popxl.Tensor, groups: TPGroups) -> popxl.Tensor:
     """Leave a sharded region: partial results summed over the shards, gradient passed unchanged."""
+    if groups.tp == 1:
+        return x
     return addons.ops.replicated_all_reduce_identical_grad_inputs(x, group=groups.tp_group)
 
 

@@ -58,6 +58,8 @@ def select_tokens(logits: popxl.Tensor, shard_offset: popxl.Tensor, groups: TPGr
     in (0, 1), the same on every replica so that every shard picks the same token.
     """
     logits = cast_to(logits, popxl.float32)
+    if sampling is None and groups.tp == 1:
+        return ops.argmax(logits, dim=-1, keepdim=False)  # the only shard starts at id 0
     if sampling is None:
         values = ops.max(logits, axis=-1, keepdims=True)
         ids = ops.argmax(logits, dim=-1, keepdim=True) + shard_offset

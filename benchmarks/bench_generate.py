@@ -3,8 +3,11 @@
 A 4-layer GPT-J with hidden size 512, 8 heads, a 4096-token vocabulary and random float32
 weights; a 16-token prompt, greedy, 32 new tokens (``min_new_tokens`` makes transformers
 generate all of them too), at batch 1 and 4 (goal: ours >= 3x transformers' tokens/s). The
-prefill alone (one new token) is compared as well.
+prefill alone (one new token) is compared as well. Both sides run with the same torch thread
+count, ``GPTJ_BENCH_THREADS`` (default: torch's), which the comparison names.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,8 @@ from conftest import compare
 from gptj_popxl.golden import random_hf_checkpoint
 from gptj_popxl.model.config import GPTJConfig
 
+if os.environ.get("GPTJ_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["GPTJ_BENCH_THREADS"]))
 CONFIG = GPTJConfig(vocab_size=4096, n_positions=64, n_embd=512, n_layer=4, n_head=8, rotary_dim=32)
 PROMPT, NEW = 16, 32
 
@@ -49,7 +54,7 @@ CASES = [(kind, batch) for kind in ("generate", "prefill") for batch in (1, 4)]
 def _comparison(kind: str, batch: int) -> str:
     what = f"{NEW} new tokens" if kind == "generate" else f"prefill of {PROMPT} tokens"
     return (f"GPT-J {kind} {CONFIG.n_layer} layers, hidden {CONFIG.n_embd}, vocab {CONFIG.vocab_size}, "
-            f"batch {batch}, {what}")
+            f"batch {batch}, {what}, {torch.get_num_threads()} threads")
 
 
 @pytest.mark.parametrize("kind,batch", CASES)

@@ -19,6 +19,8 @@ from gptj_popxl.programs.generation import MASKED, Sampling, build_decode, build
 # finished (or past max_new_tokens) are wasted. Measured on the benchmark model
 # (bench_generate.py, 32 new tokens, best of 4 on the shared 2-core machine): 8 steps per run
 # was fastest at batch 1 and 4 (190 / 283 ms), then 32 (217 / 321), 16 (228 / 357), 4 (233 / 309).
+# Re-measured with the cache written in place (best of 7, one thread, machine load ~10): 4, 8, 16
+# and 32 within noise of each other (32 at most 5% ahead), so 8 stays for earlier stops and refills.
 DECODE_CHUNK = 8
 # Smallest prompt bucket; buckets double from it up to n_positions.
 MIN_BUCKET = 8
@@ -99,9 +101,12 @@ class Generator:
 class Slots:
     """``batch`` rows decoded together, each refillable with a new prompt between decode runs.
 
-    The host mirrors each row's state (last token, position, cache write column and mask); the
-    cache itself stays in the decode program's variables. With ``with_logits``, ``logits`` holds
-    the full-vocabulary logits of the last ``start`` (n, vocab) or ``advance`` (batch, chunk, vocab).
+    The cache stays in the decode program's variables, a ring of ``cache_len`` columns: every
+    row writes column ``column`` at the next step, and a refilled row's prompt goes into the
+    ``prompt_len`` columns before it. A row lives at most ``cache_len - prompt_len`` steps after
+    its refill, so its writes never reach its prompt. The host mirrors each row's last token,
+    position and mask. With ``with_logits``, ``logits`` holds the full-vocabulary logits of the
+    last ``start`` (n, vocab) or ``advance`` (batch, chunk, vocab).
     """
 
     def __init__(self, generator: Generator, batch: int, prompt_len: int, max_new_tokens: int,
@@ -113,15 +118,17 @@ class Slots:
         self.batch, self.prompt_len = batch, prompt_len
         self.chunk, runs = decode_chunking(max_new_tokens - 1)
         self.cache_len = prompt_len + runs * self.chunk
+        self.column = prompt_len % self.cache_len
         self.token = np.zeros((batch, 1), np.int32)
         self.position = np.zeros((batch, 1), np.int32)
-        self.column = np.zeros((batch,), np.int32)
         self.mask = np.full((batch, 1, 1, self.cache_len), MASKED, np.float32)
         self.refill = np.zeros((batch,), bool)
-        heads = tp_layout(self.config, self.tp).heads_per_shard
-        shape = (self.tp, batch, heads, prompt_len, self.config.head_dim)
-        self.fresh = {f"{kind}.{i}": np.zeros(shape, np.dtype(model.dtype))
-                      for kind in "kv" for i in range(self.config.n_layer)}
+        heads, head_dim = tp_layout(self.config, self.tp).heads_per_shard, self.config.head_dim
+        dtype = np.dtype(model.dtype)
+        self.fresh = {f"k.{i}": np.zeros((self.tp, batch, heads, head_dim, prompt_len), dtype)
+                      for i in range(self.config.n_layer)}
+        self.fresh.update({f"v.{i}": np.zeros((self.tp, batch, heads, prompt_len, head_dim), dtype)
+                           for i in range(self.config.n_layer)})
 
     def _uniforms(self, *shape) -> Dict[str, np.ndarray]:
         if self.sampling is None:
@@ -133,6 +140,10 @@ class Slots:
         """Logits shards (tp, ..., vocab_per_shard) as (..., vocab_size)."""
         shards = shards if self.tp > 1 else shards[None]
         return np.concatenate(list(shards), axis=-1)[..., :self.config.vocab_size]
+
+    def _window(self) -> int:
+        """The first cache column of a prompt refilled now."""
+        return (self.column - self.prompt_len) % self.cache_len
 
     def start(self, rows: Sequence[int], ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Prefill left-padded prompts ``ids`` (with ``mask``) into ``rows``; returns their first tokens."""
@@ -148,34 +159,37 @@ class Slots:
         first = out.pop("token").reshape((self.tp, n))[0]
         if self.with_logits:
             self.logits = self._full_vocab(out.pop("logits"))
+        # The prompt ends just before the next write column.
+        columns = (self._window() + self.prompt_len - bucket + np.arange(bucket)) % self.cache_len
+        for name, kv in out.items():
+            kv = kv.reshape((self.tp, n) + kv.shape[-3:])
+            # Keys are cached transposed: their columns are the last axis, the values' the one before.
+            kv, axis = (kv.swapaxes(-1, -2), -1) if name[0] == "k" else (kv, -2)
+            fresh = np.moveaxis(self.fresh[name], axis, -1)
+            for j, row in enumerate(rows):
+                fresh[:, row] = 0
+                fresh[:, row, ..., self.prompt_len - bucket:] = np.moveaxis(kv[:, j], axis, -1)
         for j, row in enumerate(rows):
-            for name, kv in out.items():
-                kv = kv.reshape((self.tp, n) + kv.shape[-3:])
-                self.fresh[name][:, row] = 0
-                self.fresh[name][:, row, :, :bucket] = kv[:, j]
             self.refill[row] = True
             self.token[row] = first[j]
             self.position[row] = mask[j].sum()
-            self.column[row] = bucket
             self.mask[row] = MASKED
-            self.mask[row, 0, 0, :bucket][mask[j]] = 0.0
+            self.mask[row, 0, 0, columns[mask[j]]] = 0.0
         return first.astype(np.int64)
 
     def advance(self) -> np.ndarray:
         """One decode run: every row's next ``chunk`` tokens, (batch, chunk)."""
         program = self.generator.decode(self.batch, self.prompt_len, self.cache_len, self.chunk, self.sampling,
                                         self.with_logits)
-        out = program.run(token=self.token, position=self.position, column=self.column, mask=self.mask,
-                          refill=self.refill, **self.fresh, **self._uniforms(self.chunk, self.batch))
+        out = program.run(token=self.token, position=self.position, column=np.int32([self.column]), mask=self.mask,
+                          refill=self.refill, window=np.int32([self._window()]), **self.fresh,
+                          **self._uniforms(self.chunk, self.batch))
         tokens = out["tokens"].reshape((self.tp, self.batch, self.chunk))[0]
         if self.with_logits:
             self.logits = self._full_vocab(out["logits"])
         self.refill[:] = False
-        steps = self.column[:, None] + np.arange(self.chunk)[None, :]
-        rows = np.broadcast_to(np.arange(self.batch)[:, None], steps.shape)
-        inside = steps < self.cache_len
-        self.mask[rows[inside], 0, 0, steps[inside]] = 0.0
-        self.column += self.chunk
+        self.mask[:, 0, 0, (self.column + np.arange(self.chunk)) % self.cache_len] = 0.0
+        self.column = (self.column + self.chunk) % self.cache_len
         self.position = np.minimum(self.position + self.chunk, self.config.n_positions - 1).astype(np.int32)
         self.token = tokens[:, -1:].copy()
         return tokens.astype(np.int64)

@@ -1,10 +1,13 @@
 """GPT-J layers that read and write a key/value cache, for generation.
 
 They reuse ``layers``' classes and variable names (``layers.{i}.attn.qkv.weight``, ...), so the
-same host weights bind. The cache of one layer is a pair of tensors ``(batch, heads_per_shard,
-cache_len, head_dim)`` per shard: keys (rotated) and values, sharded over heads like the
-attention. A row's cache columns are addressed by the host: the prompt fills columns
-``[0, prompt_bucket)`` (left padded), and decode step ``t`` writes one column per row.
+same host weights bind. The cache of one layer is a pair of tensors per shard, sharded over heads
+like the attention: the rotated keys transposed, ``(batch, heads_per_shard, head_dim,
+cache_len)`` (as the attention reads them: a view of a tensor written in place would be a copy),
+and the values ``(batch, heads_per_shard, cache_len, head_dim)``. Its columns are a ring
+addressed by the host: at a decode step every row writes the same column, in place (the cache
+is never copied); a refilled row's prompt fills the columns just before it, and the mask says
+which columns each row attends to.
 
 Masks are additive float32 ``(batch, 1, queries, keys)``: 0 where a query may attend, the
 float32 minimum where not (never summed, so fully masked rows stay finite).
@@ -23,10 +26,9 @@ class CachedAttention(Attention):
 
     - prefill (no cache): ``x`` (batch, seq, n_embd) attends to itself under ``mask``
       (batch, 1, seq, seq); returns ``(out, k, v)`` with ``k``, ``v`` (batch, heads, seq, head_dim).
-    - decode: ``x`` (batch, 1, n_embd); its key and value are written into the caches at column
-      ``write`` (batch, heads_per_shard, 1, head_dim) int32 (each row's column, repeated; columns
-      past the cache are dropped), then the query attends to the cache under ``mask``
-      (batch, 1, 1, cache_len); returns ``(out, new_k_cache, new_v_cache)``.
+    - decode: ``x`` (batch, 1, n_embd); its key and value are written in place into the caches
+      (layouts in the module doc) at column ``write`` (1,) int32, the same for every row, then the
+      query attends to the cache under ``mask`` (batch, 1, 1, cache_len); returns ``out``.
     """
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
@@ -34,27 +36,32 @@ class CachedAttention(Attention):
               write: Optional[popxl.Tensor] = None):
         batch, seq, _ = x.shape
         q, k, v = (t.transpose((0, 2, 1, 3)) for t in self.rotated_qkv(x, positions))
+        k_t = k.transpose((0, 1, 3, 2))
         if k_cache is not None:
-            # A scatter copies the cache once; a broadcasting where would be several times slower.
-            k = ops.scatter(k_cache, write, k, axis=2)
-            v = ops.scatter(v_cache, write, v, axis=2)
-        z = attend(q, k.transpose((0, 1, 3, 2)), v, mask)
+            k_t = ops.dynamic_update_(k_cache, write, k_t, axes=[3], sizes=[1], no_overlap=True)
+            v = ops.dynamic_update_(v_cache, write, v, axes=[2], sizes=[1], no_overlap=True)
+        z = attend(q, k_t, v, mask)
         z = z.transpose((0, 2, 1, 3)).reshape((batch, seq, self.layout.heads_per_shard * self.config.head_dim))
-        return self.out(z), k, v
+        out = self.out(z)
+        return out if k_cache is not None else (out, k, v)
 
 
 class CachedDecoderBlock(DecoderBlock):
-    """``DecoderBlock`` whose attention is a ``CachedAttention``; ``build`` takes and returns its
-    arguments and results (hidden states, then keys and values)."""
+    """``DecoderBlock`` whose attention is a ``CachedAttention``; ``build`` takes its arguments and
+    returns the hidden states, with the keys and values in prefill. The caches are passed by
+    reference, so the decode writes reach the caller's tensors."""
 
     def __init__(self, config, groups, attention_serialisation: int = 1):
         super().__init__(config, groups, attention_serialisation)
         self.attn = CachedAttention(config, groups)
 
-    def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor, *cache: popxl.Tensor):
+    def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
+              k_cache: popxl.TensorByRef = None, v_cache: popxl.TensorByRef = None, write: popxl.Tensor = None):
         h = self.ln_1(x, eps=self.eps)
-        a, k, v = self.attn(h, positions, mask, *cache)
-        return a + self.mlp(h) + x, k, v
+        if k_cache is None:
+            a, k, v = self.attn(h, positions, mask)
+            return a + self.mlp(h) + x, k, v
+        return self.attn(h, positions, mask, k_cache, v_cache, write) + self.mlp(h) + x
 
 
 class CachedLM(GPTJLM):
@@ -83,32 +90,30 @@ class CachedLM(GPTJLM):
                                                                shard_over_dict=False)
         return addons.load_remote(self.layer_buffers, entry=i)
 
-    def _blocks(self, x, positions, mask, *per_layer_args
-                ) -> Tuple[popxl.Tensor, List[popxl.Tensor], List[popxl.Tensor]]:
+    def _blocks(self, x, positions, mask, *per_layer_args) -> Tuple[popxl.Tensor, List[Tuple[popxl.Tensor, ...]]]:
         """Every layer on ``x``; ``per_layer_args`` are lists with one extra block argument per layer.
-        Returns the final hidden states after ``ln_f`` and each layer's keys and values."""
+        Returns the final hidden states after ``ln_f`` and each layer's other outputs."""
         block = CachedDecoderBlock(self.config, self.groups)
         facts, graph = block.create_graph(x, positions, mask, *[a[0] for a in per_layer_args])
-        ks, vs = [], []
+        others = []
         for i in range(self.config.n_layer):
             variables = self._layer_variables(i, facts)
-            x, k, v = graph.bind(variables).call(x, positions, mask, *[a[i] for a in per_layer_args])
-            ks.append(k)
-            vs.append(v)
-        return self.ln_f(x, eps=self.config.layer_norm_epsilon), ks, vs
+            x, *rest = graph.bind(variables).call(x, positions, mask, *[a[i] for a in per_layer_args])
+            others.append(rest)
+        return self.ln_f(x, eps=self.config.layer_norm_epsilon), others
 
     def prefill(self, input_ids: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
                 shard_offset: popxl.Tensor):
         """Last position's logits shard (batch, vocab_per_shard) and every layer's keys and values."""
         batch, seq = input_ids.shape
-        hidden, ks, vs = self._blocks(self.embedding(input_ids, shard_offset), positions, mask)
+        hidden, kvs = self._blocks(self.embedding(input_ids, shard_offset), positions, mask)
         last = hidden[:, seq - 1:seq].reshape((batch, self.config.n_embd))
-        return self.logits(last), ks, vs
+        return self.logits(last), [k for k, _ in kvs], [v for _, v in kvs]
 
     def decode(self, token: popxl.Tensor, position: popxl.Tensor, mask: popxl.Tensor, write: popxl.Tensor,
                shard_offset: popxl.Tensor, k_caches: Sequence[popxl.Tensor], v_caches: Sequence[popxl.Tensor]):
-        """One token per row: its logits shard (batch, vocab_per_shard) and the updated caches."""
+        """One token per row: its logits shard (batch, vocab_per_shard); the caches are written in place."""
         batch = token.shape[0]
         writes = [write] * self.config.n_layer
-        hidden, ks, vs = self._blocks(self.embedding(token, shard_offset), position, mask, k_caches, v_caches, writes)
-        return self.logits(hidden.reshape((batch, self.config.n_embd))), ks, vs
+        hidden, _ = self._blocks(self.embedding(token, shard_offset), position, mask, k_caches, v_caches, writes)
+        return self.logits(hidden.reshape((batch, self.config.n_embd)))

@@ -70,11 +70,15 @@ def _bias(module: addons.Module, size: int, dtype, replica_grouping=None) -> pop
 
 def identical_inputs(x: popxl.Tensor, groups: TPGroups) -> popxl.Tensor:
     """Enter a sharded region: identity forward, gradients summed over the shards backward."""
+    if groups.tp == 1:
+        return x  # one shard: nothing to sum, and no op to run at every step
     return addons.ops.replicated_all_reduce_identical_inputs(x, group=groups.tp_group)
 
 
 def sum_shards(x: popxl.Tensor, groups: TPGroups) -> popxl.Tensor:
     """Leave a sharded region: partial results summed over the shards, gradient passed unchanged."""
+    if groups.tp == 1:
+        return x
     return addons.ops.replicated_all_reduce_identical_grad_inputs(x, group=groups.tp_group)
 
 
@@ -216,12 +220,13 @@ class Attention(addons.Module):
         rotated to ``positions``."""
         batch, seq, _ = x.shape
         heads, head_dim, rotary_dim = self.layout.heads_per_shard, self.config.head_dim, self.config.rotary_dim
-        qkv = self.qkv(x)
-        q, k, v = (t.reshape((batch, seq, heads, head_dim)) for t in ops.split(qkv, 3, axis=-1))
+        qk, v = ops.split(self.qkv(x), [2 * heads * head_dim, heads * head_dim], axis=-1)
         sin, cos = (popxl.constant(table, x.dtype, name=name)
                     for table, name in zip(trig_tables(self.config.n_positions, rotary_dim), ("sin", "cos")))
-        return rotary_embedding(q, sin, cos, positions, rotary_dim), rotary_embedding(k, sin, cos, positions,
-                                                                                      rotary_dim), v
+        # Queries and keys rotate as one tensor of twice the heads: one table lookup and one rotation.
+        qk = rotary_embedding(qk.reshape((batch, seq, 2 * heads, head_dim)), sin, cos, positions, rotary_dim)
+        q, k = ops.split(qk, 2, axis=2)
+        return q, k, v.reshape((batch, seq, heads, head_dim))
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor) -> popxl.Tensor:
         batch, seq, _ = x.shape

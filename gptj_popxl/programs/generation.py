@@ -1,15 +1,16 @@
 """Generation programs: prefill (prompt -> KV cache + first token) and decode (K tokens per run).
 
 Prefill computes the prompts' keys and values and the first new token. Decode holds the KV
-cache in device variables (per layer, sharded over heads); one run refills the cache rows of
-freshly prefilled slots, then advances every row by ``chunk`` tokens in an ``ops.repeat`` whose
-loop-carried state is the cache, each row's last token, position, write column and mask.
+cache in device variables (per layer, sharded over heads), a ring of columns written in place;
+one run writes the prompts of freshly prefilled slots into it, then advances every row by
+``chunk`` tokens in an ``ops.repeat`` whose loop-carried state is each row's last token and
+position, the write column and the mask (the cache variables are captured by reference).
 
 Token selection (:func:`select_tokens`) keeps the logits vocab sharded: each shard computes its
 argmax (greedy) or its top-k (sampling) and only those candidates are gathered.
 """
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -58,6 +59,8 @@ def select_tokens(logits: popxl.Tensor, shard_offset: popxl.Tensor, groups: TPGr
     in (0, 1), the same on every replica so that every shard picks the same token.
     """
     logits = cast_to(logits, popxl.float32)
+    if sampling is None and groups.tp == 1:
+        return ops.argmax(logits, dim=-1, keepdim=False)  # the only shard starts at id 0
     if sampling is None:
         values = ops.max(logits, axis=-1, keepdims=True)
         ids = ops.argmax(logits, dim=-1, keepdim=True) + shard_offset
@@ -104,27 +107,29 @@ class PrefillModule(CachedLM):
 class DecodeStep(CachedLM):
     """One decode iteration, the body of the decode loop.
 
-    ``build(token, position, column, mask, tokens, step, k_caches, v_caches, [scores,] shard_offset[, uniforms])``:
-    ``token``/``position`` (batch, 1) int32, ``column`` (batch,) int32 (the cache column each row
+    ``build(token, position, column, mask, tokens, step, [scores,] shard_offset[, uniforms])``:
+    ``token``/``position`` (batch, 1) int32, ``column`` (1,) int32 (the cache column every row
     writes), ``mask`` (batch, 1, 1, cache_len) float32, ``tokens`` (batch, chunk) int32 (this run's
-    tokens so far), ``step`` (1,) int32 and the caches are loop-carried; the outputs are their
+    tokens so far), ``step`` (1,) int32 and ``scores`` are loop-carried; the outputs are their
     next values. ``scores`` (batch, chunk, vocab_per_shard) float32, when given, collects each
-    step's logits shard. ``uniforms`` (chunk, batch, total) feed the sampling.
+    step's logits shard. ``uniforms`` (chunk, batch, total) feed the sampling. ``caches``, the
+    program's cache variables (keys of every layer, then values), are captured by reference and
+    written in place.
     """
 
-    def __init__(self, config, groups, dtype, sampling: Optional[Sampling], offload: bool = False):
+    def __init__(self, config, groups, dtype, sampling: Optional[Sampling], caches: Sequence[popxl.Tensor],
+                 offload: bool = False):
         super().__init__(config, groups, dtype, offload)
         self.sampling = sampling
+        self.caches = tuple(caches)
 
-    def build(self, token, position, column, mask, tokens, step, k_caches, v_caches, scores, shard_offset,
-              uniforms=None):
+    def build(self, token, position, column, mask, tokens, step, scores, shard_offset, uniforms=None):
         batch, cache_len = mask.shape[0], mask.shape[-1]
-        columns = popxl.constant(np.arange(cache_len, dtype=np.int32)[None, :], popxl.int32, name="columns")
-        mask = ops.where(ops.equal(columns, column.reshape((batch, 1))).reshape((batch, 1, 1, cache_len)), 0.0, mask)
-        heads, head_dim = k_caches[0].shape[1], k_caches[0].shape[3]
-        spread = popxl.constant(np.zeros((batch, heads, 1, head_dim), np.int32), popxl.int32, name="spread")
-        write = column.reshape((batch, 1, 1, 1)) + spread
-        logits, ks, vs = self.decode(token, position, mask, write, shard_offset, k_caches, v_caches)
+        columns = popxl.constant(np.arange(cache_len, dtype=np.int32)[None, None, None, :], popxl.int32,
+                                 name="columns")
+        mask = ops.where(ops.equal(columns, column), 0.0, mask)
+        n = self.config.n_layer
+        logits = self.decode(token, position, mask, column, shard_offset, self.caches[:n], self.caches[n:])
         if uniforms is not None:
             total = uniforms.shape[-1]
             uniforms = ops.dynamic_slice(uniforms, step, axes=[0], sizes=[1], no_overlap=True).reshape((batch, total))
@@ -134,10 +139,14 @@ class DecodeStep(CachedLM):
         tokens = ops.where(ops.equal(slots, step.reshape((1, 1))), new.reshape((batch, 1)), tokens)
         # Rows past their last useful step keep running; their positions stay inside the rotary tables.
         last = popxl.constant(np.int32(self.config.n_positions - 1), popxl.int32, name="last_position")
-        next_position = position + popxl.constant(np.int32(1), popxl.int32, name="one")
-        next_position = ops.where(ops.greater(next_position, last), last, next_position)
         one = popxl.constant(np.int32(1), popxl.int32, name="one")
-        carried = (new.reshape((batch, 1)), next_position, column + one, mask, tokens, step + one, *ks, *vs)
+        next_position = position + one
+        next_position = ops.where(ops.greater(next_position, last), last, next_position)
+        # The columns are a ring: after the last comes the first.
+        next_column = column + one
+        wrapped = ops.equal(next_column, popxl.constant(np.int32(cache_len), popxl.int32, name="cache_len"))
+        next_column = ops.where(wrapped, popxl.constant(np.int32(0), popxl.int32, name="zero"), next_column)
+        carried = (new.reshape((batch, 1)), next_position, next_column, mask, tokens, step + one)
         if scores is None:
             return carried
         this_step = ops.equal(slots.reshape((1, chunk, 1)), step.reshape((1, 1, 1)))
@@ -236,14 +245,17 @@ def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], wit
 
 def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int, sampling: Optional[Sampling],
                  with_logits: bool = False) -> GenerationProgram:
-    """Decode of ``batch`` rows, ``chunk`` tokens per run, over a cache of ``cache_len`` columns.
+    """Decode of ``batch`` rows, ``chunk`` tokens per run, over a ring of ``cache_len`` cache columns.
 
-    Inputs: ``token``, ``position`` (batch, 1) int32; ``column`` (batch,) int32; ``mask``
-    (batch, 1, 1, cache_len) float32 additive (the column written by a step is unmasked by it);
-    ``refill`` (batch,) bool and ``k.{i}``/``v.{i}`` (batch, heads_per_shard, prompt_len, head_dim)
-    per layer and shard: the cache rows to replace before decoding (prefill output, zero padded);
-    ``uniforms`` (chunk, batch, total) when sampling. Output: ``tokens`` (batch, chunk), and with
-    ``with_logits`` ``logits`` (batch, chunk, vocab_per_shard) float32 per shard.
+    Inputs: ``token``, ``position`` (batch, 1) int32; ``column`` (1,) int32, the column the first
+    step writes; ``mask`` (batch, 1, 1, cache_len) float32 additive (the column written by a step
+    is unmasked by it); ``refill`` (batch,) bool, ``window`` (1,) int32 and ``k.{i}``
+    (batch, heads_per_shard, head_dim, prompt_len) / ``v.{i}`` (batch, heads_per_shard, prompt_len,
+    head_dim) per layer and shard: the refilled rows' prompt keys and values (prefill output,
+    right-aligned), written into the ``prompt_len`` cache columns from ``window`` (wrapping)
+    before decoding; ``uniforms`` (chunk, batch, total) when sampling. Output: ``tokens``
+    (batch, chunk), and with ``with_logits`` ``logits`` (batch, chunk, vocab_per_shard) float32
+    per shard.
     """
     config, dtype = model.config, DTYPES[model.dtype]
     tp = model.tensor_parallel
@@ -254,47 +266,44 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         groups = tp_groups(ir, model.tensor_parallel)
         token = _h2d(inputs, "token", (batch, 1), popxl.int32)
         position = _h2d(inputs, "position", (batch, 1), popxl.int32)
-        column = _h2d(inputs, "column", (batch,), popxl.int32)
+        column = _h2d(inputs, "column", (1,), popxl.int32)
         mask = _h2d(inputs, "mask", (batch, 1, 1, cache_len), popxl.float32)
         refill = _h2d(inputs, "refill", (batch,), popxl.bool).reshape((batch, 1, 1, 1))
-        shape = (batch, heads, cache_len, head_dim)
-        zeros = np.zeros(((tp,) if tp > 1 else ()) + shape, dtype.as_numpy())
-        tail = popxl.constant(np.zeros((batch, heads, cache_len - prompt_len, head_dim), dtype.as_numpy()), dtype,
-                              name="cache_tail")
-        cache, carried = [], []
-        for kind in "kv":
+        window = _h2d(inputs, "window", (1,), popxl.int32)
+        cache = []
+        for kind, shape, axis in (("k", (batch, heads, head_dim, cache_len), 3),
+                                  ("v", (batch, heads, cache_len, head_dim), 2)):
             for i in range(config.n_layer):
+                zeros = np.zeros(((tp,) if tp > 1 else ()) + shape, dtype.as_numpy())
                 var = popxl.variable(zeros, dtype, f"cache.{kind}.{i}", replica_grouping=groups.sharded)
-                fresh = _h2d(inputs, f"{kind}.{i}", (batch, heads, prompt_len, head_dim), dtype)
-                if cache_len > prompt_len:
-                    fresh = ops.concat([fresh, tail], axis=2)
+                fresh_shape = list(shape)
+                fresh_shape[axis] = prompt_len
+                fresh = _h2d(inputs, f"{kind}.{i}", fresh_shape, dtype)
+                # Only the prompt's columns of refilled rows change; the rest of the cache stays in place.
+                old = ops.dynamic_slice(var, window, axes=[axis], sizes=[prompt_len], no_overlap=True)
+                ops.dynamic_update_(var, window, ops.where(refill, fresh, old), axes=[axis], sizes=[prompt_len],
+                                    no_overlap=True)
                 cache.append(var)
-                carried.append(ops.where(refill, fresh, var))
         offset = shard_offset(model.config, model.tensor_parallel, groups)
         tokens = popxl.constant(np.zeros((batch, chunk), np.int32), popxl.int32, name="tokens")
         step = popxl.constant(np.zeros((1,), np.int32), popxl.int32, name="step")
-        n = config.n_layer
         scores = None
         if with_logits:
             vps = tp_layout(config, tp).vocab_per_shard
             scores = popxl.constant(np.zeros((batch, chunk, vps), np.float32), popxl.float32, name="scores")
-        args = [token, position, column, mask, tokens, step, carried[:n], carried[n:], scores, offset]
+        args = [token, position, column, mask, tokens, step, scores, offset]
         if sampling is not None:
             args.append(_h2d(inputs, "uniforms", (chunk, batch, sampling.candidates(config, tp)[1]), popxl.float32))
-        module = DecodeStep(config, groups, dtype, sampling, model.offload)
+        module = DecodeStep(config, groups, dtype, sampling, cache, model.offload)
         facts, graph = module.create_graph(*args)
         remote = _create_remote_layers(model, module)
         variables = create_variables(facts, model.weights)
-        flat = [token, position, column, mask, tokens, step, *carried] + ([scores] if with_logits else []) + [
-            t for t in args[9:] if t is not None]
         bound = variables.to_dict()
         loop_inputs = {graph_input: bound[name] for name, graph_input in graph.args.to_dict().items()}
-        results = ops.repeat(graph.graph, chunk, *flat, inputs_dict=loop_inputs)
-        for var, final in zip(cache, results[6:6 + 2 * n]):
-            ops.var_updates.copy_var_update_(var, final)
+        results = ops.repeat(graph.graph, chunk, *[t for t in args if t is not None], inputs_dict=loop_inputs)
         _d2h(outputs, "tokens", results[4])
         if with_logits:
-            _d2h(outputs, "logits", results[-1])
+            _d2h(outputs, "logits", results[6])
     return GenerationProgram(ir, attached_session(ir), _weight_variables(variables, remote), inputs, outputs,
                              model.weights_version, tuple(cache))
 

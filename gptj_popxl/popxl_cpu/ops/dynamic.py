@@ -17,7 +17,7 @@ __all__ = ["dynamic_slice", "dynamic_update", "dynamic_update_"]
 
 
 def _region(shape, axes, sizes, replicas: int):
-    """``key(index)``: the advanced-indexing key selecting each replica's region of a ``(R, *shape)`` value.
+    """``key(index)``: the indexing key selecting each replica's region of a ``(R, *shape)`` value.
 
     Everything but the offsets is fixed at lowering; a run only turns its index values into positions.
     """
@@ -33,8 +33,28 @@ def _region(shape, axes, sizes, replicas: int):
     windows = [(axes.index(a) if a in axes else None, n) for a, n in enumerate(shape)]
     steps = {i: torch.arange(s) for i, s in enumerate(sizes)}
 
+    def _one_block(index: torch.Tensor):
+        """Basic slices for a region every replica shares and that does not wrap (None otherwise):
+        indexing with them copies a block instead of gathering element by element."""
+        starts = index.tolist()
+        if any(row != starts[0] for row in starts[1:]):
+            return None
+        out = [slice(None)]
+        for i, n in windows:
+            if i is None:
+                out.append(slice(None))
+                continue
+            start = starts[0][i] if 0 <= starts[0][i] < n else 0
+            if start + sizes[i] > n:
+                return None
+            out.append(slice(start, start + sizes[i]))
+        return tuple(out)
+
     def key(index: torch.Tensor):
         index = index.reshape(replicas, -1).long()
+        block = _one_block(index)
+        if block is not None:
+            return block
         out = static[:1]
         for a, (i, n) in enumerate(windows):
             if i is None:
@@ -64,7 +84,12 @@ class DynamicSlice(Primitive):
     @classmethod
     def lower(cls, op, runtime):
         region = _region(op.inputs[0].shape, op.attrs["axes"], op.attrs["sizes"], runtime.replicas)
-        return lambda x, index: x[region(index)]
+
+        def take(x, index):
+            out = x[region(index)]
+            # A block of basic slices is a view: the result must not change with later writes to x.
+            return out.clone() if out._is_view() else out
+        return take
 
     @staticmethod
     def grad(g):

@@ -83,6 +83,16 @@ def extension():
     return cppimport.imp_from_filepath(_SOURCE, "rotary_embedding")
 
 
+def _table_rows(batch_seq, table_shape) -> np.ndarray:
+    """(batch, seq) int32: the row of the stacked tables (``table_shape`` has the leading replica axis)
+    that each token's rotation reads: row ``b * seq + s`` of per-sequence tables, or row ``s`` of
+    one table shared by the batch."""
+    batch, seq = batch_seq
+    shared = len(table_shape) == 3 or table_shape[1] == 1
+    rows = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
+    return np.ascontiguousarray(rows if shared else rows + seq * np.arange(batch, dtype=np.int32)[:, None])
+
+
 if IS_CPU:
     class RotaryPosEmbed(custom_op.CustomOp):
         """The C++ rotation on the CPU runtime; ``inverse`` rotates backwards (the gradient)."""
@@ -93,26 +103,24 @@ if IS_CPU:
             return t.spec
 
         @staticmethod
-        def kernel(t, sin, cos, rotary_dim, inverse):
+        def kernel(t, sin, cos, rotary_dim, inverse, rows=None):
             ext, threads = extension(), torch.get_num_threads()
             t = t.contiguous()
             out = torch.empty_like(t)
-            batch, seq = t.shape[1:3]
-            # The kernel rotates by table rows at given positions: row b * seq + s of the stacked
-            # per-sequence tables, or row s of one table shared by the batch.
-            shared = sin.dim() == 3 or sin.shape[1] == 1
-            rows = torch.arange(seq, dtype=torch.int32).expand(batch, seq)
-            positions = (rows if shared else rows + seq * torch.arange(batch, dtype=torch.int32)[:, None]).contiguous()
+            positions = _table_rows(t.shape[1:3], sin.shape) if rows is None else rows
             for r in range(t.shape[0]):
                 table_sin, table_cos = (x[r].float().reshape(-1, x.shape[-1]).contiguous() for x in (sin, cos))
-                ext.rotary_embedding(t[r].numpy(), table_sin.numpy(), table_cos.numpy(), positions.numpy(),
+                ext.rotary_embedding(t[r].numpy(), table_sin.numpy(), table_cos.numpy(), positions,
                                      out[r].numpy(), rotary_dim, inverse, threads)
             return out
 
         @classmethod
         def lower(cls, op, runtime):
             extension()  # build or load at session creation, not in the middle of the first run
-            return super().lower(op, runtime)
+            # The table rows depend on the shapes only: found once here, not at every run.
+            rows = _table_rows(op.inputs[0].shape[:2], (runtime.replicas,) + tuple(op.inputs[1].shape))
+            kernel, attrs = cls.kernel, op.attrs
+            return lambda t, sin, cos: kernel(t, sin, cos, rows=rows, **attrs)
 
         @staticmethod
         def grad(g):

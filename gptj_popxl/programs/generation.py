@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from gptj_popxl.backend import ops, popxl
+from gptj_popxl.backend import IS_CPU, ops, popxl
 from gptj_popxl.model.config import GPTJConfig, tp_layout
 from gptj_popxl.model.kv_cache import CachedLM
 from gptj_popxl.model.layers import TPGroups, tp_groups
@@ -177,6 +177,11 @@ def _create_remote_layers(model, module: CachedLM) -> None:
     """With offload, the remote variables holding every layer's weights in ``module``'s buffers."""
     if not module.offload:
         return
+    storage = getattr(model, "layer_storage", None)
+    if IS_CPU and storage is not None:
+        for name, buffer in module.layer_buffers.to_dict().items():
+            if storage[name].size == buffer.entries * model.tensor_parallel * np.prod(buffer.tensor_shape):
+                popxl.back_remote_buffer(buffer, storage[name])
     for i in range(model.config.n_layer):
         def remote(data, dtype, name, replica_grouping, entry=i):
             buffer = module.layer_buffers.to_dict()[name[len(f"layers.{entry}."):]]

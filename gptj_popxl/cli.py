@@ -3,12 +3,14 @@
 ``gptj-popxl golden --model DIR`` compares our model with transformers on a local
 checkpoint and exits 1 past tolerance; ``gptj-popxl demo`` does so on a tiny random
 checkpoint it writes to a temporary directory, for tensor parallel 1 and 2.
+``random-checkpoint`` writes a random GPT-J of any size (``random_checkpoint``);
 ``validate`` and ``generate`` are in ``generation_cli``. Bad options exit with code 2.
 """
 import argparse
 import os
 import sys
 import tempfile
+import time
 from typing import List, Optional
 
 from gptj_popxl import generation_cli
@@ -16,6 +18,8 @@ from gptj_popxl.finetune import add_finetune_parser, run_finetune
 from gptj_popxl.golden import compare_with_hf, default_seq, random_hf_checkpoint
 from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.gptj import DTYPES
+from gptj_popxl.random_checkpoint import DTYPES as RANDOM_DTYPES
+from gptj_popxl.random_checkpoint import NAMED_CONFIGS, resolve_config, write_random_checkpoint
 
 # Tiny but awkward on purpose: 3 heads, 101 tokens and 51 MLP columns all need padding at tp=2,
 # and only 4 of each head's 12 features are rotated.
@@ -49,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="query blocks the attention is computed in (must divide --seq)")
 
     commands.add_parser("demo", help="golden comparison on a tiny random checkpoint, tensor parallel 1 and 2")
+    random = commands.add_parser("random-checkpoint",
+                                 help="write a random-weight GPT-J checkpoint as sharded safetensors, shard by shard")
+    random.add_argument("--config", required=True,
+                        help=f"one of {', '.join(sorted(NAMED_CONFIGS))}, or a GPT-J config.json path")
+    random.add_argument("--dtype", choices=RANDOM_DTYPES, default="float16", help="dtype of the stored weights")
+    random.add_argument("--output", required=True, help="checkpoint directory to write (replaced whole)")
+    random.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     add_finetune_parser(commands)
     generation_cli.add_parsers(commands, _positive_int)
     return parser
@@ -90,6 +101,18 @@ def _demo() -> int:
     return 0 if passed else 1
 
 
+def _random_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        config = resolve_config(args.config)
+    except ValueError as e:
+        parser.error(str(e))
+    began = time.perf_counter()
+    path = write_random_checkpoint(args.output, config, args.dtype, args.seed)
+    print(f"wrote {path}: {config.n_layer} layers, hidden {config.n_embd}, {args.dtype}, "
+          f"{time.perf_counter() - began:.1f} s")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``gptj-popxl``; returns the exit code (0 ok, 1 past tolerance, 2 bad options)."""
     parser = _parser()
@@ -101,6 +124,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_finetune(parser, args)
     if args.command in generation_cli.COMMANDS:
         return generation_cli.main(parser, args)
+    if args.command == "random-checkpoint":
+        return _random_checkpoint(parser, args)
     return _demo()
 
 

@@ -402,7 +402,8 @@ class LazyHFCheckpoint:
         file = os.path.join(self.directory, self.weight_map[name])
         try:
             if file not in self._handles:
-                self._handles[file] = safetensors.safe_open(file, framework="pt")
+                # One file open at a time: an open file's pages that were read stay mapped in this process.
+                self._handles = {file: safetensors.safe_open(file, framework="pt")}
             return _to_numpy(self._handles[file].get_tensor(name), name, file)
         except (OSError, safetensors.SafetensorError) as e:
             raise ValueError(f"could not read {name} from safetensors file {file}: {e}") from e

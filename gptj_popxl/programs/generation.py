@@ -177,9 +177,11 @@ def _create_remote_layers(model, module: CachedLM) -> None:
     """With offload, the remote variables holding every layer's weights in ``module``'s buffers."""
     if not module.offload:
         return
-    storage = getattr(model, "layer_storage", None)
+    storage = model.layer_storage
     if IS_CPU and storage is not None:
         for name, buffer in module.layer_buffers.to_dict().items():
+            # A file backs a buffer when it holds every replica's copy: with tp > 1 the replicated
+            # tensors (LayerNorms, biases: small) are stored once per layer and stay in memory.
             if storage[name].size == buffer.entries * model.tensor_parallel * np.prod(buffer.tensor_shape):
                 popxl.back_remote_buffer(buffer, storage[name])
     for i in range(model.config.n_layer):

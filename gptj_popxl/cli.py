@@ -3,11 +3,13 @@
 ``gptj-popxl golden --model DIR`` compares our model with transformers on a local
 checkpoint and exits 1 past tolerance; ``gptj-popxl demo`` runs the mission end to end on
 a tiny model (``gptj_popxl.demo``): fine-tune, validate by generation, compare with transformers.
+``random-checkpoint`` writes a random GPT-J of any size (``random_checkpoint``);
 ``validate`` and ``generate`` are in ``generation_cli``. Bad options exit with code 2.
 """
 import argparse
 import os
 import sys
+import time
 from typing import List, Optional
 
 from gptj_popxl import generation_cli
@@ -18,6 +20,8 @@ from gptj_popxl.model.config import GPTJConfig
 from gptj_popxl.model.gptj import DTYPES
 from gptj_popxl.programs.execution import ExecutionConfig
 from gptj_popxl.plan import add_plan_parser, run_plan
+from gptj_popxl.random_checkpoint import DTYPES as RANDOM_DTYPES
+from gptj_popxl.random_checkpoint import NAMED_CONFIGS, resolve_config, write_random_checkpoint
 
 
 def _positive_int(text: str) -> int:
@@ -48,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the mission end to end on a tiny model: fine-tune, validate, generate")
     demo.add_argument("--output", default="demo-output", help="directory everything is written to")
     demo.add_argument("--quick", action="store_true", help="the smallest sizes (a smoke test, not the accuracy goal)")
+    random = commands.add_parser("random-checkpoint",
+                                 help="write a random-weight GPT-J checkpoint as sharded safetensors, shard by shard")
+    random.add_argument("--config", required=True,
+                        help=f"one of {', '.join(sorted(NAMED_CONFIGS))}, or a GPT-J config.json path")
+    random.add_argument("--dtype", choices=RANDOM_DTYPES, default="float16", help="dtype of the stored weights")
+    random.add_argument("--output", required=True, help="checkpoint directory to write (replaced whole)")
+    random.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     add_finetune_parser(commands)
     generation_cli.add_parsers(commands, _positive_int)
     add_plan_parser(commands)
@@ -80,6 +91,18 @@ def _golden(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _random_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        config = resolve_config(args.config)
+    except ValueError as e:
+        parser.error(str(e))
+    began = time.perf_counter()
+    path = write_random_checkpoint(args.output, config, args.dtype, args.seed)
+    print(f"wrote {path}: {config.n_layer} layers, hidden {config.n_embd}, {args.dtype}, "
+          f"{time.perf_counter() - began:.1f} s")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``gptj-popxl``; returns the exit code (0 ok, 1 past tolerance, 2 bad options)."""
     parser = _parser()
@@ -95,6 +118,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run_bench_command(parser, args)
     if args.command in generation_cli.COMMANDS:
         return generation_cli.main(parser, args)
+    if args.command == "random-checkpoint":
+        return _random_checkpoint(parser, args)
     from gptj_popxl import demo
     return demo.main(args.output, quick=args.quick)
 

@@ -45,6 +45,9 @@ def add_parsers(commands, positive_int) -> None:
     source.add_argument("--prompt", help="one prompt; its tokens are printed as they come")
     source.add_argument("--prompts", help="file of prompts, one per line (or jsonl with a 'prompt' field); "
                                           "one JSON line per prompt is written to stdout")
+    source.add_argument("--prompt-ids", type=_token_ids, metavar="ID,ID,...",
+                        help="one prompt as token ids (no tokenizer needed); prints the generated ids, "
+                             "tokens/s and peak memory")
     generate.add_argument("--max-new-tokens", type=positive_int, default=20, help="tokens generated per prompt")
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
@@ -53,7 +56,22 @@ def add_parsers(commands, positive_int) -> None:
     generate.add_argument("--seed", type=int, default=None, help="seed of the sampling")
     generate.add_argument("--batch-size", type=positive_int, default=8, help="generation slots for --prompts")
     generate.add_argument("--tensor-parallel", type=positive_int, default=1, help="tensor-parallel degree")
-    generate.add_argument("--offload", action="store_true", help="keep layer weights in remote buffers")
+    generate.add_argument("--offload", action="store_true",
+                          help="keep layer weights in remote buffers, backed by memory-mapped files")
+    generate.add_argument("--offload-dir", default=None,
+                          help="where --offload keeps its weight cache (default: inside --model)")
+    generate.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                          help="dtype of the weights and activations")
+
+
+def _token_ids(text: str) -> List[int]:
+    try:
+        ids = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids must be >= 0, got {text!r}")
+    return ids
 
 
 def main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -82,6 +100,8 @@ def _check_common(parser, args) -> None:
             parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
         if args.prompts is not None and not os.path.isfile(args.prompts):
             parser.error(f"--prompts {args.prompts}: no such file")
+        if args.offload_dir is not None and not args.offload:
+            parser.error("--offload-dir needs --offload")
 
 
 def _check_data_path(parser, option: str, path: str) -> None:
@@ -91,13 +111,23 @@ def _check_data_path(parser, option: str, path: str) -> None:
         parser.error(f"{option} {path}: expected one of {', '.join(sorted(_DATA_FORMATS))}")
 
 
+def _load_model(args):
+    from gptj_popxl.model.gptj import from_pretrained
+    return from_pretrained(args.model, tensor_parallel=args.tensor_parallel, dtype=getattr(args, "dtype", "float32"),
+                           offload=getattr(args, "offload", False), offload_cache_dir=getattr(args, "offload_dir", None))
+
+
 def _load(args):
     """The model and its tokenizer."""
     import transformers
-    from gptj_popxl.model.gptj import from_pretrained
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    model = from_pretrained(args.model, tensor_parallel=args.tensor_parallel, offload=getattr(args, "offload", False))
-    return model, tokenizer
+    return _load_model(args), tokenizer
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory so far (``getrusage`` ``ru_maxrss``, KiB on Linux)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def read_mnli_rows(path: str, option: str = "--data") -> List[Dict]:
@@ -209,7 +239,30 @@ def _read_prompts(path: str) -> List[str]:
     return lines
 
 
+def _generate_ids(parser, args) -> int:
+    """``--prompt-ids``: greedy or sampled ids, then the load time, tokens/s and peak memory."""
+    began = time.perf_counter()
+    model = _load_model(args)
+    loaded = time.perf_counter()
+    ids = np.array(args.prompt_ids)
+    if ids.max() >= model.config.vocab_size:
+        parser.error(f"--prompt-ids: id {ids.max()} is outside the vocabulary (size {model.config.vocab_size})")
+    if len(ids) + args.max_new_tokens > model.config.n_positions:
+        parser.error(f"--prompt-ids: {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                     f"n_positions ({model.config.n_positions})")
+    out = model.generate(ids[None], max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    seconds = time.perf_counter() - loaded
+    print(json.dumps({"prompt_ids": ids.tolist(), "generated_ids": out[0, len(ids):].tolist()}))
+    print(f"load: {loaded - began:.1f} s; generation: {args.max_new_tokens} tokens in {seconds:.1f} s "
+          f"({args.max_new_tokens / seconds:.3f} tokens/s, programs' compile included); "
+          f"peak memory (ru_maxrss): {peak_memory_bytes() / 2**30:.2f} GiB")
+    return 0
+
+
 def _generate(parser, args) -> int:
+    if args.prompt_ids is not None:
+        return _generate_ids(parser, args)
     model, tokenizer = _load(args)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=tokenizer.eos_token_id)

@@ -10,7 +10,8 @@ import numpy as np
 
 from gptj_popxl.checkpoint import PathLike
 from gptj_popxl.model.config import GPTJConfig, is_positive_int
-from gptj_popxl.model.hf_mapping import hf_to_popxl, load_hf_state_dict, popxl_param_shapes, popxl_to_hf
+from gptj_popxl.model.hf_mapping import lazy_hf_checkpoint, popxl_param_shapes, popxl_to_hf
+from gptj_popxl.model.weight_cache import load_layerwise, open_offload_cache
 from gptj_popxl.model.layers import IGNORE_INDEX
 from gptj_popxl.programs.common import Program, create_variables  # noqa: F401 - create_variables: public here too
 from gptj_popxl.programs.execution import DTYPES, ExecutionConfig  # noqa: F401 - DTYPES: public here too
@@ -53,11 +54,16 @@ class GPTJ:
             calls ``weights_changed`` before another program runs.
         tensor_parallel, dtype, attention_serialisation: the execution config's fields.
         offload: generation loads the decoder layers' weights from remote buffers, one layer at a time.
+        layer_storage: with offload, optionally each decoder parameter's weights of every layer stacked,
+            ``(n_layer, *shape)`` by the name within a layer, typically memory-mapped files (see
+            ``weight_cache.open_offload_cache``) that the layers' entries of ``weights`` view; the CPU
+            runtime then keeps the remote buffers in them instead of in memory.
     """
 
     def __init__(self, config: GPTJConfig, weights: Mapping[str, np.ndarray], *, tensor_parallel: int = 1,
                  dtype: str = "float32", attention_serialisation: int = 1,
-                 execution: Optional[ExecutionConfig] = None, offload: bool = False):
+                 execution: Optional[ExecutionConfig] = None, offload: bool = False,
+                 layer_storage: Optional[Mapping[str, np.ndarray]] = None):
         execution = execution_config(execution, tensor_parallel=tensor_parallel, dtype=dtype,
                                      attention_serialisation=attention_serialisation)
         expected = popxl_param_shapes(config, execution.tensor_parallel)
@@ -72,6 +78,7 @@ class GPTJ:
         self._weights_version = 0
         self._programs: Dict[Tuple[str, int, int], Program] = {}
         self.offload = offload
+        self.layer_storage = layer_storage
         self._generator = None
 
     @property
@@ -253,7 +260,8 @@ def execution_config(execution: Optional[ExecutionConfig] = None, *, tensor_para
 
 def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "float32",
                     attention_serialisation: int = 1, offload: bool = False,
-                    execution: Optional[ExecutionConfig] = None) -> GPTJ:
+                    execution: Optional[ExecutionConfig] = None,
+                    offload_cache_dir: Optional[PathLike] = None) -> GPTJ:
     """Load a local Hugging Face GPT-J checkpoint directory as our model.
 
     Args:
@@ -264,7 +272,10 @@ def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "f
         attention_serialisation: compute the attention in this many blocks of queries, one after
             another (less memory, same numbers); must divide the sequence lengths used.
         offload: generation keeps the decoder layers' weights in remote buffers and loads them
-            one layer at a time (phased inference), for models larger than device memory.
+            one layer at a time (phased inference), for models larger than device memory. A
+            safetensors checkpoint is then converted once into memory-mapped files in
+            ``offload_cache_dir`` (default: a ``popxl-offload-*`` folder inside ``path``) that back
+            the remote buffers, so the model need not fit in host memory either.
         execution: the execution config as a whole, instead of ``tensor_parallel``, ``dtype`` and
             ``attention_serialisation``.
 
@@ -276,12 +287,24 @@ def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "f
     execution = execution_config(execution, tensor_parallel=tensor_parallel, dtype=dtype,
                                  attention_serialisation=attention_serialisation)
     config = GPTJConfig.from_pretrained_dir(path)
-    return GPTJ(config, load_weights(path, config, execution), execution=execution, offload=offload)
+    storage = None
+    if offload and lazy_hf_checkpoint(path) is not None:
+        weights, storage = open_offload_cache(path, config, execution.tensor_parallel, np.dtype(execution.dtype),
+                                              offload_cache_dir)
+        _bias_padded_vocab(weights, config)
+    else:
+        weights = load_weights(path, config, execution)
+    return GPTJ(config, weights, execution=execution, offload=offload, layer_storage=storage)
+
+
+def _bias_padded_vocab(weights: Dict[str, np.ndarray], config: GPTJConfig) -> None:
+    weights["lm_head.bias"].reshape(-1)[config.vocab_size:] = PAD_LOGIT_BIAS
 
 
 def load_weights(path: PathLike, config: GPTJConfig, execution: ExecutionConfig) -> Dict[str, np.ndarray]:
     """The HF checkpoint at ``path`` in our layout for ``execution`` (its tensor parallel and dtype),
-    padded vocabulary columns of the LM head biased away (``PAD_LOGIT_BIAS``)."""
-    weights = hf_to_popxl(load_hf_state_dict(path), config, execution.tensor_parallel, np.dtype(execution.dtype))
-    weights["lm_head.bias"].reshape(-1)[config.vocab_size:] = PAD_LOGIT_BIAS
+    converted layer by layer (``load_layerwise``), padded vocabulary columns of the LM head biased
+    away (``PAD_LOGIT_BIAS``)."""
+    weights = load_layerwise(path, config, execution.tensor_parallel, np.dtype(execution.dtype))
+    _bias_padded_vocab(weights, config)
     return weights

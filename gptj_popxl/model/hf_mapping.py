@@ -7,6 +7,7 @@ how its variables are made from HF tensors, tensor-parallel sharding and padding
 ``transformer.h.{i}``), ``ln_f.*`` and ``lm_head.*``. Linear weights are ``(in_features,
 out_features)``; sharded tensors have a leading axis of ``tp`` blocks, replicated ones none.
 """
+import dataclasses
 import json
 import os
 from typing import Callable, Dict, Iterator, List, Mapping, Tuple
@@ -267,3 +268,96 @@ def write_hf_files(directory: str, config: GPTJConfig, state_dict: Mapping[str, 
         safetensors.numpy.save_file(sd, os.path.join(directory, SAFETENSORS_FILE), metadata={"format": "pt"})
     else:
         torch.save({k: torch.from_numpy(a) for k, a in sd.items()}, os.path.join(directory, TORCH_FILE))
+
+
+class LazyHFCheckpoint:
+    """The tensors of a local HF safetensors checkpoint (one file or sharded), read one at a time.
+
+    ``get(name)`` reads a tensor from its file (bfloat16 as float32, as ``load_hf_state_dict``);
+    nothing else is held in memory. Use ``lazy_hf_checkpoint`` to open one.
+    """
+
+    def __init__(self, directory: str, weight_map: Dict[str, str]):
+        self.directory = directory
+        self.weight_map = weight_map
+        self._handles: Dict[str, object] = {}
+
+    @property
+    def files(self) -> List[str]:
+        """The checkpoint's weight files, sorted."""
+        return sorted(os.path.join(self.directory, f) for f in set(self.weight_map.values()))
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.weight_map:
+            raise ValueError(f"checkpoint {self.directory} has no tensor {name}")
+        file = os.path.join(self.directory, self.weight_map[name])
+        try:
+            if file not in self._handles:
+                # One file open at a time: an open file's pages that were read stay mapped in this process.
+                self._handles = {file: safetensors.safe_open(file, framework="pt")}
+            return _to_numpy(self._handles[file].get_tensor(name), name, file)
+        except (OSError, safetensors.SafetensorError) as e:
+            raise ValueError(f"could not read {name} from safetensors file {file}: {e}") from e
+
+    def close(self) -> None:
+        """Release the open files."""
+        self._handles.clear()
+
+
+def lazy_hf_checkpoint(path: PathLike):
+    """A ``LazyHFCheckpoint`` of the safetensors checkpoint at ``path``, or None when it holds PyTorch
+    pickles only (those can only be read whole, with ``load_hf_state_dict``).
+
+    Raises:
+        ValueError: an index that is not valid or names a shard outside the directory.
+    """
+    directory = os.fspath(path)
+    single = os.path.join(directory, SAFETENSORS_FILE)
+    index = os.path.join(directory, SAFETENSORS_INDEX_FILE)
+    if os.path.isfile(single):
+        try:
+            with safetensors.safe_open(single, framework="pt") as f:
+                names = list(f.keys())
+        except (OSError, safetensors.SafetensorError) as e:
+            raise ValueError(f"could not read safetensors file {single}: {e}") from e
+        weight_map = dict.fromkeys(names, SAFETENSORS_FILE)
+    elif os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid checkpoint index (needs a 'weight_map'): {e}") from e
+        bad = [f for f in set(weight_map.values()) if os.path.basename(f) != f]
+        if bad:
+            raise ValueError(f"{index} names shard {bad[0]!r}, which is not a plain file name")
+    else:
+        return None
+    return LazyHFCheckpoint(directory, {k: v for k, v in weight_map.items() if not k.endswith(_BUFFER_SUFFIXES)})
+
+
+def _zeros(shape: Shape, dtype) -> np.ndarray:
+    """Read-only zeros of ``shape`` that take no memory: stand-ins for tensors a conversion drops."""
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+def hf_layer_to_popxl(get: Callable[[str], np.ndarray], config: GPTJConfig, tp: int, layer: int,
+                      dtype=np.float32) -> Dict[str, np.ndarray]:
+    """Decoder layer ``layer`` of a HF checkpoint in our layout (``layers.{layer}.*``), reading only its
+    tensors with ``get(hf_name)``: ``hf_to_popxl`` applied to that one layer."""
+    one = dataclasses.replace(config, n_layer=1, vocab_size=1)
+    src, dst = f"transformer.h.{layer}.", f"layers.{layer}."
+    sd = {name: (get(src + name[len("transformer.h.0."):]) if name.startswith("transformer.h.0.")
+                 else _zeros(shape, dtype))
+          for name, shape in hf_param_shapes(one).items()}
+    out = hf_to_popxl(sd, one, tp, dtype)
+    return {dst + k[len("layers.0."):]: a for k, a in out.items() if k.startswith("layers.0.")}
+
+
+def hf_outer_to_popxl(get: Callable[[str], np.ndarray], config: GPTJConfig, tp: int,
+                      dtype=np.float32) -> Dict[str, np.ndarray]:
+    """The tensors outside the decoder layers (embedding, ``ln_f``, LM head) of a HF checkpoint in our
+    layout, reading only those with ``get(hf_name)``."""
+    one = dataclasses.replace(config, n_layer=1)
+    sd = {name: (_zeros(shape, dtype) if name.startswith("transformer.h.") else get(name))
+          for name, shape in hf_param_shapes(one).items()}
+    return {k: a for k, a in hf_to_popxl(sd, one, tp, dtype).items() if not k.startswith("layers.")}

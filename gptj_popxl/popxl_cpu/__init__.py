@@ -12,7 +12,7 @@ from .graph import Graph
 from .ir import Ir
 from .module import Module
 from .random_seed import create_seeds
-from .remote_buffer import RemoteBuffer, remote_buffer
+from .remote_buffer import RemoteBuffer, back_remote_buffer, remote_buffer
 from .replica_grouping import ReplicaGrouping
 from .session import Session
 from .streams import DeviceToHostStream, HostToDeviceStream, d2h_stream, h2d_stream

@@ -1,6 +1,8 @@
 """Remote buffers: per-replica streaming-memory arrays of ``entries`` equally shaped tensors."""
 from typing import Tuple
 
+import numpy as np
+
 from . import dtypes
 from .context import get_current_context
 from .tensor import TensorSpec, flat_shard_shape
@@ -19,6 +21,7 @@ class RemoteBuffer:
         self._entries = int(entries)
         self._meta_shape = ()
         self._shard_over = None
+        self._storage = None
         self._id = len(ir._remote_buffers) + 1
         ir._remote_buffers.append(self)
 
@@ -84,3 +87,21 @@ class RemoteBuffer:
 def remote_buffer(tensor_shape: Tuple[int, ...], tensor_dtype: dtypes.dtype, entries: int = 1) -> RemoteBuffer:
     """A new remote buffer of ``entries`` slots."""
     return RemoteBuffer(tensor_shape, tensor_dtype, entries)
+
+
+def back_remote_buffer(buffer: RemoteBuffer, storage: np.ndarray) -> None:
+    """``popxl_cpu`` only: keep ``buffer``'s entries in ``storage`` (typically an ``np.memmap``) rather
+    than in memory a session allocates, so a model larger than memory can live in a file.
+
+    ``storage`` holds ``entries`` blocks, each one entry's tensor for every replica in turn: it has
+    ``entries * replicas * prod(tensor_shape)`` elements of the buffer's dtype, C-contiguous. Sessions
+    made afterwards read and write it in place; a remote variable whose data is its own entry's
+    block is not copied at all.
+    """
+    replicas = buffer._ir.replication_factor
+    want = buffer.entries * replicas * int(np.prod(buffer.tensor_shape, dtype=np.int64))
+    if storage.size != want or storage.dtype != buffer.tensor_dtype.as_numpy() or not storage.flags.c_contiguous:
+        raise ValueError(f"storage for {buffer!r} must be C-contiguous {buffer.tensor_dtype.name} with "
+                         f"{buffer.entries} entries x {replicas} replicas x {buffer.tensor_shape} elements; got "
+                         f"{storage.shape} {storage.dtype}")
+    buffer._storage = storage

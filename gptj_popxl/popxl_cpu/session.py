@@ -26,10 +26,7 @@ class Runtime:
         self._lowering = []
         self.variables: Dict[str, torch.Tensor] = {}
         # Each buffer is (R, entries, *tensor_shape); kernels and variables write it in place, never rebind it.
-        self.remote: Dict[int, torch.Tensor] = {
-            b.remote_buffer_id: torch.zeros((self.replicas, b.entries) + b.tensor_shape,
-                                            dtype=b.tensor_dtype.as_torch())
-            for b in ir._remote_buffers}
+        self.remote: Dict[int, torch.Tensor] = {b.remote_buffer_id: self._remote_storage(b) for b in ir._remote_buffers}
         self.stream_in: Dict[HostToDeviceStream, torch.Tensor] = {}
         self.stream_in_next: Dict[HostToDeviceStream, int] = {}
         # The run's host arrays, viewed (transfers, R, *shape): host_store copies straight into them.
@@ -37,6 +34,13 @@ class Runtime:
         self.stream_out: Dict[DeviceToHostStream, Optional[np.ndarray]] = {}
         self.stream_kept: Dict[DeviceToHostStream, torch.Tensor] = {}
         self.stream_out_next: Dict[DeviceToHostStream, int] = {}
+
+    def _remote_storage(self, buffer) -> torch.Tensor:
+        if buffer._storage is None:
+            return torch.zeros((self.replicas, buffer.entries) + buffer.tensor_shape,
+                               dtype=buffer.tensor_dtype.as_torch())
+        blocks = torch.from_numpy(buffer._storage).reshape((buffer.entries, self.replicas) + buffer.tensor_shape)
+        return blocks.transpose(0, 1)
 
     def plan(self, graph) -> Plan:
         """The plan of ``graph``, lowered on first use."""
@@ -378,8 +382,20 @@ class Session:
             return self._rt.remote_entry(*v._remote)
         return self._rt.variables[v.id]
 
+    def _in_device_memory(self, v: Variable, host: np.ndarray) -> bool:
+        """Whether ``host`` is the very memory of ``v``'s device value (a remote variable in a buffer
+        backed by its host data, ``back_remote_buffer``): then there is nothing to copy either way."""
+        if v._remote is None or v._remote[0]._storage is None:
+            return False
+        device = self._device_tensor(v)
+        layout = self._layouts[v]
+        return (device.is_contiguous() and host.ctypes.data == device.data_ptr() and host.nbytes == device.nbytes
+                and not layout.sharded and torch.equal(layout.rows, torch.arange(self._rt.replicas)))
+
     def _copy_to_device(self, host: Mapping[Variable, np.ndarray]) -> None:
         for v, data in host.items():
+            if self._in_device_memory(v, data):
+                continue
             value = self._layouts[v].to_device(data)
             if v._remote is None and v.id not in self._rt.variables:
                 self._rt.variables[v.id] = value
@@ -395,6 +411,8 @@ class Session:
         """Copies every variable's device value to the host (the session must be attached)."""
         self._require_attached("weights_to_host")
         for v, layout in self._layouts.items():
+            if self._in_device_memory(v, self._host[v]):
+                continue
             self._host[v] = layout.store(self._host[v], layout.to_host(self._device_tensor(v)))
 
     def get_tensor_data(self, tensor) -> np.ndarray:

@@ -381,9 +381,12 @@ def _to_host_array(data, dtype, what: str, downcast: bool = True, log2_scale=Non
         one = to_numpy(data[(slice(0, 1),) * data.ndim], dtype, downcast, copy=True, log2_scale=log2_scale,
                        nan_on_overflow=nan_on_overflow)
         return np.broadcast_to(one, data.shape), dtypes.dtype.as_dtype(one.dtype)
+    if keep_memmap and isinstance(data, np.memmap) and data.flags.c_contiguous:
+        # Checked (options included) on an empty slice: the memmap itself is kept only if no conversion is due.
+        kept = to_numpy(data.reshape(-1)[:0], dtype, downcast, copy=False, log2_scale=log2_scale, nan_on_overflow=nan_on_overflow)
+        if kept.dtype == data.dtype:
+            return data, dtypes.dtype.as_dtype(data.dtype)
     arr = to_numpy(data, dtype, downcast, copy=True, log2_scale=log2_scale, nan_on_overflow=nan_on_overflow)
-    if keep_memmap and isinstance(data, np.memmap) and arr.dtype == data.dtype and data.flags.c_contiguous:
-        arr = data
     return arr, dtypes.dtype.as_dtype(arr.dtype)
 
 

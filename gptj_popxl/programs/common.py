@@ -21,7 +21,7 @@ def variable_data(name: str, weights: Mapping[str, np.ndarray], groups: int, sha
     """
     if name not in weights:
         raise KeyError(f"no weights for variable {name!r}")
-    data = np.asarray(weights[name])
+    data = np.asanyarray(weights[name])  # an np.memmap stays one: variables keep it without a copy
     expected = ((groups,) if groups > 1 else ()) + tuple(shape)
     if data.shape == expected:
         return data

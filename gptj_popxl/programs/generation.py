@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from gptj_popxl import addons
-from gptj_popxl.backend import ops, popxl
+from gptj_popxl.backend import IS_CPU, ops, popxl
 from gptj_popxl.model.config import GPTJConfig, tp_layout
 from gptj_popxl.model.kv_cache import CachedLM
 from gptj_popxl.model.layers import TPGroups, tp_groups
@@ -185,6 +185,13 @@ def _create_remote_layers(model, module: CachedLM) -> Dict[str, popxl.Tensor]:
     made = {}
     if not module.offload:
         return made
+    storage = model.layer_storage
+    if IS_CPU and storage is not None:
+        for name, buffer in module.layer_buffers.to_dict().items():
+            # A file backs a buffer when it holds every replica's copy: with tp > 1 the replicated
+            # tensors (LayerNorms, biases: small) are stored once per layer and stay in memory.
+            if storage[name].size == buffer.entries * model.tensor_parallel * np.prod(buffer.tensor_shape):
+                popxl.back_remote_buffer(buffer, storage[name])
     for i in range(model.config.n_layer):
         def remote(data, dtype, name, replica_grouping, entry=i):
             buffer = module.layer_buffers.to_dict()[name[len(f"layers.{entry}."):]]

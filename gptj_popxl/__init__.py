@@ -1,8 +1,9 @@
 """gptj-popxl: GPT-J as hand-built popxl graphs, with a CPU runtime for popxl programs.
 
-``gptj_popxl.from_pretrained(path, tensor_parallel=..., dtype=...)`` loads a Hugging Face GPT-J
-checkpoint as a model with ``logits`` and ``loss_and_grads`` (see ``gptj_popxl.model.gptj``; the execution
-options may be one ``gptj_popxl.ExecutionConfig``, ``execution=...``);
+``gptj_popxl.from_pretrained(path, tensor_parallel=..., dtype=..., offload=...)`` loads a Hugging Face
+GPT-J checkpoint as a model with ``logits``, ``loss_and_grads``, ``generate``, ``generate_many`` and
+``stream`` (see ``gptj_popxl.model.gptj``; the execution options may be one
+``gptj_popxl.ExecutionConfig``, ``execution=...``);
 ``gptj_popxl.Trainer(path, gptj_popxl.TrainingConfig(...))`` fine-tunes one (see ``gptj_popxl.trainer``).
 """
 

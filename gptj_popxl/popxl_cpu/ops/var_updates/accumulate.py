@@ -41,7 +41,8 @@ class VarUpdate(Primitive):
     """``t <- formula(t, *full, *scalars)`` in place.
 
     ``full`` inputs (``num_full`` of them, ``t`` first) have ``t``'s shape; the rest are scalar
-    factors, broadcast over ``t``.
+    factors, broadcast over ``t``. ``formula`` may write into its first value (``t`` or its float32
+    copy) and return it.
     """
     modifies = (0,)
     num_full = 2
@@ -62,7 +63,8 @@ class VarUpdate(Primitive):
         def update(t, *others):
             full = [t.to(dtype)] + [x.to(dtype) for x in others[:num_full - 1]]
             scalars = [s.reshape((s.shape[0],) + (1,) * rank).to(dtype) for s in others[num_full - 1:]]
-            return t.copy_(formula(*full, *scalars))
+            out = formula(*full, *scalars)
+            return t if out is t else t.copy_(out)
         return update
 
 
@@ -74,9 +76,11 @@ def _var_update(name: str, formula, num_full: int = 2):
 Accumulate = _var_update("accumulate", lambda t, x, f: t + f * x)
 AccumulateSquare = _var_update("accumulate_square", lambda t, x, f: t + f * x * x)
 AccumulateMean = _var_update("accumulate_mean", lambda t, x, step: step / (step + 1) * t + x / (step + 1))
-AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: f * t + (1 - f) * x)
+# The moving averages write ``f * t + (1 - f) * x (* x)`` into ``t`` (the accumulator, or its float32
+# copy), with the same roundings and one full-size temporary.
+AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: t.mul_(f).add_(x * (1 - f)))
 AccumulateMovingAverageSquare = _var_update("accumulate_moving_average_square",
-                                            lambda t, x, f: f * t + (1 - f) * x * x)
+                                            lambda t, x, f: t.mul_(f).add_((x * (1 - f)).mul_(x)))
 AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t * f, num_full=1)
 AccumulatorZero = _var_update("accumulator_zero", torch.zeros_like, num_full=1)
 CopyVarUpdate = _var_update("copy_var_update", lambda t, x: x)

@@ -158,7 +158,7 @@ def _global_norm_squared(grads: Mapping[str, popxl.Tensor], sharded: Mapping[str
     zero = popxl.constant(0.0, popxl.float32, name="zero")
     totals = {True: zero, False: zero}
     for name, g in grads.items():
-        totals[sharded[name]] = totals[sharded[name]] + ops.sum(g * g)
+        totals[sharded[name]] = totals[sharded[name]] + ops.sumsquare(g)
     across_shards = totals[True]
     if groups.tp > 1:
         across_shards = ops.collectives.replicated_all_reduce(across_shards, "add", groups.tp_group)

@@ -86,8 +86,9 @@ class ScaledAdd(Primitive):
             tensors = list(scales)
             sa, sb = scale(a, tensors), scale(b, tensors)
             if inplace and x.dtype == torch.float32:
-                # Same products and sum, written into x: no full-size temporaries but one.
-                return (x if a == 1.0 else x.mul_(sa)).add_(y.float() * sb)
+                # Written into x: no full-size temporary.
+                x = x if a == 1.0 else x.mul_(sa)
+                return x.add_(y.float(), alpha=b) if b is not None else x.addcmul_(y.float(), sb)
             out = sa * x.float() + sb * y.float()
             return x.copy_(out) if inplace else out.to(x.dtype)
         return scaled_add

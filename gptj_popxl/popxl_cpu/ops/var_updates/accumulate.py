@@ -77,8 +77,8 @@ Accumulate = _var_update("accumulate", lambda t, x, f: t + f * x)
 AccumulateSquare = _var_update("accumulate_square", lambda t, x, f: t + f * x * x)
 AccumulateMean = _var_update("accumulate_mean", lambda t, x, step: step / (step + 1) * t + x / (step + 1))
 # The moving averages write ``f * t + (1 - f) * x (* x)`` into ``t`` (the accumulator, or its float32
-# copy), with the same roundings and one full-size temporary.
-AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: t.mul_(f).add_(x * (1 - f)))
+# copy), with at most one full-size temporary.
+AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: t.mul_(f).addcmul_(x, 1 - f))
 AccumulateMovingAverageSquare = _var_update("accumulate_moving_average_square",
                                             lambda t, x, f: t.mul_(f).add_((x * (1 - f)).mul_(x)))
 AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t * f, num_full=1)

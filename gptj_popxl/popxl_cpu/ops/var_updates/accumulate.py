@@ -81,7 +81,7 @@ AccumulateMean = _var_update("accumulate_mean", lambda t, x, step: step / (step 
 AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: t.mul_(f).addcmul_(x, 1 - f))
 AccumulateMovingAverageSquare = _var_update("accumulate_moving_average_square",
                                             lambda t, x, f: t.mul_(f).add_((x * (1 - f)).mul_(x)))
-AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t * f, num_full=1)
+AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t.mul_(f), num_full=1)
 AccumulatorZero = _var_update("accumulator_zero", torch.zeros_like, num_full=1)
 CopyVarUpdate = _var_update("copy_var_update", lambda t, x: x)
 Increment = _var_update("increment", lambda t: t + 1, num_full=1)

@@ -37,6 +37,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# Elements per replica in one block of a large variable update.
+_BLOCK = 1 << 16
+
+
 class VarUpdate(Primitive):
     """``t <- formula(t, *full, *scalars)`` in place.
 
@@ -60,11 +64,22 @@ class VarUpdate(Primitive):
         rank, num_full, formula = op.inputs[0].rank, cls.num_full, cls.formula
         dtype = compute_dtype(op.inputs[0].dtype.as_torch())
 
-        def update(t, *others):
-            full = [t.to(dtype)] + [x.to(dtype) for x in others[:num_full - 1]]
-            scalars = [s.reshape((s.shape[0],) + (1,) * rank).to(dtype) for s in others[num_full - 1:]]
-            out = formula(*full, *scalars)
+        def apply(t, full, scalars):
+            out = formula(t.to(dtype), *(x.to(dtype) for x in full), *scalars)
             return t if out is t else t.copy_(out)
+
+        def update(t, *others):
+            full, scalars = others[:num_full - 1], others[num_full - 1:]
+            if t[0].numel() <= _BLOCK or not all(x.is_contiguous() for x in (t, *full)):
+                return apply(t, full, [s.reshape((s.shape[0],) + (1,) * rank).to(dtype) for s in scalars])
+            # Elementwise, so block by block gives the same values, and the formula's temporaries
+            # stay in cache instead of being fresh tensors of t's size.
+            replicas = t.shape[0]
+            blocks = [x.view(replicas, -1).split(_BLOCK, dim=1) for x in (t, *full)]
+            scalars = [s.reshape(replicas, 1).to(dtype) for s in scalars]
+            for t_block, *full_blocks in zip(*blocks):
+                apply(t_block, full_blocks, scalars)
+            return t
         return update
 
 

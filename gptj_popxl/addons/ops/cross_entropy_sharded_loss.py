@@ -11,6 +11,9 @@ _REDUCTIONS = ("mean", "sum", "none")
 if IS_CPU:
     import torch
 
+    # Logits per block of the forward kernel's exponentials.
+    _BLOCK = 1 << 18
+
     def _label_columns(logits, indices):
         """Each row's label clamped into this shard, and whether it really lies in this shard."""
         idx = indices.long()
@@ -30,7 +33,10 @@ if IS_CPU:
         @staticmethod
         def kernel(logits, indices, shift):
             column, in_shard = _label_columns(logits, indices)
-            total = torch.exp(logits - shift.unsqueeze(-1)).sum(-1)
+            # A few rows at a time, so that the exponentials are never one large fresh tensor.
+            rows = max(1, _BLOCK // logits.shape[-1])
+            total = torch.cat([torch.sub(x, m.unsqueeze(-1)).exp_().sum(-1)
+                               for x, m in zip(logits.split(rows, dim=-2), shift.split(rows, dim=-1))], dim=-1)
             picked = torch.gather(logits, -1, column).squeeze(-1) - shift
             return total, torch.where(in_shard, picked, 0.0)
 

@@ -266,3 +266,12 @@ def test_axis_errors_name_the_tensor():
         build_error(lambda x: ops.softmax(x, 2), spec((3, 4)))
     with pytest.raises(ValueError, match=r"axis -3 is out of range for rank 2 of 'x' \(3, 4\)"):
         build_error(lambda x: ops.sum(x, [0, -3]), spec((3, 4)))
+
+
+@pytest.mark.parametrize("replication", [1, 2])
+def test_sumsquare_of_a_large_tensor_matches_numpy(replication):
+    # Above the block size of the CPU kernel's whole-tensor path.
+    x = np.random.default_rng(0).standard_normal((2, 3, 100_000)).astype(np.float32)
+    (got,), _ = run_graph(ops.sumsquare, x if replication > 1 else x[0], replication=replication)
+    want = np.sum(x.astype(np.float64) ** 2, axis=(1, 2))
+    np.testing.assert_allclose(got, want if replication > 1 else want[0], rtol=1e-6)

@@ -36,10 +36,13 @@ ACCUMULATORS = [
 ]
 
 
+# The large shape goes through the CPU kernels' block-by-block path (more than one block, and a partial one).
+@pytest.mark.parametrize("shape", [(3, 4), (3, 30000)])
 @pytest.mark.parametrize("tensor_factor", [False, True])
 @pytest.mark.parametrize("name, formula, f", ACCUMULATORS)
-def test_accumulators(name, formula, f, tensor_factor):
+def test_accumulators(name, formula, f, tensor_factor, shape):
     ir = popxl.Ir()
+    T, X = (RNG.normal(size=shape).astype(np.float32) for _ in range(2))
     with ir.main_graph:
         t, x = popxl.variable(T, name="t"), popxl.variable(X, name="x")
         factor = popxl.variable(np.float32(f), name="f") if tensor_factor and f is not None else f
@@ -47,7 +50,8 @@ def test_accumulators(name, formula, f, tensor_factor):
         out = getattr(V, name)(t, x, *args)
         assert out.shape == t.shape
         (got,) = values_after(ir, [t])
-    np.testing.assert_allclose(got, formula(T, X, f), rtol=1e-6)
+    # atol: the reference rounds (1 - f) in float64, which shows where f * t and (1 - f) * x nearly cancel.
+    np.testing.assert_allclose(got, formula(T, X, f), rtol=1e-6, atol=1e-6)
 
 
 def test_accumulate_square_default_factor_and_mixed_precision():

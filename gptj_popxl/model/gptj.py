@@ -162,7 +162,8 @@ class GPTJ:
         loss = float(np.asarray(out.pop("loss")).reshape(-1)[0])  # identical on every replica
         ours = self._to_layout({name: np.asarray(g, dtype=np.float32) for name, g in out.items()},
                                program.variables.to_dict())
-        return loss, popxl_to_hf(ours, self.config, self.tensor_parallel)
+        # The run's outputs are ours to hand over: contiguous gradients need no copy.
+        return loss, popxl_to_hf(ours, self.config, self.tensor_parallel, copy=False)
 
     def generate(self, input_ids, **options) -> np.ndarray:
         """Generate as transformers' ``GPTJForCausalLM.generate``, with a KV cache.

@@ -110,7 +110,8 @@ def hf_to_popxl(
     return out
 
 
-def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int) -> Dict[str, np.ndarray]:
+def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int,
+                copy: bool = True) -> Dict[str, np.ndarray]:
     """Convert arrays in our layout back to HF GPT-J names and shapes (inverse of ``hf_to_popxl``).
 
     Padding entries are dropped whatever their values, so this also turns gradients
@@ -120,9 +121,11 @@ def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int) -
         params: our name -> array, shaped as in ``popxl_param_shapes(config, tp)``.
         config: the model's config.
         tp: tensor-parallel degree ``params`` were sharded for.
+        copy: False when the caller hands ``params`` over: results already C-contiguous may then
+            be views of them instead of copies.
 
     Returns:
-        HF parameter name -> new C-contiguous array (dtype unchanged), in ``hf_param_names`` order.
+        HF parameter name -> C-contiguous array (dtype unchanged), in ``hf_param_names`` order.
 
     Raises:
         ValueError: a tensor is missing, unexpected, wrongly shaped or not floating point.
@@ -132,7 +135,7 @@ def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int) -
     for hf_prefix, prefix, maps in _phases(config, tp):
         for m in maps:
             for name, a in zip(m.hf_shapes, m.to_hf(p[prefix + m.name])):
-                out[hf_prefix + name] = np.array(a, order="C")
+                out[hf_prefix + name] = np.array(a, order="C") if copy else np.ascontiguousarray(a)
     return out
 
 

@@ -71,7 +71,9 @@ class Sharded:
 
     def to_hf(self, a: np.ndarray) -> Tuple[np.ndarray, ...]:
         size = self._stored[self.axis]
-        joined = unshard(a, self.axis)[(slice(None),) * self.axis + (slice(size),)]
+        # One shard is already the whole array: no concatenation copy.
+        joined = a[0] if self.tp == 1 else unshard(a, self.axis)
+        joined = joined[(slice(None),) * self.axis + (slice(size),)]
         return (joined.T if self.transpose else joined,)
 
 

@@ -158,7 +158,7 @@ def _global_norm_squared(grads: Mapping[str, popxl.Tensor], sharded: Mapping[str
     zero = popxl.constant(0.0, popxl.float32, name="zero")
     totals = {True: zero, False: zero}
     for name, g in grads.items():
-        totals[sharded[name]] = totals[sharded[name]] + ops.sum(g * g)
+        totals[sharded[name]] = totals[sharded[name]] + ops.sumsquare(g)
     across_shards = totals[True]
     if groups.tp > 1:
         across_shards = ops.collectives.replicated_all_reduce(across_shards, "add", groups.tp_group)
@@ -247,7 +247,9 @@ def build_training_step(config: GPTJConfig, execution: ExecutionConfig, weights:
                 replica_grouping=w.replica_grouping)
             first[name] = _state_like(w, "first_order." + name)
             second[name] = _state_like(w, "second_order." + name)
-            updated = adamw(master[name], first[name], second[name], grads[name] * grad_factor, scalars, constants,
+            # Scaled in place: the gradient is not needed unscaled any more.
+            grad = ops.var_updates.accumulator_scale_(grads[name], grad_factor)
+            updated = adamw(master[name], first[name], second[name], grad, scalars, constants,
                             decays(name), finite if constants.skip_nonfinite else None)
             for target, value in zip((master[name], first[name], second[name]), updated):
                 if value is not target:

@@ -3,10 +3,73 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ...backend import ops, popxl
+from ...backend import IS_CPU, custom_op, ops, popxl
 from .replicated_all_reduce_TP import replicated_all_reduce_identical_grad_inputs
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+if IS_CPU:
+    import torch
+
+    # Logits per block of the forward kernel's exponentials.
+    _BLOCK = 1 << 18
+
+    def _label_columns(logits, indices):
+        """Each row's label clamped into this shard, and whether it really lies in this shard."""
+        idx = indices.long()
+        in_shard = (idx >= 0) & (idx < logits.shape[-1])
+        return idx.clamp(0, logits.shape[-1] - 1).unsqueeze(-1), in_shard
+
+    class ShardSoftmaxTerms(custom_op.CustomOp):
+        """``(sum(exp(x - m)), x[label] - m)`` per row of one shard, each in one pass over the logits
+        (a label outside the shard picks 0). Gradient: :class:`ShardSoftmaxTermsGrad`; none for ``m``."""
+        name = "shard_softmax_terms"
+
+        @staticmethod
+        def infer(logits, indices, shift):
+            row = custom_op.spec(logits.shape[:1], logits.dtype)
+            return row, row
+
+        @staticmethod
+        def kernel(logits, indices, shift):
+            column, in_shard = _label_columns(logits, indices)
+            # A few rows at a time, so that the exponentials are never one large fresh tensor.
+            rows = max(1, _BLOCK // logits.shape[-1])
+            total = torch.cat([torch.sub(x, m.unsqueeze(-1)).exp_().sum(-1)
+                               for x, m in zip(logits.split(rows, dim=-2), shift.split(rows, dim=-1))], dim=-1)
+            picked = torch.gather(logits, -1, column).squeeze(-1) - shift
+            return total, torch.where(in_shard, picked, 0.0)
+
+        @staticmethod
+        def grad(g):
+            dtotal, dpicked = g.dys
+            return [ShardSoftmaxTermsGrad.create(g.x(0), g.x(1), g.x(2), dtotal, dpicked), None, None]
+
+    class ShardSoftmaxTermsGrad(custom_op.CustomOp):
+        """``dtotal * exp(x - m) + dpicked * onehot(label)``: the logits' gradient of ShardSoftmaxTerms,
+        written into one buffer."""
+        name = "shard_softmax_terms_grad"
+
+        @staticmethod
+        def infer(logits, indices, shift, dtotal, dpicked):
+            return logits.spec
+
+        @staticmethod
+        def kernel(logits, indices, shift, dtotal, dpicked):
+            column, in_shard = _label_columns(logits, indices)
+            dx = torch.sub(logits, shift.unsqueeze(-1)).exp_().mul_(dtotal.unsqueeze(-1))
+            return dx.scatter_add_(-1, column, torch.where(in_shard, dpicked, 0.0).unsqueeze(-1))
+
+    def _softmax_terms(logits, indices, shift):
+        return ShardSoftmaxTerms.create(logits, indices, shift, name=logits.name + "_softmax_terms")
+else:
+    def _softmax_terms(logits, indices, shift):
+        shifted = logits - shift.reshape((-1, 1))
+        # One-hot by comparison with the class ids: out-of-range indices (other shards' classes) match nothing.
+        classes = logits.shape[1]
+        class_ids = popxl.constant(np.arange(classes, dtype=np.int32).reshape(1, classes), popxl.int32, "class_ids")
+        onehot = ops.cast(ops.equal(ops.cast(indices, popxl.int32).reshape((-1, 1)), class_ids), logits.dtype)
+        return ops.sum(ops.exp(shifted), axis=1), ops.sum(shifted * onehot, axis=1)
 
 
 def cross_entropy_sharded_loss(logits: popxl.Tensor, indices: popxl.Tensor,
@@ -38,15 +101,11 @@ def cross_entropy_sharded_loss(logits: popxl.Tensor, indices: popxl.Tensor,
         raise TypeError(f"cross_entropy_sharded_loss: indices '{indices.name}' must be integers, got "
                         f"{indices.dtype.name}")
     group = replica_grouping
-    classes = logits.shape[1]
     # Detached after the all-reduce, so autodiff never reaches the max reduction (which has no gradient).
     shift = ops.detach(ops.collectives.replicated_all_reduce(ops.max(logits, axis=1), "max", group))
-    shifted = logits - shift.reshape((-1, 1))
-    denominator = replicated_all_reduce_identical_grad_inputs(ops.sum(ops.exp(shifted), axis=1), "add", group)
-    # One-hot by comparison with the class ids: out-of-range indices (other shards' classes) match nothing.
-    class_ids = popxl.constant(np.arange(classes, dtype=np.int32).reshape(1, classes), popxl.int32, "class_ids")
-    onehot = ops.cast(ops.equal(ops.cast(indices, popxl.int32).reshape((-1, 1)), class_ids), logits.dtype)
-    picked = replicated_all_reduce_identical_grad_inputs(ops.sum(shifted * onehot, axis=1), "add", group)
+    total, picked = _softmax_terms(logits, indices, shift)
+    denominator = replicated_all_reduce_identical_grad_inputs(total, "add", group)
+    picked = replicated_all_reduce_identical_grad_inputs(picked, "add", group)
     loss = ops.log(denominator) - picked
     if ignore_index is None:
         if reduction == "mean":

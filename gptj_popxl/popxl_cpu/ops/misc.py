@@ -84,7 +84,12 @@ class ScaledAdd(Primitive):
 
         def scaled_add(x, y, *scales):
             tensors = list(scales)
-            out = scale(a, tensors) * x.float() + scale(b, tensors) * y.float()
+            sa, sb = scale(a, tensors), scale(b, tensors)
+            if inplace and x.dtype == torch.float32:
+                # Written into x: no full-size temporary.
+                x = x if a == 1.0 else x.mul_(sa)
+                return x.add_(y.float(), alpha=b) if b is not None else x.addcmul_(y.float(), sb)
+            out = sa * x.float() + sb * y.float()
             return x.copy_(out) if inplace else out.to(x.dtype)
         return scaled_add
 

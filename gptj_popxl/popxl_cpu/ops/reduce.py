@@ -119,9 +119,21 @@ class ReduceProd(Reduce):
         return [div(mul(_expand_back(g, g.dy), _expand_back(g, g.y(0))), g.x(0))]
 
 
+# Elements per block of a whole-tensor sum of squares: the squares of a block stay in cache.
+_SQUARES_BLOCK = 1 << 18
+
+
 class ReduceSumSquare(Reduce):
     name = "sumsquare"
-    fn = staticmethod(lambda x, axes, keepdims: torch.sum(x * x, axes, keepdim=keepdims))
+
+    @staticmethod
+    def fn(x, axes, keepdims):
+        if keepdims or sorted(axes) != list(range(1, x.dim())) or x[0].numel() <= _SQUARES_BLOCK:
+            return torch.sum(x * x, axes, keepdim=keepdims)
+        # A whole replica's tensor (e.g. a gradient, for its norm): summed block by block, so that
+        # no tensor of all the squares is made.
+        flat = x.reshape(x.shape[0], -1)
+        return torch.stack([torch.sum(block * block, 1) for block in flat.split(_SQUARES_BLOCK, dim=1)]).sum(0)
 
     @staticmethod
     def grad(g):

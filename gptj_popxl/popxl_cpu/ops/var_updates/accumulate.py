@@ -37,11 +37,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# Elements per replica in one block of a large variable update.
+_BLOCK = 1 << 16
+
+
 class VarUpdate(Primitive):
     """``t <- formula(t, *full, *scalars)`` in place.
 
     ``full`` inputs (``num_full`` of them, ``t`` first) have ``t``'s shape; the rest are scalar
-    factors, broadcast over ``t``.
+    factors, broadcast over ``t``. ``formula`` may write into its first value (``t`` or its float32
+    copy) and return it.
     """
     modifies = (0,)
     num_full = 2
@@ -59,10 +64,22 @@ class VarUpdate(Primitive):
         rank, num_full, formula = op.inputs[0].rank, cls.num_full, cls.formula
         dtype = compute_dtype(op.inputs[0].dtype.as_torch())
 
+        def apply(t, full, scalars):
+            out = formula(t.to(dtype), *(x.to(dtype) for x in full), *scalars)
+            return t if out is t else t.copy_(out)
+
         def update(t, *others):
-            full = [t.to(dtype)] + [x.to(dtype) for x in others[:num_full - 1]]
-            scalars = [s.reshape((s.shape[0],) + (1,) * rank).to(dtype) for s in others[num_full - 1:]]
-            return t.copy_(formula(*full, *scalars))
+            full, scalars = others[:num_full - 1], others[num_full - 1:]
+            if t[0].numel() <= _BLOCK or not all(x.is_contiguous() for x in (t, *full)):
+                return apply(t, full, [s.reshape((s.shape[0],) + (1,) * rank).to(dtype) for s in scalars])
+            # Elementwise, so block by block gives the same values, and the formula's temporaries
+            # stay in cache instead of being fresh tensors of t's size.
+            replicas = t.shape[0]
+            blocks = [x.view(replicas, -1).split(_BLOCK, dim=1) for x in (t, *full)]
+            scalars = [s.reshape(replicas, 1).to(dtype) for s in scalars]
+            for t_block, *full_blocks in zip(*blocks):
+                apply(t_block, full_blocks, scalars)
+            return t
         return update
 
 
@@ -74,10 +91,12 @@ def _var_update(name: str, formula, num_full: int = 2):
 Accumulate = _var_update("accumulate", lambda t, x, f: t + f * x)
 AccumulateSquare = _var_update("accumulate_square", lambda t, x, f: t + f * x * x)
 AccumulateMean = _var_update("accumulate_mean", lambda t, x, step: step / (step + 1) * t + x / (step + 1))
-AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: f * t + (1 - f) * x)
+# The moving averages write ``f * t + (1 - f) * x (* x)`` into ``t`` (the accumulator, or its float32
+# copy), with at most one full-size temporary.
+AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: t.mul_(f).addcmul_(x, 1 - f))
 AccumulateMovingAverageSquare = _var_update("accumulate_moving_average_square",
-                                            lambda t, x, f: f * t + (1 - f) * x * x)
-AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t * f, num_full=1)
+                                            lambda t, x, f: t.mul_(f).add_((x * (1 - f)).mul_(x)))
+AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t.mul_(f), num_full=1)
 AccumulatorZero = _var_update("accumulator_zero", torch.zeros_like, num_full=1)
 CopyVarUpdate = _var_update("copy_var_update", lambda t, x: x)
 Increment = _var_update("increment", lambda t: t + 1, num_full=1)

@@ -46,7 +46,9 @@ class AdamUpdater(Primitive):
                 m = m / (1 - beta1 ** step)
                 if not adamax:
                     v = v / (1 - scalar(rest.pop(0)) ** step)
-            x = m / (v + eps) if adamax else m / (torch.sqrt(v) + eps)
+            # The denominator is a fresh tensor: the quotient is written into it.
+            denominator = v + eps if adamax else torch.sqrt(v).add_(eps)
+            x = torch.div(m, denominator, out=denominator)
             if decay:
                 x = x + wd * w
             return x.to(out_dtype)

@@ -89,6 +89,59 @@ def test_remote_load_with_tensor_offsets_per_replica():
             session.run({offsets: np.array([1, 3], np.uint32)})
 
 
+@pytest.mark.parametrize("R", [1, 2])
+def test_loaded_values_keep_their_value_when_the_buffer_changes(R):
+    """Loads may read the buffer's memory in place: a later store, an in-place update of the loaded
+    value, a called graph's store or the next run must not show through the values already loaded."""
+    ir = popxl.Ir(replication=R)
+    data = np.arange(2 * 3, dtype=np.float32).reshape(2, 3)
+    with ir.main_graph, popxl.in_sequence(True):
+        buffer = popxl.remote_buffer((2, 3), F32, entries=2)
+        v = popxl.remote_variable(data, buffer, 0, name="v")
+        popxl.remote_variable(data * 10, buffer, 1, name="w")
+
+        def overwrite(x):
+            ops.remote_store(buffer, 0, x)
+
+        overwrite_graph = ir.create_graph(overwrite, popxl.TensorSpec((2, 3), F32))
+
+        def load_overwrite_use():
+            x = ops.remote_load(buffer, 0)
+            ops.call(overwrite_graph, x * 0.0 + 7.0)
+            return x + 0.0
+
+        load_graph = ir.create_graph(load_overwrite_use)
+        counter = popxl.remote_buffer((), F32)
+        popxl.remote_variable(np.float32(3), counter, 0, name="counter")
+        load_counter_graph = ir.create_graph(lambda: ops.remote_load(counter, 0))
+        start = store(ops.remote_load(buffer, 0), "start")
+        count, = ops.call(load_counter_graph)
+        ops.remote_store(counter, 0, count + 1.0)
+        count = store(count + 0.0, "count")
+        before_store = ops.remote_load(buffer, 0)
+        ops.remote_store(buffer, 0, before_store + 1.0)      # entry 0: data + 1
+        kept = store(before_store, "kept")                   # still data
+        updated = ops.remote_load(buffer, 1)
+        ops.var_updates.accumulate_(updated, updated)        # in place on the loaded value only
+        doubled = store(updated, "doubled")
+        untouched = store(ops.remote_load(buffer, 1), "entry1")
+        from_call = store(*ops.call(load_graph), "from_call")  # data + 1, then entry 0 becomes 7
+        last = store(ops.remote_load(buffer, 0), "last")
+    with popxl.Session(ir) as session:
+        first = session.run()
+        second = session.run()
+        reps = (R, 2, 3) if R > 1 else (2, 3)
+        for n, (run, base) in enumerate(((first, data), (second, np.full((2, 3), 7.0, np.float32)))):
+            np.testing.assert_array_equal(run[start], np.broadcast_to(base, reps))
+            np.testing.assert_array_equal(run[count], np.full((R,) * (R > 1), 3.0 + n, np.float32))
+            np.testing.assert_array_equal(run[kept], np.broadcast_to(base, reps))
+            np.testing.assert_array_equal(run[doubled], np.broadcast_to(data * 20, reps))
+            np.testing.assert_array_equal(run[untouched], np.broadcast_to(data * 10, reps))
+            np.testing.assert_array_equal(run[from_call], np.broadcast_to(base + 1, reps))
+            np.testing.assert_array_equal(run[last], np.full(reps, 7.0, np.float32))
+        np.testing.assert_array_equal(session.get_tensor_data(v), np.full((2, 3), 7.0, np.float32))
+
+
 def test_remote_errors_name_the_buffer():
     ir = popxl.Ir(replication=2)
     with ir.main_graph:

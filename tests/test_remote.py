@@ -127,6 +127,11 @@ def test_loaded_values_keep_their_value_when_the_buffer_changes(R):
         untouched = store(ops.remote_load(buffer, 1), "entry1")
         from_call = store(*ops.call(load_graph), "from_call")  # data + 1, then entry 0 becomes 7
         last = store(ops.remote_load(buffer, 0), "last")
+        entry1 = popxl.constant(1, popxl.uint32, "entry1")
+        stored_back = ops.remote_load(buffer, entry1)
+        ops.var_updates.accumulate_(stored_back, stored_back)
+        ops.remote_store(buffer, entry1, stored_back)        # entry 1 doubles every run
+        after_store_back = store(ops.remote_load(buffer, 1), "after_store_back")
     with popxl.Session(ir) as session:
         first = session.run()
         second = session.run()
@@ -135,11 +140,35 @@ def test_loaded_values_keep_their_value_when_the_buffer_changes(R):
             np.testing.assert_array_equal(run[start], np.broadcast_to(base, reps))
             np.testing.assert_array_equal(run[count], np.full((R,) * (R > 1), 3.0 + n, np.float32))
             np.testing.assert_array_equal(run[kept], np.broadcast_to(base, reps))
-            np.testing.assert_array_equal(run[doubled], np.broadcast_to(data * 20, reps))
-            np.testing.assert_array_equal(run[untouched], np.broadcast_to(data * 10, reps))
+            entry1_before = data * 10 * 2 ** n
+            np.testing.assert_array_equal(run[doubled], np.broadcast_to(entry1_before * 2, reps))
+            np.testing.assert_array_equal(run[untouched], np.broadcast_to(entry1_before, reps))
+            np.testing.assert_array_equal(run[after_store_back], np.broadcast_to(entry1_before * 2, reps))
             np.testing.assert_array_equal(run[from_call], np.broadcast_to(base + 1, reps))
             np.testing.assert_array_equal(run[last], np.full(reps, 7.0, np.float32))
         np.testing.assert_array_equal(session.get_tensor_data(v), np.full((2, 3), 7.0, np.float32))
+
+
+def test_loaded_values_updated_in_place_reach_only_the_entry_stored():
+    ir = popxl.Ir()
+    a, b = np.float32([1, 2]), np.float32([3, 5])
+    with ir.main_graph, popxl.in_sequence(True):
+        buffer = popxl.remote_buffer((2,), F32, entries=2)
+        vs = [popxl.remote_variable(d, buffer, i, name=f"v{i}") for i, d in enumerate((a, b))]
+        moved = ops.remote_load(buffer, 1)
+        ops.var_updates.accumulate_(moved, moved)
+        ops.remote_store(buffer, 0, moved)                   # entry 0: 2b; entry 1 keeps b
+        entry1 = popxl.constant(1, popxl.uint32, "entry1")
+        kept = ops.remote_load(buffer, entry1)
+        ops.var_updates.accumulate_(kept, kept)
+        ops.remote_store(buffer, entry1, kept)              # entry 1: 2b
+        ops.var_updates.accumulate_(kept, kept)              # after the store: not in the buffer
+        out = store(kept, "kept")
+    with popxl.Session(ir) as session:
+        np.testing.assert_array_equal(session.run()[out], 4 * b)
+        got = session.get_tensors_data(vs)
+        np.testing.assert_array_equal(got[vs[0]], 2 * b)
+        np.testing.assert_array_equal(got[vs[1]], 2 * b)
 
 
 def test_remote_errors_name_the_buffer():

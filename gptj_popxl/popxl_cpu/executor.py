@@ -6,8 +6,8 @@ aliasing statically: out-of-place view kernels are made to copy where an in-plac
 storage would otherwise show through them, a subgraph's inputs are copied at a call site when the
 subgraph writes them but the call does not pass them by reference, and subgraph outputs that share
 storage with an input are copied on return. A remote load's value is a view of the buffer's memory
-unless the graph writes it, returns it, or may store to that buffer while it is still in use; then it
-is a copy (``_remote_loads_to_copy``).
+unless the graph returns it, may store to that buffer while it is in use, or writes it (except to store
+it back where it came from); then it is a copy (``_remote_loads_to_copy``).
 
 Lowering applies one pattern rewrite (``ops.nn.bias_matmul_fusions``): a matmul whose only use is a
 bias add has no step of its own; the add's step computes both (``addmm``) from the matmul's inputs.
@@ -17,6 +17,7 @@ from typing import Dict, List
 import torch
 
 from .ops.nn import bias_matmul_fusions
+from .remote_buffer import RemoteBuffer
 from .tensor import Constant, Tensor
 
 
@@ -158,26 +159,33 @@ class Plan:
         return [vals[s].clone() if c else vals[s] for s, c in zip(self.out_slots, self.copy_out)]
 
 
-def _stored_buffers(graph, memo) -> frozenset:
-    """Ids of the remote buffers that ``graph``, or a graph it calls, writes."""
-    if graph not in memo:
-        memo[graph] = frozenset()  # graphs cannot recurse; this only stops a loop before lowering says so
-        memo[graph] = frozenset().union(*(_stored_buffers_of(op, memo) for op in graph._ops))
-    return memo[graph]
+def _graph_buffers(graph, memo, writes: bool) -> frozenset:
+    """Ids of the remote buffers that ``graph``, or a graph it calls, writes (``writes``) or uses."""
+    key = (graph, writes)
+    if key not in memo:
+        memo[key] = frozenset()  # graphs cannot recurse; this only stops a loop before lowering says so
+        memo[key] = frozenset().union(*(_op_buffers(op, memo, writes) for op in graph._ops))
+    return memo[key]
 
 
-def _stored_buffers_of(op, memo) -> frozenset:
-    """Ids of the remote buffers that ``op``, or a graph it calls, writes."""
-    ids = {op.attrs["buffer"].remote_buffer_id} if op.prim.writes_remote else set()
+def _op_buffers(op, memo, writes: bool) -> frozenset:
+    """Ids of the remote buffers that ``op``, or a graph it calls, writes (``writes``) or uses."""
+    buffer = op.attrs.get("buffer")
+    ids = set()
+    if isinstance(buffer, RemoteBuffer) and (op.prim.writes_remote or not writes):
+        ids.add(buffer.remote_buffer_id)
     for called in op.called_graphs:
-        ids |= _stored_buffers(called, memo)
+        ids |= _graph_buffers(called, memo, writes)
     return frozenset(ids)
 
 
 def _remote_loads_to_copy(graph, classes, written, fused, absorbed) -> set:
-    """The remote loads of ``graph`` whose value must be a copy rather than a view of the buffer: it is
-    written in place, is a graph output (the caller may hold it across stores), or an op from the load
-    to the value's last use may store to the buffer (a store that is that last use reads it first)."""
+    """The remote loads of ``graph`` whose value must be a copy rather than the buffer's memory: it is a
+    graph output (the caller may hold it across stores), it is in use when an op may store to its
+    buffer (a store that is the value's last use reads it before it writes), or it is written in place
+    and not then stored back to the same entry (the same offset tensor) by the next op that uses the
+    buffer, after its last use. A value stored back may as well be updated in the buffer itself: the
+    store finds it already there."""
     ops = [op for op in graph._ops if op not in absorbed]
     last_use: Dict[str, int] = {}
     for k, op in enumerate(ops):
@@ -185,17 +193,25 @@ def _remote_loads_to_copy(graph, classes, written, fused, absorbed) -> set:
             last_use[classes.find(t.id)] = k
     outputs = {classes.find(t.id) for t in graph._outputs}
     memo = {}
-    copy = set()
+    copied = set()
     for k, op in enumerate(ops):
         if not op.prim.views_remote:
             continue
         c, buffer = classes.find(op.outputs[0].id), op.attrs["buffer"].remote_buffer_id
         end = last_use.get(c, k)
-        if c in written or c in outputs or any(
-                buffer in _stored_buffers_of(ops[j], memo) and (j < end or not ops[j].prim.writes_remote)
-                for j in range(k + 1, end + 1)):
-            copy.add(op)
-    return copy
+        if c in outputs:
+            copied.add(op)
+        elif c in written:
+            offset = op.inputs[0]
+            back = next((j for j in range(k + 1, len(ops)) if buffer in _op_buffers(ops[j], memo, False)), None)
+            if not (back is not None and back >= end and ops[back].prim.writes_remote
+                    and ops[back].inputs[0] is offset and classes.find(offset.id) not in written
+                    and classes.find(ops[back].inputs[1].id) == c):
+                copied.add(op)
+        elif any(buffer in _op_buffers(ops[j], memo, True) and (j < end or not ops[j].prim.writes_remote)
+                 for j in range(k + 1, end + 1)):
+            copied.add(op)
+    return copied
 
 
 def _copying_inputs(fn, indices):

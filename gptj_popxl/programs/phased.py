@@ -196,7 +196,9 @@ class _Builder:
             full = {k: v[0] if stage.shard_group[k] is None else ops.collectives.replicated_all_gather(
                 v[0], group=stage.shard_group[k], output_shape="concat").reshape(weights[k].shape)
                 for k, v in new.items()}
-            stage.store("weights", entry, {k: ops.cast(v, weights[k].dtype) for k, v in full.items()})
+            # No cast where the dtypes match: the runtime can then update the weights in their buffer.
+            stage.store("weights", entry, {k: v if v.dtype == weights[k].dtype else ops.cast(v, weights[k].dtype)
+                                           for k, v in full.items()})
         return graph
 
 

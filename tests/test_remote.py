@@ -89,6 +89,88 @@ def test_remote_load_with_tensor_offsets_per_replica():
             session.run({offsets: np.array([1, 3], np.uint32)})
 
 
+@pytest.mark.parametrize("R", [1, 2])
+def test_loaded_values_keep_their_value_when_the_buffer_changes(R):
+    """Loads may read the buffer's memory in place: a later store, an in-place update of the loaded
+    value, a called graph's store or the next run must not show through the values already loaded."""
+    ir = popxl.Ir(replication=R)
+    data = np.arange(2 * 3, dtype=np.float32).reshape(2, 3)
+    with ir.main_graph, popxl.in_sequence(True):
+        buffer = popxl.remote_buffer((2, 3), F32, entries=2)
+        v = popxl.remote_variable(data, buffer, 0, name="v")
+        popxl.remote_variable(data * 10, buffer, 1, name="w")
+
+        def overwrite(x):
+            ops.remote_store(buffer, 0, x)
+
+        overwrite_graph = ir.create_graph(overwrite, popxl.TensorSpec((2, 3), F32))
+
+        def load_overwrite_use():
+            x = ops.remote_load(buffer, 0)
+            ops.call(overwrite_graph, x * 0.0 + 7.0)
+            return x + 0.0
+
+        load_graph = ir.create_graph(load_overwrite_use)
+        counter = popxl.remote_buffer((), F32)
+        popxl.remote_variable(np.float32(3), counter, 0, name="counter")
+        load_counter_graph = ir.create_graph(lambda: ops.remote_load(counter, 0))
+        start = store(ops.remote_load(buffer, 0), "start")
+        count, = ops.call(load_counter_graph)
+        ops.remote_store(counter, 0, count + 1.0)
+        count = store(count + 0.0, "count")
+        before_store = ops.remote_load(buffer, 0)
+        ops.remote_store(buffer, 0, before_store + 1.0)      # entry 0: data + 1
+        kept = store(before_store, "kept")                   # still data
+        updated = ops.remote_load(buffer, 1)
+        ops.var_updates.accumulate_(updated, updated)        # in place on the loaded value only
+        doubled = store(updated, "doubled")
+        untouched = store(ops.remote_load(buffer, 1), "entry1")
+        from_call = store(*ops.call(load_graph), "from_call")  # data + 1, then entry 0 becomes 7
+        last = store(ops.remote_load(buffer, 0), "last")
+        entry1 = popxl.constant(1, popxl.uint32, "entry1")
+        stored_back = ops.remote_load(buffer, entry1)
+        ops.var_updates.accumulate_(stored_back, stored_back)
+        ops.remote_store(buffer, entry1, stored_back)        # entry 1 doubles every run
+        after_store_back = store(ops.remote_load(buffer, 1), "after_store_back")
+    with popxl.Session(ir) as session:
+        first = session.run()
+        second = session.run()
+        reps = (R, 2, 3) if R > 1 else (2, 3)
+        for n, (run, base) in enumerate(((first, data), (second, np.full((2, 3), 7.0, np.float32)))):
+            np.testing.assert_array_equal(run[start], np.broadcast_to(base, reps))
+            np.testing.assert_array_equal(run[count], np.full((R,) * (R > 1), 3.0 + n, np.float32))
+            np.testing.assert_array_equal(run[kept], np.broadcast_to(base, reps))
+            entry1_before = data * 10 * 2 ** n
+            np.testing.assert_array_equal(run[doubled], np.broadcast_to(entry1_before * 2, reps))
+            np.testing.assert_array_equal(run[untouched], np.broadcast_to(entry1_before, reps))
+            np.testing.assert_array_equal(run[after_store_back], np.broadcast_to(entry1_before * 2, reps))
+            np.testing.assert_array_equal(run[from_call], np.broadcast_to(base + 1, reps))
+            np.testing.assert_array_equal(run[last], np.full(reps, 7.0, np.float32))
+        np.testing.assert_array_equal(session.get_tensor_data(v), np.full((2, 3), 7.0, np.float32))
+
+
+def test_loaded_values_updated_in_place_reach_only_the_entry_stored():
+    ir = popxl.Ir()
+    a, b = np.float32([1, 2]), np.float32([3, 5])
+    with ir.main_graph, popxl.in_sequence(True):
+        buffer = popxl.remote_buffer((2,), F32, entries=2)
+        vs = [popxl.remote_variable(d, buffer, i, name=f"v{i}") for i, d in enumerate((a, b))]
+        moved = ops.remote_load(buffer, 1)
+        ops.var_updates.accumulate_(moved, moved)
+        ops.remote_store(buffer, 0, moved)                   # entry 0: 2b; entry 1 keeps b
+        entry1 = popxl.constant(1, popxl.uint32, "entry1")
+        kept = ops.remote_load(buffer, entry1)
+        ops.var_updates.accumulate_(kept, kept)
+        ops.remote_store(buffer, entry1, kept)              # entry 1: 2b
+        ops.var_updates.accumulate_(kept, kept)              # after the store: not in the buffer
+        out = store(kept, "kept")
+    with popxl.Session(ir) as session:
+        np.testing.assert_array_equal(session.run()[out], 4 * b)
+        got = session.get_tensors_data(vs)
+        np.testing.assert_array_equal(got[vs[0]], 2 * b)
+        np.testing.assert_array_equal(got[vs[1]], 2 * b)
+
+
 def test_remote_errors_name_the_buffer():
     ir = popxl.Ir(replication=2)
     with ir.main_graph:

@@ -65,6 +65,8 @@ Phased execution (``transforms``, ``rts``)
     io modes 'compute' / 'io' / 'io_overlapped' give the same values.
     ``recompute_graph(grad)``: a gradient graph recomputing the forward from its inputs (expected
     inputs: output gradients and forward inputs only); ``add_recompute_inputs(info)``.
+    ``recompute_graph_with_forward_outputs(grad)`` (ours): the same, the recomputed forward's outputs
+    returned after the gradients.
     ``remap_grad_info(info, forward_graph, backward_graph)``: connections moved by position.
     ``transforms.repeat_graph(graph, n)``: the graph's ops moved into a loop run n times (CPU only;
     on the SDK use popxl-addons'). ``set_(graph_)available_memory_proportion_by_ipu``: recorded only.
@@ -161,7 +163,7 @@ from .streams import InputStreams, OutputStreams
 from .task_session import TaskSession
 from .transforms import (AccumulatingGradGraphInfo, BatchSerialResult, RemoteHandle, add_recompute_inputs, autodiff,
                          autodiff_with_accumulation, batch_serial_buffer, batch_serialise, batch_serialise_fwd_and_grad,
-                         recompute_graph, remap_grad_info, set_available_memory_proportion_by_ipu,
+                         recompute_graph, recompute_graph_with_forward_outputs, remap_grad_info, set_available_memory_proportion_by_ipu,
                          set_graph_available_memory_proportion_by_ipu)
 from .variable_factory import (NamedVariableFactories, VariableFactory, add_replica_sharded_variable_input,
                                add_variable_input)

@@ -5,7 +5,9 @@ slots, slots to free)``; running a plan walks no graph and infers no shapes. Low
 aliasing statically: out-of-place view kernels are made to copy where an in-place op of the same
 storage would otherwise show through them, a subgraph's inputs are copied at a call site when the
 subgraph writes them but the call does not pass them by reference, and subgraph outputs that share
-storage with an input are copied on return.
+storage with an input are copied on return. A remote load's value is a view of the buffer's memory
+unless the graph returns it, may store to that buffer while it is in use, or writes it (except to store
+it back where it came from); then it is a copy (``_remote_loads_to_copy``).
 
 Lowering applies one pattern rewrite (``ops.nn.bias_matmul_fusions``): a matmul whose only use is a
 bias add has no step of its own; the add's step computes both (``addmm``) from the matmul's inputs.
@@ -15,6 +17,7 @@ from typing import Dict, List
 import torch
 
 from .ops.nn import bias_matmul_fusions
+from .remote_buffer import RemoteBuffer
 from .tensor import Constant, Tensor
 
 
@@ -61,12 +64,18 @@ class Plan:
             if op.prim.view and op.inputs and classes.find(op.outputs[0].id) in written:
                 copied.add(op)
         classes, written = _storage_classes(graph, copied)
+        fused, absorbed = bias_matmul_fusions(graph, runtime.replicas)
+        copied_loads = _remote_loads_to_copy(graph, classes, written, fused, absorbed)
+        copied |= copied_loads
+        remote_views = {classes.find(op.outputs[0].id) for op in graph._ops
+                        if op.prim.views_remote and op not in copied_loads}
         self.written_inputs = frozenset(i for i, t in enumerate(graph._inputs) if classes.find(t.id) in written)
         input_classes = {classes.find(t.id) for t in graph._inputs}
 
         # Storage that nothing changes once computed: main-graph activations no op writes that share
         # no storage with a variable, constant or input. A host may keep such values as they are.
-        changing = written | {classes.find(t.id) for t in graph._tensors.values() if t._producer is None}
+        changing = written | remote_views | {classes.find(t.id) for t in graph._tensors.values()
+                                             if t._producer is None}
         unchanging = set() if graph is not graph.ir.main_graph else {
             classes.find(t.id) for t in graph._tensors.values() if t._producer is not None} - changing
 
@@ -80,7 +89,6 @@ class Plan:
         self.in_slots = tuple(slot_of(t) for t in graph._inputs)
         init: Dict[int, torch.Tensor] = {}
         steps = []
-        fused, absorbed = bias_matmul_fusions(graph, runtime.replicas)
         for op in graph._ops:
             if op in absorbed:
                 continue
@@ -149,6 +157,61 @@ class Plan:
             for s in frees:
                 vals[s] = None
         return [vals[s].clone() if c else vals[s] for s, c in zip(self.out_slots, self.copy_out)]
+
+
+def _graph_buffers(graph, memo, writes: bool) -> frozenset:
+    """Ids of the remote buffers that ``graph``, or a graph it calls, writes (``writes``) or uses."""
+    key = (graph, writes)
+    if key not in memo:
+        memo[key] = frozenset()  # graphs cannot recurse; this only stops a loop before lowering says so
+        memo[key] = frozenset().union(*(_op_buffers(op, memo, writes) for op in graph._ops))
+    return memo[key]
+
+
+def _op_buffers(op, memo, writes: bool) -> frozenset:
+    """Ids of the remote buffers that ``op``, or a graph it calls, writes (``writes``) or uses."""
+    buffer = op.attrs.get("buffer")
+    ids = set()
+    if isinstance(buffer, RemoteBuffer) and (op.prim.writes_remote or not writes):
+        ids.add(buffer.remote_buffer_id)
+    for called in op.called_graphs:
+        ids |= _graph_buffers(called, memo, writes)
+    return frozenset(ids)
+
+
+def _remote_loads_to_copy(graph, classes, written, fused, absorbed) -> set:
+    """The remote loads of ``graph`` whose value must be a copy rather than the buffer's memory: it is a
+    graph output (the caller may hold it across stores), it is in use when an op may store to its
+    buffer (a store that is the value's last use reads it before it writes), or it is written in place
+    and not then stored back to the same entry (the same offset tensor) by the next op that uses the
+    buffer, after its last use. A value stored back may as well be updated in the buffer itself: the
+    store finds it already there."""
+    ops = [op for op in graph._ops if op not in absorbed]
+    last_use: Dict[str, int] = {}
+    for k, op in enumerate(ops):
+        for t in fused.get(op, (None, op.inputs))[1]:
+            last_use[classes.find(t.id)] = k
+    outputs = {classes.find(t.id) for t in graph._outputs}
+    memo = {}
+    copied = set()
+    for k, op in enumerate(ops):
+        if not op.prim.views_remote:
+            continue
+        c, buffer = classes.find(op.outputs[0].id), op.attrs["buffer"].remote_buffer_id
+        end = last_use.get(c, k)
+        if c in outputs:
+            copied.add(op)
+        elif c in written:
+            offset = op.inputs[0]
+            back = next((j for j in range(k + 1, len(ops)) if buffer in _op_buffers(ops[j], memo, False)), None)
+            if not (back is not None and back >= end and ops[back].prim.writes_remote
+                    and ops[back].inputs[0] is offset and classes.find(offset.id) not in written
+                    and classes.find(ops[back].inputs[1].id) == c):
+                copied.add(op)
+        elif any(buffer in _op_buffers(ops[j], memo, True) and (j < end or not ops[j].prim.writes_remote)
+                 for j in range(k + 1, end + 1)):
+            copied.add(op)
+    return copied
 
 
 def _copying_inputs(fn, indices):

@@ -68,6 +68,10 @@ class Primitive:
     retains: Tuple[int, ...] = ()
     alias: bool = False
     moves_unsigned: bool = False
+    # Remote buffer access (``op.attrs["buffer"]``): the output may be a view of the buffer's memory
+    # (lowering copies it where that could show a later change), or the op writes the buffer.
+    views_remote: bool = False
+    writes_remote: bool = False
     grad = None
 
     @staticmethod

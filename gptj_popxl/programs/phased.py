@@ -5,7 +5,8 @@ Phases, in order (as Graphcore's GPT-J app runs them):
 
 1. embedding forward;
 2. decoder forward, layer 0 to L-1 (one graph, called with the layer index);
-3. head: ``ln_f``, LM head and loss forward, then its backward (one phase: the weights load once);
+3. head: ``ln_f``, LM head and loss forward and backward, in one loop (its gradient's recomputed
+   forward gives the loss);
 4. decoder backward, layer L-1 to 0, recomputing the layer's forward from its stored input;
 5. embedding backward;
 6. optimizer: embedding, each decoder layer, head.
@@ -140,11 +141,9 @@ class _Builder:
         self.micro = popxl.TensorSpec((ex.micro_batch_size, seq), popxl.int32)
         self.hidden = popxl.TensorSpec((ex.micro_batch_size, seq, config.n_embd), ex.popxl_dtype)
 
-    def backward_phase(self, name: str, stage: _Stage, bwd: addons.BatchSerialResult, accum_facts, named_extra,
-                       forward: Optional[addons.BatchSerialResult] = None):
+    def backward_phase(self, name: str, stage: _Stage, bwd: addons.BatchSerialResult, accum_facts, named_extra):
         """A graph (layer index) -> the gradients' sums of squares per ``NORM_GROUPS``: loads the weights,
-        runs the ``forward`` loop when given (the head's phase), zeroes the accumulators, runs the backward
-        loop, then reduces (reduce-scatters where the optimizer state is sharded), unscales and stores the
+        zeroes the accumulators, runs the backward loop, then reduces (reduce-scatters where the optimizer state is sharded), unscales and stores the
         gradients, still scaled by the loss scale and averaged over the micro-batches (the optimizer's
         factor undoes both). Its other inputs: the tensors of ``named_extra``."""
         graph = self.ir.create_empty_graph(name)
@@ -152,8 +151,6 @@ class _Builder:
             entry = popxl.graph_input((), popxl.int32, "layer")
             extra = {k: popxl.graph_input(t.shape, t.dtype, k) for k, t in named_extra.items()}
             weights = stage.load("weights", entry)
-            if forward is not None:
-                forward.graph.bind(addons.NamedTensors.from_dict({**weights, **extra})).call(entry)
             accums = accum_facts.init_zero()
             bwd.graph.bind(addons.NamedTensors.from_dict({**weights, **extra, **accums.to_dict()})).call(entry)
             squares = {group: popxl.constant(0.0, F32, "zero") for group in NORM_GROUPS}
@@ -196,7 +193,9 @@ class _Builder:
             full = {k: v[0] if stage.shard_group[k] is None else ops.collectives.replicated_all_gather(
                 v[0], group=stage.shard_group[k], output_shape="concat").reshape(weights[k].shape)
                 for k, v in new.items()}
-            stage.store("weights", entry, {k: ops.cast(v, weights[k].dtype) for k, v in full.items()})
+            # No cast where the dtypes match: the runtime can then update the weights in their buffer.
+            stage.store("weights", entry, {k: v if v.dtype == weights[k].dtype else ops.cast(v, weights[k].dtype)
+                                           for k, v in full.items()})
         return graph
 
 
@@ -240,10 +239,13 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
         head_facts, head_fwd = LMHeadLoss(config, b.groups).create_graph(b.hidden, offset, b.micro,
                                                                          scalars["loss_weight"])
         grads = {}
+        # The head's phase runs only its (recomputing) gradient loop, which also returns the loss.
         for key, fwd, required in (("emb", emb_fwd, []), ("dec", dec_fwd, [dec_fwd.graph.inputs[0]]),
                                    ("head", head_fwd, [head_fwd.graph.inputs[0]])):
             accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors, grads_required=required)
-            grads[key] = (accum_facts, addons.recompute_graph(bwd))
+            recompute = addons.recompute_graph_with_forward_outputs if key == "head" else addons.recompute_graph
+            grads[key] = (accum_facts, recompute(bwd))
+        head_loss = grads["head"][1].graph.outputs[len(grads["head"][1].grad_graph_info.expected_outputs)]
         _with_args(emb_fwd, {"shard_offset": emb_fwd.graph.inputs[1]})
         _with_args(dec_fwd, {"positions": dec_fwd.graph.inputs[1]})
         _with_args(head_fwd, {"shard_offset": head_fwd.graph.inputs[1], "loss_weight": head_fwd.graph.inputs[3]})
@@ -273,12 +275,12 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
             store_streams={}, store_buffers={dec_fwd.graph.outputs[0]: x_at(1),
                                              grads["dec"][1].graph.outputs[0]: dx_at(0)},
             rows=L, io_mode="compute")
-        head_fwd_bs, head_bwd_bs = T.batch_serialise_fwd_and_grad(
+        _, head_bwd_bs = T.batch_serialise_fwd_and_grad(
             head_fwd, grads["head"][1], head_fwd.args, S,
             load_handles={head_fwd.graph.inputs[0]: x_at(L),
                           head_fwd.graph.inputs[2]: labels_handle,
                           _grad_input(grads["head"][1]): T.RemoteHandle(seed_buffer, None)},
-            store_streams={}, store_buffers={head_fwd.graph.outputs[0]: T.RemoteHandle(loss_buffer, None),
+            store_streams={}, store_buffers={head_loss: T.RemoteHandle(loss_buffer, None),
                                              grads["head"][1].graph.outputs[0]: dx_at(L)},
             io_mode="compute")
 
@@ -304,14 +306,14 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
 
         squares = []
 
-        def run_backward(name, key, bwd_bs, entries, fwd_bs=None):
-            graph = b.backward_phase(name, stages[key], bwd_bs, grads[key][0], extras[key], fwd_bs)
+        def run_backward(name, key, bwd_bs, entries):
+            graph = b.backward_phase(name, stages[key], bwd_bs, grads[key][0], extras[key])
             for n in entries:
                 squares.append(ops.call(graph, popxl.constant(n, popxl.int32, f"{name}_{n}"), *extras[key].values()))
 
         run_forward("embedding_fwd", "emb", emb_fwd_bs, [0])
         run_forward("decoder_fwd", "dec", dec_fwd_bs, range(L))
-        run_backward("head", "head", head_bwd_bs, [0], head_fwd_bs)
+        run_backward("head", "head", head_bwd_bs, [0])
         run_backward("decoder_bwd", "dec", dec_bwd_bs, reversed(range(L)))
         run_backward("embedding_bwd", "emb", emb_bwd_bs, [0])
 

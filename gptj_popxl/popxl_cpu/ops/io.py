@@ -103,9 +103,22 @@ def _entry_lookup(buffer: RemoteBuffer, what: str):
     return entry
 
 
+def _uniform_entry(entry):
+    """The entry of an offset value as an int when every replica reads the same one, else indices."""
+    def uniform(offset: torch.Tensor):
+        index = entry(offset)
+        first = int(index[0])
+        return first if len(index) == 1 or bool((index == first).all()) else index
+    return uniform
+
+
 class RemoteLoad(Primitive):
+    """Reads one entry. The value is a view of the buffer's memory (lowering copies it where a later
+    write could show through, ``executor``); the memory report still counts it as a tensor on the
+    device, which is where an IPU holds it."""
     name = "remote_load"
     moves_unsigned = True
+    views_remote = True
 
     @staticmethod
     def infer(offset, buffer):
@@ -114,14 +127,19 @@ class RemoteLoad(Primitive):
     @classmethod
     def lower(cls, op, runtime):
         buffer = op.attrs["buffer"]
-        store, entry = runtime.remote[buffer.remote_buffer_id], _entry_lookup(buffer, "remote_load")
+        store, entry = runtime.remote[buffer.remote_buffer_id], _uniform_entry(_entry_lookup(buffer, "remote_load"))
         replicas = torch.arange(runtime.replicas)
-        return lambda offset: store[replicas, entry(offset)]
+
+        def remote_load(offset):
+            index = entry(offset)
+            return store[:, index] if isinstance(index, int) else store[replicas, index]
+        return remote_load
 
 
 class RemoteLoadInplace(RemoteLoad):
     name = "remote_load_"
     modifies = (1,)
+    views_remote = False
 
     @staticmethod
     def infer(offset, t, buffer):
@@ -137,6 +155,7 @@ class RemoteLoadInplace(RemoteLoad):
 class RemoteStore(Primitive):
     name = "remote_store"
     moves_unsigned = True
+    writes_remote = True
 
     @staticmethod
     def infer(offset, t, buffer):
@@ -146,11 +165,18 @@ class RemoteStore(Primitive):
     @classmethod
     def lower(cls, op, runtime):
         buffer = op.attrs["buffer"]
-        store, entry = runtime.remote[buffer.remote_buffer_id], _entry_lookup(buffer, "remote_store")
+        store, entry = runtime.remote[buffer.remote_buffer_id], _uniform_entry(_entry_lookup(buffer, "remote_store"))
         replicas = torch.arange(runtime.replicas)
 
         def remote_store(offset, t):
-            store[replicas, entry(offset)] = t
+            index = entry(offset)
+            if not isinstance(index, int):
+                store[replicas, index] = t
+                return
+            slot = store[:, index]
+            # A value loaded from this very entry (a view of it) is already there.
+            if not (slot.data_ptr() == t.data_ptr() and slot.stride() == t.stride()):
+                slot.copy_(t)
         return remote_store
 
 

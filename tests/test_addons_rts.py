@@ -6,6 +6,7 @@ zero-padded value; replica r holds the shard at its position within its shard gr
 """
 import numpy as np
 import pytest
+from test_collectives import run
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
@@ -28,18 +29,6 @@ def flat_shard(x, k, n_shards):
 
 def groupings(ir):
     return {"dp": ir.replica_grouping(stride=2, group_size=2), "all": ir.replica_grouping()}
-
-
-def run(ir, feeds, outputs):
-    """Host-stores ``outputs`` (main graph tensors) and runs once; returns per-replica arrays."""
-    with ir.main_graph:
-        streams = []
-        for i, t in enumerate(outputs):
-            streams.append(popxl.d2h_stream(t.shape, t.dtype, name=f"out{i}"))
-            ops.host_store(streams[-1], t)
-    with popxl.Session(ir) as session:
-        out = session.run(feeds)
-    return [out[s].reshape((R,) + t.shape) for s, t in zip(streams, outputs)]
 
 
 def test_replica_sharded_spec():

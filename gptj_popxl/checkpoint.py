@@ -6,6 +6,7 @@ into place, so a crash or an exception never leaves a half-written file or
 checkpoint at the target path.
 """
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -90,3 +91,19 @@ def atomic_directory(path: PathLike) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(file: str, missing: str):
+    """The JSON value in ``file``.
+
+    Raises:
+        FileNotFoundError: there is no ``file`` (with the message ``missing``).
+        ValueError: the file is not valid JSON.
+    """
+    if not os.path.isfile(file):
+        raise FileNotFoundError(missing)
+    with open(file, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} is not valid JSON: {e}") from None

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import safetensors.numpy
 
-from gptj_popxl.checkpoint import PathLike, atomic_directory
+from gptj_popxl.checkpoint import PathLike, atomic_directory, read_json
 from gptj_popxl.model.config import GPTJConfig, is_positive_int
 from gptj_popxl.model.gptj import GPTJ, _check_ids, load_weights
 from gptj_popxl.model.hf_mapping import popxl_to_hf, write_hf_files
@@ -309,13 +309,7 @@ class Trainer:
             ValueError: the state is unreadable or of another format.
         """
         file = os.path.join(os.fspath(directory), TRAINER_STATE_FILE)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no {TRAINER_STATE_FILE} in {os.fspath(directory)}: not a Trainer checkpoint")
-        with open(file, encoding="utf-8") as f:
-            try:
-                state = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file} is not valid JSON: {e}") from None
+        state = read_json(file, f"no {TRAINER_STATE_FILE} in {os.fspath(directory)}: not a Trainer checkpoint")
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"{file}: unknown trainer state format (expected format {STATE_FORMAT})")
         trainer = cls(directory, TrainingConfig(**state["training_config"]))

@@ -1,8 +1,9 @@
 """GPT-J model hyper-parameters and their tensor-parallel layout."""
 import dataclasses
-import json
 import os
 from typing import Any, Dict, Mapping, Optional, Union
+
+from gptj_popxl.checkpoint import read_json
 
 _SUPPORTED_ACTIVATION = "gelu_new"
 
@@ -116,13 +117,7 @@ class GPTJConfig:
             ValueError: the file is not valid JSON or not a valid GPT-J config.
         """
         file = os.path.join(os.fspath(path), "config.json")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no config.json in checkpoint directory {os.fspath(path)}")
-        with open(file, encoding="utf-8") as f:
-            try:
-                hf = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file} is not valid JSON: {e}") from e
+        hf = read_json(file, f"no config.json in checkpoint directory {os.fspath(path)}")
         if not isinstance(hf, dict):
             raise ValueError(f"{file} must hold a JSON object, got {type(hf).__name__}")
         try:

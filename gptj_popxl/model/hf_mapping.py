@@ -168,9 +168,12 @@ def _read_torch(file: str) -> Dict[str, np.ndarray]:
     return {name: _to_numpy(t, name, file) for name, t in sd.items()}
 
 
-def _read_sharded(index_path: str, read: Callable[[str], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    """Read the shards an HF ``*.index.json`` names, each with ``read``."""
-    directory = os.path.dirname(index_path)
+def _read_weight_map(index_path: str) -> Dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of an HF ``*.index.json``.
+
+    Raises:
+        ValueError: the index is not valid, or names a shard outside its directory.
+    """
     try:
         with open(index_path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
@@ -178,11 +181,19 @@ def _read_sharded(index_path: str, read: Callable[[str], Dict[str, np.ndarray]])
         raise ValueError(f"{index_path} is not a valid checkpoint index (needs a 'weight_map'): {e}") from e
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path}: 'weight_map' must map tensor names to shard files")
-    shard_files = sorted(set(weight_map.values()))
-    for shard_file in shard_files:
+    for shard_file in sorted(set(weight_map.values())):
         # Shards live next to the index; refuse paths that would read elsewhere.
         if os.path.basename(shard_file) != shard_file:
             raise ValueError(f"{index_path} names shard {shard_file!r}, which is not a plain file name")
+    return weight_map
+
+
+def _read_sharded(index_path: str, read: Callable[[str], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Read the shards an HF ``*.index.json`` names, each with ``read``."""
+    directory = os.path.dirname(index_path)
+    weight_map = _read_weight_map(index_path)
+    shard_files = sorted(set(weight_map.values()))
+    for shard_file in shard_files:
         if not os.path.isfile(os.path.join(directory, shard_file)):
             raise FileNotFoundError(f"shard {shard_file} named in {index_path} does not exist")
     tensors: Dict[str, np.ndarray] = {}
@@ -325,14 +336,7 @@ def lazy_hf_checkpoint(path: PathLike):
             raise ValueError(f"could not read safetensors file {single}: {e}") from e
         weight_map = dict.fromkeys(names, SAFETENSORS_FILE)
     elif os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid checkpoint index (needs a 'weight_map'): {e}") from e
-        bad = [f for f in set(weight_map.values()) if os.path.basename(f) != f]
-        if bad:
-            raise ValueError(f"{index} names shard {bad[0]!r}, which is not a plain file name")
+        weight_map = _read_weight_map(index)
     else:
         return None
     return LazyHFCheckpoint(directory, {k: v for k, v in weight_map.items() if not k.endswith(_BUFFER_SUFFIXES)})

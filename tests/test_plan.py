@@ -140,5 +140,8 @@ def test_phased_activations_are_sliced_over_tensor_parallel():
     ex = ExecutionConfig(tensor_parallel=tp, gradient_accumulation=steps, phased=True)
     step = build_phased_training_step(config, ex, shape_only_weights(config, tp), seq,
                                       OptimizerConstants(0.9, 0.999, 1e-6, 0.0, 1.0, False), attach=False)
-    activations = step.memory_report().remote_bytes["activations"]
-    assert activations == 2 * (m.n_layer + 1) * steps * seq * m.n_embd * 4 // tp
+    remote = step.memory_report().remote_bytes
+    assert remote["activations"] == 2 * (m.n_layer + 1) * steps * seq * m.n_embd * 4 // tp
+    # Every buffer has a kind; "io": each micro-batch's input ids and labels, its loss seed and its loss.
+    assert set(remote) == {"io", "activations", "weights", "optimizer", "gradients"}
+    assert remote["io"] == steps * (2 * seq * 4 + 2 * 4)

@@ -352,8 +352,7 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
     buffer_kinds = {b.remote_buffer_id: kinds[kind] for st in stages.values() for kind, bufs in st.buffers.items()
                     for b in bufs.values()}
     buffer_kinds.update({b.remote_buffer_id: "activations" for b in (x_buffer, dx_buffer)})
-    for b in ir._remote_buffers:
-        buffer_kinds.setdefault(b.remote_buffer_id, "io")
+    buffer_kinds.update({b.remote_buffer_id: "io" for b in (*token_buffers.values(), seed_buffer, loss_buffer)})
     return TrainingProgram(ir, attached_session(ir) if attach else None, ex, merged("weights"), merged("master"),
                            merged("first_order"), merged("second_order"), streams, outputs,
                            popxl_param_shapes(config, ex.tensor_parallel), buffer_kinds)

@@ -1,8 +1,9 @@
 """``gptj-popxl plan``: a named config's device-memory plan, from shapes alone.
 
-The training step (phased or resident, as the settings say) and the inference forward (logits of
-one micro-batch at the training sequence length) are built as popxl programs whose variables hold
-no data (``programs.common.shape_only_weights``) and that get no session: nothing is allocated on
+The training step (phased or resident, as the settings say), the inference forward (logits of
+one micro-batch at the training sequence length) and the generation programs (``generate``'s
+prefill and decode, with the KV cache, see :func:`generation_plan`) are built as popxl programs
+whose variables hold no data (``programs.common.shape_only_weights``) and that get no session: nothing is allocated on
 a device and nothing executes. (Making a session would lower each graph into a plan of kernels,
 which allocates every variable and remote buffer of every replica; the analysis instead walks the
 graphs with the lowering's storage classes, see ``popxl_cpu.memory``.)
@@ -20,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from gptj_popxl.configs import ConfigError, config_names, field_names, load_config
-from gptj_popxl.model.config import GPTJConfig
+from gptj_popxl.model.config import GPTJConfig, is_positive_int
 
 # An IPU's In-Processor Memory: a GC200 has 900 MB (taken as 900 * 10**6 bytes).
 GC200_MEMORY_BYTES = 900 * 10 ** 6
@@ -81,12 +82,17 @@ class _Counter:
         if name in COLLECTIVES:
             # A "local" reduce-scatter (replica_sharded_slice) only slices the replica's own value.
             return 0, 0 if op.attrs.get("op") == "local" else _bytes(op.inputs[0])
-        times = op.attrs.get("repeat_count", 1) if name == "repeat" else 1
+        times = self.runs(op)
         flops = sent = 0
         for g in op.called_graphs:
             f, s = self.of_graph(g)
             flops, sent = flops + times * f, sent + times * s
         return flops, sent
+
+    @staticmethod
+    def runs(op) -> int:
+        """How many times ``op`` runs its called graphs."""
+        return op.attrs.get("repeat_count", 1) if op.prim.name == "repeat" else 1
 
     def of_graph(self, graph) -> tuple:
         if graph not in self.memo:
@@ -106,16 +112,68 @@ def program_plan(name: str, ir, report) -> ProgramPlan:
         merged.peak_device_bytes = max(merged.peak_device_bytes, p.peak_bytes)
     main = PhasePlan("main", report.main_peak_bytes, 0, 0)
     for op in ir.main_graph._ops:
-        graphs = op.called_graphs
+        graphs, times = op.called_graphs, counter.runs(op)
         for phase, (flops, sent) in ([(phases[g.name], counter.of_graph(g)) for g in graphs] if graphs
                                      else [(main, counter.of_op(op))]):
-            phase.flops += flops
-            phase.collective_bytes += sent
+            phase.flops += times * flops
+            phase.collective_bytes += times * sent
     listed = list(phases.values())
     if main.flops or main.collective_bytes or not listed:
         listed.append(main)
     return ProgramPlan(name, report.peak_device_bytes, sum(report.remote_bytes.values()),
                        sum(report.resident_bytes.values()), sum(p.flops for p in listed), listed)
+
+
+def generation_plan(config: GPTJConfig, execution, weights, batch: int, max_new_tokens: int) -> Dict[str, Any]:
+    """The plan of ``generate``'s programs for ``batch`` prompts of ``n_positions - max_new_tokens``
+    tokens: the prefill of the prompts (at their bucketed length, as ``generate`` pads them) and
+    one run of the decode, ``chunk`` new tokens per row over the KV cache of ``cache_length``
+    columns, both as ``generate`` compiles them (greedy, tensor parallel as ``execution``, no data
+    parallel). With ``execution.phased`` the decoder layers are offloaded (``--offload``): their
+    weights stay in remote buffers and are loaded one layer at a time, as the phased training step
+    does; otherwise they are resident. Per program and replica: its peak, remote bytes, KV-cache
+    bytes (the prefill's keys and values out, the decode's cache variables), matmul FLOPs per run
+    and per token, and the bytes its collectives send per run.
+
+    Raises:
+        ValueError: ``batch`` or ``max_new_tokens`` out of range.
+    """
+    from gptj_popxl.generation import decode_chunking, prompt_bucket
+    from gptj_popxl.model.gptj import GPTJ
+    from gptj_popxl.popxl_cpu.memory import memory_report, tensor_bytes
+    from gptj_popxl.programs.execution import ExecutionConfig
+    from gptj_popxl.programs.generation import build_decode, build_prefill
+
+    seq = config.n_positions
+    if not is_positive_int(batch):
+        raise ValueError(f"generate_batch must be an integer >= 1, got {batch!r}")
+    if not (is_positive_int(max_new_tokens) and 2 <= max_new_tokens < seq):
+        raise ValueError(f"max_new_tokens must be an integer in [2, {seq - 1}] (the sequence length {seq} holds the "
+                         f"prompt and the new tokens), got {max_new_tokens!r}")
+    prompt = prompt_bucket(seq - max_new_tokens, seq)
+    chunk, runs = decode_chunking(max_new_tokens - 1)  # the prefill makes the first new token
+    cache_len = prompt + runs * chunk  # as ``generation.Slots``
+    model = GPTJ(config, weights, execution=ExecutionConfig(tensor_parallel=execution.tensor_parallel,
+                                                            dtype=execution.dtype), offload=execution.phased)
+    prefill = build_prefill(model, batch, prompt, None, attach=False)
+    decode = build_decode(model, batch, prompt, cache_len, chunk, None, attach=False)
+    kv_out = sum(tensor_bytes(s) for name, s in prefill.outputs.items() if name[:2] in ("k.", "v."))
+
+    def entry(name, program, tokens, kv_bytes):
+        plan = program_plan(name, program.ir, memory_report(program.ir))
+        return {"peak_device_bytes_per_replica": plan.peak_device_bytes,
+                "remote_bytes_per_replica": plan.remote_bytes,
+                "kv_cache_bytes_per_replica": kv_bytes,
+                "fits": plan.peak_device_bytes < GC200_MEMORY_BYTES,
+                "tokens_per_run": tokens,
+                "flops_per_replica": plan.flops,
+                "flops_per_token_per_replica": plan.flops / tokens,
+                "collective_bytes_per_replica": sum(p.collective_bytes for p in plan.phases)}
+
+    return {"batch": batch, "prompt_length": prompt, "max_new_tokens": max_new_tokens, "decode_chunk": chunk,
+            "cache_length": cache_len, "offload": execution.phased,
+            "prefill": entry("prefill", prefill, batch * prompt, kv_out),
+            "decode": entry("decode", decode, batch * chunk, sum(tensor_bytes(v) for v in decode.cache))}
 
 
 def settings_of(name: str, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -134,8 +192,11 @@ def settings_of(name: str, overrides: Optional[Dict[str, Any]] = None) -> Dict[s
     return settings
 
 
-def make_plan(name: str, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The plan of config ``name`` (see the module docstring) as a JSON-ready dict.
+def make_plan(name: str, overrides: Optional[Dict[str, Any]] = None, *, generate_batch: Optional[int] = None,
+              max_new_tokens: Optional[int] = None) -> Dict[str, Any]:
+    """The plan of config ``name`` (see the module docstring) as a JSON-ready dict. Generation
+    (:func:`generation_plan`) is planned for ``generate_batch`` prompts (default: the micro-batch
+    size) and ``max_new_tokens`` (default: half the sequence length).
 
     Raises:
         ConfigError: an unknown config or field.
@@ -166,6 +227,8 @@ def make_plan(name: str, overrides: Optional[Dict[str, Any]] = None) -> Dict[str
     logits = build_logits(config, dataclasses.replace(ex, data_parallel=1, phased=False), weights,
                           ex.micro_batch_size, seq, attach=False)
     infer = program_plan("inference", logits.ir, memory_report(logits.ir))
+    generation = generation_plan(config, ex, weights, ex.micro_batch_size if generate_batch is None else generate_batch,
+                                 seq // 2 if max_new_tokens is None else max_new_tokens)
     peak_rate = GC200_PEAK_FLOPS[ex.dtype]
     return {
         "config": name,
@@ -195,6 +258,7 @@ def make_plan(name: str, overrides: Optional[Dict[str, Any]] = None) -> Dict[str
             "flops_per_replica": infer.flops,
             "phases": [dataclasses.asdict(p) for p in infer.phases],
         },
+        "generation": generation,
     }
 
 
@@ -230,6 +294,19 @@ def format_plan(plan: Dict[str, Any]) -> str:
     lines.append(f"inference forward (weights resident, one micro-batch): peak "
                  f"{_mb(inf['peak_device_bytes_per_replica'])} MB per replica: "
                  f"{'fits' if inf['fits'] else 'does NOT fit'}")
+    gen = plan["generation"]
+    lines += ["",
+              f"generation, per replica: {gen['batch']} prompt(s) of {gen['prompt_length']} tokens, "
+              f"{gen['max_new_tokens']} new tokens, {gen['decode_chunk']} per decode run over a "
+              f"{gen['cache_length']}-column KV cache; decoder layers "
+              f"{'offloaded (remote buffers)' if gen['offload'] else 'resident'}:",
+              f"{'program':<10}{'peak MB':>10}{'remote MB':>12}{'KV cache MB':>13}{'GFLOP/token':>13}"
+              f"{'collective MB/run':>19}  fits"]
+    for name in ("prefill", "decode"):
+        p = gen[name]
+        lines.append(f"{name:<10}{_mb(p['peak_device_bytes_per_replica']):>10}{_mb(p['remote_bytes_per_replica']):>12}"
+                     f"{_mb(p['kv_cache_bytes_per_replica']):>13}{p['flops_per_token_per_replica'] / 1e9:>13,.2f}"
+                     f"{_mb(p['collective_bytes_per_replica']):>19}  {'yes' if p['fits'] else 'NO'}")
     return "\n".join(lines)
 
 
@@ -247,6 +324,10 @@ def add_plan_parser(commands) -> None:
     p.add_argument("--dtype", choices=("float32", "float16"))
     p.add_argument("--attention-serialisation", type=int, metavar="N")
     p.add_argument("--micro-batch-size", type=int, metavar="N")
+    p.add_argument("--generate-batch", type=int, metavar="N",
+                   help="prompts the generation programs are planned for (default: the micro-batch size)")
+    p.add_argument("--max-new-tokens", type=int, metavar="N",
+                   help="new tokens per prompt; the prompt is the rest of the sequence (default: half of it)")
 
 
 def run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -254,7 +335,8 @@ def run_plan(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     overrides = {k: getattr(args, k) for k in ("phased", "dtype", "attention_serialisation", "micro_batch_size")
                  if getattr(args, k) is not None}
     try:
-        plan = make_plan(args.config, overrides)
+        plan = make_plan(args.config, overrides, generate_batch=args.generate_batch,
+                         max_new_tokens=args.max_new_tokens)
     except (ConfigError, ValueError) as e:
         parser.error(f"plan --config {args.config}: {e}")
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan))

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 
 from gptj_popxl.backend import popxl
 from gptj_popxl.cli import main
 from gptj_popxl.configs import load_config
-from gptj_popxl.plan import GC200_MEMORY_BYTES, make_plan, parameter_count
+from gptj_popxl.plan import GC200_MEMORY_BYTES, generation_plan, make_plan, parameter_count
 
 PLAN_FIELDS = ("parameters", "replicas", "tensor_parallel", "data_parallel", "peak_device_bytes_per_replica",
                "remote_bytes_per_replica", "device_memory_bytes_per_replica", "fits", "phases")
@@ -42,6 +43,13 @@ def test_plan_json_of_tiny(capsys):
     assert plan["peak_device_bytes_per_replica"] == max(p["peak_device_bytes"] for p in plan["phases"])
     assert plan["fits"] is True
     assert plan["remote_bytes_per_replica"] > 0
+    generation = plan["generation"]
+    assert generation["batch"] == ex.micro_batch_size
+    assert generation["max_new_tokens"] == named.training.sequence_length // 2
+    for program in ("prefill", "decode"):
+        for field in ("peak_device_bytes_per_replica", "remote_bytes_per_replica", "kv_cache_bytes_per_replica",
+                      "flops_per_token_per_replica", "collective_bytes_per_replica", "fits"):
+            assert field in generation[program], (program, field)
 
     # One replica's decoder forward, from the model's shapes: its four weight matmuls on its tensor
     # shard, plus scores and weighted values of its heads; then the two all-reduces of each layer's
@@ -94,6 +102,12 @@ def test_6b_configs_fit_a_gc200(name):
     assert plan["phased"] is True
     assert plan["fits"] is True
     assert plan["peak_device_bytes_per_replica"] < GC200_MEMORY_BYTES
+    generation = plan["generation"]
+    assert generation["offload"] is True
+    for program in ("prefill", "decode"):
+        assert generation[program]["fits"] is True
+    # Decoding keeps one layer's weights and the KV cache on the device: less than a training phase.
+    assert generation["decode"]["peak_device_bytes_per_replica"] < plan["peak_device_bytes_per_replica"]
 
 
 def test_bench_json_of_tiny(tmp_path, capsys):
@@ -145,3 +159,63 @@ def test_phased_activations_are_sliced_over_tensor_parallel():
     # Every buffer has a kind; "io": each micro-batch's input ids and labels, its loss seed and its loss.
     assert set(remote) == {"io", "activations", "weights", "optimizer", "gradients"}
     assert remote["io"] == steps * (2 * seq * 4 + 2 * 4)
+
+
+def _hf_meta_model(config, dtype):
+    """transformers' GPT-J of ``config`` on the meta device (shapes only), eager attention as ours."""
+    hf_config = transformers.GPTJConfig(vocab_size=config.vocab_size, n_embd=config.n_embd, n_layer=config.n_layer,
+                                        n_head=config.n_head, rotary_dim=config.rotary_dim,
+                                        n_positions=config.n_positions)
+    with torch.device("meta"):
+        return transformers.GPTJForCausalLM._from_config(hf_config, attn_implementation="eager", dtype=dtype)
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def test_generation_plan_matches_transformers_on_the_meta_device():
+    """KV-cache bytes and matmul FLOPs per token of the prefill and decode programs, per replica,
+    against transformers' model run on the meta device (its cache tensors and a FLOP counter), / tp."""
+    from gptj_popxl.programs.common import shape_only_weights
+    from gptj_popxl.programs.execution import ExecutionConfig
+
+    tp, batch, new_tokens = 2, 2, 6
+    config = load_config("tiny").gptj_config(n_positions=16)
+    ex = ExecutionConfig(tensor_parallel=tp, dtype="float16", phased=True)
+    plan = generation_plan(config, ex, shape_only_weights(config, tp), batch, new_tokens)
+    # 10 prompt tokens are padded to the next bucket (16); 5 decode steps (the prefill makes the first)
+    # in one run of 5, on 16 + 5 cache columns.
+    assert (plan["prompt_length"], plan["decode_chunk"], plan["cache_length"]) == (16, 5, 21)
+    prompt, cache_len = plan["prompt_length"], plan["cache_length"]
+    prefill, decode = plan["prefill"], plan["decode"]
+
+    hf = _hf_meta_model(config, torch.float16)
+    with torch.device("meta"):
+        with FlopCounterMode(display=False) as counter:
+            out = hf(torch.zeros((batch, prompt), dtype=torch.long), use_cache=True, logits_to_keep=1)
+        assert prefill["kv_cache_bytes_per_replica"] == _cache_bytes(out.past_key_values) // tp
+        assert prefill["flops_per_token_per_replica"] == counter.get_total_flops() / (batch * prompt * tp)
+
+        past = hf(torch.zeros((batch, cache_len - 1), dtype=torch.long), use_cache=True, logits_to_keep=1)
+        with FlopCounterMode(display=False) as counter:
+            out = hf(torch.zeros((batch, 1), dtype=torch.long), past_key_values=past.past_key_values, use_cache=True)
+        assert decode["kv_cache_bytes_per_replica"] == _cache_bytes(out.past_key_values) // tp
+        assert decode["flops_per_token_per_replica"] == counter.get_total_flops() / (batch * tp)
+    assert decode["tokens_per_run"] == batch * plan["decode_chunk"]
+    assert decode["flops_per_replica"] == decode["flops_per_token_per_replica"] * decode["tokens_per_run"]
+    # Offloaded: every decoder layer's weights are in remote buffers, 1 / tp of each on a replica.
+    e = config.n_embd
+    layer_weights = (2 * e + 4 * e * e + 2 * 4 * e * e + 4 * e + e) * 2  # float16 bytes
+    for program in (prefill, decode):
+        remote = program["remote_bytes_per_replica"]
+        assert config.n_layer * layer_weights // tp <= remote <= config.n_layer * layer_weights
+
+
+@pytest.mark.parametrize("option, value", [("--max-new-tokens", "1"), ("--max-new-tokens", "8"),
+                                           ("--generate-batch", "0")])
+def test_plan_refuses_bad_generation_options(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "--config", "tiny", option, value])
+    assert exit_info.value.code == 2
+    assert option[2:].replace("-", "_") in capsys.readouterr().err

@@ -216,14 +216,15 @@ def _d2h(streams: Dict[str, object], name: str, t: popxl.Tensor) -> None:
     ops.host_store(streams[name], t)
 
 
-def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], with_logits: bool = False
-                  ) -> GenerationProgram:
+def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], with_logits: bool = False,
+                  attach: bool = True) -> GenerationProgram:
     """Prefill of ``batch`` left-padded prompts of ``seq`` tokens.
 
     Inputs: ``input_ids``, ``positions`` (batch, seq) int32, ``mask`` (batch, 1, seq, seq)
     float32 additive, ``uniforms`` (batch, total) when sampling. Outputs: ``token`` (batch,)
     and ``k.{i}``/``v.{i}`` (batch, heads_per_shard, seq, head_dim) per layer and shard; with
-    ``with_logits`` also ``logits`` (batch, vocab_per_shard) float32 per shard.
+    ``with_logits`` also ``logits`` (batch, vocab_per_shard) float32 per shard. Without ``attach``
+    it has no session: a program to analyse (``gptj_popxl.plan``), not to run.
     """
     config, dtype = model.config, DTYPES[model.dtype]
     ir = popxl.Ir(replication=model.tensor_parallel)
@@ -246,12 +247,12 @@ def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], wit
             _d2h(outputs, "logits", kv.pop())
         for i, t in enumerate(kv):
             _d2h(outputs, f"{'kv'[i // config.n_layer]}.{i % config.n_layer}", t)
-    return GenerationProgram(ir, attached_session(ir), _weight_variables(resident, remote), inputs, outputs,
-                             model.weights_version)
+    return GenerationProgram(ir, attached_session(ir) if attach else None, _weight_variables(resident, remote),
+                             inputs, outputs, model.weights_version)
 
 
 def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int, sampling: Optional[Sampling],
-                 with_logits: bool = False) -> GenerationProgram:
+                 with_logits: bool = False, attach: bool = True) -> GenerationProgram:
     """Decode of ``batch`` rows, ``chunk`` tokens per run, over a ring of ``cache_len`` cache columns.
 
     Inputs: ``token``, ``position`` (batch, 1) int32; ``column`` (1,) int32, the column the first
@@ -262,7 +263,7 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
     right-aligned), written into the ``prompt_len`` cache columns from ``window`` (wrapping)
     before decoding; ``uniforms`` (chunk, batch, total) when sampling. Output: ``tokens``
     (batch, chunk), and with ``with_logits`` ``logits`` (batch, chunk, vocab_per_shard) float32
-    per shard.
+    per shard. Without ``attach`` it has no session (see ``build_prefill``).
     """
     config, dtype = model.config, DTYPES[model.dtype]
     tp = model.tensor_parallel
@@ -281,7 +282,8 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         for kind, shape, axis in (("k", (batch, heads, head_dim, cache_len), 3),
                                   ("v", (batch, heads, cache_len, head_dim), 2)):
             for i in range(config.n_layer):
-                zeros = np.zeros(((tp,) if tp > 1 else ()) + shape, dtype.as_numpy())
+                # One zero broadcast: a session gives the cache its storage, an analysed program none.
+                zeros = np.broadcast_to(np.zeros((), dtype.as_numpy()), ((tp,) if tp > 1 else ()) + shape)
                 var = popxl.variable(zeros, dtype, f"cache.{kind}.{i}", replica_grouping=groups.sharded)
                 fresh_shape = list(shape)
                 fresh_shape[axis] = prompt_len
@@ -311,6 +313,6 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         _d2h(outputs, "tokens", results[4])
         if with_logits:
             _d2h(outputs, "logits", results[6])
-    return GenerationProgram(ir, attached_session(ir), _weight_variables(variables, remote), inputs, outputs,
-                             model.weights_version, tuple(cache))
+    return GenerationProgram(ir, attached_session(ir) if attach else None, _weight_variables(variables, remote),
+                             inputs, outputs, model.weights_version, tuple(cache))
 

@@ -215,6 +215,53 @@ def test_recomputed_gradient_graph_needs_only_the_forward_inputs():
         assert info.graph is recomputed.graph and info.forward_graph is fwd.graph
 
 
+def test_recompute_graph_with_forward_outputs_equals_torch(rng):
+    """The recomputing gradient graph of ``tanh(x @ w + b)`` that also returns the forward, called on
+    two micro-batches with only their inputs and output gradients: its ``dx``, ``y`` and
+    ``x @ w + b`` per micro-batch and its accumulated (mean) ``dw``, ``db`` against torch autograd."""
+    xs, dys = (rng.normal(size=(2, B, H)).astype(np.float32) for _ in range(2))
+    w, b = rng.normal(size=(H, H)).astype(np.float32) * 0.5, rng.normal(size=(H,)).astype(np.float32) * 0.1
+    fwd_grad = popxl.transforms.ExpectedConnectionType.FwdGrad
+    ir = popxl.Ir()
+    with ir.main_graph:
+        facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
+        accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
+                                                             grads_required=[fwd.graph.inputs[0]])
+        recomputed = addons.recompute_graph_with_forward_outputs(bwd)
+        info = recomputed.grad_graph_info
+        assert [c.fwd_tensor for c in info.expected_outputs] == [fwd.graph.inputs[0]]
+        weights = {"fc.weight": popxl.variable(w, name="w"), "fc.bias": popxl.variable(b, name="b")}
+        accums = accum_facts.init()
+        forward_value = {t: weights[name] for name, t in fwd.args.to_dict().items()}
+        results = []
+        for s in range(2):
+            forward_value[fwd.graph.inputs[0]] = popxl.variable(xs[s], name=f"x{s}")
+            dy = popxl.variable(dys[s], name=f"dy{s}")
+            inputs = [dy if c.connection_type == fwd_grad else forward_value[c.fwd_tensor]
+                      for c in info.expected_inputs]
+            # The input gradient, then the forward's outputs: y and the pre-activation autodiff made one.
+            dx, y, pre = recomputed.bind(accums).call(*inputs)
+            assert fwd.graph.outputs[1].name.endswith("add")
+            results.append([popxl.d2h_stream(t.shape, t.dtype, f"out{s}.{i}") for i, t in enumerate((dx, y, pre))])
+            for stream, t in zip(results[-1], (dx, y, pre)):
+                ops.host_store(stream, t)
+    with popxl.Session(ir, "cpu") as session:
+        got = session.run()
+        got.update(session.get_tensors_data([*accums.tensors]))
+
+    wt, bt = torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)
+    xt = torch.tensor(xs, requires_grad=True)
+    pre_t = xt @ wt + bt
+    yt = torch.tanh(pre_t)
+    (yt * torch.tensor(dys)).sum().backward()
+    for s, (dx, y, pre) in enumerate(results):
+        np.testing.assert_allclose(got[dx], xt.grad[s].numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[y], yt[s].detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[pre], pre_t[s].detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[accums.accum.fc.weight], wt.grad.numpy() / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[accums.accum.fc.bias], bt.grad.numpy() / 2, rtol=1e-5, atol=1e-6)
+
+
 def test_batch_serialise_streams_rows_and_passed_through_inputs(rng):
     """Host streams in and out, a passed-through variable, a seed, and a buffer row offset:
     step s of row 1 stores at entry (1 + 1) * S + s."""

@@ -8,31 +8,19 @@ exported are printed by ``test_report_addons_names_not_exported`` (``pytest -s``
 """
 import importlib
 import inspect
-import json
 import types
-from pathlib import Path
 
 import pytest
-from test_api_signatures import _describe_param, _same_default, callable_of
+from test_api_signatures import _same_default, check_signature, load_reference, reference_file
 
 from gptj_popxl import addons, popxl_cpu
 
-# The repository's sibling ``shared/`` (looked up through the parents, so worktrees find it too).
-REFERENCE = next((d / "shared" / "reference" / "popxl_addons_api.json" for d in Path(__file__).resolve().parents
-                  if (d / "shared" / "reference" / "popxl_addons_api.json").exists()),
-                 Path(__file__).resolve().parents[2] / "shared" / "reference" / "popxl_addons_api.json")
+REFERENCE = reference_file("popxl_addons_api.json")
 OUT_OF_SCOPE = ("popxl_addons.layers.conv", "popxl_addons.layers.group_norm", "popxl_addons.layers.linear_fp8",
                 "popxl_addons.ops.fp8_", "popxl_addons.ops.static_sparse_ops", "popxl_addons.transforms.pipelining",
                 "popxl_addons.transforms.use_fc_pass", "popxl_addons.testing_utils", "popxl_addons.performance_utils")
 
-
-def _load_reference():
-    if not REFERENCE.exists():
-        return {}
-    return {k: v for k, v in json.loads(REFERENCE.read_text()).items() if not k.startswith(OUT_OF_SCOPE)}
-
-
-API = _load_reference()
+API = load_reference(REFERENCE, OUT_OF_SCOPE)
 
 
 def candidate_paths(key: str):
@@ -83,24 +71,6 @@ def _same_addons_default(ref_text: str, ours) -> bool:
     return _same_default(ref_text, ours)
 
 
-def signature_problems(ref: dict, ours) -> list:
-    params = [_describe_param(p) for p in inspect.signature(ours).parameters.values()]
-    names, ref_names = [p["name"] for p in params], [p["name"] for p in ref["params"]]
-    if names != ref_names:
-        return [f"parameters {names} != reference {ref_names}"]
-    problems = []
-    for p, r in zip(params, ref["params"]):
-        if r["default"] is None and p["has_default"]:
-            problems.append(f"'{p['name']}' has default {p['default']!r}; the reference has none")
-        elif r["default"] is not None and not p["has_default"]:
-            problems.append(f"'{p['name']}' lacks the reference default {r['default']}")
-        elif r["default"] is not None and not _same_addons_default(r["default"], p["default"]):
-            problems.append(f"'{p['name']}' default {p['default']!r} != reference {r['default']}")
-        if p["kwonly"] != bool(r.get("kwonly")):
-            problems.append(f"'{p['name']}' keyword-only is {p['kwonly']}, reference {bool(r.get('kwonly'))}")
-    return problems
-
-
 EXPORTED = sorted(key for key in API if find(key) is not None)
 MISSING = sorted(key for key in API if key not in EXPORTED)
 
@@ -108,13 +78,7 @@ MISSING = sorted(key for key in API if key not in EXPORTED)
 @pytest.mark.skipif(not API, reason=f"reference API list {REFERENCE} is missing")
 @pytest.mark.parametrize("key", EXPORTED)
 def test_signature_matches_popxl_addons(key):
-    ref = API[key]
-    fn = callable_of(ref, find(key))
-    assert fn is not None, f"{key}: popxl-addons has a {ref['kind']}, ours is {find(key)!r}"
-    if ref["kind"] == "class":
-        return
-    problems = signature_problems(ref, fn)
-    assert not problems, f"{key}: " + "; ".join(problems)
+    check_signature(key, API[key], find(key), _same_addons_default)
 
 
 @pytest.mark.skipif(not API, reason=f"reference API list {REFERENCE} is missing")

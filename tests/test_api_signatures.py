@@ -16,18 +16,27 @@ import pytest
 
 from gptj_popxl import popxl_cpu
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "popxl_api.json"
+
+def reference_file(name: str) -> Path:
+    """``shared/reference/<name>`` in the repository's sibling ``shared/``, looked up through the
+    parents so that worktrees find it too (where none has it: the repository's sibling)."""
+    paths = [d / "shared" / "reference" / name for d in Path(__file__).resolve().parents]
+    return next((p for p in paths if p.exists()), paths[2])
+
+
+def load_reference(path: Path, out_of_scope=()) -> dict:
+    """The reference API list at ``path`` less keys starting with one of ``out_of_scope``; {} if missing."""
+    if not path.exists():
+        return {}
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith(tuple(out_of_scope))}
+
+
+REFERENCE = reference_file("popxl_api.json")
 SUBPACKAGES = ("popxl.ops.collectives.", "popxl.ops.var_updates.")
 FLATTENED = ("popxl.ops.", "popxl.transforms.")
 
 
-def _load_reference():
-    if not REFERENCE.exists():
-        return {}
-    return json.loads(REFERENCE.read_text())
-
-
-API = _load_reference()
+API = load_reference(REFERENCE)
 
 
 def candidate_paths(key: str):
@@ -90,8 +99,9 @@ def _same_default(ref_text: str, ours) -> bool:
     return type(expected) is type(ours) and expected == ours
 
 
-def signature_problems(ref: dict, ours) -> list:
-    """How ``ours`` differs from the reference parameter list (empty when identical)."""
+def signature_problems(ref: dict, ours, same_default=_same_default) -> list:
+    """How ``ours`` differs from the reference parameter list (empty when identical);
+    ``same_default(reference text, our default)`` compares defaults."""
     params = [_describe_param(p) for p in inspect.signature(ours).parameters.values()]
     ref_params = ref["params"]
     names = [p["name"] for p in params]
@@ -104,7 +114,7 @@ def signature_problems(ref: dict, ours) -> list:
             problems.append(f"'{p['name']}' has default {p['default']!r}; the reference has none")
         elif r["default"] is not None and not p["has_default"]:
             problems.append(f"'{p['name']}' lacks the reference default {r['default']}")
-        elif r["default"] is not None and not _same_default(r["default"], p["default"]):
+        elif r["default"] is not None and not same_default(r["default"], p["default"]):
             problems.append(f"'{p['name']}' default {p['default']!r} != reference {r['default']}")
         if p["kwonly"] != bool(r.get("kwonly")):
             problems.append(f"'{p['name']}' keyword-only is {p['kwonly']}, reference {bool(r.get('kwonly'))}")
@@ -128,6 +138,15 @@ def callable_of(ref: dict, obj):
     return obj if callable(obj) and not isinstance(obj, type) else None
 
 
+def check_signature(key: str, ref: dict, obj, same_default=_same_default) -> None:
+    """Asserts that ``obj``, exported for reference ``key``, is of its kind with its exact signature."""
+    fn = callable_of(ref, obj)
+    assert fn is not None, f"{key}: the reference has a {ref['kind']}, ours is {type(obj).__name__} {obj!r}"
+    if ref["kind"] != "class":
+        problems = signature_problems(ref, fn, same_default)
+        assert not problems, f"{key}: " + "; ".join(problems)
+
+
 EXPORTED = sorted(key for key in API if find(key) is not None)
 MISSING = sorted(key for key in API if key not in EXPORTED)
 
@@ -135,14 +154,7 @@ MISSING = sorted(key for key in API if key not in EXPORTED)
 @pytest.mark.skipif(not API, reason=f"reference API list {REFERENCE} is missing")
 @pytest.mark.parametrize("key", EXPORTED)
 def test_signature_matches_popxl(key):
-    ref = API[key]
-    owner, name, obj = find(key)
-    fn = callable_of(ref, obj)
-    assert fn is not None, f"{key}: popxl has a {ref['kind']}, popxl_cpu has {type(obj).__name__} {obj!r}"
-    if ref["kind"] == "class":
-        return
-    problems = signature_problems(ref, fn)
-    assert not problems, f"{key}: " + "; ".join(problems)
+    check_signature(key, API[key], find(key)[2])
 
 
 @pytest.mark.skipif(not API, reason=f"reference API list {REFERENCE} is missing")

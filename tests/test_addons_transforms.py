@@ -48,6 +48,25 @@ def torch_reference(data):
     return {"y": h.detach().numpy(), "dx": x.grad.numpy(), "dw": w.grad.numpy() / m, "db": b.grad.numpy() / m}
 
 
+def layer_and_gradient():
+    """``(facts, fwd, accum_facts, bwd)``: the layer's forward graph on (B, H) and its gradient graph,
+    which accumulates the weights' gradients (running means) and returns the input's."""
+    facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
+    accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors, grads_required=[fwd.graph.inputs[0]])
+    return facts, fwd, accum_facts, bwd
+
+
+def run_phases(ir, data, weights, outputs, grads):
+    """Runs ``ir`` once with layer n's weights ``weights[n]`` set from ``data``; returns the values of the
+    ``outputs`` remote variables and of the gradient variables ``grads``."""
+    with popxl.Session(ir) as session:
+        for n in range(L):
+            session.write_variables_data({weights[n].fc.weight: data["w"][n], weights[n].fc.bias: data["b"][n]})
+        session.run()
+        return session.get_tensors_data([t for ts in outputs.values() for t in ts]
+                                        + [t for g in grads for t in g.tensors])
+
+
 def build_phased_training(data, io_mode, recompute, replicas=1):
     """The phased program; returns the IR, per-layer weight and gradient variables and the remote variables
     standing for the last activation row and the first gradient row. With several replicas (all
@@ -56,9 +75,7 @@ def build_phased_training(data, io_mode, recompute, replicas=1):
     with ir.main_graph:
         shard_group = ir.replica_grouping() if replicas > 1 else None
         remote_variable = popxl.remote_replica_sharded_variable if shard_group else popxl.remote_variable
-        facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
-        accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
-                                                             grads_required=[fwd.graph.inputs[0]])
+        facts, fwd, accum_facts, bwd = layer_and_gradient()
         if recompute:
             bwd = addons.recompute_graph(bwd)
         weight_buffers = addons.named_variable_buffers(facts, entries=L, shard_over_dict=False)
@@ -105,12 +122,7 @@ def build_phased_training(data, io_mode, recompute, replicas=1):
 def test_batch_serialised_phased_training_equals_torch(io_mode, recompute, replicas, rng):
     data = host_data(rng)
     ir, weights, grads, outputs = build_phased_training(data, io_mode, recompute, replicas)
-    with popxl.Session(ir) as session:
-        for n in range(L):
-            session.write_variables_data({weights[n].fc.weight: data["w"][n], weights[n].fc.bias: data["b"][n]})
-        session.run()
-        got = session.get_tensors_data([t for ts in outputs.values() for t in ts]
-                                       + [t for g in grads for t in g.tensors])
+    got = run_phases(ir, data, weights, outputs, grads)
     ref = torch_reference(data)
     for key in ("y", "dx"):
         np.testing.assert_allclose(np.stack([got[t] for t in outputs[key]]), ref[key], rtol=1e-5, atol=1e-6)
@@ -131,9 +143,7 @@ def test_data_parallel_phases_with_replica_sharded_weights_and_gradients(rng):
     with ir.main_graph:
         dp = ir.replica_grouping()
         own = ir.replica_grouping(group_size=1)  # a value per replica
-        facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
-        accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
-                                                             grads_required=[fwd.graph.inputs[0]])
+        facts, fwd, accum_facts, bwd = layer_and_gradient()
         bwd = addons.recompute_graph(bwd)
         weight_buffers = addons.named_variable_buffers(facts, entries=L)
         grad_buffers = addons.named_variable_buffers(facts, entries=L)
@@ -181,12 +191,7 @@ def test_data_parallel_phases_with_replica_sharded_weights_and_gradients(rng):
             bwd_bs.graph.bind(layer).call(n)
             shards = addons.NamedTensors.pack(reduced_names, reduce.bind(accums.accum).call())
             store.bind(shards).call(n)
-    with popxl.Session(ir) as session:
-        for n in range(L):
-            session.write_variables_data({weights[n].fc.weight: data["w"][n], weights[n].fc.bias: data["b"][n]})
-        session.run()
-        got = session.get_tensors_data([t for ts in outputs.values() for t in ts]
-                                       + [t for g in grads for t in g.tensors])
+    got = run_phases(ir, data, weights, outputs, grads)
     ref = torch_reference(data)
     for key in ("y", "dx"):
         np.testing.assert_allclose(np.stack([got[t] for t in outputs[key]], 1).reshape(R * S, B, H), ref[key],
@@ -199,9 +204,7 @@ def test_data_parallel_phases_with_replica_sharded_weights_and_gradients(rng):
 def test_recomputed_gradient_graph_needs_only_the_forward_inputs():
     ir = popxl.Ir()
     with ir.main_graph:
-        facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
-        accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
-                                                             grads_required=[fwd.graph.inputs[0]])
+        facts, fwd, accum_facts, bwd = layer_and_gradient()
         Fwd = popxl.transforms.ExpectedConnectionType.Fwd
         before = [c.fwd_tensor for c in bwd.grad_graph_info.expected_inputs if c.connection_type == Fwd]
         assert any(t not in fwd.graph.inputs for t in before)  # autodiff alone takes intermediates
@@ -224,9 +227,7 @@ def test_recompute_graph_with_forward_outputs_equals_torch(rng):
     fwd_grad = popxl.transforms.ExpectedConnectionType.FwdGrad
     ir = popxl.Ir()
     with ir.main_graph:
-        facts, fwd = Layer().create_graph(popxl.TensorSpec((B, H), F32))
-        accum_facts, bwd = addons.autodiff_with_accumulation(fwd, fwd.args.tensors,
-                                                             grads_required=[fwd.graph.inputs[0]])
+        facts, fwd, accum_facts, bwd = layer_and_gradient()
         recomputed = addons.recompute_graph_with_forward_outputs(bwd)
         info = recomputed.grad_graph_info
         assert [c.fwd_tensor for c in info.expected_outputs] == [fwd.graph.inputs[0]]

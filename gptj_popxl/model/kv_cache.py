@@ -9,6 +9,10 @@ addressed by the host: at a decode step every row writes the same column, in pla
 is never copied); a refilled row's prompt fills the columns just before it, and the mask says
 which columns each row attends to.
 
+Every linear layer here multiplies with ``streamed_matmul``: a decode step has one row per
+sequence, and that kernel reads each weight once for all rows (larger products, as a prefill's,
+stay ``ops.matmul``).
+
 Masks are additive float32 ``(batch, 1, queries, keys)``: 0 where a query may attend, the
 float32 minimum where not (never summed, so fully masked rows stay finite).
 """
@@ -17,6 +21,13 @@ from typing import List, Optional, Sequence, Tuple
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
 from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, attend
+from gptj_popxl.model.streamed_matmul import streamed_matmul
+
+
+def _streamed(*linears) -> None:
+    """Makes the linear layers ``linears`` multiply with ``streamed_matmul``."""
+    for linear in linears:
+        linear.product = streamed_matmul
 
 
 class CachedAttention(Attention):
@@ -30,6 +41,10 @@ class CachedAttention(Attention):
       (layouts in the module doc) at column ``write`` (1,) int32, the same for every row, then the
       query attends to the cache under ``mask`` (batch, 1, 1, cache_len); returns ``out``.
     """
+
+    def __init__(self, config, groups, attention_serialisation: int = 1):
+        super().__init__(config, groups, attention_serialisation)
+        _streamed(self.qkv, self.out)
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
               k_cache: Optional[popxl.Tensor] = None, v_cache: Optional[popxl.Tensor] = None,
@@ -54,6 +69,7 @@ class CachedDecoderBlock(DecoderBlock):
     def __init__(self, config, groups, attention_serialisation: int = 1):
         super().__init__(config, groups, attention_serialisation)
         self.attn = CachedAttention(config, groups)
+        _streamed(self.mlp.fc_in, self.mlp.fc_out)
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
               k_cache: popxl.TensorByRef = None, v_cache: popxl.TensorByRef = None, write: popxl.Tensor = None):
@@ -80,6 +96,7 @@ class CachedLM(GPTJLM):
         super().__init__(config, groups, dtype)
         self.offload = offload
         self.layer_factories = self.layer_buffers = None
+        _streamed(self.lm_head)
 
     def _layer_variables(self, i: int, facts):
         if not self.offload:

@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
 from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, attend
-from gptj_popxl.model.streamed_matmul import streamed_matmul
+from gptj_popxl.model.decode_kernels import can_decode_attention, decode_attention, streamed_matmul
+from gptj_popxl.model.rotary import trig_tables
 
 
 def _streamed(*linears) -> None:
@@ -50,6 +51,8 @@ class CachedAttention(Attention):
               k_cache: Optional[popxl.Tensor] = None, v_cache: Optional[popxl.Tensor] = None,
               write: Optional[popxl.Tensor] = None):
         batch, seq, _ = x.shape
+        if k_cache is not None and can_decode_attention(x):
+            return self.out(self._decode_attention(x, positions, mask, k_cache, v_cache, write))
         q, k, v = (t.transpose((0, 2, 1, 3)) for t in self.rotated_qkv(x, positions))
         k_t = k.transpose((0, 1, 3, 2))
         if k_cache is not None:
@@ -59,6 +62,16 @@ class CachedAttention(Attention):
         z = z.transpose((0, 2, 1, 3)).reshape((batch, seq, self.layout.heads_per_shard * self.config.head_dim))
         out = self.out(z)
         return out if k_cache is not None else (out, k, v)
+
+    def _decode_attention(self, x, positions, mask, k_cache, v_cache, write) -> popxl.Tensor:
+        """The attention output before ``out`` by the fused decode kernel; the new key and value go into
+        the caches after it has read them."""
+        sin, cos = (popxl.constant(t, popxl.float32, name=name)
+                    for t, name in zip(trig_tables(self.config.n_positions, self.config.rotary_dim), ("sin", "cos")))
+        z, k_t, v = decode_attention(self.qkv(x), positions, sin, cos, k_cache, v_cache, write, mask)
+        ops.dynamic_update_(k_cache, write, k_t, axes=[3], sizes=[1], no_overlap=True)
+        ops.dynamic_update_(v_cache, write, v, axes=[2], sizes=[1], no_overlap=True)
+        return z
 
 
 class CachedDecoderBlock(DecoderBlock):

@@ -33,27 +33,39 @@ std::string shape_of(const py::array& a) {
     return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-// A C-contiguous float32 array of `shape`.
+// A C-contiguous float32 array of `shape` (the message is built only on failure: this runs at every call).
 void require_floats(const char* name, const py::array& a, std::initializer_list<py::ssize_t> shape) {
     bool ok = a.dtype().is(py::dtype::of<float>()) && (a.flags() & py::array::c_style) &&
               a.ndim() == py::ssize_t(shape.size());
     py::ssize_t i = 0;
+    for (auto n : shape)
+        ok = ok && a.shape(i++) == n;
+    if (ok)
+        return;
     std::string wanted = "(";
-    for (auto n : shape) {
-        ok = ok && a.shape(i) == n;
+    i = 0;
+    for (auto n : shape)
         wanted += (i++ ? ", " : "") + std::to_string(n);
-    }
-    require(ok, std::string(name) + " must be a C-contiguous float32 array " + wanted + (shape.size() == 1 ? ",)" : ")") +
-                    ", got " + shape_of(a) + " " + std::string(py::str(a.dtype())));
+    throw py::value_error(std::string(name) + " must be a C-contiguous float32 array " + wanted +
+                          (shape.size() == 1 ? ",)" : ")") + ", got " + shape_of(a) + " " +
+                          std::string(py::str(a.dtype())));
 }
 
+// x (..., K) and w (..., K, N) C-contiguous float32 with any leading axes of size 1 on w's; out holds
+// the M = x.size / K rows of N.
 void streamed_matmul(const py::array& x, const py::array& w, py::array& out, int num_threads) {
-    require(x.ndim() == 2 && w.ndim() == 2, "x and w must be matrices, got x " + shape_of(x) + ", w " + shape_of(w));
-    const int64_t M = x.shape(0), K = x.shape(1), N = w.shape(1);
-    require_floats("x", x, {M, K});
-    require_floats("w", w, {K, N});
-    require_floats("out", out, {M, N});
-    require(out.writeable(), "out must be writeable");
+    const auto is_floats = [](const py::array& a) {
+        return a.dtype().is(py::dtype::of<float>()) && (a.flags() & py::array::c_style) && a.ndim() >= 1;
+    };
+    const bool shapes = is_floats(x) && is_floats(w) && is_floats(out) && w.ndim() >= 2 &&
+                        w.shape(w.ndim() - 2) == x.shape(x.ndim() - 1) &&
+                        w.size() == w.shape(w.ndim() - 2) * w.shape(w.ndim() - 1) && out.writeable();
+    const int64_t K = shapes ? x.shape(x.ndim() - 1) : 0, N = shapes ? w.shape(w.ndim() - 1) : 0;
+    const int64_t M = K ? x.size() / K : 0;
+    if (!shapes || out.size() != M * N)
+        throw py::value_error("streamed_matmul: x (..., K), w (K, N) and a writeable out of (..., N) must be "
+                              "C-contiguous float32 and agree, got x " + shape_of(x) + ", w " + shape_of(w) +
+                              ", out " + shape_of(out));
     const auto* xs = static_cast<const float*>(x.data());
     const auto* ws = static_cast<const float*>(w.data());
     auto* ys = static_cast<float*>(out.mutable_data());
@@ -100,7 +112,7 @@ void decode_attention(const py::array& qkv, const py::array& positions, const py
 PYBIND11_MODULE(decode_kernels, m) {
     m.doc() = "float32 kernels of a decode step: few-row matmuls streaming the weight, attention over a KV cache.";
     m.def("streamed_matmul", &streamed_matmul, py::arg("x"), py::arg("w"), py::arg("out"),
-          py::arg("num_threads") = 1, "Writes x (M, K) @ w (K, N) into out (M, N).");
+          py::arg("num_threads") = 1, "Writes x (..., K) @ w (K, N) into out (..., N).");
     m.def("decode_attention", &decode_attention, py::arg("qkv"), py::arg("positions"), py::arg("sin"), py::arg("cos"),
           py::arg("k_cache"), py::arg("v_cache"), py::arg("write"), py::arg("mask"), py::arg("z"), py::arg("k_new"),
           py::arg("v_new"),

@@ -10,8 +10,9 @@ is never copied); a refilled row's prompt fills the columns just before it, and 
 which columns each row attends to.
 
 Every linear layer here multiplies with ``streamed_matmul``: a decode step has one row per
-sequence, and that kernel reads each weight once for all rows (larger products, as a prefill's,
-stay ``ops.matmul``).
+sequence, and that kernel reads each weight once for all rows (larger products stay
+``ops.matmul``). On the CPU runtime a float32 decode step on one shard runs each layer after its
+LayerNorm as one ``decode_layer`` op (``decode_kernels``), then writes the new key and value.
 
 Masks are additive float32 ``(batch, 1, queries, keys)``: 0 where a query may attend, the
 float32 minimum where not (never summed, so fully masked rows stay finite).
@@ -20,8 +21,9 @@ from typing import List, Optional, Sequence, Tuple
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
-from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, attend
-from gptj_popxl.model.decode_kernels import can_decode_attention, decode_attention, streamed_matmul
+from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, _bias, _sharded_weight, attend
+from gptj_popxl.model.decode_kernels import can_decode_layer, decode_layer, streamed_matmul
+from gptj_popxl.model.config import tp_layout
 from gptj_popxl.model.rotary import trig_tables
 
 
@@ -51,8 +53,6 @@ class CachedAttention(Attention):
               k_cache: Optional[popxl.Tensor] = None, v_cache: Optional[popxl.Tensor] = None,
               write: Optional[popxl.Tensor] = None):
         batch, seq, _ = x.shape
-        if k_cache is not None and can_decode_attention(x):
-            return self.out(self._decode_attention(x, positions, mask, k_cache, v_cache, write))
         q, k, v = (t.transpose((0, 2, 1, 3)) for t in self.rotated_qkv(x, positions))
         k_t = k.transpose((0, 1, 3, 2))
         if k_cache is not None:
@@ -63,16 +63,6 @@ class CachedAttention(Attention):
         out = self.out(z)
         return out if k_cache is not None else (out, k, v)
 
-    def _decode_attention(self, x, positions, mask, k_cache, v_cache, write) -> popxl.Tensor:
-        """The attention output before ``out`` by the fused decode kernel; the new key and value go into
-        the caches after it has read them."""
-        sin, cos = (popxl.constant(t, popxl.float32, name=name)
-                    for t, name in zip(trig_tables(self.config.n_positions, self.config.rotary_dim), ("sin", "cos")))
-        z, k_t, v = decode_attention(self.qkv(x), positions, sin, cos, k_cache, v_cache, write, mask)
-        ops.dynamic_update_(k_cache, write, k_t, axes=[3], sizes=[1], no_overlap=True)
-        ops.dynamic_update_(v_cache, write, v, axes=[2], sizes=[1], no_overlap=True)
-        return z
-
 
 class CachedDecoderBlock(DecoderBlock):
     """``DecoderBlock`` whose attention is a ``CachedAttention``; ``build`` takes its arguments and
@@ -81,16 +71,39 @@ class CachedDecoderBlock(DecoderBlock):
 
     def __init__(self, config, groups, attention_serialisation: int = 1):
         super().__init__(config, groups, attention_serialisation)
+        self.config = config
         self.attn = CachedAttention(config, groups)
         _streamed(self.mlp.fc_in, self.mlp.fc_out)
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
               k_cache: popxl.TensorByRef = None, v_cache: popxl.TensorByRef = None, write: popxl.Tensor = None):
         h = self.ln_1(x, eps=self.eps)
+        if k_cache is not None and can_decode_layer(x, self.attn.groups.tp):
+            return self._decode_layer(x, h, positions, mask, k_cache, v_cache, write)
         if k_cache is None:
             a, k, v = self.attn(h, positions, mask)
             return a + self.mlp(h) + x, k, v
         return self.attn(h, positions, mask, k_cache, v_cache, write) + self.mlp(h) + x
+
+    def _decode_layer(self, x, h, positions, mask, k_cache, v_cache, write) -> popxl.Tensor:
+        """The decode step of this layer as one ``decode_layer`` op; the sub-modules' variables are
+        declared as their own builds declare them (same names, shapes and groupings), and the new key
+        and value go into the caches after the op has read them."""
+        attn, mlp, groups, dtype = self.attn, self.mlp, self.attn.groups, x.dtype
+        n_embd, width = x.shape[-1], attn.layout.heads_per_shard * self.config.head_dim
+        inner = tp_layout(self.config, groups.tp).inner_per_shard
+        weights = (_sharded_weight(attn.qkv, (n_embd, 3 * width), dtype, groups),
+                   _sharded_weight(mlp.fc_in, (n_embd, inner), dtype, groups),
+                   _bias(mlp.fc_in, inner, dtype, groups.sharded),
+                   _sharded_weight(attn.out, (width, n_embd), dtype, groups),
+                   _sharded_weight(mlp.fc_out, (inner, n_embd), dtype, groups),
+                   _bias(mlp.fc_out, n_embd, dtype))
+        sin, cos = (popxl.constant(t, popxl.float32, name=name)
+                    for t, name in zip(trig_tables(self.config.n_positions, self.config.rotary_dim), ("sin", "cos")))
+        out, k_t, v = decode_layer(x, h, *weights, positions, sin, cos, k_cache, v_cache, write, mask)
+        ops.dynamic_update_(k_cache, write, k_t, axes=[3], sizes=[1], no_overlap=True)
+        ops.dynamic_update_(v_cache, write, v, axes=[2], sizes=[1], no_overlap=True)
+        return out
 
 
 class CachedLM(GPTJLM):

@@ -4,16 +4,16 @@
   time is that of reading the weights, which BLAS kernels tuned for many rows do at a fraction of
   the memory bandwidth; this kernel reads each weight once for all rows, split over torch's
   threads by output columns.
-- ``decode_attention(...)``: the attention of one new token per row over the cache (rotary
-  embedding of the new query and key, scores, softmax, weighted values) in one kernel instead of
-  some twenty small ops; it returns the new key and value for the caller to write into the cache.
+- ``decode_layer(...)``: a whole decoder layer for one new token per row over the KV cache (the
+  products streamed as above, rotary embedding, attention, GELU, residual) in one op instead of
+  some thirty small ones; it returns the new key and value for the caller to write into the cache.
 
 On the CPU runtime these are custom ops (``gptj_popxl.backend.custom_op``) whose kernels are the C++
-in ``streamed_matmul.h`` and ``decode_attention.h``, bound by ``decode_kernels.cpp`` and compiled
+in ``streamed_matmul.h``, ``decode_attention.h`` and ``decode_layer.h``, bound by ``decode_kernels.cpp`` and compiled
 by cppimport on first use (into this folder, git-ignored). Both are inference only (no gradient
 rule) and float32; :func:`streamed_matmul` falls back to ``ops.matmul`` for more than ``MAX_ROWS``
-rows, other dtypes or the Poplar SDK, and :func:`can_decode_attention` says when
-``decode_attention`` applies.
+rows, other dtypes or the Poplar SDK, and :func:`can_decode_layer` says when ``decode_layer``
+applies.
 """
 import functools
 import os
@@ -23,7 +23,7 @@ import torch
 
 from gptj_popxl.backend import IS_CPU, custom_op, popxl
 
-__all__ = ["streamed_matmul", "MAX_ROWS", "decode_attention", "can_decode_attention"]
+__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "can_decode_layer"]
 
 # Most rows of x streamed; beyond, the product is compute-bound and BLAS does better. Measured on the
 # benchmark model's weights (one thread, 17 products): 1.4 / 2.8 / 5.3 / 17.5 ms at 1 / 4 / 16 / 64
@@ -71,37 +71,41 @@ if IS_CPU:
                 return out
             return product
 
-    class DecodeAttention(custom_op.CustomOp):
-        """``(z, k_t, v)`` of one decode step's attention by the C++ kernel, one replica after another."""
-        name = "decode_attention"
+    class DecodeLayer(custom_op.CustomOp):
+        """``(x_next, k_t, v)`` of one decoder layer of a decode step by the C++ kernel."""
+        name = "decode_layer"
 
         @staticmethod
-        def infer(qkv, positions, sin, cos, k_cache, v_cache, write, mask):
+        def infer(x, h, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, positions, sin, cos, k_cache, v_cache, write,
+                  mask):
             batch, heads, head_dim, _ = k_cache.shape
-            return (custom_op.spec((batch, 1, heads * head_dim), qkv.dtype),
-                    custom_op.spec((batch, heads, head_dim, 1), qkv.dtype),
-                    custom_op.spec((batch, heads, 1, head_dim), qkv.dtype))
+            return (x.spec, custom_op.spec((batch, heads, head_dim, 1), x.dtype),
+                    custom_op.spec((batch, heads, 1, head_dim), x.dtype))
 
         @classmethod
         def lower(cls, op, runtime):
             ext = extension()
-            batch, heads, head_dim, cache_len = op.inputs[4].shape
-            replicas = runtime.replicas
+            if runtime.replicas != 1:
+                raise ValueError("decode_layer runs on one replica (no tensor parallelism)")
+            batch, heads, head_dim, cache_len = op.inputs[11].shape
+            n_embd = op.inputs[0].shape[-1]
 
-            def attention(qkv, positions, sin, cos, k_cache, v_cache, write, mask):
-                z = torch.empty((replicas, batch, 1, heads * head_dim), dtype=torch.float32)
-                k_new = torch.empty((replicas, batch, heads, head_dim, 1), dtype=torch.float32)
-                v_new = torch.empty((replicas, batch, heads, 1, head_dim), dtype=torch.float32)
-                ins = [t.contiguous() for t in (qkv.reshape(replicas, batch, -1), positions, sin, cos, k_cache,
-                                                   v_cache)]
-                outs = (z.reshape(replicas, batch, -1), k_new.reshape(replicas, batch, heads, head_dim),
-                        v_new.reshape(replicas, batch, heads, head_dim))
-                mask, columns = mask.reshape(replicas, batch, cache_len).contiguous(), write.tolist()
-                for r in range(replicas):
-                    ext.decode_attention(*(t[r].numpy() for t in ins), columns[r][0], mask[r].numpy(),
-                                         *(t[r].numpy() for t in outs))
-                return z, k_new, v_new
-            return attention
+            def layer(x, h, *rest):
+                weights, (positions, sin, cos, k_cache, v_cache, write, mask) = rest[:6], rest[6:]
+                x_next = torch.empty((1, batch, 1, n_embd), dtype=torch.float32)
+                k_new = torch.empty((1, batch, heads, head_dim, 1), dtype=torch.float32)
+                v_new = torch.empty((1, batch, heads, 1, head_dim), dtype=torch.float32)
+                ext.decode_layer(x.reshape(batch, n_embd).contiguous().numpy(),
+                                 h.reshape(batch, n_embd).contiguous().numpy(),
+                                 *(w[0].contiguous().numpy() for w in weights),
+                                 positions.contiguous().numpy(), sin[0].numpy(), cos[0].numpy(),
+                                 k_cache[0].contiguous().numpy(), v_cache[0].contiguous().numpy(), int(write[0, 0]),
+                                 mask.reshape(batch, cache_len).contiguous().numpy(),
+                                 x_next.reshape(batch, n_embd).numpy(),
+                                 k_new.reshape(batch, heads, head_dim).numpy(),
+                                 v_new.reshape(batch, heads, head_dim).numpy(), torch.get_num_threads())
+                return x_next, k_new, v_new
+            return layer
 
 
 def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
@@ -112,33 +116,43 @@ def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
     return StreamedMatMul.create(x, w, name="product")
 
 
-def can_decode_attention(qkv: popxl.Tensor) -> bool:
-    """Whether :func:`decode_attention` runs for this fused projection (float32 on the CPU runtime)."""
-    return IS_CPU and qkv.dtype == popxl.float32
+def can_decode_layer(x: popxl.Tensor, tp: int) -> bool:
+    """Whether :func:`decode_layer` runs for hidden states ``x`` of a model with ``tp`` shards (float32,
+    one shard, the CPU runtime)."""
+    return IS_CPU and x.dtype == popxl.float32 and tp == 1
 
 
-def decode_attention(qkv: popxl.Tensor, positions: popxl.Tensor, sin: popxl.Tensor, cos: popxl.Tensor,
-                     k_cache: popxl.Tensor, v_cache: popxl.Tensor, write: popxl.Tensor, mask: popxl.Tensor):
-    """One new token per row attending over a KV cache whose column ``write`` takes its key and value.
+def decode_layer(x: popxl.Tensor, h: popxl.Tensor, w_qkv: popxl.Tensor, w_in: popxl.Tensor, b_in: popxl.Tensor,
+                 w_out: popxl.Tensor, w_fc_out: popxl.Tensor, b_fc_out: popxl.Tensor, positions: popxl.Tensor,
+                 sin: popxl.Tensor, cos: popxl.Tensor, k_cache: popxl.Tensor, v_cache: popxl.Tensor,
+                 write: popxl.Tensor, mask: popxl.Tensor):
+    """One GPT-J decoder layer (parallel attention and MLP, residual) for one new token per row.
 
-    ``qkv`` (batch, 1, 3 * heads * head_dim) float32, per row ``[q heads | k heads | v heads]``;
-    ``positions`` (batch, 1) int32 rows of the rotary tables ``sin``, ``cos`` (positions,
-    rotary_dim / 2); ``k_cache`` (batch, heads, head_dim, cache_len) (keys transposed) and
-    ``v_cache`` (batch, heads, cache_len, head_dim), read only; ``write`` (1,) int32; ``mask``
-    (batch, 1, 1, cache_len) additive. Returns ``z`` (batch, 1, heads * head_dim), the rotated new
-    key ``k_t`` (batch, heads, head_dim, 1) and the value ``v`` (batch, heads, 1, head_dim), in the
-    caches' layouts for the caller to write at column ``write``.
+    ``x`` (batch, 1, n_embd) the layer's input and ``h`` that after its LayerNorm; the weights as
+    the layer's variables (``w_qkv`` fused ``[q | k | v]`` columns); ``positions`` (batch, 1) int32
+    rows of the rotary tables ``sin``, ``cos`` (positions, rotary_dim / 2); ``k_cache`` (batch,
+    heads, head_dim, cache_len) (keys transposed) and ``v_cache`` (batch, heads, cache_len,
+    head_dim), only read: column ``write`` (1,) int32 takes the new key and value; ``mask``
+    (batch, 1, 1, cache_len) additive. Returns the layer's output ``x_next`` (x's shape), the rotated
+    new key ``k_t`` (batch, heads, head_dim, 1) and the value ``v`` (batch, heads, 1, head_dim), in
+    the caches' layouts, for the caller to write at column ``write``.
     """
     batch, heads, head_dim, cache_len = k_cache.shape
-    expected = {"qkv": (qkv, (batch, 1, 3 * heads * head_dim), popxl.float32),
-                "positions": (positions, (batch, 1), popxl.int32),
-                "cos": (cos, tuple(sin.shape), popxl.float32), "sin": (sin, (sin.shape[0], sin.shape[-1]), popxl.float32),
+    n_embd, inner, rotary = x.shape[-1], w_in.shape[-1], sin.shape[-1]
+    expected = {"x": (x, (batch, 1, n_embd), popxl.float32), "h": (h, (batch, 1, n_embd), popxl.float32),
+                "w_qkv": (w_qkv, (n_embd, 3 * heads * head_dim), popxl.float32),
+                "w_in": (w_in, (n_embd, inner), popxl.float32), "b_in": (b_in, (inner,), popxl.float32),
+                "w_out": (w_out, (heads * head_dim, n_embd), popxl.float32),
+                "w_fc_out": (w_fc_out, (inner, n_embd), popxl.float32),
+                "b_fc_out": (b_fc_out, (n_embd,), popxl.float32), "positions": (positions, (batch, 1), popxl.int32),
+                "sin": (sin, (sin.shape[0], rotary), popxl.float32), "cos": (cos, tuple(sin.shape), popxl.float32),
                 "v_cache": (v_cache, (batch, heads, cache_len, head_dim), popxl.float32),
                 "write": (write, (1,), popxl.int32), "mask": (mask, (batch, 1, 1, cache_len), popxl.float32)}
     for what, (t, shape, dtype) in expected.items():
         if tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(f"decode_attention: {what} must be {shape} {dtype.name} for k_cache "
+            raise ValueError(f"decode_layer: {what} must be {shape} {dtype.name} for x {tuple(x.shape)} and k_cache "
                              f"{tuple(k_cache.shape)}, got {t.name!r} {tuple(t.shape)} {t.dtype.name}")
-    if 2 * sin.shape[-1] > head_dim:
-        raise ValueError(f"decode_attention: rotary tables {tuple(sin.shape)} rotate more than head_dim {head_dim}")
-    return DecodeAttention.create(qkv, positions, sin, cos, k_cache, v_cache, write, mask, name="attention")
+    if 2 * rotary > head_dim:
+        raise ValueError(f"decode_layer: rotary tables {tuple(sin.shape)} rotate more than head_dim {head_dim}")
+    return DecodeLayer.create(x, h, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, positions, sin, cos, k_cache,
+                              v_cache, write, mask, name="decode_layer")

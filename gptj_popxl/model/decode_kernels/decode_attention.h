@@ -15,7 +15,39 @@
 #include <cstdint>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace gptj_decode {
+
+#ifdef __AVX512F__
+// exp(x) for x <= 0 to about one ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
+// polynomial, then scaled by 2^n.
+inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp underflows to 0 below
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2, high bits
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);  // ln2, low bits
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    for (float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(p, n);
+}
+
+#endif
+
+// x[i] = exp(x[i] - top) for i < n, where top >= every x[i].
+inline void exp_shifted(float* x, int64_t n, float top) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(x + i, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(top))));
+#endif
+    for (; i < n; ++i)
+        x[i] = std::exp(x[i] - top);
+}
 
 inline void rotate(float* x, const float* sin, const float* cos, int64_t rotary_dim) {
     for (int64_t i = 0; i < rotary_dim / 2; ++i) {
@@ -60,11 +92,10 @@ inline void decode_attention(const float* qkv, const int32_t* positions, const f
                 score[col] = score[col] / scale + mask[b * C + col];
                 top = std::max(top, score[col]);
             }
+            exp_shifted(score.data(), C, top);
             float total = 0.0f;
-            for (int64_t col = 0; col < C; ++col) {
-                score[col] = std::exp(score[col] - top);
+            for (int64_t col = 0; col < C; ++col)
                 total += score[col];
-            }
             float* out = z + bh * D;
             std::fill(out, out + D, 0.0f);
             const float* values = v_cache + bh * C * D;

@@ -2,9 +2,9 @@
 <%
 setup_pybind11(cfg)
 cfg['extra_compile_args'] = ['-std=c++17', '-O3', '-march=native', '-ffp-contract=fast', '-fopenmp',
-                             '-fvisibility=hidden']
+                             '-fvisibility=hidden', '-Wno-maybe-uninitialized']
 cfg['extra_link_args'] = ['-fopenmp']
-cfg['dependencies'] = ['streamed_matmul.h', 'decode_attention.h']
+cfg['dependencies'] = ['streamed_matmul.h', 'decode_attention.h', 'decode_layer.h']
 %>
 */
 // Python binding of the decode kernels, built on first import by cppimport (their Python ops in this
@@ -14,7 +14,7 @@ cfg['dependencies'] = ['streamed_matmul.h', 'decode_attention.h']
 
 #include <string>
 
-#include "decode_attention.h"
+#include "decode_layer.h"
 #include "streamed_matmul.h"
 
 namespace py = pybind11;
@@ -73,20 +73,31 @@ void streamed_matmul(const py::array& x, const py::array& w, py::array& out, int
     gptj_streamed::streamed_matmul(xs, M, K, ws, N, ys, num_threads);
 }
 
-void decode_attention(const py::array& qkv, const py::array& positions, const py::array& sin, const py::array& cos,
-                      const py::array& k_cache, const py::array& v_cache, int64_t write, const py::array& mask,
-                      py::array& z, py::array& k_new, py::array& v_new) {
+void decode_layer(const py::array& x, const py::array& h, const py::array& w_qkv,
+                  const py::array& w_in, const py::array& b_in, const py::array& w_out, const py::array& w_fc_out,
+                  const py::array& b_fc_out, const py::array& positions, const py::array& sin, const py::array& cos,
+                  const py::array& k_cache, const py::array& v_cache, int64_t write, const py::array& mask,
+                  py::array& x_next, py::array& k_new, py::array& v_new, int num_threads) {
     require(k_cache.ndim() == 4, "k_cache must be (batch, heads, head_dim, cache_len), got " + shape_of(k_cache));
     const int64_t B = k_cache.shape(0), H = k_cache.shape(1), D = k_cache.shape(2), C = k_cache.shape(3);
-    require(sin.ndim() == 2, "sin must be (positions, rotary_dim / 2), got " + shape_of(sin));
-    const int64_t P = sin.shape(0), half = sin.shape(1);
+    require(sin.ndim() == 2 && w_in.ndim() == 2 && x.ndim() == 2,
+            "x (batch, n_embd), w_in (n_embd, inner) and sin (positions, rotary_dim / 2) must be matrices, got x " +
+                shape_of(x) + ", w_in " + shape_of(w_in) + ", sin " + shape_of(sin));
+    const int64_t E = x.shape(1), I = w_in.shape(1), P = sin.shape(0), half = sin.shape(1);
+    require_floats("x", x, {B, E});
+    require_floats("h", h, {B, E});
+    require_floats("w_qkv", w_qkv, {E, 3 * H * D});
+    require_floats("w_in", w_in, {E, I});
+    require_floats("b_in", b_in, {I});
+    require_floats("w_out", w_out, {H * D, E});
+    require_floats("w_fc_out", w_fc_out, {I, E});
+    require_floats("b_fc_out", b_fc_out, {E});
     require_floats("k_cache", k_cache, {B, H, D, C});
     require_floats("v_cache", v_cache, {B, H, C, D});
-    require_floats("qkv", qkv, {B, 3 * H * D});
     require_floats("sin", sin, {P, half});
     require_floats("cos", cos, {P, half});
     require_floats("mask", mask, {B, C});
-    require_floats("z", z, {B, H * D});
+    require_floats("x_next", x_next, {B, E});
     require_floats("k_new", k_new, {B, H, D});
     require_floats("v_new", v_new, {B, H, D});
     require(2 * half <= D, "rotary_dim " + std::to_string(2 * half) + " exceeds head_dim " + std::to_string(D));
@@ -102,20 +113,23 @@ void decode_attention(const py::array& qkv, const py::array& positions, const py
                                   " outside the rotary tables' " + std::to_string(P) + " rows");
     auto f = [](const py::array& a) { return static_cast<const float*>(a.data()); };
     auto g = [](py::array& a) { return static_cast<float*>(a.mutable_data()); };
+    const gptj_decode::LayerWeights weights{f(w_qkv), f(w_in), f(b_in), f(w_out), f(w_fc_out), f(b_fc_out)};
     py::gil_scoped_release release;
-    gptj_decode::decode_attention(f(qkv), p, f(sin), f(cos), 2 * half, f(k_cache), f(v_cache), write, f(mask), B, H,
-                                  D, C, g(z), g(k_new), g(v_new));
+    gptj_decode::decode_layer(f(x), f(h), B, E, H, D, I, weights, p, f(sin), f(cos), 2 * half, f(k_cache), f(v_cache), C,
+                              write, f(mask), num_threads, g(x_next), g(k_new), g(v_new));
 }
 
 }  // namespace
 
 PYBIND11_MODULE(decode_kernels, m) {
-    m.doc() = "float32 kernels of a decode step: few-row matmuls streaming the weight, attention over a KV cache.";
+    m.doc() = "float32 kernels of a decode step: few-row matmuls streaming the weight, a decoder layer over a KV cache.";
     m.def("streamed_matmul", &streamed_matmul, py::arg("x"), py::arg("w"), py::arg("out"),
           py::arg("num_threads") = 1, "Writes x (..., K) @ w (K, N) into out (..., N).");
-    m.def("decode_attention", &decode_attention, py::arg("qkv"), py::arg("positions"), py::arg("sin"), py::arg("cos"),
-          py::arg("k_cache"), py::arg("v_cache"), py::arg("write"), py::arg("mask"), py::arg("z"), py::arg("k_new"),
-          py::arg("v_new"),
-          "One decode step's attention (see decode_attention.h): writes z (batch, heads * head_dim) and the rotated "
-          "new key and the value (batch, heads, head_dim) into k_new and v_new; the caches are only read.");
+    m.def("decode_layer", &decode_layer, py::arg("x"), py::arg("h"), py::arg("w_qkv"),
+          py::arg("w_in"), py::arg("b_in"), py::arg("w_out"), py::arg("w_fc_out"), py::arg("b_fc_out"),
+          py::arg("positions"), py::arg("sin"), py::arg("cos"), py::arg("k_cache"), py::arg("v_cache"),
+          py::arg("write"), py::arg("mask"), py::arg("x_next"), py::arg("k_new"), py::arg("v_new"),
+          py::arg("num_threads") = 1,
+          "One decoder layer of a decode step (see decode_layer.h): writes x_next (batch, n_embd) and the rotated new "
+          "key and the value (batch, heads, head_dim) into k_new and v_new; the caches are only read.");
 }

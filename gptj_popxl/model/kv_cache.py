@@ -11,13 +11,16 @@ which columns each row attends to.
 
 Every linear layer here multiplies with ``streamed_matmul``: a decode step has one row per
 sequence, and that kernel reads each weight once for all rows (larger products stay
-``ops.matmul``). On the CPU runtime a float32 decode step on one shard runs each layer after its
-LayerNorm as one ``decode_layer`` op (``decode_kernels``), then writes the new key and value.
+``ops.matmul``). On the CPU runtime a float32 decode step on one shard runs each layer as one
+``decode_layer`` op (``decode_kernels``), which also writes the new key and value into the caches.
 
 Masks are additive float32 ``(batch, 1, queries, keys)``: 0 where a query may attend, the
 float32 minimum where not (never summed, so fully masked rows stay finite).
 """
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
@@ -77,22 +80,23 @@ class CachedDecoderBlock(DecoderBlock):
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
               k_cache: popxl.TensorByRef = None, v_cache: popxl.TensorByRef = None, write: popxl.Tensor = None):
-        h = self.ln_1(x, eps=self.eps)
         if k_cache is not None and can_decode_layer(x, self.attn.groups.tp):
-            return self._decode_layer(x, h, positions, mask, k_cache, v_cache, write)
+            return self._decode_layer(x, positions, mask, k_cache, v_cache, write)
+        h = self.ln_1(x, eps=self.eps)
         if k_cache is None:
             a, k, v = self.attn(h, positions, mask)
             return a + self.mlp(h) + x, k, v
         return self.attn(h, positions, mask, k_cache, v_cache, write) + self.mlp(h) + x
 
-    def _decode_layer(self, x, h, positions, mask, k_cache, v_cache, write) -> popxl.Tensor:
-        """The decode step of this layer as one ``decode_layer`` op; the sub-modules' variables are
-        declared as their own builds declare them (same names, shapes and groupings), and the new key
-        and value go into the caches after the op has read them."""
-        attn, mlp, groups, dtype = self.attn, self.mlp, self.attn.groups, x.dtype
+    def _decode_layer(self, x, positions, mask, k_cache, v_cache, write) -> popxl.Tensor:
+        """This layer's decode step as one ``decode_layer`` op; the sub-modules' variables are declared
+        as their own builds declare them (same names, shapes, groupings and initial values)."""
+        attn, mlp, ln, groups, dtype = self.attn, self.mlp, self.ln_1, self.attn.groups, x.dtype
         n_embd, width = x.shape[-1], attn.layout.heads_per_shard * self.config.head_dim
         inner = tp_layout(self.config, groups.tp).inner_per_shard
-        weights = (_sharded_weight(attn.qkv, (n_embd, 3 * width), dtype, groups),
+        weights = (ln.add_variable_input("weight", partial(np.ones, (n_embd,)), dtype, replica_grouping=ln.replica_grouping),
+                   ln.add_variable_input("bias", partial(np.zeros, (n_embd,)), dtype, replica_grouping=ln.replica_grouping),
+                   _sharded_weight(attn.qkv, (n_embd, 3 * width), dtype, groups),
                    _sharded_weight(mlp.fc_in, (n_embd, inner), dtype, groups),
                    _bias(mlp.fc_in, inner, dtype, groups.sharded),
                    _sharded_weight(attn.out, (width, n_embd), dtype, groups),
@@ -100,10 +104,7 @@ class CachedDecoderBlock(DecoderBlock):
                    _bias(mlp.fc_out, n_embd, dtype))
         sin, cos = (popxl.constant(t, popxl.float32, name=name)
                     for t, name in zip(trig_tables(self.config.n_positions, self.config.rotary_dim), ("sin", "cos")))
-        out, k_t, v = decode_layer(x, h, *weights, positions, sin, cos, k_cache, v_cache, write, mask)
-        ops.dynamic_update_(k_cache, write, k_t, axes=[3], sizes=[1], no_overlap=True)
-        ops.dynamic_update_(v_cache, write, v, axes=[2], sizes=[1], no_overlap=True)
-        return out
+        return decode_layer(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, self.eps)
 
 
 class CachedLM(GPTJLM):

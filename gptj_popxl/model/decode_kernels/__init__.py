@@ -4,9 +4,9 @@
   time is that of reading the weights, which BLAS kernels tuned for many rows do at a fraction of
   the memory bandwidth; this kernel reads each weight once for all rows, split over torch's
   threads by output columns.
-- ``decode_layer(...)``: a whole decoder layer for one new token per row over the KV cache (the
-  products streamed as above, rotary embedding, attention, GELU, residual) in one op instead of
-  some thirty small ones; it returns the new key and value for the caller to write into the cache.
+- ``decode_layer(...)``: a whole decoder layer for one new token per row over the KV cache
+  (LayerNorm, the products streamed as above, rotary embedding, cache write, attention, GELU,
+  residual) in one op instead of some thirty small ones.
 
 On the CPU runtime these are custom ops (``gptj_popxl.backend.custom_op``) whose kernels are the C++
 in ``streamed_matmul.h``, ``decode_attention.h`` and ``decode_layer.h``, bound by ``decode_kernels.cpp`` and compiled
@@ -72,39 +72,35 @@ if IS_CPU:
             return product
 
     class DecodeLayer(custom_op.CustomOp):
-        """``(x_next, k_t, v)`` of one decoder layer of a decode step by the C++ kernel."""
+        """One decoder layer of a decode step by the C++ kernel, writing the caches in place: its
+        outputs are ``k_cache`` itself (the first input it modifies; ``v_cache`` is written too) and
+        the layer's output."""
         name = "decode_layer"
+        modifies = (12, 13)
 
         @staticmethod
-        def infer(x, h, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, positions, sin, cos, k_cache, v_cache, write,
-                  mask):
-            batch, heads, head_dim, _ = k_cache.shape
-            return (x.spec, custom_op.spec((batch, heads, head_dim, 1), x.dtype),
-                    custom_op.spec((batch, heads, 1, head_dim), x.dtype))
+        def infer(x, ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, positions, sin, cos, k_cache,
+                  v_cache, write, mask, eps):
+            return k_cache.spec, x.spec
 
         @classmethod
         def lower(cls, op, runtime):
-            ext = extension()
+            ext, eps = extension(), op.attrs["eps"]
             if runtime.replicas != 1:
                 raise ValueError("decode_layer runs on one replica (no tensor parallelism)")
-            batch, heads, head_dim, cache_len = op.inputs[11].shape
+            batch, _, _, cache_len = op.inputs[12].shape
             n_embd = op.inputs[0].shape[-1]
 
-            def layer(x, h, *rest):
-                weights, (positions, sin, cos, k_cache, v_cache, write, mask) = rest[:6], rest[6:]
+            def layer(x, *rest):
+                weights, (positions, sin, cos, k_cache, v_cache, write, mask) = rest[:8], rest[8:]
                 x_next = torch.empty((1, batch, 1, n_embd), dtype=torch.float32)
-                k_new = torch.empty((1, batch, heads, head_dim, 1), dtype=torch.float32)
-                v_new = torch.empty((1, batch, heads, 1, head_dim), dtype=torch.float32)
+                # Arrays keep the replica axis (of size 1); the C++ side skips leading axes of size 1.
                 ext.decode_layer(x.reshape(batch, n_embd).contiguous().numpy(),
-                                 h.reshape(batch, n_embd).contiguous().numpy(),
-                                 *(w[0].contiguous().numpy() for w in weights),
-                                 positions.contiguous().numpy(), sin[0].numpy(), cos[0].numpy(),
-                                 k_cache[0].contiguous().numpy(), v_cache[0].contiguous().numpy(), int(write[0, 0]),
-                                 mask.reshape(batch, cache_len).contiguous().numpy(),
-                                 x_next.reshape(batch, n_embd).numpy(),
-                                 k_new.reshape(batch, heads, head_dim).numpy(),
-                                 v_new.reshape(batch, heads, head_dim).numpy(), torch.get_num_threads())
-                return x_next, k_new, v_new
+                                 *(w.contiguous().numpy() for w in weights), positions.contiguous().numpy(),
+                                 sin.numpy(), cos.numpy(), k_cache.numpy(), v_cache.numpy(), int(write[0, 0]),
+                                 mask.reshape(batch, cache_len).contiguous().numpy(), eps,
+                                 x_next.view(batch, n_embd).numpy(), torch.get_num_threads())
+                return k_cache, x_next
             return layer
 
 
@@ -122,37 +118,35 @@ def can_decode_layer(x: popxl.Tensor, tp: int) -> bool:
     return IS_CPU and x.dtype == popxl.float32 and tp == 1
 
 
-def decode_layer(x: popxl.Tensor, h: popxl.Tensor, w_qkv: popxl.Tensor, w_in: popxl.Tensor, b_in: popxl.Tensor,
-                 w_out: popxl.Tensor, w_fc_out: popxl.Tensor, b_fc_out: popxl.Tensor, positions: popxl.Tensor,
-                 sin: popxl.Tensor, cos: popxl.Tensor, k_cache: popxl.Tensor, v_cache: popxl.Tensor,
-                 write: popxl.Tensor, mask: popxl.Tensor):
-    """One GPT-J decoder layer (parallel attention and MLP, residual) for one new token per row.
+def decode_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor, w_qkv: popxl.Tensor,
+                 w_in: popxl.Tensor, b_in: popxl.Tensor, w_out: popxl.Tensor, w_fc_out: popxl.Tensor,
+                 b_fc_out: popxl.Tensor, positions: popxl.Tensor, sin: popxl.Tensor, cos: popxl.Tensor,
+                 k_cache: popxl.Tensor, v_cache: popxl.Tensor, write: popxl.Tensor, mask: popxl.Tensor,
+                 eps: float) -> popxl.Tensor:
+    """One GPT-J decoder layer (LayerNorm, parallel attention and MLP, residual) for one new token per row.
 
-    ``x`` (batch, 1, n_embd) the layer's input and ``h`` that after its LayerNorm; the weights as
-    the layer's variables (``w_qkv`` fused ``[q | k | v]`` columns); ``positions`` (batch, 1) int32
-    rows of the rotary tables ``sin``, ``cos`` (positions, rotary_dim / 2); ``k_cache`` (batch,
-    heads, head_dim, cache_len) (keys transposed) and ``v_cache`` (batch, heads, cache_len,
-    head_dim), only read: column ``write`` (1,) int32 takes the new key and value; ``mask``
-    (batch, 1, 1, cache_len) additive. Returns the layer's output ``x_next`` (x's shape), the rotated
-    new key ``k_t`` (batch, heads, head_dim, 1) and the value ``v`` (batch, heads, 1, head_dim), in
-    the caches' layouts, for the caller to write at column ``write``.
+    ``x`` (batch, 1, n_embd) the layer's input; the weights as the layer's variables (``w_qkv``
+    fused ``[q | k | v]`` columns); ``positions`` (batch, 1) int32 rows of the rotary tables
+    ``sin``, ``cos`` (positions, rotary_dim / 2); ``k_cache`` (batch, heads, head_dim, cache_len)
+    (keys transposed) and ``v_cache`` (batch, heads, cache_len, head_dim), written in place: column
+    ``write`` (1,) int32 takes the new key and value before the query attends; ``mask`` (batch, 1, 1,
+    cache_len) additive. Returns the layer's output, ``x``'s shape.
     """
     batch, heads, head_dim, cache_len = k_cache.shape
     n_embd, inner, rotary = x.shape[-1], w_in.shape[-1], sin.shape[-1]
-    expected = {"x": (x, (batch, 1, n_embd), popxl.float32), "h": (h, (batch, 1, n_embd), popxl.float32),
-                "w_qkv": (w_qkv, (n_embd, 3 * heads * head_dim), popxl.float32),
-                "w_in": (w_in, (n_embd, inner), popxl.float32), "b_in": (b_in, (inner,), popxl.float32),
-                "w_out": (w_out, (heads * head_dim, n_embd), popxl.float32),
-                "w_fc_out": (w_fc_out, (inner, n_embd), popxl.float32),
-                "b_fc_out": (b_fc_out, (n_embd,), popxl.float32), "positions": (positions, (batch, 1), popxl.int32),
-                "sin": (sin, (sin.shape[0], rotary), popxl.float32), "cos": (cos, tuple(sin.shape), popxl.float32),
-                "v_cache": (v_cache, (batch, heads, cache_len, head_dim), popxl.float32),
-                "write": (write, (1,), popxl.int32), "mask": (mask, (batch, 1, 1, cache_len), popxl.float32)}
-    for what, (t, shape, dtype) in expected.items():
+    expected = {"x": (x, (batch, 1, n_embd)), "ln_weight": (ln_weight, (n_embd,)), "ln_bias": (ln_bias, (n_embd,)),
+                "w_qkv": (w_qkv, (n_embd, 3 * heads * head_dim)), "w_in": (w_in, (n_embd, inner)),
+                "b_in": (b_in, (inner,)), "w_out": (w_out, (heads * head_dim, n_embd)),
+                "w_fc_out": (w_fc_out, (inner, n_embd)), "b_fc_out": (b_fc_out, (n_embd,)),
+                "sin": (sin, (sin.shape[0], rotary)), "cos": (cos, tuple(sin.shape)),
+                "v_cache": (v_cache, (batch, heads, cache_len, head_dim)), "mask": (mask, (batch, 1, 1, cache_len)),
+                "positions": (positions, (batch, 1), popxl.int32), "write": (write, (1,), popxl.int32)}
+    for what, (t, shape, *dtype) in expected.items():
+        dtype = dtype[0] if dtype else popxl.float32
         if tuple(t.shape) != shape or t.dtype != dtype:
             raise ValueError(f"decode_layer: {what} must be {shape} {dtype.name} for x {tuple(x.shape)} and k_cache "
                              f"{tuple(k_cache.shape)}, got {t.name!r} {tuple(t.shape)} {t.dtype.name}")
     if 2 * rotary > head_dim:
         raise ValueError(f"decode_layer: rotary tables {tuple(sin.shape)} rotate more than head_dim {head_dim}")
-    return DecodeLayer.create(x, h, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, positions, sin, cos, k_cache,
-                              v_cache, write, mask, name="decode_layer")
+    return DecodeLayer.create(x, ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, positions, sin, cos,
+                              k_cache, v_cache, write, mask, eps=float(eps), name="decode_layer")[1]

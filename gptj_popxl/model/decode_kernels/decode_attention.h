@@ -2,12 +2,11 @@
 //
 // Per row b and head h: the new query and key (from the fused qkv row [q heads | k heads | v heads])
 // are rotated to the row's position (pair i < rotary_dim/2: x[2i] * cos - x[2i+1] * sin,
-// x[2i+1] * cos + x[2i] * sin, from the (P, rotary_dim/2) tables); the query attends to the cache's
-// columns, column `write` holding the new key and value (the cache itself is not written: the
-// caller stores k_new and v_new there):
+// x[2i+1] * cos + x[2i] * sin, from the (P, rotary_dim/2) tables); the key and the value are written
+// into the cache at column `write`, then the query attends to every column:
 //   score[c] = (q . key[c]) / sqrt(D) + mask[b, c],  z = softmax(score) @ value.
 // Layouts: qkv (B, 3 H D); k_cache (B, H, D, C), keys transposed; v_cache (B, H, C, D); mask (B, C)
-// additive; z (B, H D); k_new, v_new (B, H, D). All float32.
+// additive; z (B, H D). All float32.
 #pragma once
 
 #include <algorithm>
@@ -58,35 +57,31 @@ inline void rotate(float* x, const float* sin, const float* cos, int64_t rotary_
 }
 
 inline void decode_attention(const float* qkv, const int32_t* positions, const float* sin, const float* cos,
-                             int64_t rotary_dim, const float* k_cache, const float* v_cache, int64_t write,
-                             const float* mask, int64_t B, int64_t H, int64_t D, int64_t C, float* z, float* k_new,
-                             float* v_new) {
+                             int64_t rotary_dim, float* k_cache, float* v_cache, int64_t write, const float* mask,
+                             int64_t B, int64_t H, int64_t D, int64_t C, float* z) {
     const float scale = std::sqrt(float(D));
     const int64_t half = rotary_dim / 2;
-    std::vector<float> q(D), score(C);
+    std::vector<float> q(D), k(D), score(C);
     for (int64_t b = 0; b < B; ++b) {
         const float* row = qkv + b * 3 * H * D;
         const float* s = sin + int64_t(positions[b]) * half;
         const float* c = cos + int64_t(positions[b]) * half;
         for (int64_t h = 0; h < H; ++h) {
             const int64_t bh = b * H + h;
-            float* k = k_new + bh * D;
-            float* v = v_new + bh * D;
             std::copy(row + h * D, row + (h + 1) * D, q.begin());
-            std::copy(row + (H + h) * D, row + (H + h + 1) * D, k);
-            std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, v);
+            std::copy(row + (H + h) * D, row + (H + h + 1) * D, k.begin());
             rotate(q.data(), s, c, rotary_dim);
-            rotate(k, s, c, rotary_dim);
+            rotate(k.data(), s, c, rotary_dim);
+            float* keys = k_cache + bh * D * C;
+            float* values = v_cache + bh * C * D;
+            for (int64_t d = 0; d < D; ++d)
+                keys[d * C + write] = k[d];
+            std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, values + write * D);
             // Scores: the cache's keys are (D, C), so accumulate over d with the columns contiguous.
-            const float* keys = k_cache + bh * D * C;
             std::fill(score.begin(), score.end(), 0.0f);
             for (int64_t d = 0; d < D; ++d)
                 for (int64_t col = 0; col < C; ++col)
                     score[col] += q[d] * keys[d * C + col];
-            float new_score = 0.0f;
-            for (int64_t d = 0; d < D; ++d)
-                new_score += q[d] * k[d];
-            score[write] = new_score;
             float top = -INFINITY;
             for (int64_t col = 0; col < C; ++col) {
                 score[col] = score[col] / scale + mask[b * C + col];
@@ -98,12 +93,10 @@ inline void decode_attention(const float* qkv, const int32_t* positions, const f
                 total += score[col];
             float* out = z + bh * D;
             std::fill(out, out + D, 0.0f);
-            const float* values = v_cache + bh * C * D;
             for (int64_t col = 0; col < C; ++col) {
                 const float p = score[col] / total;
-                const float* value = col == write ? v : values + col * D;
                 for (int64_t d = 0; d < D; ++d)
-                    out[d] += p * value[d];
+                    out[d] += p * values[col * D + d];
             }
         }
     }

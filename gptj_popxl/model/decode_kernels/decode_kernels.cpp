@@ -33,11 +33,17 @@ std::string shape_of(const py::array& a) {
     return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-// A C-contiguous float32 array of `shape` (the message is built only on failure: this runs at every call).
+// Size of axis `i` counted from the end (-1: the last), 0 when `a` has fewer axes.
+py::ssize_t dim(const py::array& a, int i) { return a.ndim() + i >= 0 ? a.shape(a.ndim() + i) : 0; }
+
+// A C-contiguous float32 array of `shape`, after any leading axes of size 1 (the runtime's replica axis);
+// the message is built only on failure: this runs at every call.
 void require_floats(const char* name, const py::array& a, std::initializer_list<py::ssize_t> shape) {
-    bool ok = a.dtype().is(py::dtype::of<float>()) && (a.flags() & py::array::c_style) &&
-              a.ndim() == py::ssize_t(shape.size());
-    py::ssize_t i = 0;
+    const py::ssize_t extra = a.ndim() - py::ssize_t(shape.size());
+    bool ok = a.dtype().is(py::dtype::of<float>()) && (a.flags() & py::array::c_style) && extra >= 0;
+    for (py::ssize_t i = 0; ok && i < extra; ++i)
+        ok = a.shape(i) == 1;
+    py::ssize_t i = extra;
     for (auto n : shape)
         ok = ok && a.shape(i++) == n;
     if (ok)
@@ -73,19 +79,16 @@ void streamed_matmul(const py::array& x, const py::array& w, py::array& out, int
     gptj_streamed::streamed_matmul(xs, M, K, ws, N, ys, num_threads);
 }
 
-void decode_layer(const py::array& x, const py::array& h, const py::array& w_qkv,
+void decode_layer(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w_qkv,
                   const py::array& w_in, const py::array& b_in, const py::array& w_out, const py::array& w_fc_out,
                   const py::array& b_fc_out, const py::array& positions, const py::array& sin, const py::array& cos,
-                  const py::array& k_cache, const py::array& v_cache, int64_t write, const py::array& mask,
-                  py::array& x_next, py::array& k_new, py::array& v_new, int num_threads) {
-    require(k_cache.ndim() == 4, "k_cache must be (batch, heads, head_dim, cache_len), got " + shape_of(k_cache));
-    const int64_t B = k_cache.shape(0), H = k_cache.shape(1), D = k_cache.shape(2), C = k_cache.shape(3);
-    require(sin.ndim() == 2 && w_in.ndim() == 2 && x.ndim() == 2,
-            "x (batch, n_embd), w_in (n_embd, inner) and sin (positions, rotary_dim / 2) must be matrices, got x " +
-                shape_of(x) + ", w_in " + shape_of(w_in) + ", sin " + shape_of(sin));
-    const int64_t E = x.shape(1), I = w_in.shape(1), P = sin.shape(0), half = sin.shape(1);
+                  py::array& k_cache, py::array& v_cache, int64_t write, const py::array& mask, float eps,
+                  py::array& x_next, int num_threads) {
+    const int64_t B = dim(k_cache, -4), H = dim(k_cache, -3), D = dim(k_cache, -2), C = dim(k_cache, -1);
+    const int64_t E = dim(x, -1), I = dim(w_in, -1), P = dim(sin, -2), half = dim(sin, -1);
     require_floats("x", x, {B, E});
-    require_floats("h", h, {B, E});
+    require_floats("ln_weight", ln_weight, {E});
+    require_floats("ln_bias", ln_bias, {E});
     require_floats("w_qkv", w_qkv, {E, 3 * H * D});
     require_floats("w_in", w_in, {E, I});
     require_floats("b_in", b_in, {I});
@@ -98,8 +101,8 @@ void decode_layer(const py::array& x, const py::array& h, const py::array& w_qkv
     require_floats("cos", cos, {P, half});
     require_floats("mask", mask, {B, C});
     require_floats("x_next", x_next, {B, E});
-    require_floats("k_new", k_new, {B, H, D});
-    require_floats("v_new", v_new, {B, H, D});
+    require(k_cache.writeable() && v_cache.writeable() && x_next.writeable(),
+            "k_cache, v_cache and x_next must be writeable");
     require(2 * half <= D, "rotary_dim " + std::to_string(2 * half) + " exceeds head_dim " + std::to_string(D));
     require(write >= 0 && write < C, "write column " + std::to_string(write) + " outside the cache's " +
                                          std::to_string(C) + " columns");
@@ -113,10 +116,11 @@ void decode_layer(const py::array& x, const py::array& h, const py::array& w_qkv
                                   " outside the rotary tables' " + std::to_string(P) + " rows");
     auto f = [](const py::array& a) { return static_cast<const float*>(a.data()); };
     auto g = [](py::array& a) { return static_cast<float*>(a.mutable_data()); };
-    const gptj_decode::LayerWeights weights{f(w_qkv), f(w_in), f(b_in), f(w_out), f(w_fc_out), f(b_fc_out)};
+    const gptj_decode::LayerWeights weights{f(ln_weight), f(ln_bias), f(w_qkv),    f(w_in),
+                                            f(b_in),      f(w_out),   f(w_fc_out), f(b_fc_out)};
     py::gil_scoped_release release;
-    gptj_decode::decode_layer(f(x), f(h), B, E, H, D, I, weights, p, f(sin), f(cos), 2 * half, f(k_cache), f(v_cache), C,
-                              write, f(mask), num_threads, g(x_next), g(k_new), g(v_new));
+    gptj_decode::decode_layer(f(x), B, E, H, D, I, eps, weights, p, f(sin), f(cos), 2 * half, g(k_cache), g(v_cache), C,
+                              write, f(mask), num_threads, g(x_next));
 }
 
 }  // namespace
@@ -125,11 +129,11 @@ PYBIND11_MODULE(decode_kernels, m) {
     m.doc() = "float32 kernels of a decode step: few-row matmuls streaming the weight, a decoder layer over a KV cache.";
     m.def("streamed_matmul", &streamed_matmul, py::arg("x"), py::arg("w"), py::arg("out"),
           py::arg("num_threads") = 1, "Writes x (..., K) @ w (K, N) into out (..., N).");
-    m.def("decode_layer", &decode_layer, py::arg("x"), py::arg("h"), py::arg("w_qkv"),
+    m.def("decode_layer", &decode_layer, py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w_qkv"),
           py::arg("w_in"), py::arg("b_in"), py::arg("w_out"), py::arg("w_fc_out"), py::arg("b_fc_out"),
           py::arg("positions"), py::arg("sin"), py::arg("cos"), py::arg("k_cache"), py::arg("v_cache"),
-          py::arg("write"), py::arg("mask"), py::arg("x_next"), py::arg("k_new"), py::arg("v_new"),
+          py::arg("write"), py::arg("mask"), py::arg("eps"), py::arg("x_next"),
           py::arg("num_threads") = 1,
-          "One decoder layer of a decode step (see decode_layer.h): writes x_next (batch, n_embd) and the rotated new "
-          "key and the value (batch, heads, head_dim) into k_new and v_new; the caches are only read.");
+          "One decoder layer of a decode step (see decode_layer.h): writes the new key and value into the caches at "
+          "column `write` and the layer's output into x_next (batch, n_embd).");
 }

@@ -1,12 +1,11 @@
 // One GPT-J decoder layer for one new token per row, over a KV cache: header-only, no Python or torch.
 //
-//   qkv = h @ w_qkv;  a = gelu_tanh(h @ w_in + b_in)     (h: the layer's input x after its LayerNorm)
-//   z = decode_attention(qkv, ...)  (decode_attention.h: new key and value in column `write`)
+//   h = layer_norm(x);  qkv = h @ w_qkv;  a = gelu_tanh(h @ w_in + b_in)
+//   z = decode_attention(qkv, ...)  (decode_attention.h: writes the new key and value into the cache)
 //   x_next = (z @ w_out + (a @ w_fc_out + b_fc_out)) + x      (transformers' order of the sums)
 //
-// x, h, x_next (B, E); w_qkv (E, 3 H D) per row [q heads | k heads | v heads]; w_in (E, I); w_out (H D, E);
+// x, x_next (B, E); ln_weight, ln_bias (E); w_qkv (E, 3 H D) per row [q heads | k heads | v heads]; w_in (E, I); w_out (H D, E);
 // w_fc_out (I, E); the products stream their weight once (streamed_matmul.h) on num_threads threads.
-// k_new, v_new (B, H, D): the rotated new key and the value, for the caller to write into the cache.
 #pragma once
 
 #include <cmath>
@@ -19,6 +18,8 @@
 namespace gptj_decode {
 
 struct LayerWeights {
+    const float* ln_weight;
+    const float* ln_bias;
     const float* w_qkv;
     const float* w_in;
     const float* b_in;
@@ -26,6 +27,23 @@ struct LayerWeights {
     const float* w_fc_out;
     const float* b_fc_out;
 };
+
+// Row-wise (x - mean) / sqrt(biased variance + eps) * weight + bias.
+inline void layer_norm(const float* x, int64_t rows, int64_t n, const float* weight, const float* bias, float eps,
+                       float* out) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * n;
+        float mean = 0.0f, var = 0.0f;
+        for (int64_t i = 0; i < n; ++i)
+            mean += xr[i];
+        mean /= float(n);
+        for (int64_t i = 0; i < n; ++i)
+            var += (xr[i] - mean) * (xr[i] - mean);
+        const float inv = 1.0f / std::sqrt(var / float(n) + eps);
+        for (int64_t i = 0; i < n; ++i)
+            out[r * n + i] = (xr[i] - mean) * inv * weight[i] + bias[i];
+    }
+}
 
 // GELU, tanh approximation (transformers' gelu_new), with tanh(u) = sign(u) (1 - e) / (1 + e),
 // e = exp(-2 |u|).
@@ -61,17 +79,17 @@ inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
 }
 #endif
 
-inline void decode_layer(const float* x, const float* h, int64_t B, int64_t E, int64_t H, int64_t D, int64_t I,
+inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
                          const LayerWeights& w, const int32_t* positions, const float* sin, const float* cos,
-                         int64_t rotary_dim, const float* k_cache, const float* v_cache, int64_t C, int64_t write,
-                         const float* mask, int num_threads, float* x_next, float* k_new, float* v_new) {
-    std::vector<float> qkv(B * 3 * H * D), a(B * I), z(B * H * D), attn(B * E);
-    gptj_streamed::streamed_matmul(h, B, E, w.w_qkv, 3 * H * D, qkv.data(), num_threads);
-    gptj_streamed::streamed_matmul(h, B, E, w.w_in, I, a.data(), num_threads);
+                         int64_t rotary_dim, float* k_cache, float* v_cache, int64_t C, int64_t write, const float* mask,
+                         int num_threads, float* x_next) {
+    std::vector<float> h(B * E), qkv(B * 3 * H * D), a(B * I), z(B * H * D), attn(B * E);
+    layer_norm(x, B, E, w.ln_weight, w.ln_bias, eps, h.data());
+    gptj_streamed::streamed_matmul(h.data(), B, E, w.w_qkv, 3 * H * D, qkv.data(), num_threads);
+    gptj_streamed::streamed_matmul(h.data(), B, E, w.w_in, I, a.data(), num_threads);
     for (int64_t r = 0; r < B; ++r)
         add_bias_gelu(a.data() + r * I, w.b_in, I);
-    decode_attention(qkv.data(), positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z.data(),
-                     k_new, v_new);
+    decode_attention(qkv.data(), positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z.data());
     gptj_streamed::streamed_matmul(z.data(), B, H * D, w.w_out, E, attn.data(), num_threads);
     gptj_streamed::streamed_matmul(a.data(), B, I, w.w_fc_out, E, x_next, num_threads);
     for (int64_t r = 0; r < B; ++r)

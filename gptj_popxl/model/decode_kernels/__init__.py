@@ -3,7 +3,8 @@
 - ``streamed_matmul(x, w)``: ``x @ w`` for a weight ``w`` and few rows of ``x``. A decode step's
   time is that of reading the weights, which BLAS kernels tuned for many rows do at a fraction of
   the memory bandwidth; this kernel reads each weight once for all rows, split over torch's
-  threads by output columns.
+  thread count by blocks of output columns (a team that never waits for a thread to start, see
+  ``work_team.h``).
 - ``decode_layer(...)``: a whole decoder layer for one new token per row over the KV cache
   (LayerNorm, the products streamed as above, rotary embedding, cache write, attention, GELU,
   residual) in one op instead of some thirty small ones.

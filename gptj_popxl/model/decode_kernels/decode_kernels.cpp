@@ -1,10 +1,10 @@
 /*
 <%
 setup_pybind11(cfg)
-cfg['extra_compile_args'] = ['-std=c++17', '-O3', '-march=native', '-ffp-contract=fast', '-fopenmp',
+cfg['extra_compile_args'] = ['-std=c++17', '-O3', '-march=native', '-ffp-contract=fast', '-pthread',
                              '-fvisibility=hidden', '-Wno-maybe-uninitialized']
-cfg['extra_link_args'] = ['-fopenmp']
-cfg['dependencies'] = ['streamed_matmul.h', 'decode_attention.h', 'decode_layer.h']
+cfg['extra_link_args'] = ['-pthread']
+cfg['dependencies'] = ['work_team.h', 'streamed_matmul.h', 'decode_attention.h', 'decode_layer.h']
 %>
 */
 // Python binding of the decode kernels, built on first import by cppimport (their Python ops in this

@@ -2,8 +2,8 @@
 //
 // x (M, K), w (K, N), y (M, N), all float32 row-major. With few rows the product
 // is bound by reading w (a decode step reads every weight once per token), and BLAS kernels tuned
-// for large M stream it at a fraction of the memory bandwidth. Here each thread owns a block of
-// output columns; it walks w row by row in groups of KSTEP rows (KSTEP sequential streams) and
+// for large M stream it at a fraction of the memory bandwidth. Here the threads share out blocks of
+// output columns; each walks w row by row in groups of KSTEP rows (KSTEP sequential streams) and
 // adds every row of x's contribution while those rows' columns are in registers, the partial sums
 // of its columns staying in L1. Each y[m, n] sums k in increasing order, one fused multiply-add per
 // term, starting from 0.
@@ -17,9 +17,7 @@
 #include <immintrin.h>
 #endif
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "work_team.h"
 
 namespace gptj_streamed {
 
@@ -98,23 +96,20 @@ inline void columns(const float* x, int64_t M, int64_t K, const float* w, int64_
     }
 }
 
-// y = x @ w on up to num_threads threads, each owning a block of columns (multiples of 16:
-// whole cache lines, no two threads writing one).
+// y = x @ w on this thread and up to num_threads - 1 helpers (work_team.h), in chunks of whole cache
+// lines of columns (no two threads write one), about eight per thread, so that the caller takes over
+// most of the share of a helper that is held up (the machine busy with other processes).
 inline void streamed_matmul(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y,
                             int num_threads) {
     const int64_t lines = (N + 15) / 16;
-    const int threads = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, lines)));
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-#ifdef _OPENMP
-        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-#else
-        const int t = 0, nt = 1;
-#endif
-        const int64_t n0 = std::min(N, 16 * (lines * t / nt)), n1 = std::min(N, 16 * (lines * (t + 1) / nt));
-        if (n0 < n1)
-            columns(x, M, K, w, N, y, n0, n1);
+    const int64_t chunks = std::min<int64_t>(lines, 8 * int64_t(num_threads));
+    if (num_threads <= 1 || chunks <= 1) {
+        columns(x, M, K, w, N, y, 0, N);
+        return;
     }
+    WorkTeam::instance(num_threads - 1).run(chunks, num_threads - 1, [&](int64_t i) {
+        columns(x, M, K, w, N, y, std::min(N, 16 * (lines * i / chunks)), std::min(N, 16 * (lines * (i + 1) / chunks)));
+    });
 }
 
 }  // namespace gptj_streamed

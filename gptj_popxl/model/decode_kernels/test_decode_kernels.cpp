@@ -37,7 +37,7 @@ void check_product(int64_t M, int64_t K, int64_t N, int threads) {
 }  // namespace
 
 int main() {
-    for (int threads : {1, 2})
+    for (int threads : {1, 2, 3})
         for (int64_t M : {1, 2, 3, 4, 5, 9})
             for (int64_t K : {1, 7, 8, 37})
                 for (int64_t N : {1, 15, 16, 17, 600})

@@ -24,9 +24,9 @@ import numpy as np
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
-from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, _bias, _sharded_weight, attend
-from gptj_popxl.model.decode_kernels import can_decode_layer, decode_layer, streamed_matmul
 from gptj_popxl.model.config import tp_layout
+from gptj_popxl.model.decode_kernels import can_decode_layer, decode_layer, streamed_matmul
+from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, _bias, _sharded_weight, attend
 from gptj_popxl.model.rotary import trig_tables
 
 
@@ -94,8 +94,10 @@ class CachedDecoderBlock(DecoderBlock):
         attn, mlp, ln, groups, dtype = self.attn, self.mlp, self.ln_1, self.attn.groups, x.dtype
         n_embd, width = x.shape[-1], attn.layout.heads_per_shard * self.config.head_dim
         inner = tp_layout(self.config, groups.tp).inner_per_shard
-        weights = (ln.add_variable_input("weight", partial(np.ones, (n_embd,)), dtype, replica_grouping=ln.replica_grouping),
-                   ln.add_variable_input("bias", partial(np.zeros, (n_embd,)), dtype, replica_grouping=ln.replica_grouping),
+        weights = (ln.add_variable_input("weight", partial(np.ones, (n_embd,)), dtype,
+                                         replica_grouping=ln.replica_grouping),
+                   ln.add_variable_input("bias", partial(np.zeros, (n_embd,)), dtype,
+                                         replica_grouping=ln.replica_grouping),
                    _sharded_weight(attn.qkv, (n_embd, 3 * width), dtype, groups),
                    _sharded_weight(mlp.fc_in, (n_embd, inner), dtype, groups),
                    _bias(mlp.fc_in, inner, dtype, groups.sharded),

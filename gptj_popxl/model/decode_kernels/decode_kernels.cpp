@@ -126,7 +126,8 @@ void decode_layer(const py::array& x, const py::array& ln_weight, const py::arra
 }  // namespace
 
 PYBIND11_MODULE(decode_kernels, m) {
-    m.doc() = "float32 kernels of a decode step: few-row matmuls streaming the weight, a decoder layer over a KV cache.";
+    m.doc() = "float32 kernels of a decode step: few-row matmuls streaming the weight, a decoder layer over a "
+              "KV cache.";
     m.def("streamed_matmul", &streamed_matmul, py::arg("x"), py::arg("w"), py::arg("out"),
           py::arg("num_threads") = 1, "Writes x (..., K) @ w (K, N) into out (..., N).");
     m.def("decode_layer", &decode_layer, py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w_qkv"),

@@ -4,8 +4,9 @@
 //   z = decode_attention(qkv, ...)  (decode_attention.h: writes the new key and value into the cache)
 //   x_next = (z @ w_out + (a @ w_fc_out + b_fc_out)) + x      (transformers' order of the sums)
 //
-// x, x_next (B, E); ln_weight, ln_bias (E); w_qkv (E, 3 H D) per row [q heads | k heads | v heads]; w_in (E, I); w_out (H D, E);
-// w_fc_out (I, E); the products stream their weight once (streamed_matmul.h) on num_threads threads.
+// x, x_next (B, E); ln_weight, ln_bias (E); w_qkv (E, 3 H D), per row [q heads | k heads | v heads];
+// w_in (E, I); w_out (H D, E); w_fc_out (I, E). The products stream their weight once
+// (streamed_matmul.h) on num_threads threads; the caches are as decode_attention.h's.
 #pragma once
 
 #include <cmath>
@@ -81,8 +82,8 @@ inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
 
 inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
                          const LayerWeights& w, const int32_t* positions, const float* sin, const float* cos,
-                         int64_t rotary_dim, float* k_cache, float* v_cache, int64_t C, int64_t write, const float* mask,
-                         int num_threads, float* x_next) {
+                         int64_t rotary_dim, float* k_cache, float* v_cache, int64_t C, int64_t write,
+                         const float* mask, int num_threads, float* x_next) {
     std::vector<float> h(B * E), qkv(B * 3 * H * D), a(B * I), z(B * H * D), attn(B * E);
     layer_norm(x, B, E, w.ln_weight, w.ln_bias, eps, h.data());
     gptj_streamed::streamed_matmul(h.data(), B, E, w.w_qkv, 3 * H * D, qkv.data(), num_threads);

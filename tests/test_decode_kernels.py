@@ -1,12 +1,14 @@
 """The decode custom ops (``gptj_popxl.model.decode_kernels``) against torch and HF GPT-J's rotary code:
-``streamed_matmul`` over row, column and depth tails, and ``decode_layer`` (a whole layer of a
-decode step, its cache written in place) against the layer written in torch."""
+``streamed_matmul`` over row, column and depth tails, ``decode_layer`` (a whole layer of a decode
+step, its cache written in place) against the layer written in torch, and ``greedy_head`` against
+``torch.argmax`` of the head's logits."""
 import numpy as np
 import pytest
 import torch
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
 
-from gptj_popxl.model.decode_kernels import MAX_ROWS, StreamedMatMul, decode_layer, extension, streamed_matmul
+from gptj_popxl.model.decode_kernels import (MAX_ROWS, StreamedMatMul, decode_layer, extension, greedy_head,
+                                             streamed_matmul)
 from gptj_popxl.model.rotary import trig_tables
 from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float32, int32
 from ops_check import run_graph
@@ -104,3 +106,22 @@ def test_decode_layer_names_a_mismatched_weight():
     specs = [TensorSpec(s, float32) for s in shapes] + [TensorSpec((2, 1), int32), TensorSpec((1,), int32)]
     with pytest.raises(ValueError, match=r"decode_layer: w_qkv must be \(8, 6\) float32"):
         Ir().create_graph(build, *specs)
+
+
+def test_greedy_head_matches_torch_argmax():
+    rng = np.random.default_rng(2)
+    batch, n_embd, vocab = 3, 24, 50
+    x = rng.standard_normal((batch, n_embd)).astype(np.float32)
+    ln_w = (1 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
+    ln_b = rng.standard_normal(n_embd).astype(np.float32)
+    w, bias = rng.standard_normal((n_embd, vocab)).astype(np.float32), rng.standard_normal(vocab).astype(np.float32)
+    # Columns 7 and 30 are the same logit, the largest: the first one wins, as torch.argmax.
+    w[:, 30], bias[30] = w[:, 7], bias[7] = 0.0, 100.0
+    (tokens,), _ = run_graph(lambda *a: greedy_head(*a, eps=1e-5), x, ln_w, ln_b, w, bias)
+    h = torch.nn.functional.layer_norm(torch.from_numpy(x), (n_embd,), torch.from_numpy(ln_w), torch.from_numpy(ln_b))
+    expected = torch.argmax(h.double() @ torch.from_numpy(w).double() + torch.from_numpy(bias).double(), dim=-1)
+    np.testing.assert_array_equal(tokens, expected.numpy())
+    assert (tokens == 7).all()
+    x[1, 0] = np.nan  # a NaN logit counts as largest, as in torch.argmax
+    (tokens,), _ = run_graph(lambda *a: greedy_head(*a, eps=1e-5), x, ln_w, ln_b, w, bias)
+    assert tokens[1] == 0 and tokens[0] == tokens[2] == 7

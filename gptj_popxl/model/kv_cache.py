@@ -25,7 +25,7 @@ import numpy as np
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
 from gptj_popxl.model.config import tp_layout
-from gptj_popxl.model.decode_kernels import can_decode_layer, decode_layer, streamed_matmul
+from gptj_popxl.model.decode_kernels import can_decode_layer, decode_layer, greedy_head, streamed_matmul
 from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, _bias, _sharded_weight, attend
 from gptj_popxl.model.rotary import trig_tables
 
@@ -80,7 +80,7 @@ class CachedDecoderBlock(DecoderBlock):
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
               k_cache: popxl.TensorByRef = None, v_cache: popxl.TensorByRef = None, write: popxl.Tensor = None):
-        if k_cache is not None and can_decode_layer(x, self.attn.groups.tp):
+        if k_cache is not None and can_decode_layer(x.dtype, self.attn.groups.tp):
             return self._decode_layer(x, positions, mask, k_cache, v_cache, write)
         h = self.ln_1(x, eps=self.eps)
         if k_cache is None:
@@ -138,7 +138,7 @@ class CachedLM(GPTJLM):
 
     def _blocks(self, x, positions, mask, *per_layer_args) -> Tuple[popxl.Tensor, List[Tuple[popxl.Tensor, ...]]]:
         """Every layer on ``x``; ``per_layer_args`` are lists with one extra block argument per layer.
-        Returns the final hidden states after ``ln_f`` and each layer's other outputs."""
+        Returns the last layer's hidden states (before ``ln_f``) and each layer's other outputs."""
         block = CachedDecoderBlock(self.config, self.groups)
         facts, graph = block.create_graph(x, positions, mask, *[a[0] for a in per_layer_args])
         others = []
@@ -146,7 +146,7 @@ class CachedLM(GPTJLM):
             variables = self._layer_variables(i, facts)
             x, *rest = graph.bind(variables).call(x, positions, mask, *[a[i] for a in per_layer_args])
             others.append(rest)
-        return self.ln_f(x, eps=self.config.layer_norm_epsilon), others
+        return x, others
 
     def prefill(self, input_ids: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
                 shard_offset: popxl.Tensor):
@@ -154,12 +154,32 @@ class CachedLM(GPTJLM):
         batch, seq = input_ids.shape
         hidden, kvs = self._blocks(self.embedding(input_ids, shard_offset), positions, mask)
         last = hidden[:, seq - 1:seq].reshape((batch, self.config.n_embd))
-        return self.logits(last), [k for k, _ in kvs], [v for _, v in kvs]
+        logits = self.logits(self.ln_f(last, eps=self.config.layer_norm_epsilon))
+        return logits, [k for k, _ in kvs], [v for _, v in kvs]
 
     def decode(self, token: popxl.Tensor, position: popxl.Tensor, mask: popxl.Tensor, write: popxl.Tensor,
                shard_offset: popxl.Tensor, k_caches: Sequence[popxl.Tensor], v_caches: Sequence[popxl.Tensor]):
         """One token per row: its logits shard (batch, vocab_per_shard); the caches are written in place."""
+        hidden = self._decode_hidden(token, position, mask, write, shard_offset, k_caches, v_caches)
+        return self.logits(self.ln_f(hidden, eps=self.config.layer_norm_epsilon))
+
+    def decode_greedy(self, token: popxl.Tensor, position: popxl.Tensor, mask: popxl.Tensor, write: popxl.Tensor,
+                      shard_offset: popxl.Tensor, k_caches: Sequence[popxl.Tensor],
+                      v_caches: Sequence[popxl.Tensor]) -> popxl.Tensor:
+        """As ``decode``, but the greedy next token of each row (batch,) int32, by one ``greedy_head`` op
+        (``ln_f``, the LM head and the argmax; their variables declared as their own builds declare
+        them). Only where ``can_decode_layer`` holds."""
+        hidden = self._decode_hidden(token, position, mask, write, shard_offset, k_caches, v_caches)
+        n_embd, vocab, dtype, ln = self.config.n_embd, self.lm_head.out_features, hidden.dtype, self.ln_f
+        norm = [ln.add_variable_input(name, partial(init, (n_embd,)), dtype, replica_grouping=ln.replica_grouping)
+                for name, init in (("weight", np.ones), ("bias", np.zeros))]
+        head = (_sharded_weight(self.lm_head, (n_embd, vocab), dtype, self.groups),
+                _bias(self.lm_head, vocab, dtype, self.groups.sharded))
+        return greedy_head(hidden, *norm, *head, self.config.layer_norm_epsilon)
+
+    def _decode_hidden(self, token, position, mask, write, shard_offset, k_caches, v_caches) -> popxl.Tensor:
+        """The last layer's hidden states (batch, n_embd) of a decode step."""
         batch = token.shape[0]
         writes = [write] * self.config.n_layer
         hidden, _ = self._blocks(self.embedding(token, shard_offset), position, mask, k_caches, v_caches, writes)
-        return self.logits(hidden.reshape((batch, self.config.n_embd)))
+        return hidden.reshape((batch, self.config.n_embd))

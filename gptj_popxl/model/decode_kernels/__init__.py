@@ -8,6 +8,7 @@
 - ``decode_layer(...)``: a whole decoder layer for one new token per row over the KV cache
   (LayerNorm, the products streamed as above, rotary embedding, cache write, attention, GELU,
   residual) in one op instead of some thirty small ones.
+- ``greedy_head(...)``: ``ln_f``, the LM head and the argmax of a greedy decode step in one op.
 
 On the CPU runtime these are custom ops (``gptj_popxl.backend.custom_op``) whose kernels are the C++
 in ``streamed_matmul.h``, ``decode_attention.h`` and ``decode_layer.h``, bound by ``decode_kernels.cpp`` and compiled
@@ -24,7 +25,7 @@ import torch
 
 from gptj_popxl.backend import IS_CPU, custom_op, popxl
 
-__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "can_decode_layer"]
+__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "greedy_head", "can_decode_layer"]
 
 # Most rows of x streamed; beyond, the product is compute-bound and BLAS does better. Measured on the
 # benchmark model's weights (one thread, 17 products): 1.4 / 2.8 / 5.3 / 17.5 ms at 1 / 4 / 16 / 64
@@ -104,6 +105,29 @@ if IS_CPU:
                 return k_cache, x_next
             return layer
 
+    class GreedyHead(custom_op.CustomOp):
+        """Each row's greedy next token from the final hidden states by the C++ kernel."""
+        name = "greedy_head"
+
+        @staticmethod
+        def infer(x, ln_weight, ln_bias, w, bias, eps):
+            return custom_op.spec((_rows(x),), popxl.int32)
+
+        @classmethod
+        def lower(cls, op, runtime):
+            ext, eps = extension(), op.attrs["eps"]
+            if runtime.replicas != 1:
+                raise ValueError("greedy_head runs on one replica (no tensor parallelism)")
+            rows = _rows(op.inputs[0])
+
+            def head(x, ln_weight, ln_bias, w, bias):
+                tokens = torch.empty((1, rows), dtype=torch.int32)
+                ext.greedy_head(x.contiguous().numpy(), ln_weight.contiguous().numpy(), ln_bias.contiguous().numpy(),
+                                w.contiguous().numpy(), bias.contiguous().numpy(), eps, tokens.numpy(),
+                                torch.get_num_threads())
+                return tokens
+            return head
+
 
 def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
     """``x @ w`` for ``x`` (..., K) and a matrix ``w`` (K, N); streamed when ``x`` has at most
@@ -113,10 +137,10 @@ def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
     return StreamedMatMul.create(x, w, name="product")
 
 
-def can_decode_layer(x: popxl.Tensor, tp: int) -> bool:
-    """Whether :func:`decode_layer` runs for hidden states ``x`` of a model with ``tp`` shards (float32,
-    one shard, the CPU runtime)."""
-    return IS_CPU and x.dtype == popxl.float32 and tp == 1
+def can_decode_layer(dtype, tp: int) -> bool:
+    """Whether :func:`decode_layer` and :func:`greedy_head` run for a model of ``dtype`` (a popxl
+    dtype) with ``tp`` shards: float32, one shard, the CPU runtime."""
+    return IS_CPU and dtype == popxl.float32 and tp == 1
 
 
 def decode_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor, w_qkv: popxl.Tensor,
@@ -151,3 +175,18 @@ def decode_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor
         raise ValueError(f"decode_layer: rotary tables {tuple(sin.shape)} rotate more than head_dim {head_dim}")
     return DecodeLayer.create(x, ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, positions, sin, cos,
                               k_cache, v_cache, write, mask, eps=float(eps), name="decode_layer")[1]
+
+
+def greedy_head(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor, w: popxl.Tensor, bias: popxl.Tensor,
+                eps: float) -> popxl.Tensor:
+    """The greedy next token (batch,) int32 of each row of the final hidden states ``x`` (batch, ...,
+    n_embd) float32: the first largest logit of ``layer_norm(x) @ w + bias`` (``ln_f`` and the LM head,
+    ``w`` (n_embd, vocab)), as ``torch.argmax``; the logits are never stored."""
+    n_embd, vocab = x.shape[-1], w.shape[-1]
+    expected = {"ln_weight": (ln_weight, (n_embd,)), "ln_bias": (ln_bias, (n_embd,)), "w": (w, (n_embd, vocab)),
+                "bias": (bias, (vocab,)), "x": (x, tuple(x.shape))}
+    for what, (t, shape) in expected.items():
+        if tuple(t.shape) != shape or t.dtype != popxl.float32:
+            raise ValueError(f"greedy_head: {what} must be {shape} float32 for x {tuple(x.shape)} and w "
+                             f"{tuple(w.shape)}, got {t.name!r} {tuple(t.shape)} {t.dtype.name}")
+    return GreedyHead.create(x, ln_weight, ln_bias, w, bias, eps=float(eps), name="greedy_token")

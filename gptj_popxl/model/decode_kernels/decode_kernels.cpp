@@ -123,6 +123,24 @@ void decode_layer(const py::array& x, const py::array& ln_weight, const py::arra
                               write, f(mask), num_threads, g(x_next));
 }
 
+void greedy_head(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w,
+                 const py::array& bias, float eps, py::array& tokens, int num_threads) {
+    const int64_t E = dim(w, -2), V = dim(w, -1), B = E ? x.size() / E : 0;
+    require_floats("x", x, {B, E});
+    require_floats("ln_weight", ln_weight, {E});
+    require_floats("ln_bias", ln_bias, {E});
+    require_floats("w", w, {E, V});
+    require_floats("bias", bias, {V});
+    require(V > 0 && tokens.dtype().is(py::dtype::of<int32_t>()) && (tokens.flags() & py::array::c_style) &&
+                tokens.size() == B && tokens.writeable(),
+            "tokens must be " + std::to_string(B) + " writeable contiguous int32 values for " + std::to_string(V) +
+                " logits per row, got " + shape_of(tokens));
+    auto f = [](const py::array& a) { return static_cast<const float*>(a.data()); };
+    auto* out = static_cast<int32_t*>(tokens.mutable_data());
+    py::gil_scoped_release release;
+    gptj_decode::greedy_head(f(x), B, E, V, eps, f(ln_weight), f(ln_bias), f(w), f(bias), num_threads, out);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(decode_kernels, m) {
@@ -137,4 +155,7 @@ PYBIND11_MODULE(decode_kernels, m) {
           py::arg("num_threads") = 1,
           "One decoder layer of a decode step (see decode_layer.h): writes the new key and value into the caches at "
           "column `write` and the layer's output into x_next (batch, n_embd).");
+    m.def("greedy_head", &greedy_head, py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w"),
+          py::arg("bias"), py::arg("eps"), py::arg("tokens"), py::arg("num_threads") = 1,
+          "Writes into tokens (batch,) int32 each row's first largest logit of layer_norm(x) @ w + bias.");
 }

@@ -98,4 +98,25 @@ inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_
             x_next[r * E + i] = (attn[r * E + i] + (x_next[r * E + i] + w.b_fc_out[i])) + x[r * E + i];
 }
 
+// The greedy next token of each row: the first largest of layer_norm(x) @ w + bias (as torch.argmax,
+// a NaN counts as largest). x (B, E); ln_weight, ln_bias (E); w (E, V); bias (V); tokens (B).
+inline void greedy_head(const float* x, int64_t B, int64_t E, int64_t V, float eps, const float* ln_weight,
+                        const float* ln_bias, const float* w, const float* bias, int num_threads, int32_t* tokens) {
+    std::vector<float> h(B * E), logits(B * V);
+    layer_norm(x, B, E, ln_weight, ln_bias, eps, h.data());
+    gptj_streamed::streamed_matmul(h.data(), B, E, w, V, logits.data(), num_threads);
+    for (int64_t r = 0; r < B; ++r) {
+        int64_t best = 0;
+        float top = logits[r * V] + bias[0];
+        for (int64_t v = 1; v < V && !std::isnan(top); ++v) {
+            const float value = logits[r * V + v] + bias[v];
+            if (value > top || std::isnan(value)) {
+                top = value;
+                best = v;
+            }
+        }
+        tokens[r] = int32_t(best);
+    }
+}
+
 }  // namespace gptj_decode

@@ -16,12 +16,12 @@ from gptj_popxl.model.config import is_positive_int, tp_layout
 from gptj_popxl.programs.generation import MASKED, Sampling, build_decode, build_prefill
 
 # Most decode steps per run: a run costs a host round trip, and steps after every row has
-# finished (or past max_new_tokens) are wasted. Measured on the benchmark model
-# (bench_generate.py, 32 new tokens, best of 4 on the shared 2-core machine): 8 steps per run
-# was fastest at batch 1 and 4 (190 / 283 ms), then 32 (217 / 321), 16 (228 / 357), 4 (233 / 309).
-# Re-measured with the cache written in place (best of 7, one thread, machine load ~10): 4, 8, 16
-# and 32 within noise of each other (32 at most 5% ahead), so 8 stays for earlier stops and refills.
-DECODE_CHUNK = 8
+# finished (or past max_new_tokens) are wasted. With the decode kernels (a step of the benchmark
+# model, bench_generate.py, takes some 2.5 ms on one thread) the round trip shows: 32 new tokens
+# took 94 / 89 / 86 ms at batch 1 and 140 / 137 / 130 ms at batch 4 with 8 / 16 / 32 steps per
+# run (medians of 7, one thread, shared machine); 16 takes most of that gain and keeps early stops
+# and refills within 16 steps.
+DECODE_CHUNK = 16
 # Smallest prompt bucket; buckets double from it up to n_positions.
 MIN_BUCKET = 8
 

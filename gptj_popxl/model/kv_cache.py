@@ -9,14 +9,31 @@ addressed by the host: at a decode step every row writes the same column, in pla
 is never copied); a refilled row's prompt fills the columns just before it, and the mask says
 which columns each row attends to.
 
+Every linear layer here multiplies with ``streamed_matmul``: a decode step has one row per
+sequence, and that kernel reads each weight once for all rows (larger products stay
+``ops.matmul``). On the CPU runtime a float32 decode step on one shard runs each layer as one
+``decode_layer`` op (``decode_kernels``), which also writes the new key and value into the caches.
+
 Masks are additive float32 ``(batch, 1, queries, keys)``: 0 where a query may attend, the
 float32 minimum where not (never summed, so fully masked rows stay finite).
 """
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
-from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, attend
+from gptj_popxl.model.config import tp_layout
+from gptj_popxl.model.decode_kernels import can_decode_layer, decode_layer, greedy_head, streamed_matmul
+from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, _bias, _sharded_weight, attend
+from gptj_popxl.model.rotary import trig_tables
+
+
+def _streamed(*linears) -> None:
+    """Makes the linear layers ``linears`` multiply with ``streamed_matmul``."""
+    for linear in linears:
+        linear.product = streamed_matmul
 
 
 class CachedAttention(Attention):
@@ -30,6 +47,10 @@ class CachedAttention(Attention):
       (layouts in the module doc) at column ``write`` (1,) int32, the same for every row, then the
       query attends to the cache under ``mask`` (batch, 1, 1, cache_len); returns ``out``.
     """
+
+    def __init__(self, config, groups, attention_serialisation: int = 1):
+        super().__init__(config, groups, attention_serialisation)
+        _streamed(self.qkv, self.out)
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
               k_cache: Optional[popxl.Tensor] = None, v_cache: Optional[popxl.Tensor] = None,
@@ -53,15 +74,39 @@ class CachedDecoderBlock(DecoderBlock):
 
     def __init__(self, config, groups, attention_serialisation: int = 1):
         super().__init__(config, groups, attention_serialisation)
+        self.config = config
         self.attn = CachedAttention(config, groups)
+        _streamed(self.mlp.fc_in, self.mlp.fc_out)
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
               k_cache: popxl.TensorByRef = None, v_cache: popxl.TensorByRef = None, write: popxl.Tensor = None):
+        if k_cache is not None and can_decode_layer(x.dtype, self.attn.groups.tp):
+            return self._decode_layer(x, positions, mask, k_cache, v_cache, write)
         h = self.ln_1(x, eps=self.eps)
         if k_cache is None:
             a, k, v = self.attn(h, positions, mask)
             return a + self.mlp(h) + x, k, v
         return self.attn(h, positions, mask, k_cache, v_cache, write) + self.mlp(h) + x
+
+    def _decode_layer(self, x, positions, mask, k_cache, v_cache, write) -> popxl.Tensor:
+        """This layer's decode step as one ``decode_layer`` op; the sub-modules' variables are declared
+        as their own builds declare them (same names, shapes, groupings and initial values)."""
+        attn, mlp, ln, groups, dtype = self.attn, self.mlp, self.ln_1, self.attn.groups, x.dtype
+        n_embd, width = x.shape[-1], attn.layout.heads_per_shard * self.config.head_dim
+        inner = tp_layout(self.config, groups.tp).inner_per_shard
+        weights = (ln.add_variable_input("weight", partial(np.ones, (n_embd,)), dtype,
+                                         replica_grouping=ln.replica_grouping),
+                   ln.add_variable_input("bias", partial(np.zeros, (n_embd,)), dtype,
+                                         replica_grouping=ln.replica_grouping),
+                   _sharded_weight(attn.qkv, (n_embd, 3 * width), dtype, groups),
+                   _sharded_weight(mlp.fc_in, (n_embd, inner), dtype, groups),
+                   _bias(mlp.fc_in, inner, dtype, groups.sharded),
+                   _sharded_weight(attn.out, (width, n_embd), dtype, groups),
+                   _sharded_weight(mlp.fc_out, (inner, n_embd), dtype, groups),
+                   _bias(mlp.fc_out, n_embd, dtype))
+        sin, cos = (popxl.constant(t, popxl.float32, name=name)
+                    for t, name in zip(trig_tables(self.config.n_positions, self.config.rotary_dim), ("sin", "cos")))
+        return decode_layer(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, self.eps)
 
 
 class CachedLM(GPTJLM):
@@ -80,6 +125,7 @@ class CachedLM(GPTJLM):
         super().__init__(config, groups, dtype)
         self.offload = offload
         self.layer_factories = self.layer_buffers = None
+        _streamed(self.lm_head)
 
     def _layer_variables(self, i: int, facts):
         if not self.offload:
@@ -92,7 +138,7 @@ class CachedLM(GPTJLM):
 
     def _blocks(self, x, positions, mask, *per_layer_args) -> Tuple[popxl.Tensor, List[Tuple[popxl.Tensor, ...]]]:
         """Every layer on ``x``; ``per_layer_args`` are lists with one extra block argument per layer.
-        Returns the final hidden states after ``ln_f`` and each layer's other outputs."""
+        Returns the last layer's hidden states (before ``ln_f``) and each layer's other outputs."""
         block = CachedDecoderBlock(self.config, self.groups)
         facts, graph = block.create_graph(x, positions, mask, *[a[0] for a in per_layer_args])
         others = []
@@ -100,7 +146,7 @@ class CachedLM(GPTJLM):
             variables = self._layer_variables(i, facts)
             x, *rest = graph.bind(variables).call(x, positions, mask, *[a[i] for a in per_layer_args])
             others.append(rest)
-        return self.ln_f(x, eps=self.config.layer_norm_epsilon), others
+        return x, others
 
     def prefill(self, input_ids: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
                 shard_offset: popxl.Tensor):
@@ -108,12 +154,32 @@ class CachedLM(GPTJLM):
         batch, seq = input_ids.shape
         hidden, kvs = self._blocks(self.embedding(input_ids, shard_offset), positions, mask)
         last = hidden[:, seq - 1:seq].reshape((batch, self.config.n_embd))
-        return self.logits(last), [k for k, _ in kvs], [v for _, v in kvs]
+        logits = self.logits(self.ln_f(last, eps=self.config.layer_norm_epsilon))
+        return logits, [k for k, _ in kvs], [v for _, v in kvs]
 
     def decode(self, token: popxl.Tensor, position: popxl.Tensor, mask: popxl.Tensor, write: popxl.Tensor,
                shard_offset: popxl.Tensor, k_caches: Sequence[popxl.Tensor], v_caches: Sequence[popxl.Tensor]):
         """One token per row: its logits shard (batch, vocab_per_shard); the caches are written in place."""
+        hidden = self._decode_hidden(token, position, mask, write, shard_offset, k_caches, v_caches)
+        return self.logits(self.ln_f(hidden, eps=self.config.layer_norm_epsilon))
+
+    def decode_greedy(self, token: popxl.Tensor, position: popxl.Tensor, mask: popxl.Tensor, write: popxl.Tensor,
+                      shard_offset: popxl.Tensor, k_caches: Sequence[popxl.Tensor],
+                      v_caches: Sequence[popxl.Tensor]) -> popxl.Tensor:
+        """As ``decode``, but the greedy next token of each row (batch,) int32, by one ``greedy_head`` op
+        (``ln_f``, the LM head and the argmax; their variables declared as their own builds declare
+        them). Only where ``can_decode_layer`` holds."""
+        hidden = self._decode_hidden(token, position, mask, write, shard_offset, k_caches, v_caches)
+        n_embd, vocab, dtype, ln = self.config.n_embd, self.lm_head.out_features, hidden.dtype, self.ln_f
+        norm = [ln.add_variable_input(name, partial(init, (n_embd,)), dtype, replica_grouping=ln.replica_grouping)
+                for name, init in (("weight", np.ones), ("bias", np.zeros))]
+        head = (_sharded_weight(self.lm_head, (n_embd, vocab), dtype, self.groups),
+                _bias(self.lm_head, vocab, dtype, self.groups.sharded))
+        return greedy_head(hidden, *norm, *head, self.config.layer_norm_epsilon)
+
+    def _decode_hidden(self, token, position, mask, write, shard_offset, k_caches, v_caches) -> popxl.Tensor:
+        """The last layer's hidden states (batch, n_embd) of a decode step."""
         batch = token.shape[0]
         writes = [write] * self.config.n_layer
         hidden, _ = self._blocks(self.embedding(token, shard_offset), position, mask, k_caches, v_caches, writes)
-        return self.logits(hidden.reshape((batch, self.config.n_embd)))
+        return hidden.reshape((batch, self.config.n_embd))

@@ -88,8 +88,11 @@ class ColumnShardedLinear(addons.Module):
     ``x`` must be identical on every shard; each shard computes its slice of the output
     features, and the gradient of ``x`` is summed over the shards. ``inplace_bias`` adds the
     bias into the product's buffer, saving a large allocation (e.g. the LM head's logits)
-    where the graph is not differentiated.
+    where the graph is not differentiated. ``product(x, w)`` computes ``x @ w`` (a class or instance
+    attribute, so that inference graphs can pick a kernel for their shapes).
     """
+
+    product = staticmethod(ops.matmul)
 
     def __init__(self, out_features: int, groups: TPGroups, bias: bool = True, inplace_bias: bool = False):
         super().__init__()
@@ -100,7 +103,7 @@ class ColumnShardedLinear(addons.Module):
 
     def build(self, x: popxl.Tensor) -> popxl.Tensor:
         w = _sharded_weight(self, (x.shape[-1], self.out_features), x.dtype, self.groups)
-        y = identical_inputs(x, self.groups) @ w
+        y = self.product(identical_inputs(x, self.groups), w)
         if self.bias:
             b = _bias(self, self.out_features, x.dtype, self.groups.sharded)
             y = ops.add_(y, b) if self.inplace_bias else y + b
@@ -111,8 +114,11 @@ class RowShardedLinear(addons.Module):
     """``x @ W (+ b)`` with ``W``'s rows (input features) sharded and ``b`` replicated.
 
     Each shard multiplies its slice of the input features by its rows of ``W``; the partial
-    products are summed over the shards, then the bias is added once.
+    products are summed over the shards, then the bias is added once. ``product`` as
+    ``ColumnShardedLinear``'s.
     """
+
+    product = staticmethod(ops.matmul)
 
     def __init__(self, out_features: int, groups: TPGroups, bias: bool = True):
         super().__init__()
@@ -122,7 +128,7 @@ class RowShardedLinear(addons.Module):
 
     def build(self, x: popxl.Tensor) -> popxl.Tensor:
         w = _sharded_weight(self, (x.shape[-1], self.out_features), x.dtype, self.groups)
-        y = sum_shards(x @ w, self.groups)
+        y = sum_shards(self.product(x, w), self.groups)
         if self.bias:
             y = y + _bias(self, self.out_features, x.dtype)
         return y

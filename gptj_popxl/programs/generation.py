@@ -17,6 +17,7 @@ import numpy as np
 from gptj_popxl import addons
 from gptj_popxl.backend import IS_CPU, ops, popxl
 from gptj_popxl.model.config import GPTJConfig, tp_layout
+from gptj_popxl.model.decode_kernels import can_decode_layer
 from gptj_popxl.model.kv_cache import CachedLM
 from gptj_popxl.model.layers import TPGroups, tp_groups
 from gptj_popxl.model.rotary import cast_to
@@ -129,11 +130,16 @@ class DecodeStep(CachedLM):
                                  name="columns")
         mask = ops.where(ops.equal(columns, column), 0.0, mask)
         n = self.config.n_layer
-        logits = self.decode(token, position, mask, column, shard_offset, self.caches[:n], self.caches[n:])
-        if uniforms is not None:
-            total = uniforms.shape[-1]
-            uniforms = ops.dynamic_slice(uniforms, step, axes=[0], sizes=[1], no_overlap=True).reshape((batch, total))
-        new = select_tokens(logits, shard_offset, self.groups, self.config, self.sampling, uniforms)
+        caches = (self.caches[:n], self.caches[n:])
+        if scores is None and self.sampling is None and can_decode_layer(self.dtype, self.groups.tp):
+            new = self.decode_greedy(token, position, mask, column, shard_offset, *caches)
+        else:
+            logits = self.decode(token, position, mask, column, shard_offset, *caches)
+            if uniforms is not None:
+                total = uniforms.shape[-1]
+                uniforms = ops.dynamic_slice(uniforms, step, axes=[0], sizes=[1], no_overlap=True)
+                uniforms = uniforms.reshape((batch, total))
+            new = select_tokens(logits, shard_offset, self.groups, self.config, self.sampling, uniforms)
         chunk = tokens.shape[1]
         slots = popxl.constant(np.arange(chunk, dtype=np.int32)[None, :], popxl.int32, name="slots")
         tokens = ops.where(ops.equal(slots, step.reshape((1, 1))), new.reshape((batch, 1)), tokens)

@@ -1,0 +1,105 @@
+// One decode step of GPT-J attention over a KV cache, on raw pointers: header-only, no Python or torch.
+//
+// Per row b and head h: the new query and key (from the fused qkv row [q heads | k heads | v heads])
+// are rotated to the row's position (pair i < rotary_dim/2: x[2i] * cos - x[2i+1] * sin,
+// x[2i+1] * cos + x[2i] * sin, from the (P, rotary_dim/2) tables); the key and the value are written
+// into the cache at column `write`, then the query attends to every column:
+//   score[c] = (q . key[c]) / sqrt(D) + mask[b, c],  z = softmax(score) @ value.
+// Layouts: qkv (B, 3 H D); k_cache (B, H, D, C), keys transposed; v_cache (B, H, C, D); mask (B, C)
+// additive; z (B, H D). All float32.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace gptj_decode {
+
+#ifdef __AVX512F__
+// exp(x) for x <= 0 to about one ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
+// polynomial, then scaled by 2^n.
+inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp underflows to 0 below
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2, high bits
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);  // ln2, low bits
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    for (float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(p, n);
+}
+
+#endif
+
+// x[i] = exp(x[i] - top) for i < n, where top >= every x[i].
+inline void exp_shifted(float* x, int64_t n, float top) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(x + i, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(top))));
+#endif
+    for (; i < n; ++i)
+        x[i] = std::exp(x[i] - top);
+}
+
+inline void rotate(float* x, const float* sin, const float* cos, int64_t rotary_dim) {
+    for (int64_t i = 0; i < rotary_dim / 2; ++i) {
+        const float even = x[2 * i], odd = x[2 * i + 1];
+        x[2 * i] = even * cos[i] - odd * sin[i];
+        x[2 * i + 1] = odd * cos[i] + even * sin[i];
+    }
+}
+
+inline void decode_attention(const float* qkv, const int32_t* positions, const float* sin, const float* cos,
+                             int64_t rotary_dim, float* k_cache, float* v_cache, int64_t write, const float* mask,
+                             int64_t B, int64_t H, int64_t D, int64_t C, float* z) {
+    const float scale = std::sqrt(float(D));
+    const int64_t half = rotary_dim / 2;
+    std::vector<float> q(D), k(D), score(C);
+    for (int64_t b = 0; b < B; ++b) {
+        const float* row = qkv + b * 3 * H * D;
+        const float* s = sin + int64_t(positions[b]) * half;
+        const float* c = cos + int64_t(positions[b]) * half;
+        for (int64_t h = 0; h < H; ++h) {
+            const int64_t bh = b * H + h;
+            std::copy(row + h * D, row + (h + 1) * D, q.begin());
+            std::copy(row + (H + h) * D, row + (H + h + 1) * D, k.begin());
+            rotate(q.data(), s, c, rotary_dim);
+            rotate(k.data(), s, c, rotary_dim);
+            float* keys = k_cache + bh * D * C;
+            float* values = v_cache + bh * C * D;
+            for (int64_t d = 0; d < D; ++d)
+                keys[d * C + write] = k[d];
+            std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, values + write * D);
+            // Scores: the cache's keys are (D, C), so accumulate over d with the columns contiguous.
+            std::fill(score.begin(), score.end(), 0.0f);
+            for (int64_t d = 0; d < D; ++d)
+                for (int64_t col = 0; col < C; ++col)
+                    score[col] += q[d] * keys[d * C + col];
+            float top = -INFINITY;
+            for (int64_t col = 0; col < C; ++col) {
+                score[col] = score[col] / scale + mask[b * C + col];
+                top = std::max(top, score[col]);
+            }
+            exp_shifted(score.data(), C, top);
+            float total = 0.0f;
+            for (int64_t col = 0; col < C; ++col)
+                total += score[col];
+            float* out = z + bh * D;
+            std::fill(out, out + D, 0.0f);
+            for (int64_t col = 0; col < C; ++col) {
+                const float p = score[col] / total;
+                for (int64_t d = 0; d < D; ++d)
+                    out[d] += p * values[col * D + d];
+            }
+        }
+    }
+}
+
+}  // namespace gptj_decode

@@ -1,0 +1,122 @@
+// One GPT-J decoder layer for one new token per row, over a KV cache: header-only, no Python or torch.
+//
+//   h = layer_norm(x);  qkv = h @ w_qkv;  a = gelu_tanh(h @ w_in + b_in)
+//   z = decode_attention(qkv, ...)  (decode_attention.h: writes the new key and value into the cache)
+//   x_next = (z @ w_out + (a @ w_fc_out + b_fc_out)) + x      (transformers' order of the sums)
+//
+// x, x_next (B, E); ln_weight, ln_bias (E); w_qkv (E, 3 H D), per row [q heads | k heads | v heads];
+// w_in (E, I); w_out (H D, E); w_fc_out (I, E). The products stream their weight once
+// (streamed_matmul.h) on num_threads threads; the caches are as decode_attention.h's.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "decode_attention.h"
+#include "streamed_matmul.h"
+
+namespace gptj_decode {
+
+struct LayerWeights {
+    const float* ln_weight;
+    const float* ln_bias;
+    const float* w_qkv;
+    const float* w_in;
+    const float* b_in;
+    const float* w_out;
+    const float* w_fc_out;
+    const float* b_fc_out;
+};
+
+// Row-wise (x - mean) / sqrt(biased variance + eps) * weight + bias.
+inline void layer_norm(const float* x, int64_t rows, int64_t n, const float* weight, const float* bias, float eps,
+                       float* out) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * n;
+        float mean = 0.0f, var = 0.0f;
+        for (int64_t i = 0; i < n; ++i)
+            mean += xr[i];
+        mean /= float(n);
+        for (int64_t i = 0; i < n; ++i)
+            var += (xr[i] - mean) * (xr[i] - mean);
+        const float inv = 1.0f / std::sqrt(var / float(n) + eps);
+        for (int64_t i = 0; i < n; ++i)
+            out[r * n + i] = (xr[i] - mean) * inv * weight[i] + bias[i];
+    }
+}
+
+// GELU, tanh approximation (transformers' gelu_new), with tanh(u) = sign(u) (1 - e) / (1 + e),
+// e = exp(-2 |u|).
+inline float gelu_tanh(float v) {
+    const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);  // sqrt(2 / pi) (v + 0.044715 v^3)
+    const float e = std::exp(-2.0f * std::fabs(u));
+    return 0.5f * v * (1.0f + std::copysign((1.0f - e) / (1.0f + e), u));
+}
+
+#ifdef __AVX512F__
+// a[i] = gelu_tanh(a[i] + bias[i]) for i < n, sixteen at a time.
+inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
+    int64_t i = 0;
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(bias + i));
+        const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+        const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                       _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), cube, v));
+        const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_andnot_ps(sign, u)));
+        const __m512 one = _mm512_set1_ps(1.0f);
+        __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+        t = _mm512_or_ps(t, _mm512_and_ps(sign, u));  // tanh is odd: u's sign
+        _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, t)));
+    }
+    for (; i < n; ++i)
+        a[i] = gelu_tanh(a[i] + bias[i]);
+}
+#else
+inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
+    for (int64_t i = 0; i < n; ++i)
+        a[i] = gelu_tanh(a[i] + bias[i]);
+}
+#endif
+
+inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
+                         const LayerWeights& w, const int32_t* positions, const float* sin, const float* cos,
+                         int64_t rotary_dim, float* k_cache, float* v_cache, int64_t C, int64_t write,
+                         const float* mask, int num_threads, float* x_next) {
+    std::vector<float> h(B * E), qkv(B * 3 * H * D), a(B * I), z(B * H * D), attn(B * E);
+    layer_norm(x, B, E, w.ln_weight, w.ln_bias, eps, h.data());
+    gptj_streamed::streamed_matmul(h.data(), B, E, w.w_qkv, 3 * H * D, qkv.data(), num_threads);
+    gptj_streamed::streamed_matmul(h.data(), B, E, w.w_in, I, a.data(), num_threads);
+    for (int64_t r = 0; r < B; ++r)
+        add_bias_gelu(a.data() + r * I, w.b_in, I);
+    decode_attention(qkv.data(), positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z.data());
+    gptj_streamed::streamed_matmul(z.data(), B, H * D, w.w_out, E, attn.data(), num_threads);
+    gptj_streamed::streamed_matmul(a.data(), B, I, w.w_fc_out, E, x_next, num_threads);
+    for (int64_t r = 0; r < B; ++r)
+        for (int64_t i = 0; i < E; ++i)
+            x_next[r * E + i] = (attn[r * E + i] + (x_next[r * E + i] + w.b_fc_out[i])) + x[r * E + i];
+}
+
+// The greedy next token of each row: the first largest of layer_norm(x) @ w + bias (as torch.argmax,
+// a NaN counts as largest). x (B, E); ln_weight, ln_bias (E); w (E, V); bias (V); tokens (B).
+inline void greedy_head(const float* x, int64_t B, int64_t E, int64_t V, float eps, const float* ln_weight,
+                        const float* ln_bias, const float* w, const float* bias, int num_threads, int32_t* tokens) {
+    std::vector<float> h(B * E), logits(B * V);
+    layer_norm(x, B, E, ln_weight, ln_bias, eps, h.data());
+    gptj_streamed::streamed_matmul(h.data(), B, E, w, V, logits.data(), num_threads);
+    for (int64_t r = 0; r < B; ++r) {
+        int64_t best = 0;
+        float top = logits[r * V] + bias[0];
+        for (int64_t v = 1; v < V && !std::isnan(top); ++v) {
+            const float value = logits[r * V + v] + bias[v];
+            if (value > top || std::isnan(value)) {
+                top = value;
+                best = v;
+            }
+        }
+        tokens[r] = int32_t(best);
+    }
+}
+
+}  // namespace gptj_decode

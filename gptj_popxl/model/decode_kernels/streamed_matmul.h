@@ -1,0 +1,118 @@
+// y = x @ w for a few rows of x, reading w from memory once: header-only, no Python or torch.
+//
+// x (M, K), w (K, N), y (M, N), all float32 row-major. With few rows the product
+// is bound by reading w (a decode step reads every weight once per token), and BLAS kernels tuned
+// for large M stream it at a fraction of the memory bandwidth. Here the threads share out blocks of
+// output columns; each walks w row by row in groups of KSTEP rows (KSTEP sequential streams) and
+// adds every row of x's contribution while those rows' columns are in registers, the partial sums
+// of its columns staying in L1. Each y[m, n] sums k in increasing order, one fused multiply-add per
+// term, starting from 0.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "work_team.h"
+
+namespace gptj_streamed {
+
+// Rows of w per pass over a column block for a tile of R rows of x (measured on the benchmark model's
+// weights: 8 is best for one or two rows, 16 some 10% faster than 8 for four), and columns per block
+// (their partial sums for up to MAX_TILE_ROWS rows of x, 4 * 512 * 4 bytes, stay in L1 next to the
+// KSTEP rows of w).
+template <int R>
+constexpr int64_t KSTEP = R >= 3 ? 16 : 8;
+constexpr int64_t COLUMNS = 512;
+constexpr int MAX_TILE_ROWS = 4;
+
+// Partial sums y[r, n] (r < R, n in [n0, n1)) plus rows [k0, k0 + S) of w times x's columns k0...
+template <int R, int S>
+inline void add_rows(const float* __restrict x, int64_t K, const float* __restrict wk, int64_t N, float* __restrict y,
+                     int64_t n0, int64_t n1) {
+#ifdef __AVX512F__
+    int64_t n = n0;
+    for (; n + 16 <= n1; n += 16) {
+        __m512 wv[S];
+        for (int j = 0; j < S; ++j)
+            wv[j] = _mm512_loadu_ps(wk + j * N + n);
+        for (int r = 0; r < R; ++r) {
+            __m512 acc = _mm512_loadu_ps(y + r * N + n);
+            for (int j = 0; j < S; ++j)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + j]), wv[j], acc);
+            _mm512_storeu_ps(y + r * N + n, acc);
+        }
+    }
+    if (n < n1) {
+        const __mmask16 tail = __mmask16((1u << (n1 - n)) - 1u);
+        __m512 wv[S];
+        for (int j = 0; j < S; ++j)
+            wv[j] = _mm512_maskz_loadu_ps(tail, wk + j * N + n);
+        for (int r = 0; r < R; ++r) {
+            __m512 acc = _mm512_maskz_loadu_ps(tail, y + r * N + n);
+            for (int j = 0; j < S; ++j)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + j]), wv[j], acc);
+            _mm512_mask_storeu_ps(y + r * N + n, tail, acc);
+        }
+    }
+#else
+    for (int64_t n = n0; n < n1; ++n)
+        for (int r = 0; r < R; ++r) {
+            float acc = y[r * N + n];
+            for (int j = 0; j < S; ++j)
+                acc = std::fma(x[r * K + j], wk[j * N + n], acc);
+            y[r * N + n] = acc;
+        }
+#endif
+}
+
+template <int R>
+void column_block(const float* __restrict x, int64_t K, const float* __restrict w, int64_t N,
+                  float* __restrict y, int64_t n0, int64_t n1) {
+    for (int r = 0; r < R; ++r)
+        std::fill(y + r * N + n0, y + r * N + n1, 0.0f);
+    int64_t k = 0;
+    for (; k + KSTEP<R> <= K; k += KSTEP<R>)
+        add_rows<R, KSTEP<R>>(x + k, K, w + k * N, N, y, n0, n1);
+    for (; k < K; ++k)
+        add_rows<R, 1>(x + k, K, w + k * N, N, y, n0, n1);
+}
+
+// Columns [n0, n1) of y for rows [0, M) in tiles of at most MAX_TILE_ROWS rows.
+inline void columns(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y, int64_t n0, int64_t n1) {
+    for (int64_t c0 = n0; c0 < n1; c0 += COLUMNS) {
+        const int64_t c1 = std::min(n1, c0 + COLUMNS);
+        for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
+            const float* xm = x + m * K;
+            float* ym = y + m * N;
+            switch (std::min<int64_t>(M - m, MAX_TILE_ROWS)) {
+                case 1: column_block<1>(xm, K, w, N, ym, c0, c1); break;
+                case 2: column_block<2>(xm, K, w, N, ym, c0, c1); break;
+                case 3: column_block<3>(xm, K, w, N, ym, c0, c1); break;
+                default: column_block<4>(xm, K, w, N, ym, c0, c1); break;
+            }
+        }
+    }
+}
+
+// y = x @ w on this thread and up to num_threads - 1 helpers (work_team.h), in chunks of whole cache
+// lines of columns (no two threads write one), about eight per thread, so that the caller takes over
+// most of the share of a helper that is held up (the machine busy with other processes).
+inline void streamed_matmul(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y,
+                            int num_threads) {
+    const int64_t lines = (N + 15) / 16;
+    const int64_t chunks = std::min<int64_t>(lines, 8 * int64_t(num_threads));
+    if (num_threads <= 1 || chunks <= 1) {
+        columns(x, M, K, w, N, y, 0, N);
+        return;
+    }
+    WorkTeam::instance(num_threads - 1).run(chunks, num_threads - 1, [&](int64_t i) {
+        columns(x, M, K, w, N, y, std::min(N, 16 * (lines * i / chunks)), std::min(N, 16 * (lines * (i + 1) / chunks)));
+    });
+}
+
+}  // namespace gptj_streamed

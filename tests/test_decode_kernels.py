@@ -1,0 +1,127 @@
+"""The decode custom ops (``gptj_popxl.model.decode_kernels``) against torch and HF GPT-J's rotary code:
+``streamed_matmul`` over row, column and depth tails, ``decode_layer`` (a whole layer of a decode
+step, its cache written in place) against the layer written in torch, and ``greedy_head`` against
+``torch.argmax`` of the head's logits."""
+import numpy as np
+import pytest
+import torch
+from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
+
+from gptj_popxl.model.decode_kernels import (MAX_ROWS, StreamedMatMul, decode_layer, extension, greedy_head,
+                                             streamed_matmul)
+from gptj_popxl.model.rotary import trig_tables
+from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float32, int32
+from ops_check import run_graph
+
+POSITIONS = 64
+
+
+@pytest.mark.parametrize("x_shape,n", [((1, 1, 24), 16), ((3, 2, 37), 45), ((9, 13), 100), ((5, 8), 3)])
+def test_streamed_matmul_matches_torch(x_shape, n):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal((x_shape[-1], n)).astype(np.float32)
+    (out,), _ = run_graph(streamed_matmul, x, w)
+    expected = torch.from_numpy(x).double() @ torch.from_numpy(w).double()
+    np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_matmul_uses_the_kernel_for_few_rows_only():
+    def op_names(rows):
+        graph = Ir().create_graph(streamed_matmul, TensorSpec((rows, 8), float32), TensorSpec((8, 4), float32))
+        return {op.prim.name for op in graph._ops}
+    assert op_names(MAX_ROWS) == {StreamedMatMul.name}
+    assert op_names(MAX_ROWS + 1) == {"matmul"}
+
+
+def test_streamed_matmul_kernel_rejects_mismatched_shapes():
+    x, w, out = np.zeros((2, 5), np.float32), np.zeros((4, 3), np.float32), np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="streamed_matmul: x"):
+        extension().streamed_matmul(x, w, out, 1)
+
+
+def torch_layer(x, weights, positions, k_cache, v_cache, write, mask, rotary_dim, eps):
+    """GPT-J's decoder layer for one token per row in torch, rotary by HF's helpers; returns the
+    output and the caches with the new key and value at column ``write``."""
+    ln_w, ln_b, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out = weights
+    batch, heads, head_dim, _ = k_cache.shape
+    h = torch.nn.functional.layer_norm(x, x.shape[-1:], ln_w, ln_b, eps)
+    q, k, v = (t.reshape(batch, 1, heads, head_dim) for t in (h @ w_qkv).split(heads * head_dim, dim=-1))
+    sincos = create_sinusoidal_positions(POSITIONS, rotary_dim)[torch.as_tensor(positions).long()].double()
+    sin, cos = torch.split(sincos, rotary_dim // 2, dim=-1)
+    q, k = (torch.cat([apply_rotary_pos_emb(t[..., :rotary_dim], sin, cos), t[..., rotary_dim:]], dim=-1)[:, 0]
+            for t in (q, k))
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    k_cache[..., write] = k
+    v_cache[:, :, write] = v[:, 0]
+    scores = torch.einsum("bhd,bhdc->bhc", q, k_cache) / head_dim ** 0.5 + mask
+    z = torch.einsum("bhc,bhcd->bhd", scores.softmax(-1), v_cache).reshape(batch, -1)
+    mlp = torch.nn.functional.gelu(h @ w_in + b_in, approximate="tanh") @ w_fc_out + b_fc_out
+    return z @ w_out + mlp + x, k_cache, v_cache
+
+
+def test_decode_layer_matches_torch():
+    rng = np.random.default_rng(1)
+    batch, heads, head_dim, cache_len, n_embd, inner, rotary_dim, write = 3, 2, 16, 6, 32, 80, 8, 4
+
+    def f32(*shape, scale=1.0, shift=0.0):
+        return (shift + scale * rng.standard_normal(shape)).astype(np.float32)
+    x = f32(batch, 1, n_embd)
+    weights = [f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, 3 * heads * head_dim, scale=0.2),
+               f32(n_embd, inner, scale=0.2), f32(inner), f32(heads * head_dim, n_embd, scale=0.2),
+               f32(inner, n_embd, scale=0.1), f32(n_embd)]
+    positions = np.array([[5], [0], [POSITIONS - 1]], np.int32)
+    k_cache, v_cache = f32(batch, heads, head_dim, cache_len), f32(batch, heads, cache_len, head_dim)
+    # Rows 0 and 2 skip column 0; row 1 sees only the column it writes.
+    mask = np.zeros((batch, 1, 1, cache_len), np.float32)
+    mask[..., 0] = np.finfo(np.float32).min
+    mask[1] = np.finfo(np.float32).min
+    mask[1, ..., write] = 0
+    sin, cos = trig_tables(POSITIONS, rotary_dim)
+
+    def fn(x, *rest):
+        *ws, positions, sin, cos, k_cache, v_cache, write, mask = rest
+        out = decode_layer(x, *ws, positions, sin, cos, k_cache, v_cache, write, mask, eps=1e-5)
+        return out, k_cache, v_cache  # the caches as the op left them
+    (out, k_after, v_after), _ = run_graph(fn, x, *weights, positions, sin, cos, k_cache, v_cache, np.int32([write]),
+                                           mask)
+
+    def t(a):
+        return torch.from_numpy(a).double()
+    ref_out, ref_k, ref_v = torch_layer(t(x[:, 0]), [t(w) for w in weights], positions, t(k_cache), t(v_cache), write,
+                                        t(mask[:, 0]), rotary_dim, 1e-5)
+    np.testing.assert_allclose(out[:, 0], ref_out.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(k_after, ref_k.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v_after, ref_v.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_layer_names_a_mismatched_weight():
+    shapes = [(2, 1, 8), (8,), (8,), (8, 12), (8, 16), (16,), (4, 8), (16, 8), (8,),  # x and the weights
+              (2, 1, 2, 3), (2, 1, 3, 2), (2, 1, 1, 3)]  # k_cache (one head of 2), v_cache, mask
+
+    def build(*tensors):
+        x, *weights, k_cache, v_cache, mask, positions, write = tensors
+        sin, cos = (constant(np.zeros((8, 1), np.float32)) for _ in range(2))
+        decode_layer(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, eps=1e-5)
+    specs = [TensorSpec(s, float32) for s in shapes] + [TensorSpec((2, 1), int32), TensorSpec((1,), int32)]
+    with pytest.raises(ValueError, match=r"decode_layer: w_qkv must be \(8, 6\) float32"):
+        Ir().create_graph(build, *specs)
+
+
+def test_greedy_head_matches_torch_argmax():
+    rng = np.random.default_rng(2)
+    batch, n_embd, vocab = 3, 24, 50
+    x = rng.standard_normal((batch, n_embd)).astype(np.float32)
+    ln_w = (1 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
+    ln_b = rng.standard_normal(n_embd).astype(np.float32)
+    w, bias = rng.standard_normal((n_embd, vocab)).astype(np.float32), rng.standard_normal(vocab).astype(np.float32)
+    # Columns 7 and 30 are the same logit, the largest: the first one wins, as torch.argmax.
+    w[:, 30], bias[30] = w[:, 7], bias[7] = 0.0, 100.0
+    (tokens,), _ = run_graph(lambda *a: greedy_head(*a, eps=1e-5), x, ln_w, ln_b, w, bias)
+    h = torch.nn.functional.layer_norm(torch.from_numpy(x), (n_embd,), torch.from_numpy(ln_w), torch.from_numpy(ln_b))
+    expected = torch.argmax(h.double() @ torch.from_numpy(w).double() + torch.from_numpy(bias).double(), dim=-1)
+    np.testing.assert_array_equal(tokens, expected.numpy())
+    assert (tokens == 7).all()
+    x[1, 0] = np.nan  # a NaN logit counts as largest, as in torch.argmax
+    (tokens,), _ = run_graph(lambda *a: greedy_head(*a, eps=1e-5), x, ln_w, ln_b, w, bias)
+    assert tokens[1] == 0 and tokens[0] == tokens[2] == 7

@@ -55,10 +55,14 @@ if IS_CPU:
             return logits.spec
 
         @staticmethod
-        def kernel(logits, indices, shift, dtotal, dpicked):
+        def kernel(logits, indices, shift, dtotal, dpicked, out=None):
             column, in_shard = _label_columns(logits, indices)
-            dx = torch.sub(logits, shift.unsqueeze(-1)).exp_().mul_(dtotal.unsqueeze(-1))
+            dx = torch.sub(logits, shift.unsqueeze(-1), out=out).exp_().mul_(dtotal.unsqueeze(-1))
             return dx.scatter_add_(-1, column, torch.where(in_shard, dpicked, 0.0).unsqueeze(-1))
+
+        @classmethod
+        def lower_out(cls, op, runtime):
+            return cls.kernel  # the runtime may hand it memory to write
 
     def _softmax_terms(logits, indices, shift):
         return ShardSoftmaxTerms.create(logits, indices, shift, name=logits.name + "_softmax_terms")

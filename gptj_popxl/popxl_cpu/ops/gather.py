@@ -8,7 +8,7 @@ gradient, zeroed ones receive nothing. Out-of-range scatter indices write nothin
 """
 import torch
 
-from .. import dtypes
+from .. import allocation, dtypes
 from ..primitive import Primitive, spec
 from ..tensor import Constant, Tensor
 from ._util import norm_axis
@@ -68,7 +68,7 @@ class _Take:
         idx, valid = self.rows(indices)
         acc = torch.float32 if dy.dtype == torch.float16 else dy.dtype
         rows = dy.permute(self.inverse).reshape((r, idx.shape[1]) + self.rest).to(acc)
-        out = torch.zeros((r, self.size) + self.rest, dtype=acc)
+        out = allocation.zeros((r, self.size) + self.rest, acc)
         out.index_put_((torch.arange(r).unsqueeze(1).expand_as(idx), idx), self._mask(rows, valid), accumulate=True)
         return out.movedim(1, self.axis + 1).to(dy.dtype)
 

@@ -16,7 +16,8 @@ Memory plan: a step whose op can write into given memory (``Primitive.lower_out`
 is large is handed that memory. A value that never outlives a run (its storage class holds no graph
 output, nothing the host keeps, no variable, constant, input or remote memory) gets memory the plan
 allocates on its first run and keeps, as Poplar allocates tensors statically: no run pays for fresh
-pages again. Any other large value gets fresh huge-page memory (``allocation``).
+pages again. Any other large value gets huge-page memory that nothing else references: fresh, or
+an earlier run's once its user has dropped it (``allocation.Recycler``).
 """
 from typing import Dict, List
 
@@ -232,11 +233,13 @@ def _remote_loads_to_copy(graph, classes, written, fused, absorbed) -> set:
 
 def _writing_into(fn, shape, dtype: torch.dtype, kept: bool):
     """``fn`` (which takes ``out=``) run on memory for its output when it is large: memory allocated on
-    the first run and reused by every later one when ``kept``, else fresh huge-page memory."""
+    the first run and reused by every later one when ``kept``, else memory no one else references
+    (``allocation.Recycler``)."""
     if allocation.nbytes(shape, dtype) < allocation.LARGE_BYTES:
         return fn
     if not kept:
-        return lambda *xs: fn(*xs, out=allocation.empty(shape, dtype))
+        recycled = allocation.Recycler(shape, dtype)
+        return lambda *xs: fn(*xs, out=recycled())
     memory = []
 
     def into_kept_memory(*xs):

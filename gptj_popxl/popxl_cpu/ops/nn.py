@@ -36,10 +36,11 @@ class MatMul(Primitive):
 
     @classmethod
     def lower(cls, op, runtime):
+        weight_like = cls.lower_out(op, runtime)
+        if weight_like is not None:
+            return weight_like
         a, b = op.inputs
         out = op.outputs[0].dtype.as_torch()
-        if a.dtype == dtypes.float32 and out == torch.float32 and a.rank >= 2 and b.rank <= 2:
-            return cls.lower_out(op, runtime)
         # Align ranks so the leading replica axis lines up with the other operand's.
         ra, rb = max(a.rank, 2), max(b.rank, 2)
         rank = max(ra, rb)

@@ -30,7 +30,8 @@ def planned(monkeypatch):
 
 def escaping_program():
     """Matmul outputs (all plannable) reaching the host directly, through a view, after an in-place
-    add, from a subgraph called twice, into a variable and into a remote buffer; one internal product."""
+    add, from a subgraph called twice, into a variable and into a remote buffer; one internal product,
+    which a subgraph also sends to the host."""
     rng = np.random.default_rng(0)
     w = rng.normal(size=(3, 5)).astype(np.float32)
     w2 = rng.normal(size=(5, 5)).astype(np.float32)
@@ -61,12 +62,15 @@ def escaping_program():
         graph = ir.create_graph(product, x, weight)
         store("call_1", ops.call(graph, x, weight)[0])
         store("call_2", ops.call(graph, x * 2.0, weight)[0])
+        outputs["stored_in_subgraph"] = popxl.d2h_stream(internal.shape, F32, "stored_in_subgraph")
+        ops.call(ir.create_graph(lambda t: ops.host_store(outputs["stored_in_subgraph"], t), internal), internal)
     return ir, x_stream, outputs, held, (w, w2)
 
 
 def expected(x, w, w2):
     p = x @ w
-    return {"chain": p @ w2, "direct": p, "transposed": p.T, "in_place": p + 1, "call_1": 2 * p, "call_2": 4 * p}
+    return {"chain": p @ w2, "direct": p, "transposed": p.T, "in_place": p + 1, "call_1": 2 * p, "call_2": 4 * p,
+            "stored_in_subgraph": p}
 
 
 def test_outputs_views_variables_and_remote_stores_never_share_kept_memory(planned):

@@ -412,14 +412,6 @@ def test_cross_entropy_sharded_loss_matches_torch(rng, replicas, tp, reduction):
     _check_cross_entropy_sharded_loss(rng, replicas, tp, reduction)
 
 
-@pytest.mark.skipif(not IS_CPU, reason="the CPU kernel's blocks")
-def test_cross_entropy_sharded_loss_in_blocks_of_rows(rng, monkeypatch):
-    # Blocks of two rows (and a partial one) in the CPU kernel's forward.
-    import sys
-    monkeypatch.setattr(sys.modules["gptj_popxl.addons.ops.cross_entropy_sharded_loss"], "_BLOCK", 12)
-    _check_cross_entropy_sharded_loss(rng, 2, 2, "none")
-
-
 def _check_cross_entropy_sharded_loss(rng, replicas, tp, reduction):
     n, vocab, ignore = 5, 12, -100
     logits_np = (3 * rng.standard_normal((n, vocab))).astype(np.float32)

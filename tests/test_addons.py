@@ -12,7 +12,7 @@ import torch
 from gptj_popxl import addons
 from gptj_popxl.addons.array_munging import (pad_axis, repeat, repeat_shard, shard, squeeze_safe, tensor_parallel_input,
                                              unshard)
-from gptj_popxl.backend import IS_CPU, ops, popxl
+from gptj_popxl.backend import ops, popxl
 
 F32 = popxl.float32
 TP_IN = addons.ops.replicated_all_reduce_identical_inputs

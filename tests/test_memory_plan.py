@@ -4,6 +4,7 @@ every op of these tiny programs that can take memory does; results are checked a
 transformers on two runs with different data, and the first run's results must survive the second."""
 import numpy as np
 import pytest
+import torch
 
 import gptj_popxl
 from gptj_popxl import golden
@@ -109,7 +110,7 @@ def test_gptj_forward_and_gradients_match_transformers_run_after_run(planned, tm
 
 
 def test_recycled_memory_is_handed_out_again_only_once_nothing_references_it():
-    recycler = allocation.Recycler((2, 3), allocation.torch.float32, keep=2)
+    recycler = allocation.Recycler((2, 3), torch.float32, keep=2)
     first = recycler()
     address = first.data_ptr()
     view = first[1:].numpy()

@@ -98,15 +98,23 @@ def test_gptj_forward_and_gradients_match_transformers_run_after_run(planned, tm
     path = tiny_checkpoint(tmp_path)
     model = gptj_popxl.from_pretrained(path)
     rng = np.random.default_rng(2)
-    runs = [rng.integers(0, TINY["vocab_size"], size=(2, 6)) for _ in range(2)]
-    ours = [(model.logits(ids), *model.loss_and_grads(ids, ids)) for ids in runs]
-    assert planned  # the logits inside loss_and_grads, and their gradient
-    for ids, (logits, loss, grads) in zip(runs, ours):
+    runs = [rng.integers(0, TINY["vocab_size"], size=(2, 6)) for _ in range(3)]
+
+    def check(ids, ours):
+        logits, loss, grads = ours
         ref_logits, ref_loss, ref_grads = golden.hf_logits_loss_grads(path, ids, ids)
         np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
         assert abs(loss - ref_loss) <= 1e-5
         for name, g in ref_grads.items():
             np.testing.assert_allclose(grads[name], g, atol=1e-3 * np.abs(g).max(), err_msg=name)
+
+    def run(ids):
+        return (model.logits(ids), *model.loss_and_grads(ids, ids))
+    first = run(runs[0])
+    assert planned  # the logits' gradient inside loss_and_grads
+    for ids in runs[1:]:  # the third run gets the second's memory back, the first's is still held
+        check(ids, run(ids))
+    check(runs[0], first)
 
 
 def test_recycled_memory_is_handed_out_again_only_once_nothing_references_it():

@@ -22,6 +22,7 @@ _NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.flo
 
 
 def nbytes(shape, dtype: torch.dtype) -> int:
+    """Bytes of a tensor of ``shape`` and ``dtype``."""
     return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 

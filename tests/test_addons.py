@@ -12,7 +12,7 @@ import torch
 from gptj_popxl import addons
 from gptj_popxl.addons.array_munging import (pad_axis, repeat, repeat_shard, shard, squeeze_safe, tensor_parallel_input,
                                              unshard)
-from gptj_popxl.backend import IS_CPU, ops, popxl
+from gptj_popxl.backend import ops, popxl
 
 F32 = popxl.float32
 TP_IN = addons.ops.replicated_all_reduce_identical_inputs
@@ -410,14 +410,6 @@ def test_tp_sharded_mlp_equals_the_unsharded_mlp_with_gradients(rng, replicas, t
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_sharded_loss_matches_torch(rng, replicas, tp, reduction):
     _check_cross_entropy_sharded_loss(rng, replicas, tp, reduction)
-
-
-@pytest.mark.skipif(not IS_CPU, reason="the CPU kernel's blocks")
-def test_cross_entropy_sharded_loss_in_blocks_of_rows(rng, monkeypatch):
-    # Blocks of two rows (and a partial one) in the CPU kernel's forward.
-    import sys
-    monkeypatch.setattr(sys.modules["gptj_popxl.addons.ops.cross_entropy_sharded_loss"], "_BLOCK", 12)
-    _check_cross_entropy_sharded_loss(rng, 2, 2, "none")
 
 
 def _check_cross_entropy_sharded_loss(rng, replicas, tp, reduction):

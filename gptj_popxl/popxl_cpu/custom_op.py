@@ -12,7 +12,9 @@ Subclass :class:`CustomOp` and define
   gives ``g.dy`` (output gradients), ``g.x(i)`` / ``g.y(i)`` (forward values) and ``g.attrs``;
 * optionally ``lower(op, runtime)`` to prepare once per session (load a compiled extension, build
   index tensors) and return the callable run for each execution, and ``view = True`` for kernels
-  that may return their first input itself.
+  that may return their first input itself;
+* optionally ``lower_out(op, runtime)``: the callable also taking ``out=``, memory to write its one
+  output into, which the runtime hands large outputs (see ``Primitive.lower_out``).
 
 Add the op to the graph being built with ``MyOp.create(*tensors, **attrs)``. Collective kernels use
 :func:`group_reducer` for the reductions over replica groups.

@@ -11,11 +11,19 @@ it back where it came from); then it is a copy (``_remote_loads_to_copy``).
 
 Lowering applies one pattern rewrite (``ops.nn.bias_matmul_fusions``): a matmul whose only use is a
 bias add has no step of its own; the add's step computes both (``addmm``) from the matmul's inputs.
+
+Memory plan: a step whose op can write into given memory (``Primitive.lower_out``) and whose output
+is large is handed that memory. A value that never outlives a run (its storage class holds no graph
+output, nothing the host keeps, no variable, constant, input or remote memory) gets memory the plan
+allocates on its first run and keeps, as Poplar allocates tensors statically: no run pays for fresh
+pages again. Any other large value gets huge-page memory that nothing else references: fresh, or
+an earlier run's once its user has dropped it (``allocation.Recycler``).
 """
 from typing import Dict, List
 
 import torch
 
+from . import allocation
 from .ops.nn import bias_matmul_fusions
 from .remote_buffer import RemoteBuffer
 from .tensor import Constant, Tensor
@@ -78,6 +86,14 @@ class Plan:
                                              if t._producer is None}
         unchanging = set() if graph is not graph.ir.main_graph else {
             classes.find(t.id) for t in graph._tensors.values() if t._producer is not None} - changing
+        # Storage a value of which may outlive a run: the plan cannot keep memory for it.
+        outliving = (remote_views | {classes.find(t.id) for t in graph._tensors.values() if t._producer is None}
+                     | {classes.find(t.id) for t in graph._outputs}
+                     | {classes.find(op.inputs[i].id) for op in graph._ops for i in op.prim.retains})
+
+        def with_memory(fn, t: Tensor):
+            return _writing_into(fn, (runtime.replicas,) + t.shape, t.dtype.as_torch(),
+                                 kept=classes.find(t.id) not in outliving)
 
         slot: Dict[str, int] = {}
 
@@ -105,9 +121,10 @@ class Plan:
                 ins.append(slot_of(t))
             if fn is not None:
                 outs = tuple(slot_of(t) for t in op.outputs)
-                steps.append([fn, tuple(ins), outs[0], ()])
+                steps.append([with_memory(fn, op.outputs[0]), tuple(ins), outs[0], ()])
                 continue
-            fn = op.prim.lower(op, runtime)
+            fn = op.prim.lower_out(op, runtime) if op.single else None
+            fn = op.prim.lower(op, runtime) if fn is None else with_memory(fn, op.outputs[0])
             if _computes_on_wide_unsigned(op):
                 fn = _in_int64(fn, op)
             if op in copied:
@@ -212,6 +229,24 @@ def _remote_loads_to_copy(graph, classes, written, fused, absorbed) -> set:
                  for j in range(k + 1, end + 1)):
             copied.add(op)
     return copied
+
+
+def _writing_into(fn, shape, dtype: torch.dtype, kept: bool):
+    """``fn`` (which takes ``out=``) run on memory for its output when it is large: memory allocated on
+    the first run and reused by every later one when ``kept``, else memory no one else references
+    (``allocation.Recycler``)."""
+    if allocation.nbytes(shape, dtype) < allocation.LARGE_BYTES:
+        return fn
+    if not kept:
+        recycled = allocation.Recycler(shape, dtype)
+        return lambda *xs: fn(*xs, out=recycled())
+    memory = []
+
+    def into_kept_memory(*xs):
+        if not memory:
+            memory.append(allocation.empty(shape, dtype))
+        return fn(*xs, out=memory[0])
+    return into_kept_memory
 
 
 def _copying_inputs(fn, indices):

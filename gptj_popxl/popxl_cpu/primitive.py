@@ -16,7 +16,12 @@ to after it returns, as ``host_store`` hands its value to the host; the runtime 
 nothing can change the value later), ``alias`` (output 0 deliberately aliases input 0,
 as ``reshape_``) or ``moves_unsigned`` (the kernel only moves uint16/32/64 values, which torch
 can do; other kernels see such values as int64 and their results wrap around as on the IPU). Ops that need runtime state (streams, remote buffers, subgraphs, replicas) override
-``lower(op, runtime)`` to return the callable run for each execution.
+``lower(op, runtime)`` to return the callable run for each execution. An op that can write its one
+output into given memory also defines ``lower_out(op, runtime)``: lowering hands large outputs
+memory it keeps across runs, or huge-page memory (see ``executor``).
+
+Kernels of ops not flagged ``view``, ``alias`` or ``modifies`` return fresh tensors, never an
+input or a view of one: lowering's storage analysis relies on it.
 
 Custom ops are primitives defined outside this package; nothing needs registering beyond the class.
 """
@@ -89,6 +94,12 @@ class Primitive:
         if not attrs:
             return kernel
         return lambda *xs: kernel(*xs, **attrs)
+
+    @classmethod
+    def lower_out(cls, op: Op, runtime):
+        """A callable as ``lower``'s that also takes ``out=``, a contiguous tensor of output 0's runtime
+        shape and dtype to write and return; None when the op cannot write into given memory."""
+        return None
 
     @classmethod
     def called_graphs(cls, op: Op):

@@ -374,7 +374,8 @@ class Cast(Primitive):
 
     @staticmethod
     def kernel(t, data_type):
-        return t.to(data_type.as_torch())
+        # A copy even to the same dtype: the output must never be the input itself.
+        return t.to(data_type.as_torch(), copy=True)
 
     @staticmethod
     def grad(g):

@@ -8,7 +8,7 @@ gradient, zeroed ones receive nothing. Out-of-range scatter indices write nothin
 """
 import torch
 
-from .. import dtypes
+from .. import allocation, dtypes
 from ..primitive import Primitive, spec
 from ..tensor import Constant, Tensor
 from ._util import norm_axis
@@ -63,12 +63,13 @@ class _Take:
         picked = self._mask(picked, valid)
         return picked.reshape((r,) + self.index_shape + self.rest).permute(self.perm)
 
-    def scatter_add(self, dy: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def scatter_add(self, dy: torch.Tensor, indices: torch.Tensor, out=None) -> torch.Tensor:
+        """``out``, when given, is written: (R, size, *rest) of dy's dtype (float32 or wider)."""
         r = dy.shape[0]
         idx, valid = self.rows(indices)
         acc = torch.float32 if dy.dtype == torch.float16 else dy.dtype
         rows = dy.permute(self.inverse).reshape((r, idx.shape[1]) + self.rest).to(acc)
-        out = torch.zeros((r, self.size) + self.rest, dtype=acc)
+        out = allocation.zeros((r, self.size) + self.rest, acc) if out is None else out.zero_()
         out.index_put_((torch.arange(r).unsqueeze(1).expand_as(idx), idx), self._mask(rows, valid), accumulate=True)
         return out.movedim(1, self.axis + 1).to(dy.dtype)
 
@@ -107,6 +108,14 @@ class GatherGrad(Primitive):
     def lower(cls, op, runtime):
         a = op.attrs
         return _Take(a["in_shape"], op.inputs[1].shape, a["axis"], a["zero_OOR"]).scatter_add
+
+    @classmethod
+    def lower_out(cls, op, runtime):
+        # Zeroing memory written before (a table's gradient, run after run) is far cheaper than
+        # faulting fresh pages in.
+        if op.attrs["axis"] != 0 or op.inputs[0].dtype == dtypes.float16:
+            return None
+        return cls.lower(op, runtime)
 
 
 def _gather(prim, t: Tensor, indices: Tensor, axis: int, zero_OOR: bool) -> Tensor:

@@ -36,6 +36,9 @@ class MatMul(Primitive):
 
     @classmethod
     def lower(cls, op, runtime):
+        weight_like = cls.lower_out(op, runtime)
+        if weight_like is not None:
+            return weight_like
         a, b = op.inputs
         out = op.outputs[0].dtype.as_torch()
         # Align ranks so the leading replica axis lines up with the other operand's.
@@ -49,24 +52,32 @@ class MatMul(Primitive):
             # matrix is read once rather than once per batch entry (torch would broadcast it).
             sa, sb = (runtime.replicas, -1, sa[-1]), (runtime.replicas,) + sb[-2:]
         half = a.dtype == dtypes.float16
-        if a.rank >= 2 and b.rank <= 2:
-            # A weight-like rhs: fold every row of lhs into one (replica-batched) product, as
-            # torch.matmul does for a 2-D rhs; the replica axis would otherwise make it a broadcast bmm.
-            rows, k, n = int(np.prod(a.shape[:-1], dtype=np.int64)), a.shape[-1], sb[-1]
-            if runtime.replicas == 1:
-                def product(x, y):
-                    return torch.mm(x.reshape(rows, k), y.reshape(k, n))
-            else:
-                def product(x, y):
-                    return torch.bmm(x.reshape(-1, rows, k), y.reshape(-1, k, n))
-        else:
-            def product(x, y):
-                return torch.matmul(x.reshape(sa), y.reshape(sb))
 
         def matmul(x, y):
             if half:
                 x, y = x.float(), y.float()
-            return product(x, y).reshape(out_shape).to(out)
+            return torch.matmul(x.reshape(sa), y.reshape(sb)).reshape(out_shape).to(out)
+        return matmul
+
+    @classmethod
+    def lower_out(cls, op, runtime):
+        """float32 with a weight-like rhs (rank <= 2): every row of lhs in one (replica-batched) product,
+        as torch.matmul does for a 2-D rhs; the replica axis would otherwise make it a broadcast bmm."""
+        a, b = op.inputs
+        if not (a.dtype == dtypes.float32 and op.outputs[0].dtype == dtypes.float32 and a.rank >= 2 and b.rank <= 2):
+            return None
+        rows, k = int(np.prod(a.shape[:-1], dtype=np.int64)), a.shape[-1]
+        n = b.shape[-1] if b.rank == 2 else 1
+        out_shape = (runtime.replicas,) + op.outputs[0].shape
+        if runtime.replicas == 1:
+            def matmul(x, y, out=None):
+                product = torch.mm(x.reshape(rows, k), y.reshape(k, n), out=None if out is None else out.view(rows, n))
+                return product.view(out_shape)
+        else:
+            def matmul(x, y, out=None):
+                product = torch.bmm(x.reshape(-1, rows, k), y.reshape(-1, k, n),
+                                    out=None if out is None else out.view(-1, rows, n))
+                return product.view(out_shape)
         return matmul
 
     @staticmethod
@@ -142,7 +153,11 @@ def bias_matmul_fusions(graph, replicas: int):
 def _addmm_kernel(x_shape, w_shape):
     rows, (k, n) = int(np.prod(x_shape[:-1], dtype=np.int64)), w_shape
     out_shape = (1,) + tuple(x_shape[:-1]) + (n,)
-    return lambda x, w, b: torch.addmm(b[0], x.reshape(rows, k), w[0]).reshape(out_shape)
+
+    def addmm(x, w, b, out=None):
+        product = torch.addmm(b[0], x.reshape(rows, k), w[0], out=None if out is None else out.view(rows, n))
+        return product.view(out_shape)
+    return addmm
 
 
 def matmul(lhs: Tensor, rhs: Tensor, available_memory_proportion=None, output_type=None, partials_type=None):

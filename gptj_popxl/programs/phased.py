@@ -151,19 +151,26 @@ class _Builder:
             entry = popxl.graph_input((), popxl.int32, "layer")
             extra = {k: popxl.graph_input(t.shape, t.dtype, k) for k, t in named_extra.items()}
             weights = stage.load("weights", entry)
-            accums = accum_facts.init_zero()
-            bwd.graph.bind(addons.NamedTensors.from_dict({**weights, **extra, **accums.to_dict()})).call(entry)
+            accums = accum_facts.init_zero().to_dict()
+            # A whole float32 gradient accumulates in its gradient buffer's entry itself: no fresh
+            # accumulator, and its store finds it already there.
+            in_buffer = [key for key in stage.names
+                         if stage.shard_group[key] is None and accums["accum." + key].dtype == F32]
+            for key in in_buffer:
+                accums["accum." + key] = ops.var_updates.accumulator_zero_(
+                    ops.remote_load(stage.buffers["grads"][key], entry, f"grads.{key}"))
+            bwd.graph.bind(addons.NamedTensors.from_dict({**weights, **extra, **accums})).call(entry)
             squares = {group: popxl.constant(0.0, F32, "zero") for group in NORM_GROUPS}
             grads = {}
             for key in stage.names:
-                g = accums.to_dict()["accum." + key]
+                g = accums["accum." + key]
                 g = g if g.dtype == F32 else ops.cast(g, F32)
                 if stage.shard_group[key] is not None:
                     g = addons.rts.reduce_replica_sharded_tensor(g, "add", self.groups.sharded, stage.shard_group[key])
                 elif self.ex.data_parallel > 1:
-                    g = ops.collectives.replicated_all_reduce(g, "add", self.groups.sharded)
+                    g = ops.collectives.replicated_all_reduce_(g, "add", self.groups.sharded)
                 grads[key] = g
-                squares[stage.norm_group(key)] = squares[stage.norm_group(key)] + ops.sum(g * g)
+                squares[stage.norm_group(key)] = squares[stage.norm_group(key)] + ops.sumsquare(g)
             stage.store("grads", entry, grads)
             for group in NORM_GROUPS:
                 popxl.graph_output(squares[group])
@@ -183,8 +190,11 @@ class _Builder:
             grads, first, second = stage.load("grads", entry), stage.load("first_order", entry), \
                 stage.load("second_order", entry)
             finite = scalars["finite"] if self.constants.skip_nonfinite else None
-            new = {key: adamw(master[key], first[key], second[key], grads[key] * scalars["grad_factor"], scalars,
+            # Scaled in place (a pass, no fresh tensor), and stored back: the buffer is then left as it is.
+            scaled = {key: ops.var_updates.accumulator_scale_(g, scalars["grad_factor"]) for key, g in grads.items()}
+            new = {key: adamw(master[key], first[key], second[key], scaled[key], scalars,
                               self.constants, decays(stage.prefixes[0] + key), finite) for key in stage.names}
+            stage.store("grads", entry, scaled)
             if keep_master:
                 stage.store("master", entry, {k: v[0] for k, v in new.items()})
             stage.store("first_order", entry, {k: v[1] for k, v in new.items()})

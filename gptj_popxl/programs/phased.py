@@ -151,14 +151,16 @@ class _Builder:
             entry = popxl.graph_input((), popxl.int32, "layer")
             extra = {k: popxl.graph_input(t.shape, t.dtype, k) for k, t in named_extra.items()}
             weights = stage.load("weights", entry)
-            accums = accum_facts.init_zero().to_dict()
             # A whole float32 gradient accumulates in its gradient buffer's entry itself: no fresh
-            # accumulator, and its store finds it already there.
-            in_buffer = [key for key in stage.names
-                         if stage.shard_group[key] is None and accums["accum." + key].dtype == F32]
-            for key in in_buffer:
-                accums["accum." + key] = ops.var_updates.accumulator_zero_(
-                    ops.remote_load(stage.buffers["grads"][key], entry, f"grads.{key}"))
+            # accumulator, and its store finds it already there. The mean's first micro-batch
+            # overwrites the entry, so it needs no zeroing.
+            facts = accum_facts.to_dict()
+            in_buffer = {"accum." + key: key for key in stage.names
+                         if stage.shard_group[key] is None and facts["accum." + key].dtype == F32}
+            accums = addons.NamedVariableFactories.from_dict(
+                {k: f for k, f in facts.items() if k not in in_buffer}).init_zero().to_dict()
+            accums.update({k: ops.remote_load(stage.buffers["grads"][key], entry, f"grads.{key}")
+                           for k, key in in_buffer.items()})
             bwd.graph.bind(addons.NamedTensors.from_dict({**weights, **extra, **accums})).call(entry)
             squares = {group: popxl.constant(0.0, F32, "zero") for group in NORM_GROUPS}
             grads = {}

@@ -91,6 +91,9 @@ def _add_scaled_square(t, x, f):
 
 
 def _accumulate_mean(t, x, step):
+    # The mean of one value is that value: a restarted mean does not read t, so t needs no zeroing.
+    if not (step.any() if torch.is_tensor(step) else step):
+        return t.copy_(x)
     return _add_scaled(t.mul_(step / (step + 1)), x, 1 / (step + 1))
 
 
@@ -133,7 +136,8 @@ def accumulate_square_(t: Tensor, X: Tensor, f: Factor = 1.0) -> Tensor:
 def accumulate_mean_(t: Tensor, X: Tensor, step: Factor) -> Tensor:
     """Running mean in place: ``t = step/(step+1) * t + X/(step+1)``.
 
-    ``step`` is the number of values accumulated so far; the op does not increment it.
+    ``step`` is the number of values accumulated so far; the op does not increment it. At step 0
+    ``t`` becomes ``X`` whatever it held (infinities and NaN too).
     """
     return _accumulate(AccumulateMean, t, X, step, "accumulate_mean_")
 

@@ -199,6 +199,30 @@ def test_adam_updater_output_dtype_follows_the_weight_with_decay():
         assert V.adam_updater(m, v, weight=w16).dtype == F32  # no decay: the weight is not an input
 
 
+@pytest.mark.parametrize("at_once", [True, False])
+def test_adam_steps_of_several_weights_each_get_their_own_updater(at_once):
+    """Weights of two shapes, two runs. Updaters applied at once share the CPU kernels' kept memory;
+    updaters all made first, then applied, must not."""
+    shapes = [(3, 4), (5,), (3, 4)]
+    ms = [RNG.normal(size=s).astype(np.float32) for s in shapes]
+    vs = [RNG.random(s).astype(np.float32) for s in shapes]
+    ws = [RNG.normal(size=s).astype(np.float32) for s in shapes]
+    ir = popxl.Ir()
+    with ir.main_graph:
+        weights = [popxl.variable(w, name=f"w{i}") for i, w in enumerate(ws)]
+        moments = [(popxl.variable(m), popxl.variable(v)) for m, v in zip(ms, vs)]
+        if at_once:
+            for w, (m, v) in zip(weights, moments):
+                ops.scaled_add_(w, V.adam_updater(m, v, epsilon=1e-3), b=-0.1)
+        else:
+            updaters = [V.adam_updater(m, v, epsilon=1e-3) for m, v in moments]
+            for w, x in zip(weights, updaters):
+                ops.scaled_add_(w, x, b=-0.1)
+        got = values_after(ir, weights, runs=2)
+    for g, w, m, v in zip(got, ws, ms, vs):
+        np.testing.assert_allclose(g, w - 2 * 0.1 * _adam_reference(m, v, w, eps=1e-3), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("r1, r2, ratio", [(4.0, 1.0, 2.0), (0.0, 1.0, 1.0), (4.0, 0.0, 1.0), (9.0, 4.0, 1.5)])
 def test_adam_var_update_applies_the_trust_ratio(r1, r2, ratio):
     ir = popxl.Ir()

@@ -94,7 +94,7 @@ def _accumulate_mean(t, x, step):
     # The mean of one value is that value: a restarted mean does not read t, so t needs no zeroing.
     if not (step.any() if torch.is_tensor(step) else step):
         return t.copy_(x)
-    return _add_scaled(t.mul_(step / (step + 1)), x, 1 / (step + 1))
+    return t.lerp_(x, 1 / (step + 1))  # t + (x - t) / (step + 1), in one pass
 
 
 def _lamb_ratio(r1sq, r2sq):
@@ -107,7 +107,8 @@ def _lamb_ratio(r1sq, r2sq):
 Accumulate = _var_update("accumulate", _add_scaled)
 AccumulateSquare = _var_update("accumulate_square", _add_scaled_square)
 AccumulateMean = _var_update("accumulate_mean", _accumulate_mean)
-AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: _add_scaled(t.mul_(f), x, 1 - f))
+# One pass, as torch.optim.AdamW updates its first moment.
+AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: t.lerp_(x, 1 - f))
 AccumulateMovingAverageSquare = _var_update("accumulate_moving_average_square",
                                             lambda t, x, f: _add_scaled_square(t.mul_(f), x, 1 - f))
 AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t.mul_(f), num_full=1)

@@ -16,9 +16,10 @@ micro-batches with ``addons.transforms.batch_serialise``: activations go between
 ``batch_serial_buffer``s of ``L + 1`` rows by ``gradient_accumulation`` micro-batches, ``x`` (row 0
 the embedding output, row ``n + 1`` decoder ``n``'s output) and ``dx`` (the head writes row ``L``,
 decoder ``n`` reads row ``n + 1`` and writes row ``n``), each tensor-parallel shard holding a slice. Backward phases accumulate the gradients
-(``autodiff_with_accumulation``, a mean over the micro-batches) in accumulators zeroed at the phase's
-start, sum them over the data-parallel group, add their squares to the global norm and store them,
-float32, in a gradient buffer. The optimizer phases then scale them by the number of micro-batches,
+(``autodiff_with_accumulation``, a mean over the micro-batches, restarted at the phase's start) in
+the gradient buffer's entry itself where the gradient is whole and float32 (else in a fresh
+accumulator), sum them over the data-parallel group, add their squares to the global norm and store
+them, float32, in a gradient buffer. The optimizer phases then scale them by the number of micro-batches,
 unscale, clip with the global norm in one factor, and apply AdamW
 (``training.adamw``) per layer, loading and storing weights, moments and float32 master weights.
 
@@ -143,7 +144,7 @@ class _Builder:
 
     def backward_phase(self, name: str, stage: _Stage, bwd: addons.BatchSerialResult, accum_facts, named_extra):
         """A graph (layer index) -> the gradients' sums of squares per ``NORM_GROUPS``: loads the weights,
-        zeroes the accumulators, runs the backward loop, then reduces (reduce-scatters where the optimizer state is sharded), unscales and stores the
+        restarts the accumulators, runs the backward loop, then reduces (reduce-scatters where the optimizer state is sharded), unscales and stores the
         gradients, still scaled by the loss scale and averaged over the micro-batches (the optimizer's
         factor undoes both). Its other inputs: the tensors of ``named_extra``."""
         graph = self.ir.create_empty_graph(name)

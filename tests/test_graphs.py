@@ -219,6 +219,34 @@ def test_subgraph_writing_its_input_leaves_the_parent_tensor_unless_modified():
         np.testing.assert_array_equal(v_host, expected_v, err_msg=mode)
 
 
+def test_remote_load_written_in_a_nested_call_through_a_view_leaves_the_buffer():
+    # A call counts a by-reference input as modified only where its graph writes it: here two calls
+    # down, through a reshape alias. The loaded value is written, the buffer entry is not.
+    ir = popxl.Ir()
+    with ir.main_graph:
+        def inner():
+            x = popxl.graph_input((2, 3), F32, "x", by_ref=True)
+            ops.add_(x.reshape_((6,)), popxl.constant(1.0))
+
+        def outer():
+            x = popxl.graph_input((2, 3), F32, "x", by_ref=True)
+            ops.call(inner_graph, x)
+            return x * 1.0
+
+        inner_graph = ir.create_graph(inner)
+        outer_graph = ir.create_graph(outer)
+        buffer = popxl.remote_buffer((2, 3), F32, 1)
+        ops.remote_store(buffer, 0, popxl.variable(X, name="v"))
+        loaded = ops.remote_load(buffer, 0)
+        (seen,) = ops.call(outer_graph, loaded)
+        after = loaded * 1.0
+        stored = ops.remote_load(buffer, 0) * 1.0
+    (seen, after, stored), _ = run_and_read(ir, [seen, after, stored], [])
+    np.testing.assert_array_equal(seen, X + 1)
+    np.testing.assert_array_equal(after, X + 1)
+    np.testing.assert_array_equal(stored, X)
+
+
 def test_captured_tensor_written_in_place_changes_the_enclosing_tensor():
     ir = popxl.Ir()
     with ir.main_graph:

@@ -36,7 +36,7 @@ ACCUMULATORS = [
 ]
 
 
-# The large shape goes through the CPU kernels' block-by-block path (more than one block, and a partial one).
+# The large shape is above the size where the CPU kernels once went block by block.
 @pytest.mark.parametrize("shape", [(3, 4), (3, 30000)])
 @pytest.mark.parametrize("tensor_factor", [False, True])
 @pytest.mark.parametrize("name, formula, f", ACCUMULATORS)
@@ -69,7 +69,8 @@ def test_accumulate_mean_gives_the_running_mean():
     xs = RNG.normal(size=(4, 3)).astype(np.float32)
     ir = popxl.Ir()
     with ir.main_graph:
-        mean = popxl.variable(np.zeros(3, np.float32), name="mean")
+        # A restarted mean (step 0) does not read what the accumulator held, however bad.
+        mean = popxl.variable(np.array([np.nan, np.inf, 5.0], np.float32), name="mean")
         step = popxl.variable(np.float32(0), name="step")
         data = popxl.h2d_stream((3,), F32, "x")
         V.accumulate_mean_(mean, ops.host_load(data), step)
@@ -196,6 +197,30 @@ def test_adam_updater_output_dtype_follows_the_weight_with_decay():
         assert V.adam_updater(m, v).dtype == F32
         assert V.adam_updater(m, v, weight=w16, weight_decay=0.1).dtype == F16
         assert V.adam_updater(m, v, weight=w16).dtype == F32  # no decay: the weight is not an input
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+def test_adam_steps_of_several_weights_each_get_their_own_updater(at_once):
+    """Weights of two shapes, two runs. Updaters applied at once share the CPU kernels' kept memory;
+    updaters all made first, then applied, must not."""
+    shapes = [(3, 4), (5,), (3, 4)]
+    ms = [RNG.normal(size=s).astype(np.float32) for s in shapes]
+    vs = [RNG.random(s).astype(np.float32) for s in shapes]
+    ws = [RNG.normal(size=s).astype(np.float32) for s in shapes]
+    ir = popxl.Ir()
+    with ir.main_graph:
+        weights = [popxl.variable(w, name=f"w{i}") for i, w in enumerate(ws)]
+        moments = [(popxl.variable(m), popxl.variable(v)) for m, v in zip(ms, vs)]
+        if at_once:
+            for w, (m, v) in zip(weights, moments):
+                ops.scaled_add_(w, V.adam_updater(m, v, epsilon=1e-3), b=-0.1)
+        else:
+            updaters = [V.adam_updater(m, v, epsilon=1e-3) for m, v in moments]
+            for w, x in zip(weights, updaters):
+                ops.scaled_add_(w, x, b=-0.1)
+        got = values_after(ir, weights, runs=2)
+    for g, w, m, v in zip(got, ws, ms, vs):
+        np.testing.assert_allclose(g, w - 2 * 0.1 * _adam_reference(m, v, w, eps=1e-3), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("r1, r2, ratio", [(4.0, 1.0, 2.0), (0.0, 1.0, 1.0), (4.0, 0.0, 1.0), (9.0, 4.0, 1.5)])

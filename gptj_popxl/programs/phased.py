@@ -16,9 +16,10 @@ micro-batches with ``addons.transforms.batch_serialise``: activations go between
 ``batch_serial_buffer``s of ``L + 1`` rows by ``gradient_accumulation`` micro-batches, ``x`` (row 0
 the embedding output, row ``n + 1`` decoder ``n``'s output) and ``dx`` (the head writes row ``L``,
 decoder ``n`` reads row ``n + 1`` and writes row ``n``), each tensor-parallel shard holding a slice. Backward phases accumulate the gradients
-(``autodiff_with_accumulation``, a mean over the micro-batches) in accumulators zeroed at the phase's
-start, sum them over the data-parallel group, add their squares to the global norm and store them,
-float32, in a gradient buffer. The optimizer phases then scale them by the number of micro-batches,
+(``autodiff_with_accumulation``, a mean over the micro-batches, restarted at the phase's start) in
+the gradient buffer's entry itself where the gradient is whole and float32 (else in a fresh
+accumulator), sum them over the data-parallel group, add their squares to the global norm and store
+them, float32, in a gradient buffer. The optimizer phases then scale them by the number of micro-batches,
 unscale, clip with the global norm in one factor, and apply AdamW
 (``training.adamw``) per layer, loading and storing weights, moments and float32 master weights.
 
@@ -143,7 +144,7 @@ class _Builder:
 
     def backward_phase(self, name: str, stage: _Stage, bwd: addons.BatchSerialResult, accum_facts, named_extra):
         """A graph (layer index) -> the gradients' sums of squares per ``NORM_GROUPS``: loads the weights,
-        zeroes the accumulators, runs the backward loop, then reduces (reduce-scatters where the optimizer state is sharded), unscales and stores the
+        restarts the accumulators, runs the backward loop, then reduces (reduce-scatters where the optimizer state is sharded), unscales and stores the
         gradients, still scaled by the loss scale and averaged over the micro-batches (the optimizer's
         factor undoes both). Its other inputs: the tensors of ``named_extra``."""
         graph = self.ir.create_empty_graph(name)
@@ -151,19 +152,28 @@ class _Builder:
             entry = popxl.graph_input((), popxl.int32, "layer")
             extra = {k: popxl.graph_input(t.shape, t.dtype, k) for k, t in named_extra.items()}
             weights = stage.load("weights", entry)
-            accums = accum_facts.init_zero()
-            bwd.graph.bind(addons.NamedTensors.from_dict({**weights, **extra, **accums.to_dict()})).call(entry)
+            # A whole float32 gradient accumulates in its gradient buffer's entry itself: no fresh
+            # accumulator, and its store finds it already there. The mean's first micro-batch
+            # overwrites the entry, so it needs no zeroing.
+            facts = accum_facts.to_dict()
+            in_buffer = {"accum." + key: key for key in stage.names
+                         if stage.shard_group[key] is None and facts["accum." + key].dtype == F32}
+            accums = addons.NamedVariableFactories.from_dict(
+                {k: f for k, f in facts.items() if k not in in_buffer}).init_zero().to_dict()
+            accums.update({k: ops.remote_load(stage.buffers["grads"][key], entry, f"grads.{key}")
+                           for k, key in in_buffer.items()})
+            bwd.graph.bind(addons.NamedTensors.from_dict({**weights, **extra, **accums})).call(entry)
             squares = {group: popxl.constant(0.0, F32, "zero") for group in NORM_GROUPS}
             grads = {}
             for key in stage.names:
-                g = accums.to_dict()["accum." + key]
+                g = accums["accum." + key]
                 g = g if g.dtype == F32 else ops.cast(g, F32)
                 if stage.shard_group[key] is not None:
                     g = addons.rts.reduce_replica_sharded_tensor(g, "add", self.groups.sharded, stage.shard_group[key])
                 elif self.ex.data_parallel > 1:
-                    g = ops.collectives.replicated_all_reduce(g, "add", self.groups.sharded)
+                    g = ops.collectives.replicated_all_reduce_(g, "add", self.groups.sharded)
                 grads[key] = g
-                squares[stage.norm_group(key)] = squares[stage.norm_group(key)] + ops.sum(g * g)
+                squares[stage.norm_group(key)] = squares[stage.norm_group(key)] + ops.sumsquare(g)
             stage.store("grads", entry, grads)
             for group in NORM_GROUPS:
                 popxl.graph_output(squares[group])
@@ -183,8 +193,11 @@ class _Builder:
             grads, first, second = stage.load("grads", entry), stage.load("first_order", entry), \
                 stage.load("second_order", entry)
             finite = scalars["finite"] if self.constants.skip_nonfinite else None
-            new = {key: adamw(master[key], first[key], second[key], grads[key] * scalars["grad_factor"], scalars,
+            # Scaled in place (a pass, no fresh tensor), and stored back: the buffer is then left as it is.
+            scaled = {key: ops.var_updates.accumulator_scale_(g, scalars["grad_factor"]) for key, g in grads.items()}
+            new = {key: adamw(master[key], first[key], second[key], scaled[key], scalars,
                               self.constants, decays(stage.prefixes[0] + key), finite) for key in stage.names}
+            stage.store("grads", entry, scaled)
             if keep_master:
                 stage.store("master", entry, {k: v[0] for k, v in new.items()})
             stage.store("first_order", entry, {k: v[1] for k, v in new.items()})

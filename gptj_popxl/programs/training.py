@@ -227,10 +227,12 @@ def build_training_step(config: GPTJConfig, execution: ExecutionConfig, weights:
             micro_grads = grad_graph.call(scalars["loss_scaling"], args=grad_graph.grad_graph_info.inputs_dict(info))
             micro_grads = [g if g.dtype == popxl.float32 else ops.cast(g, popxl.float32) for g in micro_grads]
             loss = info.outputs[0] if loss is None else loss + info.outputs[0]
-            grads = micro_grads if grads is None else [a + b for a, b in zip(grads, micro_grads)]
+            # Summed into the first micro-batch's gradients, in place: no fresh tensor per micro-batch.
+            grads = micro_grads if grads is None else [ops.var_updates.accumulate_(a, b)
+                                                       for a, b in zip(grads, micro_grads)]
         if ex.data_parallel > 1:
             loss = ops.collectives.replicated_all_reduce(loss, "add", groups.sharded)
-            grads = [ops.collectives.replicated_all_reduce(g, "add", groups.sharded) for g in grads]
+            grads = [ops.collectives.replicated_all_reduce_(g, "add", groups.sharded) for g in grads]
         grads = dict(zip(names, grads))  # still scaled by loss_scaling
 
         var_by_name = variables.to_dict()

@@ -1,4 +1,5 @@
 """Subgraph calls: ``call`` runs a graph once, ``repeat`` runs it in a loop."""
+import weakref
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -24,7 +25,10 @@ class Call(Primitive):
 
     @classmethod
     def modified_inputs(cls, op):
-        return tuple(sorted(op.attrs["modified"]))
+        # By-reference inputs that the graph writes: one it only reads may share the caller's storage
+        # (a remote load passed in stays a view of its buffer).
+        written = _written_inputs(op.attrs["graph"])
+        return tuple(sorted(i for i in op.attrs["modified"] if i in written))
 
     @classmethod
     def graph_output_added(cls, op, t):
@@ -45,6 +49,22 @@ class Call(Primitive):
     def grad(g):
         from ..transforms.autodiff import call_grad
         return call_grad(g)
+
+
+# graph -> ((op count, input count) when computed, indices of the inputs it writes)
+_WRITTEN_INPUTS = weakref.WeakKeyDictionary()
+
+
+def _written_inputs(graph: Graph) -> frozenset:
+    """Indices of ``graph``'s inputs that its ops (or graphs they call) write in place, through any alias."""
+    from ..executor import _storage_classes
+    key = (len(graph._ops), len(graph._inputs))
+    cached = _WRITTEN_INPUTS.get(graph)
+    if cached is None or cached[0] != key:
+        classes, written = _storage_classes(graph, set())
+        cached = _WRITTEN_INPUTS[graph] = (key, frozenset(
+            i for i, t in enumerate(graph._inputs) if classes.find(t.id) in written))
+    return cached[1]
 
 
 def _copy_in(plan, op) -> Tuple[bool, ...]:

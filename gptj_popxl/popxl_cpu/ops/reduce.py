@@ -119,21 +119,16 @@ class ReduceProd(Reduce):
         return [div(mul(_expand_back(g, g.dy), _expand_back(g, g.y(0))), g.x(0))]
 
 
-# Elements per block of a whole-tensor sum of squares: the squares of a block stay in cache.
-_SQUARES_BLOCK = 1 << 18
-
-
 class ReduceSumSquare(Reduce):
     name = "sumsquare"
 
     @staticmethod
     def fn(x, axes, keepdims):
-        if keepdims or sorted(axes) != list(range(1, x.dim())) or x[0].numel() <= _SQUARES_BLOCK:
+        if keepdims or sorted(axes) != list(range(1, x.dim())) or x.dtype not in (torch.float32, torch.float64):
             return torch.sum(x * x, axes, keepdim=keepdims)
-        # A whole replica's tensor (e.g. a gradient, for its norm): summed block by block, so that
-        # no tensor of all the squares is made.
-        flat = x.reshape(x.shape[0], -1)
-        return torch.stack([torch.sum(block * block, 1) for block in flat.split(_SQUARES_BLOCK, dim=1)]).sum(0)
+        # A whole replica's tensor (e.g. a gradient, for its norm): a dot product with itself makes no
+        # tensor of all the squares (and sums more accurately than the norm kernel).
+        return torch.stack([torch.dot(row, row) for row in x.reshape(x.shape[0], -1)])
 
     @staticmethod
     def grad(g):

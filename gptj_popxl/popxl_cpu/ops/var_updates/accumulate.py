@@ -11,7 +11,7 @@ import torch
 
 from ... import dtypes
 from ...primitive import Primitive
-from ...tensor import Tensor, constant
+from ...tensor import Constant, Tensor, constant
 
 Factor = Union[float, Tensor]
 
@@ -37,16 +37,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-# Elements per replica in one block of a large variable update.
-_BLOCK = 1 << 16
-
-
 class VarUpdate(Primitive):
     """``t <- formula(t, *full, *scalars)`` in place.
 
     ``full`` inputs (``num_full`` of them, ``t`` first) have ``t``'s shape; the rest are scalar
-    factors, broadcast over ``t``. ``formula`` may write into its first value (``t`` or its float32
-    copy) and return it.
+    factors, broadcast over ``t``: python floats where they are constants, else tensors shaped to
+    broadcast. ``formula`` writes its first value (``t``, or its float32 copy) with torch's in-place
+    ops, so that no tensor of ``t``'s size is made (above glibc's mmap threshold each fresh one
+    costs a map, page faults and an unmap).
     """
     modifies = (0,)
     num_full = 2
@@ -63,23 +61,17 @@ class VarUpdate(Primitive):
     def lower(cls, op, runtime):
         rank, num_full, formula = op.inputs[0].rank, cls.num_full, cls.formula
         dtype = compute_dtype(op.inputs[0].dtype.as_torch())
-
-        def apply(t, full, scalars):
-            out = formula(t.to(dtype), *(x.to(dtype) for x in full), *scalars)
-            return t if out is t else t.copy_(out)
+        widen = dtype != op.inputs[0].dtype.as_torch()
+        constants = [float(s._data.reshape(-1)[0]) if isinstance(s, Constant) else None
+                     for s in op.inputs[num_full:]]
 
         def update(t, *others):
             full, scalars = others[:num_full - 1], others[num_full - 1:]
-            if t[0].numel() <= _BLOCK or not all(x.is_contiguous() for x in (t, *full)):
-                return apply(t, full, [s.reshape((s.shape[0],) + (1,) * rank).to(dtype) for s in scalars])
-            # Elementwise, so block by block gives the same values, and the formula's temporaries
-            # stay in cache instead of being fresh tensors of t's size.
-            replicas = t.shape[0]
-            blocks = [x.view(replicas, -1).split(_BLOCK, dim=1) for x in (t, *full)]
-            scalars = [s.reshape(replicas, 1).to(dtype) for s in scalars]
-            for t_block, *full_blocks in zip(*blocks):
-                apply(t_block, full_blocks, scalars)
-            return t
+            scalars = [s.reshape((s.shape[0],) + (1,) * rank).to(dtype) if c is None else c
+                       for c, s in zip(constants, scalars)]
+            into = t.to(dtype) if widen else t
+            formula(into, *(x.to(dtype) for x in full), *scalars)
+            return t.copy_(into) if widen else t
         return update
 
 
@@ -88,27 +80,43 @@ def _var_update(name: str, formula, num_full: int = 2):
                 {"name": name, "formula": staticmethod(formula), "num_full": num_full})
 
 
-Accumulate = _var_update("accumulate", lambda t, x, f: t + f * x)
-AccumulateSquare = _var_update("accumulate_square", lambda t, x, f: t + f * x * x)
-AccumulateMean = _var_update("accumulate_mean", lambda t, x, step: step / (step + 1) * t + x / (step + 1))
-# The moving averages write ``f * t + (1 - f) * x (* x)`` into ``t`` (the accumulator, or its float32
-# copy), with at most one full-size temporary.
-AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: t.mul_(f).addcmul_(x, 1 - f))
-AccumulateMovingAverageSquare = _var_update("accumulate_moving_average_square",
-                                            lambda t, x, f: t.mul_(f).add_((x * (1 - f)).mul_(x)))
-AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t.mul_(f), num_full=1)
-AccumulatorZero = _var_update("accumulator_zero", torch.zeros_like, num_full=1)
-CopyVarUpdate = _var_update("copy_var_update", lambda t, x: x)
-Increment = _var_update("increment", lambda t: t + 1, num_full=1)
+def _add_scaled(t, x, f):
+    """``t += f * x`` in place, for a float or a broadcast tensor ``f``."""
+    return t.add_(x, alpha=f) if isinstance(f, float) else t.addcmul_(x, f)
+
+
+def _add_scaled_square(t, x, f):
+    """``t += f * x * x`` in place (a temporary only for a tensor ``f``)."""
+    return t.addcmul_(x, x, value=f) if isinstance(f, float) else t.addcmul_(x * f, x)
+
+
+def _accumulate_mean(t, x, step):
+    # The mean of one value is that value: a restarted mean does not read t, so t needs no zeroing.
+    if not (step.any() if torch.is_tensor(step) else step):
+        return t.copy_(x)
+    return t.lerp_(x, 1 / (step + 1))  # t + (x - t) / (step + 1), in one pass
 
 
 def _lamb_ratio(r1sq, r2sq):
     """``sqrt(r1sq) / sqrt(r2sq)``, or 1 where either squared norm is 0."""
+    r1sq, r2sq = torch.as_tensor(r1sq), torch.as_tensor(r2sq)
     ratio = torch.sqrt(r1sq) / torch.sqrt(r2sq)
     return torch.where((r1sq == 0) | (r2sq == 0), torch.ones_like(ratio), ratio)
 
 
-AdamVarUpdate = _var_update("adam_var_update", lambda t, x, r1sq, r2sq, lr: t - lr * _lamb_ratio(r1sq, r2sq) * x)
+Accumulate = _var_update("accumulate", _add_scaled)
+AccumulateSquare = _var_update("accumulate_square", _add_scaled_square)
+AccumulateMean = _var_update("accumulate_mean", _accumulate_mean)
+# One pass, as torch.optim.AdamW updates its first moment.
+AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: t.lerp_(x, 1 - f))
+AccumulateMovingAverageSquare = _var_update("accumulate_moving_average_square",
+                                            lambda t, x, f: _add_scaled_square(t.mul_(f), x, 1 - f))
+AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t.mul_(f), num_full=1)
+AccumulatorZero = _var_update("accumulator_zero", lambda t: t.zero_(), num_full=1)
+CopyVarUpdate = _var_update("copy_var_update", lambda t, x: t.copy_(x))
+Increment = _var_update("increment", lambda t: t.add_(1), num_full=1)
+AdamVarUpdate = _var_update("adam_var_update",
+                            lambda t, x, r1sq, r2sq, lr: _add_scaled(t, x, -lr * _lamb_ratio(r1sq, r2sq)))
 
 
 def _accumulate(prim, t: Tensor, X: Tensor, f: Factor, what: str) -> Tensor:
@@ -129,7 +137,8 @@ def accumulate_square_(t: Tensor, X: Tensor, f: Factor = 1.0) -> Tensor:
 def accumulate_mean_(t: Tensor, X: Tensor, step: Factor) -> Tensor:
     """Running mean in place: ``t = step/(step+1) * t + X/(step+1)``.
 
-    ``step`` is the number of values accumulated so far; the op does not increment it.
+    ``step`` is the number of values accumulated so far; the op does not increment it. At step 0
+    ``t`` becomes ``X`` whatever it held (infinities and NaN too).
     """
     return _accumulate(AccumulateMean, t, X, step, "accumulate_mean_")
 

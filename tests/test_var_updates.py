@@ -200,9 +200,9 @@ def test_adam_updater_output_dtype_follows_the_weight_with_decay():
 
 
 @pytest.mark.parametrize("at_once", [True, False])
-def test_adam_steps_of_several_weights_each_get_their_own_updater(at_once):
-    """Weights of two shapes, two runs. Updaters applied at once share the CPU kernels' kept memory;
-    updaters all made first, then applied, must not."""
+def test_adam_steps_of_several_weights_each_get_their_own_updater(at_once, planned):
+    """Weights of two shapes, two runs, every updater written into the plan's kept memory. Updaters
+    applied at once share one block; updaters all made first, then applied, must not."""
     shapes = [(3, 4), (5,), (3, 4)]
     ms = [RNG.normal(size=s).astype(np.float32) for s in shapes]
     vs = [RNG.random(s).astype(np.float32) for s in shapes]
@@ -219,6 +219,7 @@ def test_adam_steps_of_several_weights_each_get_their_own_updater(at_once):
             for w, x in zip(weights, updaters):
                 ops.scaled_add_(w, x, b=-0.1)
         got = values_after(ir, weights, runs=2)
+    assert planned == ([(12,)] if at_once else [(12,), (5,), (12,)])
     for g, w, m, v in zip(got, ws, ms, vs):
         np.testing.assert_allclose(g, w - 2 * 0.1 * _adam_reference(m, v, w, eps=1e-3), rtol=1e-5, atol=1e-6)
 

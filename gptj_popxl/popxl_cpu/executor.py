@@ -16,9 +16,10 @@ Memory plan: a step whose op can write into given memory (``Primitive.lower_out`
 is large is handed that memory. A value that never outlives a run (its storage class holds no graph
 output, nothing the host keeps, no variable, constant, input or remote memory) gets memory the plan
 allocates on its first run and keeps, as Poplar allocates tensors statically: no run pays for fresh
-pages again. Any other large value gets huge-page memory that nothing else references: fresh, or
+pages again, and values whose lifetimes within a run do not overlap share one block. Any other large value gets huge-page memory that nothing else references: fresh, or
 an earlier run's once its user has dropped it (``allocation.Recycler``).
 """
+import math
 from typing import Dict, List
 
 import torch
@@ -91,9 +92,18 @@ class Plan:
                      | {classes.find(t.id) for t in graph._outputs}
                      | {classes.find(op.inputs[i].id) for op in graph._ops for i in op.prim.retains})
 
+        kept_steps = []  # (step, storage class, shape, dtype) of the values written into kept memory
+
         def with_memory(fn, t: Tensor):
-            return _writing_into(fn, (runtime.replicas,) + t.shape, t.dtype.as_torch(),
-                                 kept=classes.find(t.id) not in outliving)
+            shape, dtype = (runtime.replicas,) + t.shape, t.dtype.as_torch()
+            if allocation.nbytes(shape, dtype) < allocation.LARGE_BYTES:
+                return fn
+            if classes.find(t.id) in outliving:
+                recycled = allocation.Recycler(shape, dtype)
+                return lambda *xs: fn(*xs, out=recycled())
+            kept = _KeptValue(shape, dtype)  # its memory is chosen once every lifetime is known
+            kept_steps.append((len(steps), classes.find(t.id), kept))
+            return lambda *xs: fn(*xs, out=kept.memory())
 
         slot: Dict[str, int] = {}
 
@@ -144,7 +154,12 @@ class Plan:
         self.copy_out = tuple(classes.find(t.id) in shared for t in graph._outputs)
         self.num_slots = len(slot)
         self.init = [init.get(i) for i in range(self.num_slots)]
-        self._add_frees(steps, set(init) | set(self.out_slots))
+        last_use = self._add_frees(steps, set(init) | set(self.out_slots))
+        class_end: Dict[str, int] = {}
+        for t_id, s in slot.items():
+            c = classes.find(t_id)
+            class_end[c] = max(class_end.get(c, -1), last_use.get(s, -1))
+        _share_kept_memory([(k, class_end[c], kept) for k, c, kept in kept_steps])
         self.steps = [tuple(s) for s in steps]
 
     @staticmethod
@@ -159,6 +174,7 @@ class Plan:
                 frees.setdefault(k, []).append(s)
         for k, step in enumerate(steps):
             step[3] = tuple(frees.get(k, ()))
+        return last_use
 
     def run(self, args):
         vals = list(self.init)
@@ -231,22 +247,39 @@ def _remote_loads_to_copy(graph, classes, written, fused, absorbed) -> set:
     return copied
 
 
-def _writing_into(fn, shape, dtype: torch.dtype, kept: bool):
-    """``fn`` (which takes ``out=``) run on memory for its output when it is large: memory allocated on
-    the first run and reused by every later one when ``kept``, else memory no one else references
-    (``allocation.Recycler``)."""
-    if allocation.nbytes(shape, dtype) < allocation.LARGE_BYTES:
-        return fn
-    if not kept:
-        recycled = allocation.Recycler(shape, dtype)
-        return lambda *xs: fn(*xs, out=recycled())
-    memory = []
+class _KeptMemory:
+    """One block of memory a plan keeps across runs, allocated on first use at its largest user's size."""
 
-    def into_kept_memory(*xs):
-        if not memory:
-            memory.append(allocation.empty(shape, dtype))
-        return fn(*xs, out=memory[0])
-    return into_kept_memory
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.numel, self.flat, self.free_from = dtype, 0, None, -1
+
+    def view(self, shape) -> torch.Tensor:
+        if self.flat is None:
+            self.flat = allocation.empty((self.numel,), self.dtype)
+        return self.flat[:math.prod(shape)].view(shape)
+
+
+class _KeptValue:
+    """A value that never outlives a run, written into a block of kept memory."""
+
+    def __init__(self, shape, dtype: torch.dtype):
+        self.shape, self.dtype, self.block = shape, dtype, None
+
+    def memory(self) -> torch.Tensor:
+        return self.block.view(self.shape)
+
+
+def _share_kept_memory(values) -> None:
+    """Gives each ``(step, last step using its storage, value)`` a block of kept memory, shared with
+    values whose lifetimes within the run end before it starts (a greedy interval allocation)."""
+    blocks: List[_KeptMemory] = []
+    for k, end, value in sorted(values, key=lambda v: v[0]):
+        block = next((b for b in blocks if b.dtype == value.dtype and b.free_from < k), None)
+        if block is None:
+            block = _KeptMemory(value.dtype)
+            blocks.append(block)
+        block.numel, block.free_from = max(block.numel, math.prod(value.shape)), max(end, k)
+        value.block = block
 
 
 def _copying_inputs(fn, indices):

@@ -98,7 +98,8 @@ class Primitive:
     @classmethod
     def lower_out(cls, op: Op, runtime):
         """A callable as ``lower``'s that also takes ``out=``, a contiguous tensor of output 0's runtime
-        shape and dtype to write and return; None when the op cannot write into given memory."""
+        shape and dtype to write and return (None: fresh memory); None when the op cannot write into
+        given memory."""
         return None
 
     @classmethod

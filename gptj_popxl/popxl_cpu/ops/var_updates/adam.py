@@ -1,6 +1,4 @@
 """Adam-family updater terms and the weight step that applies them."""
-import math
-import weakref
 from typing import Optional, Union
 
 import torch
@@ -31,13 +29,22 @@ class AdamUpdater(Primitive):
 
     @classmethod
     def lower(cls, op, runtime):
+        return cls._updater(op)
+
+    @classmethod
+    def lower_out(cls, op, runtime):
+        # Written into given memory only when no final cast makes a second tensor anyway.
+        same_dtype = compute_dtype(op.inputs[0].dtype.as_torch()) == op.attrs["out_dtype"].as_torch()
+        return cls._updater(op) if same_dtype else None
+
+    @staticmethod
+    def _updater(op):
         a = op.attrs
         rank, decay, bias, adamax = op.inputs[0].rank, a["decay"], a["bias"], a["mode"] == "adamax"
         out_dtype = a["out_dtype"].as_torch()
         dtype = compute_dtype(op.inputs[0].dtype.as_torch())
-        reuse = dtype == out_dtype and _consumed_at_once(op)
 
-        def updater(m, v, eps, *rest):
+        def updater(m, v, eps, *rest, out=None):
             def scalar(s):
                 return s.reshape((s.shape[0],) + (1,) * rank).to(dtype)
             rest = list(rest)
@@ -49,8 +56,8 @@ class AdamUpdater(Primitive):
                 m = m / (1 - beta1 ** step)
                 if not adamax:
                     v = v / (1 - scalar(rest.pop(0)) ** step)
-            # The denominator, then the quotient, are written into the output.
-            x = _workspace(runtime, m.shape, dtype) if reuse else torch.empty(m.shape, dtype=dtype)
+            # The denominator, then the quotient, are written into the output: no full-size temporary.
+            x = torch.empty(m.shape, dtype=dtype) if out is None else out
             if adamax:
                 torch.add(v, eps, out=x)
             else:
@@ -60,36 +67,6 @@ class AdamUpdater(Primitive):
                 x.addcmul_(w, wd)
             return x.to(out_dtype)
         return updater
-
-
-# runtime -> {dtype: a flat tensor}, the output memory of the updaters that ``_consumed_at_once`` allows.
-_WORKSPACES = weakref.WeakKeyDictionary()
-
-
-def _workspace(runtime, shape, dtype: torch.dtype) -> torch.Tensor:
-    """A tensor of ``shape`` in memory kept across runs: a fresh full-size tensor per update costs,
-    above glibc's mmap threshold, a map, its page faults and an unmap each time."""
-    size = math.prod(shape)
-    spaces = _WORKSPACES.setdefault(runtime, {})
-    space = spaces.get(dtype)
-    if space is None or space.numel() < size:
-        space = spaces[dtype] = torch.empty(size, dtype=dtype)
-    return space[:size].view(shape)
-
-
-def _consumed_at_once(op) -> bool:
-    """Whether ``op``'s output is read by the next op of its graph only, which keeps no reference to it:
-    the value is then dead before any other op runs, so all such outputs may share one memory."""
-    graph, x = op.graph, op.outputs[0]
-    at = next(i for i, o in enumerate(graph._ops) if o is op)
-    users = [o for o in graph._ops if any(t is x for t in o.inputs)]
-    if any(t is x for t in graph._outputs) or len(users) != 1 or at + 1 >= len(graph._ops) \
-            or users[0] is not graph._ops[at + 1]:
-        return False
-    user = users[0]
-    if user.prim.view or user.prim.alias or user.called_graphs:
-        return False
-    return not any(t is x and (i in user.modified_inputs or i in user.prim.retains) for i, t in enumerate(user.inputs))
 
 
 def _updater(mode: str, m: Tensor, v: Tensor, weight: Optional[Tensor], time_step: Optional[Tensor],

@@ -46,6 +46,29 @@ def _rows(t) -> int:
     return int(np.prod(t.shape[:-1], dtype=np.int64))
 
 
+class _ArrayViews:
+    """numpy views of the long-lived tensors an op reads at every call (its weights, tables, caches),
+    made once per tensor: converting a tensor costs microseconds, a decode layer takes some sixteen.
+    Tensors new at every call (offloaded weights) would fill it: it starts afresh past ``capacity``."""
+
+    capacity = 256
+
+    def __init__(self):
+        self._views = {}
+
+    def __call__(self, t: torch.Tensor) -> np.ndarray:
+        held = self._views.get(id(t))
+        if held is not None and held[0] is t:
+            return held[1]
+        if not t.is_contiguous():
+            return t.contiguous().numpy()  # a copy: valid for this call only
+        view = t.numpy()
+        if len(self._views) >= self.capacity:
+            self._views.clear()
+        self._views[id(t)] = (t, view)  # holding t keeps its id from being reused by another tensor
+        return view
+
+
 if IS_CPU:
     class StreamedMatMul(custom_op.CustomOp):
         """``x (..., K) @ w (K, N)`` by the C++ kernel, one replica after another."""
@@ -93,16 +116,17 @@ if IS_CPU:
             batch, _, _, cache_len = op.inputs[12].shape
             n_embd = op.inputs[0].shape[-1]
 
+            arrays = _ArrayViews()
+
             def layer(x, *rest):
                 weights, (positions, sin, cos, k_cache, v_cache, write, mask) = rest[:8], rest[8:]
-                x_next = torch.empty((1, batch, 1, n_embd), dtype=torch.float32)
+                x_next = np.empty((1, batch, 1, n_embd), np.float32)
                 # Arrays keep the replica axis (of size 1); the C++ side skips leading axes of size 1.
-                ext.decode_layer(x.reshape(batch, n_embd).contiguous().numpy(),
-                                 *(w.contiguous().numpy() for w in weights), positions.contiguous().numpy(),
-                                 sin.numpy(), cos.numpy(), k_cache.numpy(), v_cache.numpy(), int(write[0, 0]),
-                                 mask.reshape(batch, cache_len).contiguous().numpy(), eps,
-                                 x_next.view(batch, n_embd).numpy(), torch.get_num_threads())
-                return k_cache, x_next
+                ext.decode_layer(x.reshape(batch, n_embd).contiguous().numpy(), *map(arrays, weights),
+                                 positions.contiguous().numpy(), arrays(sin), arrays(cos), arrays(k_cache),
+                                 arrays(v_cache), write.item(), mask.reshape(batch, cache_len).contiguous().numpy(),
+                                 eps, x_next.reshape(batch, n_embd), torch.get_num_threads())
+                return k_cache, torch.from_numpy(x_next)
             return layer
 
     class GreedyHead(custom_op.CustomOp):

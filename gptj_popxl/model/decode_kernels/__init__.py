@@ -142,14 +142,14 @@ if IS_CPU:
             ext, eps = extension(), op.attrs["eps"]
             if runtime.replicas != 1:
                 raise ValueError("greedy_head runs on one replica (no tensor parallelism)")
-            rows = _rows(op.inputs[0])
+            rows, n_embd = _rows(op.inputs[0]), op.inputs[0].shape[-1]
+            arrays = _ArrayViews()
 
             def head(x, ln_weight, ln_bias, w, bias):
-                tokens = torch.empty((1, rows), dtype=torch.int32)
-                ext.greedy_head(x.contiguous().numpy(), ln_weight.contiguous().numpy(), ln_bias.contiguous().numpy(),
-                                w.contiguous().numpy(), bias.contiguous().numpy(), eps, tokens.numpy(),
-                                torch.get_num_threads())
-                return tokens
+                tokens = np.empty((1, rows), np.int32)
+                ext.greedy_head(x.reshape(rows, n_embd).contiguous().numpy(),
+                                *map(arrays, (ln_weight, ln_bias, w, bias)), eps, tokens, torch.get_num_threads())
+                return torch.from_numpy(tokens)
             return head
 
 

@@ -157,28 +157,9 @@ class DecodeStep(CachedLM):
 @dataclasses.dataclass
 class GenerationProgram(Program):
     """A compiled generation program: a ``Program`` (its weight variables reload with ``load_weights``)
-    whose ``run`` also takes per-replica inputs, and the decode cache variables."""
+    and the decode cache variables."""
 
     cache: Tuple[object, ...] = ()
-
-    def run(self, **host_inputs: np.ndarray) -> Dict[str, np.ndarray]:
-        """Run once. Inputs with a leading axis of size ``replicas`` named ``*_per_replica``
-        are split over the replicas; others are the same on every replica.
-
-        Returns host arrays by output name, each ``(replicas, *shape)`` when replicated.
-        """
-        replicas = self.ir.replication_factor
-        feed = {}
-        for name, stream in self.inputs.items():
-            data = np.asarray(host_inputs[name], dtype=stream.dtype.as_numpy())
-            if replicas == 1:
-                feed[stream] = data.reshape(stream.shape)
-            elif data.shape == (replicas,) + tuple(stream.shape):
-                feed[stream] = data
-            else:
-                feed[stream] = np.broadcast_to(data, (replicas,) + data.shape)
-        results = self.session.run(feed)
-        return {name: results[stream] for name, stream in self.outputs.items()}
 
 
 def _create_remote_layers(model, module: CachedLM) -> Dict[str, popxl.Tensor]:

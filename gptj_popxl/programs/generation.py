@@ -129,6 +129,14 @@ class DecodeStep(CachedLM):
         # The column this step writes is attended from now on (every row writes it).
         unmasked = popxl.constant(np.zeros((batch, 1, 1, 1), np.float32), popxl.float32, name="unmasked")
         mask = ops.dynamic_update_(mask, column, unmasked, axes=[3], sizes=[1], no_overlap=True)
+        # The counters' next values come first: an op just after the layers or the head finds the
+        # processor's caches full of weights and runs several times slower.
+        # Rows past their last useful step keep running; their positions wrap to stay inside the
+        # rotary tables (those rows' tokens are discarded). The columns are a ring: after the last
+        # comes the first.
+        next_position = ops.increment_mod(position, 1, self.config.n_positions)
+        next_column = ops.increment_mod(column, 1, cache_len)
+        next_step = step + popxl.constant(np.int32(1), popxl.int32, name="one")
         n = self.config.n_layer
         caches = (self.caches[:n], self.caches[n:])
         if scores is None and self.sampling is None and can_decode_layer(self.dtype, self.groups.tp):
@@ -140,14 +148,9 @@ class DecodeStep(CachedLM):
                 uniforms = ops.dynamic_slice(uniforms, step, axes=[0], sizes=[1], no_overlap=True)
                 uniforms = uniforms.reshape((batch, total))
             new = select_tokens(logits, shard_offset, self.groups, self.config, self.sampling, uniforms)
-        tokens = ops.dynamic_update_(tokens, step, new.reshape((batch, 1)), axes=[1], sizes=[1], no_overlap=True)
-        # Rows past their last useful step keep running; their positions wrap to stay inside the
-        # rotary tables (those rows' tokens are discarded). The columns are a ring: after the last
-        # comes the first.
-        next_position = ops.increment_mod(position, 1, self.config.n_positions)
-        next_column = ops.increment_mod(column, 1, cache_len)
-        one = popxl.constant(np.int32(1), popxl.int32, name="one")
-        carried = (new.reshape((batch, 1)), next_position, next_column, mask, tokens, step + one)
+        new = new.reshape((batch, 1))
+        tokens = ops.dynamic_update_(tokens, step, new, axes=[1], sizes=[1], no_overlap=True)
+        carried = (new, next_position, next_column, mask, tokens, next_step)
         if scores is None:
             return carried
         step_logits = cast_to(logits, popxl.float32).reshape((batch, 1, -1))

@@ -47,9 +47,10 @@ def _rows(t) -> int:
 
 
 class _ArrayViews:
-    """numpy views of the long-lived tensors an op reads at every call (its weights, tables, caches),
-    made once per tensor: converting a tensor costs microseconds, a decode layer takes some sixteen.
-    Tensors new at every call (offloaded weights) would fill it: it starts afresh past ``capacity``."""
+    """numpy views of the long-lived tensors a kernel reads at every call (weights, tables, caches),
+    made once per tensor: a conversion costs one to two microseconds and a decode layer passes
+    sixteen tensors. Tensors new at every call (offloaded weights) would fill it: it starts afresh
+    past ``capacity``."""
 
     capacity = 256
 

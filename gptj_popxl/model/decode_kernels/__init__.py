@@ -17,8 +17,10 @@ rule) and float32; :func:`streamed_matmul` falls back to ``ops.matmul`` for more
 rows, other dtypes or the Poplar SDK, and :func:`can_decode_layer` says when ``decode_layer``
 applies.
 """
+import ctypes
 import functools
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -47,27 +49,30 @@ def _rows(t) -> int:
 
 
 class _ArrayViews:
-    """numpy views of the long-lived tensors a kernel reads at every call (weights, tables, caches),
+    """numpy arrays over the long-lived tensors a kernel reads at every call (weights, tables, caches),
     made once per tensor: a conversion costs one to two microseconds and a decode layer passes
-    sixteen tensors. Tensors new at every call (offloaded weights) would fill it: it starts afresh
-    past ``capacity``."""
-
-    capacity = 256
+    sixteen tensors. An array does not hold its tensor (the entry goes when the tensor does), so
+    tensors new at every call (offloaded weights) are not kept alive; it is used only while the
+    caller passes that tensor."""
 
     def __init__(self):
         self._views = {}
 
     def __call__(self, t: torch.Tensor) -> np.ndarray:
         held = self._views.get(id(t))
-        if held is not None and held[0] is t:
+        if held is not None and held[0]() is t:
             return held[1]
+        array = t.contiguous().numpy()
         if not t.is_contiguous():
-            return t.contiguous().numpy()  # a copy: valid for this call only
-        view = t.numpy()
-        if len(self._views) >= self.capacity:
-            self._views.clear()
-        self._views[id(t)] = (t, view)  # holding t keeps its id from being reused by another tensor
-        return view
+            return array  # a copy: valid for this call only
+        key, memory = id(t), (ctypes.c_char * array.nbytes).from_address(array.ctypes.data)
+        unowned = np.ndarray(array.shape, array.dtype, memory)
+
+        def forget(ref):
+            if self._views.get(key, (None,))[0] is ref:
+                del self._views[key]
+        self._views[key] = (weakref.ref(t, forget), unowned)
+        return unowned
 
 
 if IS_CPU:

@@ -22,6 +22,10 @@ from gptj_popxl.programs.generation import MASKED, Sampling, build_decode, build
 # run (medians of 7, one thread, shared machine); 16 takes most of that gain and keeps early stops
 # and refills within 16 steps.
 DECODE_CHUNK = 16
+# Most decode steps per run when no row can stop early (``generate`` without an eos token): all the
+# new tokens in as few runs as possible, so that no step is wasted rounding them up to runs of
+# equal length (32 new tokens: 31 steps in one run rather than two runs of 16).
+DECODE_CHUNK_TO_THE_END = 64
 # Smallest prompt bucket; buckets double from it up to n_positions.
 MIN_BUCKET = 8
 
@@ -35,11 +39,12 @@ def prompt_bucket(length: int, n_positions: int) -> int:
     return max(length, min(bucket, n_positions))
 
 
-def decode_chunking(steps: int):
-    """``(chunk, runs)``: ``steps`` decode steps in ``runs`` runs of ``chunk <= DECODE_CHUNK`` steps."""
+def decode_chunking(steps: int, max_chunk: Optional[int] = None):
+    """``(chunk, runs)``: ``steps`` decode steps in ``runs`` runs of ``chunk <= max_chunk`` steps
+    (default ``DECODE_CHUNK``)."""
     if steps <= 0:
         return 1, 0
-    runs = math.ceil(steps / DECODE_CHUNK)
+    runs = math.ceil(steps / (max_chunk or DECODE_CHUNK))
     return math.ceil(steps / runs), runs
 
 
@@ -110,13 +115,14 @@ class Slots:
     """
 
     def __init__(self, generator: Generator, batch: int, prompt_len: int, max_new_tokens: int,
-                 sampling: Optional[Sampling], rng: np.random.Generator, with_logits: bool = False):
+                 sampling: Optional[Sampling], rng: np.random.Generator, with_logits: bool = False,
+                 max_chunk: Optional[int] = None):
         model = generator.model
         self.generator, self.sampling, self.rng, self.with_logits = generator, sampling, rng, with_logits
         self.logits: Optional[np.ndarray] = None
         self.config, self.tp = model.config, model.tensor_parallel
         self.batch, self.prompt_len = batch, prompt_len
-        self.chunk, runs = decode_chunking(max_new_tokens - 1)
+        self.chunk, runs = decode_chunking(max_new_tokens - 1, max_chunk)
         self.cache_len = prompt_len + runs * self.chunk
         self.column = prompt_len % self.cache_len
         self.token = np.zeros((batch, 1), np.int32)
@@ -208,11 +214,12 @@ def _check_length(what: str, length: int, max_new_tokens: int, n_positions: int)
 
 def generate_steps(generator: Generator, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
                    sampling: Optional[Sampling], eos_token_id: Optional[int], pad_token_id: Optional[int],
-                   seed: Optional[int]) -> Iterator[np.ndarray]:
-    """Each step's new tokens (batch,) of left-padded rows, finished rows padded; stops when all finished."""
+                   seed: Optional[int], max_chunk: Optional[int] = None) -> Iterator[np.ndarray]:
+    """Each step's new tokens (batch,) of left-padded rows, finished rows padded; stops when all finished.
+    ``max_chunk``: most decode steps per run (tokens come a run at a time; default ``DECODE_CHUNK``)."""
     batch, seq = input_ids.shape
     slots = Slots(generator, batch, prompt_bucket(seq, generator.model.config.n_positions), max_new_tokens, sampling,
-                  np.random.default_rng(seed))
+                  np.random.default_rng(seed), max_chunk=max_chunk)
     unfinished = np.ones(batch, bool)
 
     def emit(tokens: np.ndarray) -> np.ndarray:
@@ -238,7 +245,8 @@ def generate(generator: Generator, input_ids, *, attention_mask=None, max_new_to
     """See ``GPTJ.generate``."""
     ids, mask, sampling, pad = _generate_args(generator, input_ids, attention_mask, max_new_tokens, do_sample,
                                               temperature, top_k, top_p, eos_token_id, pad_token_id)
-    new = list(generate_steps(generator, ids, mask, max_new_tokens, sampling, eos_token_id, pad, seed))
+    max_chunk = DECODE_CHUNK_TO_THE_END if eos_token_id is None else None
+    new = list(generate_steps(generator, ids, mask, max_new_tokens, sampling, eos_token_id, pad, seed, max_chunk))
     return np.concatenate([ids, np.stack(new, axis=1)], axis=1)
 
 

@@ -27,8 +27,9 @@ def hf(checkpoint):
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    # Decode runs of 3 steps, so a few new tokens already span several runs.
+    # Decode runs of 3 (4 without eos) steps, so a few new tokens already span several runs.
     monkeypatch.setattr(generation, "DECODE_CHUNK", 3)
+    monkeypatch.setattr(generation, "DECODE_CHUNK_TO_THE_END", 4)
 
 
 def hf_generate(hf, ids, mask=None, **kw):
@@ -51,6 +52,13 @@ def test_greedy_equals_transformers(checkpoint, hf, tp):
     assert finished[0] == 1 and len(set(finished)) > 1
     out = model.generate(IDS, attention_mask=MASK, max_new_tokens=8, eos_token_id=eos, pad_token_id=99)
     np.testing.assert_array_equal(out, ref)
+
+
+def test_greedy_in_one_run_equals_transformers(checkpoint, hf, monkeypatch):
+    monkeypatch.setattr(generation, "DECODE_CHUNK_TO_THE_END", 64)  # the default: 7 decode steps in one run
+    model = from_pretrained(checkpoint)
+    np.testing.assert_array_equal(model.generate(IDS, attention_mask=MASK, max_new_tokens=8),
+                                  hf_generate(hf, IDS, MASK, max_new_tokens=8))
 
 
 def test_early_stop_shape(checkpoint, hf):

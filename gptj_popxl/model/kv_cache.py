@@ -161,6 +161,7 @@ class CachedLM(GPTJLM):
                shard_offset: popxl.Tensor, k_caches: Sequence[popxl.Tensor], v_caches: Sequence[popxl.Tensor]):
         """One token per row: its logits shard (batch, vocab_per_shard); the caches are written in place."""
         hidden = self._decode_hidden(token, position, mask, write, shard_offset, k_caches, v_caches)
+        hidden = hidden.reshape((token.shape[0], self.config.n_embd))
         return self.logits(self.ln_f(hidden, eps=self.config.layer_norm_epsilon))
 
     def decode_greedy(self, token: popxl.Tensor, position: popxl.Tensor, mask: popxl.Tensor, write: popxl.Tensor,
@@ -178,8 +179,7 @@ class CachedLM(GPTJLM):
         return greedy_head(hidden, *norm, *head, self.config.layer_norm_epsilon)
 
     def _decode_hidden(self, token, position, mask, write, shard_offset, k_caches, v_caches) -> popxl.Tensor:
-        """The last layer's hidden states (batch, n_embd) of a decode step."""
-        batch = token.shape[0]
+        """The last layer's hidden states (batch, 1, n_embd) of a decode step."""
         writes = [write] * self.config.n_layer
         hidden, _ = self._blocks(self.embedding(token, shard_offset), position, mask, k_caches, v_caches, writes)
-        return hidden.reshape((batch, self.config.n_embd))
+        return hidden

@@ -113,7 +113,8 @@ class Program:
     weights_version: Optional[int] = 0
 
     def run(self, **host_inputs: np.ndarray) -> Dict[str, np.ndarray]:
-        """Run once; ``host_inputs`` by stream name (same data on every replica).
+        """Run once; ``host_inputs`` by stream name: an input of shape ``(replicas, *stream_shape)``
+        holds each replica's data, any other is the same on every replica.
 
         Returns host arrays by output name, each ``(replicas, *shape)`` when replicated.
         """
@@ -121,7 +122,10 @@ class Program:
         feed = {}
         for name, stream in self.inputs.items():
             data = np.asarray(host_inputs[name], dtype=stream.dtype.as_numpy())
-            feed[stream] = np.broadcast_to(data, (replicas,) + data.shape) if replicas > 1 else data
+            if data.shape == (replicas,) + tuple(stream.shape):
+                feed[stream] = data if replicas > 1 else data[0]
+            else:
+                feed[stream] = np.broadcast_to(data, (replicas,) + data.shape) if replicas > 1 else data
         results = self.session.run(feed)
         return {name: results[stream] for name, stream in self.outputs.items()}
 

@@ -126,9 +126,17 @@ class DecodeStep(CachedLM):
 
     def build(self, token, position, column, mask, tokens, step, scores, shard_offset, uniforms=None):
         batch, cache_len = mask.shape[0], mask.shape[-1]
-        columns = popxl.constant(np.arange(cache_len, dtype=np.int32)[None, None, None, :], popxl.int32,
-                                 name="columns")
-        mask = ops.where(ops.equal(columns, column), 0.0, mask)
+        # The column this step writes is attended from now on (every row writes it).
+        unmasked = popxl.constant(np.zeros((batch, 1, 1, 1), np.float32), popxl.float32, name="unmasked")
+        mask = ops.dynamic_update_(mask, column, unmasked, axes=[3], sizes=[1], no_overlap=True)
+        # The counters' next values come first: an op just after the layers or the head finds the
+        # processor's caches full of weights and runs several times slower.
+        # Rows past their last useful step keep running; their positions wrap to stay inside the
+        # rotary tables (those rows' tokens are discarded). The columns are a ring: after the last
+        # comes the first.
+        next_position = ops.increment_mod(position, 1, self.config.n_positions)
+        next_column = ops.increment_mod(column, 1, cache_len)
+        next_step = step + popxl.constant(np.int32(1), popxl.int32, name="one")
         n = self.config.n_layer
         caches = (self.caches[:n], self.caches[n:])
         if scores is None and self.sampling is None and can_decode_layer(self.dtype, self.groups.tp):
@@ -140,50 +148,21 @@ class DecodeStep(CachedLM):
                 uniforms = ops.dynamic_slice(uniforms, step, axes=[0], sizes=[1], no_overlap=True)
                 uniforms = uniforms.reshape((batch, total))
             new = select_tokens(logits, shard_offset, self.groups, self.config, self.sampling, uniforms)
-        chunk = tokens.shape[1]
-        slots = popxl.constant(np.arange(chunk, dtype=np.int32)[None, :], popxl.int32, name="slots")
-        tokens = ops.where(ops.equal(slots, step.reshape((1, 1))), new.reshape((batch, 1)), tokens)
-        # Rows past their last useful step keep running; their positions stay inside the rotary tables.
-        last = popxl.constant(np.int32(self.config.n_positions - 1), popxl.int32, name="last_position")
-        one = popxl.constant(np.int32(1), popxl.int32, name="one")
-        next_position = position + one
-        next_position = ops.where(ops.greater(next_position, last), last, next_position)
-        # The columns are a ring: after the last comes the first.
-        next_column = column + one
-        wrapped = ops.equal(next_column, popxl.constant(np.int32(cache_len), popxl.int32, name="cache_len"))
-        next_column = ops.where(wrapped, popxl.constant(np.int32(0), popxl.int32, name="zero"), next_column)
-        carried = (new.reshape((batch, 1)), next_position, next_column, mask, tokens, step + one)
+        new = new.reshape((batch, 1))
+        tokens = ops.dynamic_update_(tokens, step, new, axes=[1], sizes=[1], no_overlap=True)
+        carried = (new, next_position, next_column, mask, tokens, next_step)
         if scores is None:
             return carried
-        this_step = ops.equal(slots.reshape((1, chunk, 1)), step.reshape((1, 1, 1)))
-        return carried + (ops.where(this_step, cast_to(logits, popxl.float32).reshape((batch, 1, -1)), scores),)
+        step_logits = cast_to(logits, popxl.float32).reshape((batch, 1, -1))
+        return carried + (ops.dynamic_update_(scores, step, step_logits, axes=[1], sizes=[1], no_overlap=True),)
 
 
 @dataclasses.dataclass
 class GenerationProgram(Program):
     """A compiled generation program: a ``Program`` (its weight variables reload with ``load_weights``)
-    whose ``run`` also takes per-replica inputs, and the decode cache variables."""
+    and the decode cache variables."""
 
     cache: Tuple[object, ...] = ()
-
-    def run(self, **host_inputs: np.ndarray) -> Dict[str, np.ndarray]:
-        """Run once. Inputs with a leading axis of size ``replicas`` named ``*_per_replica``
-        are split over the replicas; others are the same on every replica.
-
-        Returns host arrays by output name, each ``(replicas, *shape)`` when replicated.
-        """
-        replicas = self.ir.replication_factor
-        feed = {}
-        for name, stream in self.inputs.items():
-            data = np.asarray(host_inputs[name], dtype=stream.dtype.as_numpy())
-            if replicas == 1:
-                feed[stream] = data.reshape(stream.shape)
-            elif data.shape == (replicas,) + tuple(stream.shape):
-                feed[stream] = data
-            else:
-                feed[stream] = np.broadcast_to(data, (replicas,) + data.shape)
-        results = self.session.run(feed)
-        return {name: results[stream] for name, stream in self.outputs.items()}
 
 
 def _create_remote_layers(model, module: CachedLM) -> Dict[str, popxl.Tensor]:

@@ -17,8 +17,10 @@ rule) and float32; :func:`streamed_matmul` falls back to ``ops.matmul`` for more
 rows, other dtypes or the Poplar SDK, and :func:`can_decode_layer` says when ``decode_layer``
 applies.
 """
+import ctypes
 import functools
 import os
+import weakref
 
 import numpy as np
 import torch
@@ -44,6 +46,33 @@ def extension():
 
 def _rows(t) -> int:
     return int(np.prod(t.shape[:-1], dtype=np.int64))
+
+
+class _ArrayViews:
+    """numpy arrays over the long-lived tensors a kernel reads at every call (weights, tables, caches),
+    made once per tensor: a conversion costs one to two microseconds and a decode layer passes
+    sixteen tensors. An array does not hold its tensor (the entry goes when the tensor does), so
+    tensors new at every call (offloaded weights) are not kept alive; it is used only while the
+    caller passes that tensor."""
+
+    def __init__(self):
+        self._views = {}
+
+    def __call__(self, t: torch.Tensor) -> np.ndarray:
+        held = self._views.get(id(t))
+        if held is not None and held[0]() is t:
+            return held[1]
+        array = t.contiguous().numpy()
+        if not t.is_contiguous():
+            return array  # a copy: valid for this call only
+        key, memory = id(t), (ctypes.c_char * array.nbytes).from_address(array.ctypes.data)
+        unowned = np.ndarray(array.shape, array.dtype, memory)
+
+        def forget(ref):
+            if self._views.get(key, (None,))[0] is ref:
+                del self._views[key]
+        self._views[key] = (weakref.ref(t, forget), unowned)
+        return unowned
 
 
 if IS_CPU:
@@ -93,16 +122,17 @@ if IS_CPU:
             batch, _, _, cache_len = op.inputs[12].shape
             n_embd = op.inputs[0].shape[-1]
 
+            arrays = _ArrayViews()
+
             def layer(x, *rest):
                 weights, (positions, sin, cos, k_cache, v_cache, write, mask) = rest[:8], rest[8:]
-                x_next = torch.empty((1, batch, 1, n_embd), dtype=torch.float32)
+                x_next = np.empty((1, batch, 1, n_embd), np.float32)
                 # Arrays keep the replica axis (of size 1); the C++ side skips leading axes of size 1.
-                ext.decode_layer(x.reshape(batch, n_embd).contiguous().numpy(),
-                                 *(w.contiguous().numpy() for w in weights), positions.contiguous().numpy(),
-                                 sin.numpy(), cos.numpy(), k_cache.numpy(), v_cache.numpy(), int(write[0, 0]),
-                                 mask.reshape(batch, cache_len).contiguous().numpy(), eps,
-                                 x_next.view(batch, n_embd).numpy(), torch.get_num_threads())
-                return k_cache, x_next
+                ext.decode_layer(x.reshape(batch, n_embd).contiguous().numpy(), *map(arrays, weights),
+                                 positions.contiguous().numpy(), arrays(sin), arrays(cos), arrays(k_cache),
+                                 arrays(v_cache), write.item(), mask.reshape(batch, cache_len).contiguous().numpy(),
+                                 eps, x_next.reshape(batch, n_embd), torch.get_num_threads())
+                return k_cache, torch.from_numpy(x_next)
             return layer
 
     class GreedyHead(custom_op.CustomOp):
@@ -118,14 +148,14 @@ if IS_CPU:
             ext, eps = extension(), op.attrs["eps"]
             if runtime.replicas != 1:
                 raise ValueError("greedy_head runs on one replica (no tensor parallelism)")
-            rows = _rows(op.inputs[0])
+            rows, n_embd = _rows(op.inputs[0]), op.inputs[0].shape[-1]
+            arrays = _ArrayViews()
 
             def head(x, ln_weight, ln_bias, w, bias):
-                tokens = torch.empty((1, rows), dtype=torch.int32)
-                ext.greedy_head(x.contiguous().numpy(), ln_weight.contiguous().numpy(), ln_bias.contiguous().numpy(),
-                                w.contiguous().numpy(), bias.contiguous().numpy(), eps, tokens.numpy(),
-                                torch.get_num_threads())
-                return tokens
+                tokens = np.empty((1, rows), np.int32)
+                ext.greedy_head(x.reshape(rows, n_embd).contiguous().numpy(),
+                                *map(arrays, (ln_weight, ln_bias, w, bias)), eps, tokens, torch.get_num_threads())
+                return torch.from_numpy(tokens)
             return head
 
 

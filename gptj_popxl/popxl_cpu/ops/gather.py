@@ -39,6 +39,9 @@ class _Take:
         self.perm = ((0,) + tuple(1 + k + i for i in range(pre)) + tuple(1 + i for i in range(k))
                      + tuple(1 + k + pre + i for i in range(len(self.rest) - pre)))
         self.inverse = tuple(sorted(range(len(self.perm)), key=self.perm.__getitem__))
+        # One replica gathering along the first axis (an embedding lookup, at every decode step):
+        # rows of the table as they are, with no axis moves.
+        self.table_rows = axis == 0
 
     def rows(self, indices: torch.Tensor):
         """Per-replica row numbers ``(R, n)`` and, with zero_OOR, which of them are in range."""
@@ -54,6 +57,15 @@ class _Take:
 
     def take(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         r = x.shape[0]
+        if r == 1 and self.table_rows:
+            idx = indices.reshape(-1)
+            if idx.dtype != torch.int32:  # index_select takes int32 or int64
+                idx = idx.long()
+            picked = torch.index_select(x[0], 0, idx.clamp(0, self.size - 1))
+            if self.zero_oor:
+                valid = (idx >= 0) & (idx < self.size)
+                picked = torch.where(valid.reshape((-1,) + (1,) * len(self.rest)), picked, 0)
+            return picked.reshape((1,) + self.index_shape + self.rest)
         idx, valid = self.rows(indices)
         source = x.movedim(self.axis + 1, 1)
         if r == 1:  # index_select is several times faster than advanced indexing on large tables

@@ -220,10 +220,11 @@ def test_round_trip_is_bit_identical(hf_sd, config, tp):
     assert list(back) == hf_param_names(config)
     assert_state_dicts_equal(back, hf_sd)
     assert not any(np.shares_memory(b, p) for b in back.values() for p in params.values())
-    # Handed over, the contiguous arrays may be views: same values, still C-contiguous.
+    # Handed over, the results may be views: same values, no copy of a weight that only changes layout.
     handed_over = popxl_to_hf(params, config, tp, copy=False)
-    assert all(v.flags.c_contiguous for v in handed_over.values())
     assert_state_dicts_equal(handed_over, hf_sd)
+    if tp == 1:
+        assert np.shares_memory(handed_over["lm_head.weight"], params["lm_head.weight"])
 
 
 def test_hf_to_popxl_casts_dtype(hf_sd, config):

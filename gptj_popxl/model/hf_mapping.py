@@ -121,11 +121,12 @@ def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int,
         params: our name -> array, shaped as in ``popxl_param_shapes(config, tp)``.
         config: the model's config.
         tp: tensor-parallel degree ``params`` were sharded for.
-        copy: False when the caller hands ``params`` over: results already C-contiguous may then
-            be views of them instead of copies.
+        copy: False when the caller hands ``params`` over: results may then be views of them, in
+            any memory order (a linear weight's is the transpose of ours), instead of copies.
 
     Returns:
-        HF parameter name -> C-contiguous array (dtype unchanged), in ``hf_param_names`` order.
+        HF parameter name -> array (dtype unchanged), in ``hf_param_names`` order; C-contiguous
+        copies when ``copy``.
 
     Raises:
         ValueError: a tensor is missing, unexpected, wrongly shaped or not floating point.
@@ -135,7 +136,7 @@ def popxl_to_hf(params: Mapping[str, np.ndarray], config: GPTJConfig, tp: int,
     for hf_prefix, prefix, maps in _phases(config, tp):
         for m in maps:
             for name, a in zip(m.hf_shapes, m.to_hf(p[prefix + m.name])):
-                out[hf_prefix + name] = np.array(a, order="C") if copy else np.ascontiguousarray(a)
+                out[hf_prefix + name] = np.array(a, order="C") if copy else a
     return out
 
 

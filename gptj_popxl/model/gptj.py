@@ -147,7 +147,8 @@ class GPTJ:
 
         Returns:
             ``(loss, grads)``: grads by Hugging Face parameter name (``transformer.h.0.attn.q_proj.weight``,
-            ..., ``lm_head.bias``) as float32 arrays of the HF parameters' shapes.
+            ..., ``lm_head.bias``) as float32 arrays of the HF parameters' shapes; a linear weight's
+            is a transposed view of the run's output (``np.ascontiguousarray`` gives C order).
         """
         ids = _check_ids("input_ids", input_ids, self.config, allow_ignore=False)
         lab = _check_ids("labels", labels, self.config, allow_ignore=True)
@@ -162,7 +163,7 @@ class GPTJ:
         loss = float(np.asarray(out.pop("loss")).reshape(-1)[0])  # identical on every replica
         ours = self._to_layout({name: np.asarray(g, dtype=np.float32) for name, g in out.items()},
                                program.variables.to_dict())
-        # The run's outputs are ours to hand over: contiguous gradients need no copy.
+        # The run's outputs are ours to hand over: gradients in HF's shapes are views of them, not copies.
         return loss, popxl_to_hf(ours, self.config, self.tensor_parallel, copy=False)
 
     def generate(self, input_ids, **options) -> np.ndarray:

@@ -16,8 +16,9 @@ Memory plan: a step whose op can write into given memory (``Primitive.lower_out`
 is large is handed that memory. A value that never outlives a run (its storage class holds no graph
 output, nothing the host keeps, no variable, constant, input or remote memory) gets memory the plan
 allocates on its first run and keeps, as Poplar allocates tensors statically: no run pays for fresh
-pages again, and values whose lifetimes within a run do not overlap share one block. Any other large value gets huge-page memory that nothing else references: fresh, or
-an earlier run's once its user has dropped it (``allocation.Recycler``).
+pages again, and values whose lifetimes within a run do not overlap share one block. Any other large
+value gets huge-page memory that nothing else references: fresh, or an earlier run's once its user
+has dropped it (``allocation.Recycler``).
 """
 import math
 from typing import Dict, List
@@ -92,7 +93,7 @@ class Plan:
                      | {classes.find(t.id) for t in graph._outputs}
                      | {classes.find(op.inputs[i].id) for op in graph._ops for i in op.prim.retains})
 
-        kept_steps = []  # (step, storage class, shape, dtype) of the values written into kept memory
+        kept_steps = []  # (step, storage class, _KeptValue) of the values written into kept memory
 
         def with_memory(fn, t: Tensor):
             shape, dtype = (runtime.replicas,) + t.shape, t.dtype.as_torch()

@@ -39,13 +39,13 @@ class _Take:
         self.perm = ((0,) + tuple(1 + k + i for i in range(pre)) + tuple(1 + i for i in range(k))
                      + tuple(1 + k + pre + i for i in range(len(self.rest) - pre)))
         self.inverse = tuple(sorted(range(len(self.perm)), key=self.perm.__getitem__))
-        # One replica gathering along the first axis (an embedding lookup, at every decode step):
-        # rows of the table as they are, with no axis moves.
-        self.table_rows = axis == 0
 
     def rows(self, indices: torch.Tensor):
-        """Per-replica row numbers ``(R, n)`` and, with zero_OOR, which of them are in range."""
-        idx = indices.reshape(indices.shape[0], -1).long()
+        """Per-replica row numbers ``(R, n)`` (int32 or int64) and, with zero_OOR, which of them are in
+        range."""
+        idx = indices.reshape(indices.shape[0], -1)
+        if idx.dtype != torch.int32:  # index_select takes int32 or int64; the lookup runs every decode step
+            idx = idx.long()
         valid = (idx >= 0) & (idx < self.size) if self.zero_oor else None
         return idx.clamp(0, self.size - 1), valid
 
@@ -53,25 +53,16 @@ class _Take:
         if valid is None:
             return values
         keep = valid.reshape(valid.shape + (1,) * (values.dim() - 2))
-        return torch.where(keep, values, torch.zeros((), dtype=values.dtype))
+        return torch.where(keep, values, 0)
 
     def take(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         r = x.shape[0]
-        if r == 1 and self.table_rows:
-            idx = indices.reshape(-1)
-            if idx.dtype != torch.int32:  # index_select takes int32 or int64
-                idx = idx.long()
-            picked = torch.index_select(x[0], 0, idx.clamp(0, self.size - 1))
-            if self.zero_oor:
-                valid = (idx >= 0) & (idx < self.size)
-                picked = torch.where(valid.reshape((-1,) + (1,) * len(self.rest)), picked, 0)
-            return picked.reshape((1,) + self.index_shape + self.rest)
         idx, valid = self.rows(indices)
         source = x.movedim(self.axis + 1, 1)
         if r == 1:  # index_select is several times faster than advanced indexing on large tables
             picked = torch.index_select(source[0], 0, idx[0]).unsqueeze(0)
         else:
-            picked = source[torch.arange(r).unsqueeze(1), idx]
+            picked = source[torch.arange(r).unsqueeze(1), idx.long()]
         picked = self._mask(picked, valid)
         return picked.reshape((r,) + self.index_shape + self.rest).permute(self.perm)
 
@@ -82,6 +73,7 @@ class _Take:
         acc = torch.float32 if dy.dtype == torch.float16 else dy.dtype
         rows = dy.permute(self.inverse).reshape((r, idx.shape[1]) + self.rest).to(acc)
         out = allocation.zeros((r, self.size) + self.rest, acc) if out is None else out.zero_()
+        idx = idx.long()
         out.index_put_((torch.arange(r).unsqueeze(1).expand_as(idx), idx), self._mask(rows, valid), accumulate=True)
         return out.movedim(1, self.axis + 1).to(dy.dtype)
 

@@ -17,17 +17,12 @@ sequence, and that kernel reads each weight once for all rows (larger products s
 Masks are additive float32 ``(batch, 1, queries, keys)``: 0 where a query may attend, the
 float32 minimum where not (never summed, so fully masked rows stay finite).
 """
-from functools import partial
 from typing import List, Optional, Sequence, Tuple
-
-import numpy as np
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
-from gptj_popxl.model.config import tp_layout
 from gptj_popxl.model.decode_kernels import can_decode_layer, decode_layer, greedy_head, streamed_matmul
-from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, _bias, _sharded_weight, attend
-from gptj_popxl.model.rotary import trig_tables
+from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, attend
 
 
 def _streamed(*linears) -> None:
@@ -74,7 +69,6 @@ class CachedDecoderBlock(DecoderBlock):
 
     def __init__(self, config, groups, attention_serialisation: int = 1):
         super().__init__(config, groups, attention_serialisation)
-        self.config = config
         self.attn = CachedAttention(config, groups)
         _streamed(self.mlp.fc_in, self.mlp.fc_out)
 
@@ -91,21 +85,13 @@ class CachedDecoderBlock(DecoderBlock):
     def _decode_layer(self, x, positions, mask, k_cache, v_cache, write) -> popxl.Tensor:
         """This layer's decode step as one ``decode_layer`` op; the sub-modules' variables are declared
         as their own builds declare them (same names, shapes, groupings and initial values)."""
-        attn, mlp, ln, groups, dtype = self.attn, self.mlp, self.ln_1, self.attn.groups, x.dtype
-        n_embd, width = x.shape[-1], attn.layout.heads_per_shard * self.config.head_dim
-        inner = tp_layout(self.config, groups.tp).inner_per_shard
-        weights = (ln.add_variable_input("weight", partial(np.ones, (n_embd,)), dtype,
-                                         replica_grouping=ln.replica_grouping),
-                   ln.add_variable_input("bias", partial(np.zeros, (n_embd,)), dtype,
-                                         replica_grouping=ln.replica_grouping),
-                   _sharded_weight(attn.qkv, (n_embd, 3 * width), dtype, groups),
-                   _sharded_weight(mlp.fc_in, (n_embd, inner), dtype, groups),
-                   _bias(mlp.fc_in, inner, dtype, groups.sharded),
-                   _sharded_weight(attn.out, (width, n_embd), dtype, groups),
-                   _sharded_weight(mlp.fc_out, (inner, n_embd), dtype, groups),
-                   _bias(mlp.fc_out, n_embd, dtype))
-        sin, cos = (popxl.constant(t, popxl.float32, name=name)
-                    for t, name in zip(trig_tables(self.config.n_positions, self.config.rotary_dim), ("sin", "cos")))
+        attn, mlp, n_embd, dtype = self.attn, self.mlp, x.shape[-1], x.dtype
+        w_qkv, _ = attn.qkv.variables(n_embd, dtype)
+        w_in, b_in = mlp.fc_in.variables(n_embd, dtype)
+        w_out, _ = attn.out.variables(w_qkv.shape[-1] // 3, dtype)
+        w_fc_out, b_fc_out = mlp.fc_out.variables(w_in.shape[-1], dtype)
+        weights = (*self.ln_1.variables(n_embd, dtype), w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out)
+        sin, cos = attn.trig_constants(popxl.float32)
         return decode_layer(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, self.eps)
 
 
@@ -171,12 +157,9 @@ class CachedLM(GPTJLM):
         (``ln_f``, the LM head and the argmax; their variables declared as their own builds declare
         them). Only where ``can_decode_layer`` holds."""
         hidden = self._decode_hidden(token, position, mask, write, shard_offset, k_caches, v_caches)
-        n_embd, vocab, dtype, ln = self.config.n_embd, self.lm_head.out_features, hidden.dtype, self.ln_f
-        norm = [ln.add_variable_input(name, partial(init, (n_embd,)), dtype, replica_grouping=ln.replica_grouping)
-                for name, init in (("weight", np.ones), ("bias", np.zeros))]
-        head = (_sharded_weight(self.lm_head, (n_embd, vocab), dtype, self.groups),
-                _bias(self.lm_head, vocab, dtype, self.groups.sharded))
-        return greedy_head(hidden, *norm, *head, self.config.layer_norm_epsilon)
+        n_embd, dtype = self.config.n_embd, hidden.dtype
+        return greedy_head(hidden, *self.ln_f.variables(n_embd, dtype), *self.lm_head.variables(n_embd, dtype),
+                           self.config.layer_norm_epsilon)
 
     def _decode_hidden(self, token, position, mask, write, shard_offset, k_caches, v_caches) -> popxl.Tensor:
         """The last layer's hidden states (batch, 1, n_embd) of a decode step."""

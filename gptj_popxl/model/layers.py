@@ -10,7 +10,7 @@ identical on every shard.
 """
 import dataclasses
 import math
-from typing import List
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -101,11 +101,16 @@ class ColumnShardedLinear(addons.Module):
         self.bias = bias
         self.inplace_bias = inplace_bias
 
+    def variables(self, in_features: int, dtype) -> Tuple[popxl.Tensor, Optional[popxl.Tensor]]:
+        """Declares this layer's weight shard (in_features, out_features / tp) and bias shard (None
+        without bias)."""
+        w = _sharded_weight(self, (in_features, self.out_features), dtype, self.groups)
+        return w, _bias(self, self.out_features, dtype, self.groups.sharded) if self.bias else None
+
     def build(self, x: popxl.Tensor) -> popxl.Tensor:
-        w = _sharded_weight(self, (x.shape[-1], self.out_features), x.dtype, self.groups)
+        w, b = self.variables(x.shape[-1], x.dtype)
         y = self.product(identical_inputs(x, self.groups), w)
-        if self.bias:
-            b = _bias(self, self.out_features, x.dtype, self.groups.sharded)
+        if b is not None:
             y = ops.add_(y, b) if self.inplace_bias else y + b
         return y
 
@@ -126,12 +131,16 @@ class RowShardedLinear(addons.Module):
         self.groups = groups
         self.bias = bias
 
+    def variables(self, in_features: int, dtype) -> Tuple[popxl.Tensor, Optional[popxl.Tensor]]:
+        """Declares this layer's weight shard (in_features / tp, out_features) and replicated bias (None
+        without bias)."""
+        w = _sharded_weight(self, (in_features, self.out_features), dtype, self.groups)
+        return w, _bias(self, self.out_features, dtype) if self.bias else None
+
     def build(self, x: popxl.Tensor) -> popxl.Tensor:
-        w = _sharded_weight(self, (x.shape[-1], self.out_features), x.dtype, self.groups)
+        w, b = self.variables(x.shape[-1], x.dtype)
         y = sum_shards(self.product(x, w), self.groups)
-        if self.bias:
-            y = y + _bias(self, self.out_features, x.dtype)
-        return y
+        return y if b is None else y + b
 
 
 class Embedding(addons.Module):
@@ -221,14 +230,18 @@ class Attention(addons.Module):
         self.qkv = ColumnShardedLinear(3 * self.layout.heads_per_shard * config.head_dim, groups, bias=False)
         self.out = RowShardedLinear(config.n_embd, groups, bias=False)
 
+    def trig_constants(self, dtype) -> Tuple[popxl.Tensor, popxl.Tensor]:
+        """The rotary ``sin`` and ``cos`` tables (n_positions, rotary_dim / 2) as constants of ``dtype``."""
+        return tuple(popxl.constant(table, dtype, name=name) for table, name in
+                     zip(trig_tables(self.config.n_positions, self.config.rotary_dim), ("sin", "cos")))
+
     def rotated_qkv(self, x: popxl.Tensor, positions: popxl.Tensor):
         """This shard's ``(q, k, v)``, each (batch, seq, heads_per_shard, head_dim), ``q`` and ``k``
         rotated to ``positions``."""
         batch, seq, _ = x.shape
         heads, head_dim, rotary_dim = self.layout.heads_per_shard, self.config.head_dim, self.config.rotary_dim
         qk, v = ops.split(self.qkv(x), [2 * heads * head_dim, heads * head_dim], axis=-1)
-        sin, cos = (popxl.constant(table, x.dtype, name=name)
-                    for table, name in zip(trig_tables(self.config.n_positions, rotary_dim), ("sin", "cos")))
+        sin, cos = self.trig_constants(x.dtype)
         # Queries and keys rotate as one tensor of twice the heads: one table lookup and one rotation.
         qk = rotary_embedding(qk.reshape((batch, seq, 2 * heads, head_dim)), sin, cos, positions, rotary_dim)
         q, k = ops.split(qk, 2, axis=2)

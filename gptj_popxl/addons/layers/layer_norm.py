@@ -1,6 +1,6 @@
 """Layer normalisation over the last axis."""
 from functools import partial
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -20,12 +20,16 @@ class LayerNorm(Module):
         super().__init__()
         self.replica_grouping = replica_grouping
 
+    def variables(self, hidden: int, dtype) -> Tuple[popxl.Tensor, popxl.Tensor]:
+        """Declares the ``weight`` (ones) and ``bias`` (zeros) of ``hidden`` features (an addition to
+        popxl-addons' class, for fused kernels that take the layer's variables)."""
+        w = self.add_variable_input("weight", partial(np.ones, (hidden,)), dtype, replica_grouping=self.replica_grouping)
+        b = self.add_variable_input("bias", partial(np.zeros, (hidden,)), dtype, replica_grouping=self.replica_grouping)
+        return w, b
+
     def build(self, x: popxl.Tensor, eps: float = 1e-5) -> popxl.Tensor:
         hidden = x.shape[-1]
-        w = self.add_variable_input("weight", partial(np.ones, (hidden,)), x.dtype,
-                                    replica_grouping=self.replica_grouping)
-        b = self.add_variable_input("bias", partial(np.zeros, (hidden,)), x.dtype,
-                                    replica_grouping=self.replica_grouping)
+        w, b = self.variables(hidden, x.dtype)
         if x.rank == 2:
             return ops.layer_norm(x, w, b, eps)
         return ops.layer_norm(x.reshape((-1, hidden)), w, b, eps).reshape(x.shape)

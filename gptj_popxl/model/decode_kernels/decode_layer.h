@@ -54,10 +54,10 @@ inline float gelu_tanh(float v) {
     return 0.5f * v * (1.0f + std::copysign((1.0f - e) / (1.0f + e), u));
 }
 
-#ifdef __AVX512F__
-// a[i] = gelu_tanh(a[i] + bias[i]) for i < n, sixteen at a time.
+// a[i] = gelu_tanh(a[i] + bias[i]) for i < n, sixteen at a time where AVX-512 is there.
 inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
     int64_t i = 0;
+#ifdef __AVX512F__
     const __m512 sign = _mm512_set1_ps(-0.0f);
     for (; i + 16 <= n; i += 16) {
         const __m512 v = _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(bias + i));
@@ -70,15 +70,10 @@ inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
         t = _mm512_or_ps(t, _mm512_and_ps(sign, u));  // tanh is odd: u's sign
         _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, t)));
     }
+#endif
     for (; i < n; ++i)
         a[i] = gelu_tanh(a[i] + bias[i]);
 }
-#else
-inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
-    for (int64_t i = 0; i < n; ++i)
-        a[i] = gelu_tanh(a[i] + bias[i]);
-}
-#endif
 
 inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
                          const LayerWeights& w, const int32_t* positions, const float* sin, const float* cos,

@@ -48,6 +48,14 @@ def decode_chunking(steps: int, max_chunk: Optional[int] = None):
     return math.ceil(steps / runs), runs
 
 
+def decode_layout(prompt_len: int, max_new_tokens: int, max_chunk: Optional[int] = None):
+    """``(chunk, cache_len)`` of a decode program for prompts of ``prompt_len`` columns: the prefill
+    makes the first new token, the decode runs the rest in runs of ``chunk`` steps, and the cache
+    holds the prompt and every run's columns."""
+    chunk, runs = decode_chunking(max_new_tokens - 1, max_chunk)
+    return chunk, prompt_len + runs * chunk
+
+
 def sampling_options(do_sample: bool, temperature, top_k, top_p) -> Optional[Sampling]:
     """The ``Sampling`` of these generate options (None: greedy), after checking them."""
     if not do_sample:
@@ -122,8 +130,7 @@ class Slots:
         self.logits: Optional[np.ndarray] = None
         self.config, self.tp = model.config, model.tensor_parallel
         self.batch, self.prompt_len = batch, prompt_len
-        self.chunk, runs = decode_chunking(max_new_tokens - 1, max_chunk)
-        self.cache_len = prompt_len + runs * self.chunk
+        self.chunk, self.cache_len = decode_layout(prompt_len, max_new_tokens, max_chunk)
         self.column = prompt_len % self.cache_len
         self.token = np.zeros((batch, 1), np.int32)
         self.position = np.zeros((batch, 1), np.int32)

@@ -138,7 +138,7 @@ def generation_plan(config: GPTJConfig, execution, weights, batch: int, max_new_
     Raises:
         ValueError: ``batch`` or ``max_new_tokens`` out of range.
     """
-    from gptj_popxl.generation import decode_chunking, prompt_bucket
+    from gptj_popxl.generation import decode_layout, prompt_bucket
     from gptj_popxl.model.gptj import GPTJ
     from gptj_popxl.popxl_cpu.memory import memory_report, tensor_bytes
     from gptj_popxl.programs.execution import ExecutionConfig
@@ -151,8 +151,7 @@ def generation_plan(config: GPTJConfig, execution, weights, batch: int, max_new_
         raise ValueError(f"max_new_tokens must be an integer in [2, {seq - 1}] (the sequence length {seq} holds the "
                          f"prompt and the new tokens), got {max_new_tokens!r}")
     prompt = prompt_bucket(seq - max_new_tokens, seq)
-    chunk, runs = decode_chunking(max_new_tokens - 1)  # the prefill makes the first new token
-    cache_len = prompt + runs * chunk  # as ``generation.Slots``
+    chunk, cache_len = decode_layout(prompt, max_new_tokens)
     model = GPTJ(config, weights, execution=ExecutionConfig(tensor_parallel=execution.tensor_parallel,
                                                             dtype=execution.dtype), offload=execution.phased)
     prefill = build_prefill(model, batch, prompt, None, attach=False)

@@ -50,16 +50,31 @@ class _Storage:
 
 def _storage_classes(graph, copied_views):
     classes = _Storage()
+    written_ids = []
     for op in graph._ops:
+        mods = op.modified_inputs  # for a call, an analysis of its graph: read once
+        written_ids += [op.inputs[i].id for i in mods]
         if not op.outputs or not op.inputs:
             continue
-        mods = op.modified_inputs
         if mods:
             classes.union(op.outputs[0].id, op.inputs[mods[0]].id)
         elif op.prim.alias or (op.prim.view and op not in copied_views):
             classes.union(op.outputs[0].id, op.inputs[0].id)
-    written = {classes.find(op.inputs[i].id) for op in graph._ops for i in op.modified_inputs}
-    return classes, written
+    return classes, {classes.find(t_id) for t_id in written_ids}
+
+
+def storage_with_copying_views(graph):
+    """``(classes, written, copied)``: the storage classes and the written ones once the view kernels
+    in ``copied`` (views of storage something writes) are made to copy."""
+    classes, written = _storage_classes(graph, set())
+    copied = {op for op in graph._ops
+              if op.prim.view and op.inputs and classes.find(op.outputs[0].id) in written}
+    return _storage_classes(graph, copied) + (copied,)
+
+
+def written_input_indices(graph, classes, written) -> frozenset:
+    """Indices of ``graph``'s inputs whose storage the graph writes."""
+    return frozenset(i for i, t in enumerate(graph._inputs) if classes.find(t.id) in written)
 
 
 class Plan:
@@ -67,19 +82,13 @@ class Plan:
 
     def __init__(self, graph, runtime):
         self.graph = graph
-        # Pass 1: which view kernels must copy, and which inputs the graph writes.
-        copied = set()
-        classes, written = _storage_classes(graph, copied)
-        for op in graph._ops:
-            if op.prim.view and op.inputs and classes.find(op.outputs[0].id) in written:
-                copied.add(op)
-        classes, written = _storage_classes(graph, copied)
+        classes, written, copied = storage_with_copying_views(graph)
         fused, absorbed = bias_matmul_fusions(graph, runtime.replicas)
         copied_loads = _remote_loads_to_copy(graph, classes, written, fused, absorbed)
         copied |= copied_loads
         remote_views = {classes.find(op.outputs[0].id) for op in graph._ops
                         if op.prim.views_remote and op not in copied_loads}
-        self.written_inputs = frozenset(i for i, t in enumerate(graph._inputs) if classes.find(t.id) in written)
+        self.written_inputs = written_input_indices(graph, classes, written)
         input_classes = {classes.find(t.id) for t in graph._inputs}
 
         # Storage that nothing changes once computed: main-graph activations no op writes that share

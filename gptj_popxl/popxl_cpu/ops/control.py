@@ -57,13 +57,12 @@ _WRITTEN_INPUTS = weakref.WeakKeyDictionary()
 
 def _written_inputs(graph: Graph) -> frozenset:
     """Indices of ``graph``'s inputs that its ops (or graphs they call) write in place, through any alias."""
-    from ..executor import _storage_classes
+    from ..executor import storage_with_copying_views, written_input_indices
     key = (len(graph._ops), len(graph._inputs))
     cached = _WRITTEN_INPUTS.get(graph)
     if cached is None or cached[0] != key:
-        classes, written = _storage_classes(graph, set())
-        cached = _WRITTEN_INPUTS[graph] = (key, frozenset(
-            i for i, t in enumerate(graph._inputs) if classes.find(t.id) in written))
+        classes, written, _ = storage_with_copying_views(graph)
+        cached = _WRITTEN_INPUTS[graph] = (key, written_input_indices(graph, classes, written))
     return cached[1]
 
 

@@ -17,11 +17,7 @@ PLAN_FIELDS = ("parameters", "replicas", "tensor_parallel", "data_parallel", "pe
 
 
 def hf_parameter_count(name: str) -> int:
-    model = load_config(name).model
-    config = transformers.GPTJConfig(vocab_size=model.vocab_size, n_embd=model.n_embd, n_layer=model.n_layer,
-                                     n_head=model.n_head, rotary_dim=model.rotary_dim, n_positions=64)
-    with torch.device("meta"):
-        hf = transformers.GPTJForCausalLM(config)
+    hf = _hf_meta_model(load_config(name).gptj_config(), torch.float32)
     return sum(p.numel() for p in hf.parameters())
 
 
@@ -163,9 +159,7 @@ def test_phased_activations_are_sliced_over_tensor_parallel():
 
 def _hf_meta_model(config, dtype):
     """transformers' GPT-J of ``config`` on the meta device (shapes only), eager attention as ours."""
-    hf_config = transformers.GPTJConfig(vocab_size=config.vocab_size, n_embd=config.n_embd, n_layer=config.n_layer,
-                                        n_head=config.n_head, rotary_dim=config.rotary_dim,
-                                        n_positions=config.n_positions)
+    hf_config = transformers.GPTJConfig(**config.to_hf_dict())
     with torch.device("meta"):
         return transformers.GPTJForCausalLM._from_config(hf_config, attn_implementation="eager", dtype=dtype)
 

@@ -96,19 +96,23 @@ if IS_CPU:
         @classmethod
         def lower(cls, op, runtime):
             ext = extension()  # build or load at session creation, not in the middle of the first run
-            replicas, shape = runtime.replicas, (runtime.replicas,) + tuple(op.outputs[0].shape)
-
+            shape = (runtime.replicas,) + tuple(op.outputs[0].shape)
             threads = _threads(_rows(op.inputs[0]))
+            if runtime.replicas == 1:  # no per-replica views, the weight's array made once: every decode step
+                arrays = _ArrayViews()
 
-            def product(xs, ws):
-                out = torch.empty(shape, dtype=torch.float32)
-                if replicas == 1:  # no per-replica views: this runs at every decode step
-                    ext.streamed_matmul(xs.contiguous().numpy(), ws.contiguous().numpy(), out.numpy(), threads)
+                def product(xs, ws):
+                    out = torch.empty(shape, dtype=torch.float32)
+                    ext.streamed_matmul(xs.contiguous().numpy(), arrays(ws), out.numpy(), threads)
                     return out
+                return product
+
+            def per_replica_product(xs, ws):
+                out = torch.empty(shape, dtype=torch.float32)
                 for x_r, w_r, out_r in zip(xs.contiguous(), ws.contiguous(), out):
                     ext.streamed_matmul(x_r.numpy(), w_r.numpy(), out_r.numpy(), threads)
                 return out
-            return product
+            return per_replica_product
 
     class DecodeLayer(custom_op.CustomOp):
         """One decoder layer of a decode step by the C++ kernel, writing the caches in place: its

@@ -1,14 +1,17 @@
 """The decode custom ops (``gptj_popxl.model.decode_kernels``) against torch and HF GPT-J's rotary code:
 ``streamed_matmul`` over row, column and depth tails, ``decode_layer`` (a whole layer of a decode
 step, its cache written in place) against the layer written in torch, and ``greedy_head`` against
-``torch.argmax`` of the head's logits."""
+``torch.argmax`` of the head's logits; each with its products streamed and by BLAS. ``Fastest``, which
+picks between those by timing, against ways of known cost."""
+import time
+
 import numpy as np
 import pytest
 import torch
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
 
-from gptj_popxl.model.decode_kernels import (MAX_ROWS, StreamedMatMul, decode_layer, extension, greedy_head,
-                                             streamed_matmul)
+from gptj_popxl.model.decode_kernels import (MAX_ROWS, PRODUCTS_VARIABLE, Fastest, StreamedMatMul, blas_sgemm,
+                                             decode_layer, extension, greedy_head, streamed_matmul)
 from gptj_popxl.model.rotary import trig_tables
 from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float32, int32
 from ops_check import run_graph
@@ -16,8 +19,26 @@ from ops_check import run_graph
 POSITIONS = 64
 
 
+@pytest.fixture(params=["first trial", "streamed", "blas"])
+def products(request, monkeypatch):
+    """How the kernels form their products: as a program's first call does while ``Fastest`` still
+    tries the ways (streamed on one thread), or fixed by the environment variable."""
+    if request.param == "first trial":
+        monkeypatch.delenv(PRODUCTS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(PRODUCTS_VARIABLE, request.param)
+    if request.param == "blas" and not torch.backends.mkl.is_available():
+        pytest.skip("this torch build carries no MKL")
+    return request.param
+
+
+def test_torch_mkl_sgemm_is_found():
+    if torch.backends.mkl.is_available():
+        assert blas_sgemm() != 0
+
+
 @pytest.mark.parametrize("x_shape,n", [((1, 1, 24), 16), ((3, 2, 37), 45), ((9, 13), 100), ((5, 8), 3)])
-def test_streamed_matmul_matches_torch(x_shape, n):
+def test_streamed_matmul_matches_torch(x_shape, n, products):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(np.float32)
     w = rng.standard_normal((x_shape[-1], n)).astype(np.float32)
@@ -34,10 +55,36 @@ def test_streamed_matmul_uses_the_kernel_for_few_rows_only():
     assert op_names(MAX_ROWS + 1) == {"matmul"}
 
 
+def test_products_variable_must_name_a_way(monkeypatch):
+    monkeypatch.setenv(PRODUCTS_VARIABLE, "fast")
+    with pytest.raises(ValueError, match=f"{PRODUCTS_VARIABLE} must be 'blas'.*got 'fast'"):
+        run_graph(streamed_matmul, np.ones((2, 3), np.float32), np.ones((3, 4), np.float32))
+
+
+def test_fastest_keeps_the_way_with_the_least_median_time():
+    ran = []
+
+    def way(name, seconds):
+        def double(v):
+            ran.append(name)
+            time.sleep(seconds)
+            return 2 * v
+        return double
+    fastest = Fastest({"slow": way("slow", 0.004), "fast": way("fast", 0.0), "slower": way("slower", 0.008)})
+    block = 1 + Fastest.TRIALS
+    results = [fastest(i) for i in range(3 * block + 5)]
+    assert results == [2 * i for i in range(3 * block + 5)]  # the trials' results are the op's
+    assert ran == ["slow"] * block + ["fast"] * block + ["slower"] * block + ["fast"] * 5
+    assert fastest.chosen == "fast"
+    fixed = Fastest({"slow": way("slow", 0.004), "fast": way("fast", 0.0)}, fixed="slow")
+    ran.clear()
+    assert [fixed(i) for i in range(3)] == [0, 2, 4] and ran == ["slow"] * 3
+
+
 def test_streamed_matmul_kernel_rejects_mismatched_shapes():
     x, w, out = np.zeros((2, 5), np.float32), np.zeros((4, 3), np.float32), np.zeros((2, 3), np.float32)
-    with pytest.raises(ValueError, match="streamed_matmul: x"):
-        extension().streamed_matmul(x, w, out, 1)
+    with pytest.raises(ValueError, match="matmul: x"):
+        extension().matmul(x, w, out, 1)
 
 
 def torch_layer(x, weights, positions, k_cache, v_cache, write, mask, rotary_dim, eps):
@@ -60,7 +107,7 @@ def torch_layer(x, weights, positions, k_cache, v_cache, write, mask, rotary_dim
     return z @ w_out + mlp + x, k_cache, v_cache
 
 
-def test_decode_layer_matches_torch():
+def test_decode_layer_matches_torch(products):
     rng = np.random.default_rng(1)
     batch, heads, head_dim, cache_len, n_embd, inner, rotary_dim, write = 3, 2, 16, 6, 32, 80, 8, 4
 
@@ -108,7 +155,7 @@ def test_decode_layer_names_a_mismatched_weight():
         Ir().create_graph(build, *specs)
 
 
-def test_greedy_head_matches_torch_argmax():
+def test_greedy_head_matches_torch_argmax(products):
     rng = np.random.default_rng(2)
     batch, n_embd, vocab = 3, 24, 50
     x = rng.standard_normal((batch, n_embd)).astype(np.float32)

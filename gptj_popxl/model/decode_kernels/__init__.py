@@ -1,12 +1,13 @@
 """Custom ops of a decode step (one new token per sequence), for the KV-cache model (``model.kv_cache``).
 
 - ``streamed_matmul(x, w)``: ``x @ w`` for a weight ``w`` and few rows of ``x``. A decode step's
-  time is that of reading the weights, which BLAS kernels tuned for many rows do at a fraction of
-  the memory bandwidth; this kernel reads each weight once for all rows, split over torch's
-  thread count by blocks of output columns (a team that never waits for a thread to start, see
-  ``work_team.h``).
+  time is that of reading the weights. The product is formed either by BLAS (torch's MKL ``sgemm``,
+  called from C++) or by a kernel that reads each weight once for all rows, on one thread or split
+  over torch's thread count by blocks of output columns (a team that never waits for a thread to
+  start, see ``work_team.h``). Which is faster is the machine's to say, so every op tries the ways
+  on its first calls and keeps the fastest (``Fastest``; ``GPTJ_POPXL_PRODUCTS`` fixes the way).
 - ``decode_layer(...)``: a whole decoder layer for one new token per row over the KV cache
-  (LayerNorm, the products streamed as above, rotary embedding, cache write, attention, GELU,
+  (LayerNorm, the products formed as above, rotary embedding, cache write, attention, GELU,
   residual) in one op instead of some thirty small ones.
 - ``greedy_head(...)``: ``ln_f``, the LM head and the argmax of a greedy decode step in one op.
 
@@ -20,6 +21,7 @@ applies.
 import ctypes
 import functools
 import os
+import time
 import weakref
 
 import numpy as np
@@ -29,19 +31,86 @@ from gptj_popxl.backend import IS_CPU, custom_op, popxl
 
 __all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "greedy_head", "can_decode_layer"]
 
-# Most rows of x streamed; beyond, the product is compute-bound and BLAS does better. Measured on the
-# benchmark model's weights (one thread, 17 products): 1.4 / 2.8 / 5.3 / 17.5 ms at 1 / 4 / 16 / 64
-# rows against MKL's 2.2 / 5.1 / 8.9 / 23.1 ms; so a prefill of a few short prompts streams too.
+# Most rows of x given to the kernel; beyond, the product is compute-bound and plain BLAS (``ops.matmul``)
+# serves. Streaming won up to 64 rows on one machine measured (one thread, the benchmark model's 17
+# products: 1.4 / 2.8 / 5.3 / 17.5 ms at 1 / 4 / 16 / 64 rows against MKL's 2.2 / 5.1 / 8.9 / 23.1 ms).
 MAX_ROWS = 64
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_kernels.cpp")
 
 
-def _threads(rows: int) -> int:
-    """Threads for a kernel over ``rows`` rows: one for a single row, which is bound by reading the
-    weights, and there one core streamed them faster than two on the 2-core machine measured (a decode
-    step's 17 products: 1.75 ms against 2.34, medians of 8); torch's count otherwise."""
-    return 1 if rows == 1 else torch.get_num_threads()
+# The environment variable that fixes how the kernels form their products: "blas", "streamed" (on
+# torch's thread count) or, when unset, the faster on this machine (see ``Fastest``).
+PRODUCTS_VARIABLE = "GPTJ_POPXL_PRODUCTS"
+
+
+@functools.lru_cache(maxsize=None)
+def blas_sgemm() -> int:
+    """The address of the BLAS ``sgemm_`` (Fortran interface) that torch's CPU build carries (MKL),
+    or 0 where torch exports none or it does not give a known product (checked once)."""
+    library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        sgemm = ctypes.CDLL(library).sgemm_
+    except (OSError, AttributeError):
+        return 0
+    address = ctypes.cast(sgemm, ctypes.c_void_p).value or 0
+    x, w = np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(12, dtype=np.float32).reshape(3, 4) - 5
+    out = np.zeros((2, 4), np.float32)
+    extension().matmul(x, w, out, 1, address)
+    return address if np.array_equal(out, x @ w) else 0
+
+
+class Fastest:
+    """Runs one op by the fastest of several ways, found on the op's first calls.
+
+    ``ways`` maps a name to a callable; all give the op's result, so the trials do useful work.
+    Each way in turn serves a block of ``1 + TRIALS`` consecutive calls, the first of which is not
+    timed (a switch between ways pays once for their thread pools: MKL's OpenMP threads and the
+    streaming kernels' team spin for a while after a job and hold the cores the other wants); the
+    way with the least median time then serves every later call. The choice is the machine's: on
+    one 2-core VM streaming a decode step's weights on one thread beat MKL (1.4 against 2.2 ms for
+    the benchmark model's 17 products), on another MKL on two threads beat every streamed variant
+    (0.9 against 1.5 ms). ``fixed`` (a name) skips the trials.
+    """
+    TRIALS = 3
+
+    def __init__(self, ways: dict, fixed: str = None):
+        self.ways, self.times = ways, {name: [] for name in ways}
+        self.chosen = fixed if fixed is not None or len(ways) > 1 else next(iter(ways))
+        self._run = ways[self.chosen] if self.chosen is not None else None
+        self._calls = 0
+
+    def __call__(self, *args):
+        if self._run is not None:
+            return self._run(*args)
+        name, position = list(self.ways)[self._calls // (1 + self.TRIALS)], self._calls % (1 + self.TRIALS)
+        self._calls += 1
+        start = time.perf_counter()
+        result = self.ways[name](*args)
+        if position:
+            self.times[name].append(time.perf_counter() - start)
+        if self._calls == len(self.ways) * (1 + self.TRIALS):
+            self.chosen = min(self.times, key=lambda n: np.median(self.times[n]))
+            self._run = self.ways[self.chosen]
+        return result
+
+
+def product_ways(kernel) -> "Fastest":
+    """A ``Fastest`` over the ways a kernel can form its products: ``kernel(threads, blas)`` gives the op's
+    callable for ``threads`` streaming threads, or for the sgemm at address ``blas`` when nonzero. The
+    ways are BLAS (where ``blas_sgemm`` finds it) and streaming on one thread and on torch's count."""
+    threads = torch.get_num_threads()
+    streamed = {f"streamed on {n} thread{'s' * (n > 1)}": kernel(n, 0) for n in sorted({1, threads})}
+    ways = dict(streamed, **({"blas": kernel(threads, blas_sgemm())} if blas_sgemm() else {}))
+    wanted = os.environ.get(PRODUCTS_VARIABLE)
+    if wanted is None:
+        return Fastest(ways)
+    if wanted == "streamed":
+        return Fastest(ways, list(streamed)[-1])
+    if wanted == "blas" and "blas" in ways:
+        return Fastest(ways, "blas")
+    raise ValueError(f"{PRODUCTS_VARIABLE} must be 'blas' (where torch carries a BLAS sgemm) or 'streamed', "
+                     f"got {wanted!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,22 +166,25 @@ if IS_CPU:
         def lower(cls, op, runtime):
             ext = extension()  # build or load at session creation, not in the middle of the first run
             shape = (runtime.replicas,) + tuple(op.outputs[0].shape)
-            threads = _threads(_rows(op.inputs[0]))
             if runtime.replicas == 1:  # no per-replica views, the weight's array made once: every decode step
                 arrays = _ArrayViews()
 
-                def product(xs, ws):
-                    out = torch.empty(shape, dtype=torch.float32)
-                    ext.streamed_matmul(xs.contiguous().numpy(), arrays(ws), out.numpy(), threads)
-                    return out
-                return product
+                def kernel(threads, blas):
+                    def product(xs, ws):
+                        out = torch.empty(shape, dtype=torch.float32)
+                        ext.matmul(xs.contiguous().numpy(), arrays(ws), out.numpy(), threads, blas)
+                        return out
+                    return product
+                return product_ways(kernel)
 
-            def per_replica_product(xs, ws):
-                out = torch.empty(shape, dtype=torch.float32)
-                for x_r, w_r, out_r in zip(xs.contiguous(), ws.contiguous(), out):
-                    ext.streamed_matmul(x_r.numpy(), w_r.numpy(), out_r.numpy(), threads)
-                return out
-            return per_replica_product
+            def kernel(threads, blas):
+                def per_replica_product(xs, ws):
+                    out = torch.empty(shape, dtype=torch.float32)
+                    for x_r, w_r, out_r in zip(xs.contiguous(), ws.contiguous(), out):
+                        ext.matmul(x_r.numpy(), w_r.numpy(), out_r.numpy(), threads, blas)
+                    return out
+                return per_replica_product
+            return product_ways(kernel)
 
     class DecodeLayer(custom_op.CustomOp):
         """One decoder layer of a decode step by the C++ kernel, writing the caches in place: its
@@ -133,19 +205,20 @@ if IS_CPU:
                 raise ValueError("decode_layer runs on one replica (no tensor parallelism)")
             batch, _, _, cache_len = op.inputs[12].shape
             n_embd = op.inputs[0].shape[-1]
-            threads = _threads(batch)
             arrays = _ArrayViews()
 
-            def layer(x, *rest):
-                weights, (positions, sin, cos, k_cache, v_cache, write, mask) = rest[:8], rest[8:]
-                x_next = np.empty((1, batch, 1, n_embd), np.float32)
-                # Arrays keep the replica axis (of size 1); the C++ side skips leading axes of size 1.
-                ext.decode_layer(x.reshape(batch, n_embd).contiguous().numpy(), *map(arrays, weights),
-                                 positions.contiguous().numpy(), arrays(sin), arrays(cos), arrays(k_cache),
-                                 arrays(v_cache), write.item(), mask.reshape(batch, cache_len).contiguous().numpy(),
-                                 eps, x_next.reshape(batch, n_embd), threads)
-                return k_cache, torch.from_numpy(x_next)
-            return layer
+            def kernel(threads, blas):
+                def layer(x, *rest):
+                    weights, (positions, sin, cos, k_cache, v_cache, write, mask) = rest[:8], rest[8:]
+                    x_next = np.empty((1, batch, 1, n_embd), np.float32)
+                    # Arrays keep the replica axis (of size 1); the C++ side skips leading axes of size 1.
+                    ext.decode_layer(x.reshape(batch, n_embd).contiguous().numpy(), *map(arrays, weights),
+                                     positions.contiguous().numpy(), arrays(sin), arrays(cos), arrays(k_cache),
+                                     arrays(v_cache), write.item(), mask.reshape(batch, cache_len).contiguous().numpy(),
+                                     eps, x_next.reshape(batch, n_embd), threads, blas)
+                    return k_cache, torch.from_numpy(x_next)
+                return layer
+            return product_ways(kernel)
 
     class GreedyHead(custom_op.CustomOp):
         """Each row's greedy next token from the final hidden states by the C++ kernel."""
@@ -161,15 +234,16 @@ if IS_CPU:
             if runtime.replicas != 1:
                 raise ValueError("greedy_head runs on one replica (no tensor parallelism)")
             rows, n_embd = _rows(op.inputs[0]), op.inputs[0].shape[-1]
-            threads = _threads(rows)
             arrays = _ArrayViews()
 
-            def head(x, ln_weight, ln_bias, w, bias):
-                tokens = np.empty((1, rows), np.int32)
-                ext.greedy_head(x.reshape(rows, n_embd).contiguous().numpy(),
-                                *map(arrays, (ln_weight, ln_bias, w, bias)), eps, tokens, threads)
-                return torch.from_numpy(tokens)
-            return head
+            def kernel(threads, blas):
+                def head(x, ln_weight, ln_bias, w, bias):
+                    tokens = np.empty((1, rows), np.int32)
+                    ext.greedy_head(x.reshape(rows, n_embd).contiguous().numpy(),
+                                    *map(arrays, (ln_weight, ln_bias, w, bias)), eps, tokens, threads, blas)
+                    return torch.from_numpy(tokens)
+                return head
+            return product_ways(kernel)
 
 
 def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:

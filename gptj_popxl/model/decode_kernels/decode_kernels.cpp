@@ -12,6 +12,7 @@ cfg['dependencies'] = ['work_team.h', 'streamed_matmul.h', 'decode_attention.h',
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
 #include <string>
 
 #include "decode_layer.h"
@@ -57,9 +58,15 @@ void require_floats(const char* name, const py::array& a, std::initializer_list<
                           std::string(py::str(a.dtype())));
 }
 
+// The products of a kernel: by the sgemm at address `blas` (its Fortran interface), or streamed on
+// num_threads threads when that is 0.
+gptj_streamed::Products products(int num_threads, uintptr_t blas) {
+    return {reinterpret_cast<gptj_streamed::FortranSgemm>(blas), num_threads};
+}
+
 // x (..., K) and w (..., K, N) C-contiguous float32 with any leading axes of size 1 on w's; out holds
 // the M = x.size / K rows of N.
-void streamed_matmul(const py::array& x, const py::array& w, py::array& out, int num_threads) {
+void matmul(const py::array& x, const py::array& w, py::array& out, int num_threads, uintptr_t blas) {
     const auto is_floats = [](const py::array& a) {
         return a.dtype().is(py::dtype::of<float>()) && (a.flags() & py::array::c_style) && a.ndim() >= 1;
     };
@@ -69,21 +76,21 @@ void streamed_matmul(const py::array& x, const py::array& w, py::array& out, int
     const int64_t K = shapes ? x.shape(x.ndim() - 1) : 0, N = shapes ? w.shape(w.ndim() - 1) : 0;
     const int64_t M = K ? x.size() / K : 0;
     if (!shapes || out.size() != M * N)
-        throw py::value_error("streamed_matmul: x (..., K), w (K, N) and a writeable out of (..., N) must be "
+        throw py::value_error("matmul: x (..., K), w (K, N) and a writeable out of (..., N) must be "
                               "C-contiguous float32 and agree, got x " + shape_of(x) + ", w " + shape_of(w) +
                               ", out " + shape_of(out));
     const auto* xs = static_cast<const float*>(x.data());
     const auto* ws = static_cast<const float*>(w.data());
     auto* ys = static_cast<float*>(out.mutable_data());
     py::gil_scoped_release release;
-    gptj_streamed::streamed_matmul(xs, M, K, ws, N, ys, num_threads);
+    products(num_threads, blas)(xs, M, K, ws, N, ys);
 }
 
 void decode_layer(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w_qkv,
                   const py::array& w_in, const py::array& b_in, const py::array& w_out, const py::array& w_fc_out,
                   const py::array& b_fc_out, const py::array& positions, const py::array& sin, const py::array& cos,
                   py::array& k_cache, py::array& v_cache, int64_t write, const py::array& mask, float eps,
-                  py::array& x_next, int num_threads) {
+                  py::array& x_next, int num_threads, uintptr_t blas) {
     const int64_t B = dim(k_cache, -4), H = dim(k_cache, -3), D = dim(k_cache, -2), C = dim(k_cache, -1);
     const int64_t E = dim(x, -1), I = dim(w_in, -1), P = dim(sin, -2), half = dim(sin, -1);
     require_floats("x", x, {B, E});
@@ -120,11 +127,11 @@ void decode_layer(const py::array& x, const py::array& ln_weight, const py::arra
                                             f(b_in),      f(w_out),   f(w_fc_out), f(b_fc_out)};
     py::gil_scoped_release release;
     gptj_decode::decode_layer(f(x), B, E, H, D, I, eps, weights, p, f(sin), f(cos), 2 * half, g(k_cache), g(v_cache), C,
-                              write, f(mask), num_threads, g(x_next));
+                              write, f(mask), products(num_threads, blas), g(x_next));
 }
 
 void greedy_head(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w,
-                 const py::array& bias, float eps, py::array& tokens, int num_threads) {
+                 const py::array& bias, float eps, py::array& tokens, int num_threads, uintptr_t blas) {
     const int64_t E = dim(w, -2), V = dim(w, -1), B = E ? x.size() / E : 0;
     require_floats("x", x, {B, E});
     require_floats("ln_weight", ln_weight, {E});
@@ -138,24 +145,29 @@ void greedy_head(const py::array& x, const py::array& ln_weight, const py::array
     auto f = [](const py::array& a) { return static_cast<const float*>(a.data()); };
     auto* out = static_cast<int32_t*>(tokens.mutable_data());
     py::gil_scoped_release release;
-    gptj_decode::greedy_head(f(x), B, E, V, eps, f(ln_weight), f(ln_bias), f(w), f(bias), num_threads, out);
+    gptj_decode::greedy_head(f(x), B, E, V, eps, f(ln_weight), f(ln_bias), f(w), f(bias), products(num_threads, blas),
+                              out);
 }
 
 }  // namespace
 
 PYBIND11_MODULE(decode_kernels, m) {
-    m.doc() = "float32 kernels of a decode step: few-row matmuls streaming the weight, a decoder layer over a "
-              "KV cache.";
-    m.def("streamed_matmul", &streamed_matmul, py::arg("x"), py::arg("w"), py::arg("out"),
-          py::arg("num_threads") = 1, "Writes x (..., K) @ w (K, N) into out (..., N).");
+    m.doc() = "float32 kernels of a decode step: few-row matmuls (streaming the weight, or by BLAS), a decoder "
+              "layer over a KV cache, a greedy LM head.";
+    m.def("matmul", &matmul, py::arg("x"), py::arg("w"), py::arg("out"), py::arg("num_threads") = 1,
+          py::arg("blas") = 0,
+          "Writes x (..., K) @ w (K, N) into out (..., N): by the sgemm at address blas (Fortran interface) or, "
+          "when 0, streamed on num_threads threads.");
     m.def("decode_layer", &decode_layer, py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w_qkv"),
           py::arg("w_in"), py::arg("b_in"), py::arg("w_out"), py::arg("w_fc_out"), py::arg("b_fc_out"),
           py::arg("positions"), py::arg("sin"), py::arg("cos"), py::arg("k_cache"), py::arg("v_cache"),
           py::arg("write"), py::arg("mask"), py::arg("eps"), py::arg("x_next"),
-          py::arg("num_threads") = 1,
-          "One decoder layer of a decode step (see decode_layer.h): writes the new key and value into the caches at "
+          py::arg("num_threads") = 1, py::arg("blas") = 0,
+          "One decoder layer of a decode step (see decode_layer.h), its products by the sgemm at address blas "
+          "(Fortran interface) or, when 0, streamed on num_threads threads: writes the new key and value into the caches at "
           "column `write` and the layer's output into x_next (batch, n_embd).");
     m.def("greedy_head", &greedy_head, py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w"),
-          py::arg("bias"), py::arg("eps"), py::arg("tokens"), py::arg("num_threads") = 1,
-          "Writes into tokens (batch,) int32 each row's first largest logit of layer_norm(x) @ w + bias.");
+          py::arg("bias"), py::arg("eps"), py::arg("tokens"), py::arg("num_threads") = 1, py::arg("blas") = 0,
+          "Writes into tokens (batch,) int32 each row's first largest logit of layer_norm(x) @ w + bias (the product "
+          "as decode_layer's).");
 }

@@ -5,8 +5,8 @@
 //   x_next = (z @ w_out + (a @ w_fc_out + b_fc_out)) + x      (transformers' order of the sums)
 //
 // x, x_next (B, E); ln_weight, ln_bias (E); w_qkv (E, 3 H D), per row [q heads | k heads | v heads];
-// w_in (E, I); w_out (H D, E); w_fc_out (I, E). The products stream their weight once
-// (streamed_matmul.h) on num_threads threads; the caches are as decode_attention.h's.
+// w_in (E, I); w_out (H D, E); w_fc_out (I, E). The products are formed as `products` says (BLAS, or
+// streaming each weight once: streamed_matmul.h); the caches are as decode_attention.h's.
 #pragma once
 
 #include <cmath>
@@ -78,16 +78,16 @@ inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
 inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
                          const LayerWeights& w, const int32_t* positions, const float* sin, const float* cos,
                          int64_t rotary_dim, float* k_cache, float* v_cache, int64_t C, int64_t write,
-                         const float* mask, int num_threads, float* x_next) {
+                         const float* mask, const gptj_streamed::Products& products, float* x_next) {
     std::vector<float> h(B * E), qkv(B * 3 * H * D), a(B * I), z(B * H * D), attn(B * E);
     layer_norm(x, B, E, w.ln_weight, w.ln_bias, eps, h.data());
-    gptj_streamed::streamed_matmul(h.data(), B, E, w.w_qkv, 3 * H * D, qkv.data(), num_threads);
-    gptj_streamed::streamed_matmul(h.data(), B, E, w.w_in, I, a.data(), num_threads);
+    products(h.data(), B, E, w.w_qkv, 3 * H * D, qkv.data());
+    products(h.data(), B, E, w.w_in, I, a.data());
     for (int64_t r = 0; r < B; ++r)
         add_bias_gelu(a.data() + r * I, w.b_in, I);
     decode_attention(qkv.data(), positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z.data());
-    gptj_streamed::streamed_matmul(z.data(), B, H * D, w.w_out, E, attn.data(), num_threads);
-    gptj_streamed::streamed_matmul(a.data(), B, I, w.w_fc_out, E, x_next, num_threads);
+    products(z.data(), B, H * D, w.w_out, E, attn.data());
+    products(a.data(), B, I, w.w_fc_out, E, x_next);
     for (int64_t r = 0; r < B; ++r)
         for (int64_t i = 0; i < E; ++i)
             x_next[r * E + i] = (attn[r * E + i] + (x_next[r * E + i] + w.b_fc_out[i])) + x[r * E + i];
@@ -96,10 +96,11 @@ inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_
 // The greedy next token of each row: the first largest of layer_norm(x) @ w + bias (as torch.argmax,
 // a NaN counts as largest). x (B, E); ln_weight, ln_bias (E); w (E, V); bias (V); tokens (B).
 inline void greedy_head(const float* x, int64_t B, int64_t E, int64_t V, float eps, const float* ln_weight,
-                        const float* ln_bias, const float* w, const float* bias, int num_threads, int32_t* tokens) {
+                        const float* ln_bias, const float* w, const float* bias, const gptj_streamed::Products& products,
+                        int32_t* tokens) {
     std::vector<float> h(B * E), logits(B * V);
     layer_norm(x, B, E, ln_weight, ln_bias, eps, h.data());
-    gptj_streamed::streamed_matmul(h.data(), B, E, w, V, logits.data(), num_threads);
+    products(h.data(), B, E, w, V, logits.data());
     for (int64_t r = 0; r < B; ++r) {
         int64_t best = 0;
         float top = logits[r * V] + bias[0];

@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <stdexcept>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -114,5 +116,33 @@ inline void streamed_matmul(const float* x, int64_t M, int64_t K, const float* w
         columns(x, M, K, w, N, y, std::min(N, 16 * (lines * i / chunks)), std::min(N, 16 * (lines * (i + 1) / chunks)));
     });
 }
+
+// A BLAS sgemm by its Fortran interface (column-major, every argument by pointer, 32-bit sizes), the
+// `sgemm_` that MKL and OpenBLAS export.
+using FortranSgemm = void (*)(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                              const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                              const float* beta, float* c, const int* ldc);
+
+// How a kernel forms its products y = x @ w: by `blas` when it is set, otherwise streamed on
+// `threads` threads. Which is faster depends on the machine (its caches and memory bandwidth), so
+// the caller chooses by measurement.
+struct Products {
+    FortranSgemm blas = nullptr;
+    int threads = 1;
+
+    void operator()(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) const {
+        if (blas == nullptr || M == 0 || N == 0) {
+            streamed_matmul(x, M, K, w, N, y, threads);
+            return;
+        }
+        constexpr int64_t largest = std::numeric_limits<int>::max();
+        if (M > largest || K > largest || N > largest)
+            throw std::length_error("a product's sides exceed the BLAS interface's 32-bit sizes");
+        // Row-major y = x @ w is, read column-major, y^T = w^T x^T: no transposes, no copies.
+        const int m = int(N), n = int(M), k = int(K), ldx = int(std::max<int64_t>(K, 1));
+        const float one = 1.0f, zero = 0.0f;
+        blas("N", "N", &m, &n, &k, &one, w, &m, x, &ldx, &zero, y, &m);
+    }
+};
 
 }  // namespace gptj_streamed

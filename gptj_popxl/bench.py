@@ -10,8 +10,10 @@ times on this CPU:
 - prefill: generating one token after a prompt, ``micro_batch_size`` rows;
 - decode: the tokens after the first, from a timed generation of ``--new-tokens`` minus the prefill.
 
-Each is run once untimed first (our programs compile on first use; that time is reported as
-``first_*_s``), then ``--steps`` times. The ratio is ours / transformers in tokens per second.
+Each is run once first (our programs compile on first use; that time is reported as ``first_*_s``),
+then ``--steps`` times with ours and transformers taking turns, and the median counts (the machine
+may be shared: turns put a busy spell on both sides). The ratio is ours / transformers in tokens
+per second.
 Models above ``MAX_PARAMETERS`` are refused: the CPU would need tens of GB for the 6B configs.
 """
 import argparse
@@ -92,15 +94,24 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[s
     return settings
 
 
-def _time(fn: Callable[[], Any], steps: int) -> Dict[str, float]:
-    """Seconds of a first (untimed-warm-up) call and the mean of ``steps`` more."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return {"first": first, "mean": (time.perf_counter() - start) / steps}
+def _time_sides(calls: Dict[str, Callable[[], Any]], steps: int) -> Dict[str, Dict[str, float]]:
+    """Per side (``calls`` by side), the seconds of a first call and the median of ``steps`` more. After
+    the first calls the sides take turns, in reversed order every other round, so that a busy spell of
+    a shared machine falls on both sides instead of on whichever side was running then."""
+    timings, times = {}, {side: [] for side in calls}
+    for side, call in calls.items():
+        start = time.perf_counter()
+        call()
+        timings[side] = {"first": time.perf_counter() - start}
+    order = list(calls)
+    for round_ in range(steps):
+        for side in order if round_ % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            calls[side]()
+            times[side].append(time.perf_counter() - start)
+    for side, seconds in times.items():
+        timings[side]["median"] = float(np.median(seconds))
+    return timings
 
 
 def training_steps(s: Dict[str, Any], path: str, ids: np.ndarray) -> Dict[str, Callable[[], float]]:
@@ -155,7 +166,7 @@ def run_bench(s: Dict[str, Any]) -> Dict[str, Any]:
     results: Dict[str, Dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="gptj-popxl-bench-") as tmp:
         path = random_hf_checkpoint(os.path.join(tmp, "model"), config, seed=0)
-        train = {side: _time(step, steps) for side, step in training_steps(s, path, ids).items()}
+        train = _time_sides(training_steps(s, path, ids), steps)
         hf = transformers.GPTJForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch_dtype).eval()
         model = gptj_popxl.from_pretrained(path, tensor_parallel=s["tensor_parallel"], dtype=s["dtype"],
                                            attention_serialisation=s["attention_serialisation"])
@@ -167,20 +178,20 @@ def run_bench(s: Dict[str, Any]) -> Dict[str, Any]:
                 return hf.generate(t, attention_mask=torch.ones_like(t), do_sample=False, max_new_tokens=n,
                                    min_new_tokens=n, pad_token_id=0)
 
-        timings = {"ours": {"train": train["ours"],
-                            "prefill": _time(lambda: model.generate(prompt, max_new_tokens=1), steps),
-                            "generate": _time(lambda: model.generate(prompt, max_new_tokens=new), steps)},
-                   "transformers": {"train": train["transformers"],
-                                    "prefill": _time(lambda: hf_generate(1), steps),
-                                    "generate": _time(lambda: hf_generate(new), steps)}}
+        prefill = _time_sides({"ours": lambda: model.generate(prompt, max_new_tokens=1),
+                               "transformers": lambda: hf_generate(1)}, steps)
+        generate = _time_sides({"ours": lambda: model.generate(prompt, max_new_tokens=new),
+                                "transformers": lambda: hf_generate(new)}, steps)
+        timings = {side: {"train": train[side], "prefill": prefill[side], "generate": generate[side]}
+                   for side in ("ours", "transformers")}
     batch = s["micro_batch_size"]
     for side, t in timings.items():
-        decode_s = max(t["generate"]["mean"] - t["prefill"]["mean"], 1e-9)
+        decode_s = max(t["generate"]["median"] - t["prefill"]["median"], 1e-9)
         results[side] = {
-            "train_step_s": t["train"]["mean"], "first_train_step_s": t["train"]["first"],
-            "train_tokens_per_s": rows * seq / t["train"]["mean"],
-            "prefill_s": t["prefill"]["mean"], "first_prefill_s": t["prefill"]["first"],
-            "prefill_tokens_per_s": batch * s["prompt_length"] / t["prefill"]["mean"],
+            "train_step_s": t["train"]["median"], "first_train_step_s": t["train"]["first"],
+            "train_tokens_per_s": rows * seq / t["train"]["median"],
+            "prefill_s": t["prefill"]["median"], "first_prefill_s": t["prefill"]["first"],
+            "prefill_tokens_per_s": batch * s["prompt_length"] / t["prefill"]["median"],
             "decode_tokens_per_s": batch * (new - 1) / decode_s if new > 1 else None,
             "first_generate_s": t["generate"]["first"]}
     ratios = {k: (results["ours"][k] / results["transformers"][k]
@@ -201,7 +212,7 @@ def format_bench(result: Dict[str, Any]) -> str:
              f"({st['parameters']:,} parameters); tp {st['tensor_parallel']} x dp {st['data_parallel']}, "
              f"{'phased' if st['phased'] else 'resident'}, {st['dtype']}, micro-batch {st['micro_batch_size']} x "
              f"{st['gradient_accumulation']}, sequence {st['sequence_length']}; prompt {st['prompt_length']}, "
-             f"{st['new_tokens']} new tokens; mean of {st['steps']} runs",
+             f"{st['new_tokens']} new tokens; median of {st['steps']} runs, the two sides in turns",
              f"{'tokens/s':<12}{'ours':>14}{'transformers':>14}{'ratio':>8}"]
     for label, key in (("train", "train_tokens_per_s"), ("prefill", "prefill_tokens_per_s"),
                        ("decode", "decode_tokens_per_s")):
@@ -209,7 +220,7 @@ def format_bench(result: Dict[str, Any]) -> str:
         cells = [f"{v:>14,.1f}" if v is not None else f"{'-':>14}" for v in (ours, peer)]
         lines.append(f"{label:<12}{cells[0]}{cells[1]}{(f'{ratio:.2f}x' if ratio else '-'):>8}")
     o = result["ours"]
-    lines.append(f"our first calls (compile included, not in the means): train step {o['first_train_step_s']:.2f} s, "
+    lines.append(f"our first calls (compile included, not in the medians): train step {o['first_train_step_s']:.2f} s, "
                  f"prefill {o['first_prefill_s']:.2f} s, generate {o['first_generate_s']:.2f} s")
     return "\n".join(lines)
 

@@ -94,6 +94,23 @@ def test_float16_follows_float32_and_overflow_skips_the_step(phased, checkpoint,
     assert all(np.array_equal(before[k], trainer.weights[k]) for k in before)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("phased", [True, False], ids=["phased", "resident"])
+def test_a_skipped_step_leaves_no_infinities_behind(phased, dtype, checkpoint, batches):
+    # Phased float32 accumulates the gradients in their remote-buffer entries, whose restarted mean
+    # reads the old value times 0 (as on the IPU): a skipped step's infinities must not stay there.
+    trainer = gptj_popxl.Trainer(checkpoint, dataclasses.replace(BASE, phased=phased, dtype=dtype,
+                                                                 loss_scaling="dynamic"))
+    trainer.loss_scale = 3e38
+    trainer.step(*batches[0])
+    assert trainer.optimizer_steps == 0 and trainer.loss_scale == 1.5e38
+    before = {k: v.copy() for k, v in trainer.weights.items()}
+    trainer.loss_scale = 1024.0
+    loss = trainer.step(*batches[1])
+    assert np.isfinite(loss) and np.isfinite(trainer.grad_norm) and trainer.optimizer_steps == 1
+    assert all(np.isfinite(w).all() and not np.array_equal(before[k], w) for k, w in trainer.weights.items())
+
+
 def test_resume_is_bit_exact(checkpoint, batches, tmp_path):
     # Sharded optimizer state (data parallel), tensor shards, float16 master weights and accumulation.
     cfg = dataclasses.replace(BASE, phased=True, tensor_parallel=2, data_parallel=2, gradient_accumulation=2,

@@ -69,8 +69,8 @@ def test_accumulate_mean_gives_the_running_mean():
     xs = RNG.normal(size=(4, 3)).astype(np.float32)
     ir = popxl.Ir()
     with ir.main_graph:
-        # A restarted mean (step 0) does not read what the accumulator held, however bad.
-        mean = popxl.variable(np.array([np.nan, np.inf, 5.0], np.float32), name="mean")
+        # A restarted mean (step 0) only multiplies what the accumulator held by 0.
+        mean = popxl.variable(np.array([-7.0, 3e38, 5.0], np.float32), name="mean")
         step = popxl.variable(np.float32(0), name="step")
         data = popxl.h2d_stream((3,), F32, "x")
         V.accumulate_mean_(mean, ops.host_load(data), step)
@@ -80,6 +80,18 @@ def test_accumulate_mean_gives_the_running_mean():
             session.run({data: x})
         got = session.get_tensor_data(mean)
     np.testing.assert_allclose(got, xs.mean(0), rtol=1e-6)
+
+
+def test_accumulate_mean_restarted_on_a_non_finite_value_is_nan():
+    held = np.array([np.nan, np.inf, -np.inf, 2.0], np.float32)
+    x = RNG.normal(size=4).astype(np.float32)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        mean = popxl.variable(held, name="mean")
+        V.accumulate_mean_(mean, popxl.constant(x), popxl.constant(np.float32(0)))
+    (got,) = values_after(ir, [mean])
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(got, 0 * held + x)  # PopART's (step / (step + 1)) t + x / (step + 1)
 
 
 def test_accumulator_scale_and_zero():

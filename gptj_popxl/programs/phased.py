@@ -154,7 +154,8 @@ class _Builder:
             weights = stage.load("weights", entry)
             # A whole float32 gradient accumulates in its gradient buffer's entry itself: no fresh
             # accumulator, and its store finds it already there. The mean's first micro-batch
-            # overwrites the entry, so it needs no zeroing.
+            # multiplies the entry by 0, so it needs no zeroing as long as it is finite (the
+            # optimizer phase sees to that).
             facts = accum_facts.to_dict()
             in_buffer = {"accum." + key: key for key in stage.names
                          if stage.shard_group[key] is None and facts["accum." + key].dtype == F32}
@@ -197,6 +198,12 @@ class _Builder:
             scaled = {key: ops.var_updates.accumulator_scale_(g, scalars["grad_factor"]) for key, g in grads.items()}
             new = {key: adamw(master[key], first[key], second[key], scaled[key], scalars,
                               self.constants, decays(stage.prefixes[0] + key), finite) for key in stage.names}
+            if finite is not None:
+                # A skipped step's gradients hold infinities or NaN. The next step's backward restarts its
+                # running mean on this entry, which (as PopART computes it) multiplies the old value by 0:
+                # the entry must be finite.
+                zero = popxl.constant(0.0, F32, "zero")
+                scaled = {key: ops.where(finite, g, zero) for key, g in scaled.items()}
             stage.store("grads", entry, scaled)
             if keep_master:
                 stage.store("master", entry, {k: v[0] for k, v in new.items()})

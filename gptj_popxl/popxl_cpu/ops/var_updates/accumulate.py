@@ -91,10 +91,9 @@ def _add_scaled_square(t, x, f):
 
 
 def _accumulate_mean(t, x, step):
-    # The mean of one value is that value: a restarted mean does not read t, so t needs no zeroing.
-    if not (step.any() if torch.is_tensor(step) else step):
-        return t.copy_(x)
-    return t.lerp_(x, 1 / (step + 1))  # t + (x - t) / (step + 1), in one pass
+    # t + (x - t) / (step + 1) in one pass. At step 0 torch's lerp computes x - (x - t) * 0: exactly x
+    # where t is finite and NaN where it is not, as PopART's (step / (step + 1)) t + x / (step + 1).
+    return t.lerp_(x, 1 / (step + 1))
 
 
 def _lamb_ratio(r1sq, r2sq):
@@ -138,7 +137,8 @@ def accumulate_mean_(t: Tensor, X: Tensor, step: Factor) -> Tensor:
     """Running mean in place: ``t = step/(step+1) * t + X/(step+1)``.
 
     ``step`` is the number of values accumulated so far; the op does not increment it. At step 0
-    ``t`` becomes ``X`` whatever it held (infinities and NaN too).
+    ``t`` becomes ``X`` where it held a finite value and NaN where it held an infinity or NaN (``0 * t``
+    is NaN there), as on the IPU: a restarted mean needs no zeroing only if ``t`` is finite.
     """
     return _accumulate(AccumulateMean, t, X, step, "accumulate_mean_")
 

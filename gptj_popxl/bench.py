@@ -28,6 +28,7 @@ import numpy as np
 
 from gptj_popxl.configs import ConfigError, config_names
 from gptj_popxl.finetune import _positive_int
+from gptj_popxl.model.decode_kernels import product_choices
 from gptj_popxl.plan import parameter_count, settings_of
 
 # The largest model (parameters, unpadded) bench builds; ``--layers`` makes a config smaller.
@@ -184,6 +185,7 @@ def run_bench(s: Dict[str, Any]) -> Dict[str, Any]:
                                 "transformers": lambda: hf_generate(new)}, steps)
         timings = {side: {"train": train[side], "prefill": prefill[side], "generate": generate[side]}
                    for side in ("ours", "transformers")}
+        products = product_choices()
     batch = s["micro_batch_size"]
     for side, t in timings.items():
         decode_s = max(t["generate"]["median"] - t["prefill"]["median"], 1e-9)
@@ -202,7 +204,7 @@ def run_bench(s: Dict[str, Any]) -> Dict[str, Any]:
     settings.update(n_layer=config.n_layer, n_embd=config.n_embd, vocab_size=config.vocab_size,
                     rows_per_step=rows, replicas=s["tensor_parallel"] * s["data_parallel"])
     return {"config": s["config"], "settings": settings, "ours": results["ours"],
-            "transformers": results["transformers"], "ratios": ratios}
+            "transformers": results["transformers"], "ratios": ratios, "decode_products": products}
 
 
 def format_bench(result: Dict[str, Any]) -> str:
@@ -222,6 +224,10 @@ def format_bench(result: Dict[str, Any]) -> str:
     o = result["ours"]
     lines.append(f"our first calls (compile included, not in the medians): train step {o['first_train_step_s']:.2f} s, "
                  f"prefill {o['first_prefill_s']:.2f} s, generate {o['first_generate_s']:.2f} s")
+    if result["decode_products"]:
+        lines.append("decode kernels' products (ways chosen by timing, ops): " + "; ".join(
+            f"{op} " + ", ".join(f"{way} x{n}" for way, n in ways.items())
+            for op, ways in sorted(result["decode_products"].items())))
     return "\n".join(lines)
 
 

@@ -121,6 +121,9 @@ def test_bench_json_of_tiny(tmp_path, capsys):
             assert result[side][key] > 0
     for key, ratio in result["ratios"].items():
         assert ratio == pytest.approx(result["ours"][key] / result["transformers"][key])
+    # Tensor parallel decodes with streamed_matmul (decode_layer and greedy_head need one shard).
+    ways = result["decode_products"]["streamed_matmul"]
+    assert set(ways) <= {"trying", "blas", "streamed on 1 thread", "streamed on 2 threads"} and sum(ways.values()) > 0
     assert "train" in capsys.readouterr().out
 
 

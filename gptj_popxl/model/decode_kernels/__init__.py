@@ -29,7 +29,7 @@ import torch
 
 from gptj_popxl.backend import IS_CPU, custom_op, popxl
 
-__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "greedy_head", "can_decode_layer"]
+__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "greedy_head", "can_decode_layer", "product_choices"]
 
 # Most rows of x given to the kernel; beyond, the product is compute-bound and plain BLAS (``ops.matmul``)
 # serves. Streaming won up to 64 rows on one machine measured (one thread, the benchmark model's 17
@@ -95,22 +95,41 @@ class Fastest:
         return result
 
 
-def product_ways(kernel) -> "Fastest":
-    """A ``Fastest`` over the ways a kernel can form its products: ``kernel(threads, blas)`` gives the op's
-    callable for ``threads`` streaming threads, or for the sgemm at address ``blas`` when nonzero. The
-    ways are BLAS (where ``blas_sgemm`` finds it) and streaming on one thread and on torch's count."""
+# Every live op's ``Fastest``, by op name: what ``product_choices`` reports.
+_CHOOSERS: "weakref.WeakKeyDictionary[Fastest, str]" = weakref.WeakKeyDictionary()
+
+
+def product_ways(op_name: str, kernel) -> "Fastest":
+    """A ``Fastest`` over the ways an op (``op_name``) can form its products: ``kernel(threads, blas)``
+    gives the op's callable for ``threads`` streaming threads, or for the sgemm at address ``blas``
+    when nonzero. The ways are BLAS (where ``blas_sgemm`` finds it) and streaming on one thread and
+    on torch's count."""
     threads = torch.get_num_threads()
     streamed = {f"streamed on {n} thread{'s' * (n > 1)}": kernel(n, 0) for n in sorted({1, threads})}
     ways = dict(streamed, **({"blas": kernel(threads, blas_sgemm())} if blas_sgemm() else {}))
     wanted = os.environ.get(PRODUCTS_VARIABLE)
     if wanted is None:
-        return Fastest(ways)
-    if wanted == "streamed":
-        return Fastest(ways, list(streamed)[-1])
-    if wanted == "blas" and "blas" in ways:
-        return Fastest(ways, "blas")
-    raise ValueError(f"{PRODUCTS_VARIABLE} must be 'blas' (where torch carries a BLAS sgemm) or 'streamed', "
-                     f"got {wanted!r}")
+        chooser = Fastest(ways)
+    elif wanted == "streamed":
+        chooser = Fastest(ways, list(streamed)[-1])
+    elif wanted == "blas" and "blas" in ways:
+        chooser = Fastest(ways, "blas")
+    else:
+        raise ValueError(f"{PRODUCTS_VARIABLE} must be 'blas' (where torch carries a BLAS sgemm) or 'streamed', "
+                         f"got {wanted!r}")
+    _CHOOSERS[chooser] = op_name
+    return chooser
+
+
+def product_choices() -> dict:
+    """How the decode ops of the live programs form their products: ``{op name: {way: ops}}``, the way
+    "trying" for an op still timing its first calls."""
+    choices: dict = {}
+    for chooser, op_name in list(_CHOOSERS.items()):
+        way = chooser.chosen or "trying"
+        choices.setdefault(op_name, {}).setdefault(way, 0)
+        choices[op_name][way] += 1
+    return choices
 
 
 @functools.lru_cache(maxsize=None)
@@ -175,7 +194,7 @@ if IS_CPU:
                         ext.matmul(xs.contiguous().numpy(), arrays(ws), out.numpy(), threads, blas)
                         return out
                     return product
-                return product_ways(kernel)
+                return product_ways(cls.name, kernel)
 
             def kernel(threads, blas):
                 def per_replica_product(xs, ws):
@@ -184,7 +203,7 @@ if IS_CPU:
                         ext.matmul(x_r.numpy(), w_r.numpy(), out_r.numpy(), threads, blas)
                     return out
                 return per_replica_product
-            return product_ways(kernel)
+            return product_ways(cls.name, kernel)
 
     class DecodeLayer(custom_op.CustomOp):
         """One decoder layer of a decode step by the C++ kernel, writing the caches in place: its
@@ -218,7 +237,7 @@ if IS_CPU:
                                      eps, x_next.reshape(batch, n_embd), threads, blas)
                     return k_cache, torch.from_numpy(x_next)
                 return layer
-            return product_ways(kernel)
+            return product_ways(cls.name, kernel)
 
     class GreedyHead(custom_op.CustomOp):
         """Each row's greedy next token from the final hidden states by the C++ kernel."""
@@ -243,7 +262,7 @@ if IS_CPU:
                                     *map(arrays, (ln_weight, ln_bias, w, bias)), eps, tokens, threads, blas)
                     return torch.from_numpy(tokens)
                 return head
-            return product_ways(kernel)
+            return product_ways(cls.name, kernel)
 
 
 def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:

@@ -1,7 +1,7 @@
 """The decode custom ops (``gptj_popxl.model.decode_kernels``) against torch and HF GPT-J's rotary code:
 ``streamed_matmul`` over row, column and depth tails, ``decode_layer`` (a whole layer of a decode
-step, its cache written in place) against the layer written in torch, and ``greedy_head`` against
-``torch.argmax`` of the head's logits; each with its products streamed and by BLAS. ``Fastest``, which
+step, its cache written in place) against the layer written in torch, ``greedy_head`` against
+``torch.argmax`` of the head's logits, and ``greedy_decode_step`` (embedding, layers, head) against both; each with its products streamed and by BLAS. ``Fastest``, which
 picks between those by timing, against ways of known cost."""
 import time
 
@@ -11,7 +11,8 @@ import torch
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
 
 from gptj_popxl.model.decode_kernels import (MAX_ROWS, PRODUCTS_VARIABLE, Fastest, StreamedMatMul, blas_sgemm,
-                                             decode_layer, extension, greedy_head, streamed_matmul)
+                                             decode_layer, extension, greedy_decode_step, greedy_head,
+                                             streamed_matmul)
 from gptj_popxl.model.rotary import trig_tables
 from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float32, int32
 from ops_check import run_graph
@@ -140,6 +141,66 @@ def test_decode_layer_matches_torch(products):
     np.testing.assert_allclose(out[:, 0], ref_out.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(k_after, ref_k.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(v_after, ref_v.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_decode_step_matches_torch(products):
+    rng = np.random.default_rng(3)
+    batch, heads, head_dim, cache_len, n_embd, inner, rotary_dim, vocab, write, n_layer = 2, 2, 8, 5, 16, 24, 4, 40, 3, 3
+
+    def f32(*shape, scale=1.0, shift=0.0):
+        return (shift + scale * rng.standard_normal(shape)).astype(np.float32)
+    token = np.array([[7], [vocab - 1]], np.int32)
+    embedding = f32(vocab, n_embd)
+    layers = [[f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, 3 * heads * head_dim, scale=0.3),
+               f32(n_embd, inner, scale=0.3), f32(inner), f32(heads * head_dim, n_embd, scale=0.3),
+               f32(inner, n_embd, scale=0.2), f32(n_embd)] for _ in range(n_layer)]
+    k_caches = [f32(batch, heads, head_dim, cache_len) for _ in range(n_layer)]
+    v_caches = [f32(batch, heads, cache_len, head_dim) for _ in range(n_layer)]
+    head = [f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, vocab), f32(vocab)]
+    positions = np.array([[9], [2]], np.int32)
+    mask = np.zeros((batch, 1, 1, cache_len), np.float32)
+    mask[1, ..., :2] = np.finfo(np.float32).min  # row 1 does not see columns 0 and 1
+    sin, cos = trig_tables(POSITIONS, rotary_dim)
+
+    def fn(token, embedding, *rest):
+        weights, rest = rest[:8 * n_layer], rest[8 * n_layer:]
+        keys, values, (positions, sin, cos, write, mask, *head) = rest[:n_layer], rest[n_layer:2 * n_layer], \
+            rest[2 * n_layer:]
+        layers = [weights[8 * i:8 * i + 8] for i in range(n_layer)]
+        tokens = greedy_decode_step(token, embedding, layers, positions, sin, cos, keys, values, write, mask, *head,
+                                    eps=1e-5)
+        return (tokens, *keys, *values)
+    outs, _ = run_graph(fn, token, embedding, *[w for layer in layers for w in layer], *k_caches, *v_caches,
+                        positions, sin, cos, np.int32([write]), mask, *head)
+
+    def t(a):
+        return torch.from_numpy(a).double()
+    x = t(embedding)[torch.from_numpy(token[:, 0]).long()]
+    for i, layer in enumerate(layers):
+        x, k, v = torch_layer(x, [t(w) for w in layer], positions, t(k_caches[i]), t(v_caches[i]), write, t(mask[:, 0]),
+                              rotary_dim, 1e-5)
+        np.testing.assert_allclose(outs[1 + i], k.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(outs[1 + n_layer + i], v.numpy(), rtol=1e-4, atol=1e-4)
+    h = torch.nn.functional.layer_norm(x, (n_embd,), t(head[0]), t(head[1]), 1e-5)
+    np.testing.assert_array_equal(outs[0], torch.argmax(h @ t(head[2]) + t(head[3]), dim=-1).numpy())
+
+
+def test_greedy_decode_step_names_a_mismatched_layer_weight():
+    f32, i32 = float32, int32
+    layer = [(8,), (8,), (8, 6), (8, 16), (16,), (2, 8), (16, 8), (8,)]  # one head of 2 features
+    bad = layer[:3] + [(8, 15)] + layer[4:]
+
+    def build(token, embedding, *rest):
+        weights, (k0, k1, v0, v1, positions, write, mask, *head) = rest[:16], rest[16:]
+        sin, cos = (constant(np.zeros((8, 1), np.float32)) for _ in range(2))
+        greedy_decode_step(token, embedding, [weights[:8], weights[8:]], positions, sin, cos, [k0, k1], [v0, v1], write,
+                           mask, *head, eps=1e-5)
+    specs = ([TensorSpec((2, 1), i32), TensorSpec((10, 8), f32)] + [TensorSpec(s, f32) for s in layer + bad]
+             + [TensorSpec((2, 1, 2, 3), f32)] * 2 + [TensorSpec((2, 1, 3, 2), f32)] * 2
+             + [TensorSpec((2, 1), i32), TensorSpec((1,), i32), TensorSpec((2, 1, 1, 3), f32)]
+             + [TensorSpec(s, f32) for s in [(8,), (8,), (8, 10), (10,)]])
+    with pytest.raises(ValueError, match=r"greedy_decode_step: layers\[1\] w_in must be \(8, 16\) float32"):
+        Ir().create_graph(build, *specs)
 
 
 def test_decode_layer_names_a_mismatched_weight():

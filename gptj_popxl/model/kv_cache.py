@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
-from gptj_popxl.model.decode_kernels import can_decode_layer, decode_layer, greedy_head, streamed_matmul
+from gptj_popxl.model.decode_kernels import (can_decode_layer, decode_layer, greedy_decode_step, greedy_head,
+                                             streamed_matmul)
 from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, attend
 
 
@@ -81,6 +82,16 @@ class CachedDecoderBlock(DecoderBlock):
             a, k, v = self.attn(h, positions, mask)
             return a + self.mlp(h) + x, k, v
         return self.attn(h, positions, mask, k_cache, v_cache, write) + self.mlp(h) + x
+
+    # A layer's variables in decode_layer's argument order, by the names this block gives them.
+    DECODE_WEIGHTS = ("ln_1.weight", "ln_1.bias", "attn.qkv.weight", "mlp.fc_in.weight", "mlp.fc_in.bias",
+                      "attn.out.weight", "mlp.fc_out.weight", "mlp.fc_out.bias")
+
+    @classmethod
+    def decode_weights(cls, variables: addons.NamedTensors) -> Tuple[popxl.Tensor, ...]:
+        """A layer's variables (named as this block's build names them) in ``decode_layer``'s order."""
+        named = variables.to_dict()
+        return tuple(named[name] for name in cls.DECODE_WEIGHTS)
 
     def _decode_layer(self, x, positions, mask, k_cache, v_cache, write) -> popxl.Tensor:
         """This layer's decode step as one ``decode_layer`` op; the sub-modules' variables are declared
@@ -156,10 +167,24 @@ class CachedLM(GPTJLM):
         """As ``decode``, but the greedy next token of each row (batch,) int32, by one ``greedy_head`` op
         (``ln_f``, the LM head and the argmax; their variables declared as their own builds declare
         them). Only where ``can_decode_layer`` holds."""
+        n_embd, dtype, eps = self.config.n_embd, self.dtype, self.config.layer_norm_epsilon
+        if not self.offload:
+            return self._greedy_decode_step(token, position, mask, write, k_caches, v_caches)
         hidden = self._decode_hidden(token, position, mask, write, shard_offset, k_caches, v_caches)
-        n_embd, dtype = self.config.n_embd, hidden.dtype
-        return greedy_head(hidden, *self.ln_f.variables(n_embd, dtype), *self.lm_head.variables(n_embd, dtype),
-                           self.config.layer_norm_epsilon)
+        return greedy_head(hidden, *self.ln_f.variables(n_embd, dtype), *self.lm_head.variables(n_embd, dtype), eps)
+
+    def _greedy_decode_step(self, token, position, mask, write, k_caches, v_caches) -> popxl.Tensor:
+        """``decode_greedy`` with every layer resident, as one ``greedy_decode_step`` op; the variables are
+        declared as the modules' own builds declare them."""
+        n_embd, dtype, eps = self.config.n_embd, self.dtype, self.config.layer_norm_epsilon
+        block = CachedDecoderBlock(self.config, self.groups)
+        hidden = popxl.TensorSpec((token.shape[0], 1, n_embd), dtype)
+        facts, _ = block.create_graph(hidden, position, mask, k_caches[0], v_caches[0], write)
+        layers = [block.decode_weights(self._layer_variables(i, facts)) for i in range(self.config.n_layer)]
+        sin, cos = block.attn.trig_constants(popxl.float32)
+        return greedy_decode_step(token, self.embedding.word.variables(), layers, position, sin, cos, k_caches,
+                                  v_caches, write, mask, *self.ln_f.variables(n_embd, dtype),
+                                  *self.lm_head.variables(n_embd, dtype), eps)
 
     def _decode_hidden(self, token, position, mask, write, shard_offset, k_caches, v_caches) -> popxl.Tensor:
         """The last layer's hidden states (batch, 1, n_embd) of a decode step."""

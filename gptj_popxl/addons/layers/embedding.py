@@ -54,7 +54,11 @@ class Embedding(Module):
         offsets = Embedding.get_offsets(vocab_size, n_shards).reshape((n_shards,) + (1,) * indices.ndim)
         return (indices[None] - offsets).astype(indices.dtype)
 
+    def variables(self) -> popxl.Tensor:
+        """Declares the ``weight`` table shard (an addition to popxl-addons' class, for fused kernels that
+        take the layer's variables)."""
+        return self.add_variable_input("weight", partial(truncated_normal, (self.vocab_shard_size, self.hidden_size)),
+                                       self.dtype, replica_grouping=self.replica_grouping)
+
     def build(self, indices: popxl.Tensor) -> popxl.Tensor:
-        w = self.add_variable_input("weight", partial(truncated_normal, (self.vocab_shard_size, self.hidden_size)),
-                                    self.dtype, replica_grouping=self.replica_grouping)
-        return ops.gather(w, indices, axis=self.axis, zero_OOR=self.n_shards > 1)
+        return ops.gather(self.variables(), indices, axis=self.axis, zero_OOR=self.n_shards > 1)

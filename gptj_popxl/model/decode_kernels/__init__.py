@@ -23,13 +23,15 @@ import functools
 import os
 import time
 import weakref
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from gptj_popxl.backend import IS_CPU, custom_op, popxl
 
-__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "greedy_head", "can_decode_layer", "product_choices"]
+__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "greedy_head", "greedy_decode_step", "can_decode_layer",
+           "product_choices"]
 
 # Most rows of x given to the kernel; beyond, the product is compute-bound and plain BLAS (``ops.matmul``)
 # serves. Streaming won up to 64 rows on one machine measured (one thread, the benchmark model's 17
@@ -265,6 +267,47 @@ if IS_CPU:
             return product_ways(cls.name, kernel)
 
 
+    class GreedyDecodeStep(custom_op.CustomOp):
+        """A whole greedy decode step by the C++ kernel. Inputs: token, embedding, positions, sin, cos,
+        write, mask, ln_f's weight and bias, the LM head's weight and bias (``HEAD`` of them), then 8
+        weights per layer, then the key caches and the value caches, which it writes in place; outputs:
+        the first key cache and the next tokens (batch,)."""
+        name = "greedy_decode_step"
+        HEAD = 11
+
+        @classmethod
+        def modified_inputs(cls, op):
+            first = cls.HEAD + 8 * op.attrs["n_layer"]
+            return tuple(range(first, first + 2 * op.attrs["n_layer"]))
+
+        @staticmethod
+        def infer(*inputs, n_layer, eps):
+            return inputs[GreedyDecodeStep.HEAD + 8 * n_layer].spec, custom_op.spec((inputs[0].shape[0],), popxl.int32)
+
+        @classmethod
+        def lower(cls, op, runtime):
+            ext, eps, n_layer = extension(), op.attrs["eps"], op.attrs["n_layer"]
+            if runtime.replicas != 1:
+                raise ValueError("greedy_decode_step runs on one replica (no tensor parallelism)")
+            batch, cache_len = op.inputs[0].shape[0], op.inputs[6].shape[-1]
+            arrays = _ArrayViews()
+
+            def kernel(threads, blas):
+                def step(token, embedding, positions, sin, cos, write, mask, ln_weight, ln_bias, w, bias, *rest):
+                    weights, caches = rest[:8 * n_layer], rest[8 * n_layer:]
+                    tokens = np.empty((1, batch), np.int32)
+                    ext.greedy_decode_step(token.reshape(batch).contiguous().numpy(), arrays(embedding),
+                                           [arrays(t) for t in weights], positions.contiguous().numpy(),
+                                           arrays(sin), arrays(cos), [arrays(c) for c in caches[:n_layer]],
+                                           [arrays(c) for c in caches[n_layer:]], write.item(),
+                                           mask.reshape(batch, cache_len).contiguous().numpy(),
+                                           *map(arrays, (ln_weight, ln_bias, w, bias)), eps, tokens.reshape(batch),
+                                           threads, blas)
+                    return caches[0], torch.from_numpy(tokens)
+                return step
+            return product_ways(cls.name, kernel)
+
+
 def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
     """``x @ w`` for ``x`` (..., K) and a matrix ``w`` (K, N); streamed when ``x`` has at most
     ``MAX_ROWS`` rows of float32 on the CPU runtime (see the module documentation)."""
@@ -277,6 +320,36 @@ def can_decode_layer(dtype, tp: int) -> bool:
     """Whether :func:`decode_layer` and :func:`greedy_head` run for a model of ``dtype`` (a popxl
     dtype) with ``tp`` shards: float32, one shard, the CPU runtime."""
     return IS_CPU and dtype == popxl.float32 and tp == 1
+
+
+def _require(op: str, context: str, expected: dict) -> None:
+    """Raises naming the first tensor of ``expected`` (``{what: (tensor, shape[, dtype])}``, float32 by
+    default) whose shape or dtype is not as given; ``context`` says what the shapes follow from."""
+    for what, (t, shape, *dtype) in expected.items():
+        dtype = dtype[0] if dtype else popxl.float32
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise ValueError(f"{op}: {what} must be {tuple(shape)} {dtype.name} for {context}, got {t.name!r} "
+                             f"{tuple(t.shape)} {t.dtype.name}")
+
+
+def _layer_expected(n_embd: int, inner: int, weights, positions, sin, cos, k_cache, v_cache, write, mask) -> dict:
+    """What ``decode_layer`` requires of a layer's 8 weights and its step's tensors, for rows of
+    ``n_embd`` features, an MLP of ``inner`` and ``k_cache``'s shape."""
+    batch, heads, head_dim, cache_len = k_cache.shape
+    ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out = weights
+    rotary = sin.shape[-1]
+    return {"ln_weight": (ln_weight, (n_embd,)), "ln_bias": (ln_bias, (n_embd,)),
+            "w_qkv": (w_qkv, (n_embd, 3 * heads * head_dim)), "w_in": (w_in, (n_embd, inner)),
+            "b_in": (b_in, (inner,)), "w_out": (w_out, (heads * head_dim, n_embd)),
+            "w_fc_out": (w_fc_out, (inner, n_embd)), "b_fc_out": (b_fc_out, (n_embd,)),
+            "sin": (sin, (sin.shape[0], rotary)), "cos": (cos, tuple(sin.shape)),
+            "v_cache": (v_cache, (batch, heads, cache_len, head_dim)), "mask": (mask, (batch, 1, 1, cache_len)),
+            "positions": (positions, (batch, 1), popxl.int32), "write": (write, (1,), popxl.int32)}
+
+
+def _check_rotary(op: str, sin, head_dim: int) -> None:
+    if 2 * sin.shape[-1] > head_dim:
+        raise ValueError(f"{op}: rotary tables {tuple(sin.shape)} rotate more than head_dim {head_dim}")
 
 
 def decode_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor, w_qkv: popxl.Tensor,
@@ -293,24 +366,20 @@ def decode_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor
     ``write`` (1,) int32 takes the new key and value before the query attends; ``mask`` (batch, 1, 1,
     cache_len) additive. Returns the layer's output, ``x``'s shape.
     """
-    batch, heads, head_dim, cache_len = k_cache.shape
-    n_embd, inner, rotary = x.shape[-1], w_in.shape[-1], sin.shape[-1]
-    expected = {"x": (x, (batch, 1, n_embd)), "ln_weight": (ln_weight, (n_embd,)), "ln_bias": (ln_bias, (n_embd,)),
-                "w_qkv": (w_qkv, (n_embd, 3 * heads * head_dim)), "w_in": (w_in, (n_embd, inner)),
-                "b_in": (b_in, (inner,)), "w_out": (w_out, (heads * head_dim, n_embd)),
-                "w_fc_out": (w_fc_out, (inner, n_embd)), "b_fc_out": (b_fc_out, (n_embd,)),
-                "sin": (sin, (sin.shape[0], rotary)), "cos": (cos, tuple(sin.shape)),
-                "v_cache": (v_cache, (batch, heads, cache_len, head_dim)), "mask": (mask, (batch, 1, 1, cache_len)),
-                "positions": (positions, (batch, 1), popxl.int32), "write": (write, (1,), popxl.int32)}
-    for what, (t, shape, *dtype) in expected.items():
-        dtype = dtype[0] if dtype else popxl.float32
-        if tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(f"decode_layer: {what} must be {shape} {dtype.name} for x {tuple(x.shape)} and k_cache "
-                             f"{tuple(k_cache.shape)}, got {t.name!r} {tuple(t.shape)} {t.dtype.name}")
-    if 2 * rotary > head_dim:
-        raise ValueError(f"decode_layer: rotary tables {tuple(sin.shape)} rotate more than head_dim {head_dim}")
-    return DecodeLayer.create(x, ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, positions, sin, cos,
-                              k_cache, v_cache, write, mask, eps=float(eps), name="decode_layer")[1]
+    weights = (ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out)
+    n_embd = x.shape[-1]
+    expected = {"x": (x, (k_cache.shape[0], 1, n_embd)),
+                **_layer_expected(n_embd, w_in.shape[-1], weights, positions, sin, cos, k_cache, v_cache, write, mask)}
+    _require("decode_layer", f"x {tuple(x.shape)} and k_cache {tuple(k_cache.shape)}", expected)
+    _check_rotary("decode_layer", sin, k_cache.shape[2])
+    return DecodeLayer.create(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, eps=float(eps),
+                              name="decode_layer")[1]
+
+
+def _head_expected(n_embd: int, ln_weight, ln_bias, w, bias) -> dict:
+    vocab = w.shape[-1]
+    return {"ln_weight": (ln_weight, (n_embd,)), "ln_bias": (ln_bias, (n_embd,)), "w": (w, (n_embd, vocab)),
+            "bias": (bias, (vocab,))}
 
 
 def greedy_head(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor, w: popxl.Tensor, bias: popxl.Tensor,
@@ -318,11 +387,39 @@ def greedy_head(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor,
     """The greedy next token (batch,) int32 of each row of the final hidden states ``x`` (batch, ...,
     n_embd) float32: the first largest logit of ``layer_norm(x) @ w + bias`` (``ln_f`` and the LM head,
     ``w`` (n_embd, vocab)), as ``torch.argmax``; the logits are never stored."""
-    n_embd, vocab = x.shape[-1], w.shape[-1]
-    expected = {"ln_weight": (ln_weight, (n_embd,)), "ln_bias": (ln_bias, (n_embd,)), "w": (w, (n_embd, vocab)),
-                "bias": (bias, (vocab,)), "x": (x, tuple(x.shape))}
-    for what, (t, shape) in expected.items():
-        if tuple(t.shape) != shape or t.dtype != popxl.float32:
-            raise ValueError(f"greedy_head: {what} must be {shape} float32 for x {tuple(x.shape)} and w "
-                             f"{tuple(w.shape)}, got {t.name!r} {tuple(t.shape)} {t.dtype.name}")
+    expected = {**_head_expected(x.shape[-1], ln_weight, ln_bias, w, bias), "x": (x, tuple(x.shape))}
+    _require("greedy_head", f"x {tuple(x.shape)} and w {tuple(w.shape)}", expected)
     return GreedyHead.create(x, ln_weight, ln_bias, w, bias, eps=float(eps), name="greedy_token")
+
+
+def greedy_decode_step(token: popxl.Tensor, embedding: popxl.Tensor, layers: Sequence[Sequence[popxl.Tensor]],
+                       positions: popxl.Tensor, sin: popxl.Tensor, cos: popxl.Tensor,
+                       k_caches: Sequence[popxl.Tensor], v_caches: Sequence[popxl.Tensor], write: popxl.Tensor,
+                       mask: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor, w: popxl.Tensor,
+                       bias: popxl.Tensor, eps: float) -> popxl.Tensor:
+    """A whole greedy decode step in one op: each row's ``token`` (batch, 1) int32 looked up in
+    ``embedding`` (vocab, n_embd) (clamped into range, as ``ops.gather``), every layer in turn as
+    :func:`decode_layer` (``layers``: each layer's 8 weights in its argument order; its caches
+    ``k_caches[i]``, ``v_caches[i]`` written in place), then :func:`greedy_head` (``ln_weight``,
+    ``ln_bias``, ``w``, ``bias``). Returns the next tokens (batch,) int32. Saves the calls between the
+    kernels, a fifth of a step's time on the benchmark model."""
+    n_embd = embedding.shape[-1]
+    if not layers or len(k_caches) != len(layers) or len(v_caches) != len(layers):
+        raise ValueError(f"greedy_decode_step: one key and one value cache per layer, got {len(layers)} layers, "
+                         f"{len(k_caches)} key and {len(v_caches)} value caches")
+    context = f"embedding {tuple(embedding.shape)} and k_caches[0] {tuple(k_caches[0].shape)}"
+    expected = {"token": (token, (k_caches[0].shape[0], 1), popxl.int32), "embedding": (embedding, tuple(embedding.shape)),
+                **_head_expected(n_embd, ln_weight, ln_bias, w, bias)}
+    _require("greedy_decode_step", context, expected)
+    if any(len(weights) != 8 for weights in layers):
+        raise ValueError(f"greedy_decode_step: every layer must have 8 weights, got {[len(w) for w in layers]}")
+    inner = layers[0][3].shape[-1]
+    for i, (weights, k_cache, v_cache) in enumerate(zip(layers, k_caches, v_caches)):
+        expected = {f"layers[{i}] {what}": e for what, e in _layer_expected(
+            n_embd, inner, weights, positions, sin, cos, k_cache, v_cache, write, mask).items()}
+        expected[f"k_caches[{i}]"] = (k_cache, tuple(k_caches[0].shape))
+        _require("greedy_decode_step", context, expected)
+    _check_rotary("greedy_decode_step", sin, k_caches[0].shape[2])
+    return GreedyDecodeStep.create(token, embedding, positions, sin, cos, write, mask, ln_weight, ln_bias, w, bias,
+                                   *[t for weights in layers for t in weights], *k_caches, *v_caches,
+                                   n_layer=len(layers), eps=float(eps), name="greedy_decode_step")[1]

@@ -11,9 +11,11 @@ cfg['dependencies'] = ['work_team.h', 'streamed_matmul.h', 'decode_attention.h',
 // folder, __init__.py, load it). Takes numpy arrays; torch tensors pass theirs via .numpy().
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "decode_layer.h"
 #include "streamed_matmul.h"
@@ -86,67 +88,135 @@ void matmul(const py::array& x, const py::array& w, py::array& out, int num_thre
     products(num_threads, blas)(xs, M, K, ws, N, ys);
 }
 
+const float* floats(const py::array& a) { return static_cast<const float*>(a.data()); }
+float* floats(py::array& a) { return static_cast<float*>(a.mutable_data()); }
+
+// A layer's 8 weights (ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out), checked
+// against the step's sizes.
+gptj_decode::LayerWeights layer_weights(const py::array* w, int64_t E, int64_t H, int64_t D, int64_t I) {
+    require_floats("ln_weight", w[0], {E});
+    require_floats("ln_bias", w[1], {E});
+    require_floats("w_qkv", w[2], {E, 3 * H * D});
+    require_floats("w_in", w[3], {E, I});
+    require_floats("b_in", w[4], {I});
+    require_floats("w_out", w[5], {H * D, E});
+    require_floats("w_fc_out", w[6], {I, E});
+    require_floats("b_fc_out", w[7], {E});
+    return {floats(w[0]), floats(w[1]), floats(w[2]), floats(w[3]),
+            floats(w[4]), floats(w[5]), floats(w[6]), floats(w[7])};
+}
+
+// The sizes of a decode step, from the (first) layer's caches, weights and rotary tables.
+struct StepSizes {
+    int64_t B, H, D, C, E, I, P, half;
+};
+
+// Checks what every layer of a step shares (positions, rotary tables, mask, write column) and one
+// layer's caches; returns the positions.
+const int32_t* check_step(const StepSizes& n, py::array& k_cache, py::array& v_cache, const py::array& positions,
+                          const py::array& sin, const py::array& cos, int64_t write, const py::array& mask) {
+    require_floats("k_cache", k_cache, {n.B, n.H, n.D, n.C});
+    require_floats("v_cache", v_cache, {n.B, n.H, n.C, n.D});
+    require(k_cache.writeable() && v_cache.writeable(), "k_cache and v_cache must be writeable");
+    require_floats("sin", sin, {n.P, n.half});
+    require_floats("cos", cos, {n.P, n.half});
+    require_floats("mask", mask, {n.B, n.C});
+    require(2 * n.half <= n.D, "rotary_dim " + std::to_string(2 * n.half) + " exceeds head_dim " + std::to_string(n.D));
+    require(write >= 0 && write < n.C, "write column " + std::to_string(write) + " outside the cache's " +
+                                           std::to_string(n.C) + " columns");
+    require(positions.dtype().is(py::dtype::of<int32_t>()) && (positions.flags() & py::array::c_style) &&
+                positions.size() == n.B,
+            "positions must be " + std::to_string(n.B) + " contiguous int32 values, got " + shape_of(positions));
+    const auto* p = static_cast<const int32_t*>(positions.data());
+    for (int64_t b = 0; b < n.B; ++b)
+        if (p[b] < 0 || p[b] >= n.P)
+            throw py::index_error("position " + std::to_string(p[b]) + " of row " + std::to_string(b) +
+                                  " outside the rotary tables' " + std::to_string(n.P) + " rows");
+    return p;
+}
+
+// B int32 values in a C-contiguous array that `writeable` says may be written.
+int32_t* int32s(const char* name, const py::array& a, int64_t B, bool writeable) {
+    require(a.dtype().is(py::dtype::of<int32_t>()) && (a.flags() & py::array::c_style) && a.size() == B &&
+                (!writeable || a.writeable()),
+            std::string(name) + " must be " + std::to_string(B) + (writeable ? " writeable" : "") +
+                " contiguous int32 values, got " + shape_of(a));
+    return static_cast<int32_t*>(const_cast<void*>(a.data()));
+}
+
+// The LayerNorm and LM head of a greedy head, checked; returns the vocabulary size.
+int64_t check_head(int64_t E, const py::array& ln_weight, const py::array& ln_bias, const py::array& w,
+                   const py::array& bias) {
+    const int64_t V = dim(w, -1);
+    require_floats("ln_weight", ln_weight, {E});
+    require_floats("ln_bias", ln_bias, {E});
+    require_floats("w", w, {E, V});
+    require_floats("bias", bias, {V});
+    require(V > 0, "the LM head has no columns");
+    return V;
+}
+
 void decode_layer(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w_qkv,
                   const py::array& w_in, const py::array& b_in, const py::array& w_out, const py::array& w_fc_out,
                   const py::array& b_fc_out, const py::array& positions, const py::array& sin, const py::array& cos,
                   py::array& k_cache, py::array& v_cache, int64_t write, const py::array& mask, float eps,
                   py::array& x_next, int num_threads, uintptr_t blas) {
-    const int64_t B = dim(k_cache, -4), H = dim(k_cache, -3), D = dim(k_cache, -2), C = dim(k_cache, -1);
-    const int64_t E = dim(x, -1), I = dim(w_in, -1), P = dim(sin, -2), half = dim(sin, -1);
-    require_floats("x", x, {B, E});
-    require_floats("ln_weight", ln_weight, {E});
-    require_floats("ln_bias", ln_bias, {E});
-    require_floats("w_qkv", w_qkv, {E, 3 * H * D});
-    require_floats("w_in", w_in, {E, I});
-    require_floats("b_in", b_in, {I});
-    require_floats("w_out", w_out, {H * D, E});
-    require_floats("w_fc_out", w_fc_out, {I, E});
-    require_floats("b_fc_out", b_fc_out, {E});
-    require_floats("k_cache", k_cache, {B, H, D, C});
-    require_floats("v_cache", v_cache, {B, H, C, D});
-    require_floats("sin", sin, {P, half});
-    require_floats("cos", cos, {P, half});
-    require_floats("mask", mask, {B, C});
-    require_floats("x_next", x_next, {B, E});
-    require(k_cache.writeable() && v_cache.writeable() && x_next.writeable(),
-            "k_cache, v_cache and x_next must be writeable");
-    require(2 * half <= D, "rotary_dim " + std::to_string(2 * half) + " exceeds head_dim " + std::to_string(D));
-    require(write >= 0 && write < C, "write column " + std::to_string(write) + " outside the cache's " +
-                                         std::to_string(C) + " columns");
-    require(positions.dtype().is(py::dtype::of<int32_t>()) && (positions.flags() & py::array::c_style) &&
-                positions.size() == B,
-            "positions must be " + std::to_string(B) + " contiguous int32 values, got " + shape_of(positions));
-    const auto* p = static_cast<const int32_t*>(positions.data());
-    for (int64_t b = 0; b < B; ++b)
-        if (p[b] < 0 || p[b] >= P)
-            throw py::index_error("position " + std::to_string(p[b]) + " of row " + std::to_string(b) +
-                                  " outside the rotary tables' " + std::to_string(P) + " rows");
-    auto f = [](const py::array& a) { return static_cast<const float*>(a.data()); };
-    auto g = [](py::array& a) { return static_cast<float*>(a.mutable_data()); };
-    const gptj_decode::LayerWeights weights{f(ln_weight), f(ln_bias), f(w_qkv),    f(w_in),
-                                            f(b_in),      f(w_out),   f(w_fc_out), f(b_fc_out)};
+    const StepSizes n{dim(k_cache, -4), dim(k_cache, -3), dim(k_cache, -2), dim(k_cache, -1),
+                      dim(x, -1),       dim(w_in, -1),    dim(sin, -2),     dim(sin, -1)};
+    const py::array weights[] = {ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out};
+    const auto layer = layer_weights(weights, n.E, n.H, n.D, n.I);
+    const int32_t* p = check_step(n, k_cache, v_cache, positions, sin, cos, write, mask);
+    require_floats("x", x, {n.B, n.E});
+    require_floats("x_next", x_next, {n.B, n.E});
+    require(x_next.writeable(), "x_next must be writeable");
     py::gil_scoped_release release;
-    gptj_decode::decode_layer(f(x), B, E, H, D, I, eps, weights, p, f(sin), f(cos), 2 * half, g(k_cache), g(v_cache), C,
-                              write, f(mask), products(num_threads, blas), g(x_next));
+    gptj_decode::decode_layer(floats(x), n.B, n.E, n.H, n.D, n.I, eps, layer, p, floats(sin), floats(cos), 2 * n.half,
+                              floats(k_cache), floats(v_cache), n.C, write, floats(mask), products(num_threads, blas),
+                              floats(x_next));
 }
 
 void greedy_head(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w,
                  const py::array& bias, float eps, py::array& tokens, int num_threads, uintptr_t blas) {
-    const int64_t E = dim(w, -2), V = dim(w, -1), B = E ? x.size() / E : 0;
+    const int64_t E = dim(w, -2), B = E ? x.size() / E : 0;
+    const int64_t V = check_head(E, ln_weight, ln_bias, w, bias);
     require_floats("x", x, {B, E});
-    require_floats("ln_weight", ln_weight, {E});
-    require_floats("ln_bias", ln_bias, {E});
-    require_floats("w", w, {E, V});
-    require_floats("bias", bias, {V});
-    require(V > 0 && tokens.dtype().is(py::dtype::of<int32_t>()) && (tokens.flags() & py::array::c_style) &&
-                tokens.size() == B && tokens.writeable(),
-            "tokens must be " + std::to_string(B) + " writeable contiguous int32 values for " + std::to_string(V) +
-                " logits per row, got " + shape_of(tokens));
-    auto f = [](const py::array& a) { return static_cast<const float*>(a.data()); };
-    auto* out = static_cast<int32_t*>(tokens.mutable_data());
+    int32_t* out = int32s("tokens", tokens, B, true);
     py::gil_scoped_release release;
-    gptj_decode::greedy_head(f(x), B, E, V, eps, f(ln_weight), f(ln_bias), f(w), f(bias), products(num_threads, blas),
-                              out);
+    gptj_decode::greedy_head(floats(x), B, E, V, eps, floats(ln_weight), floats(ln_bias), floats(w), floats(bias),
+                             products(num_threads, blas), out);
+}
+
+void greedy_decode_step(const py::array& tokens, const py::array& embedding, const std::vector<py::array>& weights,
+                        const py::array& positions, const py::array& sin, const py::array& cos,
+                        std::vector<py::array>& k_caches, std::vector<py::array>& v_caches, int64_t write,
+                        const py::array& mask, const py::array& ln_weight, const py::array& ln_bias,
+                        const py::array& w, const py::array& bias, float eps, py::array& next, int num_threads,
+                        uintptr_t blas) {
+    const size_t L = k_caches.size();
+    require(L > 0 && v_caches.size() == L && weights.size() == 8 * L,
+            "greedy_decode_step takes 8 weights and a key and a value cache per layer, got " +
+                std::to_string(weights.size()) + " weights, " + std::to_string(L) + " key and " +
+                std::to_string(v_caches.size()) + " value caches");
+    const StepSizes n{dim(k_caches[0], -4), dim(k_caches[0], -3), dim(k_caches[0], -2), dim(k_caches[0], -1),
+                      dim(embedding, -1),   dim(weights[3], -1),  dim(sin, -2),         dim(sin, -1)};
+    const int64_t V = dim(embedding, -2), vocab = check_head(n.E, ln_weight, ln_bias, w, bias);
+    require_floats("embedding", embedding, {V, n.E});
+    require(V > 0, "the embedding table has no rows");
+    std::vector<gptj_decode::LayerWeights> layers;
+    std::vector<float*> keys, values;
+    const int32_t* p = nullptr;
+    for (size_t l = 0; l < L; ++l) {
+        layers.push_back(layer_weights(&weights[8 * l], n.E, n.H, n.D, n.I));
+        p = check_step(n, k_caches[l], v_caches[l], positions, sin, cos, write, mask);
+        keys.push_back(floats(k_caches[l]));
+        values.push_back(floats(v_caches[l]));
+    }
+    const int32_t* ids = int32s("tokens", tokens, n.B, false);
+    int32_t* out = int32s("next", next, n.B, true);
+    py::gil_scoped_release release;
+    gptj_decode::greedy_decode_step(ids, floats(embedding), V, n.B, n.E, n.H, n.D, n.I, eps, layers, p, floats(sin),
+                                    floats(cos), 2 * n.half, keys, values, n.C, write, floats(mask), floats(ln_weight),
+                                    floats(ln_bias), floats(w), floats(bias), vocab, products(num_threads, blas), out);
 }
 
 }  // namespace
@@ -166,6 +236,12 @@ PYBIND11_MODULE(decode_kernels, m) {
           "One decoder layer of a decode step (see decode_layer.h), its products by the sgemm at address blas "
           "(Fortran interface) or, when 0, streamed on num_threads threads: writes the new key and value into the caches at "
           "column `write` and the layer's output into x_next (batch, n_embd).");
+    m.def("greedy_decode_step", &greedy_decode_step, py::arg("tokens"), py::arg("embedding"), py::arg("weights"),
+          py::arg("positions"), py::arg("sin"), py::arg("cos"), py::arg("k_caches"), py::arg("v_caches"),
+          py::arg("write"), py::arg("mask"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w"), py::arg("bias"),
+          py::arg("eps"), py::arg("next"), py::arg("num_threads") = 1, py::arg("blas") = 0,
+          "A whole greedy decode step (see decode_layer.h): tokens (batch,) embedded, every layer (8 weights each, "
+          "as decode_layer's, and its caches, written at column `write`), then the greedy head into next (batch,).");
     m.def("greedy_head", &greedy_head, py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w"),
           py::arg("bias"), py::arg("eps"), py::arg("tokens"), py::arg("num_threads") = 1, py::arg("blas") = 0,
           "Writes into tokens (batch,) int32 each row's first largest logit of layer_norm(x) @ w + bias (the product "

@@ -9,6 +9,7 @@
 // streaming each weight once: streamed_matmul.h); the caches are as decode_attention.h's.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -113,6 +114,29 @@ inline void greedy_head(const float* x, int64_t B, int64_t E, int64_t V, float e
         }
         tokens[r] = int32_t(best);
     }
+}
+
+// A whole greedy decode step for one new token per row: each row's token (B) looked up in `embedding`
+// (V, E) (clamped into range, as the graph's gather), every layer of `layers` in turn over its caches
+// (decode_layer), then greedy_head, whose tokens go to `next` (B).
+inline void greedy_decode_step(const int32_t* tokens, const float* embedding, int64_t V, int64_t B, int64_t E,
+                               int64_t H, int64_t D, int64_t I, float eps, const std::vector<LayerWeights>& layers,
+                               const int32_t* positions, const float* sin, const float* cos, int64_t rotary_dim,
+                               const std::vector<float*>& k_caches, const std::vector<float*>& v_caches, int64_t C,
+                               int64_t write, const float* mask, const float* ln_f_weight, const float* ln_f_bias,
+                               const float* lm_weight, const float* lm_bias, int64_t vocab,
+                               const gptj_streamed::Products& products, int32_t* next) {
+    std::vector<float> x(B * E), x_next(B * E);
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = std::min<int64_t>(std::max<int64_t>(tokens[b], 0), V - 1);
+        std::copy(embedding + row * E, embedding + (row + 1) * E, x.data() + b * E);
+    }
+    for (size_t l = 0; l < layers.size(); ++l) {
+        decode_layer(x.data(), B, E, H, D, I, eps, layers[l], positions, sin, cos, rotary_dim, k_caches[l],
+                     v_caches[l], C, write, mask, products, x_next.data());
+        x.swap(x_next);
+    }
+    greedy_head(x.data(), B, E, vocab, eps, ln_f_weight, ln_f_bias, lm_weight, lm_bias, products, next);
 }
 
 }  // namespace gptj_decode

@@ -123,7 +123,8 @@ def test_bench_json_of_tiny(tmp_path, capsys):
         assert ratio == pytest.approx(result["ours"][key] / result["transformers"][key])
     # Tensor parallel decodes with streamed_matmul (decode_layer and greedy_head need one shard).
     ways = result["decode_products"]["streamed_matmul"]
-    assert set(ways) <= {"trying", "blas", "streamed on 1 thread", "streamed on 2 threads"} and sum(ways.values()) > 0
+    streamed = {f"streamed on {n} thread{'s' * (n > 1)}" for n in (1, torch.get_num_threads())}
+    assert set(ways) <= {"blas", *streamed} and sum(ways.values()) > 0  # settled before the timed calls
     assert "train" in capsys.readouterr().out
 
 

@@ -10,9 +10,11 @@ is never copied); a refilled row's prompt fills the columns just before it, and 
 which columns each row attends to.
 
 Every linear layer here multiplies with ``streamed_matmul``: a decode step has one row per
-sequence, and that kernel reads each weight once for all rows (larger products stay
-``ops.matmul``). On the CPU runtime a float32 decode step on one shard runs each layer as one
-``decode_layer`` op (``decode_kernels``), which also writes the new key and value into the caches.
+sequence, and that op forms few-row products by BLAS or by reading each weight once for all rows,
+whichever it timed faster (larger products stay ``ops.matmul``). On the CPU runtime a float32
+decode step on one shard runs each layer as one ``decode_layer`` op (``decode_kernels``), which also
+writes the new key and value into the caches; a greedy one with every layer resident runs as one
+``greedy_decode_step`` op.
 
 Masks are additive float32 ``(batch, 1, queries, keys)``: 0 where a query may attend, the
 float32 minimum where not (never summed, so fully masked rows stay finite).

@@ -28,7 +28,7 @@ sharded (``addons.rts``): a backward phase reduce-scatters each gradient over th
 (tensors identical on every replica: all-reduce, then each replica's slice of all replicas), the
 optimizer phase updates the replica's shard and all-gathers the new weights.
 """
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Set
 
 import numpy as np
 
@@ -65,6 +65,8 @@ class _Stage:
         self.variables: Dict[str, Dict[str, popxl.Tensor]] = {kind: {} for kind in self.KINDS}
         self.sharded: Dict[str, bool] = {}
         self.shard_group: Dict[str, Optional[popxl.ReplicaGrouping]] = {}
+        # The gradients that accumulate in their buffer's entry itself (set by the backward phase).
+        self.accumulated_in_entry: Set[str] = set()
         ir = popxl.gcg().ir
         for name, f in facts.to_dict().items():
             grouping = f.replica_grouping if f.replica_grouping is not None else ir.replica_grouping()
@@ -159,6 +161,7 @@ class _Builder:
             facts = accum_facts.to_dict()
             in_buffer = {"accum." + key: key for key in stage.names
                          if stage.shard_group[key] is None and facts["accum." + key].dtype == F32}
+            stage.accumulated_in_entry = set(in_buffer.values())
             accums = addons.NamedVariableFactories.from_dict(
                 {k: f for k, f in facts.items() if k not in in_buffer}).init_zero().to_dict()
             accums.update({k: ops.remote_load(stage.buffers["grads"][key], entry, f"grads.{key}")
@@ -200,10 +203,11 @@ class _Builder:
                               self.constants, decays(stage.prefixes[0] + key), finite) for key in stage.names}
             if finite is not None:
                 # A skipped step's gradients hold infinities or NaN. The next step's backward restarts its
-                # running mean on this entry, which (as PopART computes it) multiplies the old value by 0:
-                # the entry must be finite.
+                # running mean on the entries it accumulates in, which (as PopART computes it) multiplies
+                # the old value by 0: those entries must be finite (a pass and a fresh tensor each).
                 zero = popxl.constant(0.0, F32, "zero")
-                scaled = {key: ops.where(finite, g, zero) for key, g in scaled.items()}
+                scaled = {key: ops.where(finite, g, zero) if key in stage.accumulated_in_entry else g
+                          for key, g in scaled.items()}
             stage.store("grads", entry, scaled)
             if keep_master:
                 stage.store("master", entry, {k: v[0] for k, v in new.items()})

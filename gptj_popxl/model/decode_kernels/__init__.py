@@ -10,6 +10,8 @@
   (LayerNorm, the products formed as above, rotary embedding, cache write, attention, GELU,
   residual) in one op instead of some thirty small ones.
 - ``greedy_head(...)``: ``ln_f``, the LM head and the argmax of a greedy decode step in one op.
+- ``greedy_decode_step(...)``: a whole greedy decode step with every layer resident (the embedding
+  lookup, every ``decode_layer``, ``greedy_head``) in one op.
 
 On the CPU runtime these are custom ops (``gptj_popxl.backend.custom_op``) whose kernels are the C++
 in ``streamed_matmul.h``, ``decode_attention.h`` and ``decode_layer.h``, bound by ``decode_kernels.cpp`` and compiled
@@ -49,7 +51,8 @@ PRODUCTS_VARIABLE = "GPTJ_POPXL_PRODUCTS"
 @functools.lru_cache(maxsize=None)
 def blas_sgemm() -> int:
     """The address of the BLAS ``sgemm_`` (Fortran interface) that torch's CPU build carries (MKL),
-    or 0 where torch exports none or it does not give a known product (checked once)."""
+    or 0 where torch exports none or it does not give a known product (checked once). torch links
+    MKL's LP64 interface (32-bit sizes), which the kernels' ``FortranSgemm`` declares."""
     library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
     try:
         sgemm = ctypes.CDLL(library).sgemm_
@@ -73,13 +76,20 @@ class Fastest:
     one 2-core VM streaming a decode step's weights on one thread beat MKL (1.4 against 2.2 ms for
     the benchmark model's 17 products), on another MKL on two threads beat every streamed variant
     (0.9 against 1.5 ms). ``fixed`` (a name) skips the trials.
+
+    The ways round differently, so while an op tries them its results may differ in the last bits
+    from one call to the next, and the way kept may differ between processes: fix it (``fixed``,
+    ``PRODUCTS_VARIABLE``) for bit-for-bit repeatable runs. Calls must come from one thread at a time,
+    as a session runs them.
     """
     TRIALS = 3
 
     def __init__(self, ways: dict, fixed: str = None):
         self.ways, self.times = ways, {name: [] for name in ways}
-        self.chosen = fixed if fixed is not None or len(ways) > 1 else next(iter(ways))
-        self._run = ways[self.chosen] if self.chosen is not None else None
+        if fixed is None and len(ways) == 1:
+            fixed = next(iter(ways))
+        self.chosen = fixed
+        self._run = ways[fixed] if fixed is not None else None
         self._calls = 0
 
     def __call__(self, *args):
@@ -108,8 +118,9 @@ def product_ways(op_name: str, kernel) -> "Fastest":
     on torch's count."""
     threads = torch.get_num_threads()
     streamed = {f"streamed on {n} thread{'s' * (n > 1)}": kernel(n, 0) for n in sorted({1, threads})}
-    ways = dict(streamed, **({"blas": kernel(threads, blas_sgemm())} if blas_sgemm() else {}))
     wanted = os.environ.get(PRODUCTS_VARIABLE)
+    blas = blas_sgemm() if wanted != "streamed" else 0
+    ways = dict(streamed, **({"blas": kernel(threads, blas)} if blas else {}))
     if wanted is None:
         chooser = Fastest(ways)
     elif wanted == "streamed":
@@ -309,8 +320,9 @@ if IS_CPU:
 
 
 def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
-    """``x @ w`` for ``x`` (..., K) and a matrix ``w`` (K, N); streamed when ``x`` has at most
-    ``MAX_ROWS`` rows of float32 on the CPU runtime (see the module documentation)."""
+    """``x @ w`` for ``x`` (..., K) and a matrix ``w`` (K, N); by the C++ kernel (BLAS or streamed, as
+    timed fastest) when ``x`` has at most ``MAX_ROWS`` rows of float32 on the CPU runtime (see the
+    module documentation)."""
     if not IS_CPU or _rows(x) > MAX_ROWS or x.dtype != popxl.float32 or w.dtype != popxl.float32:
         return x @ w
     return StreamedMatMul.create(x, w, name="product")

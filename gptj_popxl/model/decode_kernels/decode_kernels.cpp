@@ -76,7 +76,9 @@ void matmul(const py::array& x, const py::array& w, py::array& out, int num_thre
                         w.shape(w.ndim() - 2) == x.shape(x.ndim() - 1) &&
                         w.size() == w.shape(w.ndim() - 2) * w.shape(w.ndim() - 1) && out.writeable();
     const int64_t K = shapes ? x.shape(x.ndim() - 1) : 0, N = shapes ? w.shape(w.ndim() - 1) : 0;
-    const int64_t M = K ? x.size() / K : 0;
+    int64_t M = 1;  // the rows: x's leading axes (x may have no columns)
+    for (py::ssize_t i = 0; i + 1 < x.ndim(); ++i)
+        M *= x.shape(i);
     if (!shapes || out.size() != M * N)
         throw py::value_error("matmul: x (..., K), w (K, N) and a writeable out of (..., N) must be "
                               "C-contiguous float32 and agree, got x " + shape_of(x) + ", w " + shape_of(w) +

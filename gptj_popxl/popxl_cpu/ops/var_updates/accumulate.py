@@ -91,8 +91,9 @@ def _add_scaled_square(t, x, f):
 
 
 def _accumulate_mean(t, x, step):
-    # t + (x - t) / (step + 1) in one pass. At step 0 torch's lerp computes x - (x - t) * 0: exactly x
-    # where t is finite and NaN where it is not, as PopART's (step / (step + 1)) t + x / (step + 1).
+    # t + (x - t) / (step + 1) in one pass. At step 0 torch's lerp computes x - (x - t) * 0: x where t is
+    # finite and NaN where it is not, as PopART's (step / (step + 1)) t + x / (step + 1); unlike PopART
+    # also NaN where x - t overflows (float32 values beyond half the largest float).
     return t.lerp_(x, 1 / (step + 1))
 
 
@@ -138,7 +139,8 @@ def accumulate_mean_(t: Tensor, X: Tensor, step: Factor) -> Tensor:
 
     ``step`` is the number of values accumulated so far; the op does not increment it. At step 0
     ``t`` becomes ``X`` where it held a finite value and NaN where it held an infinity or NaN (``0 * t``
-    is NaN there), as on the IPU: a restarted mean needs no zeroing only if ``t`` is finite.
+    is NaN there), as on the IPU: a restarted mean needs no zeroing only if ``t`` is finite. (Here, not
+    on the IPU, also NaN where ``X - t`` overflows: float32 values beyond half the largest float.)
     """
     return _accumulate(AccumulateMean, t, X, step, "accumulate_mean_")
 

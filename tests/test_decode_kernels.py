@@ -95,6 +95,16 @@ def test_fastest_keeps_the_way_with_the_least_median_time():
     assert results == [2 * i for i in range(3 * block + 5)]  # the trials' results are the op's
     assert ran == ["slow"] * block + ["fast"] * block + ["slower"] * block + ["fast"] * 5
     assert fastest.chosen == "fast"
+    # Ops sharing decisions: a second one takes the first's choice, even in the middle of its trials.
+    decisions, ran[:] = {}, []
+    first = Fastest({"slow": way("slow", 0.004), "fast": way("fast", 0.0)}, decisions=decisions, key="k")
+    second = Fastest({"slow": way("slow", 0.004), "fast": way("fast", 0.0)}, decisions=decisions, key="k")
+    second(0)
+    for i in range(2 * block):
+        first(i)
+    assert decisions == {"k": "fast"} and first.chosen == "fast"
+    ran.clear()
+    assert second(3) == 6 and second.chosen == "fast" and ran == ["fast"]
     fixed = Fastest({"slow": way("slow", 0.004), "fast": way("fast", 0.0)}, fixed="slow")
     ran.clear()
     assert [fixed(i) for i in range(3)] == [0, 2, 4] and ran == ["slow"] * 3
@@ -200,7 +210,7 @@ def test_greedy_decode_step_matches_torch(products):
         np.testing.assert_allclose(outs[1 + i], k.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(outs[1 + n_layer + i], v.numpy(), rtol=1e-4, atol=1e-4)
     h = torch.nn.functional.layer_norm(x, (n_embd,), t(head[0]), t(head[1]), 1e-5)
-    np.testing.assert_array_equal(outs[0], torch.argmax(h @ t(head[2]) + t(head[3]), dim=-1).numpy())
+    np.testing.assert_array_equal(outs[0], torch.argmax(h @ t(head[2]) + t(head[3]), dim=-1)[:, None].numpy())
 
 
 def test_greedy_decode_step_names_a_mismatched_layer_weight():

@@ -166,9 +166,10 @@ class CachedLM(GPTJLM):
     def decode_greedy(self, token: popxl.Tensor, position: popxl.Tensor, mask: popxl.Tensor, write: popxl.Tensor,
                       shard_offset: popxl.Tensor, k_caches: Sequence[popxl.Tensor],
                       v_caches: Sequence[popxl.Tensor]) -> popxl.Tensor:
-        """As ``decode``, but the greedy next token of each row (batch,) int32, by one ``greedy_head`` op
-        (``ln_f``, the LM head and the argmax; their variables declared as their own builds declare
-        them). Only where ``can_decode_layer`` holds."""
+        """As ``decode``, but the greedy next token of each row, int32: (batch, 1) by one
+        ``greedy_decode_step`` op with every layer resident, else (batch,) by the layers then one
+        ``greedy_head`` op (``ln_f``, the LM head and the argmax; their variables declared as their own
+        builds declare them). Only where ``can_decode_layer`` holds."""
         n_embd, dtype, eps = self.config.n_embd, self.dtype, self.config.layer_norm_epsilon
         if not self.offload:
             return self._greedy_decode_step(token, position, mask, write, k_caches, v_caches)

@@ -75,7 +75,9 @@ class Fastest:
     way with the least median time then serves every later call. The choice is the machine's: on
     one 2-core VM streaming a decode step's weights on one thread beat MKL (1.4 against 2.2 ms for
     the benchmark model's 17 products), on another MKL on two threads beat every streamed variant
-    (0.9 against 1.5 ms). ``fixed`` (a name) skips the trials.
+    (0.9 against 1.5 ms). ``fixed`` (a name) skips the trials. ``decisions`` (a dict shared by ops
+    that run the same work, with this op's ``key`` in it) takes the way another op chose, even in
+    the middle of the trials, and gets this op's choice.
 
     The ways round differently, so while an op tries them its results may differ in the last bits
     from one call to the next, and the way kept may differ between processes: fix it (``fixed``,
@@ -84,8 +86,9 @@ class Fastest:
     """
     TRIALS = 3
 
-    def __init__(self, ways: dict, fixed: str = None):
+    def __init__(self, ways: dict, fixed: str = None, decisions: dict = None, key=None):
         self.ways, self.times = ways, {name: [] for name in ways}
+        self._decisions, self._key = decisions, key
         if fixed is None and len(ways) == 1:
             fixed = next(iter(ways))
         self.chosen = fixed
@@ -94,6 +97,10 @@ class Fastest:
 
     def __call__(self, *args):
         if self._run is not None:
+            return self._run(*args)
+        if self._decisions is not None and self._key in self._decisions:
+            self.chosen = self._decisions[self._key]
+            self._run = self.ways[self.chosen]
             return self._run(*args)
         name, position = list(self.ways)[self._calls // (1 + self.TRIALS)], self._calls % (1 + self.TRIALS)
         self._calls += 1
@@ -104,25 +111,34 @@ class Fastest:
         if self._calls == len(self.ways) * (1 + self.TRIALS):
             self.chosen = min(self.times, key=lambda n: np.median(self.times[n]))
             self._run = self.ways[self.chosen]
+            if self._decisions is not None:
+                self._decisions[self._key] = self.chosen
         return result
 
 
 # Every live op's ``Fastest``, by op name: what ``product_choices`` reports.
 _CHOOSERS: "weakref.WeakKeyDictionary[Fastest, str]" = weakref.WeakKeyDictionary()
+# The way chosen for each (op name, input shapes, replicas, thread count) in this process: ops doing the same
+# work, in this program or a later one, take it instead of trying the ways again.
+_DECISIONS: dict = {}
 
 
-def product_ways(op_name: str, kernel) -> "Fastest":
-    """A ``Fastest`` over the ways an op (``op_name``) can form its products: ``kernel(threads, blas)``
-    gives the op's callable for ``threads`` streaming threads, or for the sgemm at address ``blas``
-    when nonzero. The ways are BLAS (where ``blas_sgemm`` finds it) and streaming on one thread and
-    on torch's count."""
+def product_ways(op, runtime, kernel) -> "Fastest":
+    """A ``Fastest`` over the ways ``op`` (a decode custom op lowered for ``runtime``) can form its
+    products: ``kernel(threads,
+    blas)`` gives the op's callable for ``threads`` streaming threads, or for the sgemm at address
+    ``blas`` when nonzero. The ways are BLAS (where ``blas_sgemm`` finds it) and streaming on one
+    thread and on torch's count. Ops with the same name, input shapes, replicas and thread count
+    share one decision per process."""
+    op_name = op.prim.name
     threads = torch.get_num_threads()
     streamed = {f"streamed on {n} thread{'s' * (n > 1)}": kernel(n, 0) for n in sorted({1, threads})}
     wanted = os.environ.get(PRODUCTS_VARIABLE)
     blas = blas_sgemm() if wanted != "streamed" else 0
     ways = dict(streamed, **({"blas": kernel(threads, blas)} if blas else {}))
     if wanted is None:
-        chooser = Fastest(ways)
+        key = (op_name, tuple(tuple(t.shape) for t in op.inputs), runtime.replicas, threads)
+        chooser = Fastest(ways, decisions=_DECISIONS, key=key)
     elif wanted == "streamed":
         chooser = Fastest(ways, list(streamed)[-1])
     elif wanted == "blas" and "blas" in ways:
@@ -207,7 +223,7 @@ if IS_CPU:
                         ext.matmul(xs.contiguous().numpy(), arrays(ws), out.numpy(), threads, blas)
                         return out
                     return product
-                return product_ways(cls.name, kernel)
+                return product_ways(op, runtime, kernel)
 
             def kernel(threads, blas):
                 def per_replica_product(xs, ws):
@@ -216,7 +232,7 @@ if IS_CPU:
                         ext.matmul(x_r.numpy(), w_r.numpy(), out_r.numpy(), threads, blas)
                     return out
                 return per_replica_product
-            return product_ways(cls.name, kernel)
+            return product_ways(op, runtime, kernel)
 
     class DecodeLayer(custom_op.CustomOp):
         """One decoder layer of a decode step by the C++ kernel, writing the caches in place: its
@@ -250,7 +266,7 @@ if IS_CPU:
                                      eps, x_next.reshape(batch, n_embd), threads, blas)
                     return k_cache, torch.from_numpy(x_next)
                 return layer
-            return product_ways(cls.name, kernel)
+            return product_ways(op, runtime, kernel)
 
     class GreedyHead(custom_op.CustomOp):
         """Each row's greedy next token from the final hidden states by the C++ kernel."""
@@ -275,14 +291,14 @@ if IS_CPU:
                                     *map(arrays, (ln_weight, ln_bias, w, bias)), eps, tokens, threads, blas)
                     return torch.from_numpy(tokens)
                 return head
-            return product_ways(cls.name, kernel)
+            return product_ways(op, runtime, kernel)
 
 
     class GreedyDecodeStep(custom_op.CustomOp):
         """A whole greedy decode step by the C++ kernel. Inputs: token, embedding, positions, sin, cos,
         write, mask, ln_f's weight and bias, the LM head's weight and bias (``HEAD`` of them), then 8
         weights per layer, then the key caches and the value caches, which it writes in place; outputs:
-        the first key cache and the next tokens (batch,)."""
+        the first key cache and the next tokens, as ``token`` (batch, 1)."""
         name = "greedy_decode_step"
         HEAD = 11
 
@@ -293,7 +309,7 @@ if IS_CPU:
 
         @staticmethod
         def infer(*inputs, n_layer, eps):
-            return inputs[GreedyDecodeStep.HEAD + 8 * n_layer].spec, custom_op.spec((inputs[0].shape[0],), popxl.int32)
+            return inputs[GreedyDecodeStep.HEAD + 8 * n_layer].spec, inputs[0].spec
 
         @classmethod
         def lower(cls, op, runtime):
@@ -306,7 +322,7 @@ if IS_CPU:
             def kernel(threads, blas):
                 def step(token, embedding, positions, sin, cos, write, mask, ln_weight, ln_bias, w, bias, *rest):
                     weights, caches = rest[:8 * n_layer], rest[8 * n_layer:]
-                    tokens = np.empty((1, batch), np.int32)
+                    tokens = np.empty((1, batch, 1), np.int32)
                     ext.greedy_decode_step(token.reshape(batch).contiguous().numpy(), arrays(embedding),
                                            [arrays(t) for t in weights], positions.contiguous().numpy(),
                                            arrays(sin), arrays(cos), [arrays(c) for c in caches[:n_layer]],
@@ -316,7 +332,7 @@ if IS_CPU:
                                            threads, blas)
                     return caches[0], torch.from_numpy(tokens)
                 return step
-            return product_ways(cls.name, kernel)
+            return product_ways(op, runtime, kernel)
 
 
 def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
@@ -413,8 +429,8 @@ def greedy_decode_step(token: popxl.Tensor, embedding: popxl.Tensor, layers: Seq
     ``embedding`` (vocab, n_embd) (clamped into range, as ``ops.gather``), every layer in turn as
     :func:`decode_layer` (``layers``: each layer's 8 weights in its argument order; its caches
     ``k_caches[i]``, ``v_caches[i]`` written in place), then :func:`greedy_head` (``ln_weight``,
-    ``ln_bias``, ``w``, ``bias``). Returns the next tokens (batch,) int32. Saves the calls between the
-    kernels, a fifth of a step's time on the benchmark model."""
+    ``ln_bias``, ``w``, ``bias``). Returns the next tokens (batch, 1) int32. Saves the calls between
+    the kernels, an eighth of a step's time on the benchmark model."""
     n_embd = embedding.shape[-1]
     if not layers or len(k_caches) != len(layers) or len(v_caches) != len(layers):
         raise ValueError(f"greedy_decode_step: one key and one value cache per layer, got {len(layers)} layers, "

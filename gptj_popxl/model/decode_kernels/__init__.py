@@ -118,18 +118,17 @@ class Fastest:
 
 # Every live op's ``Fastest``, by op name: what ``product_choices`` reports.
 _CHOOSERS: "weakref.WeakKeyDictionary[Fastest, str]" = weakref.WeakKeyDictionary()
-# The way chosen for each (op name, input shapes, replicas, thread count) in this process: ops doing the same
-# work, in this program or a later one, take it instead of trying the ways again.
+# The way chosen for each (op name, input shapes, replicas, thread count) in this process: ops doing
+# the same work, in this program or a later one, take it instead of trying the ways again.
 _DECISIONS: dict = {}
 
 
 def product_ways(op, runtime, kernel) -> "Fastest":
     """A ``Fastest`` over the ways ``op`` (a decode custom op lowered for ``runtime``) can form its
-    products: ``kernel(threads,
-    blas)`` gives the op's callable for ``threads`` streaming threads, or for the sgemm at address
-    ``blas`` when nonzero. The ways are BLAS (where ``blas_sgemm`` finds it) and streaming on one
-    thread and on torch's count. Ops with the same name, input shapes, replicas and thread count
-    share one decision per process."""
+    products: ``kernel(threads, blas)`` gives the op's callable for ``threads`` streaming threads, or
+    for the sgemm at address ``blas`` when nonzero. The ways are BLAS (where ``blas_sgemm`` finds it)
+    and streaming on one thread and on torch's count. Ops with the same name, input shapes, replicas
+    and thread count share one decision per process."""
     op_name = op.prim.name
     threads = torch.get_num_threads()
     streamed = {f"streamed on {n} thread{'s' * (n > 1)}": kernel(n, 0) for n in sorted({1, threads})}

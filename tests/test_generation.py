@@ -231,3 +231,25 @@ def test_offloaded_generation_reloads_changed_weights(checkpoint, tmp_path):
     hf_other = transformers.GPTJForCausalLM.from_pretrained(other).eval()
     np.testing.assert_array_equal(model.generate(IDS, attention_mask=MASK, max_new_tokens=4),
                                   hf_generate(hf_other, IDS, MASK, max_new_tokens=4))
+
+
+def test_generation_programs_share_their_weights_and_reload_changed_ones(checkpoint, tmp_path):
+    # One memory for the weights of every generation program (prefill and decode): on the CPU
+    # runtime with one replica they are backed by the model's weight memory, and after
+    # weights_changed each still generates with the new weights.
+    other = tiny_checkpoint(tmp_path, n_positions=32, seed=5)
+    model = from_pretrained(checkpoint)
+    held = dict(model.weights)  # arrays a user may still hold once the model's are replaced
+    before = {k: v.copy() for k, v in held.items()}
+    model.generate(IDS, attention_mask=MASK, max_new_tokens=4)
+    programs = list(model.generator._programs.values())
+    assert len(programs) == 2  # the prefill and the decode
+    memory = [{v.name: v._storage for v in p.ir.main_graph.variables if v._storage is not None} for p in programs]
+    assert memory[0] and memory[0].keys() == memory[1].keys()
+    assert all(memory[0][name] is memory[1][name] for name in memory[0])
+    model.weights.update(from_pretrained(other).weights)
+    model.weights_changed()
+    hf_other = transformers.GPTJForCausalLM.from_pretrained(other).eval()
+    np.testing.assert_array_equal(model.generate(IDS, attention_mask=MASK, max_new_tokens=4),
+                                  hf_generate(hf_other, IDS, MASK, max_new_tokens=4))
+    assert all(np.array_equal(before[k], held[k]) for k in held)  # loading never wrote into them

@@ -237,3 +237,45 @@ def test_host_gets_values_as_stored_even_when_written_later():
     v1 = x0 + (x0 * 2 + 100)
     np.testing.assert_array_equal(second[streams[1]], v1)
     np.testing.assert_array_equal(second[streams[0]], v1 * 2)
+
+
+def _counter_program(storage):
+    """A program whose variable ``v`` (backed by ``storage``) is read out, then incremented in place."""
+    ir = popxl.Ir()
+    with ir.main_graph:
+        v = popxl.variable(np.zeros(3, np.float32), name="v")
+        popxl.back_variable(v, storage)
+        out = popxl.d2h_stream((3,), popxl.float32, "out")
+        ops.host_store(out, v + 0.0)
+        ops.var_updates.accumulate_(v, popxl.constant(np.ones(3, np.float32)))
+    return popxl.Session(ir), v, out
+
+
+def test_back_variable_keeps_programs_in_one_memory():
+    storage = np.full(3, 7.0, np.float32)
+    first, v1, out1 = _counter_program(storage)  # the session takes the variable's data: zeros
+    np.testing.assert_array_equal(storage, 0.0)
+    second, v2, out2 = _counter_program(storage)
+    with first, second:
+        np.testing.assert_array_equal(first.run()[out1], [0, 0, 0])
+        np.testing.assert_array_equal(second.run()[out2], [1, 1, 1])  # the first program's update
+        np.testing.assert_array_equal(storage, 2.0)
+        second.write_variable_data(v2, np.array([5, 6, 7], np.float32))
+        np.testing.assert_array_equal(first.run()[out1], [5, 6, 7])
+        np.testing.assert_array_equal(first.get_tensor_data(v1), [6, 7, 8])
+    np.testing.assert_array_equal(storage, [6, 7, 8])  # leaving copied nothing back over it
+
+
+def test_back_variable_checks_the_storage_and_the_variable():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        v = popxl.variable(np.zeros((2, 3), np.float32), name="weight")
+        with pytest.raises(ValueError, match=r"storage for 'weight'.*float32 array of shape \(2, 3\), got \(3, 2\)"):
+            popxl.back_variable(v, np.zeros((3, 2), np.float32))
+        with pytest.raises(ValueError, match="storage for 'weight'"):
+            popxl.back_variable(v, np.zeros((2, 3), np.float64))
+    replicated = popxl.Ir(replication=2)
+    with replicated.main_graph:
+        w = popxl.variable(np.zeros(3, np.float32), name="w")
+        with pytest.raises(ValueError, match=r"'w' \(3,\) float32 has 2 replicas"):
+            popxl.back_variable(w, np.zeros(3, np.float32))

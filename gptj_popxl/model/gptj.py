@@ -80,6 +80,7 @@ class GPTJ:
         self.offload = offload
         self.layer_storage = layer_storage
         self._generator = None
+        self._weight_memory: Dict[Tuple[str, Tuple[int, ...], str], np.ndarray] = {}
 
     @property
     def tensor_parallel(self) -> int:
@@ -102,6 +103,15 @@ class GPTJ:
         """Version of ``weights``: ``weights_changed`` increments it; a program loaded from an older one
         reloads them before its next run (see ``with_current_weights``)."""
         return self._weights_version
+
+    def weight_memory(self, name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        """The memory that this model's generation programs keep the weight variable ``name`` (of
+        ``shape`` and numpy ``dtype``) in, one for all of them (``popxl_cpu.back_variable``), made on
+        first use. Each program loads ``weights`` into it as into its own variables."""
+        key = (name, tuple(shape), np.dtype(dtype).name)
+        if key not in self._weight_memory:
+            self._weight_memory[key] = np.empty(shape, dtype)
+        return self._weight_memory[key]
 
     def weights_changed(self) -> None:
         """Mark ``weights`` as changed: each program reloads them before its next run."""

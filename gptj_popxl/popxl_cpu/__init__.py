@@ -16,7 +16,8 @@ from .remote_buffer import RemoteBuffer, back_remote_buffer, remote_buffer
 from .replica_grouping import ReplicaGrouping
 from .session import Session
 from .streams import DeviceToHostStream, HostToDeviceStream, d2h_stream, h2d_stream
-from .tensor import (Constant, Tensor, TensorByRef, TensorSpec, Variable, constant, graph_input, graph_output,
+from .tensor import (Constant, Tensor, TensorByRef, TensorSpec, Variable, back_variable, constant, graph_input,
+                     graph_output,
                      remote_replica_sharded_variable, remote_variable, replica_sharded_buffer,
                      replica_sharded_variable, variable)
 

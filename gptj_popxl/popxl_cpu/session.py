@@ -117,6 +117,7 @@ class _VariableLayout:
         self.firsts = torch.as_tensor(grouping._member_matrix()[:, 0])
         self.dtype = v.dtype.as_torch()
         self.sharded = v._shard_over is not None
+        self.storage = v._storage  # back_variable: host and device value in this memory
         self.shape = (replicas,) + v.shape
         self.device_shape = (replicas,) + (v._remote[0].tensor_shape if v._remote and not self.sharded else v.shape)
         if self.sharded:
@@ -126,6 +127,11 @@ class _VariableLayout:
 
     def initial_host(self, per_group: np.ndarray) -> np.ndarray:
         """The host array of a variable made with ``per_group`` data ``(num_groups, *shape)``."""
+        if self.storage is not None:
+            host = self.storage[None]
+            if not np.shares_memory(host, per_group):
+                host[...] = per_group
+            return host
         if self.per_replica:
             return per_group[self.assignment.numpy()]
         return per_group if isinstance(per_group, np.memmap) else per_group.copy()
@@ -138,13 +144,16 @@ class _VariableLayout:
         full = self.merge(device[self.index.peers]) if self.sharded else device.reshape(self.shape)
         return (full if self.per_replica else full[self.firsts]).numpy().copy()
 
-    @staticmethod
-    def store(host: np.ndarray, value: np.ndarray) -> np.ndarray:
+    def store(self, host: np.ndarray, value: np.ndarray) -> np.ndarray:
         """The host array after writing ``value``: a memmap is written into and flushed, as popxl's
-        weights_to_host does; other arrays are replaced."""
+        weights_to_host does, and a variable's storage written into; other arrays are replaced."""
         if isinstance(host, np.memmap):
             host[...] = value
             host.flush()
+            return host
+        if self.storage is not None:
+            if not np.shares_memory(host, value):
+                host[...] = value
             return host
         return value
 
@@ -179,6 +188,9 @@ class Session:
         self._layouts = {v: _VariableLayout(v, self._rt.replicas) for v in ir._variables}
         self._host: Dict[Variable, np.ndarray] = {v: layout.initial_host(v._data)
                                                   for v, layout in self._layouts.items()}
+        for v, layout in self._layouts.items():
+            if layout.storage is not None:
+                self._rt.variables[v.id] = torch.from_numpy(self._host[v])
         self._copy_to_device(self._host)
         self._main = self._rt.plan(ir.main_graph)
         loaded = self._streams_used(ir.main_graph, HostLoad)
@@ -383,8 +395,11 @@ class Session:
         return self._rt.variables[v.id]
 
     def _in_device_memory(self, v: Variable, host: np.ndarray) -> bool:
-        """Whether ``host`` is the very memory of ``v``'s device value (a remote variable in a buffer
-        backed by its host data, ``back_remote_buffer``): then there is nothing to copy either way."""
+        """Whether ``host`` is the very memory of ``v``'s device value (a variable in its storage,
+        ``back_variable``, or a remote variable in a buffer backed by its host data,
+        ``back_remote_buffer``): then there is nothing to copy either way."""
+        if v._storage is not None:
+            return np.shares_memory(host, v._storage)
         if v._remote is None or v._remote[0]._storage is None:
             return False
         device = self._device_tensor(v)

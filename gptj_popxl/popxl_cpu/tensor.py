@@ -331,6 +331,8 @@ class Variable(Tensor):
     _remote: Optional[Tuple[Any, int]] = None
     # Replicas each group's value is sharded over, for replica-sharded variables.
     _shard_over: Optional[int] = None
+    # Memory that sessions keep the value in instead of their own (``back_variable``).
+    _storage: Optional[np.ndarray] = None
 
     @property
     def replica_grouping(self):
@@ -352,6 +354,27 @@ class Variable(Tensor):
 
     def copy_to_ipu(self, dst: int, src: int):
         raise TypeError(f"variable {_describe(self)} cannot be copied between IPUs; copy an activation")
+
+
+def back_variable(variable: Variable, storage: np.ndarray) -> None:
+    """``popxl_cpu`` only: sessions made afterwards keep ``variable``'s value in ``storage`` itself rather
+    than in memory of their own, host and device alike. Variables of several programs backed by one
+    storage are one memory: loading one loads them all, and a program finds in the processor's caches
+    what another has just read. ``storage`` is C-contiguous, of the variable's dtype and shape; the
+    variable has one replica and is neither remote nor replica-sharded. A session copies the
+    variable's data into it when made (unless it is that memory) and whenever the data is written
+    (``write_variable_data``); a program that writes the variable writes ``storage``.
+    """
+    if not isinstance(variable, Variable) or variable._remote is not None or variable._shard_over is not None:
+        raise ValueError(f"back_variable: {_describe(variable)} must be a variable neither remote nor replica-sharded")
+    if variable._graph.ir.replication_factor != 1:
+        raise ValueError(f"back_variable: {_describe(variable)} has {variable._graph.ir.replication_factor} replicas; "
+                         f"only a variable of one replica keeps its value in one storage")
+    if (storage.shape != variable.shape or storage.dtype != variable.dtype.as_numpy()
+            or not storage.flags.c_contiguous or not storage.flags.writeable):
+        raise ValueError(f"back_variable: storage for {_describe(variable)} must be a writeable C-contiguous "
+                         f"{variable.dtype.name} array of shape {variable.shape}, got {storage.shape} {storage.dtype}")
+    variable._storage = storage
 
 
 class TensorByRef(Tensor):

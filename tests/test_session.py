@@ -279,3 +279,44 @@ def test_back_variable_checks_the_storage_and_the_variable():
         w = popxl.variable(np.zeros(3, np.float32), name="w")
         with pytest.raises(ValueError, match=r"'w' \(3,\) float32 has 2 replicas"):
             popxl.back_variable(w, np.zeros(3, np.float32))
+
+
+def test_back_variable_copies_only_into_memory_it_is_not():
+    storage = np.arange(6, dtype=np.float32)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        # Data overlapping the storage at an offset: copied in (numpy copies overlapping memory correctly).
+        v = popxl.variable(np.zeros(6, np.float32), name="v")
+        v._data = np.roll(storage, 1)[None]
+        popxl.back_variable(v, storage)
+    np.testing.assert_array_equal(storage, [5, 0, 1, 2, 3, 4])
+    with popxl.Session(ir) as session:
+        np.testing.assert_array_equal(session.get_tensor_data(v), [5, 0, 1, 2, 3, 4])
+
+
+def test_one_irs_variables_must_not_share_storage():
+    storage = np.zeros(4, np.float32)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        a = popxl.variable(np.zeros(2, np.float32), name="a")
+        b = popxl.variable(np.zeros(2, np.float32), name="b")
+        c = popxl.variable(np.zeros(2, np.float32), name="c")
+        popxl.back_variable(a, storage[:2])
+        popxl.back_variable(b, storage[2:])  # next to a: no overlap
+        popxl.Session(ir)
+        popxl.back_variable(c, storage[1:3])
+    with pytest.raises(ValueError, match="overlapping storage"):
+        popxl.Session(ir)
+
+
+def test_a_session_made_before_back_variable_keeps_its_own_memory():
+    storage = np.zeros(3, np.float32)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        v = popxl.variable(np.ones(3, np.float32), name="v")
+    session = popxl.Session(ir)
+    popxl.back_variable(v, storage)
+    with session:
+        session.write_variable_data(v, np.full(3, 4.0, np.float32))
+        np.testing.assert_array_equal(session.get_tensor_data(v), 4.0)
+    np.testing.assert_array_equal(storage, 1.0)  # the data back_variable copied in, nothing since

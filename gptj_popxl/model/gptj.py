@@ -107,10 +107,15 @@ class GPTJ:
     def weight_memory(self, name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
         """The memory that this model's generation programs keep the weight variable ``name`` (of
         ``shape`` and numpy ``dtype``) in, one for all of them (``popxl_cpu.back_variable``), made on
-        first use. Each program loads ``weights`` into it as into its own variables."""
+        first use. Each program loads ``weights`` into it as into its own variables, so a program
+        that reloads changes the memory of the others too (all reload the same ``weights``)."""
         key = (name, tuple(shape), np.dtype(dtype).name)
         if key not in self._weight_memory:
-            self._weight_memory[key] = np.empty(shape, dtype)
+            # Aligned to a cache line, as torch allocates: the kernels stream it in 64-byte vectors.
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            raw = np.empty(nbytes + 64, np.uint8)
+            start = -raw.ctypes.data % 64
+            self._weight_memory[key] = raw[start:start + nbytes].view(dtype).reshape(shape)
         return self._weight_memory[key]
 
     def weights_changed(self) -> None:

@@ -10,7 +10,7 @@ from .executor import Plan
 from .ops.io import HostLoad
 from .replica_layout import GroupIndex, merger, splitter
 from .streams import DeviceToHostStream, HostToDeviceStream
-from .tensor import Constant, Tensor, Variable
+from .tensor import Constant, Tensor, Variable, same_memory
 from .utils import to_numpy
 
 _DEVICES = ("cpu", "ipu_model", "ipu_hw")
@@ -105,7 +105,8 @@ class _VariableLayout:
     Host data is ``(num_groups, *shape)`` (one value per group) or, for 'all_replicas' retrieval,
     ``(R, *shape)``. Device values are ``(R, *shape)``, ``(R, *entry_shape)`` for a remote variable
     whose buffer entry has another shape of as many elements, or ``(R, shard)`` flat shards for
-    replica-sharded variables. An ``np.memmap`` given as the variable's data stays its host array.
+    replica-sharded variables. An ``np.memmap`` given as the variable's data stays its host array; a
+    variable backed by a storage (``back_variable``) has it as host and device value both.
     """
 
     def __init__(self, v: Variable, replicas: int):
@@ -129,7 +130,7 @@ class _VariableLayout:
         """The host array of a variable made with ``per_group`` data ``(num_groups, *shape)``."""
         if self.storage is not None:
             host = self.storage[None]
-            if not np.shares_memory(host, per_group):
+            if not same_memory(host, per_group):
                 host[...] = per_group
             return host
         if self.per_replica:
@@ -152,7 +153,7 @@ class _VariableLayout:
             host.flush()
             return host
         if self.storage is not None:
-            if not np.shares_memory(host, value):
+            if not same_memory(host, value):
                 host[...] = value
             return host
         return value
@@ -188,6 +189,12 @@ class Session:
         self._layouts = {v: _VariableLayout(v, self._rt.replicas) for v in ir._variables}
         self._host: Dict[Variable, np.ndarray] = {v: layout.initial_host(v._data)
                                                   for v, layout in self._layouts.items()}
+        backed = sorted((layout.storage.ctypes.data, layout.storage.nbytes, v.name)
+                        for v, layout in self._layouts.items() if layout.storage is not None)
+        for (start, size, name), (other_start, _, other) in zip(backed, backed[1:]):
+            if other_start < start + size:  # the executor takes variables never to alias each other
+                raise ValueError(f"variables {name!r} and {other!r} are backed by overlapping storage "
+                                 f"(back_variable): one IR's variables must not share memory")
         for v, layout in self._layouts.items():
             if layout.storage is not None:
                 self._rt.variables[v.id] = torch.from_numpy(self._host[v])
@@ -398,8 +405,9 @@ class Session:
         """Whether ``host`` is the very memory of ``v``'s device value (a variable in its storage,
         ``back_variable``, or a remote variable in a buffer backed by its host data,
         ``back_remote_buffer``): then there is nothing to copy either way."""
-        if v._storage is not None:
-            return np.shares_memory(host, v._storage)
+        storage = self._layouts[v].storage
+        if storage is not None:
+            return same_memory(host, storage[None])
         if v._remote is None or v._remote[0]._storage is None:
             return False
         device = self._device_tensor(v)
@@ -427,6 +435,8 @@ class Session:
         self._require_attached("weights_to_host")
         for v, layout in self._layouts.items():
             if self._in_device_memory(v, self._host[v]):
+                if isinstance(layout.storage, np.memmap):
+                    layout.storage.flush()
                 continue
             self._host[v] = layout.store(self._host[v], layout.to_host(self._device_tensor(v)))
 

@@ -357,24 +357,45 @@ class Variable(Tensor):
 
 
 def back_variable(variable: Variable, storage: np.ndarray) -> None:
-    """``popxl_cpu`` only: sessions made afterwards keep ``variable``'s value in ``storage`` itself rather
-    than in memory of their own, host and device alike. Variables of several programs backed by one
-    storage are one memory: loading one loads them all, and a program finds in the processor's caches
-    what another has just read. ``storage`` is C-contiguous, of the variable's dtype and shape; the
-    variable has one replica and is neither remote nor replica-sharded. A session copies the
-    variable's data into it when made (unless it is that memory) and whenever the data is written
-    (``write_variable_data``); a program that writes the variable writes ``storage``.
+    """``popxl_cpu`` only: ``variable``'s value lives in ``storage`` itself, its data and, in sessions
+    made afterwards, its host and device values alike, rather than in memory of their own.
+
+    Variables of several programs backed by one storage are one memory: a program finds in the
+    processor's caches what another has just read, and there is one copy of the data however many
+    programs. ``storage`` is C-contiguous, writeable, of the variable's dtype and shape (a memmap
+    too); the variable has one replica and is neither remote nor replica-sharded, and no other
+    variable of its IR may overlap it. The variable's data is copied into ``storage`` now.
+
+    Unlike popxl, where each session's device value is its own: writing the variable's data
+    (``write_variable_data``, attached or not) or a program that writes the variable changes it for
+    every session backed by ``storage`` at once, and ``get_tensor_data`` shows such writes;
+    ``weights_from_host`` cannot restore an earlier value, and leaving a session copies nothing back
+    (a memmap storage is flushed). Run the programs of one storage from one thread at a time.
     """
+    what = f"back_variable: {_describe(variable)}"
     if not isinstance(variable, Variable) or variable._remote is not None or variable._shard_over is not None:
-        raise ValueError(f"back_variable: {_describe(variable)} must be a variable neither remote nor replica-sharded")
+        raise ValueError(f"{what} must be a variable neither remote nor replica-sharded")
     if variable._graph.ir.replication_factor != 1:
-        raise ValueError(f"back_variable: {_describe(variable)} has {variable._graph.ir.replication_factor} replicas; "
-                         f"only a variable of one replica keeps its value in one storage")
-    if (storage.shape != variable.shape or storage.dtype != variable.dtype.as_numpy()
-            or not storage.flags.c_contiguous or not storage.flags.writeable):
+        raise ValueError(f"{what} has {variable._graph.ir.replication_factor} replicas; only a variable of one "
+                         f"replica keeps its value in one storage")
+    try:
+        want = np.dtype(variable.dtype.as_numpy())
+    except TypeError:
+        raise ValueError(f"{what} has no numpy dtype to keep it in") from None
+    if (storage.shape != variable.shape or storage.dtype != want or not storage.flags.c_contiguous
+            or not storage.flags.writeable):
         raise ValueError(f"back_variable: storage for {_describe(variable)} must be a writeable C-contiguous "
                          f"{variable.dtype.name} array of shape {variable.shape}, got {storage.shape} {storage.dtype}")
-    variable._storage = storage
+    held = storage[None]
+    if not same_memory(held, variable._data):
+        held[...] = variable._data
+    variable._data, variable._storage = held, storage
+
+
+def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are the very same memory: the same first byte, shape, dtype and strides."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
+            and a.dtype == b.dtype and a.strides == b.strides)
 
 
 class TensorByRef(Tensor):

@@ -189,9 +189,9 @@ def _create_remote_layers(model, module: CachedLM) -> Dict[str, popxl.Tensor]:
 def _share_weight_memory(model, variables: addons.NamedTensors, attach: bool) -> None:
     """On the CPU runtime with one replica, ``variables`` (a program's resident weights) live in
     memory that all of ``model``'s generation programs share (``model.weight_memory``): one copy of
-    the weights however many programs, and a prefill finds in the processor's caches what the
-    decode has just read (a prefill after a decode run took 8.6 ms with weights of its own, 6.1 ms
-    with its weights in cache)."""
+    the weights beside ``model.weights`` however many programs, and a prefill finds in the
+    processor's caches what the decode has just read (a prefill after a decode run took 8.6 ms with
+    weights of its own, 6.1 ms with its weights in cache)."""
     if not (IS_CPU and attach and model.tensor_parallel == 1):
         return
     for name, v in variables.to_dict().items():

@@ -9,15 +9,29 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def compare(benchmark, comparison: str, role: str, goal: float = None, items: int = None) -> None:
+def compare(benchmark, comparison: str, role: str, goal: float = None, items: int = None,
+            minus: str = None, minus_label: str = None, minus_goal: float = None, minus_items: int = None) -> None:
     """Tags ``benchmark`` as the ``role`` ('ours' or 'peer') side of ``comparison``.
 
     ``goal``: the wanted speed-up of ours over the peer; ``items``: work per call (tokens), for a rate.
+    ``minus``: another comparison whose time is part of this one's (a generate's prefill): the
+    summary also compares the difference, named ``minus_label``, with ``minus_goal`` and ``minus_items``.
     """
     if role not in ("ours", "peer"):
         raise ValueError(f"role must be 'ours' or 'peer', got {role!r}")
     benchmark.group = comparison
-    benchmark.extra_info.update(role=role, goal=goal, items=items)
+    benchmark.extra_info.update(role=role, goal=goal, items=items, minus=minus, minus_label=minus_label,
+                                minus_goal=minus_goal, minus_items=minus_items)
+
+
+def _line(name: str, t_ours: float, t_peer: float, items, goal) -> str:
+    line = (f"{name}: ours {t_ours * 1e3:.3f} ms, peer {t_peer * 1e3:.3f} ms (ours - peer "
+            f"{(t_ours - t_peer) * 1e6:.1f} us), speed-up {t_peer / t_ours:.2f}x")
+    if items:
+        line += f" ({items / t_ours:.0f} vs {items / t_peer:.0f} items/s)"
+    if goal is not None:
+        line += f"; goal >= {goal}x"
+    return line
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -34,13 +48,12 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     terminalreporter.section("speed-up of ours over the peer (median times, same run)")
     for name, ours, peer in rows:
-        t_ours, t_peer = ours.stats.median, peer.stats.median
-        line = (f"{name}: ours {t_ours * 1e3:.3f} ms, peer {t_peer * 1e3:.3f} ms (ours - peer "
-                f"{(t_ours - t_peer) * 1e6:.1f} us), speed-up {t_peer / t_ours:.2f}x")
-        items = ours.extra_info.get("items")
-        if items:
-            line += f" ({items / t_ours:.0f} vs {items / t_peer:.0f} items/s)"
-        goal = ours.extra_info.get("goal")
-        if goal is not None:
-            line += f"; goal >= {goal}x"
-        terminalreporter.write_line(line)
+        info = ours.extra_info
+        terminalreporter.write_line(_line(name, ours.stats.median, peer.stats.median, info.get("items"),
+                                          info.get("goal")))
+        part = sides.get(info.get("minus"), {})
+        if len(part) == 2:
+            t_ours, t_peer = (ours.stats.median - part["ours"].stats.median,
+                              peer.stats.median - part["peer"].stats.median)
+            terminalreporter.write_line(_line(f"{name}, {info['minus_label']}", t_ours, t_peer,
+                                              info.get("minus_items"), info.get("minus_goal")))

@@ -1,8 +1,9 @@
 // y = x @ w for a few rows of x, reading w from memory once: header-only, no Python or torch.
 //
 // x (M, K), w (K, N), y (M, N), all float32 row-major. With few rows the product
-// is bound by reading w (a decode step reads every weight once per token), and BLAS kernels tuned
-// for large M stream it at a fraction of the memory bandwidth. Here the threads share out blocks of
+// is bound by reading w (a decode step reads every weight once per token), and on some machines
+// BLAS kernels tuned for large M stream it at a fraction of the memory bandwidth (on others they
+// are faster: `Products` below lets the caller choose by timing). Here the threads share out blocks of
 // output columns; each walks w row by row in groups of KSTEP rows (KSTEP sequential streams) and
 // adds every row of x's contribution while those rows' columns are in registers, the partial sums
 // of its columns staying in L1. Each y[m, n] sums k in increasing order, one fused multiply-add per

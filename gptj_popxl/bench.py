@@ -99,26 +99,27 @@ def resolve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[s
 SETTLE_CALLS = 32
 
 
-def _settle(call: Callable[[], Any]) -> None:
-    """Calls ``call`` until no decode op of the live programs is still trying its ways (at most
-    ``SETTLE_CALLS`` times), so that the timed calls run the ways chosen."""
-    for _ in range(SETTLE_CALLS):
-        if not any("trying" in ways for ways in product_choices().values()):
-            return
-        call()
+def _decode_products(model) -> Dict[str, Dict[str, int]]:
+    """How the decode ops of ``model``'s generation programs form their products (``product_choices``)."""
+    return product_choices(program.ir for program in model.generator.programs)
 
 
-def _time_sides(calls: Dict[str, Callable[[], Any]], steps: int) -> Dict[str, Dict[str, float]]:
+def _time_sides(calls: Dict[str, Callable[[], Any]], steps: int,
+                settled: Callable[[], bool] = lambda: True) -> Dict[str, Dict[str, float]]:
     """Per side (``calls`` by side), the seconds of a first call and the median of ``steps`` more. After
-    the first calls (and ours' settling, see ``_settle``) the sides take turns, in reversed order every
-    other round, so that a busy spell of a shared machine falls on both sides instead of on whichever
-    side was running then."""
+    the first calls, ours runs untimed until ``settled()`` (at most ``SETTLE_CALLS`` times; its decode
+    ops still timing their ways), then the sides take turns, in reversed order every other round, so
+    that a busy spell of a shared machine falls on both sides instead of on whichever side was
+    running then."""
     timings, times = {}, {side: [] for side in calls}
     for side, call in calls.items():
         start = time.perf_counter()
         call()
         timings[side] = {"first": time.perf_counter() - start}
-    _settle(calls["ours"])
+    for _ in range(SETTLE_CALLS):
+        if settled():
+            break
+        calls["ours"]()
     order = list(calls)
     for round_ in range(steps):
         for side in order if round_ % 2 == 0 else order[::-1]:
@@ -194,13 +195,16 @@ def run_bench(s: Dict[str, Any]) -> Dict[str, Any]:
                 return hf.generate(t, attention_mask=torch.ones_like(t), do_sample=False, max_new_tokens=n,
                                    min_new_tokens=n, pad_token_id=0)
 
+        def settled() -> bool:
+            return not any("trying" in ways for ways in _decode_products(model).values())
+
         prefill = _time_sides({"ours": lambda: model.generate(prompt, max_new_tokens=1),
-                               "transformers": lambda: hf_generate(1)}, steps)
+                               "transformers": lambda: hf_generate(1)}, steps, settled)
         generate = _time_sides({"ours": lambda: model.generate(prompt, max_new_tokens=new),
-                                "transformers": lambda: hf_generate(new)}, steps)
+                                "transformers": lambda: hf_generate(new)}, steps, settled)
         timings = {side: {"train": train[side], "prefill": prefill[side], "generate": generate[side]}
                    for side in ("ours", "transformers")}
-        products = product_choices()
+        products = _decode_products(model)
     batch = s["micro_batch_size"]
     for side, t in timings.items():
         decode_s = max(t["generate"]["median"] - t["prefill"]["median"], 1e-9)

@@ -87,6 +87,11 @@ class Generator:
         self.model = model
         self._programs: Dict[tuple, object] = {}
 
+    @property
+    def programs(self) -> List[object]:
+        """The programs built so far."""
+        return list(self._programs.values())
+
     def prefill(self, batch: int, seq: int, sampling: Optional[Sampling], with_logits: bool = False):
         key = ("prefill", batch, seq, sampling, with_logits)
         if key not in self._programs:

@@ -82,7 +82,7 @@ def test_memory_mapped_offload_gives_in_memory_and_transformers_tokens(sharded, 
     assert isinstance(offloaded.weights["layers.1.attn.qkv.weight"], np.memmap)
     stacked = offloaded.layer_storage["attn.qkv.weight"]
     assert os.path.dirname(stacked.filename) == str(cache)
-    for program in offloaded.generator._programs.values():
+    for program in offloaded.generator.programs:
         buffers = {b.tensor_shape: b for b in program.ir._remote_buffers}
         storage = program.session._rt.remote[buffers[stacked.shape[2:]].remote_buffer_id]
         assert storage.data_ptr() == stacked.ctypes.data

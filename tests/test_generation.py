@@ -214,7 +214,7 @@ def test_offload_gives_resident_tokens(checkpoint, tp):
     np.testing.assert_array_equal(offloaded.generate(IDS, attention_mask=MASK, max_new_tokens=7),
                                   resident.generate(IDS, attention_mask=MASK, max_new_tokens=7))
     # Layer weights live only in remote buffers: the programs' variables outside them are not layers.
-    program = next(iter(offloaded.generator._programs.values()))
+    program = next(iter(offloaded.generator.programs))
     remote = [v.name for v in program.ir.main_graph.variables if v._remote is not None]
     resident = [v.name for v in program.ir.main_graph.variables if v._remote is None]
     assert "layers.1.mlp.fc_in.weight" in remote
@@ -242,7 +242,7 @@ def test_generation_programs_share_their_weights_and_reload_changed_ones(checkpo
     held = dict(model.weights)  # arrays a user may still hold once the model's are replaced
     before = {k: v.copy() for k, v in held.items()}
     model.generate(IDS, attention_mask=MASK, max_new_tokens=4)
-    programs = list(model.generator._programs.values())
+    programs = list(model.generator.programs)
     assert len(programs) == 2  # the prefill and the decode
     # Every weight variable's device value, in each program's session, is the one memory of its name.
     pointers = [{v.name: p.session._device_tensor(v).data_ptr() for v in p.ir.main_graph.variables

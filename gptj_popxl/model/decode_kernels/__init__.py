@@ -116,8 +116,8 @@ class Fastest:
         return result
 
 
-# Every live op's ``Fastest``, by op name: what ``product_choices`` reports.
-_CHOOSERS: "weakref.WeakKeyDictionary[Fastest, str]" = weakref.WeakKeyDictionary()
+# Every live op's ``Fastest``: its op name and IR, what ``product_choices`` reports.
+_CHOOSERS: "weakref.WeakKeyDictionary[Fastest, tuple]" = weakref.WeakKeyDictionary()
 # The way chosen for each (op name, input shapes, replicas, thread count) in this process: ops doing
 # the same work, in this program or a later one, take it instead of trying the ways again.
 _DECISIONS: dict = {}
@@ -145,15 +145,18 @@ def product_ways(op, runtime, kernel) -> "Fastest":
     else:
         raise ValueError(f"{PRODUCTS_VARIABLE} must be 'blas' (where torch carries a BLAS sgemm) or 'streamed', "
                          f"got {wanted!r}")
-    _CHOOSERS[chooser] = op_name
+    _CHOOSERS[chooser] = (op_name, runtime.ir)
     return chooser
 
 
-def product_choices() -> dict:
-    """How the decode ops of the live programs form their products: ``{op name: {way: ops}}``, the way
-    "trying" for an op still timing its first calls."""
+def product_choices(irs) -> dict:
+    """How the decode ops of the programs of ``irs`` form their products: ``{op name: {way: ops}}``, the
+    way "trying" for an op still timing its first calls."""
+    irs = set(irs)
     choices: dict = {}
-    for chooser, op_name in list(_CHOOSERS.items()):
+    for chooser, (op_name, ir) in list(_CHOOSERS.items()):
+        if ir not in irs:
+            continue
         way = chooser.chosen or "trying"
         choices.setdefault(op_name, {}).setdefault(way, 0)
         choices[op_name][way] += 1

@@ -128,11 +128,8 @@ class _VariableLayout:
 
     def initial_host(self, per_group: np.ndarray) -> np.ndarray:
         """The host array of a variable made with ``per_group`` data ``(num_groups, *shape)``."""
-        if self.storage is not None:
-            host = self.storage[None]
-            if not same_memory(host, per_group):
-                host[...] = per_group
-            return host
+        if self.storage is not None:  # back_variable made the data this very memory
+            return self.storage[None]
         if self.per_replica:
             return per_group[self.assignment.numpy()]
         return per_group if isinstance(per_group, np.memmap) else per_group.copy()
@@ -148,19 +145,18 @@ class _VariableLayout:
     def store(self, host: np.ndarray, value: np.ndarray) -> np.ndarray:
         """The host array after writing ``value``: a memmap is written into and flushed, as popxl's
         weights_to_host does, and a variable's storage written into; other arrays are replaced."""
-        if isinstance(host, np.memmap):
+        if isinstance(host, np.memmap) or self.storage is not None:
             host[...] = value
-            host.flush()
-            return host
-        if self.storage is not None:
-            if not same_memory(host, value):
-                host[...] = value
+            if isinstance(host, np.memmap):
+                host.flush()
             return host
         return value
 
     def host_data(self, data: np.ndarray) -> np.ndarray:
-        """``data`` shaped as the variable's ``shape_on_host`` -> this layout's host array."""
-        return (data[None] if self.num_groups == 1 else data).copy()
+        """``data`` shaped as the variable's ``shape_on_host`` -> this layout's host array (a view of
+        ``data`` for a variable in its storage, which ``store`` copies it into)."""
+        shaped = data[None] if self.num_groups == 1 else data
+        return shaped if self.storage is not None else shaped.copy()
 
     def user_data(self, host: np.ndarray) -> np.ndarray:
         """This layout's host array -> what ``get_tensor_data`` returns (no axis of one group/replica)."""

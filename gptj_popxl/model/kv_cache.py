@@ -170,9 +170,9 @@ class CachedLM(GPTJLM):
         ``greedy_decode_step`` op with every layer resident, else (batch,) by the layers then one
         ``greedy_head`` op (``ln_f``, the LM head and the argmax; their variables declared as their own
         builds declare them). Only where ``can_decode_layer`` holds."""
-        n_embd, dtype, eps = self.config.n_embd, self.dtype, self.config.layer_norm_epsilon
         if not self.offload:
             return self._greedy_decode_step(token, position, mask, write, k_caches, v_caches)
+        n_embd, dtype, eps = self.config.n_embd, self.dtype, self.config.layer_norm_epsilon
         hidden = self._decode_hidden(token, position, mask, write, shard_offset, k_caches, v_caches)
         return greedy_head(hidden, *self.ln_f.variables(n_embd, dtype), *self.lm_head.variables(n_embd, dtype), eps)
 

@@ -201,6 +201,11 @@ class _ArrayViews:
         return unowned
 
 
+def _one_replica(op_name: str, runtime) -> None:
+    if runtime.replicas != 1:
+        raise ValueError(f"{op_name} runs on one replica (no tensor parallelism)")
+
+
 if IS_CPU:
     class StreamedMatMul(custom_op.CustomOp):
         """``x (..., K) @ w (K, N)`` by the C++ kernel, one replica after another."""
@@ -251,8 +256,7 @@ if IS_CPU:
         @classmethod
         def lower(cls, op, runtime):
             ext, eps = extension(), op.attrs["eps"]
-            if runtime.replicas != 1:
-                raise ValueError("decode_layer runs on one replica (no tensor parallelism)")
+            _one_replica(cls.name, runtime)
             batch, _, _, cache_len = op.inputs[12].shape
             n_embd = op.inputs[0].shape[-1]
             arrays = _ArrayViews()
@@ -281,8 +285,7 @@ if IS_CPU:
         @classmethod
         def lower(cls, op, runtime):
             ext, eps = extension(), op.attrs["eps"]
-            if runtime.replicas != 1:
-                raise ValueError("greedy_head runs on one replica (no tensor parallelism)")
+            _one_replica(cls.name, runtime)
             rows, n_embd = _rows(op.inputs[0]), op.inputs[0].shape[-1]
             arrays = _ArrayViews()
 
@@ -316,8 +319,7 @@ if IS_CPU:
         @classmethod
         def lower(cls, op, runtime):
             ext, eps, n_layer = extension(), op.attrs["eps"], op.attrs["n_layer"]
-            if runtime.replicas != 1:
-                raise ValueError("greedy_decode_step runs on one replica (no tensor parallelism)")
+            _one_replica(cls.name, runtime)
             batch, cache_len = op.inputs[0].shape[0], op.inputs[6].shape[-1]
             arrays = _ArrayViews()
 

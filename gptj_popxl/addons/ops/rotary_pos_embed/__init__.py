@@ -103,10 +103,10 @@ if IS_CPU:
             return t.spec
 
         @staticmethod
-        def kernel(t, sin, cos, rotary_dim, inverse, rows=None):
+        def kernel(t, sin, cos, rotary_dim, inverse, rows=None, out=None):
             ext, threads = extension(), torch.get_num_threads()
             t = t.contiguous()
-            out = torch.empty_like(t)
+            out = torch.empty_like(t) if out is None else out
             positions = _table_rows(t.shape[1:3], sin.shape) if rows is None else rows
             for r in range(t.shape[0]):
                 table_sin, table_cos = (x[r].float().reshape(-1, x.shape[-1]).contiguous() for x in (sin, cos))
@@ -115,12 +115,14 @@ if IS_CPU:
             return out
 
         @classmethod
-        def lower(cls, op, runtime):
+        def lower_out(cls, op, runtime):
             extension()  # build or load at session creation, not in the middle of the first run
             # The table rows depend on the shapes only: found once here, not at every run.
             rows = _table_rows(op.inputs[0].shape[:2], (runtime.replicas,) + tuple(op.inputs[1].shape))
             kernel, attrs = cls.kernel, op.attrs
-            return lambda t, sin, cos: kernel(t, sin, cos, rows=rows, **attrs)
+            return lambda t, sin, cos, out=None: kernel(t, sin, cos, rows=rows, out=out, **attrs)
+
+        lower = lower_out
 
         @staticmethod
         def grad(g):

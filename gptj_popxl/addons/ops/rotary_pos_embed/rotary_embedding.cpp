@@ -1,8 +1,8 @@
 /*
 <%
 setup_pybind11(cfg)
-cfg['extra_compile_args'] = ['-std=c++17', '-O3', '-fvisibility=hidden', '-pthread']
-cfg['extra_link_args'] = ['-pthread']
+cfg['extra_compile_args'] = ['-std=c++17', '-O3', '-march=native', '-ffp-contract=off', '-fvisibility=hidden', '-fopenmp']
+cfg['extra_link_args'] = ['-fopenmp']
 cfg['dependencies'] = ['rotary_embedding.h']
 %>
 */

@@ -13,7 +13,6 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 namespace gptj_rotary {
@@ -68,7 +67,9 @@ inline float store<float>(float v) { return v; }
 template <>
 inline half store<half>(float v) { return float_to_half(v); }
 
-// Runs fn(begin, end) over [0, n) split into at most num_threads chunks of at least `grain` items.
+// Runs fn(begin, end) over [0, n) split into at most num_threads chunks of at least `grain` items, on
+// OpenMP threads: built with -fopenmp after torch is loaded, this shares torch's libgomp and so its warm
+// thread pool (a thread started per call costs more than a call's share of the work).
 template <typename F>
 void parallel_for(int64_t n, int64_t grain, int num_threads, const F& fn) {
     const int64_t chunks = std::min<int64_t>(std::max(num_threads, 1), (n + grain - 1) / std::max<int64_t>(grain, 1));
@@ -77,32 +78,48 @@ void parallel_for(int64_t n, int64_t grain, int num_threads, const F& fn) {
         return;
     }
     const int64_t step = (n + chunks - 1) / chunks;
-    std::vector<std::thread> workers;
-    for (int64_t k = 1; k < chunks; ++k)
-        workers.emplace_back(fn, k * step, std::min(n, (k + 1) * step));
-    fn(int64_t(0), std::min(n, step));
-    for (auto& w : workers)
-        w.join();
+#pragma omp parallel for num_threads(int(chunks)) schedule(static, 1)
+    for (int64_t k = 0; k < chunks; ++k)
+        fn(k * step, std::min(n, (k + 1) * step));
+}
+
+// One token's angles widened to the pair layout: out[j] = x[j] * c[j] + x[j ^ 1] * s[j] for j < rotary_dim,
+// with c[2i] = c[2i+1] = cos_i, s[2i] = -sin_i, s[2i+1] = sin_i (signs swapped for Inverse). Built once per
+// token and reused by all its heads, so the row loop is plain multiply-adds the compiler vectorises.
+template <bool Inverse>
+inline void pair_tables(const float* sin_row, const float* cos_row, int64_t half_rd, float* c, float* s) {
+    for (int64_t i = 0; i < half_rd; ++i) {
+        const float si = Inverse ? -sin_row[i] : sin_row[i];
+        c[2 * i] = c[2 * i + 1] = cos_row[i];
+        s[2 * i] = -si;
+        s[2 * i + 1] = si;
+    }
 }
 
 template <typename T, bool Inverse>
 void rotate_rows(const T* __restrict__ x, const float* __restrict__ sin, const float* __restrict__ cos,
                  const int32_t* __restrict__ pos, T* __restrict__ out, int64_t begin, int64_t end, int64_t H,
                  int64_t D, int64_t half_rd) {
+    const int64_t rd = 2 * half_rd;
+    std::vector<float> tables(2 * rd);
+    float* __restrict__ c = tables.data();
+    float* __restrict__ s = c + rd;
+    int64_t token = -1;
     for (int64_t row = begin; row < end; ++row) {
-        const int64_t p = pos[row / H];
-        const float* s = sin + p * half_rd;
-        const float* c = cos + p * half_rd;
-        const T* xr = x + row * D;
-        T* yr = out + row * D;
-        for (int64_t i = 0; i < half_rd; ++i) {
-            const float x0 = load(xr[2 * i]);
-            const float x1 = load(xr[2 * i + 1]);
-            const float si = Inverse ? -s[i] : s[i];
-            yr[2 * i] = store<T>(x0 * c[i] - x1 * si);
-            yr[2 * i + 1] = store<T>(x1 * c[i] + x0 * si);
+        if (row / H != token) {
+            token = row / H;
+            const int64_t p = pos[token];
+            pair_tables<Inverse>(sin + p * half_rd, cos + p * half_rd, half_rd, c, s);
         }
-        std::copy(xr + 2 * half_rd, xr + D, yr + 2 * half_rd);
+        const T* __restrict__ xr = x + row * D;
+        T* __restrict__ yr = out + row * D;
+        for (int64_t j = 0; j < rd; j += 2) {
+            const float x0 = load(xr[j]);
+            const float x1 = load(xr[j + 1]);
+            yr[j] = store<T>(x0 * c[j] + x1 * s[j]);
+            yr[j + 1] = store<T>(x1 * c[j + 1] + x0 * s[j + 1]);
+        }
+        std::copy(xr + rd, xr + D, yr + rd);
     }
 }
 
@@ -124,12 +141,12 @@ inline void check_arguments(const int32_t* pos, int64_t B, int64_t S, int64_t H,
 }
 
 // x, out: (B, S, H, D) contiguous; sin, cos: (max_positions, rotary_dim / 2); pos: (B, S).
-// Uses up to num_threads threads, each given at least min_values_per_thread values: the default keeps
-// calls that take well under a millisecond single-threaded, where starting a thread costs more than it saves.
+// Uses up to num_threads threads, each given at least min_values_per_thread values: below the default
+// (measured with a warm pool) a second thread saves less than it costs to hand it work.
 template <typename T>
 void rotary_forward(const T* x, const float* sin, const float* cos, const int32_t* pos, T* out, int64_t B,
                     int64_t S, int64_t H, int64_t D, int64_t rotary_dim, int64_t max_positions, bool inverse,
-                    int num_threads = 1, int64_t min_values_per_thread = int64_t(1) << 21) {
+                    int num_threads = 1, int64_t min_values_per_thread = int64_t(1) << 16) {
     check_arguments(pos, B, S, H, D, rotary_dim, max_positions);
     const int64_t half_rd = rotary_dim / 2;
     const int64_t grain = std::max<int64_t>(1, min_values_per_thread / std::max<int64_t>(D, 1));

@@ -22,6 +22,7 @@ applies.
 """
 import ctypes
 import functools
+import operator
 import os
 import time
 import weakref
@@ -321,20 +322,30 @@ if IS_CPU:
             ext, eps, n_layer = extension(), op.attrs["eps"], op.attrs["n_layer"]
             _one_replica(cls.name, runtime)
             batch, cache_len = op.inputs[0].shape[0], op.inputs[6].shape[-1]
-            arrays = _ArrayViews()
+            # The weights, tables and caches are the same tensors step after step: their arrays, as the
+            # kernel takes them, are made when they change (47 conversions cost some 30 us a step).
+            held = {"tensors": (), "arrays": ()}
+
+            def fixed_arrays(fixed):
+                if len(fixed) == len(held["tensors"]) and not any(map(operator.is_not, fixed, held["tensors"])):
+                    return held["arrays"]
+                embedding, sin, cos, ln_weight, ln_bias, w, bias, *rest = (t.contiguous().numpy() for t in fixed)
+                weights, caches = rest[:8 * n_layer], rest[8 * n_layer:]
+                arrays = embedding, weights, sin, cos, caches[:n_layer], caches[n_layer:], ln_weight, ln_bias, w, bias
+                if all(t.is_contiguous() for t in fixed):  # else some arrays are this call's copies
+                    held.update(tensors=fixed, arrays=arrays)
+                return arrays
 
             def kernel(threads, blas):
                 def step(token, embedding, positions, sin, cos, write, mask, ln_weight, ln_bias, w, bias, *rest):
-                    weights, caches = rest[:8 * n_layer], rest[8 * n_layer:]
+                    embedding, weights, sin, cos, keys, values, *head = fixed_arrays(
+                        (embedding, sin, cos, ln_weight, ln_bias, w, bias) + rest)
                     tokens = np.empty((1, batch, 1), np.int32)
-                    ext.greedy_decode_step(token.reshape(batch).contiguous().numpy(), arrays(embedding),
-                                           [arrays(t) for t in weights], positions.contiguous().numpy(),
-                                           arrays(sin), arrays(cos), [arrays(c) for c in caches[:n_layer]],
-                                           [arrays(c) for c in caches[n_layer:]], write.item(),
-                                           mask.reshape(batch, cache_len).contiguous().numpy(),
-                                           *map(arrays, (ln_weight, ln_bias, w, bias)), eps, tokens.reshape(batch),
-                                           threads, blas)
-                    return caches[0], torch.from_numpy(tokens)
+                    ext.greedy_decode_step(token.reshape(batch).contiguous().numpy(), embedding, weights,
+                                           positions.contiguous().numpy(), sin, cos, keys, values, write.item(),
+                                           mask.reshape(batch, cache_len).contiguous().numpy(), *head, eps,
+                                           tokens.reshape(batch), threads, blas)
+                    return rest[8 * n_layer], torch.from_numpy(tokens)
                 return step
             return product_ways(op, runtime, kernel)
 

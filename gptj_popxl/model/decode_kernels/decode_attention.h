@@ -58,16 +58,20 @@ inline void rotate(float* x, const float* sin, const float* cos, int64_t rotary_
 
 inline void decode_attention(const float* qkv, const int32_t* positions, const float* sin, const float* cos,
                              int64_t rotary_dim, float* k_cache, float* v_cache, int64_t write, const float* mask,
-                             int64_t B, int64_t H, int64_t D, int64_t C, float* z) {
+                             int64_t B, int64_t H, int64_t D, int64_t C, float* z, int num_threads = 1) {
     const float scale = std::sqrt(float(D));
     const int64_t half = rotary_dim / 2;
-    std::vector<float> q(D), k(D), score(C);
-    for (int64_t b = 0; b < B; ++b) {
-        const float* row = qkv + b * 3 * H * D;
-        const float* s = sin + int64_t(positions[b]) * half;
-        const float* c = cos + int64_t(positions[b]) * half;
-        for (int64_t h = 0; h < H; ++h) {
-            const int64_t bh = b * H + h;
+    // Heads on OpenMP threads (torch's pool, shared with MKL): a head reads its caches, which the
+    // weights streamed before it have pushed out of the core's own caches, at one core's bandwidth.
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && B * H > 1)
+    {
+        std::vector<float> q(D), k(D), score(C);
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            const int64_t b = bh / H, h = bh % H;
+            const float* row = qkv + b * 3 * H * D;
+            const float* s = sin + int64_t(positions[b]) * half;
+            const float* c = cos + int64_t(positions[b]) * half;
             std::copy(row + h * D, row + (h + 1) * D, q.begin());
             std::copy(row + (H + h) * D, row + (H + h + 1) * D, k.begin());
             rotate(q.data(), s, c, rotary_dim);

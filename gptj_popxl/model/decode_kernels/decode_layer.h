@@ -86,7 +86,8 @@ inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_
     products(h.data(), B, E, w.w_in, I, a.data());
     for (int64_t r = 0; r < B; ++r)
         add_bias_gelu(a.data() + r * I, w.b_in, I);
-    decode_attention(qkv.data(), positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z.data());
+    decode_attention(qkv.data(), positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z.data(),
+                     products.threads);
     products(z.data(), B, H * D, w.w_out, E, attn.data());
     products(a.data(), B, I, w.w_fc_out, E, x_next);
     for (int64_t r = 0; r < B; ++r)

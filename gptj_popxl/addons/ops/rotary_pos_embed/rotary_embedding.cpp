@@ -32,34 +32,43 @@ std::string describe(const char* name, const py::array& a) {
 
 bool is_float16(const py::array& a) { return a.dtype().kind() == 'f' && a.itemsize() == 2; }
 
-void require(bool ok, const std::string& message) {
+// Throws ValueError with message() when not ok; the message is built only then (building it calls
+// into Python, which would cost more than a small call's work).
+template <typename Message>
+void require(bool ok, const Message& message) {
     if (!ok)
-        throw py::value_error(message);
+        throw py::value_error(message());
 }
 
 void require_contiguous(const char* name, const py::array& a) {
-    require(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous");
+    require(a.flags() & py::array::c_style, [&] { return std::string(name) + " must be C-contiguous"; });
 }
 
 // out = rotation of x by the table rows at positions; see rotary_embedding.h for the formula.
 void rotary_embedding(const py::array& x, const py::array& sin, const py::array& cos, const py::array& positions,
                       py::array& out, int64_t rotary_dim, bool inverse, int num_threads) {
     const bool half = is_float16(x);
-    require(x.ndim() == 4 && (half || x.dtype().is(py::dtype::of<float>())),
-            "x must be (batch, seq, heads, head_dim) float32 or float16, got " + describe("x", x));
+    require(x.ndim() == 4 && (half || x.dtype().is(py::dtype::of<float>())), [&] {
+        return "x must be (batch, seq, heads, head_dim) float32 or float16, got " + describe("x", x);
+    });
     require(out.ndim() == 4 && out.dtype().is(x.dtype()) && out.shape(0) == x.shape(0) &&
                 out.shape(1) == x.shape(1) && out.shape(2) == x.shape(2) && out.shape(3) == x.shape(3),
-            describe("out", out) + " must match " + describe("x", x));
-    require(out.writeable(), "out must be writeable");
+            [&] { return describe("out", out) + " must match " + describe("x", x); });
+    require(out.writeable(), [] { return "out must be writeable"; });
     for (const auto* t : {&sin, &cos})
         require(t->ndim() == 2 && t->dtype().is(py::dtype::of<float>()) && t->shape(1) * 2 == rotary_dim &&
                     t->shape(0) == sin.shape(0),
-                "sin and cos must be float32 (max_positions, rotary_dim/2 = " + std::to_string(rotary_dim / 2) +
-                    "), got " + describe("sin", sin) + " and " + describe("cos", cos));
+                [&] {
+                    return "sin and cos must be float32 (max_positions, rotary_dim/2 = " +
+                           std::to_string(rotary_dim / 2) + "), got " + describe("sin", sin) + " and " +
+                           describe("cos", cos);
+                });
     require(positions.ndim() == 2 && positions.dtype().is(py::dtype::of<int32_t>()) &&
                 positions.shape(0) == x.shape(0) && positions.shape(1) == x.shape(1),
-            "positions must be int32 (batch, seq) = (" + std::to_string(x.shape(0)) + ", " +
-                std::to_string(x.shape(1)) + "), got " + describe("positions", positions));
+            [&] {
+                return "positions must be int32 (batch, seq) = (" + std::to_string(x.shape(0)) + ", " +
+                       std::to_string(x.shape(1)) + "), got " + describe("positions", positions);
+            });
     require_contiguous("x", x);
     require_contiguous("out", out);
     require_contiguous("sin", sin);

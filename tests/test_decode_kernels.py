@@ -1,8 +1,10 @@
 """The decode custom ops (``gptj_popxl.model.decode_kernels``) against torch and HF GPT-J's rotary code:
 ``streamed_matmul`` over row, column and depth tails, ``decode_layer`` (a whole layer of a decode
 step, its cache written in place) against the layer written in torch, ``greedy_head`` against
-``torch.argmax`` of the head's logits, and ``greedy_decode_step`` (embedding, layers, head) against both; each with its products streamed and by BLAS. ``Fastest``, which
-picks between those by timing, against ways of known cost."""
+``torch.argmax`` of the head's logits, and ``greedy_decode_steps`` (steps of embedding, layers and head,
+fed back into each other, with the decode loop's bookkeeping) against a torch loop; each with its
+products streamed and by BLAS. ``Fastest``, which picks between those by timing, against ways of
+known cost."""
 import time
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
 
 from gptj_popxl.model.decode_kernels import (MAX_ROWS, PRODUCTS_VARIABLE, Fastest, StreamedMatMul, blas_sgemm,
-                                             decode_layer, extension, greedy_decode_step, greedy_head,
+                                             decode_layer, extension, greedy_decode_steps, greedy_head,
                                              streamed_matmul)
 from gptj_popxl.model.rotary import trig_tables
 from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float32, int32
@@ -171,9 +173,14 @@ def test_decode_layer_matches_torch(products):
     np.testing.assert_allclose(v_after, ref_v.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_decode_step_matches_torch(products):
+@pytest.mark.parametrize("steps,first_step", [(3, 1), (0, 0), (2, 7)])
+def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step):
+    """``steps`` greedy steps fed back into each other against the same loop in torch: the tokens
+    written into ``tokens`` (at column 0 once ``step`` runs past it, as dynamic_update), the caches
+    and mask as left in place, and the counters (positions and columns wrapping)."""
     rng = np.random.default_rng(3)
-    batch, heads, head_dim, cache_len, n_embd, inner, rotary_dim, vocab, write, n_layer = 2, 2, 8, 5, 16, 24, 4, 40, 3, 3
+    batch, heads, head_dim, cache_len, n_embd, inner, rotary_dim, vocab, n_layer = 2, 2, 8, 5, 16, 24, 4, 40, 3
+    column, chunk, n_positions = 3, 4, 11
 
     def f32(*shape, scale=1.0, shift=0.0):
         return (shift + scale * rng.standard_normal(shape)).astype(np.float32)
@@ -185,49 +192,64 @@ def test_greedy_decode_step_matches_torch(products):
     k_caches = [f32(batch, heads, head_dim, cache_len) for _ in range(n_layer)]
     v_caches = [f32(batch, heads, cache_len, head_dim) for _ in range(n_layer)]
     head = [f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, vocab), f32(vocab)]
-    positions = np.array([[9], [2]], np.int32)
-    mask = np.zeros((batch, 1, 1, cache_len), np.float32)
-    mask[1, ..., :2] = np.finfo(np.float32).min  # row 1 does not see columns 0 and 1
+    position = np.array([[9], [2]], np.int32)  # row 0 wraps from n_positions - 1 to 0
+    mask = np.full((batch, 1, 1, cache_len), np.finfo(np.float32).min, np.float32)
+    mask[0, ..., :column] = 0  # row 0 sees the columns before the first it writes, row 1 none of them
+    tokens = np.full((batch, chunk), -1, np.int32)
     sin, cos = trig_tables(POSITIONS, rotary_dim)
 
-    def fn(token, embedding, *rest):
+    def fn(token, position, column, mask, tokens, step, embedding, *rest):
         weights, rest = rest[:8 * n_layer], rest[8 * n_layer:]
-        keys, values, (positions, sin, cos, write, mask, *head) = rest[:n_layer], rest[n_layer:2 * n_layer], \
-            rest[2 * n_layer:]
+        keys, values, (sin, cos, *head) = rest[:n_layer], rest[n_layer:2 * n_layer], rest[2 * n_layer:]
         layers = [weights[8 * i:8 * i + 8] for i in range(n_layer)]
-        tokens = greedy_decode_step(token, embedding, layers, positions, sin, cos, keys, values, write, mask, *head,
-                                    eps=1e-5)
-        return (tokens, *keys, *values)
-    outs, _ = run_graph(fn, token, embedding, *[w for layer in layers for w in layer], *k_caches, *v_caches,
-                        positions, sin, cos, np.int32([write]), mask, *head)
+        carried = greedy_decode_steps(token, position, column, mask, tokens, step, embedding, layers, sin, cos, keys,
+                                      values, *head, eps=1e-5, n_positions=n_positions, steps=steps)
+        return (*carried, *keys, *values)
+    outs, _ = run_graph(fn, token, position, np.int32([column]), mask, tokens, np.int32([first_step]), embedding,
+                        *[w for layer in layers for w in layer], *k_caches, *v_caches, sin, cos, *head)
 
     def t(a):
-        return torch.from_numpy(a).double()
-    x = t(embedding)[torch.from_numpy(token[:, 0]).long()]
-    for i, layer in enumerate(layers):
-        x, k, v = torch_layer(x, [t(w) for w in layer], positions, t(k_caches[i]), t(v_caches[i]), write, t(mask[:, 0]),
-                              rotary_dim, 1e-5)
-        np.testing.assert_allclose(outs[1 + i], k.numpy(), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(outs[1 + n_layer + i], v.numpy(), rtol=1e-4, atol=1e-4)
-    h = torch.nn.functional.layer_norm(x, (n_embd,), t(head[0]), t(head[1]), 1e-5)
-    np.testing.assert_array_equal(outs[0], torch.argmax(h @ t(head[2]) + t(head[3]), dim=-1)[:, None].numpy())
+        return torch.from_numpy(np.array(a)).double()
+    ids, pos, col, ref_mask, ref_tokens = token[:, 0], position[:, 0], column, t(mask[:, 0, 0]), tokens.copy()
+    keys, values = [t(k) for k in k_caches], [t(v) for v in v_caches]
+    for i in range(steps):
+        ref_mask[:, col] = 0
+        x = t(embedding)[torch.from_numpy(ids).long()]
+        for layer in range(n_layer):
+            x, keys[layer], values[layer] = torch_layer(x, [t(w) for w in layers[layer]], pos[:, None], keys[layer],
+                                                        values[layer], col, ref_mask[:, None], rotary_dim, 1e-5)
+        h = torch.nn.functional.layer_norm(x, (n_embd,), t(head[0]), t(head[1]), 1e-5)
+        ids = torch.argmax(h @ t(head[2]) + t(head[3]), dim=-1).numpy().astype(np.int32)
+        index = first_step + i
+        ref_tokens[:, index if index < chunk else 0] = ids
+        pos, col = (pos + 1) % n_positions, (col + 1) % cache_len
+    new, next_position, next_column, mask_after, tokens_after, next_step, *caches = outs
+    np.testing.assert_array_equal(new[:, 0], ids)
+    np.testing.assert_array_equal(next_position[:, 0], pos)
+    np.testing.assert_array_equal(next_column, [col])
+    np.testing.assert_array_equal(next_step, [first_step + steps])
+    np.testing.assert_array_equal(tokens_after, ref_tokens)
+    np.testing.assert_array_equal(mask_after[:, 0, 0], ref_mask.numpy())
+    for got, want in zip(caches, keys + values):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_decode_step_names_a_mismatched_layer_weight():
+def test_greedy_decode_steps_name_a_mismatched_layer_weight():
     f32, i32 = float32, int32
     layer = [(8,), (8,), (8, 6), (8, 16), (16,), (2, 8), (16, 8), (8,)]  # one head of 2 features
     bad = layer[:3] + [(8, 15)] + layer[4:]
 
-    def build(token, embedding, *rest):
-        weights, (k0, k1, v0, v1, positions, write, mask, *head) = rest[:16], rest[16:]
+    def build(token, position, column, mask, tokens, step, embedding, *rest):
+        weights, (k0, k1, v0, v1, *head) = rest[:16], rest[16:]
         sin, cos = (constant(np.zeros((8, 1), np.float32)) for _ in range(2))
-        greedy_decode_step(token, embedding, [weights[:8], weights[8:]], positions, sin, cos, [k0, k1], [v0, v1], write,
-                           mask, *head, eps=1e-5)
-    specs = ([TensorSpec((2, 1), i32), TensorSpec((10, 8), f32)] + [TensorSpec(s, f32) for s in layer + bad]
+        greedy_decode_steps(token, position, column, mask, tokens, step, embedding, [weights[:8], weights[8:]], sin,
+                            cos, [k0, k1], [v0, v1], *head, eps=1e-5, n_positions=8, steps=2)
+    specs = ([TensorSpec((2, 1), i32), TensorSpec((2, 1), i32), TensorSpec((1,), i32), TensorSpec((2, 1, 1, 3), f32),
+              TensorSpec((2, 4), i32), TensorSpec((1,), i32), TensorSpec((10, 8), f32)]
+             + [TensorSpec(s, f32) for s in layer + bad]
              + [TensorSpec((2, 1, 2, 3), f32)] * 2 + [TensorSpec((2, 1, 3, 2), f32)] * 2
-             + [TensorSpec((2, 1), i32), TensorSpec((1,), i32), TensorSpec((2, 1, 1, 3), f32)]
              + [TensorSpec(s, f32) for s in [(8,), (8,), (8, 10), (10,)]])
-    with pytest.raises(ValueError, match=r"greedy_decode_step: layers\[1\] w_in must be \(8, 16\) float32"):
+    with pytest.raises(ValueError, match=r"greedy_decode_steps: layers\[1\] w_in must be \(8, 16\) float32"):
         Ir().create_graph(build, *specs)
 
 

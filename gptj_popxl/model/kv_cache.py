@@ -13,8 +13,8 @@ Every linear layer here multiplies with ``streamed_matmul``: a decode step has o
 sequence, and that op forms few-row products by BLAS or by reading each weight once for all rows,
 whichever it timed faster (larger products stay ``ops.matmul``). On the CPU runtime a float32
 decode step on one shard runs each layer as one ``decode_layer`` op (``decode_kernels``), which also
-writes the new key and value into the caches; a greedy one with every layer resident runs as one
-``greedy_decode_step`` op.
+writes the new key and value into the caches; with every layer resident a greedy run of the decode
+loop (its steps and their bookkeeping) is one ``greedy_decode_steps`` op.
 
 Masks are additive float32 ``(batch, 1, queries, keys)``: 0 where a query may attend, the
 float32 minimum where not (never summed, so fully masked rows stay finite).
@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
-from gptj_popxl.model.decode_kernels import (can_decode_layer, decode_layer, greedy_decode_step, greedy_head,
+from gptj_popxl.model.decode_kernels import (can_decode_layer, decode_layer, greedy_decode_steps, greedy_head,
                                              streamed_matmul)
 from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, attend
 
@@ -166,28 +166,29 @@ class CachedLM(GPTJLM):
     def decode_greedy(self, token: popxl.Tensor, position: popxl.Tensor, mask: popxl.Tensor, write: popxl.Tensor,
                       shard_offset: popxl.Tensor, k_caches: Sequence[popxl.Tensor],
                       v_caches: Sequence[popxl.Tensor]) -> popxl.Tensor:
-        """As ``decode``, but the greedy next token of each row, int32: (batch, 1) by one
-        ``greedy_decode_step`` op with every layer resident, else (batch,) by the layers then one
+        """As ``decode``, but the greedy next token (batch,) int32 of each row, by the layers then one
         ``greedy_head`` op (``ln_f``, the LM head and the argmax; their variables declared as their own
-        builds declare them). Only where ``can_decode_layer`` holds."""
-        if not self.offload:
-            return self._greedy_decode_step(token, position, mask, write, k_caches, v_caches)
+        builds declare them). Only where ``can_decode_layer`` holds; with every layer resident, a run
+        of the decode loop is one op (``greedy_steps``)."""
         n_embd, dtype, eps = self.config.n_embd, self.dtype, self.config.layer_norm_epsilon
         hidden = self._decode_hidden(token, position, mask, write, shard_offset, k_caches, v_caches)
         return greedy_head(hidden, *self.ln_f.variables(n_embd, dtype), *self.lm_head.variables(n_embd, dtype), eps)
 
-    def _greedy_decode_step(self, token, position, mask, write, k_caches, v_caches) -> popxl.Tensor:
-        """``decode_greedy`` with every layer resident, as one ``greedy_decode_step`` op; the variables are
-        declared as the modules' own builds declare them."""
+    def greedy_steps(self, token, position, column, mask, tokens, step, k_caches, v_caches, steps: int) -> Tuple:
+        """``steps`` iterations of the greedy decode loop with every layer resident, as one
+        ``greedy_decode_steps`` op (the steps and the loop's bookkeeping: see that op); returns the
+        loop's carried values ``(token, position, column, mask, tokens, step)`` after them. The
+        variables are declared as the modules' own builds declare them. Only where
+        ``can_decode_layer`` holds and not offloaded."""
         n_embd, dtype, eps = self.config.n_embd, self.dtype, self.config.layer_norm_epsilon
         block = CachedDecoderBlock(self.config, self.groups)
         hidden = popxl.TensorSpec((token.shape[0], 1, n_embd), dtype)
-        facts, _ = block.create_graph(hidden, position, mask, k_caches[0], v_caches[0], write)
+        facts, _ = block.create_graph(hidden, position, mask, k_caches[0], v_caches[0], column)
         layers = [block.decode_weights(self._layer_variables(i, facts)) for i in range(self.config.n_layer)]
         sin, cos = block.attn.trig_constants(popxl.float32)
-        return greedy_decode_step(token, self.embedding.word.variables(), layers, position, sin, cos, k_caches,
-                                  v_caches, write, mask, *self.ln_f.variables(n_embd, dtype),
-                                  *self.lm_head.variables(n_embd, dtype), eps)
+        return greedy_decode_steps(token, position, column, mask, tokens, step, self.embedding.word.variables(),
+                                   layers, sin, cos, k_caches, v_caches, *self.ln_f.variables(n_embd, dtype),
+                                   *self.lm_head.variables(n_embd, dtype), eps, self.config.n_positions, steps)
 
     def _decode_hidden(self, token, position, mask, write, shard_offset, k_caches, v_caches) -> popxl.Tensor:
         """The last layer's hidden states (batch, 1, n_embd) of a decode step."""

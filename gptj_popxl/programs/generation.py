@@ -106,7 +106,8 @@ class PrefillModule(CachedLM):
 
 
 class DecodeStep(CachedLM):
-    """One decode iteration, the body of the decode loop.
+    """One decode iteration, the body of the decode loop; or, where ``whole_chunk`` says, all
+    ``chunk`` iterations in one op.
 
     ``build(token, position, column, mask, tokens, step, [scores,] shard_offset[, uniforms])``:
     ``token``/``position`` (batch, 1) int32, ``column`` (1,) int32 (the cache column every row
@@ -119,13 +120,27 @@ class DecodeStep(CachedLM):
     """
 
     def __init__(self, config, groups, dtype, sampling: Optional[Sampling], caches: Sequence[popxl.Tensor],
-                 offload: bool = False):
+                 offload: bool = False, chunk: int = 1):
         super().__init__(config, groups, dtype, offload)
         self.sampling = sampling
         self.caches = tuple(caches)
+        self.chunk = chunk
+
+    def greedy(self, with_scores: bool) -> bool:
+        """Whether a step picks its tokens by the C++ greedy kernels (``can_decode_layer``)."""
+        return not with_scores and self.sampling is None and can_decode_layer(self.dtype, self.groups.tp)
+
+    def whole_chunk(self, with_scores: bool) -> bool:
+        """Whether one build runs all ``chunk`` steps, as one ``greedy_decode_steps`` op (greedy, every
+        layer resident): the program then calls it once instead of repeating it."""
+        return self.greedy(with_scores) and not self.offload
 
     def build(self, token, position, column, mask, tokens, step, scores, shard_offset, uniforms=None):
         batch, cache_len = mask.shape[0], mask.shape[-1]
+        n = self.config.n_layer
+        caches = (self.caches[:n], self.caches[n:])
+        if self.whole_chunk(scores is not None):
+            return self.greedy_steps(token, position, column, mask, tokens, step, *caches, steps=self.chunk)
         # The column this step writes is attended from now on (every row writes it).
         unmasked = popxl.constant(np.zeros((batch, 1, 1, 1), np.float32), popxl.float32, name="unmasked")
         mask = ops.dynamic_update_(mask, column, unmasked, axes=[3], sizes=[1], no_overlap=True)
@@ -137,9 +152,7 @@ class DecodeStep(CachedLM):
         next_position = ops.increment_mod(position, 1, self.config.n_positions)
         next_column = ops.increment_mod(column, 1, cache_len)
         next_step = step + popxl.constant(np.int32(1), popxl.int32, name="one")
-        n = self.config.n_layer
-        caches = (self.caches[:n], self.caches[n:])
-        if scores is None and self.sampling is None and can_decode_layer(self.dtype, self.groups.tp):
+        if self.greedy(scores is not None):
             new = self.decode_greedy(token, position, mask, column, shard_offset, *caches)
         else:
             logits = self.decode(token, position, mask, column, shard_offset, *caches)
@@ -301,14 +314,18 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         args = [token, position, column, mask, tokens, step, scores, offset]
         if sampling is not None:
             args.append(_h2d(inputs, "uniforms", (chunk, batch, sampling.candidates(config, tp)[1]), popxl.float32))
-        module = DecodeStep(config, groups, dtype, sampling, cache, model.offload)
+        module = DecodeStep(config, groups, dtype, sampling, cache, model.offload, chunk)
         facts, graph = module.create_graph(*args)
         remote = _create_remote_layers(model, module)
         variables = create_variables(facts, model.weights)
         _share_weight_memory(model, variables, attach)
         bound = variables.to_dict()
         loop_inputs = {graph_input: bound[name] for name, graph_input in graph.args.to_dict().items()}
-        results = ops.repeat(graph.graph, chunk, *[t for t in args if t is not None], inputs_dict=loop_inputs)
+        args = [t for t in args if t is not None]
+        if module.whole_chunk(with_logits):
+            results = ops.call(graph.graph, *args, inputs_dict=loop_inputs)
+        else:
+            results = ops.repeat(graph.graph, chunk, *args, inputs_dict=loop_inputs)
         _d2h(outputs, "tokens", results[4])
         if with_logits:
             _d2h(outputs, "logits", results[6])

@@ -10,8 +10,9 @@
   (LayerNorm, the products formed as above, rotary embedding, cache write, attention, GELU,
   residual) in one op instead of some thirty small ones.
 - ``greedy_head(...)``: ``ln_f``, the LM head and the argmax of a greedy decode step in one op.
-- ``greedy_decode_step(...)``: a whole greedy decode step with every layer resident (the embedding
-  lookup, every ``decode_layer``, ``greedy_head``) in one op.
+- ``greedy_decode_steps(...)``: greedy decode steps with every layer resident, each the embedding
+  lookup, every ``decode_layer`` and ``greedy_head``, with the decode loop's bookkeeping between
+  them (mask, tokens, counters): a whole run of the loop in one op, no Python between steps.
 
 On the CPU runtime these are custom ops (``gptj_popxl.backend.custom_op``) whose kernels are the C++
 in ``streamed_matmul.h``, ``decode_attention.h`` and ``decode_layer.h``, bound by ``decode_kernels.cpp`` and compiled
@@ -26,14 +27,14 @@ import operator
 import os
 import time
 import weakref
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
 
 from gptj_popxl.backend import IS_CPU, custom_op, popxl
 
-__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "greedy_head", "greedy_decode_step", "can_decode_layer",
+__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "greedy_head", "greedy_decode_steps", "can_decode_layer",
            "product_choices"]
 
 # Most rows of x given to the kernel; beyond, the product is compute-bound and plain BLAS (``ops.matmul``)
@@ -300,13 +301,14 @@ if IS_CPU:
             return product_ways(op, runtime, kernel)
 
 
-    class GreedyDecodeStep(custom_op.CustomOp):
-        """A whole greedy decode step by the C++ kernel. Inputs: token, embedding, positions, sin, cos,
-        write, mask, ln_f's weight and bias, the LM head's weight and bias (``HEAD`` of them), then 8
-        weights per layer, then the key caches and the value caches, which it writes in place; outputs:
-        the first key cache and the next tokens, as ``token`` (batch, 1)."""
-        name = "greedy_decode_step"
-        HEAD = 11
+    class GreedyDecodeSteps(custom_op.CustomOp):
+        """Greedy decode steps by the C++ kernel (see :func:`greedy_decode_steps`). Inputs: token,
+        position, column, mask, tokens, step, embedding, sin, cos, ln_f's weight and bias, the LM
+        head's weight and bias (``HEAD`` of them), then 8 weights per layer, then the key caches and
+        the value caches, which it writes in place; outputs: the first key cache, then the next token,
+        position, column, mask, tokens and step."""
+        name = "greedy_decode_steps"
+        HEAD = 13
 
         @classmethod
         def modified_inputs(cls, op):
@@ -314,16 +316,18 @@ if IS_CPU:
             return tuple(range(first, first + 2 * op.attrs["n_layer"]))
 
         @staticmethod
-        def infer(*inputs, n_layer, eps):
-            return inputs[GreedyDecodeStep.HEAD + 8 * n_layer].spec, inputs[0].spec
+        def infer(token, position, column, mask, tokens, step, *rest, n_layer, eps, n_positions, steps):
+            k_cache = rest[GreedyDecodeSteps.HEAD - 6 + 8 * n_layer]
+            return k_cache.spec, token.spec, position.spec, column.spec, mask.spec, tokens.spec, step.spec
 
         @classmethod
         def lower(cls, op, runtime):
-            ext, eps, n_layer = extension(), op.attrs["eps"], op.attrs["n_layer"]
+            ext, attrs = extension(), op.attrs
+            n_layer, eps, n_positions, steps = attrs["n_layer"], attrs["eps"], attrs["n_positions"], attrs["steps"]
             _one_replica(cls.name, runtime)
-            batch, cache_len = op.inputs[0].shape[0], op.inputs[6].shape[-1]
-            # The weights, tables and caches are the same tensors step after step: their arrays, as the
-            # kernel takes them, are made when they change (47 conversions cost some 30 us a step).
+            (batch, chunk), cache_len = op.inputs[4].shape, op.inputs[3].shape[-1]
+            # The weights, tables and caches are the same tensors run after run: their arrays, as the
+            # kernel takes them, are made when they change (47 conversions cost some 30 us).
             held = {"tensors": (), "arrays": ()}
 
             def fixed_arrays(fixed):
@@ -337,16 +341,23 @@ if IS_CPU:
                 return arrays
 
             def kernel(threads, blas):
-                def step(token, embedding, positions, sin, cos, write, mask, ln_weight, ln_bias, w, bias, *rest):
+                def run_steps(token, position, column, mask, tokens, step, embedding, sin, cos, ln_weight, ln_bias,
+                              w, bias, *rest):
                     embedding, weights, sin, cos, keys, values, *head = fixed_arrays(
                         (embedding, sin, cos, ln_weight, ln_bias, w, bias) + rest)
-                    tokens = np.empty((1, batch, 1), np.int32)
-                    ext.greedy_decode_step(token.reshape(batch).contiguous().numpy(), embedding, weights,
-                                           positions.contiguous().numpy(), sin, cos, keys, values, write.item(),
-                                           mask.reshape(batch, cache_len).contiguous().numpy(), *head, eps,
-                                           tokens.reshape(batch), threads, blas)
-                    return rest[8 * n_layer], torch.from_numpy(tokens)
-                return step
+                    # The kernel writes these as it goes: the next token and positions, the mask, the tokens.
+                    token, positions = (t.reshape(batch).clone(memory_format=torch.contiguous_format)
+                                        for t in (token, position))
+                    mask, tokens = (t.clone(memory_format=torch.contiguous_format) for t in (mask, tokens))
+                    column, first = int(column), int(step)
+                    ext.greedy_decode_steps(token.numpy(), positions.numpy(), column,
+                                            mask.numpy().reshape(batch, cache_len), tokens.numpy().reshape(batch, chunk),
+                                            first, steps, n_positions, embedding, weights, sin, cos, keys, values,
+                                            *head, eps, threads, blas)
+                    return (rest[8 * n_layer], token.reshape(1, batch, 1), positions.reshape(1, batch, 1),
+                            torch.tensor([[(column + steps) % cache_len]], dtype=torch.int32), mask, tokens,
+                            torch.tensor([[first + steps]], dtype=torch.int32))
+                return run_steps
             return product_ways(op, runtime, kernel)
 
 
@@ -435,34 +446,55 @@ def greedy_head(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor,
     return GreedyHead.create(x, ln_weight, ln_bias, w, bias, eps=float(eps), name="greedy_token")
 
 
-def greedy_decode_step(token: popxl.Tensor, embedding: popxl.Tensor, layers: Sequence[Sequence[popxl.Tensor]],
-                       positions: popxl.Tensor, sin: popxl.Tensor, cos: popxl.Tensor,
-                       k_caches: Sequence[popxl.Tensor], v_caches: Sequence[popxl.Tensor], write: popxl.Tensor,
-                       mask: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor, w: popxl.Tensor,
-                       bias: popxl.Tensor, eps: float) -> popxl.Tensor:
-    """A whole greedy decode step in one op: each row's ``token`` (batch, 1) int32 looked up in
-    ``embedding`` (vocab, n_embd) (clamped into range, as ``ops.gather``), every layer in turn as
+def greedy_decode_steps(token: popxl.Tensor, position: popxl.Tensor, column: popxl.Tensor, mask: popxl.Tensor,
+                        tokens: popxl.Tensor, step: popxl.Tensor, embedding: popxl.Tensor,
+                        layers: Sequence[Sequence[popxl.Tensor]], sin: popxl.Tensor, cos: popxl.Tensor,
+                        k_caches: Sequence[popxl.Tensor], v_caches: Sequence[popxl.Tensor], ln_weight: popxl.Tensor,
+                        ln_bias: popxl.Tensor, w: popxl.Tensor, bias: popxl.Tensor, eps: float, n_positions: int,
+                        steps: int) -> Tuple[popxl.Tensor, ...]:
+    """``steps`` iterations of the greedy decode loop in one op, each fed the last one's tokens.
+
+    An iteration: the cache column ``column`` (1,) int32 is unmasked in ``mask`` (batch, 1, 1,
+    cache_len) (every row writes it), each row's ``token`` (batch, 1) int32 is looked up in
+    ``embedding`` (vocab, n_embd) (clamped into range, as ``ops.gather``), every layer runs in turn as
     :func:`decode_layer` (``layers``: each layer's 8 weights in its argument order; its caches
-    ``k_caches[i]``, ``v_caches[i]`` written in place), then :func:`greedy_head` (``ln_weight``,
-    ``ln_bias``, ``w``, ``bias``). Returns the next tokens (batch, 1) int32. Saves the calls between
-    the kernels, an eighth of a step's time on the benchmark model."""
+    ``k_caches[i]``, ``v_caches[i]`` written at ``column``) at ``position`` (batch, 1) int32, then
+    :func:`greedy_head` (``ln_weight``, ``ln_bias``, ``w``, ``bias``) gives the new tokens. They go
+    into column ``step`` (1,) int32 of ``tokens`` (batch, chunk) int32 (column 0 when ``step`` is
+    outside it, as ``ops.dynamic_update``), and the counters advance: position and column by one,
+    wrapped at ``n_positions`` and cache_len as ``ops.increment_mod``, step by one.
+
+    Returns the loop's carried values after ``steps`` iterations: ``(token, position, column,
+    mask, tokens, step)``; the caches are written in place. One op saves a step's calls between
+    its kernels and the loop's small ops, which each cost tens of microseconds after a step has
+    filled the processor's caches with weights.
+    """
     n_embd = embedding.shape[-1]
     if not layers or len(k_caches) != len(layers) or len(v_caches) != len(layers):
-        raise ValueError(f"greedy_decode_step: one key and one value cache per layer, got {len(layers)} layers, "
+        raise ValueError(f"greedy_decode_steps: one key and one value cache per layer, got {len(layers)} layers, "
                          f"{len(k_caches)} key and {len(v_caches)} value caches")
+    batch = k_caches[0].shape[0]
     context = f"embedding {tuple(embedding.shape)} and k_caches[0] {tuple(k_caches[0].shape)}"
-    expected = {"token": (token, (k_caches[0].shape[0], 1), popxl.int32), "embedding": (embedding, tuple(embedding.shape)),
+    chunk = tokens.shape[-1] if len(tokens.shape) == 2 else 1
+    expected = {"token": (token, (batch, 1), popxl.int32), "embedding": (embedding, tuple(embedding.shape)),
+                "tokens": (tokens, (batch, chunk), popxl.int32), "step": (step, (1,), popxl.int32),
                 **_head_expected(n_embd, ln_weight, ln_bias, w, bias)}
-    _require("greedy_decode_step", context, expected)
+    _require("greedy_decode_steps", context, expected)
     if any(len(weights) != 8 for weights in layers):
-        raise ValueError(f"greedy_decode_step: every layer must have 8 weights, got {[len(w) for w in layers]}")
+        raise ValueError(f"greedy_decode_steps: every layer must have 8 weights, got {[len(w) for w in layers]}")
     inner = layers[0][3].shape[-1]
     for i, (weights, k_cache, v_cache) in enumerate(zip(layers, k_caches, v_caches)):
         expected = {f"layers[{i}] {what}": e for what, e in _layer_expected(
-            n_embd, inner, weights, positions, sin, cos, k_cache, v_cache, write, mask).items()}
+            n_embd, inner, weights, position, sin, cos, k_cache, v_cache, column, mask).items()}
         expected[f"k_caches[{i}]"] = (k_cache, tuple(k_caches[0].shape))
-        _require("greedy_decode_step", context, expected)
-    _check_rotary("greedy_decode_step", sin, k_caches[0].shape[2])
-    return GreedyDecodeStep.create(token, embedding, positions, sin, cos, write, mask, ln_weight, ln_bias, w, bias,
-                                   *[t for weights in layers for t in weights], *k_caches, *v_caches,
-                                   n_layer=len(layers), eps=float(eps), name="greedy_decode_step")[1]
+        _require("greedy_decode_steps", context, expected)
+    _check_rotary("greedy_decode_steps", sin, k_caches[0].shape[2])
+    if not (isinstance(n_positions, int) and 0 < n_positions <= sin.shape[0]):
+        raise ValueError(f"greedy_decode_steps: n_positions must be an int in [1, {sin.shape[0]}] (the rotary "
+                         f"tables' rows), got {n_positions!r}")
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"greedy_decode_steps: steps must be an int >= 0, got {steps!r}")
+    return GreedyDecodeSteps.create(
+        token, position, column, mask, tokens, step, embedding, sin, cos, ln_weight, ln_bias, w, bias,
+        *[t for weights in layers for t in weights], *k_caches, *v_caches, n_layer=len(layers), eps=float(eps),
+        n_positions=n_positions, steps=steps, name="greedy_decode_steps")[1:]

@@ -188,15 +188,21 @@ void greedy_head(const py::array& x, const py::array& ln_weight, const py::array
                              products(num_threads, blas), out);
 }
 
-void greedy_decode_step(const py::array& tokens, const py::array& embedding, const std::vector<py::array>& weights,
-                        const py::array& positions, const py::array& sin, const py::array& cos,
-                        std::vector<py::array>& k_caches, std::vector<py::array>& v_caches, int64_t write,
-                        const py::array& mask, const py::array& ln_weight, const py::array& ln_bias,
-                        const py::array& w, const py::array& bias, float eps, py::array& next, int num_threads,
-                        uintptr_t blas) {
+// `steps` greedy decode steps, each fed the previous one's tokens: step i unmasks column
+// (column + i) % cache_len of mask (every row attends to the column it writes from then on), runs
+// the whole step (embedding, every layer writing its caches at that column, greedy head) at the rows'
+// positions, writes its tokens into column first_step + i of out (0 where that is outside out, as
+// dynamic_update_), then advances the positions, wrapping at n_positions. token and positions end
+// as the next step's.
+void greedy_decode_steps(py::array& token, py::array& positions, int64_t column, py::array& mask, py::array& out,
+                         int64_t first_step, int64_t steps, int64_t n_positions, const py::array& embedding,
+                         const std::vector<py::array>& weights, const py::array& sin, const py::array& cos,
+                         std::vector<py::array>& k_caches, std::vector<py::array>& v_caches,
+                         const py::array& ln_weight, const py::array& ln_bias, const py::array& w,
+                         const py::array& bias, float eps, int num_threads, uintptr_t blas) {
     const size_t L = k_caches.size();
     require(L > 0 && v_caches.size() == L && weights.size() == 8 * L,
-            "greedy_decode_step takes 8 weights and a key and a value cache per layer, got " +
+            "greedy_decode_steps takes 8 weights and a key and a value cache per layer, got " +
                 std::to_string(weights.size()) + " weights, " + std::to_string(L) + " key and " +
                 std::to_string(v_caches.size()) + " value caches");
     const StepSizes n{dim(k_caches[0], -4), dim(k_caches[0], -3), dim(k_caches[0], -2), dim(k_caches[0], -1),
@@ -204,21 +210,49 @@ void greedy_decode_step(const py::array& tokens, const py::array& embedding, con
     const int64_t V = dim(embedding, -2), vocab = check_head(n.E, ln_weight, ln_bias, w, bias);
     require_floats("embedding", embedding, {V, n.E});
     require(V > 0, "the embedding table has no rows");
+    require(steps >= 0 && n_positions > 0 && n_positions <= n.P,
+            "steps must be >= 0 and n_positions in [1, " + std::to_string(n.P) + "], got " + std::to_string(steps) +
+                " and " + std::to_string(n_positions));
+    require(column >= 0 && column < n.C, "column " + std::to_string(column) + " outside the cache's " +
+                                             std::to_string(n.C) + " columns");
     std::vector<gptj_decode::LayerWeights> layers;
     std::vector<float*> keys, values;
-    const int32_t* p = nullptr;
+    int32_t* p = const_cast<int32_t*>(check_step(n, k_caches[0], v_caches[0], positions, sin, cos, column, mask));
+    require(positions.writeable(), "positions must be writeable");
     for (size_t l = 0; l < L; ++l) {
         layers.push_back(layer_weights(&weights[8 * l], n.E, n.H, n.D, n.I));
-        p = check_step(n, k_caches[l], v_caches[l], positions, sin, cos, write, mask);
+        check_step(n, k_caches[l], v_caches[l], positions, sin, cos, column, mask);
         keys.push_back(floats(k_caches[l]));
         values.push_back(floats(v_caches[l]));
     }
-    const int32_t* ids = int32s("tokens", tokens, n.B, false);
-    int32_t* out = int32s("next", next, n.B, true);
+    for (int64_t b = 0; b < n.B; ++b)
+        require(p[b] < n_positions, "position " + std::to_string(p[b]) + " of row " + std::to_string(b) +
+                                        " is not below n_positions " + std::to_string(n_positions));
+    int32_t* ids = int32s("token", token, n.B, true);
+    require(out.dtype().is(py::dtype::of<int32_t>()) && (out.flags() & py::array::c_style) && out.writeable() &&
+                dim(out, -2) == n.B && out.size() == n.B * dim(out, -1),
+            "out must be a writeable C-contiguous int32 (" + std::to_string(n.B) + ", chunk) array, got " +
+                shape_of(out));
+    require(mask.writeable(), "mask must be writeable");
+    const int64_t chunk = dim(out, -1);
+    int32_t* tokens = static_cast<int32_t*>(out.mutable_data());
+    float* unmasked = floats(mask);
+    std::vector<int32_t> next(n.B);
     py::gil_scoped_release release;
-    gptj_decode::greedy_decode_step(ids, floats(embedding), V, n.B, n.E, n.H, n.D, n.I, eps, layers, p, floats(sin),
-                                    floats(cos), 2 * n.half, keys, values, n.C, write, floats(mask), floats(ln_weight),
-                                    floats(ln_bias), floats(w), floats(bias), vocab, products(num_threads, blas), out);
+    for (int64_t i = 0; i < steps; ++i) {
+        const int64_t write = (column + i) % n.C, index = first_step + i;
+        for (int64_t b = 0; b < n.B; ++b)
+            unmasked[b * n.C + write] = 0.0f;
+        gptj_decode::greedy_decode_step(ids, floats(embedding), V, n.B, n.E, n.H, n.D, n.I, eps, layers, p,
+                                        floats(sin), floats(cos), 2 * n.half, keys, values, n.C, write, unmasked,
+                                        floats(ln_weight), floats(ln_bias), floats(w), floats(bias), vocab,
+                                        products(num_threads, blas), next.data());
+        for (int64_t b = 0; b < n.B; ++b) {
+            tokens[b * chunk + (index >= 0 && index < chunk ? index : 0)] = next[b];
+            ids[b] = next[b];
+            p[b] = int32_t((p[b] + 1) % n_positions);
+        }
+    }
 }
 
 }  // namespace
@@ -238,12 +272,15 @@ PYBIND11_MODULE(decode_kernels, m) {
           "One decoder layer of a decode step (see decode_layer.h), its products by the sgemm at address blas "
           "(Fortran interface) or, when 0, streamed on num_threads threads: writes the new key and value into the caches at "
           "column `write` and the layer's output into x_next (batch, n_embd).");
-    m.def("greedy_decode_step", &greedy_decode_step, py::arg("tokens"), py::arg("embedding"), py::arg("weights"),
-          py::arg("positions"), py::arg("sin"), py::arg("cos"), py::arg("k_caches"), py::arg("v_caches"),
-          py::arg("write"), py::arg("mask"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w"), py::arg("bias"),
-          py::arg("eps"), py::arg("next"), py::arg("num_threads") = 1, py::arg("blas") = 0,
-          "A whole greedy decode step (see decode_layer.h): tokens (batch,) embedded, every layer (8 weights each, "
-          "as decode_layer's, and its caches, written at column `write`), then the greedy head into next (batch,).");
+    m.def("greedy_decode_steps", &greedy_decode_steps, py::arg("token"), py::arg("positions"), py::arg("column"),
+          py::arg("mask"), py::arg("out"), py::arg("first_step"), py::arg("steps"), py::arg("n_positions"),
+          py::arg("embedding"), py::arg("weights"), py::arg("sin"), py::arg("cos"), py::arg("k_caches"),
+          py::arg("v_caches"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w"), py::arg("bias"),
+          py::arg("eps"), py::arg("num_threads") = 1, py::arg("blas") = 0,
+          "`steps` whole greedy decode steps (see decode_layer.h), each fed the last one's tokens: step i unmasks "
+          "and writes cache column (column + i) % cache_len, puts its tokens (batch,) into column first_step + i of "
+          "out (batch, chunk) and advances positions (batch,) wrapping at n_positions; token and positions are "
+          "left as the next step's.");
     m.def("greedy_head", &greedy_head, py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w"),
           py::arg("bias"), py::arg("eps"), py::arg("tokens"), py::arg("num_threads") = 1, py::arg("blas") = 0,
           "Writes into tokens (batch,) int32 each row's first largest logit of layer_norm(x) @ w + bias (the product "

@@ -13,7 +13,7 @@ import torch
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
 
 from gptj_popxl.model.decode_kernels import (MAX_ROWS, PRODUCTS_VARIABLE, Fastest, StreamedMatMul, blas_sgemm,
-                                             decode_layer, extension, greedy_decode_steps, greedy_head,
+                                             decode_layer, extension, greedy_decode_steps, greedy_head, prefill_layer,
                                              streamed_matmul)
 from gptj_popxl.model.rotary import trig_tables
 from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float32, int32
@@ -173,6 +173,47 @@ def test_decode_layer_matches_torch(products):
     np.testing.assert_allclose(v_after, ref_v.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_layer_matches_torch(products):
+    """A prefill's layer over left-padded rows (row 1's first two tokens are padding, masked as keys)
+    against GPT-J's layer in torch: the output and the rotated keys and values."""
+    rng = np.random.default_rng(2)
+    batch, seq, heads, head_dim, n_embd, inner, rotary_dim = 2, 5, 2, 16, 32, 80, 8
+
+    def f32(*shape, scale=1.0, shift=0.0):
+        return (shift + scale * rng.standard_normal(shape)).astype(np.float32)
+    x = f32(batch, seq, n_embd)
+    weights = [f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, 3 * heads * head_dim, scale=0.2),
+               f32(n_embd, inner, scale=0.2), f32(inner), f32(heads * head_dim, n_embd, scale=0.2),
+               f32(inner, n_embd, scale=0.1), f32(n_embd)]
+    positions = np.array([[3, 4, 5, 6, 7], [0, 0, 0, 1, 2]], np.int32)
+    allowed = np.tril(np.ones((seq, seq), bool))[None].repeat(batch, 0)
+    allowed[1, :, :2] = False
+    mask = np.where(allowed, 0, np.finfo(np.float32).min).astype(np.float32)[:, None]
+    sin, cos = trig_tables(POSITIONS, rotary_dim)
+
+    def fn(x, *rest):
+        *ws, positions, sin, cos, mask = rest
+        return prefill_layer(x, *ws, positions, sin, cos, mask, eps=1e-5, heads=heads)
+    (out, k, v), _ = run_graph(fn, x, *weights, positions, sin, cos, mask)
+
+    def t(a):
+        return torch.from_numpy(a).double()
+    ln_w, ln_b, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out = (t(w) for w in weights)
+    h = torch.nn.functional.layer_norm(t(x), (n_embd,), ln_w, ln_b, 1e-5)
+    q, k_ref, v_ref = (u.reshape(batch, seq, heads, head_dim) for u in (h @ w_qkv).split(heads * head_dim, dim=-1))
+    sincos = create_sinusoidal_positions(POSITIONS, rotary_dim)[torch.from_numpy(positions).long()].double()
+    sin_t, cos_t = torch.split(sincos, rotary_dim // 2, dim=-1)
+    q, k_ref = (torch.cat([apply_rotary_pos_emb(u[..., :rotary_dim], sin_t, cos_t), u[..., rotary_dim:]], dim=-1)
+                .transpose(1, 2) for u in (q, k_ref))
+    v_ref = v_ref.transpose(1, 2)
+    scores = q @ k_ref.transpose(-1, -2) / head_dim ** 0.5 + t(mask)
+    z = (scores.softmax(-1) @ v_ref).transpose(1, 2).reshape(batch, seq, heads * head_dim)
+    mlp = torch.nn.functional.gelu(h @ w_in + b_in, approximate="tanh") @ w_fc_out + b_fc_out
+    np.testing.assert_allclose(out, (z @ w_out + mlp + t(x)).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(k, k_ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v, v_ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("steps,first_step", [(3, 1), (0, 0), (2, 7)])
 def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step):
     """``steps`` greedy steps fed back into each other against the same loop in torch: the tokens
@@ -263,6 +304,19 @@ def test_decode_layer_names_a_mismatched_weight():
         decode_layer(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, eps=1e-5)
     specs = [TensorSpec(s, float32) for s in shapes] + [TensorSpec((2, 1), int32), TensorSpec((1,), int32)]
     with pytest.raises(ValueError, match=r"decode_layer: w_qkv must be \(8, 6\) float32"):
+        Ir().create_graph(build, *specs)
+
+
+def test_prefill_layer_names_a_mismatched_mask():
+    shapes = [(2, 3, 8), (8,), (8,), (8, 6), (8, 16), (16,), (2, 8), (16, 8), (8,),  # x and the weights (one head)
+              (2, 1, 3, 4)]  # a mask of 4 columns for 3 tokens
+
+    def build(*tensors):
+        x, *weights, mask, positions = tensors
+        sin, cos = (constant(np.zeros((8, 1), np.float32)) for _ in range(2))
+        prefill_layer(x, *weights, positions, sin, cos, mask, eps=1e-5, heads=1)
+    specs = [TensorSpec(s, float32) for s in shapes] + [TensorSpec((2, 3), int32)]
+    with pytest.raises(ValueError, match=r"prefill_layer: mask must be \(2, 1, 3, 3\) float32"):
         Ir().create_graph(build, *specs)
 
 

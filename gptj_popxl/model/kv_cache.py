@@ -13,7 +13,8 @@ Every linear layer here multiplies with ``streamed_matmul``: a decode step has o
 sequence, and that op forms few-row products by BLAS or by reading each weight once for all rows,
 whichever it timed faster (larger products stay ``ops.matmul``). On the CPU runtime a float32
 decode step on one shard runs each layer as one ``decode_layer`` op (``decode_kernels``), which also
-writes the new key and value into the caches; with every layer resident a greedy run of the decode
+writes the new key and value into the caches, and a prefill of up to ``MAX_ROWS`` tokens as one
+``prefill_layer`` op; with every layer resident a greedy run of the decode
 loop (its steps and their bookkeeping) is one ``greedy_decode_steps`` op.
 
 Masks are additive float32 ``(batch, 1, queries, keys)``: 0 where a query may attend, the
@@ -23,8 +24,8 @@ from typing import List, Optional, Sequence, Tuple
 
 from gptj_popxl import addons
 from gptj_popxl.backend import ops, popxl
-from gptj_popxl.model.decode_kernels import (can_decode_layer, decode_layer, greedy_decode_steps, greedy_head,
-                                             streamed_matmul)
+from gptj_popxl.model.decode_kernels import (MAX_ROWS, can_decode_layer, decode_layer, greedy_decode_steps,
+                                             greedy_head, prefill_layer, streamed_matmul)
 from gptj_popxl.model.layers import Attention, DecoderBlock, GPTJLM, attend
 
 
@@ -77,8 +78,14 @@ class CachedDecoderBlock(DecoderBlock):
 
     def build(self, x: popxl.Tensor, positions: popxl.Tensor, mask: popxl.Tensor,
               k_cache: popxl.TensorByRef = None, v_cache: popxl.TensorByRef = None, write: popxl.Tensor = None):
-        if k_cache is not None and can_decode_layer(x.dtype, self.attn.groups.tp):
-            return self._decode_layer(x, positions, mask, k_cache, v_cache, write)
+        # The C++ kernels for a decode step, and for a prefill of few rows (longer ones multiply faster
+        # as separate ops: the kernel's attention is not blocked for long sequences).
+        few_rows = k_cache is not None or x.shape[0] * x.shape[1] <= MAX_ROWS
+        if can_decode_layer(x.dtype, self.attn.groups.tp) and few_rows:
+            weights, sin, cos = self._kernel_weights(x)
+            if k_cache is not None:
+                return decode_layer(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, self.eps)
+            return prefill_layer(x, *weights, positions, sin, cos, mask, self.eps, self.attn.layout.heads_per_shard)
         h = self.ln_1(x, eps=self.eps)
         if k_cache is None:
             a, k, v = self.attn(h, positions, mask)
@@ -95,17 +102,17 @@ class CachedDecoderBlock(DecoderBlock):
         named = variables.to_dict()
         return tuple(named[name] for name in cls.DECODE_WEIGHTS)
 
-    def _decode_layer(self, x, positions, mask, k_cache, v_cache, write) -> popxl.Tensor:
-        """This layer's decode step as one ``decode_layer`` op; the sub-modules' variables are declared
-        as their own builds declare them (same names, shapes, groupings and initial values)."""
+    def _kernel_weights(self, x):
+        """``(weights, sin, cos)`` for the C++ layer kernels (``decode_layer``, ``prefill_layer``): the
+        sub-modules' variables in the kernels' order, declared as their own builds declare them (same
+        names, shapes, groupings and initial values), and the rotary tables."""
         attn, mlp, n_embd, dtype = self.attn, self.mlp, x.shape[-1], x.dtype
         w_qkv, _ = attn.qkv.variables(n_embd, dtype)
         w_in, b_in = mlp.fc_in.variables(n_embd, dtype)
         w_out, _ = attn.out.variables(w_qkv.shape[-1] // 3, dtype)
         w_fc_out, b_fc_out = mlp.fc_out.variables(w_in.shape[-1], dtype)
         weights = (*self.ln_1.variables(n_embd, dtype), w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out)
-        sin, cos = attn.trig_constants(popxl.float32)
-        return decode_layer(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, self.eps)
+        return (weights, *attn.trig_constants(popxl.float32))
 
 
 class CachedLM(GPTJLM):

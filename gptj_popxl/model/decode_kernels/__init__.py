@@ -9,6 +9,8 @@
 - ``decode_layer(...)``: a whole decoder layer for one new token per row over the KV cache
   (LayerNorm, the products formed as above, rotary embedding, cache write, attention, GELU,
   residual) in one op instead of some thirty small ones.
+- ``prefill_layer(...)``: the same layer over a prefill's few tokens (up to ``MAX_ROWS`` rows in all),
+  each attending to its own row's tokens, returning the rotated keys and the values.
 - ``greedy_head(...)``: ``ln_f``, the LM head and the argmax of a greedy decode step in one op.
 - ``greedy_decode_steps(...)``: greedy decode steps with every layer resident, each the embedding
   lookup, every ``decode_layer`` and ``greedy_head``, with the decode loop's bookkeeping between
@@ -34,8 +36,8 @@ import torch
 
 from gptj_popxl.backend import IS_CPU, custom_op, popxl
 
-__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "greedy_head", "greedy_decode_steps", "can_decode_layer",
-           "product_choices"]
+__all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "prefill_layer", "greedy_head", "greedy_decode_steps",
+           "can_decode_layer", "product_choices"]
 
 # Most rows of x given to the kernel; beyond, the product is compute-bound and plain BLAS (``ops.matmul``)
 # serves. Streaming won up to 64 rows on one machine measured (one thread, the benchmark model's 17
@@ -276,6 +278,37 @@ if IS_CPU:
                 return layer
             return product_ways(op, runtime, kernel)
 
+    class PrefillLayer(custom_op.CustomOp):
+        """One decoder layer over a prefill's tokens by the C++ kernel; outputs the layer's output and
+        the rotated keys and the values (batch, heads, seq, head_dim)."""
+        name = "prefill_layer"
+
+        @staticmethod
+        def infer(x, ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, positions, sin, cos, mask,
+                  eps, heads):
+            batch, seq, _ = x.shape
+            kv = custom_op.spec((batch, heads, seq, w_qkv.shape[-1] // (3 * heads)), x.dtype)
+            return x.spec, kv, kv
+
+        @classmethod
+        def lower(cls, op, runtime):
+            ext, eps = extension(), op.attrs["eps"]
+            _one_replica(cls.name, runtime)
+            (batch, seq, n_embd), kv_shape = op.inputs[0].shape, (1,) + tuple(op.outputs[1].shape)
+            arrays = _ArrayViews()
+
+            def kernel(threads, blas):
+                def layer(x, *rest):
+                    weights, (positions, sin, cos, mask) = rest[:8], rest[8:]
+                    k, v = (torch.empty(kv_shape, dtype=torch.float32) for _ in range(2))
+                    x_next = torch.empty((1, batch, seq, n_embd), dtype=torch.float32)
+                    ext.prefill_layer(x.contiguous().numpy(), *map(arrays, weights), positions.contiguous().numpy(),
+                                      arrays(sin), arrays(cos), mask.reshape(batch, seq, seq).contiguous().numpy(),
+                                      eps, k.numpy(), v.numpy(), x_next.numpy(), threads, blas)
+                    return x_next, k, v
+                return layer
+            return product_ways(op, runtime, kernel)
+
     class GreedyHead(custom_op.CustomOp):
         """Each row's greedy next token from the final hidden states by the C++ kernel."""
         name = "greedy_head"
@@ -350,10 +383,9 @@ if IS_CPU:
                                         for t in (token, position))
                     mask, tokens = (t.clone(memory_format=torch.contiguous_format) for t in (mask, tokens))
                     column, first = int(column), int(step)
-                    ext.greedy_decode_steps(token.numpy(), positions.numpy(), column,
-                                            mask.numpy().reshape(batch, cache_len), tokens.numpy().reshape(batch, chunk),
-                                            first, steps, n_positions, embedding, weights, sin, cos, keys, values,
-                                            *head, eps, threads, blas)
+                    ext.greedy_decode_steps(token.numpy(), positions.numpy(), column, mask.numpy().reshape(batch, -1),
+                                            tokens.numpy().reshape(batch, chunk), first, steps, n_positions,
+                                            embedding, weights, sin, cos, keys, values, *head, eps, threads, blas)
                     return (rest[8 * n_layer], token.reshape(1, batch, 1), positions.reshape(1, batch, 1),
                             torch.tensor([[(column + steps) % cache_len]], dtype=torch.int32), mask, tokens,
                             torch.tensor([[first + steps]], dtype=torch.int32))
@@ -386,17 +418,22 @@ def _require(op: str, context: str, expected: dict) -> None:
                              f"{tuple(t.shape)} {t.dtype.name}")
 
 
+def _weights_expected(n_embd: int, inner: int, width: int, weights, sin, cos) -> dict:
+    """What the layer kernels require of a layer's 8 weights and the rotary tables, for rows of
+    ``n_embd`` features, an MLP of ``inner`` and attention ``width`` (heads x head_dim)."""
+    ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out = weights
+    return {"ln_weight": (ln_weight, (n_embd,)), "ln_bias": (ln_bias, (n_embd,)),
+            "w_qkv": (w_qkv, (n_embd, 3 * width)), "w_in": (w_in, (n_embd, inner)),
+            "b_in": (b_in, (inner,)), "w_out": (w_out, (width, n_embd)),
+            "w_fc_out": (w_fc_out, (inner, n_embd)), "b_fc_out": (b_fc_out, (n_embd,)),
+            "sin": (sin, (sin.shape[0], sin.shape[-1])), "cos": (cos, tuple(sin.shape))}
+
+
 def _layer_expected(n_embd: int, inner: int, weights, positions, sin, cos, k_cache, v_cache, write, mask) -> dict:
     """What ``decode_layer`` requires of a layer's 8 weights and its step's tensors, for rows of
     ``n_embd`` features, an MLP of ``inner`` and ``k_cache``'s shape."""
     batch, heads, head_dim, cache_len = k_cache.shape
-    ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out = weights
-    rotary = sin.shape[-1]
-    return {"ln_weight": (ln_weight, (n_embd,)), "ln_bias": (ln_bias, (n_embd,)),
-            "w_qkv": (w_qkv, (n_embd, 3 * heads * head_dim)), "w_in": (w_in, (n_embd, inner)),
-            "b_in": (b_in, (inner,)), "w_out": (w_out, (heads * head_dim, n_embd)),
-            "w_fc_out": (w_fc_out, (inner, n_embd)), "b_fc_out": (b_fc_out, (n_embd,)),
-            "sin": (sin, (sin.shape[0], rotary)), "cos": (cos, tuple(sin.shape)),
+    return {**_weights_expected(n_embd, inner, heads * head_dim, weights, sin, cos),
             "v_cache": (v_cache, (batch, heads, cache_len, head_dim)), "mask": (mask, (batch, 1, 1, cache_len)),
             "positions": (positions, (batch, 1), popxl.int32), "write": (write, (1,), popxl.int32)}
 
@@ -428,6 +465,27 @@ def decode_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor
     _check_rotary("decode_layer", sin, k_cache.shape[2])
     return DecodeLayer.create(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, eps=float(eps),
                               name="decode_layer")[1]
+
+
+def prefill_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor, w_qkv: popxl.Tensor,
+                  w_in: popxl.Tensor, b_in: popxl.Tensor, w_out: popxl.Tensor, w_fc_out: popxl.Tensor,
+                  b_fc_out: popxl.Tensor, positions: popxl.Tensor, sin: popxl.Tensor, cos: popxl.Tensor,
+                  mask: popxl.Tensor, eps: float, heads: int) -> Tuple[popxl.Tensor, popxl.Tensor, popxl.Tensor]:
+    """One GPT-J decoder layer over the tokens of a prefill, as :func:`decode_layer` but every token of
+    ``x`` (batch, seq, n_embd) at its ``positions`` (batch, seq) int32, attending to its own row's
+    tokens under ``mask`` (batch, 1, seq, seq) additive. Returns the layer's output, ``x``'s shape, and
+    the rotated keys and the values (batch, heads, seq, head_dim), as the layer's graph does."""
+    weights = (ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out)
+    batch, seq, n_embd = x.shape
+    if not (isinstance(heads, int) and heads > 0 and w_qkv.shape[-1] % (3 * heads) == 0):
+        raise ValueError(f"prefill_layer: w_qkv {tuple(w_qkv.shape)} must hold 3 x {heads!r} heads")
+    head_dim = w_qkv.shape[-1] // (3 * heads)
+    expected = {**_weights_expected(n_embd, w_in.shape[-1], heads * head_dim, weights, sin, cos),
+                "positions": (positions, (batch, seq), popxl.int32), "mask": (mask, (batch, 1, seq, seq))}
+    _require("prefill_layer", f"x {tuple(x.shape)} and {heads} heads", expected)
+    _check_rotary("prefill_layer", sin, head_dim)
+    return PrefillLayer.create(x, *weights, positions, sin, cos, mask, eps=float(eps), heads=heads,
+                               name="prefill_layer")
 
 
 def _head_expected(n_embd: int, ln_weight, ln_bias, w, bias) -> dict:

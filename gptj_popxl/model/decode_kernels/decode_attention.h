@@ -1,4 +1,5 @@
-// One decode step of GPT-J attention over a KV cache, on raw pointers: header-only, no Python or torch.
+// GPT-J attention of a decode step over a KV cache, and of a prefill over its own tokens, on raw
+// pointers: header-only, no Python or torch.
 //
 // Per row b and head h: the new query and key (from the fused qkv row [q heads | k heads | v heads])
 // are rotated to the row's position (pair i < rotary_dim/2: x[2i] * cos - x[2i+1] * sin,
@@ -6,7 +7,8 @@
 // into the cache at column `write`, then the query attends to every column:
 //   score[c] = (q . key[c]) / sqrt(D) + mask[b, c],  z = softmax(score) @ value.
 // Layouts: qkv (B, 3 H D); k_cache (B, H, D, C), keys transposed; v_cache (B, H, C, D); mask (B, C)
-// additive; z (B, H D). All float32.
+// additive; z (B, H D). All float32. A prefill (prefill_attention) is the same for S tokens a row,
+// each attending to the row's own tokens.
 #pragma once
 
 #include <algorithm>
@@ -56,13 +58,38 @@ inline void rotate(float* x, const float* sin, const float* cos, int64_t rotary_
     }
 }
 
+// out (D) = softmax(score) @ values with score[c] = (q . key[c]) / sqrt(D) + mask[c]: keys (D, C)
+// (transposed, so the scores accumulate with the columns contiguous), values (C, D), score (C) scratch.
+inline void attend(const float* q, const float* keys, const float* values, const float* mask, int64_t D, int64_t C,
+                   float* score, float* out) {
+    const float scale = std::sqrt(float(D));
+    std::fill(score, score + C, 0.0f);
+    for (int64_t d = 0; d < D; ++d)
+        for (int64_t col = 0; col < C; ++col)
+            score[col] += q[d] * keys[d * C + col];
+    float top = -INFINITY;
+    for (int64_t col = 0; col < C; ++col) {
+        score[col] = score[col] / scale + mask[col];
+        top = std::max(top, score[col]);
+    }
+    exp_shifted(score, C, top);
+    float total = 0.0f;
+    for (int64_t col = 0; col < C; ++col)
+        total += score[col];
+    std::fill(out, out + D, 0.0f);
+    for (int64_t col = 0; col < C; ++col) {
+        const float p = score[col] / total;
+        for (int64_t d = 0; d < D; ++d)
+            out[d] += p * values[col * D + d];
+    }
+}
+
+// Heads run on OpenMP threads (torch's pool, shared with MKL): a head reads its caches, which the
+// weights streamed before it have pushed out of the core's own caches, at one core's bandwidth.
 inline void decode_attention(const float* qkv, const int32_t* positions, const float* sin, const float* cos,
                              int64_t rotary_dim, float* k_cache, float* v_cache, int64_t write, const float* mask,
                              int64_t B, int64_t H, int64_t D, int64_t C, float* z, int num_threads = 1) {
-    const float scale = std::sqrt(float(D));
     const int64_t half = rotary_dim / 2;
-    // Heads on OpenMP threads (torch's pool, shared with MKL): a head reads its caches, which the
-    // weights streamed before it have pushed out of the core's own caches, at one core's bandwidth.
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && B * H > 1)
     {
         std::vector<float> q(D), k(D), score(C);
@@ -81,27 +108,41 @@ inline void decode_attention(const float* qkv, const int32_t* positions, const f
             for (int64_t d = 0; d < D; ++d)
                 keys[d * C + write] = k[d];
             std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, values + write * D);
-            // Scores: the cache's keys are (D, C), so accumulate over d with the columns contiguous.
-            std::fill(score.begin(), score.end(), 0.0f);
-            for (int64_t d = 0; d < D; ++d)
-                for (int64_t col = 0; col < C; ++col)
-                    score[col] += q[d] * keys[d * C + col];
-            float top = -INFINITY;
-            for (int64_t col = 0; col < C; ++col) {
-                score[col] = score[col] / scale + mask[b * C + col];
-                top = std::max(top, score[col]);
-            }
-            exp_shifted(score.data(), C, top);
-            float total = 0.0f;
-            for (int64_t col = 0; col < C; ++col)
-                total += score[col];
-            float* out = z + bh * D;
-            std::fill(out, out + D, 0.0f);
-            for (int64_t col = 0; col < C; ++col) {
-                const float p = score[col] / total;
+            attend(q.data(), keys, values, mask + b * C, D, C, score.data(), z + bh * D);
+        }
+    }
+}
+
+// The attention of a prefill: S tokens per row b, each at its position (positions (B, S)), attending
+// to the row's own S tokens under mask (B, S, S) additive. qkv (B, S, 3 H D); writes the rotated keys
+// and the values, k and v (B, H, S, D), and z (B, S, H D).
+inline void prefill_attention(const float* qkv, const int32_t* positions, const float* sin, const float* cos,
+                              int64_t rotary_dim, const float* mask, int64_t B, int64_t S, int64_t H, int64_t D,
+                              float* k, float* v, float* z, int num_threads = 1) {
+    const int64_t half = rotary_dim / 2;
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && B * H > 1)
+    {
+        std::vector<float> q(S * D), keys(D * S), score(S);
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            const int64_t b = bh / H, h = bh % H;
+            float* k_bh = k + bh * S * D;
+            float* v_bh = v + bh * S * D;
+            for (int64_t t = 0; t < S; ++t) {
+                const float* row = qkv + (b * S + t) * 3 * H * D;
+                const float* s = sin + int64_t(positions[b * S + t]) * half;
+                const float* c = cos + int64_t(positions[b * S + t]) * half;
+                std::copy(row + h * D, row + (h + 1) * D, q.begin() + t * D);
+                std::copy(row + (H + h) * D, row + (H + h + 1) * D, k_bh + t * D);
+                std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, v_bh + t * D);
+                rotate(q.data() + t * D, s, c, rotary_dim);
+                rotate(k_bh + t * D, s, c, rotary_dim);
                 for (int64_t d = 0; d < D; ++d)
-                    out[d] += p * values[col * D + d];
+                    keys[d * S + t] = k_bh[t * D + d];
             }
+            for (int64_t t = 0; t < S; ++t)
+                attend(q.data() + t * D, keys.data(), v_bh, mask + (b * S + t) * S, D, S, score.data(),
+                       z + ((b * S + t) * H + h) * D);
         }
     }
 }

@@ -113,6 +113,19 @@ struct StepSizes {
     int64_t B, H, D, C, E, I, P, half;
 };
 
+// `count` contiguous int32 positions, each a row of the (P, rotary_dim / 2) rotary tables.
+const int32_t* table_rows(const py::array& positions, int64_t count, int64_t P) {
+    require(positions.dtype().is(py::dtype::of<int32_t>()) && (positions.flags() & py::array::c_style) &&
+                positions.size() == count,
+            "positions must be " + std::to_string(count) + " contiguous int32 values, got " + shape_of(positions));
+    const auto* p = static_cast<const int32_t*>(positions.data());
+    for (int64_t i = 0; i < count; ++i)
+        if (p[i] < 0 || p[i] >= P)
+            throw py::index_error("position " + std::to_string(p[i]) + " (number " + std::to_string(i) +
+                                  ") outside the rotary tables' " + std::to_string(P) + " rows");
+    return p;
+}
+
 // Checks what every layer of a step shares (positions, rotary tables, mask, write column) and one
 // layer's caches; returns the positions.
 const int32_t* check_step(const StepSizes& n, py::array& k_cache, py::array& v_cache, const py::array& positions,
@@ -126,15 +139,7 @@ const int32_t* check_step(const StepSizes& n, py::array& k_cache, py::array& v_c
     require(2 * n.half <= n.D, "rotary_dim " + std::to_string(2 * n.half) + " exceeds head_dim " + std::to_string(n.D));
     require(write >= 0 && write < n.C, "write column " + std::to_string(write) + " outside the cache's " +
                                            std::to_string(n.C) + " columns");
-    require(positions.dtype().is(py::dtype::of<int32_t>()) && (positions.flags() & py::array::c_style) &&
-                positions.size() == n.B,
-            "positions must be " + std::to_string(n.B) + " contiguous int32 values, got " + shape_of(positions));
-    const auto* p = static_cast<const int32_t*>(positions.data());
-    for (int64_t b = 0; b < n.B; ++b)
-        if (p[b] < 0 || p[b] >= n.P)
-            throw py::index_error("position " + std::to_string(p[b]) + " of row " + std::to_string(b) +
-                                  " outside the rotary tables' " + std::to_string(n.P) + " rows");
-    return p;
+    return table_rows(positions, n.B, n.P);
 }
 
 // B int32 values in a C-contiguous array that `writeable` says may be written.
@@ -175,6 +180,30 @@ void decode_layer(const py::array& x, const py::array& ln_weight, const py::arra
     gptj_decode::decode_layer(floats(x), n.B, n.E, n.H, n.D, n.I, eps, layer, p, floats(sin), floats(cos), 2 * n.half,
                               floats(k_cache), floats(v_cache), n.C, write, floats(mask), products(num_threads, blas),
                               floats(x_next));
+}
+
+void prefill_layer(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w_qkv,
+                   const py::array& w_in, const py::array& b_in, const py::array& w_out, const py::array& w_fc_out,
+                   const py::array& b_fc_out, const py::array& positions, const py::array& sin, const py::array& cos,
+                   const py::array& mask, float eps, py::array& k, py::array& v, py::array& x_next, int num_threads,
+                   uintptr_t blas) {
+    const int64_t B = dim(k, -4), H = dim(k, -3), S = dim(k, -2), D = dim(k, -1), E = dim(x, -1), I = dim(w_in, -1);
+    const int64_t P = dim(sin, -2), half = dim(sin, -1);
+    const py::array weights[] = {ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out};
+    const auto layer = layer_weights(weights, E, H, D, I);
+    require_floats("x", x, {B, S, E});
+    require_floats("x_next", x_next, {B, S, E});
+    require_floats("k", k, {B, H, S, D});
+    require_floats("v", v, {B, H, S, D});
+    require_floats("mask", mask, {B, S, S});
+    require_floats("sin", sin, {P, half});
+    require_floats("cos", cos, {P, half});
+    require(k.writeable() && v.writeable() && x_next.writeable(), "k, v and x_next must be writeable");
+    require(2 * half <= D, "rotary_dim " + std::to_string(2 * half) + " exceeds head_dim " + std::to_string(D));
+    const int32_t* p = table_rows(positions, B * S, P);
+    py::gil_scoped_release release;
+    gptj_decode::prefill_layer(floats(x), B, S, E, H, D, I, eps, layer, p, floats(sin), floats(cos), 2 * half,
+                               floats(mask), products(num_threads, blas), floats(k), floats(v), floats(x_next));
 }
 
 void greedy_head(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w,
@@ -281,6 +310,13 @@ PYBIND11_MODULE(decode_kernels, m) {
           "and writes cache column (column + i) % cache_len, puts its tokens (batch,) into column first_step + i of "
           "out (batch, chunk) and advances positions (batch,) wrapping at n_positions; token and positions are "
           "left as the next step's.");
+    m.def("prefill_layer", &prefill_layer, py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w_qkv"),
+          py::arg("w_in"), py::arg("b_in"), py::arg("w_out"), py::arg("w_fc_out"), py::arg("b_fc_out"),
+          py::arg("positions"), py::arg("sin"), py::arg("cos"), py::arg("mask"), py::arg("eps"), py::arg("k"),
+          py::arg("v"), py::arg("x_next"), py::arg("num_threads") = 1, py::arg("blas") = 0,
+          "One decoder layer over the seq tokens of each row (see decode_layer.h), the tokens at positions "
+          "(batch, seq) attending to their row's tokens under mask (batch, seq, seq): writes the rotated keys and "
+          "the values into k and v (batch, heads, seq, head_dim) and the layer's output into x_next.");
     m.def("greedy_head", &greedy_head, py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w"),
           py::arg("bias"), py::arg("eps"), py::arg("tokens"), py::arg("num_threads") = 1, py::arg("blas") = 0,
           "Writes into tokens (batch,) int32 each row's first largest logit of layer_norm(x) @ w + bias (the product "

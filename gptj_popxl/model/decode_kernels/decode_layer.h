@@ -1,4 +1,5 @@
-// One GPT-J decoder layer for one new token per row, over a KV cache: header-only, no Python or torch.
+// One GPT-J decoder layer for one new token per row over a KV cache (and for a prefill's tokens):
+// header-only, no Python or torch.
 //
 //   h = layer_norm(x);  qkv = h @ w_qkv;  a = gelu_tanh(h @ w_in + b_in)
 //   z = decode_attention(qkv, ...)  (decode_attention.h: writes the new key and value into the cache)
@@ -76,23 +77,44 @@ inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
         a[i] = gelu_tanh(a[i] + bias[i]);
 }
 
+// The layer around its attention for `rows` rows: attention(qkv, z) fills z (rows, H D) from qkv
+// (rows, 3 H D).
+template <typename Attention>
+inline void layer_rows(const float* x, int64_t rows, int64_t E, int64_t HD, int64_t I, float eps, const LayerWeights& w,
+                       const gptj_streamed::Products& products, const Attention& attention, float* x_next) {
+    std::vector<float> h(rows * E), qkv(rows * 3 * HD), a(rows * I), z(rows * HD), attn(rows * E);
+    layer_norm(x, rows, E, w.ln_weight, w.ln_bias, eps, h.data());
+    products(h.data(), rows, E, w.w_qkv, 3 * HD, qkv.data());
+    products(h.data(), rows, E, w.w_in, I, a.data());
+    for (int64_t r = 0; r < rows; ++r)
+        add_bias_gelu(a.data() + r * I, w.b_in, I);
+    attention(qkv.data(), z.data());
+    products(z.data(), rows, HD, w.w_out, E, attn.data());
+    products(a.data(), rows, I, w.w_fc_out, E, x_next);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < E; ++i)
+            x_next[r * E + i] = (attn[r * E + i] + (x_next[r * E + i] + w.b_fc_out[i])) + x[r * E + i];
+}
+
 inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
                          const LayerWeights& w, const int32_t* positions, const float* sin, const float* cos,
                          int64_t rotary_dim, float* k_cache, float* v_cache, int64_t C, int64_t write,
                          const float* mask, const gptj_streamed::Products& products, float* x_next) {
-    std::vector<float> h(B * E), qkv(B * 3 * H * D), a(B * I), z(B * H * D), attn(B * E);
-    layer_norm(x, B, E, w.ln_weight, w.ln_bias, eps, h.data());
-    products(h.data(), B, E, w.w_qkv, 3 * H * D, qkv.data());
-    products(h.data(), B, E, w.w_in, I, a.data());
-    for (int64_t r = 0; r < B; ++r)
-        add_bias_gelu(a.data() + r * I, w.b_in, I);
-    decode_attention(qkv.data(), positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z.data(),
-                     products.threads);
-    products(z.data(), B, H * D, w.w_out, E, attn.data());
-    products(a.data(), B, I, w.w_fc_out, E, x_next);
-    for (int64_t r = 0; r < B; ++r)
-        for (int64_t i = 0; i < E; ++i)
-            x_next[r * E + i] = (attn[r * E + i] + (x_next[r * E + i] + w.b_fc_out[i])) + x[r * E + i];
+    layer_rows(x, B, E, H * D, I, eps, w, products, [&](const float* qkv, float* z) {
+        decode_attention(qkv, positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z,
+                         products.threads);
+    }, x_next);
+}
+
+// One GPT-J decoder layer over the S tokens of each of B rows (a prefill): x, x_next (B, S, E);
+// positions (B, S); mask (B, S, S) additive; writes the rows' rotated keys and values k, v (B, H, S, D).
+inline void prefill_layer(const float* x, int64_t B, int64_t S, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
+                          const LayerWeights& w, const int32_t* positions, const float* sin, const float* cos,
+                          int64_t rotary_dim, const float* mask, const gptj_streamed::Products& products, float* k,
+                          float* v, float* x_next) {
+    layer_rows(x, B * S, E, H * D, I, eps, w, products, [&](const float* qkv, float* z) {
+        prefill_attention(qkv, positions, sin, cos, rotary_dim, mask, B, S, H, D, k, v, z, products.threads);
+    }, x_next);
 }
 
 // The greedy next token of each row: the first largest of layer_norm(x) @ w + bias (as torch.argmax,

@@ -82,15 +82,23 @@ inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
 template <typename Attention>
 inline void layer_rows(const float* x, int64_t rows, int64_t E, int64_t HD, int64_t I, float eps, const LayerWeights& w,
                        const gptj_streamed::Products& products, const Attention& attention, float* x_next) {
-    std::vector<float> h(rows * E), qkv(rows * 3 * HD), a(rows * I), z(rows * HD), attn(rows * E);
-    layer_norm(x, rows, E, w.ln_weight, w.ln_bias, eps, h.data());
-    products(h.data(), rows, E, w.w_qkv, 3 * HD, qkv.data());
-    products(h.data(), rows, E, w.w_in, I, a.data());
+    // Scratch kept by the thread: fresh vectors of a 64-row prefill (1.3 MB) were zero-filled and
+    // faulted in page by page at every call.
+    thread_local std::vector<float> scratch;
+    scratch.resize(std::max<size_t>(scratch.size(), size_t(rows * (2 * E + 4 * HD + I))));
+    float* h = scratch.data();
+    float* qkv = h + rows * E;
+    float* a = qkv + rows * 3 * HD;
+    float* z = a + rows * I;
+    float* attn = z + rows * HD;
+    layer_norm(x, rows, E, w.ln_weight, w.ln_bias, eps, h);
+    products(h, rows, E, w.w_qkv, 3 * HD, qkv);
+    products(h, rows, E, w.w_in, I, a);
     for (int64_t r = 0; r < rows; ++r)
-        add_bias_gelu(a.data() + r * I, w.b_in, I);
-    attention(qkv.data(), z.data());
-    products(z.data(), rows, HD, w.w_out, E, attn.data());
-    products(a.data(), rows, I, w.w_fc_out, E, x_next);
+        add_bias_gelu(a + r * I, w.b_in, I);
+    attention(static_cast<const float*>(qkv), z);
+    products(z, rows, HD, w.w_out, E, attn);
+    products(a, rows, I, w.w_fc_out, E, x_next);
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t i = 0; i < E; ++i)
             x_next[r * E + i] = (attn[r * E + i] + (x_next[r * E + i] + w.b_fc_out[i])) + x[r * E + i];

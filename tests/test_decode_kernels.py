@@ -246,13 +246,14 @@ def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step):
         carried = greedy_decode_steps(token, position, column, mask, tokens, step, embedding, layers, sin, cos, keys,
                                       values, *head, eps=1e-5, n_positions=n_positions, steps=steps)
         return (*carried, *keys, *values)
-    outs, _ = run_graph(fn, token, position, np.int32([column]), mask, tokens, np.int32([first_step]), embedding,
-                        *[w for layer in layers for w in layer], *k_caches, *v_caches, sin, cos, *head)
-
     def t(a):
         return torch.from_numpy(np.array(a)).double()
-    ids, pos, col, ref_mask, ref_tokens = token[:, 0], position[:, 0], column, t(mask[:, 0, 0]), tokens.copy()
+    # The reference starts from copies made before the op runs.
+    ids, pos, col, ref_mask, ref_tokens = token[:, 0].copy(), position[:, 0].copy(), column, t(mask[:, 0, 0]), \
+        tokens.copy()
     keys, values = [t(k) for k in k_caches], [t(v) for v in v_caches]
+    outs, _ = run_graph(fn, token, position, np.int32([column]), mask, tokens, np.int32([first_step]), embedding,
+                        *[w for layer in layers for w in layer], *k_caches, *v_caches, sin, cos, *head)
     for i in range(steps):
         ref_mask[:, col] = 0
         x = t(embedding)[torch.from_numpy(ids).long()]
@@ -273,6 +274,23 @@ def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step):
     np.testing.assert_array_equal(mask_after[:, 0, 0], ref_mask.numpy())
     for got, want in zip(caches, keys + values):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_decode_steps_refuse_tokens_without_a_column():
+    f32, i32 = float32, int32
+    layer = [(8,), (8,), (8, 6), (8, 16), (16,), (2, 8), (16, 8), (8,)]  # one head of 2 features
+
+    def build(token, position, column, mask, tokens, step, embedding, *rest):
+        weights, (k0, v0, *head) = rest[:8], rest[8:]
+        sin, cos = (constant(np.zeros((8, 1), np.float32)) for _ in range(2))
+        greedy_decode_steps(token, position, column, mask, tokens, step, embedding, [weights], sin, cos, [k0], [v0],
+                            *head, eps=1e-5, n_positions=8, steps=1)
+    specs = ([TensorSpec((2, 1), i32), TensorSpec((2, 1), i32), TensorSpec((1,), i32), TensorSpec((2, 1, 1, 3), f32),
+              TensorSpec((2, 0), i32), TensorSpec((1,), i32), TensorSpec((10, 8), f32)]
+             + [TensorSpec(s, f32) for s in layer] + [TensorSpec((2, 1, 2, 3), f32), TensorSpec((2, 1, 3, 2), f32)]
+             + [TensorSpec(s, f32) for s in [(8,), (8,), (8, 10), (10,)]])
+    with pytest.raises(ValueError, match=r"greedy_decode_steps: tokens must be \(2, chunk\) int32 with chunk >= 1"):
+        Ir().create_graph(build, *specs)
 
 
 def test_greedy_decode_steps_name_a_mismatched_layer_weight():

@@ -34,6 +34,7 @@ from typing import Sequence, Tuple
 import numpy as np
 import torch
 
+from gptj_popxl.addons.ops import _native as native
 from gptj_popxl.backend import IS_CPU, custom_op, popxl
 
 __all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "prefill_layer", "greedy_head", "greedy_decode_steps",
@@ -169,9 +170,8 @@ def product_choices(irs) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def extension():
-    """The compiled C++ kernel module, built by cppimport on first call."""
-    import cppimport
-    return cppimport.imp_from_filepath(_SOURCE, "decode_kernels")
+    """The compiled C++ kernel module, built by cppimport on first call (for this processor)."""
+    return native.build(_SOURCE, "decode_kernels")
 
 
 def _rows(t) -> int:
@@ -203,6 +203,11 @@ class _ArrayViews:
                 del self._views[key]
         self._views[key] = (weakref.ref(t, forget), unowned)
         return unowned
+
+
+def _wrap_int32(value: int) -> int:
+    """``value`` wrapped into int32, as int32 arithmetic on the device wraps."""
+    return (value + 2 ** 31) % 2 ** 32 - 2 ** 31
 
 
 def _one_replica(op_name: str, runtime) -> None:
@@ -366,31 +371,45 @@ if IS_CPU:
             def fixed_arrays(fixed):
                 if len(fixed) == len(held["tensors"]) and not any(map(operator.is_not, fixed, held["tensors"])):
                     return held["arrays"]
+                if not all(t.is_contiguous() for t in fixed[-2 * n_layer:]):
+                    raise ValueError("greedy_decode_steps writes the caches in place: they must be contiguous")
                 embedding, sin, cos, ln_weight, ln_bias, w, bias, *rest = (t.contiguous().numpy() for t in fixed)
                 weights, caches = rest[:8 * n_layer], rest[8 * n_layer:]
                 arrays = embedding, weights, sin, cos, caches[:n_layer], caches[n_layer:], ln_weight, ln_bias, w, bias
-                if all(t.is_contiguous() for t in fixed):  # else some arrays are this call's copies
+                if all(t.is_contiguous() for t in fixed):  # else some weights are this call's copies
                     held.update(tensors=fixed, arrays=arrays)
                 return arrays
 
             def kernel(threads, blas):
-                def run_steps(token, position, column, mask, tokens, step, embedding, sin, cos, ln_weight, ln_bias,
-                              w, bias, *rest):
-                    embedding, weights, sin, cos, keys, values, *head = fixed_arrays(
-                        (embedding, sin, cos, ln_weight, ln_bias, w, bias) + rest)
-                    # The kernel writes these as it goes: the next token and positions, the mask, the tokens.
-                    token, positions = (t.reshape(batch).clone(memory_format=torch.contiguous_format)
-                                        for t in (token, position))
-                    mask, tokens = (t.clone(memory_format=torch.contiguous_format) for t in (mask, tokens))
-                    column, first = int(column), int(step)
-                    ext.greedy_decode_steps(token.numpy(), positions.numpy(), column, mask.numpy().reshape(batch, -1),
-                                            tokens.numpy().reshape(batch, chunk), first, steps, n_positions,
+                def run(state, fixed, column, first, count):
+                    embedding, weights, sin, cos, keys, values, *head = fixed
+                    token, positions, mask, tokens = state
+                    ext.greedy_decode_steps(token, positions, column, mask, tokens, first, count, n_positions,
                                             embedding, weights, sin, cos, keys, values, *head, eps, threads, blas)
-                    return (rest[8 * n_layer], token.reshape(1, batch, 1), positions.reshape(1, batch, 1),
-                            torch.tensor([[(column + steps) % cache_len]], dtype=torch.int32), mask, tokens,
-                            torch.tensor([[first + steps]], dtype=torch.int32))
-                return run_steps
-            return product_ways(op, runtime, kernel)
+                return run
+            chooser = product_ways(op, runtime, kernel)
+
+            def run_steps(token, position, column, mask, tokens, step, embedding, sin, cos, ln_weight, ln_bias, w,
+                          bias, *rest):
+                fixed = fixed_arrays((embedding, sin, cos, ln_weight, ln_bias, w, bias) + rest)
+                # The kernel writes these as it goes: the next token and positions, the mask, the tokens.
+                token, positions = (t.reshape(batch).clone(memory_format=torch.contiguous_format)
+                                    for t in (token, position))
+                mask, tokens = (t.clone(memory_format=torch.contiguous_format) for t in (mask, tokens))
+                state = token.numpy(), positions.numpy(), mask.numpy().reshape(batch, -1), tokens.numpy().reshape(
+                    batch, chunk)
+                column, first, done = int(column), int(step), 0
+                # While the ways are on trial each call is one step: whole runs as trials would make a
+                # process's first dozen runs partly slow ones.
+                while chooser.chosen is None and done < steps:
+                    chooser(state, fixed, (column + done) % cache_len, first + done, 1)
+                    done += 1
+                if done < steps:
+                    chooser(state, fixed, (column + done) % cache_len, first + done, steps - done)
+                return (rest[8 * n_layer], token.reshape(1, batch, 1), positions.reshape(1, batch, 1),
+                        torch.tensor([[(column + steps) % cache_len]], dtype=torch.int32), mask, tokens,
+                        torch.tensor([[_wrap_int32(first + steps)]], dtype=torch.int32))
+            return run_steps
 
 
 def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
@@ -403,8 +422,9 @@ def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
 
 
 def can_decode_layer(dtype, tp: int) -> bool:
-    """Whether :func:`decode_layer` and :func:`greedy_head` run for a model of ``dtype`` (a popxl
-    dtype) with ``tp`` shards: float32, one shard, the CPU runtime."""
+    """Whether the layer kernels (:func:`decode_layer`, :func:`prefill_layer`, :func:`greedy_head`,
+    :func:`greedy_decode_steps`) run for a model of ``dtype`` (a popxl dtype) with ``tp`` shards:
+    float32, one shard, the CPU runtime."""
     return IS_CPU and dtype == popxl.float32 and tp == 1
 
 
@@ -533,7 +553,10 @@ def greedy_decode_steps(token: popxl.Tensor, position: popxl.Tensor, column: pop
                          f"{len(k_caches)} key and {len(v_caches)} value caches")
     batch = k_caches[0].shape[0]
     context = f"embedding {tuple(embedding.shape)} and k_caches[0] {tuple(k_caches[0].shape)}"
-    chunk = tokens.shape[-1] if len(tokens.shape) == 2 else 1
+    if len(tokens.shape) != 2 or tokens.shape[1] < 1:
+        raise ValueError(f"greedy_decode_steps: tokens must be ({batch}, chunk) int32 with chunk >= 1 columns for "
+                         f"the steps' tokens, got {tokens.name!r} {tuple(tokens.shape)} {tokens.dtype.name}")
+    chunk = tokens.shape[1]
     expected = {"token": (token, (batch, 1), popxl.int32), "embedding": (embedding, tuple(embedding.shape)),
                 "tokens": (tokens, (batch, chunk), popxl.int32), "step": (step, (1,), popxl.int32),
                 **_head_expected(n_embd, ln_weight, ln_bias, w, bias)}

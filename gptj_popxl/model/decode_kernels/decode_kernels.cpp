@@ -4,7 +4,7 @@ setup_pybind11(cfg)
 cfg['extra_compile_args'] = ['-std=c++17', '-O3', '-march=native', '-ffp-contract=fast', '-pthread', '-fopenmp',
                              '-fvisibility=hidden', '-Wno-maybe-uninitialized']
 cfg['extra_link_args'] = ['-pthread', '-fopenmp']
-cfg['dependencies'] = ['work_team.h', 'streamed_matmul.h', 'decode_attention.h', 'decode_layer.h']
+cfg['dependencies'] = ['work_team.h', 'streamed_matmul.h', 'decode_attention.h', 'decode_layer.h', '.cpu']
 %>
 */
 // Python binding of the decode kernels, built on first import by cppimport (their Python ops in this
@@ -15,6 +15,7 @@ cfg['dependencies'] = ['work_team.h', 'streamed_matmul.h', 'decode_attention.h',
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "decode_layer.h"
@@ -113,16 +114,18 @@ struct StepSizes {
     int64_t B, H, D, C, E, I, P, half;
 };
 
-// `count` contiguous int32 positions, each a row of the (P, rotary_dim / 2) rotary tables.
-const int32_t* table_rows(const py::array& positions, int64_t count, int64_t P) {
+// The (rows, per_row) contiguous int32 positions, each a row of the (P, rotary_dim / 2) rotary tables.
+const int32_t* table_rows(const py::array& positions, int64_t rows, int64_t per_row, int64_t P) {
     require(positions.dtype().is(py::dtype::of<int32_t>()) && (positions.flags() & py::array::c_style) &&
-                positions.size() == count,
-            "positions must be " + std::to_string(count) + " contiguous int32 values, got " + shape_of(positions));
+                positions.size() == rows * per_row,
+            "positions must be (" + std::to_string(rows) + ", " + std::to_string(per_row) +
+                ") contiguous int32 values, got " + shape_of(positions));
     const auto* p = static_cast<const int32_t*>(positions.data());
-    for (int64_t i = 0; i < count; ++i)
+    for (int64_t i = 0; i < rows * per_row; ++i)
         if (p[i] < 0 || p[i] >= P)
-            throw py::index_error("position " + std::to_string(p[i]) + " (number " + std::to_string(i) +
-                                  ") outside the rotary tables' " + std::to_string(P) + " rows");
+            throw py::index_error("positions[" + std::to_string(i / per_row) + ", " + std::to_string(i % per_row) +
+                                  "] = " + std::to_string(p[i]) + " is outside the rotary tables' " +
+                                  std::to_string(P) + " rows");
     return p;
 }
 
@@ -139,16 +142,16 @@ const int32_t* check_step(const StepSizes& n, py::array& k_cache, py::array& v_c
     require(2 * n.half <= n.D, "rotary_dim " + std::to_string(2 * n.half) + " exceeds head_dim " + std::to_string(n.D));
     require(write >= 0 && write < n.C, "write column " + std::to_string(write) + " outside the cache's " +
                                            std::to_string(n.C) + " columns");
-    return table_rows(positions, n.B, n.P);
+    return table_rows(positions, n.B, 1, n.P);
 }
 
-// B int32 values in a C-contiguous array that `writeable` says may be written.
-int32_t* int32s(const char* name, const py::array& a, int64_t B, bool writeable) {
+// B writeable int32 values in a C-contiguous array.
+int32_t* int32s(const char* name, py::array& a, int64_t B) {
     require(a.dtype().is(py::dtype::of<int32_t>()) && (a.flags() & py::array::c_style) && a.size() == B &&
-                (!writeable || a.writeable()),
-            std::string(name) + " must be " + std::to_string(B) + (writeable ? " writeable" : "") +
-                " contiguous int32 values, got " + shape_of(a));
-    return static_cast<int32_t*>(const_cast<void*>(a.data()));
+                a.writeable(),
+            std::string(name) + " must be " + std::to_string(B) + " writeable contiguous int32 values, got " +
+                shape_of(a));
+    return static_cast<int32_t*>(a.mutable_data());
 }
 
 // The LayerNorm and LM head of a greedy head, checked; returns the vocabulary size.
@@ -189,18 +192,19 @@ void prefill_layer(const py::array& x, const py::array& ln_weight, const py::arr
                    uintptr_t blas) {
     const int64_t B = dim(k, -4), H = dim(k, -3), S = dim(k, -2), D = dim(k, -1), E = dim(x, -1), I = dim(w_in, -1);
     const int64_t P = dim(sin, -2), half = dim(sin, -1);
+    require_floats("k", k, {B, H, S, D});  // the sizes come from k: checked first
     const py::array weights[] = {ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out};
     const auto layer = layer_weights(weights, E, H, D, I);
     require_floats("x", x, {B, S, E});
     require_floats("x_next", x_next, {B, S, E});
-    require_floats("k", k, {B, H, S, D});
     require_floats("v", v, {B, H, S, D});
     require_floats("mask", mask, {B, S, S});
     require_floats("sin", sin, {P, half});
     require_floats("cos", cos, {P, half});
-    require(k.writeable() && v.writeable() && x_next.writeable(), "k, v and x_next must be writeable");
+    for (const auto& [name, a] : {std::pair<const char*, const py::array*>{"k", &k}, {"v", &v}, {"x_next", &x_next}})
+        require(a->writeable(), std::string(name) + " must be writeable");
     require(2 * half <= D, "rotary_dim " + std::to_string(2 * half) + " exceeds head_dim " + std::to_string(D));
-    const int32_t* p = table_rows(positions, B * S, P);
+    const int32_t* p = table_rows(positions, B, S, P);
     py::gil_scoped_release release;
     gptj_decode::prefill_layer(floats(x), B, S, E, H, D, I, eps, layer, p, floats(sin), floats(cos), 2 * half,
                                floats(mask), products(num_threads, blas), floats(k), floats(v), floats(x_next));
@@ -211,7 +215,7 @@ void greedy_head(const py::array& x, const py::array& ln_weight, const py::array
     const int64_t E = dim(w, -2), B = E ? x.size() / E : 0;
     const int64_t V = check_head(E, ln_weight, ln_bias, w, bias);
     require_floats("x", x, {B, E});
-    int32_t* out = int32s("tokens", tokens, B, true);
+    int32_t* out = int32s("tokens", tokens, B);
     py::gil_scoped_release release;
     gptj_decode::greedy_head(floats(x), B, E, V, eps, floats(ln_weight), floats(ln_bias), floats(w), floats(bias),
                              products(num_threads, blas), out);
@@ -246,22 +250,24 @@ void greedy_decode_steps(py::array& token, py::array& positions, int64_t column,
                                              std::to_string(n.C) + " columns");
     std::vector<gptj_decode::LayerWeights> layers;
     std::vector<float*> keys, values;
-    int32_t* p = const_cast<int32_t*>(check_step(n, k_caches[0], v_caches[0], positions, sin, cos, column, mask));
-    require(positions.writeable(), "positions must be writeable");
+    const int32_t* checked = nullptr;
     for (size_t l = 0; l < L; ++l) {
         layers.push_back(layer_weights(&weights[8 * l], n.E, n.H, n.D, n.I));
-        check_step(n, k_caches[l], v_caches[l], positions, sin, cos, column, mask);
+        checked = check_step(n, k_caches[l], v_caches[l], positions, sin, cos, column, mask);
         keys.push_back(floats(k_caches[l]));
         values.push_back(floats(v_caches[l]));
     }
+    require(positions.writeable(), "positions must be writeable");
+    int32_t* p = const_cast<int32_t*>(checked);
     for (int64_t b = 0; b < n.B; ++b)
         require(p[b] < n_positions, "position " + std::to_string(p[b]) + " of row " + std::to_string(b) +
                                         " is not below n_positions " + std::to_string(n_positions));
-    int32_t* ids = int32s("token", token, n.B, true);
+    int32_t* ids = int32s("token", token, n.B);
     require(out.dtype().is(py::dtype::of<int32_t>()) && (out.flags() & py::array::c_style) && out.writeable() &&
                 dim(out, -2) == n.B && out.size() == n.B * dim(out, -1),
             "out must be a writeable C-contiguous int32 (" + std::to_string(n.B) + ", chunk) array, got " +
                 shape_of(out));
+    require(dim(out, -1) > 0, "out must have a column for the tokens, got " + shape_of(out));
     require(mask.writeable(), "mask must be writeable");
     const int64_t chunk = dim(out, -1);
     int32_t* tokens = static_cast<int32_t*>(out.mutable_data());

@@ -1,10 +1,13 @@
-// Unit test of streamed_matmul.h against a double-precision triple loop, over row, column and depth
-// tails and one or two threads; run by ctest (`make cpp-test`).
+// Unit tests of the decode kernels, run by ctest (`make cpp-test`): streamed_matmul.h against a
+// double-precision triple loop, over row, column and depth tails and one to three threads; and the
+// attention of a decode step and of a prefill (decode_attention.h) on OpenMP threads against the
+// same on one thread (each head is one thread's work, so the results must be identical).
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
 
+#include "decode_attention.h"
 #include "streamed_matmul.h"
 
 namespace {
@@ -34,9 +37,57 @@ void check_product(int64_t M, int64_t K, int64_t N, int threads) {
         }
 }
 
+std::vector<float> normals(int64_t n, unsigned seed) {
+    std::mt19937 gen(seed);
+    std::normal_distribution<float> normal;
+    std::vector<float> v(n);
+    for (auto& x : v)
+        x = normal(gen);
+    return v;
+}
+
+void check_same(const char* what, const std::vector<float>& one, const std::vector<float>& many, int threads) {
+    for (size_t i = 0; i < one.size(); ++i)
+        if (!(one[i] == many[i])) {
+            ++failures;
+            std::printf("FAIL %s on %d threads: [%zu] = %g, on one thread %g\n", what, threads, i, many[i], one[i]);
+            return;
+        }
+}
+
+void check_attention_threads(int threads) {
+    const int64_t B = 3, H = 5, D = 8, C = 7, S = 4, P = 16, rotary_dim = 4, write = 2;
+    const auto sin = normals(P * rotary_dim / 2, 1), cos = normals(P * rotary_dim / 2, 2);
+    const std::vector<int32_t> positions = {3, 0, 15}, prefill_positions = {0, 1, 2, 3, 5, 6, 7, 8, 0, 0, 1, 2};
+    std::vector<float> mask(B * C, 0.0f), prefill_mask(B * S * S, 0.0f);
+    mask[1 * C + 0] = prefill_mask[2 * S * S + 1] = -3.4e38f;
+    const auto qkv = normals(B * 3 * H * D, 3), prefill_qkv = normals(B * S * 3 * H * D, 4);
+    std::vector<float> runs[2][5];
+    for (int run = 0; run < 2; ++run) {
+        auto& [k_cache, v_cache, z, k, v] = runs[run];
+        k_cache = normals(B * H * D * C, 5);
+        v_cache = normals(B * H * C * D, 6);
+        z.assign(B * H * D + B * S * H * D, NAN);  // the decode step's, then the prefill's
+        k.assign(B * H * S * D, NAN);
+        v.assign(B * H * S * D, NAN);
+        const int n = run ? threads : 1;
+        gptj_decode::decode_attention(qkv.data(), positions.data(), sin.data(), cos.data(), rotary_dim, k_cache.data(),
+                                      v_cache.data(), write, mask.data(), B, H, D, C, z.data(), n);
+        gptj_decode::prefill_attention(prefill_qkv.data(), prefill_positions.data(), sin.data(), cos.data(),
+                                       rotary_dim, prefill_mask.data(), B, S, H, D, k.data(), v.data(), z.data() + B * H * D,
+                                       n);
+    }
+    const char* what[] = {"decode key cache", "decode value cache", "attention outputs", "prefill keys",
+                          "prefill values"};
+    for (int i = 0; i < 5; ++i)
+        check_same(what[i], runs[0][i], runs[1][i], threads);
+}
+
 }  // namespace
 
 int main() {
+    for (int threads : {2, 3})
+        check_attention_threads(threads);
     for (int threads : {1, 2, 3})
         for (int64_t M : {1, 2, 3, 4, 5, 9})
             for (int64_t K : {1, 7, 8, 37})

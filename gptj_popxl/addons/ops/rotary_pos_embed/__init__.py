@@ -13,7 +13,8 @@ output gradient; no gradient flows to the tables.
 
 On the CPU runtime this is a custom op (``gptj_popxl.backend.custom_op``) whose kernel is the C++ in
 ``rotary_embedding.h``, bound by ``rotary_embedding.cpp`` and compiled by cppimport on first use
-(into this folder, git-ignored; concurrent processes wait on cppimport's lock). With the Poplar
+for this processor (into this folder, git-ignored; concurrent processes wait on cppimport's lock;
+another processor rebuilds it, see ``addons/ops/_native.py``). With the Poplar
 SDK the call goes to popxl-addons' own op.
 """
 import functools
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from ....backend import IS_CPU, custom_op, popxl
+from .. import _native as native
 
 __all__ = ["rotary_pos_embed", "trig_tables", "trig_table_constants"]
 
@@ -78,9 +80,8 @@ def _check(t, sin, cos, rotary_dim) -> int:
 
 @functools.lru_cache(maxsize=None)
 def extension():
-    """The compiled C++ kernel module, built by cppimport on first call."""
-    import cppimport
-    return cppimport.imp_from_filepath(_SOURCE, "rotary_embedding")
+    """The compiled C++ kernel module, built by cppimport on first call (for this processor)."""
+    return native.build(_SOURCE, "rotary_embedding")
 
 
 def _table_rows(batch_seq, table_shape) -> np.ndarray:

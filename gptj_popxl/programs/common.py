@@ -84,9 +84,12 @@ def output_stream(name: str, t: popxl.Tensor) -> popxl.DeviceToHostStream:
     return stream
 
 
-def attached_session(ir):
+def attached_session(ir, attach: bool = True):
     """A session of ``ir``, attached for the program's lifetime (weights move with ``weights_to_host``
-    and ``Program.load_weights``, never by detaching)."""
+    and ``Program.load_weights``, never by detaching); None without ``attach`` (a program built to be
+    analysed from its shapes alone)."""
+    if not attach:
+        return None
     session = popxl.Session(ir, "cpu" if IS_CPU else "ipu_hw")
     session.__enter__()
     return session

@@ -258,7 +258,7 @@ def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], wit
             _d2h(outputs, "logits", kv.pop())
         for i, t in enumerate(kv):
             _d2h(outputs, f"{'kv'[i // config.n_layer]}.{i % config.n_layer}", t)
-    return GenerationProgram(ir, attached_session(ir) if attach else None, _weight_variables(resident, remote),
+    return GenerationProgram(ir, attached_session(ir, attach), _weight_variables(resident, remote),
                              inputs, outputs, model.weights_version)
 
 
@@ -329,6 +329,6 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         _d2h(outputs, "tokens", results[4])
         if with_logits:
             _d2h(outputs, "logits", results[6])
-    return GenerationProgram(ir, attached_session(ir) if attach else None, _weight_variables(variables, remote),
+    return GenerationProgram(ir, attached_session(ir, attach), _weight_variables(variables, remote),
                              inputs, outputs, model.weights_version, tuple(cache))
 

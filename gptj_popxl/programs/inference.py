@@ -28,7 +28,7 @@ def build_logits(config: GPTJConfig, execution: ExecutionConfig, weights: Mappin
         variables = create_variables(facts, weights)
         logits, = graph.bind(variables).call(ids, offset)
         outputs = {"logits": output_stream("logits", logits)}
-    return Program(ir, attached_session(ir) if attach else None, variables, streams, outputs)
+    return Program(ir, attached_session(ir, attach), variables, streams, outputs)
 
 
 def build_loss_and_grads(config: GPTJConfig, execution: ExecutionConfig, weights: Mapping[str, np.ndarray],

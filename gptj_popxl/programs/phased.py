@@ -377,6 +377,6 @@ def build_phased_training_step(config: GPTJConfig, execution: ExecutionConfig, w
                     for b in bufs.values()}
     buffer_kinds.update({b.remote_buffer_id: "activations" for b in (x_buffer, dx_buffer)})
     buffer_kinds.update({b.remote_buffer_id: "io" for b in (*token_buffers.values(), seed_buffer, loss_buffer)})
-    return TrainingProgram(ir, attached_session(ir) if attach else None, ex, merged("weights"), merged("master"),
+    return TrainingProgram(ir, attached_session(ir, attach), ex, merged("weights"), merged("master"),
                            merged("first_order"), merged("second_order"), streams, outputs,
                            popxl_param_shapes(config, ex.tensor_parallel), buffer_kinds)

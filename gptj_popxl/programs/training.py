@@ -262,5 +262,5 @@ def build_training_step(config: GPTJConfig, execution: ExecutionConfig, weights:
         outputs = {"loss": output_stream("loss", loss), "grad_norm": output_stream("grad_norm", norm),
                    "finite": output_stream("finite", ops.cast(finite, popxl.int32))}
     named = addons.NamedTensors.from_dict
-    return TrainingProgram(ir, attached_session(ir) if attach else None, ex, variables, named(master), named(first),
+    return TrainingProgram(ir, attached_session(ir, attach), ex, variables, named(master), named(first),
                            named(second), streams, outputs, popxl_param_shapes(config, ex.tensor_parallel))

@@ -14,8 +14,8 @@ sequence, and that op forms few-row products by BLAS or by reading each weight o
 whichever it timed faster (larger products stay ``ops.matmul``). On the CPU runtime a float32
 decode step on one shard runs each layer as one ``decode_layer`` op (``decode_kernels``), which also
 writes the new key and value into the caches, and a prefill of up to ``MAX_ROWS`` tokens as one
-``prefill_layer`` op; with every layer resident a greedy run of the decode
-loop (its steps and their bookkeeping) is one ``greedy_decode_steps`` op.
+``prefill_layer`` op; with every layer resident a greedy run of the decode loop (its steps and their
+bookkeeping) is one ``greedy_decode_steps`` op.
 
 Masks are additive float32 ``(batch, 1, queries, keys)``: 0 where a query may attend, the
 float32 minimum where not (never summed, so fully masked rows stay finite).

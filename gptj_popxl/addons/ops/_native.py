@@ -38,7 +38,10 @@ def build(source: str, module_name: str):
         current = False
     if not current:
         scratch = f"{path}.{os.getpid()}"
-        with open(scratch, "w") as f:
-            f.write(identity)
-        os.replace(scratch, path)  # atomic: a process building at the same time reads one whole file
+        try:
+            with open(scratch, "w") as f:
+                f.write(identity)
+            os.replace(scratch, path)  # atomic: a process building at the same time reads one whole file
+        except OSError:
+            pass  # a folder we may not write: cppimport loads what is there (it could not build either)
     return cppimport.imp_from_filepath(source, module_name)

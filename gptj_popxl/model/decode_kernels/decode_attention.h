@@ -20,6 +20,8 @@
 #include <immintrin.h>
 #endif
 
+#include "streamed_matmul.h"
+
 namespace gptj_decode {
 
 #ifdef __AVX512F__
@@ -115,14 +117,25 @@ inline void decode_attention(const float* qkv, const int32_t* positions, const f
 
 // The attention of a prefill: S tokens per row b, each at its position (positions (B, S)), attending
 // to the row's own S tokens under mask (B, S, S) additive. qkv (B, S, 3 H D); writes the rotated keys
-// and the values, k and v (B, H, S, D), and z (B, S, H D).
+// and the values, k and v (B, H, S, D), and z (B, S, H D). A head's scores and its output are two
+// products (`products`' BLAS on this thread, or streamed): at 4 x 16 tokens half the time of
+// attending query by query.
 inline void prefill_attention(const float* qkv, const int32_t* positions, const float* sin, const float* cos,
                               int64_t rotary_dim, const float* mask, int64_t B, int64_t S, int64_t H, int64_t D,
-                              float* k, float* v, float* z, int num_threads = 1) {
+                              float* k, float* v, float* z, const gptj_streamed::Products& products,
+                              int num_threads = 1) {
     const int64_t half = rotary_dim / 2;
+    const float scale = std::sqrt(float(D));
+    const gptj_streamed::Products one_thread{products.blas, 1};  // the heads are the threads' work
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && B * H > 1)
     {
-        std::vector<float> q(S * D), keys(D * S), score(S);
+        // Kept by the thread: a 256-token head needs 1.8 MB, which fresh memory would fault in.
+        thread_local std::vector<float> scratch;
+        scratch.resize(std::max<size_t>(scratch.size(), size_t(S * (3 * D + S))));
+        float* q = scratch.data();
+        float* keys = q + S * D;
+        float* zt = keys + S * D;
+        float* scores = zt + S * D;
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; ++bh) {
             const int64_t b = bh / H, h = bh % H;
@@ -132,17 +145,33 @@ inline void prefill_attention(const float* qkv, const int32_t* positions, const 
                 const float* row = qkv + (b * S + t) * 3 * H * D;
                 const float* s = sin + int64_t(positions[b * S + t]) * half;
                 const float* c = cos + int64_t(positions[b * S + t]) * half;
-                std::copy(row + h * D, row + (h + 1) * D, q.begin() + t * D);
+                std::copy(row + h * D, row + (h + 1) * D, q + t * D);
                 std::copy(row + (H + h) * D, row + (H + h + 1) * D, k_bh + t * D);
                 std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, v_bh + t * D);
-                rotate(q.data() + t * D, s, c, rotary_dim);
+                rotate(q + t * D, s, c, rotary_dim);
                 rotate(k_bh + t * D, s, c, rotary_dim);
                 for (int64_t d = 0; d < D; ++d)
                     keys[d * S + t] = k_bh[t * D + d];
             }
+            one_thread(q, S, D, keys, S, scores);
+            for (int64_t t = 0; t < S; ++t) {
+                float* p = scores + t * S;
+                const float* m = mask + (b * S + t) * S;
+                float top = -INFINITY;
+                for (int64_t col = 0; col < S; ++col) {
+                    p[col] = p[col] / scale + m[col];
+                    top = std::max(top, p[col]);
+                }
+                exp_shifted(p, S, top);
+                float total = 0.0f;
+                for (int64_t col = 0; col < S; ++col)
+                    total += p[col];
+                for (int64_t col = 0; col < S; ++col)
+                    p[col] /= total;
+            }
+            one_thread(scores, S, S, v_bh, D, zt);
             for (int64_t t = 0; t < S; ++t)
-                attend(q.data() + t * D, keys.data(), v_bh, mask + (b * S + t) * S, D, S, score.data(),
-                       z + ((b * S + t) * H + h) * D);
+                std::copy(zt + t * D, zt + (t + 1) * D, z + ((b * S + t) * H + h) * D);
         }
     }
 }

@@ -121,7 +121,7 @@ inline void prefill_layer(const float* x, int64_t B, int64_t S, int64_t E, int64
                           int64_t rotary_dim, const float* mask, const gptj_streamed::Products& products, float* k,
                           float* v, float* x_next) {
     layer_rows(x, B * S, E, H * D, I, eps, w, products, [&](const float* qkv, float* z) {
-        prefill_attention(qkv, positions, sin, cos, rotary_dim, mask, B, S, H, D, k, v, z, products.threads);
+        prefill_attention(qkv, positions, sin, cos, rotary_dim, mask, B, S, H, D, k, v, z, products, products.threads);
     }, x_next);
 }
 

@@ -75,7 +75,7 @@ void check_attention_threads(int threads) {
                                       v_cache.data(), write, mask.data(), B, H, D, C, z.data(), n);
         gptj_decode::prefill_attention(prefill_qkv.data(), prefill_positions.data(), sin.data(), cos.data(),
                                        rotary_dim, prefill_mask.data(), B, S, H, D, k.data(), v.data(), z.data() + B * H * D,
-                                       n);
+                                       gptj_streamed::Products{}, n);
     }
     const char* what[] = {"decode key cache", "decode value cache", "attention outputs", "prefill keys",
                           "prefill values"};

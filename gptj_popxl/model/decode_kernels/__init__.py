@@ -25,7 +25,6 @@ applies.
 """
 import ctypes
 import functools
-import operator
 import os
 import time
 import weakref
@@ -364,21 +363,7 @@ if IS_CPU:
             n_layer, eps, n_positions, steps = attrs["n_layer"], attrs["eps"], attrs["n_positions"], attrs["steps"]
             _one_replica(cls.name, runtime)
             (batch, chunk), cache_len = op.inputs[4].shape, op.inputs[3].shape[-1]
-            # The weights, tables and caches are the same tensors run after run: their arrays, as the
-            # kernel takes them, are made when they change (47 conversions cost some 30 us).
-            held = {"tensors": (), "arrays": ()}
-
-            def fixed_arrays(fixed):
-                if len(fixed) == len(held["tensors"]) and not any(map(operator.is_not, fixed, held["tensors"])):
-                    return held["arrays"]
-                if not all(t.is_contiguous() for t in fixed[-2 * n_layer:]):
-                    raise ValueError("greedy_decode_steps writes the caches in place: they must be contiguous")
-                embedding, sin, cos, ln_weight, ln_bias, w, bias, *rest = (t.contiguous().numpy() for t in fixed)
-                weights, caches = rest[:8 * n_layer], rest[8 * n_layer:]
-                arrays = embedding, weights, sin, cos, caches[:n_layer], caches[n_layer:], ln_weight, ln_bias, w, bias
-                if all(t.is_contiguous() for t in fixed):  # else some weights are this call's copies
-                    held.update(tensors=fixed, arrays=arrays)
-                return arrays
+            arrays = _ArrayViews()
 
             def kernel(threads, blas):
                 def run(state, fixed, column, first, count):
@@ -391,7 +376,12 @@ if IS_CPU:
 
             def run_steps(token, position, column, mask, tokens, step, embedding, sin, cos, ln_weight, ln_bias, w,
                           bias, *rest):
-                fixed = fixed_arrays((embedding, sin, cos, ln_weight, ln_bias, w, bias) + rest)
+                weights, caches = rest[:8 * n_layer], rest[8 * n_layer:]
+                if not all(c.is_contiguous() for c in caches):  # an array of a copy would lose the writes
+                    raise ValueError("greedy_decode_steps writes the caches in place: they must be contiguous")
+                fixed = (arrays(embedding), [arrays(t) for t in weights], arrays(sin), arrays(cos),
+                         [arrays(c) for c in caches[:n_layer]], [arrays(c) for c in caches[n_layer:]],
+                         *map(arrays, (ln_weight, ln_bias, w, bias)))
                 # The kernel writes these as it goes: the next token and positions, the mask, the tokens.
                 token, positions = (t.reshape(batch).clone(memory_format=torch.contiguous_format)
                                     for t in (token, position))

@@ -60,6 +60,21 @@ inline void rotate(float* x, const float* sin, const float* cos, int64_t rotary_
     }
 }
 
+// score (n) = softmax(score / scale + mask), in place.
+inline void softmax(float* score, const float* mask, int64_t n, float scale) {
+    float top = -INFINITY;
+    for (int64_t col = 0; col < n; ++col) {
+        score[col] = score[col] / scale + mask[col];
+        top = std::max(top, score[col]);
+    }
+    exp_shifted(score, n, top);
+    float total = 0.0f;
+    for (int64_t col = 0; col < n; ++col)
+        total += score[col];
+    for (int64_t col = 0; col < n; ++col)
+        score[col] /= total;
+}
+
 // out (D) = softmax(score) @ values with score[c] = (q . key[c]) / sqrt(D) + mask[c]: keys (D, C)
 // (transposed, so the scores accumulate with the columns contiguous), values (C, D), score (C) scratch.
 inline void attend(const float* q, const float* keys, const float* values, const float* mask, int64_t D, int64_t C,
@@ -69,21 +84,11 @@ inline void attend(const float* q, const float* keys, const float* values, const
     for (int64_t d = 0; d < D; ++d)
         for (int64_t col = 0; col < C; ++col)
             score[col] += q[d] * keys[d * C + col];
-    float top = -INFINITY;
-    for (int64_t col = 0; col < C; ++col) {
-        score[col] = score[col] / scale + mask[col];
-        top = std::max(top, score[col]);
-    }
-    exp_shifted(score, C, top);
-    float total = 0.0f;
-    for (int64_t col = 0; col < C; ++col)
-        total += score[col];
+    softmax(score, mask, C, scale);
     std::fill(out, out + D, 0.0f);
-    for (int64_t col = 0; col < C; ++col) {
-        const float p = score[col] / total;
+    for (int64_t col = 0; col < C; ++col)
         for (int64_t d = 0; d < D; ++d)
-            out[d] += p * values[col * D + d];
-    }
+            out[d] += score[col] * values[col * D + d];
 }
 
 // Heads run on OpenMP threads (torch's pool, shared with MKL): a head reads its caches, which the
@@ -154,21 +159,8 @@ inline void prefill_attention(const float* qkv, const int32_t* positions, const 
                     keys[d * S + t] = k_bh[t * D + d];
             }
             one_thread(q, S, D, keys, S, scores);
-            for (int64_t t = 0; t < S; ++t) {
-                float* p = scores + t * S;
-                const float* m = mask + (b * S + t) * S;
-                float top = -INFINITY;
-                for (int64_t col = 0; col < S; ++col) {
-                    p[col] = p[col] / scale + m[col];
-                    top = std::max(top, p[col]);
-                }
-                exp_shifted(p, S, top);
-                float total = 0.0f;
-                for (int64_t col = 0; col < S; ++col)
-                    total += p[col];
-                for (int64_t col = 0; col < S; ++col)
-                    p[col] /= total;
-            }
+            for (int64_t t = 0; t < S; ++t)
+                softmax(scores + t * S, mask + (b * S + t) * S, S, scale);
             one_thread(scores, S, S, v_bh, D, zt);
             for (int64_t t = 0; t < S; ++t)
                 std::copy(zt + t * D, zt + (t + 1) * D, z + ((b * S + t) * H + h) * D);

@@ -17,8 +17,7 @@ from .replica_grouping import ReplicaGrouping
 from .session import Session
 from .streams import DeviceToHostStream, HostToDeviceStream, d2h_stream, h2d_stream
 from .tensor import (Constant, Tensor, TensorByRef, TensorSpec, Variable, back_variable, constant, graph_input,
-                     graph_output,
-                     remote_replica_sharded_variable, remote_variable, replica_sharded_buffer,
+                     graph_output, remote_replica_sharded_variable, remote_variable, replica_sharded_buffer,
                      replica_sharded_variable, variable)
 
 __version__ = "3.4.0+cpu"

@@ -161,7 +161,7 @@ class DecodeStep(CachedLM):
                 uniforms = ops.dynamic_slice(uniforms, step, axes=[0], sizes=[1], no_overlap=True)
                 uniforms = uniforms.reshape((batch, total))
             new = select_tokens(logits, shard_offset, self.groups, self.config, self.sampling, uniforms)
-        new = new if tuple(new.shape) == (batch, 1) else new.reshape((batch, 1))
+        new = new.reshape((batch, 1))
         tokens = ops.dynamic_update_(tokens, step, new, axes=[1], sizes=[1], no_overlap=True)
         carried = (new, next_position, next_column, mask, tokens, next_step)
         if scores is None:

@@ -58,11 +58,11 @@ def _comparison(kind: str, batch: int) -> str:
             f"batch {batch}, {what}, {torch.get_num_threads()} threads")
 
 
-def _tag(benchmark, kind: str, batch: int, role: str) -> None:
-    """A generate is also compared less its prefill: the greedy decode of the tokens after the first
-    (goal: ours >= 3x transformers' tokens/s there too)."""
+def _compare(benchmark, kind: str, batch: int, role: str, fn, *args) -> None:
+    """``compare``; a generate is also compared less its prefill: the greedy decode of the tokens after
+    the first (goal: ours >= 3x transformers' tokens/s there too)."""
     generate = kind == "generate"
-    compare(benchmark, _comparison(kind, batch), role, goal=3.0 if generate and role == "ours" else None,
+    compare(benchmark, _comparison(kind, batch), role, fn, *args, goal=3.0 if generate and role == "ours" else None,
             items=batch * (NEW if generate else PROMPT), minus=_comparison("prefill", batch) if generate else None,
             minus_label="decode of the tokens after the first (generate less prefill)",
             minus_goal=3.0 if generate else None, minus_items=batch * (NEW - 1) if generate else None)
@@ -74,12 +74,10 @@ def test_ours(benchmark, models, kind, batch):
     new = NEW if kind == "generate" else 1
     ids = prompts(batch)
     np.testing.assert_array_equal(ours_generate(ours, ids, new), hf_generate(hf, ids, new))  # also compiles
-    _tag(benchmark, kind, batch, "ours")
-    benchmark(ours_generate, ours, ids, new)
+    _compare(benchmark, kind, batch, "ours", ours_generate, ours, ids, new)
 
 
 @pytest.mark.parametrize("kind,batch", CASES)
 def test_transformers(benchmark, models, kind, batch):
     _, hf = models
-    _tag(benchmark, kind, batch, "peer")
-    benchmark(hf_generate, hf, prompts(batch), NEW if kind == "generate" else 1)
+    _compare(benchmark, kind, batch, "peer", hf_generate, hf, prompts(batch), NEW if kind == "generate" else 1)

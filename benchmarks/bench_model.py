@@ -53,24 +53,20 @@ def hf_loss_and_grads(model, ids):
 
 
 def test_ours_forward(benchmark, models):
-    compare(benchmark, COMPARISON, "ours", goal=GOAL, items=BATCH * SEQ)
     ours, _, ids = models
-    benchmark(ours.logits, ids)
+    compare(benchmark, COMPARISON, "ours", ours.logits, ids, goal=GOAL, items=BATCH * SEQ)
 
 
 def test_transformers_forward(benchmark, models):
-    compare(benchmark, COMPARISON, "peer", items=BATCH * SEQ)
     _, hf, ids = models
-    benchmark(hf_forward, hf, ids)
+    compare(benchmark, COMPARISON, "peer", hf_forward, hf, ids, items=BATCH * SEQ)
 
 
 def test_ours_loss_and_grads(benchmark, models):
-    compare(benchmark, TRAINING, "ours", goal=GOAL, items=BATCH * SEQ)
     ours, _, ids = models
-    benchmark(ours.loss_and_grads, ids, ids)
+    compare(benchmark, TRAINING, "ours", ours.loss_and_grads, ids, ids, goal=GOAL, items=BATCH * SEQ)
 
 
 def test_transformers_loss_and_grads(benchmark, models):
-    compare(benchmark, TRAINING, "peer", items=BATCH * SEQ)
     _, hf, ids = models
-    benchmark(hf_loss_and_grads, hf, ids)
+    compare(benchmark, TRAINING, "peer", hf_loss_and_grads, hf, ids, items=BATCH * SEQ)

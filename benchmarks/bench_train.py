@@ -56,24 +56,20 @@ class TorchStep:
 
 
 def test_ours_resident_step(benchmark, setup):
-    compare(benchmark, VS_TORCH, "ours", goal=1.25, items=ROWS * SEQ)
     trainers, _, ids = setup
-    benchmark(trainers[False].step, ids, ids)
+    compare(benchmark, VS_TORCH, "ours", trainers[False].step, ids, ids, goal=1.25, items=ROWS * SEQ)
 
 
 def test_transformers_adamw_step(benchmark, setup):
-    compare(benchmark, VS_TORCH, "peer", items=ROWS * SEQ)
     _, torch_step, _ = setup
-    benchmark(torch_step)
+    compare(benchmark, VS_TORCH, "peer", torch_step, items=ROWS * SEQ)
 
 
 def test_ours_phased_step(benchmark, setup):
-    compare(benchmark, PHASED, "ours", goal=0.87, items=ROWS * SEQ)
     trainers, _, ids = setup
-    benchmark(trainers[True].step, ids, ids)
+    compare(benchmark, PHASED, "ours", trainers[True].step, ids, ids, goal=0.87, items=ROWS * SEQ)
 
 
 def test_ours_resident_step_for_phased(benchmark, setup):
-    compare(benchmark, PHASED, "peer", items=ROWS * SEQ)
     trainers, _, ids = setup
-    benchmark(trainers[False].step, ids, ids)
+    compare(benchmark, PHASED, "peer", trainers[False].step, ids, ids, items=ROWS * SEQ)

@@ -104,14 +104,29 @@ def _decode_products(model) -> Dict[str, Dict[str, int]]:
     return product_choices(program.ir for program in model.generator.programs)
 
 
+def take_turns(calls: Dict[str, Callable[[], Any]], rounds: int, calls_per_turn: int = 1) -> Dict[str, np.ndarray]:
+    """Per side (``calls`` by side), the seconds per call of each of ``rounds`` turns: in every round
+    each side makes ``calls_per_turn`` calls, timed together, the order of the sides reversed every
+    other round, so that a busy spell of a shared machine falls on both sides instead of on
+    whichever side was running then. Round ``i`` of two sides is a pair: their ratio cancels a slow
+    drift of the machine's speed."""
+    times = {side: [] for side in calls}
+    order = list(calls)
+    for round_ in range(rounds):
+        for side in order if round_ % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            for _ in range(calls_per_turn):
+                calls[side]()
+            times[side].append((time.perf_counter() - start) / calls_per_turn)
+    return {side: np.array(seconds) for side, seconds in times.items()}
+
+
 def _time_sides(calls: Dict[str, Callable[[], Any]], steps: int,
                 settled: Callable[[], bool] = lambda: True) -> Dict[str, Dict[str, float]]:
-    """Per side (``calls`` by side), the seconds of a first call and the median of ``steps`` more. After
-    the first calls, ours runs untimed until ``settled()`` (at most ``SETTLE_CALLS`` times; its decode
-    ops still timing their ways), then the sides take turns, in reversed order every other round, so
-    that a busy spell of a shared machine falls on both sides instead of on whichever side was
-    running then."""
-    timings, times = {}, {side: [] for side in calls}
+    """Per side (``calls`` by side), the seconds of a first call and the median of ``steps`` more
+    (``take_turns``). After the first calls, ours runs untimed until ``settled()`` (at most
+    ``SETTLE_CALLS`` times; its decode ops still timing their ways)."""
+    timings = {}
     for side, call in calls.items():
         start = time.perf_counter()
         call()
@@ -120,13 +135,7 @@ def _time_sides(calls: Dict[str, Callable[[], Any]], steps: int,
         if settled():
             break
         calls["ours"]()
-    order = list(calls)
-    for round_ in range(steps):
-        for side in order if round_ % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            calls[side]()
-            times[side].append(time.perf_counter() - start)
-    for side, seconds in times.items():
+    for side, seconds in take_turns(calls, steps).items():
         timings[side]["median"] = float(np.median(seconds))
     return timings
 
@@ -265,4 +274,4 @@ def run_bench_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
     return 0
 
 
-__all__ = ["MAX_PARAMETERS", "add_bench_parser", "format_bench", "resolve", "run_bench", "run_bench_command"]
+__all__ = ["MAX_PARAMETERS", "add_bench_parser", "format_bench", "resolve", "run_bench", "run_bench_command", "take_turns"]

@@ -139,6 +139,16 @@ def test_bench_json_of_tiny(tmp_path, capsys):
     del other
 
 
+def test_take_turns_alternates_the_sides_and_reverses_every_other_round():
+    from gptj_popxl.bench import take_turns
+    calls = []
+    times = take_turns({"ours": lambda: calls.append("ours"), "peer": lambda: calls.append("peer")},
+                       rounds=4, calls_per_turn=2)
+    assert calls == ["ours"] * 2 + ["peer"] * 4 + ["ours"] * 4 + ["peer"] * 4 + ["ours"] * 2
+    assert {side: t.shape for side, t in times.items()} == {"ours": (4,), "peer": (4,)}
+    assert all((t >= 0).all() for t in times.values())
+
+
 def _layer_parameters(name: str) -> int:
     """One decoder layer of GPT-J: two LayerNorm vectors, q, k, v, out, and the MLP (4x) with biases."""
     e = load_config(name).model.n_embd

@@ -135,6 +135,31 @@ def test_programs_are_compiled_once_per_kind_and_shape(ckpt, tokens):
     np.testing.assert_allclose(model.logits(ids[:1, :4]), model.logits(ids)[:1, :4], atol=1e-5)
 
 
+def test_programs_of_every_kind_and_shape_keep_one_copy_of_the_weights(ckpt, tokens, hf32, tmp_path):
+    # On the CPU runtime with one replica the logits and loss programs of every shape, and the
+    # generation programs, hold their weights in the model's one weight memory; after
+    # weights_changed each computes with the new weights.
+    ids, labels = tokens
+    model = gptj_popxl.from_pretrained(ckpt)
+    assert_matches((model.logits(ids), *model.loss_and_grads(ids, labels)), hf32, 1e-4, 1e-5, 1e-3)
+    model.logits(ids[:1, :4])
+    model.generate(ids[:1, :4], max_new_tokens=2)
+    programs = [model.program("logits", BATCH, SEQ), model.program("logits", 1, 4),
+                model.program("loss_and_grads", BATCH, SEQ), *model.generator.programs]
+    for program in programs:
+        held = {v.name: program.session._device_tensor(v) for v in program.ir.main_graph.variables
+                if v.name in model.weights}
+        assert held, program
+        for name, device in held.items():
+            memory = model.weight_memory(name, tuple(device.shape[1:]), device.numpy().dtype)
+            assert device.data_ptr() == memory.ctypes.data, name
+    other = tiny_checkpoint(tmp_path, seed=5)
+    model.weights.update(gptj_popxl.from_pretrained(other).weights)
+    model.weights_changed()
+    assert_matches((model.logits(ids), *model.loss_and_grads(ids, labels)), hf_reference(other, ids, labels),
+                   1e-4, 1e-5, 1e-3)
+
+
 # ----------------------------------------------------------------------------- input validation
 
 

@@ -105,10 +105,11 @@ class GPTJ:
         return self._weights_version
 
     def weight_memory(self, name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
-        """The memory that this model's generation programs keep the weight variable ``name`` (of
-        ``shape`` and numpy ``dtype``) in, one for all of them (``popxl_cpu.back_variable``), made on
-        first use. Each program loads ``weights`` into it as into its own variables, so a program
-        that reloads changes the memory of the others too (all reload the same ``weights``)."""
+        """The memory that this model's programs (``logits`` and ``loss_and_grads`` of every shape, and
+        generation's) keep the weight variable ``name`` (of ``shape`` and numpy ``dtype``) in, one
+        for all of them (``programs.common.share_weight_memory``), made on first use. Each program
+        loads ``weights`` into it as into its own variables, so a program that reloads changes the
+        memory of the others too (all reload the same ``weights``)."""
         key = (name, tuple(shape), np.dtype(dtype).name)
         if key not in self._weight_memory:
             # Aligned to a cache line, as torch allocates: the kernels stream it in 64-byte vectors.
@@ -237,7 +238,8 @@ class GPTJ:
             if not (is_positive_int(batch) and is_positive_int(seq) and seq <= self.config.n_positions):
                 raise ValueError(f"program ({kind!r}, batch={batch!r}, seq={seq!r}): batch and seq must be integers "
                                  f">= 1 with seq <= n_positions ({self.config.n_positions})")
-            program = builders[kind](self.config, self.execution, self.weights, batch, seq)
+            program = builders[kind](self.config, self.execution, self.weights, batch, seq,
+                                     weight_memory=self.weight_memory)
             program.weights_version = self._weights_version
             self._programs[key] = program
         return self.with_current_weights(program)

@@ -21,7 +21,7 @@ from gptj_popxl.model.decode_kernels import can_decode_layer
 from gptj_popxl.model.kv_cache import CachedLM
 from gptj_popxl.model.layers import TPGroups, tp_groups
 from gptj_popxl.model.rotary import cast_to
-from gptj_popxl.programs.common import Program, attached_session, create_variables, shard_offset
+from gptj_popxl.programs.common import Program, attached_session, create_variables, shard_offset, share_weight_memory
 from gptj_popxl.programs.execution import DTYPES
 
 # Additive mask value of a masked key (as transformers).
@@ -199,18 +199,6 @@ def _create_remote_layers(model, module: CachedLM) -> Dict[str, popxl.Tensor]:
     return made
 
 
-def _share_weight_memory(model, variables: addons.NamedTensors, attach: bool) -> None:
-    """On the CPU runtime with one replica, ``variables`` (a program's resident weights) live in
-    memory that all of ``model``'s generation programs share (``model.weight_memory``): one copy of
-    the weights beside ``model.weights`` however many programs, and a prefill finds in the
-    processor's caches what the decode has just read (a prefill after a decode run took 8.6 ms with
-    weights of its own, 6.1 ms with its weights in cache)."""
-    if not (IS_CPU and attach and model.tensor_parallel == 1):
-        return
-    for name, v in variables.to_dict().items():
-        popxl.back_variable(v, model.weight_memory(name, v.shape, v.dtype.as_numpy()))
-
-
 def _weight_variables(resident: addons.NamedTensors, remote: Dict[str, popxl.Tensor]) -> addons.NamedTensors:
     """Every weight variable of a program by our name: the resident ones and the offloaded layers'."""
     return addons.NamedTensors.from_dict({**resident.to_dict(), **remote})
@@ -251,7 +239,7 @@ def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], wit
         facts, graph = module.create_graph(*args)
         remote = _create_remote_layers(model, module)
         resident = create_variables(facts, model.weights)
-        _share_weight_memory(model, resident, attach)
+        share_weight_memory(resident, model.weight_memory, model.tensor_parallel, attach)
         token, *kv = graph.bind(resident).call(*args)
         _d2h(outputs, "token", token)
         if with_logits:
@@ -318,7 +306,7 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         facts, graph = module.create_graph(*args)
         remote = _create_remote_layers(model, module)
         variables = create_variables(facts, model.weights)
-        _share_weight_memory(model, variables, attach)
+        share_weight_memory(variables, model.weight_memory, model.tensor_parallel, attach)
         bound = variables.to_dict()
         loop_inputs = {graph_input: bound[name] for name, graph_input in graph.args.to_dict().items()}
         args = [t for t in args if t is not None]

@@ -37,6 +37,21 @@ def test_matmul_bias_patterns(form, replication, dtype, rng):
     check(popxl_fn, torch_fn, x, w, b, replication=replication, grad=grad)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "float32 copies"])
+def test_float16_matmul_sums_in_float32_and_rounds_once(native, rng, monkeypatch):
+    from gptj_popxl.popxl_cpu.ops import nn
+    if native and not nn.native_half_matmul():
+        pytest.skip("torch has no native float16 products on this processor")
+    monkeypatch.setattr(nn, "native_half_matmul", lambda: native)
+    a, b = rand(rng, 2, 8, 1024, dtype=np.float16), rand(rng, 1024, 16, dtype=np.float16)
+    (out,), _ = run_graph(lambda a, b: (a @ b,), a, b)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    # Within half an ulp of float16 of the exact sum (plus float32's rounding of 1024 terms): sums kept
+    # in float16 would be off by many ulps.
+    error = np.abs(out.astype(np.float64) - exact)
+    assert np.all(error <= 2.0 ** -11 * np.abs(exact) + 1e-5 * np.abs(exact).max()), error.max()
+
+
 def test_matmul_output_type_and_operator(rng):
     a, b = rand(rng, 2, 3, dtype=np.float16), rand(rng, 3, 2, dtype=np.float16)
     out, _ = run_graph(lambda a, b: (ops.matmul(a, b, output_type=dtypes.float32), a @ b), a, b)

@@ -7,11 +7,13 @@ whose speed drifts (other tenants' jobs) the two medians can come from different
 both sides of a comparison have run, they also take ``PAIRED_ROUNDS`` turns (``take_turns``) and
 the speed-up that counts, the one set against the goal, is the median of the rounds' ratios.
 """
+import functools
 import math
 import os
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -20,11 +22,13 @@ if ROOT not in sys.path:
 from gptj_popxl.bench import take_turns  # noqa: E402  (after the path set-up above)
 
 PAIRED_ROUNDS = int(os.environ.get("GPTJ_BENCH_PAIRED_ROUNDS", "20"))
+if PAIRED_ROUNDS < 1:
+    raise ValueError(f"GPTJ_BENCH_PAIRED_ROUNDS must be at least 1, got {PAIRED_ROUNDS}")
 # A turn lasts at least this long (a side calls several times where one call is shorter), so that a
 # round's ratio is not the timer's and the scheduler's noise.
 MIN_TURN_SECONDS = 0.005
 
-# The side whose pair has not run yet, by comparison: (role, call).
+# The side whose pair has not run yet, by comparison: (role, call, median seconds per call).
 _WAITING: dict = {}
 # Each completed comparison's paired turns: {"ours": seconds per turn, "peer": ...}.
 _PAIRED: dict = {}
@@ -48,14 +52,22 @@ def compare(benchmark, comparison: str, role: str, fn, *args, goal: float = None
     benchmark(fn, *args)
     if benchmark.stats is None:  # --benchmark-disable: nothing timed
         return
-    call = lambda: fn(*args)  # noqa: E731
+    call, median = functools.partial(fn, *args), benchmark.stats.stats.median
     other = _WAITING.pop(comparison, None)
     if other is None or other[0] == role:
-        _WAITING[comparison] = (role, call)
+        _WAITING[comparison] = (role, call, median)
         return
     calls = {role: call, other[0]: other[1]}
-    longest = max(benchmark.stats.stats.median, 1e-9)
-    _PAIRED[comparison] = take_turns(calls, PAIRED_ROUNDS, max(1, math.ceil(MIN_TURN_SECONDS / longest)))
+    faster = max(min(median, other[2]), 1e-9)
+    _PAIRED[comparison] = take_turns(calls, PAIRED_ROUNDS, max(1, math.ceil(MIN_TURN_SECONDS / faster)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_unpaired():
+    """A side whose pair did not run in its module (deselected, failed) is dropped with the module's
+    fixtures: its call would hold them, or call a closed session."""
+    yield
+    _WAITING.clear()
 
 
 def _line(name: str, t_ours: float, t_peer: float, items, goal, paired=None, separate=None) -> str:

@@ -109,8 +109,8 @@ def share_weight_memory(variables: addons.NamedTensors, weight_memory: Optional[
     Elsewhere (the SDK, tensor parallel, a program not attached) each program keeps its own."""
     if weight_memory is None or not (IS_CPU and attach and tensor_parallel == 1):
         return
-    for name, v in variables.to_dict().items():
-        popxl.back_variable(v, weight_memory(name, v.shape, v.dtype.as_numpy()))
+    for v in variables.to_dict().values():
+        popxl.back_variable(v, weight_memory(v.name, v.shape, v.dtype.as_numpy()))
 
 
 @dataclasses.dataclass

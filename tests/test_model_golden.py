@@ -153,11 +153,23 @@ def test_programs_of_every_kind_and_shape_keep_one_copy_of_the_weights(ckpt, tok
         for name, device in held.items():
             memory = model.weight_memory(name, tuple(device.shape[1:]), device.numpy().dtype)
             assert device.data_ptr() == memory.ctypes.data, name
+    written = []  # (program, variable names) of every write of weights into a session
+    for program in programs:
+        def write(data, program=program, inner=program.session.write_variables_data):
+            written.append((program, sorted(v.name for v in data)))
+            inner(data)
+        program.session.write_variables_data = write
     other = tiny_checkpoint(tmp_path, seed=5)
     model.weights.update(gptj_popxl.from_pretrained(other).weights)
     model.weights_changed()
     assert_matches((model.logits(ids), *model.loss_and_grads(ids, labels)), hf_reference(other, ids, labels),
                    1e-4, 1e-5, 1e-3)
+    model.logits(ids[:1, :4])
+    np.testing.assert_array_equal(model.generate(ids[:1, :4], max_new_tokens=2),
+                                  gptj_popxl.from_pretrained(other).generate(ids[:1, :4], max_new_tokens=2))
+    # The new weights were copied into the shared memory once, not once per program.
+    names = [name for _, loaded in written for name in loaded]
+    assert sorted(names) == sorted(set(names)) and set(names) == set(model.weights)
 
 
 # ----------------------------------------------------------------------------- input validation

@@ -81,6 +81,8 @@ class GPTJ:
         self.layer_storage = layer_storage
         self._generator = None
         self._weight_memory: Dict[Tuple[str, Tuple[int, ...], str], np.ndarray] = {}
+        # The weights version each shared weight memory holds, by variable name.
+        self._memory_versions: Dict[str, int] = {}
 
     @property
     def tensor_parallel(self) -> int:
@@ -125,9 +127,15 @@ class GPTJ:
 
     def with_current_weights(self, program: Program) -> Program:
         """``program`` (any of this model's, generation's included) holding the current ``weights``:
-        reloaded when they changed since it was loaded."""
-        if program.weights_version != self._weights_version:
-            program.load_weights(self.weights, self._weights_version)
+        reloaded when they changed since it was loaded, except the weights in shared memory that
+        another program has already reloaded."""
+        version = self._weights_version
+        if program.weights_version != version:
+            loaded = frozenset(n for n in program.shared_weights if self._memory_versions.get(n) == version)
+            program.load_weights(self.weights, version, loaded)
+        # A current program's shared memory holds the current weights: it wrote them when it was
+        # built or reloaded, and every write since was of the same version.
+        self._memory_versions.update(dict.fromkeys(program.shared_weights, version))
         return program
 
     # --- public API

@@ -100,17 +100,19 @@ WeightMemory = Callable[[str, Tuple[int, ...], np.dtype], np.ndarray]
 
 
 def share_weight_memory(variables: addons.NamedTensors, weight_memory: Optional[WeightMemory],
-                        tensor_parallel: int, attach: bool) -> None:
+                        tensor_parallel: int, attach: bool) -> Tuple[str, ...]:
     """On the CPU runtime with one replica, ``variables`` (a program's resident weights, read and never
     written by it) live in the memory ``weight_memory`` gives for their name, shape and dtype
     (``popxl_cpu.back_variable``): one copy of a model's weights however many programs of however
     many shapes hold them, and a program finds in the processor's caches what another has just read
     (a prefill after a decode run took 8.6 ms with weights of its own, 6.1 ms with them in cache).
-    Elsewhere (the SDK, tensor parallel, a program not attached) each program keeps its own."""
+    Elsewhere (the SDK, tensor parallel, a program not attached) each program keeps its own.
+    Returns the names of the variables now in shared memory (none elsewhere)."""
     if weight_memory is None or not (IS_CPU and attach and tensor_parallel == 1):
-        return
+        return ()
     for v in variables.to_dict().values():
         popxl.back_variable(v, weight_memory(v.name, v.shape, v.dtype.as_numpy()))
+    return tuple(v.name for v in variables.to_dict().values())
 
 
 @dataclasses.dataclass
@@ -124,6 +126,8 @@ class Program:
         inputs: host-to-device streams by name (``input_ids``, and ``labels`` for a loss).
         outputs: device-to-host streams by name (``logits``; or ``loss`` and one per parameter gradient).
         weights_version: version of the host weights the device copy was loaded from.
+        shared_weights: names of the variables kept in memory shared with the model's other programs
+            (``share_weight_memory``).
     """
 
     ir: object
@@ -132,6 +136,7 @@ class Program:
     inputs: Dict[str, object]
     outputs: Dict[str, object]
     weights_version: Optional[int] = 0
+    shared_weights: Tuple[str, ...] = ()
 
     def run(self, **host_inputs: np.ndarray) -> Dict[str, np.ndarray]:
         """Run once; ``host_inputs`` by stream name: an input of shape ``(replicas, *stream_shape)``
@@ -150,10 +155,13 @@ class Program:
         results = self.session.run(feed)
         return {name: results[stream] for name, stream in self.outputs.items()}
 
-    def load_weights(self, weights: Mapping[str, np.ndarray], version: int) -> None:
-        """Write host ``weights`` (our layout) into the device variables."""
+    def load_weights(self, weights: Mapping[str, np.ndarray], version: int, loaded: frozenset = frozenset()) -> None:
+        """Write host ``weights`` (our layout) into the device variables, except those named in
+        ``loaded`` (shared memory another program has already loaded ``version`` into)."""
         data = {}
         for name, v in self.variables.to_dict().items():
+            if v.name in loaded:
+                continue
             arr = variable_data(name, weights, v.replica_grouping.num_groups, v.shape)
             data[v] = arr.astype(v.dtype.as_numpy(), copy=False)
         self.session.write_variables_data(data)

@@ -239,7 +239,7 @@ def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], wit
         facts, graph = module.create_graph(*args)
         remote = _create_remote_layers(model, module)
         resident = create_variables(facts, model.weights)
-        share_weight_memory(resident, model.weight_memory, model.tensor_parallel, attach)
+        shared = share_weight_memory(resident, model.weight_memory, model.tensor_parallel, attach)
         token, *kv = graph.bind(resident).call(*args)
         _d2h(outputs, "token", token)
         if with_logits:
@@ -247,7 +247,7 @@ def build_prefill(model, batch: int, seq: int, sampling: Optional[Sampling], wit
         for i, t in enumerate(kv):
             _d2h(outputs, f"{'kv'[i // config.n_layer]}.{i % config.n_layer}", t)
     return GenerationProgram(ir, attached_session(ir, attach), _weight_variables(resident, remote),
-                             inputs, outputs, model.weights_version)
+                             inputs, outputs, model.weights_version, shared)
 
 
 def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int, sampling: Optional[Sampling],
@@ -306,7 +306,7 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         facts, graph = module.create_graph(*args)
         remote = _create_remote_layers(model, module)
         variables = create_variables(facts, model.weights)
-        share_weight_memory(variables, model.weight_memory, model.tensor_parallel, attach)
+        shared = share_weight_memory(variables, model.weight_memory, model.tensor_parallel, attach)
         bound = variables.to_dict()
         loop_inputs = {graph_input: bound[name] for name, graph_input in graph.args.to_dict().items()}
         args = [t for t in args if t is not None]
@@ -318,5 +318,5 @@ def build_decode(model, batch: int, prompt_len: int, cache_len: int, chunk: int,
         if with_logits:
             _d2h(outputs, "logits", results[6])
     return GenerationProgram(ir, attached_session(ir, attach), _weight_variables(variables, remote),
-                             inputs, outputs, model.weights_version, tuple(cache))
+                             inputs, outputs, model.weights_version, shared, tuple(cache))
 

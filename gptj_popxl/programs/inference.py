@@ -27,10 +27,10 @@ def build_logits(config: GPTJConfig, execution: ExecutionConfig, weights: Mappin
         model = GPTJLM(config, groups, execution.popxl_dtype, execution.attention_serialisation)
         facts, graph = model.create_graph(ids, offset)
         variables = create_variables(facts, weights)
-        share_weight_memory(variables, weight_memory, tp, attach)
+        shared = share_weight_memory(variables, weight_memory, tp, attach)
         logits, = graph.bind(variables).call(ids, offset)
         outputs = {"logits": output_stream("logits", logits)}
-    return Program(ir, attached_session(ir, attach), variables, streams, outputs)
+    return Program(ir, attached_session(ir, attach), variables, streams, outputs, shared_weights=shared)
 
 
 def build_loss_and_grads(config: GPTJConfig, execution: ExecutionConfig, weights: Mapping[str, np.ndarray],
@@ -49,11 +49,11 @@ def build_loss_and_grads(config: GPTJConfig, execution: ExecutionConfig, weights
         names = list(fwd.args.to_dict())
         grad = fwd.autodiff(grads_required=[fwd.args.to_dict()[n] for n in names])
         variables = create_variables(facts, weights)
-        share_weight_memory(variables, weight_memory, tp, True)
+        shared = share_weight_memory(variables, weight_memory, tp, True)
         info = fwd.bind(variables).call_with_info(ids, offset, labels)
         loss = info.outputs[0]
         grads = grad.call(popxl.constant(1.0, popxl.float32, name="loss_grad"),
                           args=grad.grad_graph_info.inputs_dict(info))
         outputs = {"loss": output_stream("loss", loss)}
         outputs.update({name: output_stream("grad." + name, g) for name, g in zip(names, grads)})
-    return Program(ir, attached_session(ir), variables, streams, outputs)
+    return Program(ir, attached_session(ir), variables, streams, outputs, shared_weights=shared)

@@ -30,7 +30,7 @@ MIN_TURN_SECONDS = 0.005
 
 # The side whose pair has not run yet, by comparison: (role, call, median seconds per call).
 _WAITING: dict = {}
-# Each completed comparison's paired turns: {"ours": seconds per turn, "peer": ...}.
+# Each completed comparison's paired turns: {"ours": seconds per call in each round, "peer": ...}.
 _PAIRED: dict = {}
 
 

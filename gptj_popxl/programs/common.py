@@ -110,9 +110,10 @@ def share_weight_memory(variables: addons.NamedTensors, weight_memory: Optional[
     Returns the names of the variables now in shared memory (none elsewhere)."""
     if weight_memory is None or not (IS_CPU and attach and tensor_parallel == 1):
         return ()
-    for v in variables.to_dict().values():
+    backed = tuple(variables.to_dict().values())
+    for v in backed:
         popxl.back_variable(v, weight_memory(v.name, v.shape, v.dtype.as_numpy()))
-    return tuple(v.name for v in variables.to_dict().values())
+    return tuple(v.name for v in backed)
 
 
 @dataclasses.dataclass

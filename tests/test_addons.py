@@ -228,6 +228,40 @@ def test_variable_factory_from_an_iterable_and_bad_data():
             addons.VariableFactory(lambda: [1, 2], F32, "w")
 
 
+def test_deferred_data_is_drawn_only_when_variables_are_made():
+    from gptj_popxl.model.config import GPTJConfig
+    from gptj_popxl.model.layers import DecoderBlock, tp_groups
+
+    ir = popxl.Ir()
+    before = np.random.get_state()[1].copy()
+    with ir.main_graph:
+        linear_facts, _ = addons.layers.Linear(4).create_graph(popxl.TensorSpec((2, 3), F32))
+        embed_facts, _ = addons.layers.Embedding(F32, 10, 4).create_graph(popxl.TensorSpec((2,), popxl.int32))
+        config = GPTJConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2, rotary_dim=2)
+        block_facts, _ = DecoderBlock(config, tp_groups(ir, 1)).create_graph(
+            popxl.TensorSpec((1, 4, 8), F32), popxl.TensorSpec((1, 4), popxl.int32))
+        # Building the graphs drew no random numbers: numpy's global state is where it was.
+        np.testing.assert_array_equal(np.random.get_state()[1], before)
+        assert linear_facts.weight.shape == (3, 4) and embed_facts.weight.shape == (10, 4)
+        np.random.seed(7)
+        weight = linear_facts.init().weight
+    np.random.seed(7)
+    with popxl.Session(ir) as session:
+        np.testing.assert_allclose(session.get_tensor_data(weight), np.random.normal(0.0, 0.02, (3, 4)), rtol=1e-6)
+
+    drawn = []
+    ir = popxl.Ir(replication=2)
+    with ir.main_graph:
+        f = addons.VariableFactory(addons.DeferredData((2,), np.float32, lambda: drawn.append(len(drawn)) or
+                                                       np.full(2, len(drawn), np.float32)),
+                                   F32, "w", replica_grouping=ir.replica_grouping(group_size=1))
+        assert drawn == [] and f.shape == (2,)
+        assert f.create_tensor().shape_on_host == (2, 2) and drawn == [0, 1]
+        wrong = addons.VariableFactory(addons.DeferredData((3,), np.float32, lambda: np.zeros(2, np.float32)), F32, "v")
+        with pytest.raises(ValueError, match="variable 'v': data_iter gave shape"):
+            wrong.create_tensor()
+
+
 # ------------------------------------------------------------------ layers
 
 

@@ -16,7 +16,8 @@ Trees of named things (``dot_tree``, ``named_tensors``)
 Variables (``variable_factory``)
     ``VariableFactory(data_iter, dtype=None, name=None, by_ref=False, replica_grouping=None, shard_over=1)``:
     ``data_iter`` is a callable (called once at construction to learn shape/dtype, then once per
-    instance and per replica group) or an iterable. ``create_input(prefix=None)`` -> graph input;
+    instance and per replica group) or an iterable. ``DeferredData(shape, dtype, make)``: a callable
+    data_iter that states its shape and dtype, so building a graph never calls it (an addition). ``create_input(prefix=None)`` -> graph input;
     ``create_tensor(name=None)`` -> ``popxl.variable`` (host data ``(num_groups, *shape)`` when the
     grouping has several groups); ``create_remote_tensor(buffer, entry, name=None)``.
     ``NamedVariableFactories``: ``init(prefix=None)`` -> NamedTensors of variables (made in sorted
@@ -165,5 +166,5 @@ from .transforms import (AccumulatingGradGraphInfo, BatchSerialResult, RemoteHan
                          autodiff_with_accumulation, batch_serial_buffer, batch_serialise, batch_serialise_fwd_and_grad,
                          recompute_graph, recompute_graph_with_forward_outputs, remap_grad_info, set_available_memory_proportion_by_ipu,
                          set_graph_available_memory_proportion_by_ipu)
-from .variable_factory import (NamedVariableFactories, VariableFactory, add_replica_sharded_variable_input,
-                               add_variable_input)
+from .variable_factory import (DeferredData, NamedVariableFactories, VariableFactory,
+                               add_replica_sharded_variable_input, add_variable_input)

@@ -3,7 +3,12 @@
 A :class:`VariableFactory` remembers the shape, dtype, replica grouping and an initial-data source of
 one graph input. Building a module records one factory per variable input; ``init()`` later turns
 them into ``popxl.variable`` (or remote variable) tensors of the main graph, as many times as needed.
+
+A plain callable ``data_iter`` is called once when the factory is made, to learn its shape and dtype
+(as popxl-addons does). A :class:`DeferredData` states them instead, so building a graph draws no
+data: programs that load their weights from a checkpoint never pay for the random initial values.
 """
+import dataclasses
 import os
 import weakref
 from typing import Callable, Iterable, Optional, Tuple, Union
@@ -16,6 +21,20 @@ from .named_replica_grouping import NamedReplicaGrouping
 from .named_tensors import NamedTensors
 
 DataIter = Union[Callable[[], object], Iterable[object]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeferredData:
+    """A ``data_iter`` whose host data has a stated ``shape`` and (numpy) ``dtype`` and is made by
+    ``make()`` only when a variable is made, never to build a graph. Calling it calls ``make``, so
+    any popxl-addons ``VariableFactory`` takes it as a plain callable."""
+
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    make: Callable[[], object]
+
+    def __call__(self):
+        return self.make()
 
 # Variables created from a memory-mapped file -> that file's array (TaskSession writes them back there).
 MEMMAPPED_VARIABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -41,11 +60,42 @@ def _current_ir():
     return popxl.gcg().ir
 
 
+def _data_source(data_iter: DataIter, name: Optional[str]) -> Tuple[Callable[[], object], object]:
+    """``(next, first)``: a function giving one instance's data per call, and one instance's data to learn
+    shape and dtype from (an iterable's first item, which ``next`` still gives first)."""
+    if callable(data_iter):
+        try:
+            first = data_iter()
+        except Exception as e:
+            raise ValueError(f"variable {name!r}: calling data_iter failed: {e}") from e
+        return data_iter, first
+    try:
+        it = iter(data_iter)
+    except TypeError:
+        raise TypeError(f"variable {name!r}: data_iter must be a callable or an iterable of host arrays "
+                        f"(use `lambda: data` for one array shared by all instances)") from None
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError(f"variable {name!r}: data_iter yielded no data") from None
+    pending = [first]
+
+    def next_from_iterable():
+        if pending:
+            return pending.pop()
+        try:
+            return next(it)
+        except StopIteration:
+            raise ValueError(f"variable {name!r}: data_iter ran out of data") from None
+    return next_from_iterable, first
+
+
 class VariableFactory:
     """Makes variables (or graph inputs) of one named input.
 
     ``data_iter``: a callable returning the host data of one instance (called once now, to learn
-    shape and dtype, then once per instance, per replica group), or an iterable yielding it.
+    shape and dtype, unless it is a :class:`DeferredData`, then once per instance, per replica
+    group), or an iterable yielding it.
     ``replica_grouping``: replicas sharing a value; with ``num_groups > 1`` each instance gets
     ``num_groups`` draws of the data, stacked as ``(num_groups, *shape)``.
     ``shard_over > 1``: the graph input is a flat replica-sharded shard of ``ceil(nelms/shard_over)``
@@ -54,34 +104,12 @@ class VariableFactory:
 
     def __init__(self, data_iter: DataIter, dtype=None, name: Optional[str] = None, by_ref: bool = False,
                  replica_grouping=None, shard_over: int = 1):
-        if callable(data_iter):
-            fn = data_iter
-            try:
-                first = fn()
-            except Exception as e:
-                raise ValueError(f"variable {name!r}: calling data_iter failed: {e}") from e
-            self._next = fn
+        if isinstance(data_iter, DeferredData):
+            self._next = data_iter
+            shape, data_dtype = tuple(data_iter.shape), np.dtype(data_iter.dtype)
         else:
-            try:
-                it = iter(data_iter)
-            except TypeError:
-                raise TypeError(f"variable {name!r}: data_iter must be a callable or an iterable of host arrays "
-                                f"(use `lambda: data` for one array shared by all instances)") from None
-            try:
-                first = next(it)
-            except StopIteration:
-                raise ValueError(f"variable {name!r}: data_iter yielded no data") from None
-            pending = [first]
-
-            def next_from_iterable():
-                if pending:
-                    return pending.pop()
-                try:
-                    return next(it)
-                except StopIteration:
-                    raise ValueError(f"variable {name!r}: data_iter ran out of data") from None
-            self._next = next_from_iterable
-        shape, data_dtype = _host_array_info(first)
+            self._next, first = _data_source(data_iter, name)
+            shape, data_dtype = _host_array_info(first)
         self.name = name
         self.by_ref = by_ref
         self.dtype = popxl.dtypes.dtype.as_dtype(dtype if dtype is not None else data_dtype)

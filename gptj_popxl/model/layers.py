@@ -58,8 +58,9 @@ def tp_groups(ir, tp: int) -> TPGroups:
 
 def _sharded_weight(module: addons.Module, shape, dtype, groups: TPGroups) -> popxl.Tensor:
     """``module``'s variable input ``weight``: one ``shape`` block per shard, normal initial values."""
-    return module.add_variable_input("weight", lambda: np.random.normal(0.0, INIT_STD, shape).astype(dtype.as_numpy()),
-                                     dtype, replica_grouping=groups.sharded)
+    draw = addons.DeferredData(shape, dtype.as_numpy(),
+                               lambda: np.random.normal(0.0, INIT_STD, shape).astype(dtype.as_numpy()))
+    return module.add_variable_input("weight", draw, dtype, replica_grouping=groups.sharded)
 
 
 def _bias(module: addons.Module, size: int, dtype, replica_grouping=None) -> popxl.Tensor:

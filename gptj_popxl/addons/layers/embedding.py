@@ -5,6 +5,7 @@ import numpy as np
 
 from ...backend import ops, popxl
 from ..module import Module
+from ..variable_factory import DeferredData
 from ._init import truncated_normal
 
 
@@ -57,7 +58,8 @@ class Embedding(Module):
     def variables(self) -> popxl.Tensor:
         """Declares the ``weight`` table shard (an addition to popxl-addons' class, for fused kernels that
         take the layer's variables)."""
-        return self.add_variable_input("weight", partial(truncated_normal, (self.vocab_shard_size, self.hidden_size)),
+        shape = (self.vocab_shard_size, self.hidden_size)
+        return self.add_variable_input("weight", DeferredData(shape, np.float64, partial(truncated_normal, shape)),
                                        self.dtype, replica_grouping=self.replica_grouping)
 
     def build(self, indices: popxl.Tensor) -> popxl.Tensor:

@@ -6,6 +6,7 @@ import numpy as np
 
 from ...backend import popxl
 from ..module import Module
+from ..variable_factory import DeferredData
 
 
 class Linear(Module):
@@ -23,7 +24,8 @@ class Linear(Module):
         self.replica_grouping = replica_grouping
 
     def build(self, x: popxl.Tensor) -> popxl.Tensor:
-        w = self.add_variable_input("weight", partial(np.random.normal, 0.0, 0.02, (x.shape[-1], self.out_features)),
+        shape = (x.shape[-1], self.out_features)
+        w = self.add_variable_input("weight", DeferredData(shape, np.float64, partial(np.random.normal, 0.0, 0.02, shape)),
                                     x.dtype, replica_grouping=self.replica_grouping)
         y = x @ w
         if self.bias:

@@ -29,6 +29,9 @@ GC200_MEMORY_BYTES = 900 * 10 ** 6
 GC200_PEAK_FLOPS = {"float16": 62.5e12, "float32": 15.6e12}
 # The reference app's measured time of one training step of these configs (seconds).
 REFERENCE_STEP_SECONDS = {"gptj_6B_1024_pod16": (20.0, 22.0)}
+# Products counted as FLOPs: ``ops.matmul`` and the generation programs' few-row product
+# (``model.decode_kernels.streamed_matmul``, a CPU custom op with the same shapes and sums).
+PRODUCTS = ("matmul", "streamed_matmul")
 # Collectives that move data between replicas (their first input's bytes are counted as sent).
 COLLECTIVES = ("replicated_all_reduce", "replicated_all_reduce_", "replicated_all_gather",
                "replicated_reduce_scatter", "replicated_all_reduce_identical_grad_inputs", "all_reduce",
@@ -76,7 +79,7 @@ class _Counter:
 
     def of_op(self, op) -> tuple:
         name = op.prim.name
-        if name == "matmul":
+        if name in PRODUCTS:
             k = op.inputs[0].shape[-1]
             return 2 * int(np.prod(op.outputs[0].shape, dtype=np.int64)) * k, 0
         if name in COLLECTIVES:

@@ -16,7 +16,7 @@ from gptj_popxl.model.decode_kernels import (MAX_ROWS, PRODUCTS_VARIABLE, Fastes
                                              decode_layer, extension, greedy_decode_steps, greedy_head, prefill_layer,
                                              streamed_matmul)
 from gptj_popxl.model.rotary import trig_tables
-from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float32, int32
+from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float16, float32, int32
 from ops_check import run_graph
 
 POSITIONS = 64
@@ -61,12 +61,28 @@ def test_streamed_matmul_matches_torch(x_shape, n, products):
     np.testing.assert_allclose(out, expected.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("x_shape,n", [((1, 1, 40), 16), ((3, 2, 37), 45), ((5, 1000), 33)])
+def test_float16_streamed_matmul_sums_in_float32_and_rounds_once(x_shape, n, products):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(x_shape).astype(np.float16)
+    w = rng.standard_normal((x_shape[-1], n)).astype(np.float16)
+    (out,), _ = run_graph(streamed_matmul, x, w)
+    assert out.dtype == np.float16
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    # Within half an ulp of float16 of the exact sum, plus float32's rounding of the terms: sums kept
+    # in float16, or rounded twice, would be off by more.
+    error = np.abs(out.astype(np.float64) - exact)
+    assert np.all(error <= 2.0 ** -11 * np.abs(exact) + 1e-5 * np.abs(exact).max()), error.max()
+
+
 def test_streamed_matmul_uses_the_kernel_for_few_rows_only():
     def op_names(rows):
         graph = Ir().create_graph(streamed_matmul, TensorSpec((rows, 8), float32), TensorSpec((8, 4), float32))
         return {op.prim.name for op in graph._ops}
     assert op_names(MAX_ROWS) == {StreamedMatMul.name}
     assert op_names(MAX_ROWS + 1) == {"matmul"}
+    half = Ir().create_graph(streamed_matmul, TensorSpec((2, 8), float16), TensorSpec((8, 4), float16))
+    assert {op.prim.name for op in half._ops} == {StreamedMatMul.name}
 
 
 def test_products_variable_must_name_a_way(monkeypatch):

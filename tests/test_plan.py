@@ -193,7 +193,8 @@ def _cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def test_generation_plan_matches_transformers_on_the_meta_device():
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_generation_plan_matches_transformers_on_the_meta_device(dtype):
     """KV-cache bytes and matmul FLOPs per token of the prefill and decode programs, per replica,
     against transformers' model run on the meta device (its cache tensors and a FLOP counter), / tp."""
     from gptj_popxl.programs.common import shape_only_weights
@@ -201,7 +202,7 @@ def test_generation_plan_matches_transformers_on_the_meta_device():
 
     tp, batch, new_tokens = 2, 2, 6
     config = load_config("tiny").gptj_config(n_positions=16)
-    ex = ExecutionConfig(tensor_parallel=tp, dtype="float16", phased=True)
+    ex = ExecutionConfig(tensor_parallel=tp, dtype=dtype, phased=True)
     plan = generation_plan(config, ex, shape_only_weights(config, tp), batch, new_tokens)
     # 10 prompt tokens are padded to the next bucket (16); 5 decode steps (the prefill makes the first)
     # in one run of 5, on 16 + 5 cache columns.
@@ -209,7 +210,7 @@ def test_generation_plan_matches_transformers_on_the_meta_device():
     prompt, cache_len = plan["prompt_length"], plan["cache_length"]
     prefill, decode = plan["prefill"], plan["decode"]
 
-    hf = _hf_meta_model(config, torch.float16)
+    hf = _hf_meta_model(config, getattr(torch, dtype))
     with torch.device("meta"):
         with FlopCounterMode(display=False) as counter:
             out = hf(torch.zeros((batch, prompt), dtype=torch.long), use_cache=True, logits_to_keep=1)
@@ -225,7 +226,7 @@ def test_generation_plan_matches_transformers_on_the_meta_device():
     assert decode["flops_per_replica"] == decode["flops_per_token_per_replica"] * decode["tokens_per_run"]
     # Offloaded: every decoder layer's weights are in remote buffers, 1 / tp of each on a replica.
     e = config.n_embd
-    layer_weights = (2 * e + 4 * e * e + 2 * 4 * e * e + 4 * e + e) * 2  # float16 bytes
+    layer_weights = (2 * e + 4 * e * e + 2 * 4 * e * e + 4 * e + e) * np.dtype(dtype).itemsize
     for program in (prefill, decode):
         remote = program["remote_bytes_per_replica"]
         assert config.n_layer * layer_weights // tp <= remote <= config.n_layer * layer_weights

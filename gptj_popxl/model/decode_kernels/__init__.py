@@ -6,6 +6,9 @@
   over torch's thread count by blocks of output columns (a team that never waits for a thread to
   start, see ``work_team.h``). Which is faster is the machine's to say, so every op tries the ways
   on its first calls and keeps the fastest (``Fastest``; ``GPTJ_POPXL_PRODUCTS`` fixes the way).
+  float16 weights are widened as the kernel reads them, and torch's float16 product takes BLAS's
+  place among the ways: on one 2-core VM streaming a (4096, 16384) float16 weight on two threads
+  took 13 ms against oneDNN's 21 ms, both bound by memory.
 - ``decode_layer(...)``: a whole decoder layer for one new token per row over the KV cache
   (LayerNorm, the products formed as above, rotary embedding, cache write, attention, GELU,
   residual) in one op instead of some thirty small ones.
@@ -18,10 +21,10 @@
 
 On the CPU runtime these are custom ops (``gptj_popxl.backend.custom_op``) whose kernels are the C++
 in ``streamed_matmul.h``, ``decode_attention.h`` and ``decode_layer.h``, bound by ``decode_kernels.cpp`` and compiled
-by cppimport on first use (into this folder, git-ignored). Both are inference only (no gradient
-rule) and float32; :func:`streamed_matmul` falls back to ``ops.matmul`` for more than ``MAX_ROWS``
-rows, other dtypes or the Poplar SDK, and :func:`can_decode_layer` says when ``decode_layer``
-applies.
+by cppimport on first use (into this folder, git-ignored). They are inference only (no gradient
+rule); :func:`streamed_matmul` takes float32 or float16 and falls back to ``ops.matmul`` for more
+than ``MAX_ROWS`` rows, other dtypes or the Poplar SDK; the layer kernels are float32, and
+:func:`can_decode_layer` says when they apply.
 """
 import ctypes
 import functools
@@ -127,20 +130,26 @@ _CHOOSERS: "weakref.WeakKeyDictionary[Fastest, tuple]" = weakref.WeakKeyDictiona
 _DECISIONS: dict = {}
 
 
-def product_ways(op, runtime, kernel) -> "Fastest":
+def product_ways(op, runtime, kernel, library=None) -> "Fastest":
     """A ``Fastest`` over the ways ``op`` (a decode custom op lowered for ``runtime``) can form its
     products: ``kernel(threads, blas)`` gives the op's callable for ``threads`` streaming threads, or
     for the sgemm at address ``blas`` when nonzero. The ways are BLAS (where ``blas_sgemm`` finds it)
-    and streaming on one thread and on torch's count. Ops with the same name, input shapes, replicas
-    and thread count share one decision per process."""
+    and streaming on one thread and on torch's count; ``library``, the op's callable by a library's
+    product, takes BLAS's place where given (float16 weights, which sgemm does not take). Ops with the
+    same name, input shapes and dtypes, replicas and thread count share one decision per process."""
     op_name = op.prim.name
     threads = torch.get_num_threads()
     streamed = {f"streamed on {n} thread{'s' * (n > 1)}": kernel(n, 0) for n in sorted({1, threads})}
     wanted = os.environ.get(PRODUCTS_VARIABLE)
-    blas = blas_sgemm() if wanted != "streamed" else 0
-    ways = dict(streamed, **({"blas": kernel(threads, blas)} if blas else {}))
+    if wanted == "streamed":
+        ways = streamed
+    elif library is not None:
+        ways = dict(streamed, blas=library)
+    else:
+        blas = blas_sgemm()
+        ways = dict(streamed, **({"blas": kernel(threads, blas)} if blas else {}))
     if wanted is None:
-        key = (op_name, tuple(tuple(t.shape) for t in op.inputs), runtime.replicas, threads)
+        key = (op_name, tuple((tuple(t.shape), t.dtype.name) for t in op.inputs), runtime.replicas, threads)
         chooser = Fastest(ways, decisions=_DECISIONS, key=key)
     elif wanted == "streamed":
         chooser = Fastest(ways, list(streamed)[-1])
@@ -215,20 +224,27 @@ def _one_replica(op_name: str, runtime) -> None:
 
 
 if IS_CPU:
+    from gptj_popxl.popxl_cpu.ops.nn import native_half_matmul
+
     class StreamedMatMul(custom_op.CustomOp):
-        """``x (..., K) @ w (K, N)`` by the C++ kernel, one replica after another."""
+        """``x (..., K) @ w (K, N)`` by the C++ kernel, one replica after another: float32, or float16
+        summed in float32 and rounded once (as ``ops.matmul``), the kernel widening ``w`` as it reads it."""
         name = "streamed_matmul"
 
         @staticmethod
         def infer(x, w):
             if len(w.shape) != 2 or len(x.shape) < 2 or x.shape[-1] != w.shape[0]:
                 raise ValueError("x (..., K) and w (K, N) must agree on K")
+            if x.dtype != w.dtype or x.dtype not in (popxl.float32, popxl.float16):
+                raise TypeError(f"x and w must both be float32 or both float16, got {x.dtype.name} and {w.dtype.name}")
             return custom_op.spec(tuple(x.shape[:-1]) + (w.shape[1],), x.dtype)
 
         @classmethod
         def lower(cls, op, runtime):
             ext = extension()  # build or load at session creation, not in the middle of the first run
             shape = (runtime.replicas,) + tuple(op.outputs[0].shape)
+            if op.inputs[0].dtype == popxl.float16:
+                return cls._lower_half(op, runtime, ext, shape)
             if runtime.replicas == 1:  # no per-replica views, the weight's array made once: every decode step
                 arrays = _ArrayViews()
 
@@ -248,6 +264,31 @@ if IS_CPU:
                     return out
                 return per_replica_product
             return product_ways(op, runtime, kernel)
+
+        @staticmethod
+        def _lower_half(op, runtime, ext, shape):
+            """float16: streamed with x's few rows widened first, or torch's float16 product as
+            ``ops.matmul`` forms it (the library way), whichever ``Fastest`` finds faster."""
+            arrays = _ArrayViews()
+            x_rows, (k, n) = (runtime.replicas, _rows(op.inputs[0])), op.inputs[1].shape
+            native = native_half_matmul()
+
+            def kernel(threads, blas):
+                def product(xs, ws):
+                    wide = xs.reshape(x_rows + (k,)).float()
+                    out = torch.empty(shape, dtype=torch.float32)
+                    for r in range(runtime.replicas):
+                        ext.matmul(wide[r].numpy(), arrays(ws[r]) if runtime.replicas > 1 else arrays(ws),
+                                   out[r].numpy(), threads, blas)
+                    return out.to(torch.float16)
+                return product
+
+            def library(xs, ws):
+                x, w = xs.reshape(x_rows + (k,)), ws.reshape(runtime.replicas, k, n)
+                if not native:
+                    x, w = x.float(), w.float()
+                return torch.matmul(x, w).to(torch.float16).reshape(shape)
+            return product_ways(op, runtime, kernel, library)
 
     class DecodeLayer(custom_op.CustomOp):
         """One decoder layer of a decode step by the C++ kernel, writing the caches in place: its
@@ -404,9 +445,9 @@ if IS_CPU:
 
 def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
     """``x @ w`` for ``x`` (..., K) and a matrix ``w`` (K, N); by the C++ kernel (BLAS or streamed, as
-    timed fastest) when ``x`` has at most ``MAX_ROWS`` rows of float32 on the CPU runtime (see the
-    module documentation)."""
-    if not IS_CPU or _rows(x) > MAX_ROWS or x.dtype != popxl.float32 or w.dtype != popxl.float32:
+    timed fastest; for float16, streamed or torch's float16 product) when ``x`` has at most
+    ``MAX_ROWS`` rows of float32 or float16 on the CPU runtime (see the module documentation)."""
+    if not IS_CPU or _rows(x) > MAX_ROWS or x.dtype != w.dtype or x.dtype not in (popxl.float32, popxl.float16):
         return x @ w
     return StreamedMatMul.create(x, w, name="product")
 

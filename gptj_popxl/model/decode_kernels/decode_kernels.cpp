@@ -67,13 +67,13 @@ gptj_streamed::Products products(int num_threads, uintptr_t blas) {
     return {reinterpret_cast<gptj_streamed::FortranSgemm>(blas), num_threads};
 }
 
-// x (..., K) and w (..., K, N) C-contiguous float32 with any leading axes of size 1 on w's; out holds
-// the M = x.size / K rows of N.
+// x (..., K) and out C-contiguous float32, w (..., K, N) C-contiguous float32 or float16 with any leading
+// axes of size 1; out holds the M = x.size / K rows of N. A float16 w is streamed (blas must be 0).
 void matmul(const py::array& x, const py::array& w, py::array& out, int num_threads, uintptr_t blas) {
-    const auto is_floats = [](const py::array& a) {
-        return a.dtype().is(py::dtype::of<float>()) && (a.flags() & py::array::c_style) && a.ndim() >= 1;
-    };
-    const bool shapes = is_floats(x) && is_floats(w) && is_floats(out) && w.ndim() >= 2 &&
+    const auto contiguous = [](const py::array& a) { return (a.flags() & py::array::c_style) && a.ndim() >= 1; };
+    const auto is_floats = [&](const py::array& a) { return a.dtype().is(py::dtype::of<float>()) && contiguous(a); };
+    const bool half = w.dtype().kind() == 'f' && w.dtype().itemsize() == 2;
+    const bool shapes = is_floats(x) && (is_floats(w) || (half && contiguous(w))) && is_floats(out) && w.ndim() >= 2 &&
                         w.shape(w.ndim() - 2) == x.shape(x.ndim() - 1) &&
                         w.size() == w.shape(w.ndim() - 2) * w.shape(w.ndim() - 1) && out.writeable();
     const int64_t K = shapes ? x.shape(x.ndim() - 1) : 0, N = shapes ? w.shape(w.ndim() - 1) : 0;
@@ -81,14 +81,18 @@ void matmul(const py::array& x, const py::array& w, py::array& out, int num_thre
     for (py::ssize_t i = 0; i + 1 < x.ndim(); ++i)
         M *= x.shape(i);
     if (!shapes || out.size() != M * N)
-        throw py::value_error("matmul: x (..., K), w (K, N) and a writeable out of (..., N) must be "
-                              "C-contiguous float32 and agree, got x " + shape_of(x) + ", w " + shape_of(w) +
-                              ", out " + shape_of(out));
+        throw py::value_error("matmul: x (..., K) and a writeable out of (..., N) must be C-contiguous float32, "
+                              "w (K, N) C-contiguous float32 or float16, and their shapes agree, got x " +
+                              shape_of(x) + ", w " + shape_of(w) + " " + std::string(py::str(w.dtype())) + ", out " +
+                              shape_of(out));
+    require(!(half && blas), "matmul: a float16 w is streamed only (blas must be 0)");
     const auto* xs = static_cast<const float*>(x.data());
-    const auto* ws = static_cast<const float*>(w.data());
     auto* ys = static_cast<float*>(out.mutable_data());
     py::gil_scoped_release release;
-    products(num_threads, blas)(xs, M, K, ws, N, ys);
+    if (half)
+        gptj_streamed::streamed_matmul(xs, M, K, static_cast<const gptj_streamed::Half*>(w.data()), N, ys, num_threads);
+    else
+        products(num_threads, blas)(xs, M, K, static_cast<const float*>(w.data()), N, ys);
 }
 
 const float* floats(const py::array& a) { return static_cast<const float*>(a.data()); }
@@ -297,8 +301,8 @@ PYBIND11_MODULE(decode_kernels, m) {
               "layer over a KV cache, a greedy LM head.";
     m.def("matmul", &matmul, py::arg("x"), py::arg("w"), py::arg("out"), py::arg("num_threads") = 1,
           py::arg("blas") = 0,
-          "Writes x (..., K) @ w (K, N) into out (..., N): by the sgemm at address blas (Fortran interface) or, "
-          "when 0, streamed on num_threads threads.");
+          "Writes x (..., K) @ w (K, N) into out (..., N), float32 (w float32 or float16): by the sgemm at "
+          "address blas (Fortran interface, float32 w) or, when 0, streamed on num_threads threads.");
     m.def("decode_layer", &decode_layer, py::arg("x"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("w_qkv"),
           py::arg("w_in"), py::arg("b_in"), py::arg("w_out"), py::arg("w_fc_out"), py::arg("b_fc_out"),
           py::arg("positions"), py::arg("sin"), py::arg("cos"), py::arg("k_cache"), py::arg("v_cache"),

@@ -54,6 +54,37 @@ def test_accumulators(name, formula, f, tensor_factor, shape):
     np.testing.assert_allclose(got, formula(T, X, f), rtol=1e-6, atol=1e-6)
 
 
+# Each accumulator's float32 formula in torch (as torch.optim computes it), given float32 copies of
+# float16 values: the op must give exactly these sums rounded once to float16.
+TORCH_FORMULAS = {
+    "accumulate_": lambda t, x, f: t.add_(x, alpha=f),
+    "accumulate_square_": lambda t, x, f: t.addcmul_(x, x, value=f),
+    "accumulate_mean_": lambda t, x, f: t.lerp_(x, float(np.float32(1) / np.float32(f + 1))),
+    "accumulate_moving_average_": lambda t, x, f: t.lerp_(x, 1 - f),
+    "accumulate_moving_average_square_": lambda t, x, f: t.mul_(f).addcmul_(x, x, value=1 - f),
+}
+
+
+@pytest.mark.parametrize("tensor_factor", [False, True])
+@pytest.mark.parametrize("name, f", [(name, f) for name in sorted(TORCH_FORMULAS) for f in
+                                     ((0.0, 1.0, 2.0, 7.0) if name == "accumulate_mean_" else (1.0, 0.3, 0.999, 2.0))])
+def test_float16_accumulators_round_once(name, f, tensor_factor):
+    import torch
+    rng = np.random.default_rng(1)
+    # Magnitudes over most of float16's range, so that any rounding of a factor or a term shows.
+    T16, X16 = (np.clip(rng.normal(size=(4, 5000)) * np.exp(rng.normal(size=(4, 5000)) * 2.5), -6e4, 6e4)
+                .astype(np.float16) for _ in range(2))
+    ir = popxl.Ir()
+    with ir.main_graph:
+        t, x = popxl.variable(T16, F16, name="t"), popxl.variable(X16, F16, name="x")
+        getattr(V, name)(t, x, popxl.variable(np.float32(f), name="f") if tensor_factor else f)
+        (got,) = values_after(ir, [t])
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = TORCH_FORMULAS[name](torch.from_numpy(T16).float(), torch.from_numpy(X16).float(),
+                                        float(np.float32(f))).half().numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_accumulate_square_default_factor_and_mixed_precision():
     ir = popxl.Ir()
     with ir.main_graph:

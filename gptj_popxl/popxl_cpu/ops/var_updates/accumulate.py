@@ -2,7 +2,10 @@
 
 Each op writes its first input ``t`` and returns an alias of it. ``t`` and the update ``X`` have the
 same shape (no broadcasting) but may differ in dtype; factors are python numbers (constants) or
-scalar tensors. Half-precision values are combined in float32 and rounded once into ``t``.
+scalar tensors. Half-precision values are combined in float32 and rounded once into ``t``: either
+in float32 copies, or, for the formulas that are one torch in-place op whose half-precision kernel
+computes in float32 from a float factor (``rounds_once``), on ``t`` itself, which gives the same bits
+without the copies (tests/test_var_updates.py checks each such formula against the copies).
 """
 from typing import Optional, Union
 
@@ -54,6 +57,12 @@ class VarUpdate(Primitive):
         raise NotImplementedError
 
     @staticmethod
+    def rounds_once(constants) -> bool:
+        """Whether ``formula`` on half-precision ``t`` and ``X`` with python-float factors (``constants``:
+        the constant factors' values, None for a tensor's) computes in float32 and rounds once."""
+        return False
+
+    @staticmethod
     def infer(t, *others, **attrs):
         return t.spec
 
@@ -64,6 +73,14 @@ class VarUpdate(Primitive):
         widen = dtype != op.inputs[0].dtype.as_torch()
         constants = [float(s._data.reshape(-1)[0]) if isinstance(s, Constant) else None
                      for s in op.inputs[num_full:]]
+        if widen and cls.rounds_once(constants) and all(x.dtype == op.inputs[0].dtype for x in op.inputs[1:num_full]) \
+                and (runtime.replicas == 1 or None not in constants):
+            def update_in_place(t, *others):
+                # One replica: a scalar tensor's value is the python float the formula takes.
+                scalars = [float(s.reshape(-1)[0]) if c is None else c for c, s in zip(constants, others[num_full - 1:])]
+                formula(t, *others[:num_full - 1], *scalars)
+                return t
+            return update_in_place
 
         def update(t, *others):
             full, scalars = others[:num_full - 1], others[num_full - 1:]
@@ -75,9 +92,21 @@ class VarUpdate(Primitive):
         return update
 
 
-def _var_update(name: str, formula, num_full: int = 2):
-    return type(name.title().replace("_", ""), (VarUpdate,),
-                {"name": name, "formula": staticmethod(formula), "num_full": num_full})
+def _var_update(name: str, formula, num_full: int = 2, rounds_once=None):
+    """A ``VarUpdate`` named ``name``; ``rounds_once(constants)`` as ``VarUpdate.rounds_once`` (default: never)."""
+    attrs = {"name": name, "formula": staticmethod(formula), "num_full": num_full}
+    if rounds_once is not None:
+        attrs["rounds_once"] = staticmethod(rounds_once)
+    return type(name.title().replace("_", ""), (VarUpdate,), attrs)
+
+
+def _always(constants) -> bool:
+    return True
+
+
+def _float_factor(constants) -> bool:
+    """torch's half-precision ``addcmul_`` takes its ``value`` in float32, but a tensor factor would be rounded."""
+    return None not in constants
 
 
 def _add_scaled(t, x, f):
@@ -104,17 +133,19 @@ def _lamb_ratio(r1sq, r2sq):
     return torch.where((r1sq == 0) | (r2sq == 0), torch.ones_like(ratio), ratio)
 
 
-Accumulate = _var_update("accumulate", _add_scaled)
-AccumulateSquare = _var_update("accumulate_square", _add_scaled_square)
-AccumulateMean = _var_update("accumulate_mean", _accumulate_mean)
+# torch's half-precision add_ rounds its alpha to half first, so only a plain sum rounds once.
+Accumulate = _var_update("accumulate", _add_scaled, rounds_once=lambda constants: constants == [1.0])
+AccumulateSquare = _var_update("accumulate_square", _add_scaled_square, rounds_once=_float_factor)
+AccumulateMean = _var_update("accumulate_mean", _accumulate_mean, rounds_once=_always)
 # One pass, as torch.optim.AdamW updates its first moment.
-AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: t.lerp_(x, 1 - f))
+AccumulateMovingAverage = _var_update("accumulate_moving_average", lambda t, x, f: t.lerp_(x, 1 - f),
+                                      rounds_once=_always)
 AccumulateMovingAverageSquare = _var_update("accumulate_moving_average_square",
                                             lambda t, x, f: _add_scaled_square(t.mul_(f), x, 1 - f))
-AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t.mul_(f), num_full=1)
-AccumulatorZero = _var_update("accumulator_zero", lambda t: t.zero_(), num_full=1)
-CopyVarUpdate = _var_update("copy_var_update", lambda t, x: t.copy_(x))
-Increment = _var_update("increment", lambda t: t.add_(1), num_full=1)
+AccumulatorScale = _var_update("accumulator_scale", lambda t, f: t.mul_(f), num_full=1, rounds_once=_always)
+AccumulatorZero = _var_update("accumulator_zero", lambda t: t.zero_(), num_full=1, rounds_once=_always)
+CopyVarUpdate = _var_update("copy_var_update", lambda t, x: t.copy_(x), rounds_once=_always)
+Increment = _var_update("increment", lambda t: t.add_(1), num_full=1, rounds_once=_always)
 AdamVarUpdate = _var_update("adam_var_update",
                             lambda t, x, r1sq, r2sq, lr: _add_scaled(t, x, -lr * _lamb_ratio(r1sq, r2sq)))
 

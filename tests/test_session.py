@@ -320,3 +320,53 @@ def test_a_session_made_before_back_variable_keeps_its_own_memory():
         session.write_variable_data(v, np.full(3, 4.0, np.float32))
         np.testing.assert_array_equal(session.get_tensor_data(v), 4.0)
     np.testing.assert_array_equal(storage, 1.0)  # the data back_variable copied in, nothing since
+
+
+def test_a_run_drops_each_value_after_its_last_use():
+    """A value no later step reads is released before the next step runs (phased programs rely on it to
+    hold one phase's activations at a time), and a step with several outputs or none runs in order."""
+    import weakref
+
+    import torch
+
+    from gptj_popxl.popxl_cpu import custom_op
+
+    made, alive_later = [], []
+
+    class Twice(custom_op.CustomOp):
+        name = "twice_recorded"
+
+        @staticmethod
+        def infer(x):
+            return custom_op.spec(x.shape, x.dtype), custom_op.spec(x.shape, x.dtype)
+
+        @staticmethod
+        def kernel(x):
+            a = x * 2
+            made.append(weakref.ref(a))
+            return a, x + 1
+
+    class Check(custom_op.CustomOp):
+        name = "check_released"
+
+        @staticmethod
+        def infer(x):
+            return custom_op.spec(x.shape, x.dtype)
+
+        @staticmethod
+        def kernel(x):
+            alive_later.append(made[-1]() is not None)
+            return x * 3
+
+    ir = popxl.Ir()
+    with ir.main_graph:
+        x = popxl.variable(np.arange(4, dtype=np.float32), name="x")
+        doubled, plus_one = Twice.create(x)
+        summed = doubled + plus_one  # the last use of doubled
+        y = Check.create(summed)
+        stream = popxl.d2h_stream(y.shape, y.dtype, "y")
+        ops.host_store(stream, y)
+    with popxl.Session(ir) as session:
+        out = session.run()[stream]
+    np.testing.assert_array_equal(out, (np.arange(4) * 3 + 1) * 3)
+    assert alive_later == [False]

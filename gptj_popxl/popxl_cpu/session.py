@@ -265,10 +265,11 @@ class Session:
             self.run_with_outputs(inputs, outputs, downcast_inputs)
             return outputs
         # One transfer per stream: hand over the stored values themselves instead of copying them.
-        kept = self._execute(inputs, downcast_inputs, dict.fromkeys(self._outputs()))
+        streams = self._outputs()
+        kept = self._execute(inputs, downcast_inputs, dict.fromkeys(streams))
         squeeze = self._rt.replicas == 1
         return {s: (kept[s][0] if squeeze else kept[s]).numpy() if s in kept
-                else np.zeros(self._extra_dims() + s.shape, s.dtype.as_numpy()) for s in self._outputs()}
+                else np.zeros(self._extra_dims() + s.shape, s.dtype.as_numpy()) for s in streams}
 
     def run_with_outputs(self, inputs: Optional[Mapping[HostToDeviceStream, np.ndarray]] = None,
                          outputs: Optional[Mapping[DeviceToHostStream, np.ndarray]] = None,
@@ -286,12 +287,8 @@ class Session:
     def _execute(self, inputs, downcast: bool, targets) -> Dict[DeviceToHostStream, torch.Tensor]:
         """Runs the main plan; d2h streams store into their ``targets`` view, or are kept (None).
         Returns the kept values."""
-        inputs = self._run_inputs(inputs or {}, downcast)
         rt = self._rt
-        n = self._ir.num_host_transfers
-        layouts = self._input_layouts
-        rt.stream_in = {s: torch.from_numpy(np.ascontiguousarray(a[:n] if n > 1 else a).reshape(layouts[s][2]))
-                        for s, a in inputs.items()}
+        rt.stream_in = self._stream_values(inputs or {}, downcast)
         rt.stream_in_next = dict.fromkeys(rt.stream_in, 0)
         rt.stream_out = targets
         rt.stream_out_next = dict.fromkeys(targets, 0)
@@ -304,9 +301,10 @@ class Session:
             rt.stream_out = {}
             rt.stream_kept = {}
 
-    def _run_inputs(self, inputs: Mapping, downcast: bool) -> Dict[HostToDeviceStream, np.ndarray]:
-        """The run's checked copies of ``inputs``. Arrays of exactly their stream's dtype and host shape
-        need no conversion or shape check: they are only copied (decoding runs pay this every step)."""
+    def _stream_values(self, inputs: Mapping, downcast: bool) -> Dict[HostToDeviceStream, torch.Tensor]:
+        """The run's checked copies of ``inputs``, each viewed ``(transfers, replicas, *shape)``. Arrays of
+        exactly their stream's dtype and host shape need no conversion or shape check: they are only
+        copied (decoding runs pay this every step)."""
         layouts = self._input_layouts
         if len(inputs) == len(layouts):
             copies = {}
@@ -314,12 +312,14 @@ class Session:
                 layout = layouts.get(s)
                 if layout is None or type(a) is not np.ndarray or a.dtype != layout[0] or a.shape != layout[1]:
                     break
-                copies[s] = a.copy()
+                copies[s] = torch.from_numpy(a.reshape(layout[2]).copy())
             else:
                 return copies
         inputs = {s: self._host_input(s, a, downcast) for s, a in inputs.items()}
         self._check_streams(inputs, self._expected_inputs, "input")
-        return inputs
+        n = self._ir.num_host_transfers
+        return {s: torch.from_numpy(np.ascontiguousarray(a[:n] if n > 1 else a).reshape(layouts[s][2]))
+                for s, a in inputs.items()}
 
     def _host_input(self, stream, array, downcast: bool) -> np.ndarray:
         """The run's own copy of an input (as popxl): in-place ops on a loaded value never reach the

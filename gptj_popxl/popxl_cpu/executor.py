@@ -2,13 +2,13 @@
 
 Values are torch tensors with a leading replica axis. A plan step is ``(fn, input slots, output
 slots, slots to free)``; running a plan walks no graph and infers no shapes: it is one generated
-Python function, each slot a local variable, each step a call, dropping each value after its last use. Lowering also settles
-aliasing statically: out-of-place view kernels are made to copy where an in-place op of the same
-storage would otherwise show through them, a subgraph's inputs are copied at a call site when the
-subgraph writes them but the call does not pass them by reference, and subgraph outputs that share
-storage with an input are copied on return. A remote load's value is a view of the buffer's memory
-unless the graph returns it, may store to that buffer while it is in use, or writes it (except to store
-it back where it came from); then it is a copy (``_remote_loads_to_copy``).
+Python function, each slot a local variable, each step a call, dropping each value after its last
+use. Lowering also settles aliasing statically: out-of-place view kernels are made to copy where an
+in-place op of the same storage would otherwise show through them, a subgraph's inputs are copied at
+a call site when the subgraph writes them but the call does not pass them by reference, and subgraph
+outputs that share storage with an input are copied on return. A remote load's value is a view of
+the buffer's memory unless the graph returns it, may store to that buffer while it is in use, or
+writes it (except to store it back where it came from); then it is a copy (``_remote_loads_to_copy``).
 
 Lowering applies one pattern rewrite (``ops.nn.bias_matmul_fusions``): a matmul whose only use is a
 bias add has no step of its own; the add's step computes both (``addmm``) from the matmul's inputs.

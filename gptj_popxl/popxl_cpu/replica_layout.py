@@ -51,6 +51,7 @@ class GroupIndex:
         self.position = torch.as_tensor(position)                      # (R,)
         self.replicas = torch.arange(len(position))
         self.singletons = self.members.shape[1] == 1
+        self.strided = _strided_blocks(group)
 
     def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
         """Each replica gets the reduction of its group's values."""
@@ -58,11 +59,33 @@ class GroupIndex:
             # Every replica is its own group: no gathers over the replica axis, and a copy where the
             # reduction of one value is that value (torch's reduction over an axis of one is far slower).
             return x.clone() if op in _OF_ONE_IS_ITSELF else REDUCE[op](x.unsqueeze(1), 1)
+        if self.strided is not None:
+            # The replica axis viewed (blocks, group_size, stride): a group is an axis-1 line, so the
+            # reduction reads x in place and one broadcast copy gives every member its group's value.
+            shape = self.strided + tuple(x.shape[1:])
+            reduced = REDUCE[op](x.reshape(shape), 1)
+            return reduced.unsqueeze(1).expand(shape).reshape(x.shape)
         return REDUCE[op](x[self.members], 1)[self.assignment]
 
     def own(self, chunks: torch.Tensor) -> torch.Tensor:
         """``(R, size, *chunk)`` -> each replica's chunk at its position."""
         return chunks[self.replicas, self.position]
+
+
+def _strided_blocks(group: ReplicaGrouping) -> Optional[tuple]:
+    """``(blocks, group_size, stride)`` when viewing the replica axis so shaped puts each group on one
+    line of its middle axis (a const grouping: members ``base + stride * j``), else None."""
+    if not group.is_const:
+        return None
+    size, stride = group.group_size, group.stride
+    replicas = len(group.assignment)
+    if replicas % (size * stride):
+        return None
+    shape = (replicas // (size * stride), size, stride)
+    lines = np.asarray(group.assignment).reshape(shape)
+    if not (lines == lines[:, :1]).all() or len(np.unique(lines[:, 0])) != shape[0] * stride:
+        return None
+    return shape
 
 
 # ---------------------------------------------------------------- layouts

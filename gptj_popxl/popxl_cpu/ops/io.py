@@ -89,27 +89,19 @@ def host_store(d2h_stream: DeviceToHostStream, t: Tensor) -> None:
 # ---------------------------------------------------------------- remote buffers
 
 def _entry_lookup(buffer: RemoteBuffer, what: str):
-    """Per-replica entry indices from an offset value, checked against the buffer at run time."""
+    """The entry an offset value names, checked against the buffer at run time: an int when every
+    replica names the same one, else per-replica indices. The offset's few values are read as python
+    ints at once: checking them with torch ops cost some 10 us a load."""
     entries = buffer.entries
 
-    def entry(offset: torch.Tensor) -> torch.Tensor:
-        index = offset.reshape(offset.shape[0]).long()
-        bad = (index < 0) | (index >= entries)
-        if bool(bad.any()):
-            replica = int(bad.nonzero()[0, 0])
-            raise IndexError(f"{what}: entry {int(index[replica])} (on replica {replica}) is out of range for "
-                             f"{buffer!r}")
-        return index
+    def entry(offset: torch.Tensor):
+        values = offset.reshape(offset.shape[0]).tolist()
+        for replica, value in enumerate(values):
+            if not 0 <= value < entries:
+                raise IndexError(f"{what}: entry {value} (on replica {replica}) is out of range for {buffer!r}")
+        first = values[0]
+        return first if values.count(first) == len(values) else torch.tensor(values, dtype=torch.long)
     return entry
-
-
-def _uniform_entry(entry):
-    """The entry of an offset value as an int when every replica reads the same one, else indices."""
-    def uniform(offset: torch.Tensor):
-        index = entry(offset)
-        first = int(index[0])
-        return first if len(index) == 1 or bool((index == first).all()) else index
-    return uniform
 
 
 class RemoteLoad(Primitive):
@@ -127,7 +119,7 @@ class RemoteLoad(Primitive):
     @classmethod
     def lower(cls, op, runtime):
         buffer = op.attrs["buffer"]
-        store, entry = runtime.remote[buffer.remote_buffer_id], _uniform_entry(_entry_lookup(buffer, "remote_load"))
+        store, entry = runtime.remote[buffer.remote_buffer_id], _entry_lookup(buffer, "remote_load")
         replicas = torch.arange(runtime.replicas)
 
         def remote_load(offset):
@@ -165,7 +157,7 @@ class RemoteStore(Primitive):
     @classmethod
     def lower(cls, op, runtime):
         buffer = op.attrs["buffer"]
-        store, entry = runtime.remote[buffer.remote_buffer_id], _uniform_entry(_entry_lookup(buffer, "remote_store"))
+        store, entry = runtime.remote[buffer.remote_buffer_id], _entry_lookup(buffer, "remote_store")
         replicas = torch.arange(runtime.replicas)
 
         def remote_store(offset, t):

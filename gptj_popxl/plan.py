@@ -29,9 +29,6 @@ GC200_MEMORY_BYTES = 900 * 10 ** 6
 GC200_PEAK_FLOPS = {"float16": 62.5e12, "float32": 15.6e12}
 # The reference app's measured time of one training step of these configs (seconds).
 REFERENCE_STEP_SECONDS = {"gptj_6B_1024_pod16": (20.0, 22.0)}
-# Products counted as FLOPs: ``ops.matmul`` and the generation programs' few-row product
-# (``model.decode_kernels.streamed_matmul``, a CPU custom op with the same shapes and sums).
-PRODUCTS = ("matmul", "streamed_matmul")
 # Collectives that move data between replicas (their first input's bytes are counted as sent).
 COLLECTIVES = ("replicated_all_reduce", "replicated_all_reduce_", "replicated_all_gather",
                "replicated_reduce_scatter", "replicated_all_reduce_identical_grad_inputs", "all_reduce",
@@ -79,7 +76,7 @@ class _Counter:
 
     def of_op(self, op) -> tuple:
         name = op.prim.name
-        if name in PRODUCTS:
+        if name == "matmul":
             k = op.inputs[0].shape[-1]
             return 2 * int(np.prod(op.outputs[0].shape, dtype=np.int64)) * k, 0
         if name in COLLECTIVES:
@@ -142,6 +139,7 @@ def generation_plan(config: GPTJConfig, execution, weights, batch: int, max_new_
         ValueError: ``batch`` or ``max_new_tokens`` out of range.
     """
     from gptj_popxl.generation import decode_layout, prompt_bucket
+    from gptj_popxl.model.decode_kernels import portable_graphs
     from gptj_popxl.model.gptj import GPTJ
     from gptj_popxl.popxl_cpu.memory import memory_report, tensor_bytes
     from gptj_popxl.programs.execution import ExecutionConfig
@@ -157,8 +155,9 @@ def generation_plan(config: GPTJConfig, execution, weights, batch: int, max_new_
     chunk, cache_len = decode_layout(prompt, max_new_tokens)
     model = GPTJ(config, weights, execution=ExecutionConfig(tensor_parallel=execution.tensor_parallel,
                                                             dtype=execution.dtype), offload=execution.phased)
-    prefill = build_prefill(model, batch, prompt, None, attach=False)
-    decode = build_decode(model, batch, prompt, cache_len, chunk, None, attach=False)
+    with portable_graphs():  # the programs an IPU would run, with none of the CPU runtime's C++ ops
+        prefill = build_prefill(model, batch, prompt, None, attach=False)
+        decode = build_decode(model, batch, prompt, cache_len, chunk, None, attach=False)
     kv_out = sum(tensor_bytes(s) for name, s in prefill.outputs.items() if name[:2] in ("k.", "v."))
 
     def entry(name, program, tokens, kv_bytes):

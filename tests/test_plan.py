@@ -193,14 +193,14 @@ def _cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_generation_plan_matches_transformers_on_the_meta_device(dtype):
+@pytest.mark.parametrize("tp, dtype", [(2, "float16"), (2, "float32"), (1, "float32")])
+def test_generation_plan_matches_transformers_on_the_meta_device(tp, dtype):
     """KV-cache bytes and matmul FLOPs per token of the prefill and decode programs, per replica,
     against transformers' model run on the meta device (its cache tensors and a FLOP counter), / tp."""
     from gptj_popxl.programs.common import shape_only_weights
     from gptj_popxl.programs.execution import ExecutionConfig
 
-    tp, batch, new_tokens = 2, 2, 6
+    batch, new_tokens = 2, 6
     config = load_config("tiny").gptj_config(n_positions=16)
     ex = ExecutionConfig(tensor_parallel=tp, dtype=dtype, phased=True)
     plan = generation_plan(config, ex, shape_only_weights(config, tp), batch, new_tokens)

@@ -4,6 +4,7 @@ import pytest
 
 from gptj_popxl import popxl_cpu as popxl
 from gptj_popxl.popxl_cpu import ops
+from gptj_popxl.popxl_cpu.ops.var_updates.accumulate import increment_
 
 V = ops.var_updates
 F32, F16 = popxl.float32, popxl.float16
@@ -54,21 +55,33 @@ def test_accumulators(name, formula, f, tensor_factor, shape):
     np.testing.assert_allclose(got, formula(T, X, f), rtol=1e-6, atol=1e-6)
 
 
-# Each accumulator's float32 formula in torch (as torch.optim computes it), given float32 copies of
-# float16 values: the op must give exactly these sums rounded once to float16.
-TORCH_FORMULAS = {
-    "accumulate_": lambda t, x, f: t.add_(x, alpha=f),
-    "accumulate_square_": lambda t, x, f: t.addcmul_(x, x, value=f),
-    "accumulate_mean_": lambda t, x, f: t.lerp_(x, float(np.float32(1) / np.float32(f + 1))),
-    "accumulate_moving_average_": lambda t, x, f: t.lerp_(x, 1 - f),
-    "accumulate_moving_average_square_": lambda t, x, f: t.mul_(f).addcmul_(x, x, value=1 - f),
-}
+# float16 updates: (op, its call on t, X and a factor, its float32 formula in torch as torch.optim
+# computes it, factors, whether it runs on t itself for a factor (python float or tensor)). Given
+# float32 copies of the float16 values, the op must give exactly the formula's result rounded once.
+ALWAYS = lambda f, tensor: True  # noqa: E731
+FLOAT16_UPDATES = [
+    ("accumulate_", lambda t, x, f: V.accumulate_(t, x, f), lambda t, x, f: t.add_(x, alpha=f),
+     (1.0, 0.3, 0.999, 2.0), lambda f, tensor: f == 1.0 and not tensor),
+    ("accumulate_square_", lambda t, x, f: V.accumulate_square_(t, x, f), lambda t, x, f: t.addcmul_(x, x, value=f),
+     (1.0, 0.3, 0.999, 2.0), lambda f, tensor: not tensor),
+    ("accumulate_mean_", lambda t, x, f: V.accumulate_mean_(t, x, f),
+     lambda t, x, f: t.lerp_(x, float(np.float32(1) / np.float32(f + 1))), (0.0, 1.0, 2.0, 7.0), ALWAYS),
+    ("accumulate_moving_average_", lambda t, x, f: V.accumulate_moving_average_(t, x, f),
+     lambda t, x, f: t.lerp_(x, 1 - f), (1.0, 0.3, 0.999, 2.0), ALWAYS),
+    ("accumulate_moving_average_square_", lambda t, x, f: V.accumulate_moving_average_square_(t, x, f),
+     lambda t, x, f: t.mul_(f).addcmul_(x, x, value=1 - f), (1.0, 0.3, 0.999, 2.0), lambda f, tensor: False),
+    ("accumulator_scale_", lambda t, x, f: V.accumulator_scale_(t, f), lambda t, x, f: t.mul_(f),
+     (0.0, 0.3, 0.999, 2.0), ALWAYS),
+    ("copy_var_update_", lambda t, x, f: V.copy_var_update_(t, x), lambda t, x, f: t.copy_(x), (None,), ALWAYS),
+    ("increment_", lambda t, x, f: increment_(t), lambda t, x, f: t.add_(1), (None,), ALWAYS),
+]
 
 
-@pytest.mark.parametrize("tensor_factor", [False, True])
-@pytest.mark.parametrize("name, f", [(name, f) for name in sorted(TORCH_FORMULAS) for f in
-                                     ((0.0, 1.0, 2.0, 7.0) if name == "accumulate_mean_" else (1.0, 0.3, 0.999, 2.0))])
-def test_float16_accumulators_round_once(name, f, tensor_factor):
+@pytest.mark.parametrize("name, call, formula, f, in_place, tensor_factor", [
+    pytest.param(name, call, formula, f, in_place, tensor, id=f"{name}{f}{'-tensor' * tensor}")
+    for name, call, formula, factors, in_place in FLOAT16_UPDATES for f in factors
+    for tensor in ((False, True) if f is not None else (False,))])
+def test_float16_updates_round_once(name, call, formula, f, in_place, tensor_factor):
     import torch
     rng = np.random.default_rng(1)
     # Magnitudes over most of float16's range, so that any rounding of a factor or a term shows.
@@ -77,11 +90,15 @@ def test_float16_accumulators_round_once(name, f, tensor_factor):
     ir = popxl.Ir()
     with ir.main_graph:
         t, x = popxl.variable(T16, F16, name="t"), popxl.variable(X16, F16, name="x")
-        getattr(V, name)(t, x, popxl.variable(np.float32(f), name="f") if tensor_factor else f)
-        (got,) = values_after(ir, [t])
+        call(t, x, popxl.variable(np.float32(f), name="f") if tensor_factor else f)
+    with popxl.Session(ir) as session:
+        session.run()
+        got = session.get_tensor_data(t)
+        kernels = [step[0].__name__ for step in session._rt.plan(ir.main_graph).steps]
+    assert ("update_in_place" in kernels) == in_place(f, tensor_factor), kernels
     with np.errstate(over="ignore", invalid="ignore"):
-        expected = TORCH_FORMULAS[name](torch.from_numpy(T16).float(), torch.from_numpy(X16).float(),
-                                        float(np.float32(f))).half().numpy()
+        expected = formula(torch.from_numpy(T16).float(), torch.from_numpy(X16).float(),
+                           None if f is None else float(np.float32(f))).half().numpy()
     np.testing.assert_array_equal(got, expected)
 
 

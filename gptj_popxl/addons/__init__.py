@@ -16,10 +16,11 @@ Trees of named things (``dot_tree``, ``named_tensors``)
 Variables (``variable_factory``)
     ``VariableFactory(data_iter, dtype=None, name=None, by_ref=False, replica_grouping=None, shard_over=1)``:
     ``data_iter`` is a callable (called once at construction to learn shape/dtype, then once per
-    instance and per replica group) or an iterable. ``DeferredData(shape, dtype, make)``: a callable
-    data_iter that states its shape and dtype, so building a graph never calls it (an addition). ``create_input(prefix=None)`` -> graph input;
+    instance and per replica group) or an iterable. ``create_input(prefix=None)`` -> graph input;
     ``create_tensor(name=None)`` -> ``popxl.variable`` (host data ``(num_groups, *shape)`` when the
     grouping has several groups); ``create_remote_tensor(buffer, entry, name=None)``.
+    ``DeferredData(shape, dtype, make)`` (an addition): a callable data_iter that states its shape
+    and dtype, so building a graph never calls it.
     ``NamedVariableFactories``: ``init(prefix=None)`` -> NamedTensors of variables (made in sorted
     name order), ``init_remote(buffers, entry=0, prefix=None)``, ``init_zero()`` / ``init_undef()``
     (``ops.init`` in the current graph), ``replica_groupings``.

@@ -211,7 +211,7 @@ class Plan:
                 lines.append(f"    {' = '.join(f'v{s}' for s in frees)} = None")
         results = ", ".join(f"v{s}.clone()" if c else f"v{s}" for s, c in zip(self.out_slots, self.copy_out))
         lines.append(f"    return [{results}]")
-        exec(compile("\n".join(lines), f"<plan of graph {self.graph.name}>", "exec"), names)
+        exec(compile("\n".join(lines), f"<plan of graph {self.graph.name!r}>", "exec"), names)
         return names["run"]
 
 

@@ -25,8 +25,8 @@ class Linear(Module):
 
     def build(self, x: popxl.Tensor) -> popxl.Tensor:
         shape = (x.shape[-1], self.out_features)
-        w = self.add_variable_input("weight", DeferredData(shape, np.float64, partial(np.random.normal, 0.0, 0.02, shape)),
-                                    x.dtype, replica_grouping=self.replica_grouping)
+        draw = DeferredData(shape, np.float64, partial(np.random.normal, 0.0, 0.02, shape))
+        w = self.add_variable_input("weight", draw, x.dtype, replica_grouping=self.replica_grouping)
         y = x @ w
         if self.bias:
             b = self.add_variable_input("bias", partial(np.zeros, (self.out_features,)), x.dtype,

@@ -26,6 +26,7 @@ rule); :func:`streamed_matmul` takes float32 or float16 and falls back to ``ops.
 than ``MAX_ROWS`` rows, other dtypes or the Poplar SDK; the layer kernels are float32, and
 :func:`can_decode_layer` says when they apply.
 """
+import contextlib
 import ctypes
 import functools
 import os
@@ -40,7 +41,7 @@ from gptj_popxl.addons.ops import _native as native
 from gptj_popxl.backend import IS_CPU, custom_op, popxl
 
 __all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "prefill_layer", "greedy_head", "greedy_decode_steps",
-           "can_decode_layer", "product_choices"]
+           "can_decode_layer", "product_choices", "portable_graphs"]
 
 # Most rows of x given to the kernel; beyond, the product is compute-bound and plain BLAS (``ops.matmul``)
 # serves. Streaming won up to 64 rows on one machine measured (one thread, the benchmark model's 17
@@ -50,8 +51,9 @@ MAX_ROWS = 64
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_kernels.cpp")
 
 
-# The environment variable that fixes how the kernels form their products: "blas", "streamed" (on
-# torch's thread count) or, when unset, the faster on this machine (see ``Fastest``).
+# The environment variable that fixes how the kernels form their products: "blas" (for float16 weights,
+# torch's own float16 product in its place), "streamed" (on torch's thread count) or, when unset, the
+# faster on this machine (see ``Fastest``).
 PRODUCTS_VARIABLE = "GPTJ_POPXL_PRODUCTS"
 
 
@@ -125,8 +127,8 @@ class Fastest:
 
 # Every live op's ``Fastest``: its op name and IR, what ``product_choices`` reports.
 _CHOOSERS: "weakref.WeakKeyDictionary[Fastest, tuple]" = weakref.WeakKeyDictionary()
-# The way chosen for each (op name, input shapes, replicas, thread count) in this process: ops doing
-# the same work, in this program or a later one, take it instead of trying the ways again.
+# The way chosen for each (op name, input shapes and dtypes, replicas, thread count) in this process:
+# ops doing the same work, in this program or a later one, take it instead of trying the ways again.
 _DECISIONS: dict = {}
 
 
@@ -277,9 +279,9 @@ if IS_CPU:
                 def product(xs, ws):
                     wide = xs.reshape(x_rows + (k,)).float()
                     out = torch.empty(shape, dtype=torch.float32)
+                    weights = arrays(ws)  # (replicas, K, N): the array made once for all replicas
                     for r in range(runtime.replicas):
-                        ext.matmul(wide[r].numpy(), arrays(ws[r]) if runtime.replicas > 1 else arrays(ws),
-                                   out[r].numpy(), threads, blas)
+                        ext.matmul(wide[r].numpy(), weights[r], out[r].numpy(), threads, blas)
                     return out.to(torch.float16)
                 return product
 
@@ -443,11 +445,33 @@ if IS_CPU:
             return run_steps
 
 
+# Open ``portable_graphs`` contexts: while any is, the ops build plain popxl ops.
+_portable_depth = 0
+
+
+@contextlib.contextmanager
+def portable_graphs():
+    """While active, :func:`streamed_matmul` and the layer kernels build plain popxl ops, the graph the
+    Poplar SDK gets: for analysing the program an IPU would run (``gptj_popxl.plan``), whose FLOPs the
+    custom ops would hide."""
+    global _portable_depth
+    _portable_depth += 1
+    try:
+        yield
+    finally:
+        _portable_depth -= 1
+
+
+def _cpu_kernels() -> bool:
+    """Whether graphs built now use the C++ ops: on the CPU runtime, outside ``portable_graphs``."""
+    return IS_CPU and not _portable_depth
+
+
 def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
     """``x @ w`` for ``x`` (..., K) and a matrix ``w`` (K, N); by the C++ kernel (BLAS or streamed, as
     timed fastest; for float16, streamed or torch's float16 product) when ``x`` has at most
     ``MAX_ROWS`` rows of float32 or float16 on the CPU runtime (see the module documentation)."""
-    if not IS_CPU or _rows(x) > MAX_ROWS or x.dtype != w.dtype or x.dtype not in (popxl.float32, popxl.float16):
+    if not _cpu_kernels() or _rows(x) > MAX_ROWS or x.dtype != w.dtype or x.dtype not in (popxl.float32, popxl.float16):
         return x @ w
     return StreamedMatMul.create(x, w, name="product")
 
@@ -456,7 +480,7 @@ def can_decode_layer(dtype, tp: int) -> bool:
     """Whether the layer kernels (:func:`decode_layer`, :func:`prefill_layer`, :func:`greedy_head`,
     :func:`greedy_decode_steps`) run for a model of ``dtype`` (a popxl dtype) with ``tp`` shards:
     float32, one shard, the CPU runtime."""
-    return IS_CPU and dtype == popxl.float32 and tp == 1
+    return _cpu_kernels() and dtype == popxl.float32 and tp == 1
 
 
 def _require(op: str, context: str, expected: dict) -> None:

@@ -71,9 +71,10 @@ inline __m512 load16(const Half* w, __mmask16 tail) {
 // partial sums for up to MAX_TILE_ROWS rows of x, 4 * 512 * 4 bytes, stay in L1 next to the KSTEP
 // rows of w). Measured on float32 weights (the benchmark model's): 8 rows is best for one or two
 // rows of x, 16 some 10% faster than 8 for four. On float16 weights (GPT-J 6B's, on two threads),
-// 16 rows streamed 10% faster than 8 for one row of x: the same bytes per pass.
+// 16 rows streamed 10% faster than 8 for one row of x: the same bytes per pass. Never more than 16:
+// the rows' registers (one per row) and the tile's sums must fit the 32 vector registers.
 template <int R, typename W>
-constexpr int64_t KSTEP = (R >= 3 ? 16 : 8) * int64_t(sizeof(float) / sizeof(W));
+constexpr int64_t KSTEP = R >= 3 ? 16 : 8 * int64_t(sizeof(float) / sizeof(W));
 constexpr int64_t COLUMNS = 512;
 constexpr int MAX_TILE_ROWS = 4;
 
@@ -107,13 +108,17 @@ inline void add_rows(const float* __restrict x, int64_t K, const W* __restrict w
         }
     }
 #else
-    for (int64_t n = n0; n < n1; ++n)
+    for (int64_t n = n0; n < n1; ++n) {
+        float wv[S];  // each weight widened once for all R rows of x
+        for (int j = 0; j < S; ++j)
+            wv[j] = to_float(wk[j * N + n]);
         for (int r = 0; r < R; ++r) {
             float acc = y[r * N + n];
             for (int j = 0; j < S; ++j)
-                acc = std::fma(x[r * K + j], to_float(wk[j * N + n]), acc);
+                acc = std::fma(x[r * K + j], wv[j], acc);
             y[r * N + n] = acc;
         }
+    }
 #endif
 }
 

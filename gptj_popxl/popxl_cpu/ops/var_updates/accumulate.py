@@ -77,7 +77,8 @@ class VarUpdate(Primitive):
                 and (runtime.replicas == 1 or None not in constants):
             def update_in_place(t, *others):
                 # One replica: a scalar tensor's value is the python float the formula takes.
-                scalars = [float(s.reshape(-1)[0]) if c is None else c for c, s in zip(constants, others[num_full - 1:])]
+                scalars = [float(s.reshape(-1)[0]) if c is None else c
+                           for c, s in zip(constants, others[num_full - 1:])]
                 formula(t, *others[:num_full - 1], *scalars)
                 return t
             return update_in_place
@@ -105,7 +106,8 @@ def _always(constants) -> bool:
 
 
 def _float_factor(constants) -> bool:
-    """torch's half-precision ``addcmul_`` takes its ``value`` in float32, but a tensor factor would be rounded."""
+    """A constant factor: ``addcmul_(x, x, value=f)`` is one op. A tensor factor's formula is another,
+    ``addcmul_(x * f, x)``, whose product ``x * f`` on float16 would round before the sum."""
     return None not in constants
 
 

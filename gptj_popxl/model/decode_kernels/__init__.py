@@ -226,7 +226,7 @@ def _one_replica(op_name: str, runtime) -> None:
 
 
 if IS_CPU:
-    from gptj_popxl.popxl_cpu.ops.nn import native_half_matmul
+    from gptj_popxl.popxl_cpu.ops.nn import half_product_operands
 
     class StreamedMatMul(custom_op.CustomOp):
         """``x (..., K) @ w (K, N)`` by the C++ kernel, one replica after another: float32, or float16
@@ -273,7 +273,6 @@ if IS_CPU:
             ``ops.matmul`` forms it (the library way), whichever ``Fastest`` finds faster."""
             arrays = _ArrayViews()
             x_rows, (k, n) = (runtime.replicas, _rows(op.inputs[0])), op.inputs[1].shape
-            native = native_half_matmul()
 
             def kernel(threads, blas):
                 def product(xs, ws):
@@ -286,9 +285,7 @@ if IS_CPU:
                 return product
 
             def library(xs, ws):
-                x, w = xs.reshape(x_rows + (k,)), ws.reshape(runtime.replicas, k, n)
-                if not native:
-                    x, w = x.float(), w.float()
+                x, w = half_product_operands(xs.reshape(x_rows + (k,)), ws.reshape(runtime.replicas, k, n), True)
                 return torch.matmul(x, w).to(torch.float16).reshape(shape)
             return product_ways(op, runtime, kernel, library)
 

@@ -37,6 +37,15 @@ def native_half_matmul() -> bool:
     return bool(supported is not None and supported())
 
 
+def half_product_operands(x: torch.Tensor, y: torch.Tensor, half_output: bool):
+    """The float16 operands ``x``, ``y`` as their product takes them, summing in float32 either way:
+    themselves for a float16 output where ``native_half_matmul``; else float32 copies (a float32
+    output keeps every bit of the float32 sums)."""
+    if half_output and native_half_matmul():
+        return x, y
+    return x.float(), y.float()
+
+
 class MatMul(Primitive):
     """Batched, broadcasting matmul; float16 inputs accumulate in float32 (for a float16 output
     natively where ``native_half_matmul``, else as float32 copies)."""
@@ -65,12 +74,11 @@ class MatMul(Primitive):
             # One matrix per replica on the right: fold the left batch axes into its rows, so the
             # matrix is read once rather than once per batch entry (torch would broadcast it).
             sa, sb = (runtime.replicas, -1, sa[-1]), (runtime.replicas,) + sb[-2:]
-        # A float32 output (output_type) keeps every bit of the float32 sums: products of float32 copies.
-        half = a.dtype == dtypes.float16 and (op.outputs[0].dtype != dtypes.float16 or not native_half_matmul())
+        half, half_output = a.dtype == dtypes.float16, op.outputs[0].dtype == dtypes.float16
 
         def matmul(x, y):
             if half:
-                x, y = x.float(), y.float()
+                x, y = half_product_operands(x, y, half_output)
             return torch.matmul(x.reshape(sa), y.reshape(sb)).reshape(out_shape).to(out)
         return matmul
 

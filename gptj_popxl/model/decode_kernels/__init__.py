@@ -23,7 +23,9 @@ On the CPU runtime these are custom ops (``gptj_popxl.backend.custom_op``) whose
 in ``streamed_matmul.h``, ``decode_attention.h`` and ``decode_layer.h``, bound by ``decode_kernels.cpp`` and compiled
 by cppimport on first use (into this folder, git-ignored). They are inference only (no gradient
 rule); :func:`streamed_matmul` takes float32 or float16 and falls back to ``ops.matmul`` for more
-than ``MAX_ROWS`` rows, other dtypes or the Poplar SDK; the layer kernels are float32, and
+than ``MAX_ROWS`` rows, other dtypes or the Poplar SDK. The layer kernels take a float32 or a
+float16 model (the model's tensors all of one type: float16 ones widened as read, the arithmetic in
+float32, a float16 result rounded once as it is stored, and the products streamed), and
 :func:`can_decode_layer` says when they apply.
 """
 import contextlib
@@ -137,13 +139,15 @@ def product_ways(op, runtime, kernel, library=None) -> "Fastest":
     products: ``kernel(threads, blas)`` gives the op's callable for ``threads`` streaming threads, or
     for the sgemm at address ``blas`` when nonzero. The ways are BLAS (where ``blas_sgemm`` finds it)
     and streaming on one thread and on torch's count; ``library``, the op's callable by a library's
-    product, takes BLAS's place where given (float16 weights, which sgemm does not take). Ops with the
-    same name, input shapes and dtypes, replicas and thread count share one decision per process."""
+    product, takes BLAS's place where given (float16 weights, which sgemm does not take); an op on
+    float16 tensors without one only streams. Ops with the same name, input shapes and dtypes,
+    replicas and thread count share one decision per process."""
     op_name = op.prim.name
     threads = torch.get_num_threads()
     streamed = {f"streamed on {n} thread{'s' * (n > 1)}": kernel(n, 0) for n in sorted({1, threads})}
     wanted = os.environ.get(PRODUCTS_VARIABLE)
-    if wanted == "streamed":
+    only_streamed = library is None and any(t.dtype == popxl.float16 for t in op.inputs)
+    if wanted == "streamed" or only_streamed:
         ways = streamed
     elif library is not None:
         ways = dict(streamed, blas=library)
@@ -153,7 +157,7 @@ def product_ways(op, runtime, kernel, library=None) -> "Fastest":
     if wanted is None:
         key = (op_name, tuple((tuple(t.shape), t.dtype.name) for t in op.inputs), runtime.replicas, threads)
         chooser = Fastest(ways, decisions=_DECISIONS, key=key)
-    elif wanted == "streamed":
+    elif wanted == "streamed" or (wanted == "blas" and only_streamed):
         chooser = Fastest(ways, list(streamed)[-1])
     elif wanted == "blas" and "blas" in ways:
         chooser = Fastest(ways, "blas")
@@ -213,6 +217,11 @@ class _ArrayViews:
                 del self._views[key]
         self._views[key] = (weakref.ref(t, forget), unowned)
         return unowned
+
+
+def _numpy_dtype(t) -> type:
+    """numpy's dtype for a float32 or float16 IR tensor ``t``: a layer kernel's model tensors."""
+    return np.float16 if t.dtype == popxl.float16 else np.float32
 
 
 def _wrap_int32(value: int) -> int:
@@ -306,13 +315,13 @@ if IS_CPU:
             ext, eps = extension(), op.attrs["eps"]
             _one_replica(cls.name, runtime)
             batch, _, _, cache_len = op.inputs[12].shape
-            n_embd = op.inputs[0].shape[-1]
+            n_embd, dtype = op.inputs[0].shape[-1], _numpy_dtype(op.inputs[0])
             arrays = _ArrayViews()
 
             def kernel(threads, blas):
                 def layer(x, *rest):
                     weights, (positions, sin, cos, k_cache, v_cache, write, mask) = rest[:8], rest[8:]
-                    x_next = np.empty((1, batch, 1, n_embd), np.float32)
+                    x_next = np.empty((1, batch, 1, n_embd), dtype)
                     # Arrays keep the replica axis (of size 1); the C++ side skips leading axes of size 1.
                     ext.decode_layer(x.reshape(batch, n_embd).contiguous().numpy(), *map(arrays, weights),
                                      positions.contiguous().numpy(), arrays(sin), arrays(cos), arrays(k_cache),
@@ -344,8 +353,8 @@ if IS_CPU:
             def kernel(threads, blas):
                 def layer(x, *rest):
                     weights, (positions, sin, cos, mask) = rest[:8], rest[8:]
-                    k, v = (torch.empty(kv_shape, dtype=torch.float32) for _ in range(2))
-                    x_next = torch.empty((1, batch, seq, n_embd), dtype=torch.float32)
+                    k, v = (torch.empty(kv_shape, dtype=x.dtype) for _ in range(2))
+                    x_next = torch.empty((1, batch, seq, n_embd), dtype=x.dtype)
                     ext.prefill_layer(x.contiguous().numpy(), *map(arrays, weights), positions.contiguous().numpy(),
                                       arrays(sin), arrays(cos), mask.reshape(batch, seq, seq).contiguous().numpy(),
                                       eps, k.numpy(), v.numpy(), x_next.numpy(), threads, blas)
@@ -476,15 +485,19 @@ def streamed_matmul(x: popxl.Tensor, w: popxl.Tensor) -> popxl.Tensor:
 def can_decode_layer(dtype, tp: int) -> bool:
     """Whether the layer kernels (:func:`decode_layer`, :func:`prefill_layer`, :func:`greedy_head`,
     :func:`greedy_decode_steps`) run for a model of ``dtype`` (a popxl dtype) with ``tp`` shards:
-    float32, one shard, the CPU runtime."""
-    return _cpu_kernels() and dtype == popxl.float32 and tp == 1
+    float32 or float16, one shard, the CPU runtime."""
+    return _cpu_kernels() and dtype in (popxl.float32, popxl.float16) and tp == 1
 
 
-def _require(op: str, context: str, expected: dict) -> None:
-    """Raises naming the first tensor of ``expected`` (``{what: (tensor, shape[, dtype])}``, float32 by
-    default) whose shape or dtype is not as given; ``context`` says what the shapes follow from."""
+def _require(op: str, context: str, expected: dict, model: popxl.Tensor) -> None:
+    """Raises naming the first tensor of ``expected`` (``{what: (tensor, shape[, dtype])}``) whose shape
+    or dtype is not as given; ``context`` says what the shapes follow from. A tensor without a dtype
+    there is one of the model's, all of one type: ``model``'s, float32 or float16."""
+    if model.dtype not in (popxl.float32, popxl.float16):
+        raise TypeError(f"{op}: the model's tensors must be float32 or float16, got {model.name!r} "
+                        f"{model.dtype.name}")
     for what, (t, shape, *dtype) in expected.items():
-        dtype = dtype[0] if dtype else popxl.float32
+        dtype = dtype[0] if dtype else model.dtype
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
             raise ValueError(f"{op}: {what} must be {tuple(shape)} {dtype.name} for {context}, got {t.name!r} "
                              f"{tuple(t.shape)} {t.dtype.name}")
@@ -498,7 +511,8 @@ def _weights_expected(n_embd: int, inner: int, width: int, weights, sin, cos) ->
             "w_qkv": (w_qkv, (n_embd, 3 * width)), "w_in": (w_in, (n_embd, inner)),
             "b_in": (b_in, (inner,)), "w_out": (w_out, (width, n_embd)),
             "w_fc_out": (w_fc_out, (inner, n_embd)), "b_fc_out": (b_fc_out, (n_embd,)),
-            "sin": (sin, (sin.shape[0], sin.shape[-1])), "cos": (cos, tuple(sin.shape))}
+            "sin": (sin, (sin.shape[0], sin.shape[-1]), popxl.float32),
+            "cos": (cos, tuple(sin.shape), popxl.float32)}
 
 
 def _layer_expected(n_embd: int, inner: int, weights, positions, sin, cos, k_cache, v_cache, write, mask) -> dict:
@@ -506,7 +520,8 @@ def _layer_expected(n_embd: int, inner: int, weights, positions, sin, cos, k_cac
     ``n_embd`` features, an MLP of ``inner`` and ``k_cache``'s shape."""
     batch, heads, head_dim, cache_len = k_cache.shape
     return {**_weights_expected(n_embd, inner, heads * head_dim, weights, sin, cos),
-            "v_cache": (v_cache, (batch, heads, cache_len, head_dim)), "mask": (mask, (batch, 1, 1, cache_len)),
+            "k_cache": (k_cache, tuple(k_cache.shape)), "v_cache": (v_cache, (batch, heads, cache_len, head_dim)),
+            "mask": (mask, (batch, 1, 1, cache_len), popxl.float32),
             "positions": (positions, (batch, 1), popxl.int32), "write": (write, (1,), popxl.int32)}
 
 
@@ -527,13 +542,14 @@ def decode_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor
     ``sin``, ``cos`` (positions, rotary_dim / 2); ``k_cache`` (batch, heads, head_dim, cache_len)
     (keys transposed) and ``v_cache`` (batch, heads, cache_len, head_dim), written in place: column
     ``write`` (1,) int32 takes the new key and value before the query attends; ``mask`` (batch, 1, 1,
-    cache_len) additive. Returns the layer's output, ``x``'s shape.
+    cache_len) additive, float32 as the rotary tables. ``x``, the weights and the caches are the
+    model's type, float32 or float16. Returns the layer's output, ``x``'s shape.
     """
     weights = (ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out)
     n_embd = x.shape[-1]
     expected = {"x": (x, (k_cache.shape[0], 1, n_embd)),
                 **_layer_expected(n_embd, w_in.shape[-1], weights, positions, sin, cos, k_cache, v_cache, write, mask)}
-    _require("decode_layer", f"x {tuple(x.shape)} and k_cache {tuple(k_cache.shape)}", expected)
+    _require("decode_layer", f"x {tuple(x.shape)} and k_cache {tuple(k_cache.shape)}", expected, x)
     _check_rotary("decode_layer", sin, k_cache.shape[2])
     return DecodeLayer.create(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, eps=float(eps),
                               name="decode_layer")[1]
@@ -553,8 +569,8 @@ def prefill_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tenso
         raise ValueError(f"prefill_layer: w_qkv {tuple(w_qkv.shape)} must hold 3 x {heads!r} heads")
     head_dim = w_qkv.shape[-1] // (3 * heads)
     expected = {**_weights_expected(n_embd, w_in.shape[-1], heads * head_dim, weights, sin, cos),
-                "positions": (positions, (batch, seq), popxl.int32), "mask": (mask, (batch, 1, seq, seq))}
-    _require("prefill_layer", f"x {tuple(x.shape)} and {heads} heads", expected)
+                "positions": (positions, (batch, seq), popxl.int32), "mask": (mask, (batch, 1, seq, seq), popxl.float32)}
+    _require("prefill_layer", f"x {tuple(x.shape)} and {heads} heads", expected, x)
     _check_rotary("prefill_layer", sin, head_dim)
     return PrefillLayer.create(x, *weights, positions, sin, cos, mask, eps=float(eps), heads=heads,
                                name="prefill_layer")
@@ -569,10 +585,10 @@ def _head_expected(n_embd: int, ln_weight, ln_bias, w, bias) -> dict:
 def greedy_head(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor, w: popxl.Tensor, bias: popxl.Tensor,
                 eps: float) -> popxl.Tensor:
     """The greedy next token (batch,) int32 of each row of the final hidden states ``x`` (batch, ...,
-    n_embd) float32: the first largest logit of ``layer_norm(x) @ w + bias`` (``ln_f`` and the LM head,
+    n_embd), float32 or float16 as the weights: the first largest logit of ``layer_norm(x) @ w + bias`` (``ln_f`` and the LM head,
     ``w`` (n_embd, vocab)), as ``torch.argmax``; the logits are never stored."""
     expected = {**_head_expected(x.shape[-1], ln_weight, ln_bias, w, bias), "x": (x, tuple(x.shape))}
-    _require("greedy_head", f"x {tuple(x.shape)} and w {tuple(w.shape)}", expected)
+    _require("greedy_head", f"x {tuple(x.shape)} and w {tuple(w.shape)}", expected, x)
     return GreedyHead.create(x, ln_weight, ln_bias, w, bias, eps=float(eps), name="greedy_token")
 
 
@@ -612,7 +628,7 @@ def greedy_decode_steps(token: popxl.Tensor, position: popxl.Tensor, column: pop
     expected = {"token": (token, (batch, 1), popxl.int32), "embedding": (embedding, tuple(embedding.shape)),
                 "tokens": (tokens, (batch, chunk), popxl.int32), "step": (step, (1,), popxl.int32),
                 **_head_expected(n_embd, ln_weight, ln_bias, w, bias)}
-    _require("greedy_decode_steps", context, expected)
+    _require("greedy_decode_steps", context, expected, embedding)
     if any(len(weights) != 8 for weights in layers):
         raise ValueError(f"greedy_decode_steps: every layer must have 8 weights, got {[len(w) for w in layers]}")
     inner = layers[0][3].shape[-1]
@@ -620,7 +636,7 @@ def greedy_decode_steps(token: popxl.Tensor, position: popxl.Tensor, column: pop
         expected = {f"layers[{i}] {what}": e for what, e in _layer_expected(
             n_embd, inner, weights, position, sin, cos, k_cache, v_cache, column, mask).items()}
         expected[f"k_caches[{i}]"] = (k_cache, tuple(k_caches[0].shape))
-        _require("greedy_decode_steps", context, expected)
+        _require("greedy_decode_steps", context, expected, embedding)
     _check_rotary("greedy_decode_steps", sin, k_caches[0].shape[2])
     if not (isinstance(n_positions, int) and 0 < n_positions <= sin.shape[0]):
         raise ValueError(f"greedy_decode_steps: n_positions must be an int in [1, {sin.shape[0]}] (the rotary "

@@ -7,8 +7,9 @@
 // into the cache at column `write`, then the query attends to every column:
 //   score[c] = (q . key[c]) / sqrt(D) + mask[b, c],  z = softmax(score) @ value.
 // Layouts: qkv (B, 3 H D); k_cache (B, H, D, C), keys transposed; v_cache (B, H, C, D); mask (B, C)
-// additive; z (B, H D). All float32. A prefill (prefill_attention) is the same for S tokens a row,
-// each attending to the row's own tokens.
+// additive; z (B, H D). The caches (and a prefill's keys and values) are T, float32 or float16
+// (gptj_streamed::Half: widened as read, rounded once as written); everything else is float32. A
+// prefill (prefill_attention) is the same for S tokens a row, each attending to the row's own tokens.
 #pragma once
 
 #include <algorithm>
@@ -77,24 +78,24 @@ inline void softmax(float* score, const float* mask, int64_t n, float scale) {
 
 // out (D) = softmax(score) @ values with score[c] = (q . key[c]) / sqrt(D) + mask[c]: keys (D, C)
 // (transposed, so the scores accumulate with the columns contiguous), values (C, D), score (C) scratch.
-inline void attend(const float* q, const float* keys, const float* values, const float* mask, int64_t D, int64_t C,
+template <typename T>
+inline void attend(const float* q, const T* keys, const T* values, const float* mask, int64_t D, int64_t C,
                    float* score, float* out) {
     const float scale = std::sqrt(float(D));
     std::fill(score, score + C, 0.0f);
     for (int64_t d = 0; d < D; ++d)
-        for (int64_t col = 0; col < C; ++col)
-            score[col] += q[d] * keys[d * C + col];
+        gptj_streamed::add_scaled(q[d], keys + d * C, C, score);
     softmax(score, mask, C, scale);
     std::fill(out, out + D, 0.0f);
     for (int64_t col = 0; col < C; ++col)
-        for (int64_t d = 0; d < D; ++d)
-            out[d] += score[col] * values[col * D + d];
+        gptj_streamed::add_scaled(score[col], values + col * D, D, out);
 }
 
 // Heads run on OpenMP threads (torch's pool, shared with MKL): a head reads its caches, which the
 // weights streamed before it have pushed out of the core's own caches, at one core's bandwidth.
+template <typename T>
 inline void decode_attention(const float* qkv, const int32_t* positions, const float* sin, const float* cos,
-                             int64_t rotary_dim, float* k_cache, float* v_cache, int64_t write, const float* mask,
+                             int64_t rotary_dim, T* k_cache, T* v_cache, int64_t write, const float* mask,
                              int64_t B, int64_t H, int64_t D, int64_t C, float* z, int num_threads = 1) {
     const int64_t half = rotary_dim / 2;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && B * H > 1)
@@ -110,11 +111,11 @@ inline void decode_attention(const float* qkv, const int32_t* positions, const f
             std::copy(row + (H + h) * D, row + (H + h + 1) * D, k.begin());
             rotate(q.data(), s, c, rotary_dim);
             rotate(k.data(), s, c, rotary_dim);
-            float* keys = k_cache + bh * D * C;
-            float* values = v_cache + bh * C * D;
+            T* keys = k_cache + bh * D * C;
+            T* values = v_cache + bh * C * D;
             for (int64_t d = 0; d < D; ++d)
-                keys[d * C + write] = k[d];
-            std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, values + write * D);
+                keys[d * C + write] = gptj_streamed::from_float<T>(k[d]);
+            gptj_streamed::narrow(row + (2 * H + h) * D, D, values + write * D);
             attend(q.data(), keys, values, mask + b * C, D, C, score.data(), z + bh * D);
         }
     }
@@ -125,10 +126,10 @@ inline void decode_attention(const float* qkv, const int32_t* positions, const f
 // and the values, k and v (B, H, S, D), and z (B, S, H D). A head's scores and its output are two
 // products (`products`' BLAS on this thread, or streamed): at 4 x 16 tokens half the time of
 // attending query by query.
+template <typename T>
 inline void prefill_attention(const float* qkv, const int32_t* positions, const float* sin, const float* cos,
                               int64_t rotary_dim, const float* mask, int64_t B, int64_t S, int64_t H, int64_t D,
-                              float* k, float* v, float* z, const gptj_streamed::Products& products,
-                              int num_threads = 1) {
+                              T* k, T* v, float* z, const gptj_streamed::Products& products, int num_threads = 1) {
     const int64_t half = rotary_dim / 2;
     const float scale = std::sqrt(float(D));
     const gptj_streamed::Products one_thread{products.blas, 1};  // the heads are the threads' work
@@ -136,32 +137,34 @@ inline void prefill_attention(const float* qkv, const int32_t* positions, const 
     {
         // Kept by the thread: a 256-token head needs 1.8 MB, which fresh memory would fault in.
         thread_local std::vector<float> scratch;
-        scratch.resize(std::max<size_t>(scratch.size(), size_t(S * (3 * D + S))));
+        scratch.resize(std::max<size_t>(scratch.size(), size_t(S * (5 * D + S))));
         float* q = scratch.data();
         float* keys = q + S * D;
         float* zt = keys + S * D;
-        float* scores = zt + S * D;
+        float* k_rows = zt + S * D;  // the head's rotated keys and its values, (S, D) each
+        float* v_rows = k_rows + S * D;
+        float* scores = v_rows + S * D;
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; ++bh) {
             const int64_t b = bh / H, h = bh % H;
-            float* k_bh = k + bh * S * D;
-            float* v_bh = v + bh * S * D;
             for (int64_t t = 0; t < S; ++t) {
                 const float* row = qkv + (b * S + t) * 3 * H * D;
                 const float* s = sin + int64_t(positions[b * S + t]) * half;
                 const float* c = cos + int64_t(positions[b * S + t]) * half;
                 std::copy(row + h * D, row + (h + 1) * D, q + t * D);
-                std::copy(row + (H + h) * D, row + (H + h + 1) * D, k_bh + t * D);
-                std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, v_bh + t * D);
+                std::copy(row + (H + h) * D, row + (H + h + 1) * D, k_rows + t * D);
+                std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, v_rows + t * D);
                 rotate(q + t * D, s, c, rotary_dim);
-                rotate(k_bh + t * D, s, c, rotary_dim);
+                rotate(k_rows + t * D, s, c, rotary_dim);
                 for (int64_t d = 0; d < D; ++d)
-                    keys[d * S + t] = k_bh[t * D + d];
+                    keys[d * S + t] = k_rows[t * D + d];
             }
+            gptj_streamed::narrow(k_rows, S * D, k + bh * S * D);
+            gptj_streamed::narrow(v_rows, S * D, v + bh * S * D);
             one_thread(q, S, D, keys, S, scores);
             for (int64_t t = 0; t < S; ++t)
                 softmax(scores + t * S, mask + (b * S + t) * S, S, scale);
-            one_thread(scores, S, S, v_bh, D, zt);
+            one_thread(scores, S, S, v_rows, D, zt);
             for (int64_t t = 0; t < S; ++t)
                 std::copy(zt + t * D, zt + (t + 1) * D, z + ((b * S + t) * H + h) * D);
         }

@@ -15,6 +15,7 @@ cfg['dependencies'] = ['work_team.h', 'streamed_matmul.h', 'decode_attention.h',
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -40,11 +41,18 @@ std::string shape_of(const py::array& a) {
 // Size of axis `i` counted from the end (-1: the last), 0 when `a` has fewer axes.
 py::ssize_t dim(const py::array& a, int i) { return a.ndim() + i >= 0 ? a.shape(a.ndim() + i) : 0; }
 
-// A C-contiguous float32 array of `shape`, after any leading axes of size 1 (the runtime's replica axis);
-// the message is built only on failure: this runs at every call.
+// numpy's dtype for the kernels' element type T: float32, or float16 for gptj_streamed::Half.
+template <typename T>
+py::dtype dtype_of() {
+    return std::is_same_v<T, float> ? py::dtype::of<float>() : py::dtype("float16");
+}
+
+// A C-contiguous array of T (float32 unless given) of `shape`, after any leading axes of size 1 (the
+// runtime's replica axis); the message is built only on failure: this runs at every call.
+template <typename T = float>
 void require_floats(const char* name, const py::array& a, std::initializer_list<py::ssize_t> shape) {
     const py::ssize_t extra = a.ndim() - py::ssize_t(shape.size());
-    bool ok = a.dtype().is(py::dtype::of<float>()) && (a.flags() & py::array::c_style) && extra >= 0;
+    bool ok = a.dtype().is(dtype_of<T>()) && (a.flags() & py::array::c_style) && extra >= 0;
     for (py::ssize_t i = 0; ok && i < extra; ++i)
         ok = a.shape(i) == 1;
     py::ssize_t i = extra;
@@ -56,14 +64,17 @@ void require_floats(const char* name, const py::array& a, std::initializer_list<
     i = 0;
     for (auto n : shape)
         wanted += (i++ ? ", " : "") + std::to_string(n);
-    throw py::value_error(std::string(name) + " must be a C-contiguous float32 array " + wanted +
+    throw py::value_error(std::string(name) + " must be a C-contiguous " + std::string(py::str(dtype_of<T>())) +
+                          " array " + wanted +
                           (shape.size() == 1 ? ",)" : ")") + ", got " + shape_of(a) + " " +
                           std::string(py::str(a.dtype())));
 }
 
-// The products of a kernel: by the sgemm at address `blas` (its Fortran interface), or streamed on
-// num_threads threads when that is 0.
+// The products of a kernel on T: by the sgemm at address `blas` (its Fortran interface), or streamed on
+// num_threads threads when that is 0 (always for float16, which sgemm does not take).
+template <typename T = float>
 gptj_streamed::Products products(int num_threads, uintptr_t blas) {
+    require(std::is_same_v<T, float> || !blas, "float16 kernels stream their products: blas must be 0");
     return {reinterpret_cast<gptj_streamed::FortranSgemm>(blas), num_threads};
 }
 
@@ -95,22 +106,39 @@ void matmul(const py::array& x, const py::array& w, py::array& out, int num_thre
         products(num_threads, blas)(xs, M, K, static_cast<const float*>(w.data()), N, ys);
 }
 
-const float* floats(const py::array& a) { return static_cast<const float*>(a.data()); }
-float* floats(py::array& a) { return static_cast<float*>(a.mutable_data()); }
+template <typename T = float>
+const T* floats(const py::array& a) { return static_cast<const T*>(a.data()); }
+template <typename T = float>
+T* floats(py::array& a) { return static_cast<T*>(a.mutable_data()); }
+
+// Whether the model's tensors, of which `a` is one, are float16 (else float32): the layer kernels run
+// on one element type, which the checks then require of every model tensor.
+bool is_half(const py::array& a) { return a.dtype().is(py::dtype("float16")); }
+
+// Runs run(element) with an element of the model's type, float16 (gptj_streamed::Half) when `a`, a model
+// tensor, is float16 and float32 otherwise: the kernel's body, generic in that type.
+template <typename Run>
+void for_model_type(const py::array& a, Run&& run) {
+    if (is_half(a))
+        run(gptj_streamed::Half{});
+    else
+        run(float{});
+}
 
 // A layer's 8 weights (ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out), checked
 // against the step's sizes.
-gptj_decode::LayerWeights layer_weights(const py::array* w, int64_t E, int64_t H, int64_t D, int64_t I) {
-    require_floats("ln_weight", w[0], {E});
-    require_floats("ln_bias", w[1], {E});
-    require_floats("w_qkv", w[2], {E, 3 * H * D});
-    require_floats("w_in", w[3], {E, I});
-    require_floats("b_in", w[4], {I});
-    require_floats("w_out", w[5], {H * D, E});
-    require_floats("w_fc_out", w[6], {I, E});
-    require_floats("b_fc_out", w[7], {E});
-    return {floats(w[0]), floats(w[1]), floats(w[2]), floats(w[3]),
-            floats(w[4]), floats(w[5]), floats(w[6]), floats(w[7])};
+template <typename T>
+gptj_decode::LayerWeights<T> layer_weights(const py::array* w, int64_t E, int64_t H, int64_t D, int64_t I) {
+    require_floats<T>("ln_weight", w[0], {E});
+    require_floats<T>("ln_bias", w[1], {E});
+    require_floats<T>("w_qkv", w[2], {E, 3 * H * D});
+    require_floats<T>("w_in", w[3], {E, I});
+    require_floats<T>("b_in", w[4], {I});
+    require_floats<T>("w_out", w[5], {H * D, E});
+    require_floats<T>("w_fc_out", w[6], {I, E});
+    require_floats<T>("b_fc_out", w[7], {E});
+    return {floats<T>(w[0]), floats<T>(w[1]), floats<T>(w[2]), floats<T>(w[3]),
+            floats<T>(w[4]), floats<T>(w[5]), floats<T>(w[6]), floats<T>(w[7])};
 }
 
 // The sizes of a decode step, from the (first) layer's caches, weights and rotary tables.
@@ -135,10 +163,11 @@ const int32_t* table_rows(const py::array& positions, int64_t rows, int64_t per_
 
 // Checks what every layer of a step shares (positions, rotary tables, mask, write column) and one
 // layer's caches; returns the positions.
+template <typename T>
 const int32_t* check_step(const StepSizes& n, py::array& k_cache, py::array& v_cache, const py::array& positions,
                           const py::array& sin, const py::array& cos, int64_t write, const py::array& mask) {
-    require_floats("k_cache", k_cache, {n.B, n.H, n.D, n.C});
-    require_floats("v_cache", v_cache, {n.B, n.H, n.C, n.D});
+    require_floats<T>("k_cache", k_cache, {n.B, n.H, n.D, n.C});
+    require_floats<T>("v_cache", v_cache, {n.B, n.H, n.C, n.D});
     require(k_cache.writeable() && v_cache.writeable(), "k_cache and v_cache must be writeable");
     require_floats("sin", sin, {n.P, n.half});
     require_floats("cos", cos, {n.P, n.half});
@@ -159,13 +188,14 @@ int32_t* int32s(const char* name, py::array& a, int64_t B) {
 }
 
 // The LayerNorm and LM head of a greedy head, checked; returns the vocabulary size.
+template <typename T>
 int64_t check_head(int64_t E, const py::array& ln_weight, const py::array& ln_bias, const py::array& w,
                    const py::array& bias) {
     const int64_t V = dim(w, -1);
-    require_floats("ln_weight", ln_weight, {E});
-    require_floats("ln_bias", ln_bias, {E});
-    require_floats("w", w, {E, V});
-    require_floats("bias", bias, {V});
+    require_floats<T>("ln_weight", ln_weight, {E});
+    require_floats<T>("ln_bias", ln_bias, {E});
+    require_floats<T>("w", w, {E, V});
+    require_floats<T>("bias", bias, {V});
     require(V > 0, "the LM head has no columns");
     return V;
 }
@@ -175,18 +205,22 @@ void decode_layer(const py::array& x, const py::array& ln_weight, const py::arra
                   const py::array& b_fc_out, const py::array& positions, const py::array& sin, const py::array& cos,
                   py::array& k_cache, py::array& v_cache, int64_t write, const py::array& mask, float eps,
                   py::array& x_next, int num_threads, uintptr_t blas) {
-    const StepSizes n{dim(k_cache, -4), dim(k_cache, -3), dim(k_cache, -2), dim(k_cache, -1),
-                      dim(x, -1),       dim(w_in, -1),    dim(sin, -2),     dim(sin, -1)};
-    const py::array weights[] = {ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out};
-    const auto layer = layer_weights(weights, n.E, n.H, n.D, n.I);
-    const int32_t* p = check_step(n, k_cache, v_cache, positions, sin, cos, write, mask);
-    require_floats("x", x, {n.B, n.E});
-    require_floats("x_next", x_next, {n.B, n.E});
-    require(x_next.writeable(), "x_next must be writeable");
-    py::gil_scoped_release release;
-    gptj_decode::decode_layer(floats(x), n.B, n.E, n.H, n.D, n.I, eps, layer, p, floats(sin), floats(cos), 2 * n.half,
-                              floats(k_cache), floats(v_cache), n.C, write, floats(mask), products(num_threads, blas),
-                              floats(x_next));
+    for_model_type(x, [&](auto element) {
+        using T = decltype(element);
+        const StepSizes n{dim(k_cache, -4), dim(k_cache, -3), dim(k_cache, -2), dim(k_cache, -1),
+                          dim(x, -1),       dim(w_in, -1),    dim(sin, -2),     dim(sin, -1)};
+        const py::array weights[] = {ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out};
+        const auto layer = layer_weights<T>(weights, n.E, n.H, n.D, n.I);
+        const int32_t* p = check_step<T>(n, k_cache, v_cache, positions, sin, cos, write, mask);
+        require_floats<T>("x", x, {n.B, n.E});
+        require_floats<T>("x_next", x_next, {n.B, n.E});
+        require(x_next.writeable(), "x_next must be writeable");
+        const auto product = products<T>(num_threads, blas);
+        py::gil_scoped_release release;
+        gptj_decode::decode_layer(floats<T>(x), n.B, n.E, n.H, n.D, n.I, eps, layer, p, floats(sin), floats(cos),
+                                  2 * n.half, floats<T>(k_cache), floats<T>(v_cache), n.C, write, floats(mask),
+                                  product, floats<T>(x_next));
+    });
 }
 
 void prefill_layer(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w_qkv,
@@ -194,35 +228,44 @@ void prefill_layer(const py::array& x, const py::array& ln_weight, const py::arr
                    const py::array& b_fc_out, const py::array& positions, const py::array& sin, const py::array& cos,
                    const py::array& mask, float eps, py::array& k, py::array& v, py::array& x_next, int num_threads,
                    uintptr_t blas) {
-    const int64_t B = dim(k, -4), H = dim(k, -3), S = dim(k, -2), D = dim(k, -1), E = dim(x, -1), I = dim(w_in, -1);
-    const int64_t P = dim(sin, -2), half = dim(sin, -1);
-    require_floats("k", k, {B, H, S, D});  // the sizes come from k: checked first
-    const py::array weights[] = {ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out};
-    const auto layer = layer_weights(weights, E, H, D, I);
-    require_floats("x", x, {B, S, E});
-    require_floats("x_next", x_next, {B, S, E});
-    require_floats("v", v, {B, H, S, D});
-    require_floats("mask", mask, {B, S, S});
-    require_floats("sin", sin, {P, half});
-    require_floats("cos", cos, {P, half});
-    for (const auto& [name, a] : {std::pair<const char*, const py::array*>{"k", &k}, {"v", &v}, {"x_next", &x_next}})
-        require(a->writeable(), std::string(name) + " must be writeable");
-    require(2 * half <= D, "rotary_dim " + std::to_string(2 * half) + " exceeds head_dim " + std::to_string(D));
-    const int32_t* p = table_rows(positions, B, S, P);
-    py::gil_scoped_release release;
-    gptj_decode::prefill_layer(floats(x), B, S, E, H, D, I, eps, layer, p, floats(sin), floats(cos), 2 * half,
-                               floats(mask), products(num_threads, blas), floats(k), floats(v), floats(x_next));
+    for_model_type(x, [&](auto element) {
+        using T = decltype(element);
+        const int64_t B = dim(k, -4), H = dim(k, -3), S = dim(k, -2), D = dim(k, -1), E = dim(x, -1), I = dim(w_in, -1);
+        const int64_t P = dim(sin, -2), half = dim(sin, -1);
+        require_floats<T>("k", k, {B, H, S, D});  // the sizes come from k: checked first
+        const py::array weights[] = {ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out};
+        const auto layer = layer_weights<T>(weights, E, H, D, I);
+        require_floats<T>("x", x, {B, S, E});
+        require_floats<T>("x_next", x_next, {B, S, E});
+        require_floats<T>("v", v, {B, H, S, D});
+        require_floats("mask", mask, {B, S, S});
+        require_floats("sin", sin, {P, half});
+        require_floats("cos", cos, {P, half});
+        for (const auto& [name, a] : {std::pair<const char*, const py::array*>{"k", &k}, {"v", &v}, {"x_next", &x_next}})
+            require(a->writeable(), std::string(name) + " must be writeable");
+        require(2 * half <= D, "rotary_dim " + std::to_string(2 * half) + " exceeds head_dim " + std::to_string(D));
+        const int32_t* p = table_rows(positions, B, S, P);
+        const auto product = products<T>(num_threads, blas);
+        py::gil_scoped_release release;
+        gptj_decode::prefill_layer(floats<T>(x), B, S, E, H, D, I, eps, layer, p, floats(sin), floats(cos), 2 * half,
+                                   floats(mask), product, floats<T>(k), floats<T>(v),
+                                   floats<T>(x_next));
+    });
 }
 
 void greedy_head(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w,
                  const py::array& bias, float eps, py::array& tokens, int num_threads, uintptr_t blas) {
-    const int64_t E = dim(w, -2), B = E ? x.size() / E : 0;
-    const int64_t V = check_head(E, ln_weight, ln_bias, w, bias);
-    require_floats("x", x, {B, E});
-    int32_t* out = int32s("tokens", tokens, B);
-    py::gil_scoped_release release;
-    gptj_decode::greedy_head(floats(x), B, E, V, eps, floats(ln_weight), floats(ln_bias), floats(w), floats(bias),
-                             products(num_threads, blas), out);
+    for_model_type(x, [&](auto element) {
+        using T = decltype(element);
+        const int64_t E = dim(w, -2), B = E ? x.size() / E : 0;
+        const int64_t V = check_head<T>(E, ln_weight, ln_bias, w, bias);
+        require_floats<T>("x", x, {B, E});
+        int32_t* out = int32s("tokens", tokens, B);
+        const auto product = products<T>(num_threads, blas);
+        py::gil_scoped_release release;
+        gptj_decode::greedy_head(floats<T>(x), B, E, V, eps, floats<T>(ln_weight), floats<T>(ln_bias), floats<T>(w),
+                                 floats<T>(bias), product, out);
+    });
 }
 
 // `steps` greedy decode steps, each fed the previous one's tokens: step i unmasks column
@@ -237,67 +280,71 @@ void greedy_decode_steps(py::array& token, py::array& positions, int64_t column,
                          std::vector<py::array>& k_caches, std::vector<py::array>& v_caches,
                          const py::array& ln_weight, const py::array& ln_bias, const py::array& w,
                          const py::array& bias, float eps, int num_threads, uintptr_t blas) {
-    const size_t L = k_caches.size();
-    require(L > 0 && v_caches.size() == L && weights.size() == 8 * L,
-            "greedy_decode_steps takes 8 weights and a key and a value cache per layer, got " +
-                std::to_string(weights.size()) + " weights, " + std::to_string(L) + " key and " +
-                std::to_string(v_caches.size()) + " value caches");
-    const StepSizes n{dim(k_caches[0], -4), dim(k_caches[0], -3), dim(k_caches[0], -2), dim(k_caches[0], -1),
-                      dim(embedding, -1),   dim(weights[3], -1),  dim(sin, -2),         dim(sin, -1)};
-    const int64_t V = dim(embedding, -2), vocab = check_head(n.E, ln_weight, ln_bias, w, bias);
-    require_floats("embedding", embedding, {V, n.E});
-    require(V > 0, "the embedding table has no rows");
-    require(steps >= 0 && n_positions > 0 && n_positions <= n.P,
-            "steps must be >= 0 and n_positions in [1, " + std::to_string(n.P) + "], got " + std::to_string(steps) +
-                " and " + std::to_string(n_positions));
-    require(column >= 0 && column < n.C, "column " + std::to_string(column) + " outside the cache's " +
-                                             std::to_string(n.C) + " columns");
-    std::vector<gptj_decode::LayerWeights> layers;
-    std::vector<float*> keys, values;
-    const int32_t* checked = nullptr;
-    for (size_t l = 0; l < L; ++l) {
-        layers.push_back(layer_weights(&weights[8 * l], n.E, n.H, n.D, n.I));
-        checked = check_step(n, k_caches[l], v_caches[l], positions, sin, cos, column, mask);
-        keys.push_back(floats(k_caches[l]));
-        values.push_back(floats(v_caches[l]));
-    }
-    require(positions.writeable(), "positions must be writeable");
-    int32_t* p = const_cast<int32_t*>(checked);
-    for (int64_t b = 0; b < n.B; ++b)
-        require(p[b] < n_positions, "position " + std::to_string(p[b]) + " of row " + std::to_string(b) +
-                                        " is not below n_positions " + std::to_string(n_positions));
-    int32_t* ids = int32s("token", token, n.B);
-    require(out.dtype().is(py::dtype::of<int32_t>()) && (out.flags() & py::array::c_style) && out.writeable() &&
-                dim(out, -2) == n.B && out.size() == n.B * dim(out, -1),
-            "out must be a writeable C-contiguous int32 (" + std::to_string(n.B) + ", chunk) array, got " +
-                shape_of(out));
-    require(dim(out, -1) > 0, "out must have a column for the tokens, got " + shape_of(out));
-    require(mask.writeable(), "mask must be writeable");
-    const int64_t chunk = dim(out, -1);
-    int32_t* tokens = static_cast<int32_t*>(out.mutable_data());
-    float* unmasked = floats(mask);
-    std::vector<int32_t> next(n.B);
-    py::gil_scoped_release release;
-    for (int64_t i = 0; i < steps; ++i) {
-        const int64_t write = (column + i) % n.C, index = first_step + i;
-        for (int64_t b = 0; b < n.B; ++b)
-            unmasked[b * n.C + write] = 0.0f;
-        gptj_decode::greedy_decode_step(ids, floats(embedding), V, n.B, n.E, n.H, n.D, n.I, eps, layers, p,
-                                        floats(sin), floats(cos), 2 * n.half, keys, values, n.C, write, unmasked,
-                                        floats(ln_weight), floats(ln_bias), floats(w), floats(bias), vocab,
-                                        products(num_threads, blas), next.data());
-        for (int64_t b = 0; b < n.B; ++b) {
-            tokens[b * chunk + (index >= 0 && index < chunk ? index : 0)] = next[b];
-            ids[b] = next[b];
-            p[b] = int32_t((p[b] + 1) % n_positions);
+    for_model_type(embedding, [&](auto element) {
+        using T = decltype(element);
+        const size_t L = k_caches.size();
+        require(L > 0 && v_caches.size() == L && weights.size() == 8 * L,
+                "greedy_decode_steps takes 8 weights and a key and a value cache per layer, got " +
+                    std::to_string(weights.size()) + " weights, " + std::to_string(L) + " key and " +
+                    std::to_string(v_caches.size()) + " value caches");
+        const StepSizes n{dim(k_caches[0], -4), dim(k_caches[0], -3), dim(k_caches[0], -2), dim(k_caches[0], -1),
+                          dim(embedding, -1),   dim(weights[3], -1),  dim(sin, -2),         dim(sin, -1)};
+        const int64_t V = dim(embedding, -2), vocab = check_head<T>(n.E, ln_weight, ln_bias, w, bias);
+        require_floats<T>("embedding", embedding, {V, n.E});
+        require(V > 0, "the embedding table has no rows");
+        require(steps >= 0 && n_positions > 0 && n_positions <= n.P,
+                "steps must be >= 0 and n_positions in [1, " + std::to_string(n.P) + "], got " + std::to_string(steps) +
+                    " and " + std::to_string(n_positions));
+        require(column >= 0 && column < n.C, "column " + std::to_string(column) + " outside the cache's " +
+                                                 std::to_string(n.C) + " columns");
+        std::vector<gptj_decode::LayerWeights<T>> layers;
+        std::vector<T*> keys, values;
+        const int32_t* checked = nullptr;
+        for (size_t l = 0; l < L; ++l) {
+            layers.push_back(layer_weights<T>(&weights[8 * l], n.E, n.H, n.D, n.I));
+            checked = check_step<T>(n, k_caches[l], v_caches[l], positions, sin, cos, column, mask);
+            keys.push_back(floats<T>(k_caches[l]));
+            values.push_back(floats<T>(v_caches[l]));
         }
-    }
+        require(positions.writeable(), "positions must be writeable");
+        int32_t* p = const_cast<int32_t*>(checked);
+        for (int64_t b = 0; b < n.B; ++b)
+            require(p[b] < n_positions, "position " + std::to_string(p[b]) + " of row " + std::to_string(b) +
+                                            " is not below n_positions " + std::to_string(n_positions));
+        int32_t* ids = int32s("token", token, n.B);
+        require(out.dtype().is(py::dtype::of<int32_t>()) && (out.flags() & py::array::c_style) && out.writeable() &&
+                    dim(out, -2) == n.B && out.size() == n.B * dim(out, -1),
+                "out must be a writeable C-contiguous int32 (" + std::to_string(n.B) + ", chunk) array, got " +
+                    shape_of(out));
+        require(dim(out, -1) > 0, "out must have a column for the tokens, got " + shape_of(out));
+        require(mask.writeable(), "mask must be writeable");
+        const int64_t chunk = dim(out, -1);
+        int32_t* tokens = static_cast<int32_t*>(out.mutable_data());
+        float* unmasked = floats(mask);
+        std::vector<int32_t> next(n.B);
+        const auto product = products<T>(num_threads, blas);
+        py::gil_scoped_release release;
+        for (int64_t i = 0; i < steps; ++i) {
+            const int64_t write = (column + i) % n.C, index = first_step + i;
+            for (int64_t b = 0; b < n.B; ++b)
+                unmasked[b * n.C + write] = 0.0f;
+            gptj_decode::greedy_decode_step(ids, floats<T>(embedding), V, n.B, n.E, n.H, n.D, n.I, eps, layers, p,
+                                            floats(sin), floats(cos), 2 * n.half, keys, values, n.C, write, unmasked,
+                                            floats<T>(ln_weight), floats<T>(ln_bias), floats<T>(w), floats<T>(bias), vocab,
+                                            product, next.data());
+            for (int64_t b = 0; b < n.B; ++b) {
+                tokens[b * chunk + (index >= 0 && index < chunk ? index : 0)] = next[b];
+                ids[b] = next[b];
+                p[b] = int32_t((p[b] + 1) % n_positions);
+            }
+        }
+    });
 }
 
 }  // namespace
 
 PYBIND11_MODULE(decode_kernels, m) {
-    m.doc() = "float32 kernels of a decode step: few-row matmuls (streaming the weight, or by BLAS), a decoder "
+    m.doc() = "float32 and float16 kernels of a decode step: few-row matmuls (streaming the weight, or by BLAS), a decoder "
               "layer over a KV cache, a greedy LM head.";
     m.def("matmul", &matmul, py::arg("x"), py::arg("w"), py::arg("out"), py::arg("num_threads") = 1,
           py::arg("blas") = 0,

@@ -8,6 +8,11 @@
 // x, x_next (B, E); ln_weight, ln_bias (E); w_qkv (E, 3 H D), per row [q heads | k heads | v heads];
 // w_in (E, I); w_out (H D, E); w_fc_out (I, E). The products are formed as `products` says (BLAS, or
 // streaming each weight once: streamed_matmul.h); the caches are as decode_attention.h's.
+//
+// The model's tensors (x, the weights, the caches, the outputs, the embedding) are all of one type T:
+// float32, or float16 (gptj_streamed::Half), which is widened as read; the arithmetic is float32
+// throughout and a float16 result is rounded once, as it is stored. The rotary tables and the mask
+// are float32.
 #pragma once
 
 #include <algorithm>
@@ -20,19 +25,23 @@
 
 namespace gptj_decode {
 
+using gptj_streamed::to_float;
+
+template <typename T>
 struct LayerWeights {
-    const float* ln_weight;
-    const float* ln_bias;
-    const float* w_qkv;
-    const float* w_in;
-    const float* b_in;
-    const float* w_out;
-    const float* w_fc_out;
-    const float* b_fc_out;
+    const T* ln_weight;
+    const T* ln_bias;
+    const T* w_qkv;
+    const T* w_in;
+    const T* b_in;
+    const T* w_out;
+    const T* w_fc_out;
+    const T* b_fc_out;
 };
 
 // Row-wise (x - mean) / sqrt(biased variance + eps) * weight + bias.
-inline void layer_norm(const float* x, int64_t rows, int64_t n, const float* weight, const float* bias, float eps,
+template <typename T>
+inline void layer_norm(const float* x, int64_t rows, int64_t n, const T* weight, const T* bias, float eps,
                        float* out) {
     for (int64_t r = 0; r < rows; ++r) {
         const float* xr = x + r * n;
@@ -44,7 +53,7 @@ inline void layer_norm(const float* x, int64_t rows, int64_t n, const float* wei
             var += (xr[i] - mean) * (xr[i] - mean);
         const float inv = 1.0f / std::sqrt(var / float(n) + eps);
         for (int64_t i = 0; i < n; ++i)
-            out[r * n + i] = (xr[i] - mean) * inv * weight[i] + bias[i];
+            out[r * n + i] = (xr[i] - mean) * inv * to_float(weight[i]) + to_float(bias[i]);
     }
 }
 
@@ -57,12 +66,13 @@ inline float gelu_tanh(float v) {
 }
 
 // a[i] = gelu_tanh(a[i] + bias[i]) for i < n, sixteen at a time where AVX-512 is there.
-inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
+template <typename T>
+inline void add_bias_gelu(float* a, const T* bias, int64_t n) {
     int64_t i = 0;
 #ifdef __AVX512F__
     const __m512 sign = _mm512_set1_ps(-0.0f);
     for (; i + 16 <= n; i += 16) {
-        const __m512 v = _mm512_add_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(bias + i));
+        const __m512 v = _mm512_add_ps(_mm512_loadu_ps(a + i), gptj_streamed::load16(bias + i));
         const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
         const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
                                        _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), cube, v));
@@ -74,23 +84,27 @@ inline void add_bias_gelu(float* a, const float* bias, int64_t n) {
     }
 #endif
     for (; i < n; ++i)
-        a[i] = gelu_tanh(a[i] + bias[i]);
+        a[i] = gelu_tanh(a[i] + to_float(bias[i]));
 }
 
 // The layer around its attention for `rows` rows: attention(qkv, z) fills z (rows, H D) from qkv
 // (rows, 3 H D).
-template <typename Attention>
-inline void layer_rows(const float* x, int64_t rows, int64_t E, int64_t HD, int64_t I, float eps, const LayerWeights& w,
-                       const gptj_streamed::Products& products, const Attention& attention, float* x_next) {
+template <typename T, typename Attention>
+inline void layer_rows(const T* x_in, int64_t rows, int64_t E, int64_t HD, int64_t I, float eps,
+                       const LayerWeights<T>& w, const gptj_streamed::Products& products, const Attention& attention,
+                       T* x_next) {
     // Scratch kept by the thread: fresh vectors of a 64-row prefill (1.3 MB) were zero-filled and
     // faulted in page by page at every call.
     thread_local std::vector<float> scratch;
-    scratch.resize(std::max<size_t>(scratch.size(), size_t(rows * (2 * E + 4 * HD + I))));
+    scratch.resize(std::max<size_t>(scratch.size(), size_t(rows * (4 * E + 4 * HD + I))));
     float* h = scratch.data();
     float* qkv = h + rows * E;
     float* a = qkv + rows * 3 * HD;
     float* z = a + rows * I;
     float* attn = z + rows * HD;
+    float* mlp = attn + rows * E;
+    float* x = mlp + rows * E;
+    gptj_streamed::widen(x_in, rows * E, x);
     layer_norm(x, rows, E, w.ln_weight, w.ln_bias, eps, h);
     products(h, rows, E, w.w_qkv, 3 * HD, qkv);
     products(h, rows, E, w.w_in, I, a);
@@ -98,16 +112,18 @@ inline void layer_rows(const float* x, int64_t rows, int64_t E, int64_t HD, int6
         add_bias_gelu(a + r * I, w.b_in, I);
     attention(static_cast<const float*>(qkv), z);
     products(z, rows, HD, w.w_out, E, attn);
-    products(a, rows, I, w.w_fc_out, E, x_next);
+    products(a, rows, I, w.w_fc_out, E, mlp);
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t i = 0; i < E; ++i)
-            x_next[r * E + i] = (attn[r * E + i] + (x_next[r * E + i] + w.b_fc_out[i])) + x[r * E + i];
+            mlp[r * E + i] = (attn[r * E + i] + (mlp[r * E + i] + to_float(w.b_fc_out[i]))) + x[r * E + i];
+    gptj_streamed::narrow(mlp, rows * E, x_next);
 }
 
-inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
-                         const LayerWeights& w, const int32_t* positions, const float* sin, const float* cos,
-                         int64_t rotary_dim, float* k_cache, float* v_cache, int64_t C, int64_t write,
-                         const float* mask, const gptj_streamed::Products& products, float* x_next) {
+template <typename T>
+inline void decode_layer(const T* x, int64_t B, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
+                         const LayerWeights<T>& w, const int32_t* positions, const float* sin, const float* cos,
+                         int64_t rotary_dim, T* k_cache, T* v_cache, int64_t C, int64_t write,
+                         const float* mask, const gptj_streamed::Products& products, T* x_next) {
     layer_rows(x, B, E, H * D, I, eps, w, products, [&](const float* qkv, float* z) {
         decode_attention(qkv, positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z,
                          products.threads);
@@ -116,10 +132,11 @@ inline void decode_layer(const float* x, int64_t B, int64_t E, int64_t H, int64_
 
 // One GPT-J decoder layer over the S tokens of each of B rows (a prefill): x, x_next (B, S, E);
 // positions (B, S); mask (B, S, S) additive; writes the rows' rotated keys and values k, v (B, H, S, D).
-inline void prefill_layer(const float* x, int64_t B, int64_t S, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
-                          const LayerWeights& w, const int32_t* positions, const float* sin, const float* cos,
-                          int64_t rotary_dim, const float* mask, const gptj_streamed::Products& products, float* k,
-                          float* v, float* x_next) {
+template <typename T>
+inline void prefill_layer(const T* x, int64_t B, int64_t S, int64_t E, int64_t H, int64_t D, int64_t I, float eps,
+                          const LayerWeights<T>& w, const int32_t* positions, const float* sin, const float* cos,
+                          int64_t rotary_dim, const float* mask, const gptj_streamed::Products& products, T* k,
+                          T* v, T* x_next) {
     layer_rows(x, B * S, E, H * D, I, eps, w, products, [&](const float* qkv, float* z) {
         prefill_attention(qkv, positions, sin, cos, rotary_dim, mask, B, S, H, D, k, v, z, products, products.threads);
     }, x_next);
@@ -127,17 +144,18 @@ inline void prefill_layer(const float* x, int64_t B, int64_t S, int64_t E, int64
 
 // The greedy next token of each row: the first largest of layer_norm(x) @ w + bias (as torch.argmax,
 // a NaN counts as largest). x (B, E); ln_weight, ln_bias (E); w (E, V); bias (V); tokens (B).
-inline void greedy_head(const float* x, int64_t B, int64_t E, int64_t V, float eps, const float* ln_weight,
-                        const float* ln_bias, const float* w, const float* bias, const gptj_streamed::Products& products,
-                        int32_t* tokens) {
-    std::vector<float> h(B * E), logits(B * V);
-    layer_norm(x, B, E, ln_weight, ln_bias, eps, h.data());
+template <typename T>
+inline void greedy_head(const T* x, int64_t B, int64_t E, int64_t V, float eps, const T* ln_weight, const T* ln_bias,
+                        const T* w, const T* bias, const gptj_streamed::Products& products, int32_t* tokens) {
+    std::vector<float> wide(B * E), h(B * E), logits(B * V);
+    gptj_streamed::widen(x, B * E, wide.data());
+    layer_norm(wide.data(), B, E, ln_weight, ln_bias, eps, h.data());
     products(h.data(), B, E, w, V, logits.data());
     for (int64_t r = 0; r < B; ++r) {
         int64_t best = 0;
-        float top = logits[r * V] + bias[0];
+        float top = logits[r * V] + to_float(bias[0]);
         for (int64_t v = 1; v < V && !std::isnan(top); ++v) {
-            const float value = logits[r * V + v] + bias[v];
+            const float value = logits[r * V + v] + to_float(bias[v]);
             if (value > top || std::isnan(value)) {
                 top = value;
                 best = v;
@@ -150,14 +168,15 @@ inline void greedy_head(const float* x, int64_t B, int64_t E, int64_t V, float e
 // A whole greedy decode step for one new token per row: each row's token (B) looked up in `embedding`
 // (V, E) (clamped into range, as the graph's gather), every layer of `layers` in turn over its caches
 // (decode_layer), then greedy_head, whose tokens go to `next` (B).
-inline void greedy_decode_step(const int32_t* tokens, const float* embedding, int64_t V, int64_t B, int64_t E,
-                               int64_t H, int64_t D, int64_t I, float eps, const std::vector<LayerWeights>& layers,
+template <typename T>
+inline void greedy_decode_step(const int32_t* tokens, const T* embedding, int64_t V, int64_t B, int64_t E, int64_t H,
+                               int64_t D, int64_t I, float eps, const std::vector<LayerWeights<T>>& layers,
                                const int32_t* positions, const float* sin, const float* cos, int64_t rotary_dim,
-                               const std::vector<float*>& k_caches, const std::vector<float*>& v_caches, int64_t C,
-                               int64_t write, const float* mask, const float* ln_f_weight, const float* ln_f_bias,
-                               const float* lm_weight, const float* lm_bias, int64_t vocab,
+                               const std::vector<T*>& k_caches, const std::vector<T*>& v_caches, int64_t C,
+                               int64_t write, const float* mask, const T* ln_f_weight, const T* ln_f_bias,
+                               const T* lm_weight, const T* lm_bias, int64_t vocab,
                                const gptj_streamed::Products& products, int32_t* next) {
-    std::vector<float> x(B * E), x_next(B * E);
+    std::vector<T> x(B * E), x_next(B * E);
     for (int64_t b = 0; b < B; ++b) {
         const int64_t row = std::min<int64_t>(std::max<int64_t>(tokens[b], 0), V - 1);
         std::copy(embedding + row * E, embedding + (row + 1) * E, x.data() + b * E);

@@ -1,7 +1,7 @@
 // y = x @ w for a few rows of x, reading w from memory once: header-only, no Python or torch.
 //
 // x (M, K) and y (M, N) float32, w (K, N) float32 or float16 (its bits as uint16_t, widened to float32
-// as they are read), all row-major. With few rows the product
+// as they are read), all row-major. Also the conversions the kernels use between float16 and float32. With few rows the product
 // is bound by reading w (a decode step reads every weight once per token), and on some machines
 // BLAS kernels tuned for large M stream it at a fraction of the memory bandwidth (on others they
 // are faster: `Products` below lets the caller choose by timing). Here the threads share out blocks of
@@ -54,6 +54,35 @@ inline float to_float(Half h) {
     return v;
 }
 
+// The float16 nearest to v (round to nearest, ties to even; beyond the largest float16, infinity; a
+// NaN stays a NaN), and v itself for float32: how a kernel stores a float32 result in a float16 tensor.
+template <typename T>
+inline T from_float(float v);
+template <>
+inline float from_float<float>(float v) { return v; }
+template <>
+inline Half from_float<Half>(float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    const auto sign = Half((bits >> 16) & 0x8000u);
+    const uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u)
+        return sign | 0x7e00u | Half((magnitude >> 13) & 0x3ffu);  // quiet NaN, the payload's top bits
+    if (magnitude >= 0x477ff000u)  // 65520, halfway from the largest float16 (65504) on: rounds to infinity
+        return sign | 0x7c00u;
+    if (magnitude < 0x38800000u) {  // below 2^-14: a subnormal float16, a multiple of 2^-24
+        float a;
+        std::memcpy(&a, &magnitude, sizeof a);
+        return sign | Half(std::nearbyint(a * 16777216.0f));  // exact scaling, then rounded to even
+    }
+    // A normal float16: rebias the exponent (127 - 15) and drop 13 mantissa bits, rounding to even (a
+    // carry out of the mantissa steps the exponent, as it should).
+    uint32_t h = (magnitude - 0x38000000u) >> 13;
+    const uint32_t dropped = magnitude & 0x1fffu;
+    h += dropped > 0x1000u || (dropped == 0x1000u && (h & 1u));
+    return sign | Half(h);
+}
+
 #ifdef __AVX512F__
 // 16 consecutive weights as float32, all or the first of them (`tail`, the rest 0).
 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
@@ -65,7 +94,49 @@ inline __m512 load16(const Half* w, __mmask16 tail) {
     std::memcpy(part, w, size_t(count) * sizeof(Half));
     return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(part)));
 }
+// Stores 16 float32 values as float16 (round to nearest even) or float32.
+inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+inline void store16(Half* y, __m512 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 #endif
+
+// y[i] = x[i] as float32, for i < n.
+template <typename T>
+inline void widen(const T* x, int64_t n, float* y) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, load16(x + i));
+#endif
+    for (; i < n; ++i)
+        y[i] = to_float(x[i]);
+}
+
+// y[i] = x[i] stored as T (from_float), for i < n.
+template <typename T>
+inline void narrow(const float* x, int64_t n, T* y) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16)
+        store16(y + i, _mm512_loadu_ps(x + i));
+#endif
+    for (; i < n; ++i)
+        y[i] = from_float<T>(x[i]);
+}
+
+// y[i] += a * x[i] for i < n, x float32 or float16 (widened as read).
+template <typename T>
+inline void add_scaled(float a, const T* __restrict x, int64_t n, float* __restrict y) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    const __m512 scale = _mm512_set1_ps(a);
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(scale, load16(x + i), _mm512_loadu_ps(y + i)));
+#endif
+    for (; i < n; ++i)
+        y[i] = std::fma(a, to_float(x[i]), y[i]);
+}
 
 // Rows of w per pass over a column block for a tile of R rows of x, and columns per block (their
 // partial sums for up to MAX_TILE_ROWS rows of x, 4 * 512 * 4 bytes, stay in L1 next to the KSTEP
@@ -177,10 +248,14 @@ using FortranSgemm = void (*)(const char* transa, const char* transb, const int*
 
 // How a kernel forms its products y = x @ w: by `blas` when it is set, otherwise streamed on
 // `threads` threads. Which is faster depends on the machine (its caches and memory bandwidth), so
-// the caller chooses by measurement.
+// the caller chooses by measurement. float16 weights are always streamed (sgemm takes none).
 struct Products {
     FortranSgemm blas = nullptr;
     int threads = 1;
+
+    void operator()(const float* x, int64_t M, int64_t K, const Half* w, int64_t N, float* y) const {
+        streamed_matmul(x, M, K, w, N, y, threads);
+    }
 
     void operator()(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) const {
         if (blas == nullptr || M == 0 || N == 0) {

@@ -1,8 +1,9 @@
 // Unit tests of the decode kernels, run by ctest (`make cpp-test`): streamed_matmul.h against a
 // double-precision triple loop, over row, column and depth tails and one to three threads, with float32
-// and float16 weights (the float16 conversion against every one of the 65536 bit patterns); and the
-// attention of a decode step and of a prefill (decode_attention.h) on OpenMP threads against the
-// same on one thread (each head is one thread's work, so the results must be identical).
+// and float16 weights (the float16 widening against every one of the 65536 bit patterns, the rounding to
+// float16 against a textbook reference); and the attention of a decode step and of a prefill
+// (decode_attention.h), with float32 and float16 caches, on OpenMP threads against the same on one
+// thread (each head is one thread's work, so the results must be identical), float16 against float32.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -48,6 +49,45 @@ void check_half_conversion() {
             std::printf("FAIL float16 0x%04x widened to %g\n", unsigned(bits), v);
             return;
         }
+    }
+}
+
+// Rounding float32 to float16 (from_float, and the vector store the kernels use for 16 at a time)
+// gives the textbook nearest float16: at every float16, at the midpoints between neighbours (ties to
+// even) and one float32 step either side of them, beyond the largest float16, and at random floats.
+void check_half_rounding() {
+    std::vector<float> values;
+    for (uint32_t bits = 0; bits < 0x7c00; ++bits) {  // the finite non-negative float16s
+        const float v = gptj_streamed::to_float(gptj_streamed::Half(bits));
+        const float next = bits + 1 < 0x7c00 ? gptj_streamed::to_float(gptj_streamed::Half(bits + 1)) : 65536.0f;
+        const float middle = float((double(v) + double(next)) / 2);  // exact: 12 significant bits
+        for (float x : {v, middle, std::nextafter(middle, 0.0f), std::nextafter(middle, INFINITY)}) {
+            values.push_back(x);
+            values.push_back(-x);
+        }
+    }
+    for (float x : {65519.99f, 65520.0f, 1e6f, 3.4e38f, INFINITY, 1e-9f, 2.98e-8f, 2.99e-8f})
+        values.push_back(x);
+    std::mt19937 gen(7);
+    std::uniform_real_distribution<float> exponent(-30.0f, 17.0f);
+    for (int i = 0; i < 100000; ++i)
+        values.push_back(std::ldexp(1.0f + float(i % 1000) / 1000.0f, int(exponent(gen))) * (i % 2 ? -1.0f : 1.0f));
+    values.resize(values.size() / 16 * 16);
+    std::vector<gptj_streamed::Half> stored(values.size());
+    gptj_streamed::narrow(values.data(), int64_t(values.size()), stored.data());
+    for (size_t i = 0; i < values.size(); ++i) {
+        const auto expected = to_half(values[i]), scalar = gptj_streamed::from_float<gptj_streamed::Half>(values[i]);
+        if (scalar != expected || stored[i] != expected) {
+            ++failures;
+            std::printf("FAIL float16 of %.9g: 0x%04x by from_float, 0x%04x stored 16 at a time, expected 0x%04x\n",
+                        double(values[i]), unsigned(scalar), unsigned(stored[i]), unsigned(expected));
+            return;
+        }
+    }
+    const auto nan = gptj_streamed::from_float<gptj_streamed::Half>(NAN);
+    if (!std::isnan(gptj_streamed::to_float(nan))) {
+        ++failures;
+        std::printf("FAIL float16 of NaN is 0x%04x, not a NaN\n", unsigned(nan));
     }
 }
 
@@ -99,38 +139,82 @@ void check_same(const char* what, const std::vector<float>& one, const std::vect
         }
 }
 
-void check_attention_threads(int threads) {
+template <typename T>
+std::vector<T> as(const std::vector<float>& v) {
+    std::vector<T> out(v.size());
+    gptj_streamed::narrow(v.data(), int64_t(v.size()), out.data());
+    return out;
+}
+
+template <typename T>
+std::vector<float> widened(const std::vector<T>& v) {
+    std::vector<float> out(v.size());
+    gptj_streamed::widen(v.data(), int64_t(v.size()), out.data());
+    return out;
+}
+
+// The attention of a decode step and of a prefill with caches of T, on one thread and on `threads`
+// (each head is one thread's work, so the results must be identical); returns the one-thread run's
+// caches, outputs, keys and values (widened) for check_half_attention.
+template <typename T>
+std::vector<std::vector<float>> attention_runs(int threads) {
     const int64_t B = 3, H = 5, D = 8, C = 7, S = 4, P = 16, rotary_dim = 4, write = 2;
     const auto sin = normals(P * rotary_dim / 2, 1), cos = normals(P * rotary_dim / 2, 2);
     const std::vector<int32_t> positions = {3, 0, 15}, prefill_positions = {0, 1, 2, 3, 5, 6, 7, 8, 0, 0, 1, 2};
     std::vector<float> mask(B * C, 0.0f), prefill_mask(B * S * S, 0.0f);
     mask[1 * C + 0] = prefill_mask[2 * S * S + 1] = -3.4e38f;
     const auto qkv = normals(B * 3 * H * D, 3), prefill_qkv = normals(B * S * 3 * H * D, 4);
-    std::vector<float> runs[2][5];
+    std::vector<std::vector<float>> runs[2];
     for (int run = 0; run < 2; ++run) {
-        auto& [k_cache, v_cache, z, k, v] = runs[run];
-        k_cache = normals(B * H * D * C, 5);
-        v_cache = normals(B * H * C * D, 6);
-        z.assign(B * H * D + B * S * H * D, NAN);  // the decode step's, then the prefill's
-        k.assign(B * H * S * D, NAN);
-        v.assign(B * H * S * D, NAN);
+        auto k_cache = as<T>(normals(B * H * D * C, 5)), v_cache = as<T>(normals(B * H * C * D, 6));
+        std::vector<float> z(B * H * D + B * S * H * D, NAN);  // the decode step's, then the prefill's
+        std::vector<T> k(B * H * S * D), v(B * H * S * D);
         const int n = run ? threads : 1;
         gptj_decode::decode_attention(qkv.data(), positions.data(), sin.data(), cos.data(), rotary_dim, k_cache.data(),
                                       v_cache.data(), write, mask.data(), B, H, D, C, z.data(), n);
         gptj_decode::prefill_attention(prefill_qkv.data(), prefill_positions.data(), sin.data(), cos.data(),
                                        rotary_dim, prefill_mask.data(), B, S, H, D, k.data(), v.data(), z.data() + B * H * D,
                                        gptj_streamed::Products{}, n);
+        runs[run] = {widened(k_cache), widened(v_cache), z, widened(k), widened(v)};
     }
     const char* what[] = {"decode key cache", "decode value cache", "attention outputs", "prefill keys",
                           "prefill values"};
     for (int i = 0; i < 5; ++i)
         check_same(what[i], runs[0][i], runs[1][i], threads);
+    return runs[0];
+}
+
+// With float16 caches the attention stores what the float32 one stores, rounded once to float16,
+// and its outputs stay within float16's rounding of the float32 ones.
+void check_half_attention() {
+    const auto wide = attention_runs<float>(1), half = attention_runs<gptj_streamed::Half>(1);
+    const char* what[] = {"decode key cache", "decode value cache", "attention outputs", "prefill keys",
+                          "prefill values"};
+    for (int i = 0; i < 5; ++i)
+        for (size_t j = 0; j < wide[i].size(); ++j) {
+            const float rounded = gptj_streamed::to_float(gptj_streamed::from_float<gptj_streamed::Half>(wide[i][j]));
+            const bool ok = i == 2 ? std::fabs(half[i][j] - wide[i][j]) <= 4e-3f * (1.0f + std::fabs(wide[i][j]))
+                                   : half[i][j] == rounded;
+            if (!ok) {
+                ++failures;
+                std::printf("FAIL %s with float16 caches: [%zu] = %g, float32 caches give %g\n", what[i], j,
+                            half[i][j], wide[i][j]);
+                return;
+            }
+        }
+}
+
+void check_attention_threads(int threads) {
+    attention_runs<float>(threads);
+    attention_runs<gptj_streamed::Half>(threads);
 }
 
 }  // namespace
 
 int main() {
     check_half_conversion();
+    check_half_rounding();
+    check_half_attention();
     for (int threads : {2, 3})
         check_attention_threads(threads);
     for (int threads : {1, 2, 3})

@@ -134,9 +134,15 @@ def test_streamed_matmul_kernel_rejects_mismatched_shapes():
         extension().matmul(x, w, out, 1)
 
 
-def torch_layer(x, weights, positions, k_cache, v_cache, write, mask, rotary_dim, eps):
+def stored_as(dtype):
+    """What storing a float64 tensor in a tensor of the model's ``dtype`` keeps of it."""
+    return (lambda a: a.to(torch.float16).double()) if dtype == np.float16 else (lambda a: a)
+
+
+def torch_layer(x, weights, positions, k_cache, v_cache, write, mask, rotary_dim, eps, store=lambda a: a):
     """GPT-J's decoder layer for one token per row in torch, rotary by HF's helpers; returns the
-    output and the caches with the new key and value at column ``write``."""
+    output and the caches with the new key and value at column ``write``, as ``store`` keeps them
+    (the query attends to them as stored)."""
     ln_w, ln_b, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out = weights
     batch, heads, head_dim, _ = k_cache.shape
     h = torch.nn.functional.layer_norm(x, x.shape[-1:], ln_w, ln_b, eps)
@@ -146,20 +152,33 @@ def torch_layer(x, weights, positions, k_cache, v_cache, write, mask, rotary_dim
     q, k = (torch.cat([apply_rotary_pos_emb(t[..., :rotary_dim], sin, cos), t[..., rotary_dim:]], dim=-1)[:, 0]
             for t in (q, k))
     k_cache, v_cache = k_cache.clone(), v_cache.clone()
-    k_cache[..., write] = k
-    v_cache[:, :, write] = v[:, 0]
+    k_cache[..., write] = store(k)
+    v_cache[:, :, write] = store(v[:, 0])
     scores = torch.einsum("bhd,bhdc->bhc", q, k_cache) / head_dim ** 0.5 + mask
     z = torch.einsum("bhc,bhcd->bhd", scores.softmax(-1), v_cache).reshape(batch, -1)
     mlp = torch.nn.functional.gelu(h @ w_in + b_in, approximate="tanh") @ w_fc_out + b_fc_out
     return z @ w_out + mlp + x, k_cache, v_cache
 
 
-def test_decode_layer_matches_torch(products):
+# The model's type for the layer kernels, and how close their results must come to the float64
+# reference: float32 to its rounding errors; float16 (the arithmetic in float32, each stored result
+# rounded once) to half a float16 ulp beyond those.
+MODEL_DTYPES = [np.float32, np.float16]
+HALF_ULP = 2.0 ** -11
+
+
+def close(dtype, rtol):
+    """``rtol`` for a float32 result, plus half a float16 ulp for a float16 one."""
+    return rtol + (HALF_ULP if dtype == np.float16 else 0.0)
+
+
+@pytest.mark.parametrize("dtype", MODEL_DTYPES)
+def test_decode_layer_matches_torch(products, dtype):
     rng = np.random.default_rng(1)
     batch, heads, head_dim, cache_len, n_embd, inner, rotary_dim, write = 3, 2, 16, 6, 32, 80, 8, 4
 
     def f32(*shape, scale=1.0, shift=0.0):
-        return (shift + scale * rng.standard_normal(shape)).astype(np.float32)
+        return (shift + scale * rng.standard_normal(shape)).astype(dtype)
     x = f32(batch, 1, n_embd)
     weights = [f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, 3 * heads * head_dim, scale=0.2),
                f32(n_embd, inner, scale=0.2), f32(inner), f32(heads * head_dim, n_embd, scale=0.2),
@@ -177,26 +196,28 @@ def test_decode_layer_matches_torch(products):
         *ws, positions, sin, cos, k_cache, v_cache, write, mask = rest
         out = decode_layer(x, *ws, positions, sin, cos, k_cache, v_cache, write, mask, eps=1e-5)
         return out, k_cache, v_cache  # the caches as the op left them
-    (out, k_after, v_after), _ = run_graph(fn, x, *weights, positions, sin, cos, k_cache, v_cache, np.int32([write]),
-                                           mask)
+    (out, k_after, v_after), _ = run_graph(fn, x, *weights, positions, sin, cos, k_cache, v_cache,
+                                           np.int32([write]), mask)
+    assert out.dtype == k_after.dtype == v_after.dtype == dtype
 
     def t(a):
         return torch.from_numpy(a).double()
     ref_out, ref_k, ref_v = torch_layer(t(x[:, 0]), [t(w) for w in weights], positions, t(k_cache), t(v_cache), write,
-                                        t(mask[:, 0]), rotary_dim, 1e-5)
-    np.testing.assert_allclose(out[:, 0], ref_out.numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(k_after, ref_k.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(v_after, ref_v.numpy(), rtol=1e-5, atol=1e-5)
+                                        t(mask[:, 0]), rotary_dim, 1e-5, stored_as(dtype))
+    np.testing.assert_allclose(out[:, 0], ref_out.numpy(), rtol=close(dtype, 1e-4), atol=1e-4)
+    np.testing.assert_allclose(k_after, ref_k.numpy(), rtol=close(dtype, 1e-5), atol=1e-5)
+    np.testing.assert_allclose(v_after, ref_v.numpy(), rtol=close(dtype, 1e-5), atol=1e-5)
 
 
-def test_prefill_layer_matches_torch(products):
+@pytest.mark.parametrize("dtype", MODEL_DTYPES)
+def test_prefill_layer_matches_torch(products, dtype):
     """A prefill's layer over left-padded rows (row 1's first two tokens are padding, masked as keys)
     against GPT-J's layer in torch: the output and the rotated keys and values."""
     rng = np.random.default_rng(2)
     batch, seq, heads, head_dim, n_embd, inner, rotary_dim = 2, 5, 2, 16, 32, 80, 8
 
     def f32(*shape, scale=1.0, shift=0.0):
-        return (shift + scale * rng.standard_normal(shape)).astype(np.float32)
+        return (shift + scale * rng.standard_normal(shape)).astype(dtype)
     x = f32(batch, seq, n_embd)
     weights = [f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, 3 * heads * head_dim, scale=0.2),
                f32(n_embd, inner, scale=0.2), f32(inner), f32(heads * head_dim, n_embd, scale=0.2),
@@ -211,6 +232,7 @@ def test_prefill_layer_matches_torch(products):
         *ws, positions, sin, cos, mask = rest
         return prefill_layer(x, *ws, positions, sin, cos, mask, eps=1e-5, heads=heads)
     (out, k, v), _ = run_graph(fn, x, *weights, positions, sin, cos, mask)
+    assert out.dtype == k.dtype == v.dtype == dtype
 
     def t(a):
         return torch.from_numpy(a).double()
@@ -225,22 +247,25 @@ def test_prefill_layer_matches_torch(products):
     scores = q @ k_ref.transpose(-1, -2) / head_dim ** 0.5 + t(mask)
     z = (scores.softmax(-1) @ v_ref).transpose(1, 2).reshape(batch, seq, heads * head_dim)
     mlp = torch.nn.functional.gelu(h @ w_in + b_in, approximate="tanh") @ w_fc_out + b_fc_out
-    np.testing.assert_allclose(out, (z @ w_out + mlp + t(x)).numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(k, k_ref.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(v, v_ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, (z @ w_out + mlp + t(x)).numpy(), rtol=close(dtype, 1e-4), atol=1e-4)
+    np.testing.assert_allclose(k, k_ref.numpy(), rtol=close(dtype, 1e-5), atol=1e-5)
+    np.testing.assert_allclose(v, v_ref.numpy(), rtol=close(dtype, 1e-5), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", MODEL_DTYPES)
 @pytest.mark.parametrize("steps,first_step", [(3, 1), (0, 0), (2, 7)])
-def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step):
+def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step, dtype):
     """``steps`` greedy steps fed back into each other against the same loop in torch: the tokens
     written into ``tokens`` (at column 0 once ``step`` runs past it, as dynamic_update), the caches
-    and mask as left in place, and the counters (positions and columns wrapping)."""
+    and mask as left in place, and the counters (positions and columns wrapping). For a float16
+    model the torch loop stores what the model stores in float16 tensors (each layer's output and
+    the caches) rounded to float16, and computes in float64 between."""
     rng = np.random.default_rng(3)
     batch, heads, head_dim, cache_len, n_embd, inner, rotary_dim, vocab, n_layer = 2, 2, 8, 5, 16, 24, 4, 40, 3
     column, chunk, n_positions = 3, 4, 11
 
     def f32(*shape, scale=1.0, shift=0.0):
-        return (shift + scale * rng.standard_normal(shape)).astype(np.float32)
+        return (shift + scale * rng.standard_normal(shape)).astype(dtype)
     token = np.array([[7], [vocab - 1]], np.int32)
     embedding = f32(vocab, n_embd)
     layers = [[f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, 3 * heads * head_dim, scale=0.3),
@@ -264,6 +289,7 @@ def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step):
         return (*carried, *keys, *values)
     def t(a):
         return torch.from_numpy(np.array(a)).double()
+    stored = stored_as(dtype)
     # The reference starts from copies made before the op runs.
     ids, pos, col, ref_mask, ref_tokens = token[:, 0].copy(), position[:, 0].copy(), column, t(mask[:, 0, 0]), \
         tokens.copy()
@@ -275,7 +301,8 @@ def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step):
         x = t(embedding)[torch.from_numpy(ids).long()]
         for layer in range(n_layer):
             x, keys[layer], values[layer] = torch_layer(x, [t(w) for w in layers[layer]], pos[:, None], keys[layer],
-                                                        values[layer], col, ref_mask[:, None], rotary_dim, 1e-5)
+                                                        values[layer], col, ref_mask[:, None], rotary_dim, 1e-5, stored)
+            x = stored(x)
         h = torch.nn.functional.layer_norm(x, (n_embd,), t(head[0]), t(head[1]), 1e-5)
         ids = torch.argmax(h @ t(head[2]) + t(head[3]), dim=-1).numpy().astype(np.int32)
         index = first_step + i
@@ -289,7 +316,8 @@ def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step):
     np.testing.assert_array_equal(tokens_after, ref_tokens)
     np.testing.assert_array_equal(mask_after[:, 0, 0], ref_mask.numpy())
     for got, want in zip(caches, keys + values):
-        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want.numpy(), rtol=close(dtype, 1e-4), atol=1e-4)
 
 
 def test_greedy_decode_steps_refuse_tokens_without_a_column():
@@ -354,17 +382,19 @@ def test_prefill_layer_names_a_mismatched_mask():
         Ir().create_graph(build, *specs)
 
 
-def test_greedy_head_matches_torch_argmax(products):
+@pytest.mark.parametrize("dtype", MODEL_DTYPES)
+def test_greedy_head_matches_torch_argmax(products, dtype):
     rng = np.random.default_rng(2)
     batch, n_embd, vocab = 3, 24, 50
-    x = rng.standard_normal((batch, n_embd)).astype(np.float32)
-    ln_w = (1 + 0.1 * rng.standard_normal(n_embd)).astype(np.float32)
-    ln_b = rng.standard_normal(n_embd).astype(np.float32)
-    w, bias = rng.standard_normal((n_embd, vocab)).astype(np.float32), rng.standard_normal(vocab).astype(np.float32)
+    x = rng.standard_normal((batch, n_embd)).astype(dtype)
+    ln_w = (1 + 0.1 * rng.standard_normal(n_embd)).astype(dtype)
+    ln_b = rng.standard_normal(n_embd).astype(dtype)
+    w, bias = rng.standard_normal((n_embd, vocab)).astype(dtype), rng.standard_normal(vocab).astype(dtype)
     # Columns 7 and 30 are the same logit, the largest: the first one wins, as torch.argmax.
     w[:, 30], bias[30] = w[:, 7], bias[7] = 0.0, 100.0
     (tokens,), _ = run_graph(lambda *a: greedy_head(*a, eps=1e-5), x, ln_w, ln_b, w, bias)
-    h = torch.nn.functional.layer_norm(torch.from_numpy(x), (n_embd,), torch.from_numpy(ln_w), torch.from_numpy(ln_b))
+    h = torch.nn.functional.layer_norm(torch.from_numpy(x).double(), (n_embd,), torch.from_numpy(ln_w).double(),
+                                       torch.from_numpy(ln_b).double())
     expected = torch.argmax(h.double() @ torch.from_numpy(w).double() + torch.from_numpy(bias).double(), dim=-1)
     np.testing.assert_array_equal(tokens, expected.numpy())
     assert (tokens == 7).all()

@@ -7,6 +7,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
                                                     TopPLogitsWarper)
 
 from gptj_popxl import generation
+from gptj_popxl.model.decode_kernels import product_choices
 from gptj_popxl.model.gptj import from_pretrained
 from helpers_gptj import tiny_checkpoint
 
@@ -59,6 +60,18 @@ def test_greedy_in_one_run_equals_transformers(checkpoint, hf, monkeypatch):
     model = from_pretrained(checkpoint)
     np.testing.assert_array_equal(model.generate(IDS, attention_mask=MASK, max_new_tokens=8),
                                   hf_generate(hf, IDS, MASK, max_new_tokens=8))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_float16_greedy_equals_transformers_float16(checkpoint, tp):
+    """float16 generation (tp 1: the C++ layer kernels, which compute in float32 between float16
+    tensors; tp 2: the graph's float16 ops) gives transformers' float16 greedy tokens."""
+    hf16 = transformers.GPTJForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float16).eval()
+    model = from_pretrained(checkpoint, tensor_parallel=tp, dtype="float16")
+    np.testing.assert_array_equal(model.generate(IDS, attention_mask=MASK, max_new_tokens=8),
+                                  hf_generate(hf16, IDS, MASK, max_new_tokens=8))
+    kernels = product_choices(program.ir for program in model.generator.programs)
+    assert ({"prefill_layer", "greedy_decode_steps"} <= kernels.keys()) == (tp == 1), kernels
 
 
 def test_early_stop_shape(checkpoint, hf):

@@ -25,7 +25,8 @@ by cppimport on first use (into this folder, git-ignored). They are inference on
 rule); :func:`streamed_matmul` takes float32 or float16 and falls back to ``ops.matmul`` for more
 than ``MAX_ROWS`` rows, other dtypes or the Poplar SDK. The layer kernels take a float32 or a
 float16 model (the model's tensors all of one type: float16 ones widened as read, the arithmetic in
-float32, a float16 result rounded once as it is stored, and the products streamed), and
+float32, a float16 result rounded once as it is stored; BLAS gets float16 weights widened a block at
+a time), and
 :func:`can_decode_layer` says when they apply.
 """
 import contextlib
@@ -139,15 +140,14 @@ def product_ways(op, runtime, kernel, library=None) -> "Fastest":
     products: ``kernel(threads, blas)`` gives the op's callable for ``threads`` streaming threads, or
     for the sgemm at address ``blas`` when nonzero. The ways are BLAS (where ``blas_sgemm`` finds it)
     and streaming on one thread and on torch's count; ``library``, the op's callable by a library's
-    product, takes BLAS's place where given (float16 weights, which sgemm does not take); an op on
-    float16 tensors without one only streams. Ops with the same name, input shapes and dtypes,
-    replicas and thread count share one decision per process."""
+    product, takes BLAS's place where given (for ``streamed_matmul``'s float16 weights; the layer
+    kernels widen theirs for sgemm instead). Ops with the same name, input shapes and dtypes, replicas
+    and thread count share one decision per process."""
     op_name = op.prim.name
     threads = torch.get_num_threads()
     streamed = {f"streamed on {n} thread{'s' * (n > 1)}": kernel(n, 0) for n in sorted({1, threads})}
     wanted = os.environ.get(PRODUCTS_VARIABLE)
-    only_streamed = library is None and any(t.dtype == popxl.float16 for t in op.inputs)
-    if wanted == "streamed" or only_streamed:
+    if wanted == "streamed":
         ways = streamed
     elif library is not None:
         ways = dict(streamed, blas=library)
@@ -157,7 +157,7 @@ def product_ways(op, runtime, kernel, library=None) -> "Fastest":
     if wanted is None:
         key = (op_name, tuple((tuple(t.shape), t.dtype.name) for t in op.inputs), runtime.replicas, threads)
         chooser = Fastest(ways, decisions=_DECISIONS, key=key)
-    elif wanted == "streamed" or (wanted == "blas" and only_streamed):
+    elif wanted == "streamed":
         chooser = Fastest(ways, list(streamed)[-1])
     elif wanted == "blas" and "blas" in ways:
         chooser = Fastest(ways, "blas")

@@ -70,11 +70,9 @@ void require_floats(const char* name, const py::array& a, std::initializer_list<
                           std::string(py::str(a.dtype())));
 }
 
-// The products of a kernel on T: by the sgemm at address `blas` (its Fortran interface), or streamed on
-// num_threads threads when that is 0 (always for float16, which sgemm does not take).
-template <typename T = float>
+// The products of a kernel: by the sgemm at address `blas` (its Fortran interface; float16 weights
+// widened for it), or streamed on num_threads threads when that is 0.
 gptj_streamed::Products products(int num_threads, uintptr_t blas) {
-    require(std::is_same_v<T, float> || !blas, "float16 kernels stream their products: blas must be 0");
     return {reinterpret_cast<gptj_streamed::FortranSgemm>(blas), num_threads};
 }
 
@@ -215,7 +213,7 @@ void decode_layer(const py::array& x, const py::array& ln_weight, const py::arra
         require_floats<T>("x", x, {n.B, n.E});
         require_floats<T>("x_next", x_next, {n.B, n.E});
         require(x_next.writeable(), "x_next must be writeable");
-        const auto product = products<T>(num_threads, blas);
+        const auto product = products(num_threads, blas);
         py::gil_scoped_release release;
         gptj_decode::decode_layer(floats<T>(x), n.B, n.E, n.H, n.D, n.I, eps, layer, p, floats(sin), floats(cos),
                                   2 * n.half, floats<T>(k_cache), floats<T>(v_cache), n.C, write, floats(mask),
@@ -245,7 +243,7 @@ void prefill_layer(const py::array& x, const py::array& ln_weight, const py::arr
             require(a->writeable(), std::string(name) + " must be writeable");
         require(2 * half <= D, "rotary_dim " + std::to_string(2 * half) + " exceeds head_dim " + std::to_string(D));
         const int32_t* p = table_rows(positions, B, S, P);
-        const auto product = products<T>(num_threads, blas);
+        const auto product = products(num_threads, blas);
         py::gil_scoped_release release;
         gptj_decode::prefill_layer(floats<T>(x), B, S, E, H, D, I, eps, layer, p, floats(sin), floats(cos), 2 * half,
                                    floats(mask), product, floats<T>(k), floats<T>(v),
@@ -261,7 +259,7 @@ void greedy_head(const py::array& x, const py::array& ln_weight, const py::array
         const int64_t V = check_head<T>(E, ln_weight, ln_bias, w, bias);
         require_floats<T>("x", x, {B, E});
         int32_t* out = int32s("tokens", tokens, B);
-        const auto product = products<T>(num_threads, blas);
+        const auto product = products(num_threads, blas);
         py::gil_scoped_release release;
         gptj_decode::greedy_head(floats<T>(x), B, E, V, eps, floats<T>(ln_weight), floats<T>(ln_bias), floats<T>(w),
                                  floats<T>(bias), product, out);
@@ -322,7 +320,7 @@ void greedy_decode_steps(py::array& token, py::array& positions, int64_t column,
         int32_t* tokens = static_cast<int32_t*>(out.mutable_data());
         float* unmasked = floats(mask);
         std::vector<int32_t> next(n.B);
-        const auto product = products<T>(num_threads, blas);
+        const auto product = products(num_threads, blas);
         py::gil_scoped_release release;
         for (int64_t i = 0; i < steps; ++i) {
             const int64_t write = (column + i) % n.C, index = first_step + i;

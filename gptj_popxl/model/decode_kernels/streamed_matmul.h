@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <vector>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -248,27 +249,50 @@ using FortranSgemm = void (*)(const char* transa, const char* transb, const int*
 
 // How a kernel forms its products y = x @ w: by `blas` when it is set, otherwise streamed on
 // `threads` threads. Which is faster depends on the machine (its caches and memory bandwidth), so
-// the caller chooses by measurement. float16 weights are always streamed (sgemm takes none).
+// the caller chooses by measurement. sgemm takes no float16, so float16 weights go to it widened,
+// a block of rows at a time (a prefill's many rows are compute-bound, where sgemm beats streaming).
 struct Products {
     FortranSgemm blas = nullptr;
     int threads = 1;
 
-    void operator()(const float* x, int64_t M, int64_t K, const Half* w, int64_t N, float* y) const {
-        streamed_matmul(x, M, K, w, N, y, threads);
-    }
+    // float32 values a widened block of float16 weights may hold (16 MB): GPT-J 6B's widest weight,
+    // (16384, 4096), goes in blocks of 1024 rows.
+    static constexpr int64_t WIDENED = int64_t(1) << 22;
 
     void operator()(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) const {
         if (blas == nullptr || M == 0 || N == 0) {
             streamed_matmul(x, M, K, w, N, y, threads);
             return;
         }
+        sgemm(x, M, K, K, w, N, y, false);
+    }
+
+    void operator()(const float* x, int64_t M, int64_t K, const Half* w, int64_t N, float* y) const {
+        if (blas == nullptr || M == 0 || N == 0 || K == 0) {
+            streamed_matmul(x, M, K, w, N, y, threads);
+            return;
+        }
+        thread_local std::vector<float> wide;
+        const int64_t rows = std::max<int64_t>(1, std::min(K, WIDENED / N));
+        wide.resize(size_t(rows * N));
+        for (int64_t k = 0; k < K; k += rows) {
+            const int64_t block = std::min(rows, K - k);
+            widen(w + k * N, block * N, wide.data());
+            sgemm(x + k, M, block, K, wide.data(), N, y, k > 0);
+        }
+    }
+
+  private:
+    // y (M, N) = x (M, K, rows ldx apart) @ w (K, N), plus y's own values when `accumulate`, by blas.
+    void sgemm(const float* x, int64_t M, int64_t K, int64_t ldx, const float* w, int64_t N, float* y,
+               bool accumulate) const {
         constexpr int64_t largest = std::numeric_limits<int>::max();
-        if (M > largest || K > largest || N > largest)
+        if (M > largest || ldx > largest || N > largest)
             throw std::length_error("a product's sides exceed the BLAS interface's 32-bit sizes");
         // Row-major y = x @ w is, read column-major, y^T = w^T x^T: no transposes, no copies.
-        const int m = int(N), n = int(M), k = int(K), ldx = int(std::max<int64_t>(K, 1));
-        const float one = 1.0f, zero = 0.0f;
-        blas("N", "N", &m, &n, &k, &one, w, &m, x, &ldx, &zero, y, &m);
+        const int m = int(N), n = int(M), k = int(K), lda = int(std::max<int64_t>(ldx, 1));
+        const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+        blas("N", "N", &m, &n, &k, &one, w, &m, x, &lda, &beta, y, &m);
     }
 };
 

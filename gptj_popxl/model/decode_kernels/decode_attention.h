@@ -132,7 +132,8 @@ inline void prefill_attention(const float* qkv, const int32_t* positions, const 
                               T* k, T* v, float* z, const gptj_streamed::Products& products, int num_threads = 1) {
     const int64_t half = rotary_dim / 2;
     const float scale = std::sqrt(float(D));
-    const gptj_streamed::Products one_thread{products.blas, 1};  // the heads are the threads' work
+    gptj_streamed::Products one_thread = products;  // the heads are the threads' work
+    one_thread.threads = 1;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && B * H > 1)
     {
         // Kept by the thread: a 256-token head needs 1.8 MB, which fresh memory would fault in.

@@ -73,7 +73,10 @@ void require_floats(const char* name, const py::array& a, std::initializer_list<
 // The products of a kernel: by the sgemm at address `blas` (its Fortran interface; float16 weights
 // widened for it), or streamed on num_threads threads when that is 0.
 gptj_streamed::Products products(int num_threads, uintptr_t blas) {
-    return {reinterpret_cast<gptj_streamed::FortranSgemm>(blas), num_threads};
+    gptj_streamed::Products made;
+    made.blas = reinterpret_cast<gptj_streamed::FortranSgemm>(blas);
+    made.threads = num_threads;
+    return made;
 }
 
 // x (..., K) and out C-contiguous float32, w (..., K, N) C-contiguous float32 or float16 with any leading

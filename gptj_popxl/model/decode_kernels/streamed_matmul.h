@@ -254,10 +254,9 @@ using FortranSgemm = void (*)(const char* transa, const char* transb, const int*
 struct Products {
     FortranSgemm blas = nullptr;
     int threads = 1;
-
     // float32 values a widened block of float16 weights may hold (16 MB): GPT-J 6B's widest weight,
     // (16384, 4096), goes in blocks of 1024 rows.
-    static constexpr int64_t WIDENED = int64_t(1) << 22;
+    int64_t widened = int64_t(1) << 22;
 
     void operator()(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) const {
         if (blas == nullptr || M == 0 || N == 0) {
@@ -273,7 +272,7 @@ struct Products {
             return;
         }
         thread_local std::vector<float> wide;
-        const int64_t rows = std::max<int64_t>(1, std::min(K, WIDENED / N));
+        const int64_t rows = std::max<int64_t>(1, std::min(K, widened / N));
         wide.resize(size_t(rows * N));
         for (int64_t k = 0; k < K; k += rows) {
             const int64_t block = std::min(rows, K - k);

@@ -121,6 +121,54 @@ void check_product(int64_t M, int64_t K, int64_t N, int threads) {
         }
 }
 
+// The Fortran sgemm's contract for the products' calls (no transposes): column-major C (m, n) =
+// alpha A (m, k) B (k, n) + beta C, leading dimensions lda, ldb, ldc; summed in double.
+void reference_sgemm(const char*, const char*, const int* m, const int* n, const int* k, const float* alpha,
+                     const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                     const int* ldc) {
+    for (int j = 0; j < *n; ++j)
+        for (int i = 0; i < *m; ++i) {
+            double sum = 0;
+            for (int l = 0; l < *k; ++l)
+                sum += double(a[i + l * *lda]) * double(b[l + j * *ldb]);
+            float& out = c[i + j * *ldc];
+            out = float(*alpha * sum + (*beta == 0.0f ? 0.0 : double(*beta) * out));
+        }
+}
+
+// Products by "BLAS" with float16 weights, widened a block of rows at a time (blocks of 1, 3 and
+// all rows of w), against the double-precision product of the widened weights.
+void check_widened_blas_products() {
+    const int64_t M = 3, K = 10, N = 7;
+    std::mt19937 gen(11);
+    std::normal_distribution<float> normal;
+    std::vector<float> x(M * K);
+    std::vector<gptj_streamed::Half> w(K * N);
+    for (auto& v : x)
+        v = normal(gen);
+    for (auto& v : w)
+        v = to_half(normal(gen));
+    for (int64_t widened : {int64_t(1), 3 * N, K * N}) {
+        gptj_streamed::Products products;
+        products.blas = reference_sgemm;
+        products.widened = widened;
+        std::vector<float> y(M * N, NAN);
+        products(x.data(), M, K, w.data(), N, y.data());
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) {
+                double expected = 0;
+                for (int64_t k = 0; k < K; ++k)
+                    expected += double(x[m * K + k]) * double(gptj_streamed::to_float(w[k * N + n]));
+                if (!(std::fabs(y[m * N + n] - expected) <= 1e-5 * (1 + std::fabs(expected)))) {
+                    ++failures;
+                    std::printf("FAIL widened blocks of %lld values: y[%lld, %lld] = %g, expected %g\n",
+                                (long long)widened, (long long)m, (long long)n, y[m * N + n], expected);
+                    return;
+                }
+            }
+    }
+}
+
 std::vector<float> normals(int64_t n, unsigned seed) {
     std::mt19937 gen(seed);
     std::normal_distribution<float> normal;
@@ -215,6 +263,7 @@ int main() {
     check_half_conversion();
     check_half_rounding();
     check_half_attention();
+    check_widened_blas_products();
     for (int threads : {2, 3})
         check_attention_threads(threads);
     for (int threads : {1, 2, 3})

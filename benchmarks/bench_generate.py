@@ -2,10 +2,11 @@
 
 A 4-layer GPT-J with hidden size 512, 8 heads, a 4096-token vocabulary and random float32
 weights; a 16-token prompt, greedy, 32 new tokens (``min_new_tokens`` makes transformers
-generate all of them too), at batch 1 and 4 (goal: ours >= 3x transformers' tokens/s). The
-prefill alone (one new token) is compared as well, and the summary compares each generate less its
-prefill: the greedy decode of the 31 tokens after the first, as ``gptj-popxl bench`` reports it. Both sides run with the same torch thread
-count, ``GPTJ_BENCH_THREADS`` (default: torch's), which the comparison names.
+generate all of them too), at batch 1 and 4 (goal: ours >= 3x transformers' tokens/s), and at
+batch 1 with both sides in float16. The prefill alone (one new token) is compared as well, and the
+summary compares each generate less its prefill: the greedy decode of the 31 tokens after the
+first, as ``gptj-popxl bench`` reports it. Both sides run with the same torch thread count,
+``GPTJ_BENCH_THREADS`` (default: torch's), which the comparison names.
 """
 import os
 
@@ -25,13 +26,27 @@ PROMPT, NEW = 16, 32
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Our model and transformers' on the same random checkpoint."""
+def checkpoint(tmp_path_factory):
+    return random_hf_checkpoint(str(tmp_path_factory.mktemp("bench") / "bench-gptj-gen"), CONFIG, seed=0)
+
+
+def _models(path: str, dtype: str):
+    """Our model and transformers' on the checkpoint at ``path``, both in ``dtype``."""
     import transformers
-    path = random_hf_checkpoint(str(tmp_path_factory.mktemp("bench") / "bench-gptj-gen"), CONFIG, seed=0)
-    ours = gptj_popxl.from_pretrained(path)
-    hf = transformers.GPTJForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    ours = gptj_popxl.from_pretrained(path, dtype=dtype)
+    hf = transformers.GPTJForCausalLM.from_pretrained(path, attn_implementation="eager",
+                                                      dtype=getattr(torch, dtype)).eval()
     return ours, hf
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    return _models(checkpoint, "float32")
+
+
+@pytest.fixture(scope="module")
+def float16_models(checkpoint):
+    return _models(checkpoint, "float16")
 
 
 def prompts(batch: int) -> np.ndarray:
@@ -81,3 +96,19 @@ def test_ours(benchmark, models, kind, batch):
 def test_transformers(benchmark, models, kind, batch):
     _, hf = models
     _compare(benchmark, kind, batch, "peer", hf_generate, hf, prompts(batch), NEW if kind == "generate" else 1)
+
+
+FLOAT16 = (f"GPT-J generate float16 (both sides) {CONFIG.n_layer} layers, hidden {CONFIG.n_embd}, vocab "
+           f"{CONFIG.vocab_size}, batch 1, {NEW} new tokens, {torch.get_num_threads()} threads")
+
+
+def test_ours_float16(benchmark, float16_models):
+    ours, hf = float16_models
+    ids = prompts(1)
+    np.testing.assert_array_equal(ours_generate(ours, ids, NEW), hf_generate(hf, ids, NEW))
+    compare(benchmark, FLOAT16, "ours", ours_generate, ours, ids, NEW, items=NEW)
+
+
+def test_transformers_float16(benchmark, float16_models):
+    _, hf = float16_models
+    compare(benchmark, FLOAT16, "peer", hf_generate, hf, prompts(1), NEW, items=NEW)

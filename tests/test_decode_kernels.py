@@ -3,7 +3,8 @@
 step, its cache written in place) against the layer written in torch, ``greedy_head`` against
 ``torch.argmax`` of the head's logits, and ``greedy_decode_steps`` (steps of embedding, layers and head,
 fed back into each other, with the decode loop's bookkeeping) against a torch loop; each with its
-products streamed and by BLAS. ``Fastest``, which picks between those by timing, against ways of
+products streamed and by BLAS, the layer kernels for float32 and float16 models (against float64
+torch that stores what the model stores in float16 rounded). ``Fastest``, which picks between those by timing, against ways of
 known cost."""
 import time
 
@@ -16,7 +17,7 @@ from gptj_popxl.model.decode_kernels import (MAX_ROWS, PRODUCTS_VARIABLE, Fastes
                                              decode_layer, extension, greedy_decode_steps, greedy_head, prefill_layer,
                                              streamed_matmul)
 from gptj_popxl.model.rotary import trig_tables
-from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float16, float32, int32
+from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float16, float32, float64, int32
 from ops_check import run_graph
 
 POSITIONS = 64
@@ -177,14 +178,14 @@ def test_decode_layer_matches_torch(products, dtype):
     rng = np.random.default_rng(1)
     batch, heads, head_dim, cache_len, n_embd, inner, rotary_dim, write = 3, 2, 16, 6, 32, 80, 8, 4
 
-    def f32(*shape, scale=1.0, shift=0.0):
+    def normal(*shape, scale=1.0, shift=0.0):
         return (shift + scale * rng.standard_normal(shape)).astype(dtype)
-    x = f32(batch, 1, n_embd)
-    weights = [f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, 3 * heads * head_dim, scale=0.2),
-               f32(n_embd, inner, scale=0.2), f32(inner), f32(heads * head_dim, n_embd, scale=0.2),
-               f32(inner, n_embd, scale=0.1), f32(n_embd)]
+    x = normal(batch, 1, n_embd)
+    weights = [normal(n_embd, scale=0.1, shift=1), normal(n_embd, scale=0.1), normal(n_embd, 3 * heads * head_dim, scale=0.2),
+               normal(n_embd, inner, scale=0.2), normal(inner), normal(heads * head_dim, n_embd, scale=0.2),
+               normal(inner, n_embd, scale=0.1), normal(n_embd)]
     positions = np.array([[5], [0], [POSITIONS - 1]], np.int32)
-    k_cache, v_cache = f32(batch, heads, head_dim, cache_len), f32(batch, heads, cache_len, head_dim)
+    k_cache, v_cache = normal(batch, heads, head_dim, cache_len), normal(batch, heads, cache_len, head_dim)
     # Rows 0 and 2 skip column 0; row 1 sees only the column it writes.
     mask = np.zeros((batch, 1, 1, cache_len), np.float32)
     mask[..., 0] = np.finfo(np.float32).min
@@ -216,12 +217,12 @@ def test_prefill_layer_matches_torch(products, dtype):
     rng = np.random.default_rng(2)
     batch, seq, heads, head_dim, n_embd, inner, rotary_dim = 2, 5, 2, 16, 32, 80, 8
 
-    def f32(*shape, scale=1.0, shift=0.0):
+    def normal(*shape, scale=1.0, shift=0.0):
         return (shift + scale * rng.standard_normal(shape)).astype(dtype)
-    x = f32(batch, seq, n_embd)
-    weights = [f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, 3 * heads * head_dim, scale=0.2),
-               f32(n_embd, inner, scale=0.2), f32(inner), f32(heads * head_dim, n_embd, scale=0.2),
-               f32(inner, n_embd, scale=0.1), f32(n_embd)]
+    x = normal(batch, seq, n_embd)
+    weights = [normal(n_embd, scale=0.1, shift=1), normal(n_embd, scale=0.1), normal(n_embd, 3 * heads * head_dim, scale=0.2),
+               normal(n_embd, inner, scale=0.2), normal(inner), normal(heads * head_dim, n_embd, scale=0.2),
+               normal(inner, n_embd, scale=0.1), normal(n_embd)]
     positions = np.array([[3, 4, 5, 6, 7], [0, 0, 0, 1, 2]], np.int32)
     allowed = np.tril(np.ones((seq, seq), bool))[None].repeat(batch, 0)
     allowed[1, :, :2] = False
@@ -264,16 +265,16 @@ def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step, dty
     batch, heads, head_dim, cache_len, n_embd, inner, rotary_dim, vocab, n_layer = 2, 2, 8, 5, 16, 24, 4, 40, 3
     column, chunk, n_positions = 3, 4, 11
 
-    def f32(*shape, scale=1.0, shift=0.0):
+    def normal(*shape, scale=1.0, shift=0.0):
         return (shift + scale * rng.standard_normal(shape)).astype(dtype)
     token = np.array([[7], [vocab - 1]], np.int32)
-    embedding = f32(vocab, n_embd)
-    layers = [[f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, 3 * heads * head_dim, scale=0.3),
-               f32(n_embd, inner, scale=0.3), f32(inner), f32(heads * head_dim, n_embd, scale=0.3),
-               f32(inner, n_embd, scale=0.2), f32(n_embd)] for _ in range(n_layer)]
-    k_caches = [f32(batch, heads, head_dim, cache_len) for _ in range(n_layer)]
-    v_caches = [f32(batch, heads, cache_len, head_dim) for _ in range(n_layer)]
-    head = [f32(n_embd, scale=0.1, shift=1), f32(n_embd, scale=0.1), f32(n_embd, vocab), f32(vocab)]
+    embedding = normal(vocab, n_embd)
+    layers = [[normal(n_embd, scale=0.1, shift=1), normal(n_embd, scale=0.1), normal(n_embd, 3 * heads * head_dim, scale=0.3),
+               normal(n_embd, inner, scale=0.3), normal(inner), normal(heads * head_dim, n_embd, scale=0.3),
+               normal(inner, n_embd, scale=0.2), normal(n_embd)] for _ in range(n_layer)]
+    k_caches = [normal(batch, heads, head_dim, cache_len) for _ in range(n_layer)]
+    v_caches = [normal(batch, heads, cache_len, head_dim) for _ in range(n_layer)]
+    head = [normal(n_embd, scale=0.1, shift=1), normal(n_embd, scale=0.1), normal(n_embd, vocab), normal(vocab)]
     position = np.array([[9], [2]], np.int32)  # row 0 wraps from n_positions - 1 to 0
     mask = np.full((batch, 1, 1, cache_len), np.finfo(np.float32).min, np.float32)
     mask[0, ..., :column] = 0  # row 0 sees the columns before the first it writes, row 1 none of them
@@ -366,6 +367,25 @@ def test_decode_layer_names_a_mismatched_weight():
         decode_layer(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, eps=1e-5)
     specs = [TensorSpec(s, float32) for s in shapes] + [TensorSpec((2, 1), int32), TensorSpec((1,), int32)]
     with pytest.raises(ValueError, match=r"decode_layer: w_qkv must be \(8, 6\) float32"):
+        Ir().create_graph(build, *specs)
+
+
+@pytest.mark.parametrize("x_dtype,weights_dtype,error,message", [
+    (float32, float16, ValueError, r"decode_layer: x must be \(2, 1, 8\) float16 .*got 'x' \(2, 1, 8\) float32"),
+    (float16, float32, ValueError, r"decode_layer: x must be \(2, 1, 8\) float32 .*got 'x' \(2, 1, 8\) float16"),
+    (float64, float64, TypeError, r"decode_layer: the model's tensors must be float32 or float16, got 'w_qkv' float64"),
+])
+def test_decode_layer_names_the_tensor_off_the_models_dtype(x_dtype, weights_dtype, error, message):
+    """The model's type is its weights': an activation of another type is the tensor named."""
+    def build(x, ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, k_cache, v_cache, mask, positions,
+              write):
+        sin, cos = (constant(np.zeros((8, 1), np.float32)) for _ in range(2))
+        decode_layer(x, ln_weight, ln_bias, w_qkv, w_in, b_in, w_out, w_fc_out, b_fc_out, positions, sin, cos,
+                     k_cache, v_cache, write, mask, eps=1e-5)
+    weights = [(8,), (8,), (8, 6), (8, 16), (16,), (2, 8), (16, 8), (8,), (2, 1, 2, 3), (2, 1, 3, 2)]  # and caches
+    specs = ([TensorSpec((2, 1, 8), x_dtype)] + [TensorSpec(s, weights_dtype) for s in weights] +
+             [TensorSpec((2, 1, 1, 3), float32), TensorSpec((2, 1), int32), TensorSpec((1,), int32)])
+    with pytest.raises(error, match=message):
         Ir().create_graph(build, *specs)
 
 

@@ -6,7 +6,7 @@ import transformers
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from gptj_popxl import generation
+from gptj_popxl import generation, popxl_cpu
 from gptj_popxl.model.decode_kernels import product_choices
 from gptj_popxl.model.gptj import from_pretrained
 from helpers_gptj import tiny_checkpoint
@@ -72,6 +72,10 @@ def test_float16_greedy_equals_transformers_float16(checkpoint, tp):
                                   hf_generate(hf16, IDS, MASK, max_new_tokens=8))
     kernels = product_choices(program.ir for program in model.generator.programs)
     assert ({"prefill_layer", "greedy_decode_steps"} <= kernels.keys()) == (tp == 1), kernels
+    # The programs hold float16 weights and caches (this prompt's tokens are the same in float32).
+    held = {v.name: v.dtype for program in model.generator.programs for v in program.ir._variables
+            if v.dtype.is_floating_point}
+    assert any("cache" in name for name in held) and set(held.values()) == {popxl_cpu.float16}, held
 
 
 def test_early_stop_shape(checkpoint, hf):

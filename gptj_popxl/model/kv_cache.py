@@ -11,8 +11,8 @@ which columns each row attends to.
 
 Every linear layer here multiplies with ``streamed_matmul``: a decode step has one row per
 sequence, and that op forms few-row products by BLAS or by reading each weight once for all rows,
-whichever it timed faster (larger products stay ``ops.matmul``). On the CPU runtime a float32
-decode step on one shard runs each layer as one ``decode_layer`` op (``decode_kernels``), which also
+whichever it timed faster (larger products stay ``ops.matmul``). On the CPU runtime a float32 or
+float16 decode step on one shard runs each layer as one ``decode_layer`` op (``decode_kernels``), which also
 writes the new key and value into the caches, and a prefill of up to ``MAX_ROWS`` tokens as one
 ``prefill_layer`` op; with every layer resident a greedy run of the decode loop (its steps and their
 bookkeeping) is one ``greedy_decode_steps`` op.

@@ -26,8 +26,7 @@ rule); :func:`streamed_matmul` takes float32 or float16 and falls back to ``ops.
 than ``MAX_ROWS`` rows, other dtypes or the Poplar SDK. The layer kernels take a float32 or a
 float16 model (the model's tensors all of one type: float16 ones widened as read, the arithmetic in
 float32, a float16 result rounded once as it is stored; BLAS gets float16 weights widened a block at
-a time), and
-:func:`can_decode_layer` says when they apply.
+a time, in a prefill), and :func:`can_decode_layer` says when they apply.
 """
 import contextlib
 import ctypes
@@ -54,9 +53,10 @@ MAX_ROWS = 64
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_kernels.cpp")
 
 
-# The environment variable that fixes how the kernels form their products: "blas" (for float16 weights,
-# torch's own float16 product in its place), "streamed" (on torch's thread count) or, when unset, the
-# faster on this machine (see ``Fastest``).
+# The environment variable that fixes how the kernels form their products: "blas" (for
+# ``streamed_matmul``'s float16 weights torch's own float16 product in its place; the layer kernels
+# widen theirs for sgemm, a prefill's, or stream), "streamed" (on torch's thread count) or, when unset,
+# the faster on this machine (see ``Fastest``).
 PRODUCTS_VARIABLE = "GPTJ_POPXL_PRODUCTS"
 
 
@@ -135,19 +135,22 @@ _CHOOSERS: "weakref.WeakKeyDictionary[Fastest, tuple]" = weakref.WeakKeyDictiona
 _DECISIONS: dict = {}
 
 
-def product_ways(op, runtime, kernel, library=None) -> "Fastest":
+def product_ways(op, runtime, kernel, library=None, widened_blas=False) -> "Fastest":
     """A ``Fastest`` over the ways ``op`` (a decode custom op lowered for ``runtime``) can form its
     products: ``kernel(threads, blas)`` gives the op's callable for ``threads`` streaming threads, or
     for the sgemm at address ``blas`` when nonzero. The ways are BLAS (where ``blas_sgemm`` finds it)
     and streaming on one thread and on torch's count; ``library``, the op's callable by a library's
-    product, takes BLAS's place where given (for ``streamed_matmul``'s float16 weights; the layer
-    kernels widen theirs for sgemm instead). Ops with the same name, input shapes and dtypes, replicas
-    and thread count share one decision per process."""
+    product, takes BLAS's place where given (``streamed_matmul``'s float16 weights). For float16
+    tensors BLAS is a way only with ``widened_blas``, an op whose kernel widens its weights for sgemm
+    and whose rows are many (a prefill): at a decode step's few rows widening moves more bytes than
+    streaming, so it could never win (``PRODUCTS_VARIABLE`` "blas" then streams). Ops with the same
+    name, input shapes and dtypes, replicas and thread count share one decision per process."""
     op_name = op.prim.name
     threads = torch.get_num_threads()
     streamed = {f"streamed on {n} thread{'s' * (n > 1)}": kernel(n, 0) for n in sorted({1, threads})}
     wanted = os.environ.get(PRODUCTS_VARIABLE)
-    if wanted == "streamed":
+    streamed_only = library is None and not widened_blas and any(t.dtype == popxl.float16 for t in op.inputs)
+    if wanted == "streamed" or streamed_only:
         ways = streamed
     elif library is not None:
         ways = dict(streamed, blas=library)
@@ -157,7 +160,7 @@ def product_ways(op, runtime, kernel, library=None) -> "Fastest":
     if wanted is None:
         key = (op_name, tuple((tuple(t.shape), t.dtype.name) for t in op.inputs), runtime.replicas, threads)
         chooser = Fastest(ways, decisions=_DECISIONS, key=key)
-    elif wanted == "streamed":
+    elif wanted == "streamed" or (wanted == "blas" and streamed_only):
         chooser = Fastest(ways, list(streamed)[-1])
     elif wanted == "blas" and "blas" in ways:
         chooser = Fastest(ways, "blas")
@@ -217,11 +220,6 @@ class _ArrayViews:
                 del self._views[key]
         self._views[key] = (weakref.ref(t, forget), unowned)
         return unowned
-
-
-def _numpy_dtype(t) -> type:
-    """numpy's dtype for a float32 or float16 IR tensor ``t``: a layer kernel's model tensors."""
-    return np.float16 if t.dtype == popxl.float16 else np.float32
 
 
 def _wrap_int32(value: int) -> int:
@@ -315,19 +313,19 @@ if IS_CPU:
             ext, eps = extension(), op.attrs["eps"]
             _one_replica(cls.name, runtime)
             batch, _, _, cache_len = op.inputs[12].shape
-            n_embd, dtype = op.inputs[0].shape[-1], _numpy_dtype(op.inputs[0])
+            n_embd = op.inputs[0].shape[-1]
             arrays = _ArrayViews()
 
             def kernel(threads, blas):
                 def layer(x, *rest):
                     weights, (positions, sin, cos, k_cache, v_cache, write, mask) = rest[:8], rest[8:]
-                    x_next = np.empty((1, batch, 1, n_embd), dtype)
+                    x_next = torch.empty((1, batch, 1, n_embd), dtype=x.dtype)
                     # Arrays keep the replica axis (of size 1); the C++ side skips leading axes of size 1.
                     ext.decode_layer(x.reshape(batch, n_embd).contiguous().numpy(), *map(arrays, weights),
                                      positions.contiguous().numpy(), arrays(sin), arrays(cos), arrays(k_cache),
                                      arrays(v_cache), write.item(), mask.reshape(batch, cache_len).contiguous().numpy(),
-                                     eps, x_next.reshape(batch, n_embd), threads, blas)
-                    return k_cache, torch.from_numpy(x_next)
+                                     eps, x_next.numpy().reshape(batch, n_embd), threads, blas)
+                    return k_cache, x_next
                 return layer
             return product_ways(op, runtime, kernel)
 
@@ -360,7 +358,7 @@ if IS_CPU:
                                       eps, k.numpy(), v.numpy(), x_next.numpy(), threads, blas)
                     return x_next, k, v
                 return layer
-            return product_ways(op, runtime, kernel)
+            return product_ways(op, runtime, kernel, widened_blas=True)
 
     class GreedyHead(custom_op.CustomOp):
         """Each row's greedy next token from the final hidden states by the C++ kernel."""
@@ -492,7 +490,7 @@ def can_decode_layer(dtype, tp: int) -> bool:
 def _require(op: str, context: str, expected: dict, model: popxl.Tensor) -> None:
     """Raises naming the first tensor of ``expected`` (``{what: (tensor, shape[, dtype])}``) whose shape
     or dtype is not as given; ``context`` says what the shapes follow from. A tensor without a dtype
-    there is one of the model's, all of one type: ``model``'s, float32 or float16."""
+    there is one of the model's, all of one type: that of the weight ``model``, float32 or float16."""
     if model.dtype not in (popxl.float32, popxl.float16):
         raise TypeError(f"{op}: the model's tensors must be float32 or float16, got {model.name!r} "
                         f"{model.dtype.name}")
@@ -549,7 +547,7 @@ def decode_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor
     n_embd = x.shape[-1]
     expected = {"x": (x, (k_cache.shape[0], 1, n_embd)),
                 **_layer_expected(n_embd, w_in.shape[-1], weights, positions, sin, cos, k_cache, v_cache, write, mask)}
-    _require("decode_layer", f"x {tuple(x.shape)} and k_cache {tuple(k_cache.shape)}", expected, x)
+    _require("decode_layer", f"x {tuple(x.shape)} and k_cache {tuple(k_cache.shape)}", expected, w_qkv)
     _check_rotary("decode_layer", sin, k_cache.shape[2])
     return DecodeLayer.create(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, eps=float(eps),
                               name="decode_layer")[1]
@@ -569,8 +567,9 @@ def prefill_layer(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tenso
         raise ValueError(f"prefill_layer: w_qkv {tuple(w_qkv.shape)} must hold 3 x {heads!r} heads")
     head_dim = w_qkv.shape[-1] // (3 * heads)
     expected = {**_weights_expected(n_embd, w_in.shape[-1], heads * head_dim, weights, sin, cos),
-                "positions": (positions, (batch, seq), popxl.int32), "mask": (mask, (batch, 1, seq, seq), popxl.float32)}
-    _require("prefill_layer", f"x {tuple(x.shape)} and {heads} heads", expected, x)
+                "positions": (positions, (batch, seq), popxl.int32),
+                "mask": (mask, (batch, 1, seq, seq), popxl.float32)}
+    _require("prefill_layer", f"x {tuple(x.shape)} and {heads} heads", expected, w_qkv)
     _check_rotary("prefill_layer", sin, head_dim)
     return PrefillLayer.create(x, *weights, positions, sin, cos, mask, eps=float(eps), heads=heads,
                                name="prefill_layer")
@@ -585,10 +584,10 @@ def _head_expected(n_embd: int, ln_weight, ln_bias, w, bias) -> dict:
 def greedy_head(x: popxl.Tensor, ln_weight: popxl.Tensor, ln_bias: popxl.Tensor, w: popxl.Tensor, bias: popxl.Tensor,
                 eps: float) -> popxl.Tensor:
     """The greedy next token (batch,) int32 of each row of the final hidden states ``x`` (batch, ...,
-    n_embd), float32 or float16 as the weights: the first largest logit of ``layer_norm(x) @ w + bias`` (``ln_f`` and the LM head,
-    ``w`` (n_embd, vocab)), as ``torch.argmax``; the logits are never stored."""
+    n_embd), float32 or float16 as the weights: the first largest logit of ``layer_norm(x) @ w + bias``
+    (``ln_f`` and the LM head, ``w`` (n_embd, vocab)), as ``torch.argmax``; the logits are never stored."""
     expected = {**_head_expected(x.shape[-1], ln_weight, ln_bias, w, bias), "x": (x, tuple(x.shape))}
-    _require("greedy_head", f"x {tuple(x.shape)} and w {tuple(w.shape)}", expected, x)
+    _require("greedy_head", f"x {tuple(x.shape)} and w {tuple(w.shape)}", expected, w)
     return GreedyHead.create(x, ln_weight, ln_bias, w, bias, eps=float(eps), name="greedy_token")
 
 

@@ -22,6 +22,7 @@
 #endif
 
 #include "streamed_matmul.h"
+#include "work_team.h"
 
 namespace gptj_decode {
 
@@ -91,51 +92,71 @@ inline void attend(const float* q, const T* keys, const T* values, const float* 
         gptj_streamed::add_scaled(score[col], values + col * D, D, out);
 }
 
-// Heads run on OpenMP threads (torch's pool, shared with MKL): a head reads its caches, which the
-// weights streamed before it have pushed out of the core's own caches, at one core's bandwidth.
+// Runs head(i) for every i < n on `products`' threads, in the pool its products use: OpenMP's (torch's,
+// shared with MKL) for BLAS, the streaming team otherwise. A pool's threads spin for a while after a
+// job; had the heads used the other pool, its spinning threads would hold the cores the next
+// product's threads want (a GPT-J 6B float16 decode layer streamed on two threads took 78 ms
+// against 30 ms with the heads on the team). A head reads its caches, which the weights streamed
+// before it have pushed out of the core's own caches, at one core's bandwidth: hence threads.
+template <typename Head>
+inline void for_each_head(int64_t n, const gptj_streamed::Products& products, const Head& head) {
+    const int threads = products.threads;
+    if (threads <= 1 || n <= 1) {
+        for (int64_t i = 0; i < n; ++i)
+            head(i);
+    } else if (products.blas != nullptr) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < n; ++i)
+            head(i);
+    } else {
+        gptj_streamed::WorkTeam::instance(threads - 1).run(n, threads - 1, head);
+    }
+}
+
 template <typename T>
 inline void decode_attention(const float* qkv, const int32_t* positions, const float* sin, const float* cos,
                              int64_t rotary_dim, T* k_cache, T* v_cache, int64_t write, const float* mask,
-                             int64_t B, int64_t H, int64_t D, int64_t C, float* z, int num_threads = 1) {
+                             int64_t B, int64_t H, int64_t D, int64_t C, float* z,
+                             const gptj_streamed::Products& products) {
     const int64_t half = rotary_dim / 2;
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && B * H > 1)
-    {
-        std::vector<float> q(D), k(D), score(C);
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; ++bh) {
-            const int64_t b = bh / H, h = bh % H;
-            const float* row = qkv + b * 3 * H * D;
-            const float* s = sin + int64_t(positions[b]) * half;
-            const float* c = cos + int64_t(positions[b]) * half;
-            std::copy(row + h * D, row + (h + 1) * D, q.begin());
-            std::copy(row + (H + h) * D, row + (H + h + 1) * D, k.begin());
-            rotate(q.data(), s, c, rotary_dim);
-            rotate(k.data(), s, c, rotary_dim);
-            T* keys = k_cache + bh * D * C;
-            T* values = v_cache + bh * C * D;
-            for (int64_t d = 0; d < D; ++d)
-                keys[d * C + write] = gptj_streamed::from_float<T>(k[d]);
-            gptj_streamed::narrow(row + (2 * H + h) * D, D, values + write * D);
-            attend(q.data(), keys, values, mask + b * C, D, C, score.data(), z + bh * D);
-        }
-    }
+    for_each_head(B * H, products, [&](int64_t bh) {
+        thread_local std::vector<float> scratch;
+        scratch.resize(std::max<size_t>(scratch.size(), size_t(2 * D + C)));
+        float* q = scratch.data();
+        float* k = q + D;
+        float* score = k + D;
+        const int64_t b = bh / H, h = bh % H;
+        const float* row = qkv + b * 3 * H * D;
+        const float* s = sin + int64_t(positions[b]) * half;
+        const float* c = cos + int64_t(positions[b]) * half;
+        std::copy(row + h * D, row + (h + 1) * D, q);
+        std::copy(row + (H + h) * D, row + (H + h + 1) * D, k);
+        rotate(q, s, c, rotary_dim);
+        rotate(k, s, c, rotary_dim);
+        T* keys = k_cache + bh * D * C;
+        T* values = v_cache + bh * C * D;
+        for (int64_t d = 0; d < D; ++d)
+            keys[d * C + write] = gptj_streamed::from_float<T>(k[d]);
+        gptj_streamed::narrow(row + (2 * H + h) * D, D, values + write * D);
+        attend(q, keys, values, mask + b * C, D, C, score, z + bh * D);
+    });
 }
 
 // The attention of a prefill: S tokens per row b, each at its position (positions (B, S)), attending
 // to the row's own S tokens under mask (B, S, S) additive. qkv (B, S, 3 H D); writes the rotated keys
-// and the values, k and v (B, H, S, D), and z (B, S, H D). A head's scores and its output are two
-// products (`products`' BLAS on this thread, or streamed): at 4 x 16 tokens half the time of
-// attending query by query.
+// and the values, k and v (B, H, S, D), and z (B, S, H D). The tokens attend to their keys and values
+// before these are stored (rounded, for float16). A head's scores and its output are two products
+// (`products`' BLAS on the head's thread, or streamed): at 4 x 16 tokens half the time of attending
+// query by query.
 template <typename T>
 inline void prefill_attention(const float* qkv, const int32_t* positions, const float* sin, const float* cos,
                               int64_t rotary_dim, const float* mask, int64_t B, int64_t S, int64_t H, int64_t D,
-                              T* k, T* v, float* z, const gptj_streamed::Products& products, int num_threads = 1) {
+                              T* k, T* v, float* z, const gptj_streamed::Products& products) {
     const int64_t half = rotary_dim / 2;
     const float scale = std::sqrt(float(D));
     gptj_streamed::Products one_thread = products;  // the heads are the threads' work
     one_thread.threads = 1;
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && B * H > 1)
-    {
+    for_each_head(B * H, products, [&](int64_t bh) {
         // Kept by the thread: a 256-token head needs 1.8 MB, which fresh memory would fault in.
         thread_local std::vector<float> scratch;
         scratch.resize(std::max<size_t>(scratch.size(), size_t(S * (5 * D + S))));
@@ -145,31 +166,28 @@ inline void prefill_attention(const float* qkv, const int32_t* positions, const 
         float* k_rows = zt + S * D;  // the head's rotated keys and its values, (S, D) each
         float* v_rows = k_rows + S * D;
         float* scores = v_rows + S * D;
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; ++bh) {
-            const int64_t b = bh / H, h = bh % H;
-            for (int64_t t = 0; t < S; ++t) {
-                const float* row = qkv + (b * S + t) * 3 * H * D;
-                const float* s = sin + int64_t(positions[b * S + t]) * half;
-                const float* c = cos + int64_t(positions[b * S + t]) * half;
-                std::copy(row + h * D, row + (h + 1) * D, q + t * D);
-                std::copy(row + (H + h) * D, row + (H + h + 1) * D, k_rows + t * D);
-                std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, v_rows + t * D);
-                rotate(q + t * D, s, c, rotary_dim);
-                rotate(k_rows + t * D, s, c, rotary_dim);
-                for (int64_t d = 0; d < D; ++d)
-                    keys[d * S + t] = k_rows[t * D + d];
-            }
-            gptj_streamed::narrow(k_rows, S * D, k + bh * S * D);
-            gptj_streamed::narrow(v_rows, S * D, v + bh * S * D);
-            one_thread(q, S, D, keys, S, scores);
-            for (int64_t t = 0; t < S; ++t)
-                softmax(scores + t * S, mask + (b * S + t) * S, S, scale);
-            one_thread(scores, S, S, v_rows, D, zt);
-            for (int64_t t = 0; t < S; ++t)
-                std::copy(zt + t * D, zt + (t + 1) * D, z + ((b * S + t) * H + h) * D);
+        const int64_t b = bh / H, h = bh % H;
+        for (int64_t t = 0; t < S; ++t) {
+            const float* row = qkv + (b * S + t) * 3 * H * D;
+            const float* s = sin + int64_t(positions[b * S + t]) * half;
+            const float* c = cos + int64_t(positions[b * S + t]) * half;
+            std::copy(row + h * D, row + (h + 1) * D, q + t * D);
+            std::copy(row + (H + h) * D, row + (H + h + 1) * D, k_rows + t * D);
+            std::copy(row + (2 * H + h) * D, row + (2 * H + h + 1) * D, v_rows + t * D);
+            rotate(q + t * D, s, c, rotary_dim);
+            rotate(k_rows + t * D, s, c, rotary_dim);
+            for (int64_t d = 0; d < D; ++d)
+                keys[d * S + t] = k_rows[t * D + d];
         }
-    }
+        gptj_streamed::narrow(k_rows, S * D, k + bh * S * D);
+        gptj_streamed::narrow(v_rows, S * D, v + bh * S * D);
+        one_thread(q, S, D, keys, S, scores);
+        for (int64_t t = 0; t < S; ++t)
+            softmax(scores + t * S, mask + (b * S + t) * S, S, scale);
+        one_thread(scores, S, S, v_rows, D, zt);
+        for (int64_t t = 0; t < S; ++t)
+            std::copy(zt + t * D, zt + (t + 1) * D, z + ((b * S + t) * H + h) * D);
+    });
 }
 
 }  // namespace gptj_decode

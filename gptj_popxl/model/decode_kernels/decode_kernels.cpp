@@ -44,7 +44,8 @@ py::ssize_t dim(const py::array& a, int i) { return a.ndim() + i >= 0 ? a.shape(
 // numpy's dtype for the kernels' element type T: float32, or float16 for gptj_streamed::Half.
 template <typename T>
 py::dtype dtype_of() {
-    return std::is_same_v<T, float> ? py::dtype::of<float>() : py::dtype("float16");
+    constexpr int NPY_HALF = 23;  // numpy's type number for float16 (pybind11 has no float16 type)
+    return std::is_same_v<T, float> ? py::dtype::of<float>() : py::dtype(NPY_HALF);
 }
 
 // A C-contiguous array of T (float32 unless given) of `shape`, after any leading axes of size 1 (the
@@ -70,6 +71,11 @@ void require_floats(const char* name, const py::array& a, std::initializer_list<
                           std::string(py::str(a.dtype())));
 }
 
+// Whether the model's tensors, of which the weight `a` is one, are float16 (else float32): the layer
+// kernels run on one element type, which the checks then require of every model tensor (a weight
+// decides: an activation of the wrong type is then the one named).
+bool is_half(const py::array& a) { return a.dtype().is(dtype_of<gptj_streamed::Half>()); }
+
 // The products of a kernel: by the sgemm at address `blas` (its Fortran interface; float16 weights
 // widened for it), or streamed on num_threads threads when that is 0.
 gptj_streamed::Products products(int num_threads, uintptr_t blas) {
@@ -84,7 +90,7 @@ gptj_streamed::Products products(int num_threads, uintptr_t blas) {
 void matmul(const py::array& x, const py::array& w, py::array& out, int num_threads, uintptr_t blas) {
     const auto contiguous = [](const py::array& a) { return (a.flags() & py::array::c_style) && a.ndim() >= 1; };
     const auto is_floats = [&](const py::array& a) { return a.dtype().is(py::dtype::of<float>()) && contiguous(a); };
-    const bool half = w.dtype().kind() == 'f' && w.dtype().itemsize() == 2;
+    const bool half = is_half(w);
     const bool shapes = is_floats(x) && (is_floats(w) || (half && contiguous(w))) && is_floats(out) && w.ndim() >= 2 &&
                         w.shape(w.ndim() - 2) == x.shape(x.ndim() - 1) &&
                         w.size() == w.shape(w.ndim() - 2) * w.shape(w.ndim() - 1) && out.writeable();
@@ -112,12 +118,9 @@ const T* floats(const py::array& a) { return static_cast<const T*>(a.data()); }
 template <typename T = float>
 T* floats(py::array& a) { return static_cast<T*>(a.mutable_data()); }
 
-// Whether the model's tensors, of which `a` is one, are float16 (else float32): the layer kernels run
-// on one element type, which the checks then require of every model tensor.
-bool is_half(const py::array& a) { return a.dtype().is(py::dtype("float16")); }
 
 // Runs run(element) with an element of the model's type, float16 (gptj_streamed::Half) when `a`, a model
-// tensor, is float16 and float32 otherwise: the kernel's body, generic in that type.
+// weight, is float16 and float32 otherwise: the kernel's body, generic in that type.
 template <typename Run>
 void for_model_type(const py::array& a, Run&& run) {
     if (is_half(a))
@@ -206,7 +209,7 @@ void decode_layer(const py::array& x, const py::array& ln_weight, const py::arra
                   const py::array& b_fc_out, const py::array& positions, const py::array& sin, const py::array& cos,
                   py::array& k_cache, py::array& v_cache, int64_t write, const py::array& mask, float eps,
                   py::array& x_next, int num_threads, uintptr_t blas) {
-    for_model_type(x, [&](auto element) {
+    for_model_type(w_qkv, [&](auto element) {
         using T = decltype(element);
         const StepSizes n{dim(k_cache, -4), dim(k_cache, -3), dim(k_cache, -2), dim(k_cache, -1),
                           dim(x, -1),       dim(w_in, -1),    dim(sin, -2),     dim(sin, -1)};
@@ -229,7 +232,7 @@ void prefill_layer(const py::array& x, const py::array& ln_weight, const py::arr
                    const py::array& b_fc_out, const py::array& positions, const py::array& sin, const py::array& cos,
                    const py::array& mask, float eps, py::array& k, py::array& v, py::array& x_next, int num_threads,
                    uintptr_t blas) {
-    for_model_type(x, [&](auto element) {
+    for_model_type(w_qkv, [&](auto element) {
         using T = decltype(element);
         const int64_t B = dim(k, -4), H = dim(k, -3), S = dim(k, -2), D = dim(k, -1), E = dim(x, -1), I = dim(w_in, -1);
         const int64_t P = dim(sin, -2), half = dim(sin, -1);
@@ -242,7 +245,8 @@ void prefill_layer(const py::array& x, const py::array& ln_weight, const py::arr
         require_floats("mask", mask, {B, S, S});
         require_floats("sin", sin, {P, half});
         require_floats("cos", cos, {P, half});
-        for (const auto& [name, a] : {std::pair<const char*, const py::array*>{"k", &k}, {"v", &v}, {"x_next", &x_next}})
+        using Named = std::pair<const char*, const py::array*>;
+        for (const auto& [name, a] : {Named{"k", &k}, Named{"v", &v}, Named{"x_next", &x_next}})
             require(a->writeable(), std::string(name) + " must be writeable");
         require(2 * half <= D, "rotary_dim " + std::to_string(2 * half) + " exceeds head_dim " + std::to_string(D));
         const int32_t* p = table_rows(positions, B, S, P);
@@ -256,7 +260,7 @@ void prefill_layer(const py::array& x, const py::array& ln_weight, const py::arr
 
 void greedy_head(const py::array& x, const py::array& ln_weight, const py::array& ln_bias, const py::array& w,
                  const py::array& bias, float eps, py::array& tokens, int num_threads, uintptr_t blas) {
-    for_model_type(x, [&](auto element) {
+    for_model_type(w, [&](auto element) {
         using T = decltype(element);
         const int64_t E = dim(w, -2), B = E ? x.size() / E : 0;
         const int64_t V = check_head<T>(E, ln_weight, ln_bias, w, bias);
@@ -331,8 +335,8 @@ void greedy_decode_steps(py::array& token, py::array& positions, int64_t column,
                 unmasked[b * n.C + write] = 0.0f;
             gptj_decode::greedy_decode_step(ids, floats<T>(embedding), V, n.B, n.E, n.H, n.D, n.I, eps, layers, p,
                                             floats(sin), floats(cos), 2 * n.half, keys, values, n.C, write, unmasked,
-                                            floats<T>(ln_weight), floats<T>(ln_bias), floats<T>(w), floats<T>(bias), vocab,
-                                            product, next.data());
+                                            floats<T>(ln_weight), floats<T>(ln_bias), floats<T>(w), floats<T>(bias),
+                                            vocab, product, next.data());
             for (int64_t b = 0; b < n.B; ++b) {
                 tokens[b * chunk + (index >= 0 && index < chunk ? index : 0)] = next[b];
                 ids[b] = next[b];
@@ -345,8 +349,8 @@ void greedy_decode_steps(py::array& token, py::array& positions, int64_t column,
 }  // namespace
 
 PYBIND11_MODULE(decode_kernels, m) {
-    m.doc() = "float32 and float16 kernels of a decode step: few-row matmuls (streaming the weight, or by BLAS), a decoder "
-              "layer over a KV cache, a greedy LM head.";
+    m.doc() = "float32 and float16 kernels of a decode step: few-row matmuls (streaming the weight, or by BLAS), "
+              "a decoder layer over a KV cache, a greedy LM head.";
     m.def("matmul", &matmul, py::arg("x"), py::arg("w"), py::arg("out"), py::arg("num_threads") = 1,
           py::arg("blas") = 0,
           "Writes x (..., K) @ w (K, N) into out (..., N), float32 (w float32 or float16): by the sgemm at "

@@ -125,8 +125,7 @@ inline void decode_layer(const T* x, int64_t B, int64_t E, int64_t H, int64_t D,
                          int64_t rotary_dim, T* k_cache, T* v_cache, int64_t C, int64_t write,
                          const float* mask, const gptj_streamed::Products& products, T* x_next) {
     layer_rows(x, B, E, H * D, I, eps, w, products, [&](const float* qkv, float* z) {
-        decode_attention(qkv, positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z,
-                         products.threads);
+        decode_attention(qkv, positions, sin, cos, rotary_dim, k_cache, v_cache, write, mask, B, H, D, C, z, products);
     }, x_next);
 }
 
@@ -138,7 +137,7 @@ inline void prefill_layer(const T* x, int64_t B, int64_t S, int64_t E, int64_t H
                           int64_t rotary_dim, const float* mask, const gptj_streamed::Products& products, T* k,
                           T* v, T* x_next) {
     layer_rows(x, B * S, E, H * D, I, eps, w, products, [&](const float* qkv, float* z) {
-        prefill_attention(qkv, positions, sin, cos, rotary_dim, mask, B, S, H, D, k, v, z, products, products.threads);
+        prefill_attention(qkv, positions, sin, cos, rotary_dim, mask, B, S, H, D, k, v, z, products);
     }, x_next);
 }
 

@@ -1,14 +1,14 @@
 // y = x @ w for a few rows of x, reading w from memory once: header-only, no Python or torch.
 //
 // x (M, K) and y (M, N) float32, w (K, N) float32 or float16 (its bits as uint16_t, widened to float32
-// as they are read), all row-major. Also the conversions the kernels use between float16 and float32. With few rows the product
-// is bound by reading w (a decode step reads every weight once per token), and on some machines
-// BLAS kernels tuned for large M stream it at a fraction of the memory bandwidth (on others they
-// are faster: `Products` below lets the caller choose by timing). Here the threads share out blocks of
-// output columns; each walks w row by row in groups of KSTEP rows (KSTEP sequential streams) and
-// adds every row of x's contribution while those rows' columns are in registers, the partial sums
-// of its columns staying in L1. Each y[m, n] sums k in increasing order, one fused multiply-add per
-// term, starting from 0.
+// as they are read), all row-major. With few rows the product is bound by reading w (a decode step
+// reads every weight once per token), and on some machines BLAS kernels tuned for large M stream it
+// at a fraction of the memory bandwidth (on others they are faster: `Products` below lets the caller
+// choose by timing). Here the threads share out blocks of output columns; each walks w row by row
+// in groups of KSTEP rows (KSTEP sequential streams) and adds every row of x's contribution while
+// those rows' columns are in registers, the partial sums of its columns staying in L1. Each y[m, n]
+// sums k in increasing order, one fused multiply-add per term, starting from 0. Also here: the
+// conversions between float16 and float32 that all the kernels use.
 #pragma once
 
 #include <algorithm>
@@ -27,7 +27,7 @@
 
 namespace gptj_streamed {
 
-// A float16 weight's bits (IEEE binary16).
+// A float16 value's bits (IEEE binary16).
 using Half = uint16_t;
 
 // The float32 value of float16 bits (exact: every float16 is a float32).
@@ -74,7 +74,7 @@ inline Half from_float<Half>(float v) {
     if (magnitude < 0x38800000u) {  // below 2^-14: a subnormal float16, a multiple of 2^-24
         float a;
         std::memcpy(&a, &magnitude, sizeof a);
-        return sign | Half(std::nearbyint(a * 16777216.0f));  // exact scaling, then rounded to even
+        return sign | Half(std::nearbyint(a * 16777216.0f));  // exact scaling, then rounded (to even by default)
     }
     // A normal float16: rebias the exponent (127 - 15) and drop 13 mantissa bits, rounding to even (a
     // carry out of the mantissa steps the exponent, as it should).
@@ -85,7 +85,7 @@ inline Half from_float<Half>(float v) {
 }
 
 #ifdef __AVX512F__
-// 16 consecutive weights as float32, all or the first of them (`tail`, the rest 0).
+// 16 consecutive values as float32, all or the first of them (`tail`, the rest 0).
 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
 inline __m512 load16(const Half* w) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))); }
 inline __m512 load16(const float* w, __mmask16 tail) { return _mm512_maskz_loadu_ps(tail, w); }
@@ -98,7 +98,8 @@ inline __m512 load16(const Half* w, __mmask16 tail) {
 // Stores 16 float32 values as float16 (round to nearest even) or float32.
 inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
 inline void store16(Half* y, __m512 v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __m256i bits = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y), bits);
 }
 #endif
 
@@ -136,19 +137,20 @@ inline void add_scaled(float a, const T* __restrict x, int64_t n, float* __restr
         _mm512_storeu_ps(y + i, _mm512_fmadd_ps(scale, load16(x + i), _mm512_loadu_ps(y + i)));
 #endif
     for (; i < n; ++i)
-        y[i] = std::fma(a, to_float(x[i]), y[i]);
+        y[i] += a * to_float(x[i]);  // fused where the processor can (-ffp-contract=fast), as the vector loop
 }
 
 // Rows of w per pass over a column block for a tile of R rows of x, and columns per block (their
-// partial sums for up to MAX_TILE_ROWS rows of x, 4 * 512 * 4 bytes, stay in L1 next to the KSTEP
-// rows of w). Measured on float32 weights (the benchmark model's): 8 rows is best for one or two
+// partial sums for up to MAX_TILE_ROWS rows of x, 8 * 512 * 4 bytes, stay in L1 next to the KSTEP
+// rows of w). Tiles of up to 8 rows read w once for a prefill of 5 to 8 rows (GPT-J 6B float16, 8
+// rows on two threads: 27 -> 22 ms for a (4096, 16384) weight against 4-row tiles). Measured on float32 weights (the benchmark model's): 8 rows is best for one or two
 // rows of x, 16 some 10% faster than 8 for four. On float16 weights (GPT-J 6B's, on two threads),
 // 16 rows streamed 10% faster than 8 for one row of x: the same bytes per pass. Never more than 16:
 // the rows' registers (one per row) and the tile's sums must fit the 32 vector registers.
 template <int R, typename W>
 constexpr int64_t KSTEP = R >= 3 ? 16 : 8 * int64_t(sizeof(float) / sizeof(W));
 constexpr int64_t COLUMNS = 512;
-constexpr int MAX_TILE_ROWS = 4;
+constexpr int MAX_TILE_ROWS = 8;
 
 // Partial sums y[r, n] (r < R, n in [n0, n1)) plus rows [k0, k0 + S) of w times x's columns k0...
 template <int R, int S, typename W>
@@ -219,7 +221,11 @@ void columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float*
                 case 1: column_block<1>(xm, K, w, N, ym, c0, c1); break;
                 case 2: column_block<2>(xm, K, w, N, ym, c0, c1); break;
                 case 3: column_block<3>(xm, K, w, N, ym, c0, c1); break;
-                default: column_block<4>(xm, K, w, N, ym, c0, c1); break;
+                case 4: column_block<4>(xm, K, w, N, ym, c0, c1); break;
+                case 5: column_block<5>(xm, K, w, N, ym, c0, c1); break;
+                case 6: column_block<6>(xm, K, w, N, ym, c0, c1); break;
+                case 7: column_block<7>(xm, K, w, N, ym, c0, c1); break;
+                default: column_block<8>(xm, K, w, N, ym, c0, c1); break;
             }
         }
     }
@@ -289,9 +295,9 @@ struct Products {
         if (M > largest || ldx > largest || N > largest)
             throw std::length_error("a product's sides exceed the BLAS interface's 32-bit sizes");
         // Row-major y = x @ w is, read column-major, y^T = w^T x^T: no transposes, no copies.
-        const int m = int(N), n = int(M), k = int(K), lda = int(std::max<int64_t>(ldx, 1));
+        const int m = int(N), n = int(M), k = int(K), ldb = int(std::max<int64_t>(ldx, 1));
         const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-        blas("N", "N", &m, &n, &k, &one, w, &m, x, &lda, &beta, y, &m);
+        blas("N", "N", &m, &n, &k, &one, w, &m, x, &ldb, &beta, y, &m);
     }
 };
 

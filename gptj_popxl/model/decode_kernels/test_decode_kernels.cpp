@@ -201,11 +201,15 @@ std::vector<float> widened(const std::vector<T>& v) {
     return out;
 }
 
-// The attention of a decode step and of a prefill with caches of T, on one thread and on `threads`
-// (each head is one thread's work, so the results must be identical); returns the one-thread run's
-// caches, outputs, keys and values (widened) for check_half_attention.
+const char* const ATTENTION_RESULTS[] = {"decode key cache", "decode value cache", "attention outputs",
+                                         "prefill keys", "prefill values"};
+
+// The attention of a decode step and of a prefill with caches of T, on one thread and on `threads` of
+// the streaming team or, with `blas` (the reference sgemm), of OpenMP (each head is one thread's
+// work, so the results must be identical); returns the one-thread run's caches, outputs, keys and
+// values (widened) for check_half_attention.
 template <typename T>
-std::vector<std::vector<float>> attention_runs(int threads) {
+std::vector<std::vector<float>> attention_runs(int threads, bool blas = false) {
     const int64_t B = 3, H = 5, D = 8, C = 7, S = 4, P = 16, rotary_dim = 4, write = 2;
     const auto sin = normals(P * rotary_dim / 2, 1), cos = normals(P * rotary_dim / 2, 2);
     const std::vector<int32_t> positions = {3, 0, 15}, prefill_positions = {0, 1, 2, 3, 5, 6, 7, 8, 0, 0, 1, 2};
@@ -217,18 +221,18 @@ std::vector<std::vector<float>> attention_runs(int threads) {
         auto k_cache = as<T>(normals(B * H * D * C, 5)), v_cache = as<T>(normals(B * H * C * D, 6));
         std::vector<float> z(B * H * D + B * S * H * D, NAN);  // the decode step's, then the prefill's
         std::vector<T> k(B * H * S * D), v(B * H * S * D);
-        const int n = run ? threads : 1;
+        gptj_streamed::Products products;
+        products.blas = blas ? reference_sgemm : nullptr;
+        products.threads = run ? threads : 1;
         gptj_decode::decode_attention(qkv.data(), positions.data(), sin.data(), cos.data(), rotary_dim, k_cache.data(),
-                                      v_cache.data(), write, mask.data(), B, H, D, C, z.data(), n);
+                                      v_cache.data(), write, mask.data(), B, H, D, C, z.data(), products);
         gptj_decode::prefill_attention(prefill_qkv.data(), prefill_positions.data(), sin.data(), cos.data(),
-                                       rotary_dim, prefill_mask.data(), B, S, H, D, k.data(), v.data(), z.data() + B * H * D,
-                                       gptj_streamed::Products{}, n);
+                                       rotary_dim, prefill_mask.data(), B, S, H, D, k.data(), v.data(),
+                                       z.data() + B * H * D, products);
         runs[run] = {widened(k_cache), widened(v_cache), z, widened(k), widened(v)};
     }
-    const char* what[] = {"decode key cache", "decode value cache", "attention outputs", "prefill keys",
-                          "prefill values"};
     for (int i = 0; i < 5; ++i)
-        check_same(what[i], runs[0][i], runs[1][i], threads);
+        check_same(ATTENTION_RESULTS[i], runs[0][i], runs[1][i], threads);
     return runs[0];
 }
 
@@ -236,8 +240,6 @@ std::vector<std::vector<float>> attention_runs(int threads) {
 // and its outputs stay within float16's rounding of the float32 ones.
 void check_half_attention() {
     const auto wide = attention_runs<float>(1), half = attention_runs<gptj_streamed::Half>(1);
-    const char* what[] = {"decode key cache", "decode value cache", "attention outputs", "prefill keys",
-                          "prefill values"};
     for (int i = 0; i < 5; ++i)
         for (size_t j = 0; j < wide[i].size(); ++j) {
             const float rounded = gptj_streamed::to_float(gptj_streamed::from_float<gptj_streamed::Half>(wide[i][j]));
@@ -245,16 +247,18 @@ void check_half_attention() {
                                    : half[i][j] == rounded;
             if (!ok) {
                 ++failures;
-                std::printf("FAIL %s with float16 caches: [%zu] = %g, float32 caches give %g\n", what[i], j,
-                            half[i][j], wide[i][j]);
+                std::printf("FAIL %s with float16 caches: [%zu] = %g, float32 caches give %g\n",
+                            ATTENTION_RESULTS[i], j, half[i][j], wide[i][j]);
                 return;
             }
         }
 }
 
 void check_attention_threads(int threads) {
-    attention_runs<float>(threads);
-    attention_runs<gptj_streamed::Half>(threads);
+    for (bool blas : {false, true}) {
+        attention_runs<float>(threads, blas);
+        attention_runs<gptj_streamed::Half>(threads, blas);
+    }
 }
 
 }  // namespace

@@ -3,8 +3,9 @@
 step, its cache written in place) against the layer written in torch, ``greedy_head`` against
 ``torch.argmax`` of the head's logits, and ``greedy_decode_steps`` (steps of embedding, layers and head,
 fed back into each other, with the decode loop's bookkeeping) against a torch loop; each with its
-products streamed and by BLAS, the layer kernels for float32 and float16 models (against float64
-torch that stores what the model stores in float16 rounded). ``Fastest``, which picks between those by timing, against ways of
+products streamed and by BLAS (float16 decode ops stream under "blas" too), the layer kernels for
+float32 and float16 models (against float64 torch that stores what the model stores in float16
+rounded). ``Fastest``, which picks between those by timing, against ways of
 known cost."""
 import time
 
@@ -13,11 +14,11 @@ import pytest
 import torch
 from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
 
-from gptj_popxl.model.decode_kernels import (MAX_ROWS, PRODUCTS_VARIABLE, Fastest, StreamedMatMul, blas_sgemm,
-                                             decode_layer, extension, greedy_decode_steps, greedy_head, prefill_layer,
-                                             streamed_matmul)
+from gptj_popxl.model.decode_kernels import (_CHOOSERS, MAX_ROWS, PRODUCTS_VARIABLE, Fastest, StreamedMatMul,
+                                             blas_sgemm, decode_layer, extension, greedy_decode_steps, greedy_head,
+                                             prefill_layer, streamed_matmul)
 from gptj_popxl.model.rotary import trig_tables
-from gptj_popxl.popxl_cpu import Ir, TensorSpec, constant, float16, float32, float64, int32
+from gptj_popxl.popxl_cpu import Ir, Session, TensorSpec, constant, float16, float32, float64, int32, ops
 from ops_check import run_graph
 
 POSITIONS = 64
@@ -181,7 +182,8 @@ def test_decode_layer_matches_torch(products, dtype):
     def normal(*shape, scale=1.0, shift=0.0):
         return (shift + scale * rng.standard_normal(shape)).astype(dtype)
     x = normal(batch, 1, n_embd)
-    weights = [normal(n_embd, scale=0.1, shift=1), normal(n_embd, scale=0.1), normal(n_embd, 3 * heads * head_dim, scale=0.2),
+    weights = [normal(n_embd, scale=0.1, shift=1), normal(n_embd, scale=0.1),
+               normal(n_embd, 3 * heads * head_dim, scale=0.2),
                normal(n_embd, inner, scale=0.2), normal(inner), normal(heads * head_dim, n_embd, scale=0.2),
                normal(inner, n_embd, scale=0.1), normal(n_embd)]
     positions = np.array([[5], [0], [POSITIONS - 1]], np.int32)
@@ -220,7 +222,8 @@ def test_prefill_layer_matches_torch(products, dtype):
     def normal(*shape, scale=1.0, shift=0.0):
         return (shift + scale * rng.standard_normal(shape)).astype(dtype)
     x = normal(batch, seq, n_embd)
-    weights = [normal(n_embd, scale=0.1, shift=1), normal(n_embd, scale=0.1), normal(n_embd, 3 * heads * head_dim, scale=0.2),
+    weights = [normal(n_embd, scale=0.1, shift=1), normal(n_embd, scale=0.1),
+               normal(n_embd, 3 * heads * head_dim, scale=0.2),
                normal(n_embd, inner, scale=0.2), normal(inner), normal(heads * head_dim, n_embd, scale=0.2),
                normal(inner, n_embd, scale=0.1), normal(n_embd)]
     positions = np.array([[3, 4, 5, 6, 7], [0, 0, 0, 1, 2]], np.int32)
@@ -269,7 +272,8 @@ def test_greedy_decode_steps_match_a_torch_loop(products, steps, first_step, dty
         return (shift + scale * rng.standard_normal(shape)).astype(dtype)
     token = np.array([[7], [vocab - 1]], np.int32)
     embedding = normal(vocab, n_embd)
-    layers = [[normal(n_embd, scale=0.1, shift=1), normal(n_embd, scale=0.1), normal(n_embd, 3 * heads * head_dim, scale=0.3),
+    layers = [[normal(n_embd, scale=0.1, shift=1), normal(n_embd, scale=0.1),
+               normal(n_embd, 3 * heads * head_dim, scale=0.3),
                normal(n_embd, inner, scale=0.3), normal(inner), normal(heads * head_dim, n_embd, scale=0.3),
                normal(inner, n_embd, scale=0.2), normal(n_embd)] for _ in range(n_layer)]
     k_caches = [normal(batch, heads, head_dim, cache_len) for _ in range(n_layer)]
@@ -355,6 +359,49 @@ def test_greedy_decode_steps_name_a_mismatched_layer_weight():
              + [TensorSpec(s, f32) for s in [(8,), (8,), (8, 10), (10,)]])
     with pytest.raises(ValueError, match=r"greedy_decode_steps: layers\[1\] w_in must be \(8, 16\) float32"):
         Ir().create_graph(build, *specs)
+
+
+LAYER_SHAPES = [(8,), (8,), (8, 6), (8, 16), (16,), (2, 8), (16, 8), (8,)]  # a layer's weights: one head of 2
+
+
+def _ways(build, specs) -> dict:
+    """``{op name: the ways its Fastest may take}`` for the decode ops of ``build``'s graph, lowered
+    by a session."""
+    ir = Ir()
+    with ir.main_graph:
+        inputs = [ops.init(s.shape, s.dtype, f"in{i}") for i, s in enumerate(specs)]
+        build(*inputs)
+    with Session(ir):
+        return {name: (set(chooser.ways), chooser.chosen) for chooser, (name, owner) in list(_CHOOSERS.items())
+                if owner is ir}
+
+
+@pytest.mark.parametrize("wanted", [None, "blas", "streamed"])
+def test_float16_layer_ops_offer_blas_only_to_the_prefill(monkeypatch, wanted):
+    """A float16 decode step's few rows are read faster streamed than widened for sgemm: its layer
+    ops never take BLAS, even under ``blas``; a float16 prefill's many rows may."""
+    if wanted is None:
+        monkeypatch.delenv(PRODUCTS_VARIABLE, raising=False)
+    else:
+        monkeypatch.setenv(PRODUCTS_VARIABLE, wanted)
+    if not blas_sgemm():
+        pytest.skip("this torch build carries no BLAS sgemm")
+
+    def build(x, xs, *tensors):
+        *weights, k_cache, v_cache, mask, prefill_mask, positions, prefill_positions, write = tensors
+        sin, cos = (constant(np.zeros((8, 1), np.float32)) for _ in range(2))
+        decode_layer(x, *weights, positions, sin, cos, k_cache, v_cache, write, mask, eps=1e-5)
+        prefill_layer(xs, *weights, prefill_positions, sin, cos, prefill_mask, eps=1e-5, heads=1)
+    specs = ([TensorSpec((2, 1, 8), float16), TensorSpec((2, 3, 8), float16)] +
+             [TensorSpec(s, float16) for s in LAYER_SHAPES + [(2, 1, 2, 3), (2, 1, 3, 2)]] +
+             [TensorSpec((2, 1, 1, 3), float32), TensorSpec((2, 1, 3, 3), float32), TensorSpec((2, 1), int32),
+              TensorSpec((2, 3), int32), TensorSpec((1,), int32)])
+    ways = _ways(build, specs)
+    streamed = f"streamed on {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}"
+    assert ways["decode_layer"][1] == (None if wanted is None else streamed)
+    assert "blas" not in ways["decode_layer"][0]
+    assert ways["prefill_layer"][1] == {None: None, "blas": "blas", "streamed": streamed}[wanted]
+    assert ("blas" in ways["prefill_layer"][0]) == (wanted != "streamed")
 
 
 def test_decode_layer_names_a_mismatched_weight():

@@ -54,9 +54,10 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_kerne
 
 
 # The environment variable that fixes how the kernels form their products: "blas" (for
-# ``streamed_matmul``'s float16 weights torch's own float16 product in its place; the layer kernels
-# widen theirs for sgemm, a prefill's, or stream), "streamed" (on torch's thread count) or, when unset,
-# the faster on this machine (see ``Fastest``).
+# ``streamed_matmul``'s float16 weights torch's own float16 product in its place; a float16 prefill
+# widens its weights for sgemm, the other float16 layer ops stream), "streamed" (on torch's thread
+# count) or, when unset, the faster on this machine (see ``Fastest``). The attention's heads run on
+# the same threads as the products (see ``decode_attention.h``).
 PRODUCTS_VARIABLE = "GPTJ_POPXL_PRODUCTS"
 
 

@@ -13,8 +13,11 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -98,19 +101,38 @@ inline void attend(const float* q, const T* keys, const T* values, const float* 
 // product's threads want (a GPT-J 6B float16 decode layer streamed on two threads took 78 ms
 // against 30 ms with the heads on the team). A head reads its caches, which the weights streamed
 // before it have pushed out of the core's own caches, at one core's bandwidth: hence threads.
+// An exception (a scratch allocation failing) must not leave a team job or an OpenMP region: the
+// first is kept, the heads not yet started are skipped, and it is rethrown here.
 template <typename Head>
 inline void for_each_head(int64_t n, const gptj_streamed::Products& products, const Head& head) {
+    std::exception_ptr failure;
+    std::atomic<bool> failed{false};
+    std::mutex first;
+    const auto guarded = [&](int64_t i) {
+        if (failed.load(std::memory_order_relaxed))
+            return;
+        try {
+            head(i);
+        } catch (...) {
+            std::lock_guard<std::mutex> lock(first);
+            if (!failure)
+                failure = std::current_exception();
+            failed.store(true);
+        }
+    };
     const int threads = products.threads;
     if (threads <= 1 || n <= 1) {
         for (int64_t i = 0; i < n; ++i)
-            head(i);
+            guarded(i);
     } else if (products.blas != nullptr) {
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t i = 0; i < n; ++i)
-            head(i);
+            guarded(i);
     } else {
-        gptj_streamed::WorkTeam::instance(threads - 1).run(n, threads - 1, head);
+        gptj_streamed::WorkTeam::share(threads, n, guarded);
     }
+    if (failure)
+        std::rethrow_exception(failure);
 }
 
 template <typename T>
@@ -157,7 +179,8 @@ inline void prefill_attention(const float* qkv, const int32_t* positions, const 
     gptj_streamed::Products one_thread = products;  // the heads are the threads' work
     one_thread.threads = 1;
     for_each_head(B * H, products, [&](int64_t bh) {
-        // Kept by the thread: a 256-token head needs 1.8 MB, which fresh memory would fault in.
+        // Kept by the thread: fresh memory (344 KB for 64 tokens of a 256-feature head) would be
+        // faulted in page by page at every call.
         thread_local std::vector<float> scratch;
         scratch.resize(std::max<size_t>(scratch.size(), size_t(S * (5 * D + S))));
         float* q = scratch.data();

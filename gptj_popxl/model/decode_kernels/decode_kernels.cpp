@@ -77,7 +77,7 @@ void require_floats(const char* name, const py::array& a, std::initializer_list<
 bool is_half(const py::array& a) { return a.dtype().is(dtype_of<gptj_streamed::Half>()); }
 
 // The products of a kernel: by the sgemm at address `blas` (its Fortran interface; float16 weights
-// widened for it), or streamed on num_threads threads when that is 0.
+// widened for it), or streamed when that is 0, on num_threads threads (a layer's attention heads too).
 gptj_streamed::Products products(int num_threads, uintptr_t blas) {
     gptj_streamed::Products made;
     made.blas = reinterpret_cast<gptj_streamed::FortranSgemm>(blas);
@@ -361,8 +361,9 @@ PYBIND11_MODULE(decode_kernels, m) {
           py::arg("write"), py::arg("mask"), py::arg("eps"), py::arg("x_next"),
           py::arg("num_threads") = 1, py::arg("blas") = 0,
           "One decoder layer of a decode step (see decode_layer.h), its products by the sgemm at address blas "
-          "(Fortran interface) or, when 0, streamed on num_threads threads: writes the new key and value into the caches at "
-          "column `write` and the layer's output into x_next (batch, n_embd).");
+          "(Fortran interface) or, when 0, streamed, on num_threads threads (which also share the attention's "
+          "heads): writes the new key and value into the caches at column `write` and the layer's output into "
+          "x_next (batch, n_embd).");
     m.def("greedy_decode_steps", &greedy_decode_steps, py::arg("token"), py::arg("positions"), py::arg("column"),
           py::arg("mask"), py::arg("out"), py::arg("first_step"), py::arg("steps"), py::arg("n_positions"),
           py::arg("embedding"), py::arg("weights"), py::arg("sin"), py::arg("cos"), py::arg("k_caches"),

@@ -7,7 +7,8 @@
 // choose by timing). Here the threads share out blocks of output columns; each walks w row by row
 // in groups of KSTEP rows (KSTEP sequential streams) and adds every row of x's contribution while
 // those rows' columns are in registers, the partial sums of its columns staying in L1. Each y[m, n]
-// sums k in increasing order, one fused multiply-add per term, starting from 0. Also here: the
+// sums k in increasing order, one multiply-add per term (fused where the processor can), starting
+// from 0. Also here: the
 // conversions between float16 and float32 that all the kernels use.
 #pragma once
 
@@ -142,15 +143,17 @@ inline void add_scaled(float a, const T* __restrict x, int64_t n, float* __restr
 
 // Rows of w per pass over a column block for a tile of R rows of x, and columns per block (their
 // partial sums for up to MAX_TILE_ROWS rows of x, 8 * 512 * 4 bytes, stay in L1 next to the KSTEP
-// rows of w). Tiles of up to 8 rows read w once for a prefill of 5 to 8 rows (GPT-J 6B float16, 8
-// rows on two threads: 27 -> 22 ms for a (4096, 16384) weight against 4-row tiles). Measured on float32 weights (the benchmark model's): 8 rows is best for one or two
+// rows of w). Measured on float32 weights (the benchmark model's): 8 rows is best for one or two
 // rows of x, 16 some 10% faster than 8 for four. On float16 weights (GPT-J 6B's, on two threads),
 // 16 rows streamed 10% faster than 8 for one row of x: the same bytes per pass. Never more than 16:
 // the rows' registers (one per row) and the tile's sums must fit the 32 vector registers.
 template <int R, typename W>
 constexpr int64_t KSTEP = R >= 3 ? 16 : 8 * int64_t(sizeof(float) / sizeof(W));
 constexpr int64_t COLUMNS = 512;
+// Tiles of up to 8 rows read w once for a prefill of 5 to 8 rows (GPT-J 6B float16, 8 rows on two
+// threads: 27 -> 22 ms for a (4096, 16384) weight against 4-row tiles).
 constexpr int MAX_TILE_ROWS = 8;
+static_assert(MAX_TILE_ROWS == 8, "columns() has a case for each tile size up to MAX_TILE_ROWS");
 
 // Partial sums y[r, n] (r < R, n in [n0, n1)) plus rows [k0, k0 + S) of w times x's columns k0...
 template <int R, int S, typename W>
@@ -189,7 +192,7 @@ inline void add_rows(const float* __restrict x, int64_t K, const W* __restrict w
         for (int r = 0; r < R; ++r) {
             float acc = y[r * N + n];
             for (int j = 0; j < S; ++j)
-                acc = std::fma(x[r * K + j], wv[j], acc);
+                acc += x[r * K + j] * wv[j];  // fused where the processor can (-ffp-contract=fast)
             y[r * N + n] = acc;
         }
     }
@@ -225,7 +228,7 @@ void columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float*
                 case 5: column_block<5>(xm, K, w, N, ym, c0, c1); break;
                 case 6: column_block<6>(xm, K, w, N, ym, c0, c1); break;
                 case 7: column_block<7>(xm, K, w, N, ym, c0, c1); break;
-                default: column_block<8>(xm, K, w, N, ym, c0, c1); break;
+                case 8: column_block<8>(xm, K, w, N, ym, c0, c1); break;
             }
         }
     }
@@ -242,7 +245,7 @@ void streamed_matmul(const float* x, int64_t M, int64_t K, const W* w, int64_t N
         columns(x, M, K, w, N, y, 0, N);
         return;
     }
-    WorkTeam::instance(num_threads - 1).run(chunks, num_threads - 1, [&](int64_t i) {
+    WorkTeam::share(num_threads, chunks, [&](int64_t i) {
         columns(x, M, K, w, N, y, std::min(N, 16 * (lines * i / chunks)), std::min(N, 16 * (lines * (i + 1) / chunks)));
     });
 }

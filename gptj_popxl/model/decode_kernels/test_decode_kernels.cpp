@@ -2,8 +2,9 @@
 // double-precision triple loop, over row, column and depth tails and one to three threads, with float32
 // and float16 weights (the float16 widening against every one of the 65536 bit patterns, the rounding to
 // float16 against a textbook reference); and the attention of a decode step and of a prefill
-// (decode_attention.h), with float32 and float16 caches, on OpenMP threads against the same on one
-// thread (each head is one thread's work, so the results must be identical), float16 against float32.
+// (decode_attention.h), with float32 and float16 caches, on the streaming team's threads and on
+// OpenMP's against the same on one thread (each head is one thread's work, so the results must be
+// identical), float16 against float32.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -271,7 +272,7 @@ int main() {
     for (int threads : {2, 3})
         check_attention_threads(threads);
     for (int threads : {1, 2, 3})
-        for (int64_t M : {1, 2, 3, 4, 5, 9})
+        for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 8, 9, 17})
             for (int64_t K : {1, 7, 8, 37})
                 for (int64_t N : {1, 15, 16, 17, 600}) {
                     check_product<float>(M, K, N, threads);

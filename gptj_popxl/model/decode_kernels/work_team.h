@@ -28,6 +28,11 @@ class WorkTeam {
         return team;
     }
 
+    // Runs fn(i) for every i < chunks on `threads` threads: this one and threads - 1 of the team's.
+    static void share(int threads, int64_t chunks, const std::function<void(int64_t)>& fn) {
+        instance(threads - 1).run(chunks, threads - 1, fn);
+    }
+
     // Runs fn(i) for every i < chunks, on this thread and up to `helpers` helper threads.
     void run(int64_t chunks, int helpers, const std::function<void(int64_t)>& fn) {
         std::lock_guard<std::mutex> one_job(job_mutex_);

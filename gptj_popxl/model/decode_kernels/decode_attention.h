@@ -159,7 +159,7 @@ inline void decode_attention(const float* qkv, const int32_t* positions, const f
         T* values = v_cache + bh * C * D;
         for (int64_t d = 0; d < D; ++d)
             keys[d * C + write] = gptj_streamed::from_float<T>(k[d]);
-        gptj_streamed::narrow(row + (2 * H + h) * D, D, values + write * D);
+        gptj_streamed::convert(row + (2 * H + h) * D, D, values + write * D);
         attend(q, keys, values, mask + b * C, D, C, score, z + bh * D);
     });
 }
@@ -202,8 +202,8 @@ inline void prefill_attention(const float* qkv, const int32_t* positions, const 
             for (int64_t d = 0; d < D; ++d)
                 keys[d * S + t] = k_rows[t * D + d];
         }
-        gptj_streamed::narrow(k_rows, S * D, k + bh * S * D);
-        gptj_streamed::narrow(v_rows, S * D, v + bh * S * D);
+        gptj_streamed::convert(k_rows, S * D, k + bh * S * D);
+        gptj_streamed::convert(v_rows, S * D, v + bh * S * D);
         one_thread(q, S, D, keys, S, scores);
         for (int64_t t = 0; t < S; ++t)
             softmax(scores + t * S, mask + (b * S + t) * S, S, scale);

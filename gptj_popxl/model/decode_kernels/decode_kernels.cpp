@@ -79,10 +79,7 @@ bool is_half(const py::array& a) { return a.dtype().is(dtype_of<gptj_streamed::H
 // The products of a kernel: by the sgemm at address `blas` (its Fortran interface; float16 weights
 // widened for it), or streamed when that is 0, on num_threads threads (a layer's attention heads too).
 gptj_streamed::Products products(int num_threads, uintptr_t blas) {
-    gptj_streamed::Products made;
-    made.blas = reinterpret_cast<gptj_streamed::FortranSgemm>(blas);
-    made.threads = num_threads;
-    return made;
+    return {reinterpret_cast<gptj_streamed::FortranSgemm>(blas), num_threads};
 }
 
 // x (..., K) and out C-contiguous float32, w (..., K, N) C-contiguous float32 or float16 with any leading
@@ -117,7 +114,6 @@ template <typename T = float>
 const T* floats(const py::array& a) { return static_cast<const T*>(a.data()); }
 template <typename T = float>
 T* floats(py::array& a) { return static_cast<T*>(a.mutable_data()); }
-
 
 // Runs run(element) with an element of the model's type, float16 (gptj_streamed::Half) when `a`, a model
 // weight, is float16 and float32 otherwise: the kernel's body, generic in that type.

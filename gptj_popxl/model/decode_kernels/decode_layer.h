@@ -104,7 +104,7 @@ inline void layer_rows(const T* x_in, int64_t rows, int64_t E, int64_t HD, int64
     float* attn = z + rows * HD;
     float* mlp = attn + rows * E;
     float* x = mlp + rows * E;
-    gptj_streamed::widen(x_in, rows * E, x);
+    gptj_streamed::convert(x_in, rows * E, x);
     layer_norm(x, rows, E, w.ln_weight, w.ln_bias, eps, h);
     products(h, rows, E, w.w_qkv, 3 * HD, qkv);
     products(h, rows, E, w.w_in, I, a);
@@ -116,7 +116,7 @@ inline void layer_rows(const T* x_in, int64_t rows, int64_t E, int64_t HD, int64
     for (int64_t r = 0; r < rows; ++r)
         for (int64_t i = 0; i < E; ++i)
             mlp[r * E + i] = (attn[r * E + i] + (mlp[r * E + i] + to_float(w.b_fc_out[i]))) + x[r * E + i];
-    gptj_streamed::narrow(mlp, rows * E, x_next);
+    gptj_streamed::convert(mlp, rows * E, x_next);
 }
 
 template <typename T>
@@ -147,7 +147,7 @@ template <typename T>
 inline void greedy_head(const T* x, int64_t B, int64_t E, int64_t V, float eps, const T* ln_weight, const T* ln_bias,
                         const T* w, const T* bias, const gptj_streamed::Products& products, int32_t* tokens) {
     std::vector<float> wide(B * E), h(B * E), logits(B * V);
-    gptj_streamed::widen(x, B * E, wide.data());
+    gptj_streamed::convert(x, B * E, wide.data());
     layer_norm(wide.data(), B, E, ln_weight, ln_bias, eps, h.data());
     products(h.data(), B, E, w, V, logits.data());
     for (int64_t r = 0; r < B; ++r) {

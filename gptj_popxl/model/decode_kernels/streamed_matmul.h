@@ -8,8 +8,7 @@
 // in groups of KSTEP rows (KSTEP sequential streams) and adds every row of x's contribution while
 // those rows' columns are in registers, the partial sums of its columns staying in L1. Each y[m, n]
 // sums k in increasing order, one multiply-add per term (fused where the processor can), starting
-// from 0. Also here: the
-// conversions between float16 and float32 that all the kernels use.
+// from 0. Also here: the conversions between float16 and float32 that all the kernels use.
 #pragma once
 
 #include <algorithm>
@@ -104,28 +103,17 @@ inline void store16(Half* y, __m512 v) {
 }
 #endif
 
-// y[i] = x[i] as float32, for i < n.
-template <typename T>
-inline void widen(const T* x, int64_t n, float* y) {
+// y[i] = x[i] as To, for i < n, between float32 and float16 either way: widened exactly, or rounded
+// once (from_float).
+template <typename From, typename To>
+inline void convert(const From* x, int64_t n, To* y) {
     int64_t i = 0;
 #ifdef __AVX512F__
     for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(y + i, load16(x + i));
+        store16(y + i, load16(x + i));
 #endif
     for (; i < n; ++i)
-        y[i] = to_float(x[i]);
-}
-
-// y[i] = x[i] stored as T (from_float), for i < n.
-template <typename T>
-inline void narrow(const float* x, int64_t n, T* y) {
-    int64_t i = 0;
-#ifdef __AVX512F__
-    for (; i + 16 <= n; i += 16)
-        store16(y + i, _mm512_loadu_ps(x + i));
-#endif
-    for (; i < n; ++i)
-        y[i] = from_float<T>(x[i]);
+        y[i] = from_float<To>(to_float(x[i]));
 }
 
 // y[i] += a * x[i] for i < n, x float32 or float16 (widened as read).
@@ -285,7 +273,7 @@ struct Products {
         wide.resize(size_t(rows * N));
         for (int64_t k = 0; k < K; k += rows) {
             const int64_t block = std::min(rows, K - k);
-            widen(w + k * N, block * N, wide.data());
+            convert(w + k * N, block * N, wide.data());
             sgemm(x + k, M, block, K, wide.data(), N, y, k > 0);
         }
     }

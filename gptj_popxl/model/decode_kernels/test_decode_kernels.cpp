@@ -75,7 +75,7 @@ void check_half_rounding() {
         values.push_back(std::ldexp(1.0f + float(i % 1000) / 1000.0f, int(exponent(gen))) * (i % 2 ? -1.0f : 1.0f));
     values.resize(values.size() / 16 * 16);
     std::vector<gptj_streamed::Half> stored(values.size());
-    gptj_streamed::narrow(values.data(), int64_t(values.size()), stored.data());
+    gptj_streamed::convert(values.data(), int64_t(values.size()), stored.data());
     for (size_t i = 0; i < values.size(); ++i) {
         const auto expected = to_half(values[i]), scalar = gptj_streamed::from_float<gptj_streamed::Half>(values[i]);
         if (scalar != expected || stored[i] != expected) {
@@ -90,6 +90,16 @@ void check_half_rounding() {
         ++failures;
         std::printf("FAIL float16 of NaN is 0x%04x, not a NaN\n", unsigned(nan));
     }
+}
+
+// Row m, column n of x (M, K) @ w (K, N), summed in double.
+template <typename W>
+double exact_product(const std::vector<float>& x, const std::vector<W>& w, int64_t K, int64_t N, int64_t m,
+                     int64_t n) {
+    double sum = 0;
+    for (int64_t k = 0; k < K; ++k)
+        sum += double(x[m * K + k]) * double(gptj_streamed::to_float(w[k * N + n]));
+    return sum;
 }
 
 template <typename W>
@@ -109,9 +119,7 @@ void check_product(int64_t M, int64_t K, int64_t N, int threads) {
     gptj_streamed::streamed_matmul(x.data(), M, K, w.data(), N, y.data(), threads);
     for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) {
-            double expected = 0;
-            for (int64_t k = 0; k < K; ++k)
-                expected += double(x[m * K + k]) * double(gptj_streamed::to_float(w[k * N + n]));
+            const double expected = exact_product(x, w, K, N, m, n);
             if (!(std::fabs(y[m * N + n] - expected) <= 1e-4 * (1 + std::fabs(expected)))) {
                 ++failures;
                 std::printf("FAIL M=%lld K=%lld N=%lld threads=%d, %s weights: y[%lld, %lld] = %g, expected %g\n",
@@ -157,9 +165,7 @@ void check_widened_blas_products() {
         products(x.data(), M, K, w.data(), N, y.data());
         for (int64_t m = 0; m < M; ++m)
             for (int64_t n = 0; n < N; ++n) {
-                double expected = 0;
-                for (int64_t k = 0; k < K; ++k)
-                    expected += double(x[m * K + k]) * double(gptj_streamed::to_float(w[k * N + n]));
+                const double expected = exact_product(x, w, K, N, m, n);
                 if (!(std::fabs(y[m * N + n] - expected) <= 1e-5 * (1 + std::fabs(expected)))) {
                     ++failures;
                     std::printf("FAIL widened blocks of %lld values: y[%lld, %lld] = %g, expected %g\n",
@@ -191,14 +197,14 @@ void check_same(const char* what, const std::vector<float>& one, const std::vect
 template <typename T>
 std::vector<T> as(const std::vector<float>& v) {
     std::vector<T> out(v.size());
-    gptj_streamed::narrow(v.data(), int64_t(v.size()), out.data());
+    gptj_streamed::convert(v.data(), int64_t(v.size()), out.data());
     return out;
 }
 
 template <typename T>
 std::vector<float> widened(const std::vector<T>& v) {
     std::vector<float> out(v.size());
-    gptj_streamed::widen(v.data(), int64_t(v.size()), out.data());
+    gptj_streamed::convert(v.data(), int64_t(v.size()), out.data());
     return out;
 }
 

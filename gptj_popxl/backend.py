@@ -33,5 +33,7 @@ IS_CPU = getattr(popxl, "IS_POPXL_CPU", False)
 # The CPU runtime's hook for custom ops (``custom_op.CustomOp``); None with the Poplar SDK, whose
 # custom ops are PopART C++ ops.
 custom_op = popxl.custom_op if IS_CPU else None
+# Building the CPU kernels of custom ops for this processor (``native.build``); None with the Poplar SDK.
+native = popxl.native if IS_CPU else None
 
-__all__ = ["popxl", "ops", "IS_CPU", "custom_op"]
+__all__ = ["popxl", "ops", "IS_CPU", "custom_op", "native"]

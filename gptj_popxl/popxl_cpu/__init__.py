@@ -3,7 +3,7 @@
 Build programs exactly as with the Poplar SDK's ``popxl`` (``Ir``, graphs, ops, ``transforms.autodiff``,
 ``Session``); replicas run SPMD in one process, every runtime value carrying a leading replica axis.
 """
-from . import custom_op, dtypes, ops, random_seed, transforms, utils
+from . import custom_op, dtypes, native, ops, random_seed, transforms, utils
 from .context import (gcg, get_current_context, get_current_graph, get_ir, get_main_graph, gir, gmg, in_sequence,
                       io_tiles, ipu, name_scope)
 from .dtypes import (bfloat16, bool, bool_, double, dtype, float, float16, float32, float64, half, int8, int16,

@@ -27,6 +27,7 @@ from typing import Dict, List
 import torch
 
 from . import allocation
+from .ops.io import HostLoad
 from .ops.nn import bias_matmul_fusions
 from .remote_buffer import RemoteBuffer
 from .tensor import Constant, Tensor
@@ -102,6 +103,7 @@ class Plan:
         outliving = (remote_views | {classes.find(t.id) for t in graph._tensors.values() if t._producer is None}
                      | {classes.find(t.id) for t in graph._outputs}
                      | {classes.find(op.inputs[i].id) for op in graph._ops for i in op.prim.retains})
+        self.borrowing_streams = _borrowing_streams(graph, classes, written | outliving)
 
         kept_steps = []  # (step, storage class, _KeptValue) of the values written into kept memory
 
@@ -303,6 +305,16 @@ def _share_kept_memory(values) -> None:
             blocks.append(block)
         block.numel, block.free_from = max(block.numel, math.prod(value.shape)), max(end, k)
         value.block = block
+
+
+def _borrowing_streams(graph, classes, kept_or_written) -> frozenset:
+    """The h2d streams whose main-graph loads may be the caller's own array for the run: no op writes
+    the loaded value or anything sharing its storage, and nothing keeps it past the run."""
+    if graph is not graph.ir.main_graph:
+        return frozenset()
+    loads = [op for op in graph._ops if op.prim is HostLoad]
+    lent = {op.attrs["stream"] for op in loads if classes.find(op.outputs[0].id) in kept_or_written}
+    return frozenset(op.attrs["stream"] for op in loads) - lent
 
 
 def _copying_inputs(fn, indices):

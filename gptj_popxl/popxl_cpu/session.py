@@ -1,7 +1,7 @@
 """Session: runs an IR's main graph on the CPU, all replicas at once."""
 import numbers
 import warnings
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ class Runtime:
         self.variables: Dict[str, torch.Tensor] = {}
         # Each buffer is (R, entries, *tensor_shape); kernels and variables write it in place, never rebind it.
         self.remote: Dict[int, torch.Tensor] = {b.remote_buffer_id: self._remote_storage(b) for b in ir._remote_buffers}
-        self.stream_in: Dict[HostToDeviceStream, torch.Tensor] = {}
+        # The run's input values, one (R, *shape) tensor per host transfer.
+        self.stream_in: Dict[HostToDeviceStream, Sequence[torch.Tensor]] = {}
         self.stream_in_next: Dict[HostToDeviceStream, int] = {}
         # The run's host arrays, viewed (transfers, R, *shape): host_store copies straight into them.
         # A stream mapped to None keeps the stored value itself (one transfer, outputs made by the run).
@@ -76,9 +77,9 @@ class Runtime:
     def load_stream(self, stream: HostToDeviceStream) -> torch.Tensor:
         data = self.stream_in[stream]
         k = self.stream_in_next[stream]
-        if k >= data.shape[0]:
+        if k >= len(data):
             raise ValueError(f"host stream '{stream._name}' was loaded more than ir.num_host_transfers="
-                             f"{data.shape[0]} times in one run")
+                             f"{len(data)} times in one run")
         self.stream_in_next[stream] = k + 1
         return data[k]
 
@@ -268,7 +269,7 @@ class Session:
         streams = self._outputs()
         kept = self._execute(inputs, downcast_inputs, dict.fromkeys(streams))
         squeeze = self._rt.replicas == 1
-        return {s: (kept[s][0] if squeeze else kept[s]).numpy() if s in kept
+        return {s: (kept[s].numpy()[0] if squeeze else kept[s].numpy()) if s in kept
                 else np.zeros(self._extra_dims() + s.shape, s.dtype.as_numpy()) for s in streams}
 
     def run_with_outputs(self, inputs: Optional[Mapping[HostToDeviceStream, np.ndarray]] = None,
@@ -301,25 +302,27 @@ class Session:
             rt.stream_out = {}
             rt.stream_kept = {}
 
-    def _stream_values(self, inputs: Mapping, downcast: bool) -> Dict[HostToDeviceStream, torch.Tensor]:
-        """The run's checked copies of ``inputs``, each viewed ``(transfers, replicas, *shape)``. Arrays of
+    def _stream_values(self, inputs: Mapping, downcast: bool) -> Dict[HostToDeviceStream, Sequence[torch.Tensor]]:
+        """The run's checked copies of ``inputs``, each a ``(replicas, *shape)`` tensor per transfer. Arrays of
         exactly their stream's dtype and host shape need no conversion or shape check: they are only
-        copied (decoding runs pay this every step)."""
-        layouts = self._input_layouts
+        copied (decoding runs pay this every step), or not even that where the program neither writes
+        nor keeps what it loads from the stream (``Plan.borrowing_streams``) and the array is writable
+        and contiguous."""
+        layouts, borrowing = self._input_layouts, self._main.borrowing_streams
         if len(inputs) == len(layouts):
             copies = {}
             for s, a in inputs.items():
                 layout = layouts.get(s)
                 if layout is None or type(a) is not np.ndarray or a.dtype != layout[0] or a.shape != layout[1]:
                     break
-                copies[s] = torch.from_numpy(a.reshape(layout[2]).copy())
+                lent = s in borrowing and a.flags.c_contiguous and a.flags.writeable
+                copies[s] = _per_transfer(a if lent else a.copy(), layout[2])
             else:
                 return copies
         inputs = {s: self._host_input(s, a, downcast) for s, a in inputs.items()}
         self._check_streams(inputs, self._expected_inputs, "input")
         n = self._ir.num_host_transfers
-        return {s: torch.from_numpy(np.ascontiguousarray(a[:n] if n > 1 else a).reshape(layouts[s][2]))
-                for s, a in inputs.items()}
+        return {s: _per_transfer(np.ascontiguousarray(a[:n] if n > 1 else a), layouts[s][2]) for s, a in inputs.items()}
 
     def _host_input(self, stream, array, downcast: bool) -> np.ndarray:
         """The run's own copy of an input (as popxl): in-place ops on a loaded value never reach the
@@ -489,3 +492,11 @@ class Session:
             written[v] = self._host[v] = layout.store(self._host[v], layout.host_data(arr))
         if self._attached:
             self._copy_to_device(written)
+
+
+def _per_transfer(array: np.ndarray, shape: Tuple[int, ...]) -> Sequence[torch.Tensor]:
+    """``array`` viewed ``shape`` (transfers, replicas, *stream shape): a tensor per transfer, indexed in
+    numpy (a torch index costs a microsecond, which a decode step pays per input)."""
+    if shape[0] == 1:
+        return (torch.from_numpy(array.reshape(shape[1:])),)
+    return tuple(torch.from_numpy(array.reshape(shape)).unbind(0))

@@ -39,8 +39,7 @@ from typing import Sequence, Tuple
 import numpy as np
 import torch
 
-from gptj_popxl.addons.ops import _native as native
-from gptj_popxl.backend import IS_CPU, custom_op, popxl
+from gptj_popxl.backend import IS_CPU, custom_op, native, popxl
 
 __all__ = ["streamed_matmul", "MAX_ROWS", "decode_layer", "prefill_layer", "greedy_head", "greedy_decode_steps",
            "can_decode_layer", "product_choices", "portable_graphs"]

@@ -24,26 +24,14 @@
 #include <immintrin.h>
 #endif
 
+#include "../../popxl_cpu/kernels/vector_math.h"
 #include "streamed_matmul.h"
 #include "work_team.h"
 
 namespace gptj_decode {
 
 #ifdef __AVX512F__
-// exp(x) for x <= 0 to about one ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
-// polynomial, then scaled by 2^n.
-inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp underflows to 0 below
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2, high bits
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);  // ln2, low bits
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    for (float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    return _mm512_scalef_ps(p, n);
-}
-
+using gptj_kernels::exp_nonpositive;
 #endif
 
 // x[i] = exp(x[i] - top) for i < n, where top >= every x[i].

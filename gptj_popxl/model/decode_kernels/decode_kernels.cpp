@@ -4,7 +4,8 @@ setup_pybind11(cfg)
 cfg['extra_compile_args'] = ['-std=c++17', '-O3', '-march=native', '-ffp-contract=fast', '-pthread', '-fopenmp',
                              '-fvisibility=hidden', '-Wno-maybe-uninitialized']
 cfg['extra_link_args'] = ['-pthread', '-fopenmp']
-cfg['dependencies'] = ['work_team.h', 'streamed_matmul.h', 'decode_attention.h', 'decode_layer.h', '.cpu']
+cfg['dependencies'] = ['work_team.h', 'streamed_matmul.h', 'decode_attention.h', 'decode_layer.h',
+                       '../../popxl_cpu/kernels/vector_math.h', '.cpu']
 %>
 */
 // Python binding of the decode kernels, built on first import by cppimport (their Python ops in this

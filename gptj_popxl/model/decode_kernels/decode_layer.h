@@ -57,34 +57,18 @@ inline void layer_norm(const float* x, int64_t rows, int64_t n, const T* weight,
     }
 }
 
-// GELU, tanh approximation (transformers' gelu_new), with tanh(u) = sign(u) (1 - e) / (1 + e),
-// e = exp(-2 |u|).
-inline float gelu_tanh(float v) {
-    const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);  // sqrt(2 / pi) (v + 0.044715 v^3)
-    const float e = std::exp(-2.0f * std::fabs(u));
-    return 0.5f * v * (1.0f + std::copysign((1.0f - e) / (1.0f + e), u));
-}
-
-// a[i] = gelu_tanh(a[i] + bias[i]) for i < n, sixteen at a time where AVX-512 is there.
+// a[i] = gelu_tanh(a[i] + bias[i]) (vector_math.h: transformers' gelu_new) for i < n, sixteen at a time where
+// AVX-512 is there.
 template <typename T>
 inline void add_bias_gelu(float* a, const T* bias, int64_t n) {
     int64_t i = 0;
 #ifdef __AVX512F__
-    const __m512 sign = _mm512_set1_ps(-0.0f);
-    for (; i + 16 <= n; i += 16) {
-        const __m512 v = _mm512_add_ps(_mm512_loadu_ps(a + i), gptj_streamed::load16(bias + i));
-        const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
-        const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
-                                       _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), cube, v));
-        const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_andnot_ps(sign, u)));
-        const __m512 one = _mm512_set1_ps(1.0f);
-        __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-        t = _mm512_or_ps(t, _mm512_and_ps(sign, u));  // tanh is odd: u's sign
-        _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, t)));
-    }
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(a + i, gptj_kernels::gelu_tanh(
+                                    _mm512_add_ps(_mm512_loadu_ps(a + i), gptj_streamed::load16(bias + i))));
 #endif
     for (; i < n; ++i)
-        a[i] = gelu_tanh(a[i] + to_float(bias[i]));
+        a[i] = gptj_kernels::gelu_tanh(a[i] + to_float(bias[i]));
 }
 
 // The layer around its attention for `rows` rows: attention(qkv, z) fills z (rows, H D) from qkv

@@ -4,7 +4,7 @@ from typing import Callable
 
 import torch
 
-from .. import dtypes
+from .. import dtypes, kernels
 from ..primitive import Primitive, spec
 from ..tensor import Tensor
 from ._util import broadcast_shape, check_float, check_same_dtype, replica_view_shape, scalar_like, unbroadcast
@@ -38,14 +38,17 @@ def _unary_grad(g):
 
 
 def _unary(name: str, fn: Callable, derivative: Callable = None, floating: bool = True, out_dtype=None,
-           fused_grad: Callable = None):
+           fused_grad: Callable = None, lower_out: Callable = None):
     """Defines a unary primitive; ``derivative(x, y)`` (torch) gives its gradient rule, ``fused_grad(dy, x)``
-    optionally the same ``dy * f'(x)`` as one torch kernel."""
+    optionally the same ``dy * f'(x)`` as one kernel, and ``lower_out(op, runtime)`` optionally the
+    primitive's ``lower_out``."""
     attrs = {
         "name": name,
         "infer": staticmethod(lambda t: _unary_infer(t, name, floating, out_dtype)),
         "kernel": staticmethod(fn),
     }
+    if lower_out is not None:
+        attrs["lower_out"] = classmethod(lambda cls, op, runtime: lower_out(op, runtime))
     if derivative is not None:
         attrs["derivative"] = staticmethod(derivative)
         attrs["grad"] = staticmethod(_unary_grad)
@@ -63,20 +66,32 @@ def _unary_infer(t, name, floating, out_dtype):
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-# Fewest float32 elements for which _gelu_tanh's passes beat torch's kernel (measured, 2 threads: 51 against
-# 59 us at 2^16 elements, 32 against 28 us at 2^14).
-_GELU_PASSES_FROM = 1 << 16
+# Fewest float32 elements from which the runtime's C++ kernels beat torch's (measured, 2 threads: 6.0 against
+# 4.8 us at 1024 elements, 13 against 44 us at 16384).
+_NATIVE_GELU_FROM = 1 << 11
 
 
 def _gelu_tanh(x):
-    """``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``. For large float32 tensors as in-place
-    passes over one buffer: torch's own tanh-GELU kernel took 0.44 ms on a (256, 2048) input where
-    these passes take 0.31 ms (2 threads); small tensors and other dtypes keep torch's kernel."""
-    if x.dtype != torch.float32 or x.numel() < _GELU_PASSES_FROM:
+    """``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``: the runtime's one-pass C++ kernel for float32,
+    torch's for small tensors and other dtypes."""
+    if x.dtype != torch.float32 or x.numel() < _NATIVE_GELU_FROM:
         return torch.nn.functional.gelu(x, approximate="tanh")
-    u = x * x
-    u.mul_(0.044715 * _SQRT_2_OVER_PI).add_(_SQRT_2_OVER_PI).mul_(x).tanh_()
-    return u.add_(1).mul_(x).mul_(0.5)
+    return kernels.gelu_tanh(x)
+
+
+def _gelu_tanh_lower_out(op, runtime):
+    """The C++ kernel, which writes into given memory, where it is the one ``_gelu_tanh`` would run."""
+    x = op.inputs[0]
+    if x.dtype != dtypes.float32 or runtime.replicas * math.prod(x.shape) < _NATIVE_GELU_FROM:
+        return None
+    return kernels.gelu_tanh
+
+
+def _gelu_tanh_grad(dy, x):
+    """``dy * gelu_tanh'(x)`` of float32 values in one kernel."""
+    if x.numel() < _NATIVE_GELU_FROM:
+        return torch.ops.aten.gelu_backward(dy, x, approximate="tanh")
+    return kernels.gelu_tanh_grad(dy, x)
 
 
 def _gelu_tanh_derivative(x, y):
@@ -106,8 +121,8 @@ Sin = _unary("sin", torch.sin, lambda x, y: torch.cos(x))
 Cos = _unary("cos", torch.cos, lambda x, y: -torch.sin(x))
 Abs = _unary("abs", torch.abs, lambda x, y: torch.sign(x), floating=False)
 Relu = _unary("relu", torch.relu, lambda x, y: (x > 0).to(x.dtype), floating=False)
-Gelu = _unary("gelu", _gelu_tanh, _gelu_tanh_derivative,
-              fused_grad=lambda dy, x: torch.ops.aten.gelu_backward(dy, x, approximate="tanh"))
+Gelu = _unary("gelu", _gelu_tanh, _gelu_tanh_derivative, fused_grad=_gelu_tanh_grad,
+              lower_out=_gelu_tanh_lower_out)
 Geluerf = _unary("geluerf", torch.nn.functional.gelu, _gelu_erf_derivative,
                  fused_grad=lambda dy, x: torch.ops.aten.gelu_backward(dy, x, approximate="none"))
 Swish = _unary("swish", torch.nn.functional.silu, _swish_derivative, fused_grad=torch.ops.aten.silu_backward)

@@ -14,7 +14,7 @@ output gradient; no gradient flows to the tables.
 On the CPU runtime this is a custom op (``gptj_popxl.backend.custom_op``) whose kernel is the C++ in
 ``rotary_embedding.h``, bound by ``rotary_embedding.cpp`` and compiled by cppimport on first use
 for this processor (into this folder, git-ignored; concurrent processes wait on cppimport's lock;
-another processor rebuilds it, see ``addons/ops/_native.py``). With the Poplar
+another processor rebuilds it, see ``popxl_cpu/native.py``). With the Poplar
 SDK the call goes to popxl-addons' own op.
 """
 import functools
@@ -24,8 +24,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 import torch
 
-from ....backend import IS_CPU, custom_op, popxl
-from .. import _native as native
+from ....backend import IS_CPU, custom_op, native, popxl
 
 __all__ = ["rotary_pos_embed", "trig_tables", "trig_table_constants"]
 

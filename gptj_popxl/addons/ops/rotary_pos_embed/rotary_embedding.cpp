@@ -3,7 +3,7 @@
 setup_pybind11(cfg)
 cfg['extra_compile_args'] = ['-std=c++17', '-O3', '-march=native', '-ffp-contract=off', '-fvisibility=hidden', '-fopenmp']
 cfg['extra_link_args'] = ['-fopenmp']
-cfg['dependencies'] = ['rotary_embedding.h', '.cpu']
+cfg['dependencies'] = ['rotary_embedding.h', '../../../popxl_cpu/kernels/parallel_for.h', '.cpu']
 %>
 */
 // Python binding of the rotary embedding kernel, built on first import by cppimport

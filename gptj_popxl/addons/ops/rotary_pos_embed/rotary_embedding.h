@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "../../../popxl_cpu/kernels/parallel_for.h"
+
 namespace gptj_rotary {
 
 struct half {
@@ -67,21 +69,7 @@ inline float store<float>(float v) { return v; }
 template <>
 inline half store<half>(float v) { return float_to_half(v); }
 
-// Runs fn(begin, end) over [0, n) split into at most num_threads chunks of at least `grain` items, on
-// OpenMP threads: built with -fopenmp after torch is loaded, this shares torch's libgomp and so its warm
-// thread pool (a thread started per call costs more than a call's share of the work).
-template <typename F>
-void parallel_for(int64_t n, int64_t grain, int num_threads, const F& fn) {
-    const int64_t chunks = std::min<int64_t>(std::max(num_threads, 1), (n + grain - 1) / std::max<int64_t>(grain, 1));
-    if (chunks <= 1) {
-        fn(int64_t(0), n);
-        return;
-    }
-    const int64_t step = (n + chunks - 1) / chunks;
-#pragma omp parallel for num_threads(int(chunks)) schedule(static, 1)
-    for (int64_t k = 0; k < chunks; ++k)
-        fn(k * step, std::min(n, (k + 1) * step));
-}
+using gptj_kernels::parallel_for;
 
 // One token's angles widened to the pair layout: out[j] = x[j] * c[j] + x[j ^ 1] * s[j] for j < rotary_dim,
 // with c[2i] = c[2i+1] = cos_i, s[2i] = -sin_i, s[2i+1] = sin_i (signs swapped for Inverse). Built once per

@@ -1,0 +1,92 @@
+/*
+<%
+setup_pybind11(cfg)
+cfg['extra_compile_args'] = ['-std=c++17', '-O3', '-march=native', '-ffp-contract=fast', '-fvisibility=hidden',
+                             '-fopenmp', '-Wno-maybe-uninitialized']
+cfg['extra_link_args'] = ['-fopenmp']
+cfg['dependencies'] = ['vector_math.h', 'parallel_for.h', '.cpu']
+%>
+*/
+// The runtime's elementwise kernels: tanh-GELU and its gradient in one pass over memory, float32, built on
+// first use by cppimport (kernels/__init__.py loads it). Takes contiguous numpy arrays; torch tensors
+// pass theirs via .numpy().
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "parallel_for.h"
+#include "vector_math.h"
+
+namespace py = pybind11;
+using Floats = py::array_t<float, py::array::c_style>;
+
+namespace {
+
+// Sixteen-element blocks a thread takes at least: below, waking a second thread costs more than it saves.
+constexpr int64_t GRAIN_BLOCKS = 1024;
+
+// out[i] = f(in[i], i) for every i, on up to `threads` threads; f takes sixteen at a time where AVX-512 is
+// there. Threads split at whole blocks, so only the array's last few elements take the scalar path and the
+// result is the same for any thread count.
+template <typename F>
+void map(const float* in, float* out, int64_t n, int threads, const F& f) {
+    py::gil_scoped_release released;
+    gptj_kernels::parallel_for((n + 15) / 16, GRAIN_BLOCKS, threads, [&](int64_t first, int64_t last) {
+        int64_t i = 16 * first;
+        const int64_t end = std::min(n, 16 * last);
+#ifdef __AVX512F__
+        for (; i + 16 <= end; i += 16)
+            _mm512_storeu_ps(out + i, f(_mm512_loadu_ps(in + i), i));
+#endif
+        for (; i < end; ++i)
+            out[i] = f(in[i], i);
+    });
+}
+
+void require_same_size(const Floats& a, const Floats& b, const char* what) {
+    if (a.size() != b.size())
+        throw py::value_error(std::string(what) + ": arrays of " + std::to_string(a.size()) + " and " +
+                              std::to_string(b.size()) + " elements");
+}
+
+struct Gelu {
+    template <typename V>
+    V operator()(V v, int64_t) const { return gptj_kernels::gelu_tanh(v); }
+};
+
+// dy[i] * gelu_tanh'(x[i]).
+struct GeluGrad {
+    const float* dy;
+    float operator()(float v, int64_t i) const { return dy[i] * gptj_kernels::gelu_tanh_derivative(v); }
+#ifdef __AVX512F__
+    __m512 operator()(__m512 v, int64_t i) const {
+        return _mm512_mul_ps(_mm512_loadu_ps(dy + i), gptj_kernels::gelu_tanh_derivative(v));
+    }
+#endif
+};
+
+// out = gelu_tanh(x).
+void gelu_tanh(const Floats& x, Floats& out, int threads) {
+    require_same_size(x, out, "gelu_tanh");
+    map(x.data(), out.mutable_data(), x.size(), threads, Gelu{});
+}
+
+// out = dy * gelu_tanh'(x).
+void gelu_tanh_grad(const Floats& dy, const Floats& x, Floats& out, int threads) {
+    require_same_size(x, out, "gelu_tanh_grad");
+    require_same_size(dy, out, "gelu_tanh_grad");
+    map(x.data(), out.mutable_data(), x.size(), threads, GeluGrad{dy.data()});
+}
+
+}  // namespace
+
+PYBIND11_MODULE(elementwise, m) {
+    m.doc() = "The CPU runtime's fused elementwise kernels (float32).";
+    // noconvert: a converted copy of `out` would take the result and leave the caller's array as it was.
+    m.def("gelu_tanh", &gelu_tanh, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("threads"));
+    m.def("gelu_tanh_grad", &gelu_tanh_grad, py::arg("dy").noconvert(), py::arg("x").noconvert(),
+          py::arg("out").noconvert(), py::arg("threads"));
+}

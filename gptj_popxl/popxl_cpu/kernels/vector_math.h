@@ -1,0 +1,74 @@
+// Sixteen-wide float32 exp, tanh and tanh-GELU for AVX-512, with their scalar counterparts: header-only,
+// shared by the runtime's elementwise kernels and the decode kernels.
+#pragma once
+
+#include <cmath>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace gptj_kernels {
+
+constexpr float SQRT_2_OVER_PI = 0.7978845608028654f;
+constexpr float GELU_CUBE = 0.044715f;
+
+// GELU, tanh approximation (transformers' gelu_new): 0.5 v (1 + tanh(u)), u = sqrt(2 / pi) (v + 0.044715 v^3),
+// with tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|), which neither overflows nor cancels.
+inline float tanh_by_exp(float u) {
+    const float e = std::exp(-2.0f * std::fabs(u));
+    return std::copysign((1.0f - e) / (1.0f + e), u);
+}
+
+inline float gelu_tanh(float v) {
+    return 0.5f * v * (1.0f + tanh_by_exp(SQRT_2_OVER_PI * (v + GELU_CUBE * v * v * v)));
+}
+
+// d gelu_tanh / dv = 0.5 (1 + t) + 0.5 v (1 - t^2) sqrt(2 / pi) (1 + 3 * 0.044715 v^2), t = tanh(u).
+inline float gelu_tanh_derivative(float v) {
+    const float v2 = v * v;
+    const float t = tanh_by_exp(SQRT_2_OVER_PI * (v + GELU_CUBE * v2 * v));
+    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_CUBE * v2);
+}
+
+#ifdef __AVX512F__
+// exp(x) for x <= 0 to about one ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
+// polynomial, then scaled by 2^n.
+inline __m512 exp_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp underflows to 0 below
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2, high bits
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);  // ln2, low bits
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    for (float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 tanh_by_exp(__m512 u) {
+    const __m512 sign = _mm512_set1_ps(-0.0f), one = _mm512_set1_ps(1.0f);
+    const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_andnot_ps(sign, u)));
+    const __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    return _mm512_or_ps(t, _mm512_and_ps(sign, u));  // tanh is odd: u's sign
+}
+
+inline __m512 gelu_tanh(__m512 v) {
+    const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(SQRT_2_OVER_PI), _mm512_fmadd_ps(_mm512_set1_ps(GELU_CUBE), cube, v));
+    return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.0f), tanh_by_exp(u)));
+}
+
+inline __m512 gelu_tanh_derivative(__m512 v) {
+    const __m512 one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f), v2 = _mm512_mul_ps(v, v);
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(SQRT_2_OVER_PI),
+                                   _mm512_fmadd_ps(_mm512_set1_ps(GELU_CUBE), _mm512_mul_ps(v2, v), v));
+    const __m512 t = tanh_by_exp(u);
+    const __m512 du = _mm512_mul_ps(_mm512_set1_ps(SQRT_2_OVER_PI),
+                                    _mm512_fmadd_ps(_mm512_set1_ps(3.0f * GELU_CUBE), v2, one));
+    return _mm512_fmadd_ps(_mm512_mul_ps(_mm512_mul_ps(half, v), _mm512_fnmadd_ps(t, t, one)), du,
+                           _mm512_mul_ps(half, _mm512_add_ps(one, t)));
+}
+#endif
+
+}  // namespace gptj_kernels

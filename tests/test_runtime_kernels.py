@@ -1,0 +1,167 @@
+"""The runtime's C++ elementwise kernels (``popxl_cpu/kernels``): tanh-GELU and its gradient against
+float64 torch, through ``ops.gelu`` and its autodiff gradient at sizes that take the kernels; and host
+loads that borrow the caller's array instead of copying it, only where nothing can tell."""
+import numpy as np
+import pytest
+import torch
+
+from gptj_popxl.popxl_cpu import (Ir, Session, TensorByRef, custom_op, d2h_stream, float32, h2d_stream, kernels,
+                                  ops)
+from gptj_popxl.popxl_cpu.ops import elementwise
+from ops_check import run_graph
+
+F = torch.nn.functional
+
+
+def _gelu64(x: np.ndarray) -> np.ndarray:
+    return F.gelu(torch.from_numpy(x).double(), approximate="tanh").numpy()
+
+
+def _gelu_grad64(dy: np.ndarray, x: np.ndarray) -> np.ndarray:
+    x64 = torch.from_numpy(x).double().requires_grad_()
+    F.gelu(x64, approximate="tanh").backward(torch.from_numpy(dy).double())
+    return x64.grad.numpy()
+
+
+def _inputs(rng, n: int) -> np.ndarray:
+    """Normal values, with wide ones, saturating ones and both signs of zero among them."""
+    x = rng.standard_normal(n).astype(np.float32) * 3
+    special = np.array([0.0, -0.0, 1e-30, -1e-30, 9.0, -9.0, 30.0, -30.0, 1e4, -1e4, 1e15, -1e15], np.float32)
+    x[: min(n, len(special))] = special[: min(n, len(special))]
+    return rng.permutation(x)
+
+
+# Around the size from which ops take the C++ kernel, and lengths that leave a scalar tail.
+SIZES = [elementwise._NATIVE_GELU_FROM - 1, elementwise._NATIVE_GELU_FROM, 16 * 1024 * 3 + 13, 100003]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_gelu_and_its_gradient_match_float64(n, rng):
+    x = _inputs(rng, n)
+    dy = rng.standard_normal(n).astype(np.float32)
+    (y,), (dx,) = run_graph(ops.gelu, x, dys=[dy])
+    # float32's own rounding of the formula: about an ulp of the result, plus the tanh's error near 0
+    np.testing.assert_allclose(y, _gelu64(x), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(dx, _gelu_grad64(dy, x), rtol=4e-6, atol=4e-6)
+
+
+def test_gelu_kernels_give_torchs_nans_and_infinities():
+    x = np.array([np.nan, np.inf, -np.inf, 1.0] * 1000, np.float32)
+    dy = np.ones_like(x)
+    y = kernels.gelu_tanh(torch.from_numpy(x)).numpy()
+    dx = kernels.gelu_tanh_grad(torch.from_numpy(dy), torch.from_numpy(x)).numpy()
+    for ours, reference in ((y, _gelu64(x)), (dx, _gelu_grad64(dy, x))):
+        np.testing.assert_array_equal(np.isnan(ours), np.isnan(reference))
+        np.testing.assert_allclose(ours[~np.isnan(ours)], reference[~np.isnan(reference)], rtol=2e-6)
+
+
+def test_gelu_kernels_give_the_same_bits_on_any_thread_count(rng):
+    x = torch.from_numpy(_inputs(rng, 16 * 5000 + 7))
+    dy = torch.from_numpy(rng.standard_normal(x.numel()).astype(np.float32))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((kernels.gelu_tanh(x), kernels.gelu_tanh_grad(dy, x)))
+    finally:
+        torch.set_num_threads(before)
+    for y, dx in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(dx, results[0][1])
+
+
+def test_gelu_writes_given_memory_for_large_outputs(rng):
+    """An output over the plan's large-value size takes memory the plan hands the kernel (``lower_out``)."""
+    x = rng.standard_normal((1100, 1024)).astype(np.float32)
+    out, _ = run_graph(lambda t: ops.gelu(t) * 2.0, x)
+    np.testing.assert_allclose(out[0], 2 * _gelu64(x), rtol=2e-6, atol=2e-6)
+
+
+def test_gelu_kernel_rejects_arrays_it_would_have_to_convert():
+    x = torch.zeros(4096)
+    with pytest.raises(TypeError):
+        kernels.elementwise().gelu_tanh(x.numpy(), np.zeros(4096, np.float64), 1)
+    with pytest.raises(TypeError):
+        kernels.elementwise().gelu_tanh(x.numpy(), np.zeros((64, 128), np.float32)[:, ::2], 1)
+    with pytest.raises(ValueError, match="4096 and 4095 elements"):
+        kernels.elementwise().gelu_tanh(x.numpy(), np.zeros(4095, np.float32), 1)
+
+
+# ---------------------------------------------------------------- inputs the run borrows
+
+class _Address(custom_op.CustomOp):
+    """x + 1, recording the address of the x it is given."""
+    name = "address_recorded"
+    seen = []
+
+    @staticmethod
+    def infer(x):
+        return custom_op.spec(x.shape, x.dtype)
+
+    @staticmethod
+    def kernel(x):
+        _Address.seen.append(x.data_ptr())
+        return x + 1
+
+
+def _program(body):
+    """A session loading a (2, 4) float32 stream, applying ``body`` and storing its result."""
+    ir = Ir()
+    with ir.main_graph:
+        x_stream = h2d_stream((2, 4), float32, "x")
+        y = body(ops.host_load(x_stream))
+        y_stream = d2h_stream(y.shape, y.dtype, "y")
+        ops.host_store(y_stream, y)
+    return Session(ir), x_stream, y_stream
+
+
+def test_a_load_nothing_writes_or_keeps_reads_the_callers_array():
+    session, x_stream, y_stream = _program(_Address.create)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    frozen = x.copy()
+    frozen.flags.writeable = False  # torch must not be handed a read-only array
+    strided = np.arange(16, dtype=np.float32).reshape(2, 8)[:, ::2]
+    with session:
+        for data, borrowed in ((x, True), (frozen, False), (strided, False)):
+            np.testing.assert_array_equal(session.run({x_stream: data})[y_stream], data + 1)
+            assert (_Address.seen[-1] == data.ctypes.data) == borrowed
+
+
+@pytest.mark.parametrize("body", [lambda t: ops.add_(t, t), lambda t: ops.reshape(ops.gelu_(t), (8,))],
+                         ids=["written", "written through a view"])
+def test_a_load_written_in_place_is_a_copy(body):
+    session, x_stream, y_stream = _program(body)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with session:
+        session.run({x_stream: x})
+    np.testing.assert_array_equal(x, np.arange(8, dtype=np.float32).reshape(2, 4))
+
+
+def test_a_load_a_called_graph_writes_by_reference_is_a_copy():
+    ir = Ir()
+    with ir.main_graph:
+        x_stream = h2d_stream((4,), float32, "x")
+        loaded = ops.host_load(x_stream)
+        def square(t: TensorByRef):
+            ops.add_(t, t)
+
+        ops.call(ir.create_graph(square, loaded), loaded)
+        y_stream = d2h_stream((4,), float32, "y")
+        ops.host_store(y_stream, loaded + 0.0)
+    x = np.arange(4, dtype=np.float32)
+    with Session(ir) as session:
+        y = session.run({x_stream: x})[y_stream]
+    np.testing.assert_array_equal(y, np.arange(4, dtype=np.float32) * 2)
+    np.testing.assert_array_equal(x, np.arange(4, dtype=np.float32))
+
+
+@pytest.mark.parametrize("body", [lambda t: t, lambda t: ops.reshape(t, (8,)), lambda t: ops.transpose(t)],
+                         ids=["stored", "stored as a view", "stored transposed"])
+def test_a_load_the_host_keeps_is_a_copy(body):
+    session, x_stream, y_stream = _program(body)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with session:
+        y = session.run({x_stream: x})[y_stream]
+    expected = y.copy()
+    x[...] = -1
+    np.testing.assert_array_equal(y, expected)

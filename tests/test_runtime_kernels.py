@@ -1,13 +1,15 @@
-"""The runtime's C++ elementwise kernels (``popxl_cpu/kernels``): tanh-GELU and its gradient against
-float64 torch, through ``ops.gelu`` and its autodiff gradient at sizes that take the kernels; and host
-loads that borrow the caller's array instead of copying it, only where nothing can tell."""
+"""The runtime's C++ kernels (``popxl_cpu/kernels``) against float64 torch: tanh-GELU and its gradient through
+``ops.gelu`` and autodiff at sizes that take the kernels, and the attention's ``softmax(s / c + mask)``,
+which lowering fuses into one kernel; and host loads that borrow the caller's array instead of copying
+it, only where nothing can tell."""
 import numpy as np
 import pytest
 import torch
 
-from gptj_popxl.popxl_cpu import (Ir, Session, TensorByRef, custom_op, d2h_stream, float32, h2d_stream, kernels,
-                                  ops)
+from gptj_popxl.popxl_cpu import (Ir, Session, TensorByRef, TensorSpec, constant, custom_op, d2h_stream, float32,
+                                  h2d_stream, kernels, ops)
 from gptj_popxl.popxl_cpu.ops import elementwise
+from gptj_popxl.popxl_cpu.ops.nn import Softmax, lowering_fusions
 from ops_check import run_graph
 
 F = torch.nn.functional
@@ -80,11 +82,11 @@ def test_gelu_writes_given_memory_for_large_outputs(rng):
 def test_gelu_kernel_rejects_arrays_it_would_have_to_convert():
     x = torch.zeros(4096)
     with pytest.raises(TypeError):
-        kernels.elementwise().gelu_tanh(x.numpy(), np.zeros(4096, np.float64), 1)
+        kernels.fused_ops().gelu_tanh(x.numpy(), np.zeros(4096, np.float64), 1)
     with pytest.raises(TypeError):
-        kernels.elementwise().gelu_tanh(x.numpy(), np.zeros((64, 128), np.float32)[:, ::2], 1)
+        kernels.fused_ops().gelu_tanh(x.numpy(), np.zeros((64, 128), np.float32)[:, ::2], 1)
     with pytest.raises(ValueError, match="4096 and 4095 elements"):
-        kernels.elementwise().gelu_tanh(x.numpy(), np.zeros(4095, np.float32), 1)
+        kernels.fused_ops().gelu_tanh(x.numpy(), np.zeros(4095, np.float32), 1)
 
 
 # ---------------------------------------------------------------- inputs the run borrows
@@ -165,3 +167,64 @@ def test_a_load_the_host_keeps_is_a_copy(body):
     expected = y.copy()
     x[...] = -1
     np.testing.assert_array_equal(y, expected)
+
+
+# ---------------------------------------------------------------- the attention's softmax
+
+def _attention_softmax64(scores, mask, scale):
+    return torch.softmax(torch.from_numpy(scores).double() / scale + torch.from_numpy(mask).double(), -1).numpy()
+
+
+def _attention_graph(scale, mask_value, reuse_quotient=False):
+    """``softmax(s / scale + mask)`` as the model builds it; with ``reuse_quotient`` the quotient has a
+    second use, which leaves nothing to fuse."""
+    def fn(s):
+        quotient = s / constant(np.float32(scale))
+        probs = ops.softmax(quotient + constant(mask_value), axis=-1)
+        return (probs, quotient) if reuse_quotient else probs
+    return fn
+
+
+def _fused_softmaxes(fn, *specs):
+    ir = Ir()
+    with ir.main_graph:
+        graph = ir.create_graph(fn, *specs)
+    fused, _ = lowering_fusions(graph, 1)
+    return sum(op.prim is Softmax for op in fused)
+
+
+@pytest.mark.parametrize("keys", [256, 37])
+def test_attention_softmax_is_one_kernel_matching_float64(keys, rng):
+    queries = keys
+    scores = (rng.standard_normal((2, 3, queries, keys)) * 20).astype(np.float32)
+    mask = np.where(np.arange(keys)[None, :] <= np.arange(queries)[:, None], 0, np.finfo(np.float32).min)
+    mask = mask.astype(np.float32)
+    fn = _attention_graph(8.0, mask)
+    assert _fused_softmaxes(fn, TensorSpec(scores.shape, float32)) == 1
+    dy = rng.standard_normal(scores.shape).astype(np.float32)
+    (probs,), (ds,) = run_graph(fn, scores, dys=[dy])
+    np.testing.assert_allclose(probs, _attention_softmax64(scores, mask, 8.0), rtol=1e-5, atol=1e-7)
+    s64 = torch.from_numpy(scores).double().requires_grad_()
+    torch.softmax(s64 / 8.0 + torch.from_numpy(mask).double(), -1).backward(torch.from_numpy(dy).double())
+    np.testing.assert_allclose(ds, s64.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_softmax_unfused_where_the_pattern_does_not_hold(rng):
+    scores = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    broadcast_mask = rng.standard_normal((1, 8)).astype(np.float32)  # broadcasts over queries: not a suffix
+    spec = TensorSpec(scores.shape, float32)
+    assert _fused_softmaxes(_attention_graph(3.0, broadcast_mask), spec) == 0
+    assert _fused_softmaxes(_attention_graph(3.0, broadcast_mask[0], reuse_quotient=True), spec) == 0
+    (probs, _), _ = run_graph(_attention_graph(3.0, broadcast_mask[0], reuse_quotient=True), scores)
+    np.testing.assert_allclose(probs, _attention_softmax64(scores, broadcast_mask[0], 3.0), rtol=1e-5, atol=1e-7)
+
+
+def test_attention_softmax_kernel_keeps_nans_and_gives_zeros_where_masked():
+    scores = np.zeros((3, 40), np.float32)
+    scores[1, 5] = np.nan
+    mask = np.zeros((3, 40), np.float32)
+    mask[:, 20:] = np.finfo(np.float32).min
+    probs = kernels.scaled_masked_softmax(torch.from_numpy(scores), torch.from_numpy(mask), 2.0).numpy()
+    assert np.isnan(probs[1]).all() and not np.isnan(probs[[0, 2]]).any()
+    np.testing.assert_array_equal(probs[[0, 2], 20:], 0.0)
+    np.testing.assert_allclose(probs[[0, 2], :20], 1 / 20, rtol=1e-6)

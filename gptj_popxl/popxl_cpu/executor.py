@@ -10,8 +10,9 @@ outputs that share storage with an input are copied on return. A remote load's v
 the buffer's memory unless the graph returns it, may store to that buffer while it is in use, or
 writes it (except to store it back where it came from); then it is a copy (``_remote_loads_to_copy``).
 
-Lowering applies one pattern rewrite (``ops.nn.bias_matmul_fusions``): a matmul whose only use is a
-bias add has no step of its own; the add's step computes both (``addmm``) from the matmul's inputs.
+Lowering applies pattern rewrites (``ops.nn.lowering_fusions``): a matmul whose only use is a bias add
+has no step of its own, the add's step computes both (``addmm``) from the matmul's inputs; the
+attention's ``softmax(scores / c + mask)`` is one step of a C++ kernel.
 
 Memory plan: a step whose op can write into given memory (``Primitive.lower_out``) and whose output
 is large is handed that memory. A value that never outlives a run (its storage class holds no graph
@@ -28,7 +29,7 @@ import torch
 
 from . import allocation
 from .ops.io import HostLoad
-from .ops.nn import bias_matmul_fusions
+from .ops.nn import lowering_fusions
 from .remote_buffer import RemoteBuffer
 from .tensor import Constant, Tensor
 
@@ -85,7 +86,7 @@ class Plan:
     def __init__(self, graph, runtime):
         self.graph = graph
         classes, written, copied = storage_with_copying_views(graph)
-        fused, absorbed = bias_matmul_fusions(graph, runtime.replicas)
+        fused, absorbed = lowering_fusions(graph, runtime.replicas)
         copied_loads = _remote_loads_to_copy(graph, classes, written, fused, absorbed)
         copied |= copied_loads
         remote_views = {classes.find(op.outputs[0].id) for op in graph._ops

@@ -30,20 +30,7 @@
 
 namespace gptj_decode {
 
-#ifdef __AVX512F__
-using gptj_kernels::exp_nonpositive;
-#endif
-
-// x[i] = exp(x[i] - top) for i < n, where top >= every x[i].
-inline void exp_shifted(float* x, int64_t n, float top) {
-    int64_t i = 0;
-#ifdef __AVX512F__
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(x + i, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(top))));
-#endif
-    for (; i < n; ++i)
-        x[i] = std::exp(x[i] - top);
-}
+using gptj_kernels::scaled_masked_softmax;
 
 inline void rotate(float* x, const float* sin, const float* cos, int64_t rotary_dim) {
     for (int64_t i = 0; i < rotary_dim / 2; ++i) {
@@ -51,21 +38,6 @@ inline void rotate(float* x, const float* sin, const float* cos, int64_t rotary_
         x[2 * i] = even * cos[i] - odd * sin[i];
         x[2 * i + 1] = odd * cos[i] + even * sin[i];
     }
-}
-
-// score (n) = softmax(score / scale + mask), in place.
-inline void softmax(float* score, const float* mask, int64_t n, float scale) {
-    float top = -INFINITY;
-    for (int64_t col = 0; col < n; ++col) {
-        score[col] = score[col] / scale + mask[col];
-        top = std::max(top, score[col]);
-    }
-    exp_shifted(score, n, top);
-    float total = 0.0f;
-    for (int64_t col = 0; col < n; ++col)
-        total += score[col];
-    for (int64_t col = 0; col < n; ++col)
-        score[col] /= total;
 }
 
 // out (D) = softmax(score) @ values with score[c] = (q . key[c]) / sqrt(D) + mask[c]: keys (D, C)
@@ -77,7 +49,7 @@ inline void attend(const float* q, const T* keys, const T* values, const float* 
     std::fill(score, score + C, 0.0f);
     for (int64_t d = 0; d < D; ++d)
         gptj_streamed::add_scaled(q[d], keys + d * C, C, score);
-    softmax(score, mask, C, scale);
+    scaled_masked_softmax(score, mask, scale, score, C);
     std::fill(out, out + D, 0.0f);
     for (int64_t col = 0; col < C; ++col)
         gptj_streamed::add_scaled(score[col], values + col * D, D, out);
@@ -194,7 +166,7 @@ inline void prefill_attention(const float* qkv, const int32_t* positions, const 
         gptj_streamed::convert(v_rows, S * D, v + bh * S * D);
         one_thread(q, S, D, keys, S, scores);
         for (int64_t t = 0; t < S; ++t)
-            softmax(scores + t * S, mask + (b * S + t) * S, S, scale);
+            scaled_masked_softmax(scores + t * S, mask + (b * S + t) * S, scale, scores + t * S, S);
         one_thread(scores, S, S, v_rows, D, zt);
         for (int64_t t = 0; t < S; ++t)
             std::copy(zt + t * D, zt + (t + 1) * D, z + ((b * S + t) * H + h) * D);

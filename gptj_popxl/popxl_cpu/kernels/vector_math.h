@@ -1,8 +1,10 @@
-// Sixteen-wide float32 exp, tanh and tanh-GELU for AVX-512, with their scalar counterparts: header-only,
-// shared by the runtime's elementwise kernels and the decode kernels.
+// Sixteen-wide float32 exp, tanh and tanh-GELU for AVX-512, with their scalar counterparts, and a softmax row:
+// header-only, shared by the runtime's fused kernels and the decode kernels.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -33,9 +35,11 @@ inline float gelu_tanh_derivative(float v) {
 
 #ifdef __AVX512F__
 // exp(x) for x <= 0 to about one ulp: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-7 Taylor
-// polynomial, then scaled by 2^n.
+// polynomial, then scaled by 2^n. Below -87 (where exp leaves float32's normal range) the result is 0: a
+// subnormal would cost every later arithmetic on it a slow microcode assist (a masked softmax's half of
+// its row). A NaN stays NaN.
 inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp underflows to 0 below
+    const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2, high bits
@@ -43,7 +47,7 @@ inline __m512 exp_nonpositive(__m512 x) {
     __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
     for (float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(normal, _mm512_scalef_ps(p, n));
 }
 
 inline __m512 tanh_by_exp(__m512 u) {
@@ -70,5 +74,48 @@ inline __m512 gelu_tanh_derivative(__m512 v) {
                            _mm512_mul_ps(half, _mm512_add_ps(one, t)));
 }
 #endif
+
+// x[i] = exp(x[i] - top) for i < n, where top >= every x[i]; returns their sum.
+inline float exp_shifted(float* x, int64_t n, float top) {
+    int64_t i = 0;
+    float total = 0.0f;
+#ifdef __AVX512F__
+    __m512 sums = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(top)));
+        _mm512_storeu_ps(x + i, e);
+        sums = _mm512_add_ps(sums, e);
+    }
+    total = _mm512_reduce_add_ps(sums);
+#endif
+    for (; i < n; ++i) {
+        x[i] = std::exp(x[i] - top);
+        total += x[i];
+    }
+    return total;
+}
+
+// y (n) = softmax(x / scale + mask); y may be x.
+inline void scaled_masked_softmax(const float* x, const float* mask, float scale, float* y, int64_t n) {
+    int64_t i = 0;
+    float top = -INFINITY;
+#ifdef __AVX512F__
+    __m512 tops = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_add_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(scale)),
+                                       _mm512_loadu_ps(mask + i));
+        _mm512_storeu_ps(y + i, v);
+        tops = _mm512_max_ps(tops, v);
+    }
+    top = _mm512_reduce_max_ps(tops);
+#endif
+    for (; i < n; ++i) {
+        y[i] = x[i] / scale + mask[i];
+        top = std::max(top, y[i]);
+    }
+    const float inverse = 1.0f / exp_shifted(y, n, top);
+    for (i = 0; i < n; ++i)
+        y[i] *= inverse;
+}
 
 }  // namespace gptj_kernels

@@ -7,9 +7,9 @@ cfg['extra_link_args'] = ['-fopenmp']
 cfg['dependencies'] = ['vector_math.h', 'parallel_for.h', '.cpu']
 %>
 */
-// The runtime's elementwise kernels: tanh-GELU and its gradient in one pass over memory, float32, built on
-// first use by cppimport (kernels/__init__.py loads it). Takes contiguous numpy arrays; torch tensors
-// pass theirs via .numpy().
+// The runtime's fused kernels, float32, each one pass over memory: tanh-GELU and its gradient, and the
+// attention's softmax(x / scale + mask). Built on first use by cppimport (kernels/__init__.py loads it).
+// Takes contiguous numpy arrays; torch tensors pass theirs via .numpy().
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -81,12 +81,38 @@ void gelu_tanh_grad(const Floats& dy, const Floats& x, Floats& out, int threads)
     map(x.data(), out.mutable_data(), x.size(), threads, GeluGrad{dy.data()});
 }
 
+// Rows of `n` a thread takes at least: rows * n about GRAIN_BLOCKS * 16 values.
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, GRAIN_BLOCKS * 16 / std::max<int64_t>(n, 1)); }
+
+// out[r] = softmax(x[r] / scale + mask[r % mask_rows]) for each row r of the last axis' length n: x and out
+// (rows, n), mask (mask_rows, n) with mask_rows dividing rows (the attention's (queries, keys) mask
+// under the batch and head axes).
+void scaled_masked_softmax(const Floats& x, const Floats& mask, float scale, Floats& out, int threads) {
+    require_same_size(x, out, "scaled_masked_softmax");
+    const int64_t n = mask.ndim() ? mask.shape(mask.ndim() - 1) : 0;
+    if (n == 0 || x.ndim() == 0 || x.shape(x.ndim() - 1) != n || mask.size() % n || x.size() % mask.size())
+        throw py::value_error("scaled_masked_softmax: mask of " + std::to_string(mask.size()) +
+                              " elements, rows of " + std::to_string(n) + ", does not tile x of " +
+                              std::to_string(x.size()) + " elements");
+    const int64_t rows = x.size() / n, mask_rows = mask.size() / n;
+    const float* in = x.data();
+    const float* m = mask.data();
+    float* y = out.mutable_data();
+    py::gil_scoped_release released;
+    gptj_kernels::parallel_for(rows, row_grain(n), threads, [&](int64_t first, int64_t last) {
+        for (int64_t r = first; r < last; ++r)
+            gptj_kernels::scaled_masked_softmax(in + r * n, m + (r % mask_rows) * n, scale, y + r * n, n);
+    });
+}
+
 }  // namespace
 
-PYBIND11_MODULE(elementwise, m) {
-    m.doc() = "The CPU runtime's fused elementwise kernels (float32).";
+PYBIND11_MODULE(fused_ops, m) {
+    m.doc() = "The CPU runtime's fused kernels (float32).";
     // noconvert: a converted copy of `out` would take the result and leave the caller's array as it was.
     m.def("gelu_tanh", &gelu_tanh, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("threads"));
     m.def("gelu_tanh_grad", &gelu_tanh_grad, py::arg("dy").noconvert(), py::arg("x").noconvert(),
           py::arg("out").noconvert(), py::arg("threads"));
+    m.def("scaled_masked_softmax", &scaled_masked_softmax, py::arg("x").noconvert(), py::arg("mask").noconvert(),
+          py::arg("scale"), py::arg("out").noconvert(), py::arg("threads"));
 }

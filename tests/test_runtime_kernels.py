@@ -8,6 +8,7 @@ import torch
 
 from gptj_popxl.popxl_cpu import (Ir, Session, TensorByRef, TensorSpec, constant, custom_op, d2h_stream, float32,
                                   h2d_stream, kernels, ops)
+from gptj_popxl.popxl_cpu.executor import storage_with_copying_views
 from gptj_popxl.popxl_cpu.ops import elementwise
 from gptj_popxl.popxl_cpu.ops.nn import Softmax, lowering_fusions
 from ops_check import run_graph
@@ -106,15 +107,20 @@ class _Address(custom_op.CustomOp):
         return x + 1
 
 
-def _program(body):
-    """A session loading a (2, 4) float32 stream, applying ``body`` and storing its result."""
+def _program_of(shape, body):
+    """A session loading a float32 stream of ``shape``, applying ``body`` and storing its result."""
     ir = Ir()
     with ir.main_graph:
-        x_stream = h2d_stream((2, 4), float32, "x")
+        x_stream = h2d_stream(shape, float32, "x")
         y = body(ops.host_load(x_stream))
         y_stream = d2h_stream(y.shape, y.dtype, "y")
         ops.host_store(y_stream, y)
     return Session(ir), x_stream, y_stream
+
+
+def _program(body):
+    """A session loading a (2, 4) float32 stream, applying ``body`` and storing its result."""
+    return _program_of((2, 4), body)
 
 
 def test_a_load_nothing_writes_or_keeps_reads_the_callers_array():
@@ -189,7 +195,8 @@ def _fused_softmaxes(fn, *specs):
     ir = Ir()
     with ir.main_graph:
         graph = ir.create_graph(fn, *specs)
-    fused, _ = lowering_fusions(graph, 1)
+    classes, written, _ = storage_with_copying_views(graph)
+    fused, _ = lowering_fusions(graph, 1, classes, written)
     return sum(op.prim is Softmax for op in fused)
 
 
@@ -228,3 +235,86 @@ def test_attention_softmax_kernel_keeps_nans_and_gives_zeros_where_masked():
     assert np.isnan(probs[1]).all() and not np.isnan(probs[[0, 2]]).any()
     np.testing.assert_array_equal(probs[[0, 2], 20:], 0.0)
     np.testing.assert_allclose(probs[[0, 2], :20], 1 / 20, rtol=1e-6)
+
+
+def test_gelu_in_place_writes_its_input_at_kernel_sizes(rng):
+    x = rng.standard_normal(4096).astype(np.float32)
+    def written(t):
+        ops.gelu_(t)
+        return t  # the input itself, which the op must have written
+    session, x_stream, y_stream = _program_of((4096,), written)
+    with session:
+        y = session.run({x_stream: x})[y_stream]
+    np.testing.assert_allclose(y, _gelu64(x), rtol=2e-6, atol=1e-6)
+
+
+def test_large_gelu_outputs_take_the_memory_the_plan_hands_them(rng, monkeypatch):
+    given = []
+    real = kernels.gelu_tanh
+    monkeypatch.setattr(kernels, "gelu_tanh", lambda x, out=None: given.append(out) or real(x, out))
+    x = rng.standard_normal((1100, 1024)).astype(np.float32)
+    out, _ = run_graph(lambda t: ops.gelu(t) * 2.0, x)
+    np.testing.assert_allclose(out[0], 2 * _gelu64(x), rtol=2e-6, atol=2e-6)
+    assert given and given[-1] is not None
+
+
+def test_attention_softmax_unfused_when_its_input_is_written_before_it_runs(rng):
+    scores = rng.standard_normal((4, 8)).astype(np.float32)
+    mask = np.where(np.arange(8) < 4, 0, -1e4).astype(np.float32) * np.ones((4, 1), np.float32)
+
+    def fn(s):
+        quotient = s / constant(np.float32(2.0))
+        ops.add_(s, s)  # after the quotient is taken: the softmax must see the old scores
+        return ops.softmax(quotient + constant(mask), axis=-1), s
+
+    assert _fused_softmaxes(fn, TensorSpec(scores.shape, float32)) == 0
+    (probs, doubled), _ = run_graph(fn, scores)
+    np.testing.assert_allclose(probs, _attention_softmax64(scores, mask, 2.0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(doubled, 2 * scores)
+
+
+@pytest.mark.parametrize("mask_shape", [(16,), (3, 16), (2, 3, 16)], ids=["rank 1", "rank 2", "rank 3"])
+def test_attention_softmax_fused_on_replicas_with_masks_of_any_rank(mask_shape, rng):
+    scores = (rng.standard_normal((2, 2, 3, 16)) * 5).astype(np.float32)  # replicas first
+    mask = rng.standard_normal(mask_shape).astype(np.float32)
+    fn = _attention_graph(4.0, mask)
+    assert _fused_softmaxes(fn, TensorSpec(scores.shape[1:], float32)) == 1
+    (probs,), _ = run_graph(fn, scores, replication=2)
+    for r in range(2):
+        np.testing.assert_allclose(probs[r], _attention_softmax64(scores[r], mask, 4.0), rtol=1e-5, atol=1e-7)
+
+
+def test_a_stream_a_called_graph_also_loads_and_writes_is_a_copy():
+    ir = Ir()
+    ir.num_host_transfers = 2
+    with ir.main_graph:
+        x_stream = h2d_stream((4,), float32, "x")
+        y_stream = d2h_stream((4,), float32, "y")
+        ops.host_store(y_stream, ops.host_load(x_stream) + 0.0)
+
+        def doubled_second_transfer():
+            t = ops.host_load(x_stream)
+            ops.add_(t, t)
+            ops.host_store(y_stream, t)
+        ops.call(ir.create_graph(doubled_second_transfer))
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    with Session(ir) as session:
+        y = session.run({x_stream: x})[y_stream]
+    np.testing.assert_array_equal(x, np.arange(8, dtype=np.float32).reshape(2, 4))
+    np.testing.assert_array_equal(y, [[0, 1, 2, 3], [8, 10, 12, 14]])
+
+
+def test_an_input_that_is_also_an_output_array_is_read_as_it_was(rng):
+    ir = Ir()
+    with ir.main_graph:
+        x_stream = h2d_stream((4,), float32, "x")
+        x = ops.host_load(x_stream)
+        twice, plus_one = d2h_stream((4,), float32, "twice"), d2h_stream((4,), float32, "plus_one")
+        ops.host_store(twice, x * 2.0)
+        ops.host_store(plus_one, x + 1.0)  # runs after the store into the caller's x
+    x = np.arange(4, dtype=np.float32)
+    result = np.zeros(4, np.float32)
+    with Session(ir) as session:
+        session.run_with_outputs({x_stream: x}, {twice: x, plus_one: result})
+    np.testing.assert_array_equal(x, np.arange(4) * 2)
+    np.testing.assert_array_equal(result, np.arange(4) + 1)

@@ -86,7 +86,7 @@ class Plan:
     def __init__(self, graph, runtime):
         self.graph = graph
         classes, written, copied = storage_with_copying_views(graph)
-        fused, absorbed = lowering_fusions(graph, runtime.replicas)
+        fused, absorbed = lowering_fusions(graph, runtime.replicas, classes, written)
         copied_loads = _remote_loads_to_copy(graph, classes, written, fused, absorbed)
         copied |= copied_loads
         remote_views = {classes.find(op.outputs[0].id) for op in graph._ops
@@ -309,12 +309,15 @@ def _share_kept_memory(values) -> None:
 
 
 def _borrowing_streams(graph, classes, kept_or_written) -> frozenset:
-    """The h2d streams whose main-graph loads may be the caller's own array for the run: no op writes
-    the loaded value or anything sharing its storage, and nothing keeps it past the run."""
+    """The h2d streams whose loads may be the caller's own array for the run: loaded only by the main
+    graph, where no op writes the loaded value or anything sharing its storage, and nothing keeps it
+    past the run."""
     if graph is not graph.ir.main_graph:
         return frozenset()
     loads = [op for op in graph._ops if op.prim is HostLoad]
     lent = {op.attrs["stream"] for op in loads if classes.find(op.outputs[0].id) in kept_or_written}
+    lent |= {op.attrs["stream"] for other in graph.ir._graphs if other is not graph
+             for op in other._ops if op.prim is HostLoad}
     return frozenset(op.attrs["stream"] for op in loads) - lent
 
 

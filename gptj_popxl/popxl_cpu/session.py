@@ -280,16 +280,16 @@ class Session:
         outputs = dict(outputs or {})
         self._check_streams(outputs, self._outputs(), "output")
         views = {s: self._output_view(s, a) for s, a in outputs.items()}
-        self._execute(inputs, downcast_inputs, {s: view for s, (view, _) in views.items()})
+        self._execute(inputs, downcast_inputs, {s: view for s, (view, _) in views.items()}, outputs.values())
         for view, copy_back in views.values():
             if copy_back is not None:
                 copy_back[...] = view.reshape(copy_back.shape)
 
-    def _execute(self, inputs, downcast: bool, targets) -> Dict[DeviceToHostStream, torch.Tensor]:
-        """Runs the main plan; d2h streams store into their ``targets`` view, or are kept (None).
-        Returns the kept values."""
+    def _execute(self, inputs, downcast: bool, targets, host_outputs=()) -> Dict[DeviceToHostStream, torch.Tensor]:
+        """Runs the main plan; d2h streams store into their ``targets`` view, or are kept (None); the
+        caller's ``host_outputs`` arrays take stores during the run. Returns the kept values."""
         rt = self._rt
-        rt.stream_in = self._stream_values(inputs or {}, downcast)
+        rt.stream_in = self._stream_values(inputs or {}, downcast, host_outputs)
         rt.stream_in_next = dict.fromkeys(rt.stream_in, 0)
         rt.stream_out = targets
         rt.stream_out_next = dict.fromkeys(targets, 0)
@@ -302,12 +302,13 @@ class Session:
             rt.stream_out = {}
             rt.stream_kept = {}
 
-    def _stream_values(self, inputs: Mapping, downcast: bool) -> Dict[HostToDeviceStream, Sequence[torch.Tensor]]:
+    def _stream_values(self, inputs: Mapping, downcast: bool,
+                       host_outputs=()) -> Dict[HostToDeviceStream, Sequence[torch.Tensor]]:
         """The run's checked copies of ``inputs``, each a ``(replicas, *shape)`` tensor per transfer. Arrays of
         exactly their stream's dtype and host shape need no conversion or shape check: they are only
         copied (decoding runs pay this every step), or not even that where the program neither writes
-        nor keeps what it loads from the stream (``Plan.borrowing_streams``) and the array is writable
-        and contiguous."""
+        nor keeps what it loads from the stream (``Plan.borrowing_streams``) and the array is writable,
+        contiguous and shares no memory with ``host_outputs`` (stores to those land during the run)."""
         layouts, borrowing = self._input_layouts, self._main.borrowing_streams
         if len(inputs) == len(layouts):
             copies = {}
@@ -315,7 +316,8 @@ class Session:
                 layout = layouts.get(s)
                 if layout is None or type(a) is not np.ndarray or a.dtype != layout[0] or a.shape != layout[1]:
                     break
-                lent = s in borrowing and a.flags.c_contiguous and a.flags.writeable
+                lent = (s in borrowing and a.flags.c_contiguous and a.flags.writeable
+                        and not any(np.may_share_memory(a, out) for out in host_outputs))
                 copies[s] = _per_transfer(a if lent else a.copy(), layout[2])
             else:
                 return copies

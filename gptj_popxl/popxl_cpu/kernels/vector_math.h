@@ -75,7 +75,7 @@ inline __m512 gelu_tanh_derivative(__m512 v) {
 }
 #endif
 
-// x[i] = exp(x[i] - top) for i < n, where top >= every x[i]; returns their sum.
+// x[i] = exp(x[i] - top) for i < n, where top >= every x[i], 0 below -87 as exp_nonpositive; returns their sum.
 inline float exp_shifted(float* x, int64_t n, float top) {
     int64_t i = 0;
     float total = 0.0f;
@@ -89,7 +89,8 @@ inline float exp_shifted(float* x, int64_t n, float top) {
     total = _mm512_reduce_add_ps(sums);
 #endif
     for (; i < n; ++i) {
-        x[i] = std::exp(x[i] - top);
+        const float shifted = x[i] - top;
+        x[i] = shifted < -87.0f ? 0.0f : std::exp(shifted);
         total += x[i];
     }
     return total;

@@ -14,7 +14,7 @@ from ._util import broadcast_shape, check_float, check_same_dtype, replica_view_
 class ElementwiseGrad(Primitive):
     """``dy * f'(x)`` for a unary primitive ``of``, computed from the forward input ``x`` and output ``y``.
 
-    A primitive with a ``fused_grad(dy, x)`` (one torch kernel for the whole product) uses it on float32
+    A primitive with a ``fused_grad(dy, x)`` (one kernel for the whole product) uses it on float32
     values; otherwise ``derivative(x, y)`` is built from separate torch ops.
     """
     name = "elementwise_grad"
@@ -88,7 +88,7 @@ def _gelu_tanh_lower_out(op, runtime):
 
 
 def _gelu_tanh_grad(dy, x):
-    """``dy * gelu_tanh'(x)`` of float32 values in one kernel."""
+    """``dy * gelu_tanh'(x)`` of float32 values in one kernel: the runtime's, or torch's for small tensors."""
     if x.numel() < _NATIVE_GELU_FROM:
         return torch.ops.aten.gelu_backward(dy, x, approximate="tanh")
     return kernels.gelu_tanh_grad(dy, x)
@@ -136,10 +136,11 @@ Isfinite = _unary("isfinite", torch.isfinite, floating=False, out_dtype=dtypes.b
 
 
 def _inplace(prim):
-    """The in-place twin of a unary primitive: writes its input."""
+    """The in-place twin of a unary primitive: writes its input (never given memory of its own)."""
     return type(prim.__name__ + "Inplace", (prim,), {
         "name": prim.name + "_", "modifies": (0,), "grad": None,
         "kernel": staticmethod(lambda x, _f=prim.kernel: x.copy_(_f(x))),
+        "lower_out": classmethod(lambda cls, op, runtime: None),
     })
 
 

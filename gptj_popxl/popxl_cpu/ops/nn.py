@@ -141,10 +141,12 @@ def _matmul_shape_2d(sa, sb, sy):
     return sy
 
 
-def lowering_fusions(graph, replicas: int):
+def lowering_fusions(graph, replicas: int, classes, written):
     """Lowering's pattern rewrites: ``{op: (kernel, inputs)}`` for ops whose step computes what they and
     the ops they absorb (the second result) would have, from other inputs. A rewritten op's absorbed
-    producers have no other use and are no graph output, so no step can see them missing.
+    producers have no other use and are no graph output, so no step can see them missing; and no op
+    between the first of them and the rewritten op writes the step's inputs, which it reads later than
+    they would have (``classes`` and ``written``: the graph's storage classes and the written ones).
 
     * ``x @ w`` whose only use is ``+ b`` (``add`` or ``add_``) with a 1-D bias, float32 on one replica:
       one ``torch.addmm`` at the add.
@@ -165,13 +167,24 @@ def lowering_fusions(graph, replicas: int):
             return None
         return op
 
+    position = {op: k for k, op in enumerate(graph._ops)}
+    writes = None  # per op, the storage classes it writes: only worked out once a pattern matches
+
+    def written_between(producers, op, inputs) -> bool:
+        nonlocal writes
+        if writes is None:
+            writes = [{classes.find(o.inputs[i].id) for i in o.modified_inputs} for o in graph._ops]
+        read = {classes.find(t.id) for t in inputs}
+        return any(writes[k] & read for k in range(min(position[p] for p in producers) + 1, position[op]))
+
     fused, absorbed = {}, set()
     for op in graph._ops:
-        rewrite = _bias_matmul(op, only_use, replicas) or _attention_softmax(op, only_use, replicas)
-        if rewrite is not None:
-            kernel, inputs, producers = rewrite
-            fused[op] = (kernel, inputs)
-            absorbed.update(producers)
+        for rewrite in (_bias_matmul(op, only_use, replicas), _attention_softmax(op, only_use, replicas, classes,
+                                                                                 written)):
+            if rewrite is not None and not written_between(rewrite[2], op, rewrite[1]):
+                fused[op] = rewrite[:2]
+                absorbed.update(rewrite[2])
+                break
     return fused, absorbed
 
 
@@ -192,7 +205,7 @@ def _bias_matmul(op, only_use, replicas: int):
     return None
 
 
-def _attention_softmax(op, only_use, replicas: int):
+def _attention_softmax(op, only_use, replicas: int, classes, written):
     from ..tensor import Constant
     from .elementwise import Add, Div
     if op.prim is not Softmax or op.attrs["axis"] != op.inputs[0].rank - 1 or op.inputs[0].dtype != dtypes.float32:
@@ -207,7 +220,8 @@ def _attention_softmax(op, only_use, replicas: int):
             continue
         scores, scale = div.inputs
         if (not isinstance(scale, Constant) or scale.nelms != 1 or scale.dtype != dtypes.float32
-                or scores.shape != op.inputs[0].shape or mask.dtype != dtypes.float32 or mask.rank == 0
+                or classes.find(scale.id) in written  # the kernel takes the constant's value once
+                or scores.shape != op.inputs[0].shape or scores.nelms == 0 or mask.dtype != dtypes.float32 or mask.rank == 0
                 or mask.shape != scores.shape[scores.rank - mask.rank:]
                 or (replicas != 1 and not isinstance(mask, Constant))):
             continue

@@ -20,10 +20,6 @@
 #include <mutex>
 #include <vector>
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #include "../../popxl_cpu/kernels/vector_math.h"
 #include "streamed_matmul.h"
 #include "work_team.h"

@@ -92,7 +92,8 @@ void scaled_masked_softmax(const Floats& x, const Floats& mask, float scale, Flo
     if (x.size() == 0)
         return;
     const int64_t n = mask.ndim() ? mask.shape(mask.ndim() - 1) : 0;
-    if (n == 0 || mask.size() == 0 || x.ndim() == 0 || x.shape(x.ndim() - 1) != n || mask.size() % n || x.size() % mask.size())
+    if (n == 0 || mask.size() == 0 || x.ndim() == 0 || x.shape(x.ndim() - 1) != n || mask.size() % n ||
+        x.size() % mask.size())
         throw py::value_error("scaled_masked_softmax: mask of " + std::to_string(mask.size()) +
                               " elements, rows of " + std::to_string(n) + ", does not tile x of " +
                               std::to_string(x.size()) + " elements");

@@ -179,12 +179,10 @@ def lowering_fusions(graph, replicas: int, classes, written):
 
     fused, absorbed = {}, set()
     for op in graph._ops:
-        for rewrite in (_bias_matmul(op, only_use, replicas), _attention_softmax(op, only_use, replicas, classes,
-                                                                                 written)):
-            if rewrite is not None and not written_between(rewrite[2], op, rewrite[1]):
-                fused[op] = rewrite[:2]
-                absorbed.update(rewrite[2])
-                break
+        rewrite = _bias_matmul(op, only_use, replicas) or _attention_softmax(op, only_use, replicas, classes, written)
+        if rewrite is not None and not written_between(rewrite[2], op, rewrite[1]):
+            fused[op] = rewrite[:2]
+            absorbed.update(rewrite[2])
     return fused, absorbed
 
 
@@ -221,8 +219,8 @@ def _attention_softmax(op, only_use, replicas: int, classes, written):
         scores, scale = div.inputs
         if (not isinstance(scale, Constant) or scale.nelms != 1 or scale.dtype != dtypes.float32
                 or classes.find(scale.id) in written  # the kernel takes the constant's value once
-                or scores.shape != op.inputs[0].shape or scores.nelms == 0 or mask.dtype != dtypes.float32 or mask.rank == 0
-                or mask.shape != scores.shape[scores.rank - mask.rank:]
+                or scores.shape != op.inputs[0].shape or scores.nelms == 0 or mask.dtype != dtypes.float32
+                or mask.rank == 0 or mask.shape != scores.shape[scores.rank - mask.rank:]
                 or (replicas != 1 and not isinstance(mask, Constant))):
             continue
         return _softmax_kernel(float(scale._data.reshape(()))), (scores, mask), (div, add)

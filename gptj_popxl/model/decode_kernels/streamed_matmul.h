@@ -4,11 +4,12 @@
 // as they are read), all row-major. With few rows the product is bound by reading w (a decode step
 // reads every weight once per token), and on some machines BLAS kernels tuned for large M stream it
 // at a fraction of the memory bandwidth (on others they are faster: `Products` below lets the caller
-// choose by timing). Here the threads share out blocks of output columns; each walks w row by row
-// in groups of KSTEP rows (KSTEP sequential streams) and adds every row of x's contribution while
-// those rows' columns are in registers, the partial sums of its columns staying in L1. Each y[m, n]
-// sums k in increasing order, one multiply-add per term (fused where the processor can), starting
-// from 0. Also here: the conversions between float16 and float32 that all the kernels use.
+// choose by timing). Here w is cut into chunks of consecutive rows (DEPTH_CHUNK), which the threads
+// share out; each walks its chunk row by row in passes of KSTEP rows and adds every row of x's
+// contribution while those rows' values are in registers. Within a chunk each y[m, n] sums k in
+// increasing order, one multiply-add per term (fused where the processor can), starting from 0;
+// the chunks' sums are then added in order. Also here: the conversions between float16 and float32
+// that all the kernels use.
 #pragma once
 
 #include <algorithm>
@@ -129,25 +130,45 @@ inline void add_scaled(float a, const T* __restrict x, int64_t n, float* __restr
         y[i] += a * to_float(x[i]);  // fused where the processor can (-ffp-contract=fast), as the vector loop
 }
 
-// Rows of w per pass over a column block for a tile of R rows of x, and columns per block (their
-// partial sums for up to MAX_TILE_ROWS rows of x, 8 * 512 * 4 bytes, stay in L1 next to the KSTEP
-// rows of w). Measured on float32 weights (the benchmark model's): 8 rows is best for one or two
-// rows of x, 16 some 10% faster than 8 for four. On float16 weights (GPT-J 6B's, on two threads),
-// 16 rows streamed 10% faster than 8 for one row of x: the same bytes per pass. Never more than 16:
-// the rows' registers (one per row) and the tile's sums must fit the 32 vector registers.
-template <int R, typename W>
-constexpr int64_t KSTEP = R >= 3 ? 16 : 8 * int64_t(sizeof(float) / sizeof(W));
-constexpr int64_t COLUMNS = 512;
+// Rows of w per pass for a tile of R rows of x. Up to 4 rows, the pass's R * S values of x are
+// broadcast into registers once and serve every column (R * S + S of the 32 vector registers);
+// beyond, each multiply-add broadcasts its x from memory and a pass takes 16 rows. Measured on a
+// 2-core Ice Lake VM, both sides depth-split (below): four rows of x over the benchmark model's
+// weights, 3.0-3.5 ms with registers against 3.6-4.2 ms from memory.
+template <int R>
+constexpr int64_t KSTEP = R <= 2 ? 8 : R <= 4 ? 4 : 16;
 // Tiles of up to 8 rows read w once for a prefill of 5 to 8 rows (GPT-J 6B float16, 8 rows on two
 // threads: 27 -> 22 ms for a (4096, 16384) weight against 4-row tiles).
 constexpr int MAX_TILE_ROWS = 8;
-static_assert(MAX_TILE_ROWS == 8, "columns() has a case for each tile size up to MAX_TILE_ROWS");
+static_assert(MAX_TILE_ROWS == 8, "rows() has a case for each tile size up to MAX_TILE_ROWS");
+// Depth (rows of w) per chunk of a product: at least this, and enough that a product has at most
+// DEPTH_CHUNKS chunks. Each chunk's sums are formed apart, by whichever thread takes it, and then
+// added in chunk order, so the result does not depend on the thread count. A chunk is contiguous
+// memory read front to back, which the hardware prefetchers stream at full speed; splitting the
+// columns among threads instead had each read a narrow strip of every row of w: on a 2-core VM,
+// the benchmark model's 17 products for one row of x took 4.5 ms that way against 2.5 ms (MKL: 2.8),
+// and a GPT-J 6B float16 layer's four 32-37 ms against 16-18 ms.
+constexpr int64_t DEPTH_CHUNK = 256;
+constexpr int64_t DEPTH_CHUNKS = 16;
 
 // Partial sums y[r, n] (r < R, n in [n0, n1)) plus rows [k0, k0 + S) of w times x's columns k0...
 template <int R, int S, typename W>
 inline void add_rows(const float* __restrict x, int64_t K, const W* __restrict wk, int64_t N, float* __restrict y,
                      int64_t n0, int64_t n1) {
 #ifdef __AVX512F__
+    constexpr bool held = R * S <= 16;  // x's values in registers for the whole pass
+    __m512 xv[held ? R : 1][held ? S : 1];
+    if constexpr (held) {
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < S; ++j)
+                xv[r][j] = _mm512_set1_ps(x[r * K + j]);
+    }
+    const auto x_at = [&](int r, int j) {
+        if constexpr (held)
+            return xv[r][j];
+        else
+            return _mm512_set1_ps(x[r * K + j]);
+    };
     int64_t n = n0;
     for (; n + 16 <= n1; n += 16) {
         __m512 wv[S];
@@ -156,7 +177,7 @@ inline void add_rows(const float* __restrict x, int64_t K, const W* __restrict w
         for (int r = 0; r < R; ++r) {
             __m512 acc = _mm512_loadu_ps(y + r * N + n);
             for (int j = 0; j < S; ++j)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + j]), wv[j], acc);
+                acc = _mm512_fmadd_ps(x_at(r, j), wv[j], acc);
             _mm512_storeu_ps(y + r * N + n, acc);
         }
     }
@@ -168,7 +189,7 @@ inline void add_rows(const float* __restrict x, int64_t K, const W* __restrict w
         for (int r = 0; r < R; ++r) {
             __m512 acc = _mm512_maskz_loadu_ps(tail, y + r * N + n);
             for (int j = 0; j < S; ++j)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + j]), wv[j], acc);
+                acc = _mm512_fmadd_ps(x_at(r, j), wv[j], acc);
             _mm512_mask_storeu_ps(y + r * N + n, tail, acc);
         }
     }
@@ -187,55 +208,68 @@ inline void add_rows(const float* __restrict x, int64_t K, const W* __restrict w
 #endif
 }
 
+// y[r, n] = the sum over k in [k0, k1) of x[r, k] w[k, n], in increasing k, for r < R, n in [n0, n1).
 template <int R, typename W>
-void column_block(const float* __restrict x, int64_t K, const W* __restrict w, int64_t N,
-                  float* __restrict y, int64_t n0, int64_t n1) {
-    constexpr int64_t S = KSTEP<R, W>;
+void tile(const float* __restrict x, int64_t K, const W* __restrict w, int64_t N, float* __restrict y, int64_t k0,
+          int64_t k1, int64_t n0, int64_t n1) {
+    constexpr int64_t S = KSTEP<R>;
     for (int r = 0; r < R; ++r)
         std::fill(y + r * N + n0, y + r * N + n1, 0.0f);
-    int64_t k = 0;
-    for (; k + S <= K; k += S)
+    int64_t k = k0;
+    for (; k + S <= k1; k += S)
         add_rows<R, S>(x + k, K, w + k * N, N, y, n0, n1);
-    for (; k < K; ++k)
+    for (; k < k1; ++k)
         add_rows<R, 1>(x + k, K, w + k * N, N, y, n0, n1);
 }
 
-// Columns [n0, n1) of y for rows [0, M) in tiles of at most MAX_TILE_ROWS rows.
+// `tile` for rows [0, M) of x, in tiles of at most MAX_TILE_ROWS rows.
 template <typename W>
-void columns(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t n0, int64_t n1) {
-    for (int64_t c0 = n0; c0 < n1; c0 += COLUMNS) {
-        const int64_t c1 = std::min(n1, c0 + COLUMNS);
-        for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
-            const float* xm = x + m * K;
-            float* ym = y + m * N;
-            switch (std::min<int64_t>(M - m, MAX_TILE_ROWS)) {
-                case 1: column_block<1>(xm, K, w, N, ym, c0, c1); break;
-                case 2: column_block<2>(xm, K, w, N, ym, c0, c1); break;
-                case 3: column_block<3>(xm, K, w, N, ym, c0, c1); break;
-                case 4: column_block<4>(xm, K, w, N, ym, c0, c1); break;
-                case 5: column_block<5>(xm, K, w, N, ym, c0, c1); break;
-                case 6: column_block<6>(xm, K, w, N, ym, c0, c1); break;
-                case 7: column_block<7>(xm, K, w, N, ym, c0, c1); break;
-                case 8: column_block<8>(xm, K, w, N, ym, c0, c1); break;
-            }
+void rows(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int64_t k0, int64_t k1, int64_t n0,
+          int64_t n1) {
+    for (int64_t m = 0; m < M; m += MAX_TILE_ROWS) {
+        const float* xm = x + m * K;
+        float* ym = y + m * N;
+        switch (std::min<int64_t>(M - m, MAX_TILE_ROWS)) {
+            case 1: tile<1>(xm, K, w, N, ym, k0, k1, n0, n1); break;
+            case 2: tile<2>(xm, K, w, N, ym, k0, k1, n0, n1); break;
+            case 3: tile<3>(xm, K, w, N, ym, k0, k1, n0, n1); break;
+            case 4: tile<4>(xm, K, w, N, ym, k0, k1, n0, n1); break;
+            case 5: tile<5>(xm, K, w, N, ym, k0, k1, n0, n1); break;
+            case 6: tile<6>(xm, K, w, N, ym, k0, k1, n0, n1); break;
+            case 7: tile<7>(xm, K, w, N, ym, k0, k1, n0, n1); break;
+            case 8: tile<8>(xm, K, w, N, ym, k0, k1, n0, n1); break;
         }
     }
 }
 
-// y = x @ w on this thread and up to num_threads - 1 helpers (work_team.h), in chunks of whole cache
-// lines of columns (no two threads write one), about eight per thread, so that the caller takes over
-// most of the share of a helper that is held up (the machine busy with other processes).
+// y = x @ w on this thread and up to num_threads - 1 helpers (work_team.h), by depth chunks (see
+// DEPTH_CHUNK). Where a product has fewer chunks than threads (a shallow w), each chunk is also cut
+// into column ranges of whole cache lines, which changes no sum.
 template <typename W>
 void streamed_matmul(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int num_threads) {
-    const int64_t lines = (N + 15) / 16;
-    const int64_t chunks = std::min<int64_t>(lines, 8 * int64_t(num_threads));
-    if (num_threads <= 1 || chunks <= 1) {
-        columns(x, M, K, w, N, y, 0, N);
-        return;
+    const int64_t depth = std::max(DEPTH_CHUNK, (K + DEPTH_CHUNKS - 1) / DEPTH_CHUNKS);
+    const int64_t chunks = std::max<int64_t>(1, (K + depth - 1) / depth), lines = (N + 15) / 16;
+    const int64_t parts = std::max<int64_t>(1, std::min(lines, (num_threads + chunks - 1) / chunks));
+    thread_local std::vector<float> scratch;  // the sums of chunks after the first
+    scratch.resize(size_t((chunks - 1) * M * N));
+    float* const partial = scratch.data();  // not `scratch` in the job: helpers have their own
+    const auto job = [&](int64_t i) {
+        const int64_t chunk = i / parts, part = i % parts;
+        rows(x, M, K, w, N, chunk == 0 ? y : partial + (chunk - 1) * M * N, chunk * depth,
+             std::min(K, (chunk + 1) * depth), std::min(N, 16 * (lines * part / parts)),
+             std::min(N, 16 * (lines * (part + 1) / parts)));
+    };
+    if (num_threads <= 1 || chunks * parts <= 1) {
+        for (int64_t i = 0; i < chunks * parts; ++i)
+            job(i);
+    } else {
+        WorkTeam::share(num_threads, chunks * parts, job);
     }
-    WorkTeam::share(num_threads, chunks, [&](int64_t i) {
-        columns(x, M, K, w, N, y, std::min(N, 16 * (lines * i / chunks)), std::min(N, 16 * (lines * (i + 1) / chunks)));
-    });
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+        const float* sums = partial + (chunk - 1) * M * N;
+        for (int64_t i = 0; i < M * N; ++i)
+            y[i] += sums[i];
+    }
 }
 
 // A BLAS sgemm by its Fortran interface (column-major, every argument by pointer, 32-bit sizes), the

@@ -1,5 +1,6 @@
 // Unit tests of the decode kernels, run by ctest (`make cpp-test`): streamed_matmul.h against a
-// double-precision triple loop, over row, column and depth tails and one to three threads, with float32
+// double-precision triple loop, over row, column and depth tails, deep weights cut into depth chunks,
+// and one to three threads (the same bits on each), with float32
 // and float16 weights (the float16 widening against every one of the 65536 bit patterns, the rounding to
 // float16 against a textbook reference); and the attention of a decode step and of a prefill
 // (decode_attention.h), with float32 and float16 caches, on the streaming team's threads and on
@@ -92,6 +93,15 @@ void check_half_rounding() {
     }
 }
 
+void check_same(const char* what, const std::vector<float>& one, const std::vector<float>& many, int threads) {
+    for (size_t i = 0; i < one.size(); ++i)
+        if (!(one[i] == many[i])) {
+            ++failures;
+            std::printf("FAIL %s on %d threads: [%zu] = %g, on one thread %g\n", what, threads, i, many[i], one[i]);
+            return;
+        }
+}
+
 // Row m, column n of x (M, K) @ w (K, N), summed in double.
 template <typename W>
 double exact_product(const std::vector<float>& x, const std::vector<W>& w, int64_t K, int64_t N, int64_t m,
@@ -128,6 +138,11 @@ void check_product(int64_t M, int64_t K, int64_t N, int threads) {
                 return;
             }
         }
+    if (threads > 1) {  // the depth chunks' sums are added in one order whatever the thread count
+        std::vector<float> one(M * N, NAN);
+        gptj_streamed::streamed_matmul(x.data(), M, K, w.data(), N, one.data(), 1);
+        check_same("streamed_matmul", one, y, threads);
+    }
 }
 
 // The Fortran sgemm's contract for the products' calls (no transposes): column-major C (m, n) =
@@ -183,15 +198,6 @@ std::vector<float> normals(int64_t n, unsigned seed) {
     for (auto& x : v)
         x = normal(gen);
     return v;
-}
-
-void check_same(const char* what, const std::vector<float>& one, const std::vector<float>& many, int threads) {
-    for (size_t i = 0; i < one.size(); ++i)
-        if (!(one[i] == many[i])) {
-            ++failures;
-            std::printf("FAIL %s on %d threads: [%zu] = %g, on one thread %g\n", what, threads, i, many[i], one[i]);
-            return;
-        }
 }
 
 template <typename T>
@@ -281,6 +287,14 @@ int main() {
         for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 8, 9, 17})
             for (int64_t K : {1, 7, 8, 37})
                 for (int64_t N : {1, 15, 16, 17, 600}) {
+                    check_product<float>(M, K, N, threads);
+                    check_product<gptj_streamed::Half>(M, K, N, threads);
+                }
+    // Deep weights, in several depth chunks (the last shorter), up to the most a product is cut into.
+    for (int threads : {1, 2, 3})
+        for (int64_t M : {1, 4, 9})
+            for (int64_t K : {300, 513, 4100})
+                for (int64_t N : {1, 40}) {
                     check_product<float>(M, K, N, threads);
                     check_product<gptj_streamed::Half>(M, K, N, threads);
                 }

@@ -5,11 +5,25 @@ a source or of a listed dependency changes, not when the processor does: a check
 built on one machine would run its cached build on another, and an older processor stops at the
 first instruction it lacks (SIGILL). So each kernel lists ``.cpu`` beside its source as a
 dependency, and :func:`build` writes this processor's model and features into it first.
+
+cppimport compiles a kernel in its source's folder. Where that folder is not writable (the package
+installed into a read-only site-packages, a shared image), or where ``$GPTJ_POPXL_KERNEL_CACHE``
+names a folder, :func:`build` compiles a copy instead: the package's C++ sources, mirrored with
+their relative layout (the kernels include headers of other folders by relative path) into that
+folder (by default ``$XDG_CACHE_HOME/gptj-popxl/kernels``, or ``~/.cache/...``), one subfolder per
+content of the sources.
 """
+import hashlib
 import os
 import platform
+import tempfile
 
 CPU_FILE = ".cpu"
+CACHE_VARIABLE = "GPTJ_POPXL_KERNEL_CACHE"
+# The tree whose C++ sources a kernel may include: the package (its kernels reach each other's
+# headers by relative paths inside it).
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SOURCE_SUFFIXES = (".cpp", ".h")
 
 
 def _cpu_identity() -> str:
@@ -25,10 +39,61 @@ def _cpu_identity() -> str:
                    if key.strip() in ("vendor_id", "cpu family", "model", "model name", "flags"))
 
 
+def cache_folder() -> str:
+    """Where kernels are compiled when not in their own folder (see the module docstring)."""
+    configured = os.environ.get(CACHE_VARIABLE)
+    if configured:
+        return configured
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gptj-popxl", "kernels")
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """``path`` holds ``data``, replaced in one step (another process reads the old file or the new)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handle, scratch = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(data)
+        os.replace(scratch, path)
+    except BaseException:
+        os.unlink(scratch)
+        raise
+
+
+def _writable_source(source: str) -> str:
+    """``source`` where its folder is writable and no cache folder is configured; otherwise the same
+    file in a mirror of the C++ sources of the tree it belongs to (the package, or its own folder
+    outside it) under :func:`cache_folder`."""
+    folder = os.path.dirname(os.path.abspath(source))
+    if not os.environ.get(CACHE_VARIABLE) and os.access(folder, os.W_OK):
+        return source
+    root = PACKAGE if os.path.commonpath([PACKAGE, folder]) == PACKAGE else folder
+    files = {}
+    for directory, _, names in os.walk(root):
+        for name in sorted(names):
+            if name.endswith(_SOURCE_SUFFIXES) and not name.startswith("."):  # not cppimport's renderings
+                path = os.path.join(directory, name)
+                with open(path, "rb") as f:
+                    files[os.path.relpath(path, root)] = f.read()
+    digest = hashlib.sha256()
+    for relative in sorted(files):
+        digest.update(relative.encode() + b"\0" + files[relative] + b"\0")
+    mirror = os.path.join(cache_folder(), f"{os.path.basename(root)}-{digest.hexdigest()[:16]}")
+    for relative, data in files.items():
+        target = os.path.join(mirror, relative)
+        if not os.path.exists(target):  # the folder is named by the content: an existing file holds it
+            _write_atomically(target, data)
+    return os.path.join(mirror, os.path.relpath(os.path.abspath(source), root))
+
+
 def build(source: str, module_name: str):
     """The extension module of the C++ ``source`` (listing ``.cpu`` among its dependencies), built by
-    cppimport for this processor: rebuilt when the processor differs from the one it was built for."""
+    cppimport for this processor: rebuilt when the processor differs from the one it was built for.
+    A source in a folder this process may not write, or any when ``$GPTJ_POPXL_KERNEL_CACHE`` is
+    set, is built from a copy there (see the module docstring)."""
     import cppimport
+    source = _writable_source(source)
     path = os.path.join(os.path.dirname(source), CPU_FILE)
     identity = _cpu_identity()
     try:
@@ -37,11 +102,5 @@ def build(source: str, module_name: str):
     except OSError:
         current = False
     if not current:
-        scratch = f"{path}.{os.getpid()}"
-        try:
-            with open(scratch, "w") as f:
-                f.write(identity)
-            os.replace(scratch, path)  # atomic: a process building at the same time reads one whole file
-        except OSError:
-            pass  # a folder we may not write: cppimport loads what is there (it could not build either)
+        _write_atomically(path, identity.encode())
     return cppimport.imp_from_filepath(source, module_name)

@@ -20,10 +20,11 @@
   them (mask, tokens, counters): a whole run of the loop in one op, no Python between steps.
 
 On the CPU runtime these are custom ops (``gptj_popxl.backend.custom_op``) whose kernels are the C++
-in ``streamed_matmul.h``, ``decode_attention.h`` and ``decode_layer.h``, bound by ``decode_kernels.cpp`` and compiled
-by cppimport on first use (into this folder, git-ignored). They are inference only (no gradient
-rule); :func:`streamed_matmul` takes float32 or float16 and falls back to ``ops.matmul`` for more
-than ``MAX_ROWS`` rows, other dtypes or the Poplar SDK. The layer kernels take a float32 or a
+in ``streamed_matmul.h``, ``decode_attention.h`` and ``decode_layer.h``, bound by ``decode_kernels.cpp``
+and compiled by cppimport on first use (into this folder, git-ignored, or the kernel cache: see
+``popxl_cpu/native.py``). They are inference only (no gradient rule); :func:`streamed_matmul` takes
+float32 or float16 and falls back to ``ops.matmul`` for more than ``MAX_ROWS`` rows, other dtypes or
+the Poplar SDK. The layer kernels take a float32 or a
 float16 model (the model's tensors all of one type: float16 ones widened as read, the arithmetic in
 float32, a float16 result rounded once as it is stored; BLAS gets float16 weights widened a block at
 a time, in a prefill), and :func:`can_decode_layer` says when they apply.

@@ -1,8 +1,8 @@
 """The runtime's own C++ kernels, for ops where one pass over memory beats torch's composition.
 
 ``fused_ops.cpp`` (float32 tanh-GELU and its gradient, the attention's scaled and masked softmax) is
-compiled by cppimport on first use for this processor (into this folder, git-ignored; see
-``popxl_cpu/native.py``). ``vector_math.h`` and ``parallel_for.h`` are shared with the custom ops' and
+compiled by cppimport on first use for this processor (into this folder, git-ignored, or the kernel
+cache where it is read-only; see ``popxl_cpu/native.py``). ``vector_math.h`` and ``parallel_for.h`` are shared with the custom ops' and
 decode kernels' C++.
 """
 import functools

@@ -13,7 +13,7 @@ output gradient; no gradient flows to the tables.
 
 On the CPU runtime this is a custom op (``gptj_popxl.backend.custom_op``) whose kernel is the C++ in
 ``rotary_embedding.h``, bound by ``rotary_embedding.cpp`` and compiled by cppimport on first use
-for this processor (into this folder, git-ignored; concurrent processes wait on cppimport's lock;
+for this processor (into this folder, git-ignored, or the kernel cache; concurrent processes wait on cppimport's lock;
 another processor rebuilds it, see ``popxl_cpu/native.py``). With the Poplar
 SDK the call goes to popxl-addons' own op.
 """

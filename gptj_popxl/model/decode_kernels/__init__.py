@@ -4,11 +4,12 @@
   time is that of reading the weights. The product is formed either by BLAS (torch's MKL ``sgemm``,
   called from C++) or by a kernel that reads each weight once for all rows, on one thread or split
   over torch's thread count by chunks of consecutive weight rows, each read front to back and its
-  sums added in a fixed order (a team that never waits for a thread to start, see ``work_team.h``). Which is faster is the machine's to say, so every op tries the ways
-  on its first calls and keeps the fastest (``Fastest``; ``GPTJ_POPXL_PRODUCTS`` fixes the way).
-  float16 weights are widened as the kernel reads them, and torch's float16 product takes BLAS's
-  place among the ways: on one 2-core VM streaming a (4096, 16384) float16 weight on two threads
-  took 13 ms against oneDNN's 21 ms, both bound by memory.
+  sums added in a fixed order (a team that never waits for a thread to start, see ``work_team.h``).
+  Which is faster is the machine's to say, so every op tries the ways on its first calls and keeps
+  the fastest (``Fastest``; ``GPTJ_POPXL_PRODUCTS`` fixes the way). float16 weights are widened as
+  the kernel reads them, and torch's float16 product takes BLAS's place among the ways: on one
+  2-core VM streaming a (4096, 16384) float16 weight on two threads took 10 ms against oneDNN's
+  21 ms, both bound by memory.
 - ``decode_layer(...)``: a whole decoder layer for one new token per row over the KV cache
   (LayerNorm, the products formed as above, rotary embedding, cache write, attention, GELU,
   residual) in one op instead of some thirty small ones.

@@ -4,7 +4,7 @@
 // as they are read), all row-major. With few rows the product is bound by reading w (a decode step
 // reads every weight once per token), and on some machines BLAS kernels tuned for large M stream it
 // at a fraction of the memory bandwidth (on others they are faster: `Products` below lets the caller
-// choose by timing). Here w is cut into chunks of consecutive rows (DEPTH_CHUNK), which the threads
+// choose by timing). Here w is cut into chunks of consecutive rows (chunk_depth), which the threads
 // share out; each walks its chunk row by row in passes of KSTEP rows and adds every row of x's
 // contribution while those rows' values are in registers. Within a chunk each y[m, n] sums k in
 // increasing order, one multiply-add per term (fused where the processor can), starting from 0;
@@ -141,15 +141,32 @@ constexpr int64_t KSTEP = R <= 2 ? 8 : R <= 4 ? 4 : 16;
 // threads: 27 -> 22 ms for a (4096, 16384) weight against 4-row tiles).
 constexpr int MAX_TILE_ROWS = 8;
 static_assert(MAX_TILE_ROWS == 8, "rows() has a case for each tile size up to MAX_TILE_ROWS");
-// Depth (rows of w) per chunk of a product: at least this, and enough that a product has at most
-// DEPTH_CHUNKS chunks. Each chunk's sums are formed apart, by whichever thread takes it, and then
-// added in chunk order, so the result does not depend on the thread count. A chunk is contiguous
-// memory read front to back, which the hardware prefetchers stream at full speed; splitting the
-// columns among threads instead had each read a narrow strip of every row of w: on a 2-core VM,
-// the benchmark model's 17 products for one row of x took 4.5 ms that way against 2.5 ms (MKL: 2.8),
-// and a GPT-J 6B float16 layer's four 32-37 ms against 16-18 ms.
+// Depth (rows of w) per chunk of a product: at least DEPTH_CHUNK, and enough that a product has at
+// most DEPTH_CHUNKS chunks, whose sums after the first's (M * N floats each) fit PARTIAL_SUMS floats.
+// Each chunk's sums are formed apart, by whichever thread takes it, and then added in chunk order; the
+// chunks depend on M, K and N only, so the result does not depend on the thread count. A chunk is
+// contiguous memory read front to back, which the hardware prefetchers stream at full speed;
+// splitting the columns among threads instead had each read a narrow strip of every row of w: on a
+// 2-core VM, the benchmark model's 17 products for one row of x took 4.5 ms that way against 2.5 ms
+// (MKL: 2.8), and a GPT-J 6B float16 layer's four 32-37 ms against 16-18 ms.
 constexpr int64_t DEPTH_CHUNK = 256;
 constexpr int64_t DEPTH_CHUNKS = 16;
+constexpr int64_t PARTIAL_SUMS = int64_t(1) << 22;  // 16 MB
+
+// The rows of w per depth chunk of a product (M, K) @ (K, N), as above.
+inline int64_t chunk_depth(int64_t M, int64_t K, int64_t N) {
+    const int64_t most = std::min(DEPTH_CHUNKS, 1 + PARTIAL_SUMS / std::max<int64_t>(1, M * N));
+    return std::max({DEPTH_CHUNK, (K + most - 1) / most, int64_t(1)});
+}
+
+// A float buffer of at least `size` values, this thread's own, kept between calls (grown, never
+// shrunk or cleared).
+inline float* thread_scratch(int64_t size) {
+    thread_local std::vector<float> buffer;
+    if (buffer.size() < size_t(size))
+        buffer.resize(size_t(size));
+    return buffer.data();
+}
 
 // Partial sums y[r, n] (r < R, n in [n0, n1)) plus rows [k0, k0 + S) of w times x's columns k0...
 template <int R, int S, typename W>
@@ -243,16 +260,16 @@ void rows(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y,
 }
 
 // y = x @ w on this thread and up to num_threads - 1 helpers (work_team.h), by depth chunks (see
-// DEPTH_CHUNK). Where a product has fewer chunks than threads (a shallow w), each chunk is also cut
-// into column ranges of whole cache lines, which changes no sum.
+// chunk_depth). Where a product has fewer chunks than threads (a shallow w), each chunk is also cut
+// into column ranges of whole 16-float groups, which changes no sum.
 template <typename W>
 void streamed_matmul(const float* x, int64_t M, int64_t K, const W* w, int64_t N, float* y, int num_threads) {
-    const int64_t depth = std::max(DEPTH_CHUNK, (K + DEPTH_CHUNKS - 1) / DEPTH_CHUNKS);
+    const int64_t depth = chunk_depth(M, K, N);
     const int64_t chunks = std::max<int64_t>(1, (K + depth - 1) / depth), lines = (N + 15) / 16;
     const int64_t parts = std::max<int64_t>(1, std::min(lines, (num_threads + chunks - 1) / chunks));
-    thread_local std::vector<float> scratch;  // the sums of chunks after the first
-    scratch.resize(size_t((chunks - 1) * M * N));
-    float* const partial = scratch.data();  // not `scratch` in the job: helpers have their own
+    // The sums of the chunks after the first; helpers write them through this pointer (a thread's
+    // scratch is its own).
+    float* const partial = thread_scratch((chunks - 1) * M * N);
     const auto job = [&](int64_t i) {
         const int64_t chunk = i / parts, part = i % parts;
         rows(x, M, K, w, N, chunk == 0 ? y : partial + (chunk - 1) * M * N, chunk * depth,

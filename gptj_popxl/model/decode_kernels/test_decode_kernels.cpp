@@ -145,6 +145,23 @@ void check_product(int64_t M, int64_t K, int64_t N, int threads) {
     }
 }
 
+// A product's depth chunks: at least DEPTH_CHUNK rows (or all of K), at most DEPTH_CHUNKS of them, and
+// the sums of all but the first within PARTIAL_SUMS floats (when any chunking can do that).
+void check_chunk_depths() {
+    using namespace gptj_streamed;
+    for (int64_t M : {1, 4, 64, 256})
+        for (int64_t K : {0, 1, 256, 257, 4096, 4100, 16384})
+            for (int64_t N : {1, 4096, 50400}) {
+                const int64_t depth = chunk_depth(M, K, N), chunks = (K + depth - 1) / depth;
+                if (depth < std::min(DEPTH_CHUNK, std::max<int64_t>(K, 1)) || chunks > DEPTH_CHUNKS ||
+                    (chunks > 1 && (chunks - 1) * M * N > PARTIAL_SUMS)) {
+                    ++failures;
+                    std::printf("FAIL chunk_depth(%lld, %lld, %lld) = %lld: %lld chunks\n", (long long)M,
+                                (long long)K, (long long)N, (long long)depth, (long long)chunks);
+                }
+            }
+}
+
 // The Fortran sgemm's contract for the products' calls (no transposes): column-major C (m, n) =
 // alpha A (m, k) B (k, n) + beta C, leading dimensions lda, ldb, ldc; summed in double.
 void reference_sgemm(const char*, const char*, const int* m, const int* n, const int* k, const float* alpha,
@@ -290,6 +307,13 @@ int main() {
                     check_product<float>(M, K, N, threads);
                     check_product<gptj_streamed::Half>(M, K, N, threads);
                 }
+    for (int64_t M : {0, 2})  // empty sides
+        for (int64_t K : {0, 300})
+            for (int64_t N : {0, 17}) {
+                check_product<float>(M, K, N, 2);
+                check_product<gptj_streamed::Half>(M, K, N, 2);
+            }
+    check_chunk_depths();
     // Deep weights, in several depth chunks (the last shorter), up to the most a product is cut into.
     for (int threads : {1, 2, 3})
         for (int64_t M : {1, 4, 9})

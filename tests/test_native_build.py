@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import gptj_popxl
@@ -63,18 +64,23 @@ def test_a_read_only_package_builds_its_kernels_in_the_cache(tmp_path):
             os.chmod(directory, 0o755)
 
 
-def test_an_unwritable_kernel_folder_is_mirrored_into_the_default_cache(tmp_path, monkeypatch):
-    """With no cache configured, a kernel whose folder this process may not write (os.access says so)
-    is built from a mirror of every C++ source of the package, in the user's cache folder; a kernel
-    whose folder is writable builds in place."""
-    monkeypatch.delenv(native.CACHE_VARIABLE, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert native._writable_source(ROTARY_SOURCE) == ROTARY_SOURCE
+def _unwritable_folders(monkeypatch):
+    """os.access reports no folder writable (as for a read-only install; root may write any)."""
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK and access(path, mode))
-    mirrored = native._writable_source(ROTARY_SOURCE)
-    mirror_root = tmp_path / "gptj-popxl" / "kernels"
-    (mirror,) = mirror_root.iterdir()
+
+
+def test_an_unwritable_kernel_folder_is_mirrored_into_the_default_cache(tmp_path, monkeypatch):
+    """With no cache configured, a kernel whose folder this process may not write, and that holds no
+    current build for this processor, is built from a mirror of every C++ source of the package in
+    the user's cache folder; a damaged mirror file is written again. A writable folder builds in place."""
+    monkeypatch.delenv(native.CACHE_VARIABLE, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    identity = "another processor\n"  # the package's own builds are not for it
+    assert native._build_source(ROTARY_SOURCE, "rotary_embedding", identity) == ROTARY_SOURCE
+    _unwritable_folders(monkeypatch)
+    mirrored = native._build_source(ROTARY_SOURCE, "rotary_embedding", identity)
+    (mirror,) = (tmp_path / "gptj-popxl" / "kernels").iterdir()
     assert mirrored == str(mirror / os.path.relpath(ROTARY_SOURCE, PACKAGE))
     sources = {os.path.relpath(os.path.join(d, n), PACKAGE) for d, _, names in os.walk(PACKAGE) for n in names
                if n.endswith((".cpp", ".h")) and not n.startswith(".")}
@@ -83,4 +89,27 @@ def test_an_unwritable_kernel_folder_is_mirrored_into_the_default_cache(tmp_path
     for relative in sources:
         with open(os.path.join(PACKAGE, relative), "rb") as original, open(mirror / relative, "rb") as copy:
             assert original.read() == copy.read(), relative
-    assert native._writable_source(ROTARY_SOURCE) == mirrored  # the same content, the same mirror
+        assert stat.S_IMODE(os.stat(mirror / relative).st_mode) == 0o644, relative  # other users of the cache
+    (mirror / "popxl_cpu/kernels/parallel_for.h").write_bytes(b"")
+    assert native._build_source(ROTARY_SOURCE, "rotary_embedding", identity) == mirrored  # same content, same mirror
+    with open(os.path.join(PACKAGE, "popxl_cpu/kernels/parallel_for.h"), "rb") as original:
+        assert (mirror / "popxl_cpu/kernels/parallel_for.h").read_bytes() == original.read()
+    other = native._build_source(ROTARY_SOURCE, "rotary_embedding", "a third processor\n")
+    assert not other.startswith(str(mirror) + os.sep)  # one mirror per processor
+
+
+def test_a_read_only_folder_with_a_current_build_is_used_in_place(monkeypatch):
+    """A read-only install whose kernels were built there for this processor uses those builds."""
+    monkeypatch.delenv(native.CACHE_VARIABLE, raising=False)
+    rotary_pos_embed.extension()  # built (or found current) in the package's folder
+    _unwritable_folders(monkeypatch)
+    assert native._build_source(ROTARY_SOURCE, "rotary_embedding", native._cpu_identity()) == ROTARY_SOURCE
+
+
+def test_an_unwritable_cache_names_the_variable(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(native.CACHE_VARIABLE, str(blocker / "kernels"))
+    with pytest.raises(OSError, match=r"the C\+\+ kernel 'rotary_embedding' .* kernel cache .*a-file/kernels "
+                                      r"cannot be written.*Set \$GPTJ_POPXL_KERNEL_CACHE"):
+        native._build_source(ROTARY_SOURCE, "rotary_embedding", native._cpu_identity())

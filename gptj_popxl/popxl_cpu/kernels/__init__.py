@@ -2,8 +2,8 @@
 
 ``fused_ops.cpp`` (float32 tanh-GELU and its gradient, the attention's scaled and masked softmax) is
 compiled by cppimport on first use for this processor (into this folder, git-ignored, or the kernel
-cache where it is read-only; see ``popxl_cpu/native.py``). ``vector_math.h`` and ``parallel_for.h`` are shared with the custom ops' and
-decode kernels' C++.
+cache, ``$GPTJ_POPXL_KERNEL_CACHE``; see ``popxl_cpu/native.py``). ``vector_math.h`` and
+``parallel_for.h`` are shared with the custom ops' and decode kernels' C++.
 """
 import functools
 import os

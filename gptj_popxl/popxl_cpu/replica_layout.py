@@ -50,6 +50,9 @@ class GroupIndex:
         self.peers = torch.as_tensor(peers)                            # (R, size)
         self.position = torch.as_tensor(position)                      # (R,)
         self.replicas = torch.arange(len(position))
+        # Row r * size + position[r] of the (R * size, ...) chunks: replica r's own (see ``own``).
+        self.own_rows = self.replicas * self.peers.shape[1] + self.position
+        self.peer_rows = self.peers.reshape(-1)
         self.singletons = self.members.shape[1] == 1
         self.strided = _strided_blocks(group)
 
@@ -69,7 +72,29 @@ class GroupIndex:
 
     def own(self, chunks: torch.Tensor) -> torch.Tensor:
         """``(R, size, *chunk)`` -> each replica's chunk at its position."""
+        if chunks.is_contiguous() and chunks.numel():
+            # A row gather by index_select: 3-4x faster than advanced indexing over two axes (190 against
+            # 53 us for (4, 2, 65536) float32 on a 2-core VM).
+            rows = chunks.view(chunks.shape[0] * chunks.shape[1], -1)
+            return torch.index_select(rows, 0, self.own_rows).view((chunks.shape[0],) + chunks.shape[2:])
         return chunks[self.replicas, self.position]
+
+    def reduce_scatter(self, chunks: torch.Tensor, op: str) -> torch.Tensor:
+        """``(R, size, *chunk)`` (``size``: the group's) -> each replica's chunk at its position,
+        reduced over its group. Where groups are strided lines, only the chunks replicas keep are
+        reduced, straight into their places, with no group-wide result for every member first."""
+        if self.singletons or self.strided is None:
+            return self.own(self.reduce(chunks, op))
+        blocks, size, stride = self.strided
+        chunk = tuple(chunks.shape[2:])
+        # [block, member, stride, chunk position]: replica (b, p, s) keeps the reduction over the
+        # members of their chunk p.
+        lines = chunks.reshape((blocks, size, stride, size) + chunk)
+        return REDUCE[op](lines, 1).transpose(1, 2).reshape((blocks * size * stride,) + chunk)
+
+    def peer_values(self, x: torch.Tensor) -> torch.Tensor:
+        """``(R, *shape)`` -> ``(R, size, *shape)``: each replica's peers' values, in group order."""
+        return torch.index_select(x, 0, self.peer_rows).view(self.peers.shape + x.shape[1:])
 
 
 def _strided_blocks(group: ReplicaGrouping) -> Optional[tuple]:

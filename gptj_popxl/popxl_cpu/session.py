@@ -140,7 +140,7 @@ class _VariableLayout:
         return self.index.own(self.split(full)) if self.sharded else full.reshape(self.device_shape)
 
     def to_host(self, device: torch.Tensor) -> np.ndarray:
-        full = self.merge(device[self.index.peers]) if self.sharded else device.reshape(self.shape)
+        full = self.merge(self.index.peer_values(device)) if self.sharded else device.reshape(self.shape)
         return (full if self.per_replica else full[self.firsts]).numpy().copy()
 
     def store(self, host: np.ndarray, value: np.ndarray) -> np.ndarray:

@@ -104,7 +104,7 @@ class ReplicatedAllGather(Primitive):
         a = op.attrs
         index = GroupIndex(a["group"])
         merge = merger(a["layout"], a["axis"], a["group"].group_size, op.outputs[0].shape, runtime.replicas)
-        return lambda x: merge(x[index.peers])
+        return lambda x: merge(index.peer_values(x))
 
     @staticmethod
     def grad(g):
@@ -128,7 +128,7 @@ class ReplicatedReduceScatter(Primitive):
         split = splitter(a["layout"], a["axis"], a["group"].group_size, op.inputs[0].shape, runtime.replicas)
         if reduce_op == LOCAL:
             return lambda x: index.own(split(x))
-        return lambda x: index.own(split(index.reduce(x, reduce_op)))
+        return lambda x: index.reduce_scatter(split(x), reduce_op)
 
     @staticmethod
     def grad(g):

@@ -20,6 +20,7 @@ def rng():
 def planned(monkeypatch):
     """Every plannable output (``Primitive.lower_out``) planned, whatever its size; returns the shapes of
     the blocks of memory the lowered plans keep, as they allocate them."""
+    monkeypatch.setattr(allocation, "PLANNED_BYTES", 0)
     monkeypatch.setattr(allocation, "LARGE_BYTES", 0)
     made = []
     empty = allocation.empty

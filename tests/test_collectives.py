@@ -131,8 +131,13 @@ GROUPINGS = [(1, 1, None), (2, 1, None), (2, 1, 1), (4, 1, None), (4, 2, 2), (4,
              (8, 1, None), (8, 2, 4), (8, 1, 2), (8, 4, 2), (8, 1, 4), (8, 2, 2)]
 
 
+@pytest.mark.parametrize("into_memory", [False, True], ids=["fresh", "planned"])
 @pytest.mark.parametrize("R, stride, group_size", GROUPINGS)
-def test_collectives_match_per_replica_reference(R, stride, group_size):
+def test_collectives_match_per_replica_reference(R, stride, group_size, into_memory, request):
+    """Every op, grouping and layout; "planned": each output that can be written into memory the plan
+    gives it (``Primitive.lower_out``) is, whatever its size."""
+    if into_memory:
+        request.getfixturevalue("planned")
     rng = np.random.default_rng(R * 100 + stride * 10 + (group_size or 0))
     gs = group_size or R // stride
     peers = members(R, stride, gs)
@@ -155,6 +160,7 @@ def test_collectives_match_per_replica_reference(R, stride, group_size):
         outs += [inplace,
                  C.replicated_all_gather(xt, axis=0, group=group), C.replicated_all_gather(xt, axis=1, group=group),
                  C.replicated_all_gather(xt, group=group, output_shape="new_axis"),
+                 C.replicated_reduce_scatter(xt, "mean", group), C.replicated_reduce_scatter(xt, "max", group),
                  C.replicated_reduce_scatter(xt, "add", group), C.replicated_reduce_scatter(it, "min", group),
                  C.replica_sharded_slice(it, group),
                  C.replicated_slice(xt, axis=0, group=group), C.replicated_slice(xt[:gs], axis=0, group=group)]
@@ -166,15 +172,20 @@ def test_collectives_match_per_replica_reference(R, stride, group_size):
         expected = [_reduce(op, x[p]) for op in ops_f]
         expected += [_reduce("and", flags[p]), _reduce("or", flags[p]), _reduce("max", ints[p]), _reduce("add", x[p]),
                      np.concatenate(x[p], 0), np.concatenate(x[p], 1), x[p],
+                     _flat_chunk(_reduce("mean", x[p]), k, gs), _flat_chunk(_reduce("max", x[p]), k, gs),
                      _flat_chunk(_reduce("add", x[p]), k, gs), _flat_chunk(_reduce("min", ints[p]), k, gs),
                      _flat_chunk(ints[r], k, gs), np.split(x[r], gs, 0)[k], x[r][k]]
         for i, (value, want) in enumerate(zip(got, expected)):
             np.testing.assert_allclose(value[r], want, rtol=1e-5, atol=1e-5, err_msg=f"output {i}, replica {r}")
 
 
+@pytest.mark.parametrize("into_memory", [False, True], ids=["fresh", "planned"])
 @pytest.mark.parametrize("R, stride, group_size", [(4, 1, 2), (8, 2, 4), (8, 4, 2), (4, 2, 2)])
-def test_sharded_all_gather_reassembles_meta_shape(R, stride, group_size):
-    """replica_sharded_slice then all_gather('auto' -> meta_shape) is the identity, padding included."""
+def test_sharded_all_gather_reassembles_meta_shape(R, stride, group_size, into_memory, request):
+    """replica_sharded_slice then all_gather('auto' -> meta_shape) is the identity, padding included
+    (planned as in ``test_collectives_match_per_replica_reference``)."""
+    if into_memory:
+        request.getfixturevalue("planned")
     rng = np.random.default_rng(3)
     x = rng.normal(size=(R, 5, 3)).astype(np.float32)  # 15 elements: padded shards
     ir = popxl.Ir(replication=R)

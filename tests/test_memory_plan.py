@@ -10,6 +10,7 @@ import gptj_popxl
 from gptj_popxl import golden
 from gptj_popxl import popxl_cpu as popxl
 from gptj_popxl.popxl_cpu import allocation, ops
+from gptj_popxl.popxl_cpu.ops.io import init_value
 from helpers_gptj import TINY, tiny_checkpoint
 
 F32 = popxl.float32
@@ -79,6 +80,26 @@ def test_outputs_views_variables_and_remote_stores_never_share_kept_memory(plann
             np.testing.assert_allclose(got[outputs[name]], value, rtol=1e-5, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(second[outputs["previous"]], xs[0] @ w, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(held_after, xs[1] @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_filled_values_start_from_their_value_on_every_run(planned):
+    """Filled tensors accumulated in place: one that never leaves the run (kept memory) and one sent to
+    the host (recycled memory) each start from their fill value again on the second run."""
+    rng = np.random.default_rng(3)
+    xs = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(2)]
+    ir = popxl.Ir()
+    with ir.main_graph:
+        x_stream, out_stream = popxl.h2d_stream((4, 3), F32, "x"), popxl.d2h_stream((4, 3), F32, "sum")
+        x = ops.host_load(x_stream)
+        internal = ops.init((4, 3), F32, "internal")
+        ops.var_updates.accumulate_(internal, x)
+        sent = ops.var_updates.accumulate_(init_value((4, 3), F32, 1.5, "sent"), internal * 2.0)
+        ops.host_store(out_stream, sent)
+    with popxl.Session(ir) as session:
+        got = [session.run({x_stream: x})[out_stream] for x in xs]
+    assert len(planned) == 1  # the internal one's
+    for x, value in zip(xs, got):
+        np.testing.assert_allclose(value, 1.5 + 2 * x, rtol=1e-6)
 
 
 def test_gptj_forward_and_gradients_match_transformers_run_after_run(planned, tmp_path):

@@ -15,6 +15,10 @@ import torch
 
 # numpy advises huge pages for arrays from this size on.
 LARGE_BYTES = 1 << 22
+# Op outputs from this size on get memory a plan keeps or recycles (``executor``): glibc serves
+# allocations from 128 KiB on (its first mmap threshold) by fresh mappings, or trims them back off its
+# heap's top once freed, so each run faulted their pages in again.
+PLANNED_BYTES = 1 << 17
 
 _NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
                  torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,

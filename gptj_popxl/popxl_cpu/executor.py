@@ -110,7 +110,7 @@ class Plan:
 
         def with_memory(fn, t: Tensor):
             shape, dtype = (runtime.replicas,) + t.shape, t.dtype.as_torch()
-            if allocation.nbytes(shape, dtype) < allocation.LARGE_BYTES:
+            if allocation.nbytes(shape, dtype) < allocation.PLANNED_BYTES:
                 return fn
             if classes.find(t.id) in outliving:
                 recycled = allocation.Recycler(shape, dtype)

@@ -34,7 +34,20 @@ REDUCE = {
     "square_add": lambda x, d: (x * x).sum(d, dtype=x.dtype),
 }
 
+# The reductions that can write into given memory (``out``), with the same bits as ``REDUCE``'s.
+REDUCE_INTO = {
+    "add": lambda x, d, out: torch.sum(x, d, dtype=x.dtype, out=out),
+    "min": lambda x, d, out: torch.amin(x, d, out=out),
+    "max": lambda x, d, out: torch.amax(x, d, out=out),
+}
+
 _OF_ONE_IS_ITSELF = ("add", "mean", "min", "max")
+
+
+def reduces_into(op: str, dtype: torch.dtype) -> bool:
+    """Whether ``GroupIndex.reduce_scatter`` can write reduction ``op`` of ``dtype`` values into given memory
+    (a float32 mean is a sum divided in place, as ``REDUCE``'s float32 sum divided)."""
+    return op in REDUCE_INTO or (op == "mean" and dtype == torch.float32)
 
 
 class GroupIndex:
@@ -79,22 +92,38 @@ class GroupIndex:
             return torch.index_select(rows, 0, self.own_rows).view((chunks.shape[0],) + chunks.shape[2:])
         return chunks[self.replicas, self.position]
 
-    def reduce_scatter(self, chunks: torch.Tensor, op: str) -> torch.Tensor:
+    @property
+    def scatters_into(self) -> bool:
+        """Whether ``reduce_scatter`` reduces straight into place (groups of several members on strided
+        lines), and so may be given the memory to write (``out``)."""
+        return not self.singletons and self.strided is not None
+
+    def reduce_scatter(self, chunks: torch.Tensor, op: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(R, size, *chunk)`` (``size``: the group's) -> each replica's chunk at its position,
-        reduced over its group. Where groups are strided lines, only the chunks replicas keep are
-        reduced, straight into their places, with no group-wide result for every member first."""
-        if self.singletons or self.strided is None:
+        reduced over its group. Where groups are strided lines (``scatters_into``), only the chunks
+        replicas keep are reduced, straight into their places (into ``out``, a contiguous ``(R, *chunk)``,
+        when given and ``reduces_into(op, dtype)``), with no group-wide result for every member first."""
+        if not self.scatters_into:
             return self.own(self.reduce(chunks, op))
         blocks, size, stride = self.strided
         chunk = tuple(chunks.shape[2:])
         # [block, member, stride, chunk position]: replica (b, p, s) keeps the reduction over the
         # members of their chunk p.
         lines = chunks.reshape((blocks, size, stride, size) + chunk)
-        return REDUCE[op](lines, 1).transpose(1, 2).reshape((blocks * size * stride,) + chunk)
+        if out is None:
+            return REDUCE[op](lines, 1).transpose(1, 2).reshape((blocks * size * stride,) + chunk)
+        places = out.view((blocks, size, stride) + chunk).transpose(1, 2)
+        if op == "mean":
+            REDUCE_INTO["add"](lines, 1, places).div_(size)
+        else:
+            REDUCE_INTO[op](lines, 1, places)
+        return out
 
-    def peer_values(self, x: torch.Tensor) -> torch.Tensor:
-        """``(R, *shape)`` -> ``(R, size, *shape)``: each replica's peers' values, in group order."""
-        return torch.index_select(x, 0, self.peer_rows).view(self.peers.shape + x.shape[1:])
+    def peer_values(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(R, *shape)`` -> ``(R, size, *shape)``: each replica's peers' values, in group order
+        (written into ``out``, contiguous memory of as many elements, when given)."""
+        rows = None if out is None else out.view((len(self.peer_rows),) + tuple(x.shape[1:]))
+        return torch.index_select(x, 0, self.peer_rows, out=rows).view(self.peers.shape + x.shape[1:])
 
 
 def _strided_blocks(group: ReplicaGrouping) -> Optional[tuple]:

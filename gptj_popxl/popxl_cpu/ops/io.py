@@ -21,9 +21,13 @@ class Fill(Primitive):
 
     @classmethod
     def lower(cls, op, runtime):
+        return cls.lower_out(op, runtime)
+
+    @classmethod
+    def lower_out(cls, op, runtime):
         shape = (runtime.replicas,) + tuple(op.attrs["shape"])
         dtype, value = op.attrs["dtype"].as_torch(), op.attrs["value"]
-        return lambda: torch.full(shape, value, dtype=dtype)
+        return lambda out=None: torch.full(shape, value, dtype=dtype) if out is None else out.fill_(value)
 
 
 def init_value(shape, dtype, value: float, name: Optional[str] = None) -> Tensor:

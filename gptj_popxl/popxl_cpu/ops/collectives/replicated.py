@@ -15,7 +15,7 @@ from typing import Optional
 from ...context import get_current_graph
 from ...primitive import Primitive, spec
 from ...replica_grouping import ReplicaGrouping
-from ...replica_layout import REDUCE, GroupIndex, chunk_shape_of, gathered_shape, merger, splitter
+from ...replica_layout import REDUCE, GroupIndex, chunk_shape_of, gathered_shape, merger, reduces_into, splitter
 from ...tensor import Tensor
 from .._util import norm_axis, scalar_like
 from ..elementwise import div
@@ -106,6 +106,23 @@ class ReplicatedAllGather(Primitive):
         merge = merger(a["layout"], a["axis"], a["group"].group_size, op.outputs[0].shape, runtime.replicas)
         return lambda x: merge(index.peer_values(x))
 
+    @classmethod
+    def lower_out(cls, op, runtime):
+        a = op.attrs
+        # Where the peers' chunks, in group order, are the output's elements in order (no padding
+        # to drop, no axis to move), the gather writes the output's memory itself.
+        if not (a["layout"] == "new_axis" or (a["layout"] == "concat" and a["axis"] == 0)
+                or (a["layout"] == "flat" and op.outputs[0].nelms == op.inputs[0].nelms * a["group"].group_size)):
+            return None
+        index, gather = GroupIndex(a["group"]), cls.lower(op, runtime)
+
+        def gather_into(x, out=None):
+            if out is None:
+                return gather(x)
+            index.peer_values(x, out=out)
+            return out
+        return gather_into
+
     @staticmethod
     def grad(g):
         a = g.attrs
@@ -129,6 +146,15 @@ class ReplicatedReduceScatter(Primitive):
         if reduce_op == LOCAL:
             return lambda x: index.own(split(x))
         return lambda x: index.reduce_scatter(split(x), reduce_op)
+
+    @classmethod
+    def lower_out(cls, op, runtime):
+        a = op.attrs
+        index = GroupIndex(a["group"])
+        if a["op"] == LOCAL or not index.scatters_into or not reduces_into(a["op"], op.outputs[0].dtype.as_torch()):
+            return None
+        split = splitter(a["layout"], a["axis"], a["group"].group_size, op.inputs[0].shape, runtime.replicas)
+        return lambda x, out=None: index.reduce_scatter(split(x), a["op"], out)
 
     @staticmethod
     def grad(g):

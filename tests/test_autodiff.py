@@ -178,6 +178,27 @@ def test_call_inside_repeat():
     check(outer, lambda x, w: t_gelu(t_gelu(x @ w) @ w), [randn(2, 3), randn(3, 3, seed=1)])
 
 
+def test_a_tensor_returned_twice_gets_both_gradients():
+    """A called graph or a repeat body returning one tensor in two places: both output gradients reach it."""
+    def called(x):
+        graph = popxl.gir().create_graph(lambda a: (ops.sin(a),) * 2, x)
+        p, q = ops.call(graph, x)
+        return p * 2.0 + q * 3.0
+
+    check(called, lambda x: torch.sin(x) * 5.0, [randn(3)])
+
+    def repeated(x):
+        body = popxl.gir().create_graph(lambda a, b: (ops.tanh(a + b),) * 2, x, x)
+        return ops.repeat(body, 2, x, x)
+
+    def ref(x):
+        a, b = x, x
+        for _ in range(2):
+            a = b = torch.tanh(a + b)
+        return a, b
+    check(repeated, ref, [randn(3)])
+
+
 # ------------------------------------------------------------------ provided / required
 
 
@@ -291,6 +312,45 @@ def test_autodiff_errors():
             popxl.transforms.autodiff(fwd)
         with pytest.raises(TypeError, match="expects a Graph"):
             popxl.transforms.autodiff(fwd.inputs[0])
+
+
+def _in_place_bias(x, w, b):
+    y = x @ w
+    y += b  # writes y; tanh then reads y, not the write's output
+    return ops.tanh(y)
+
+
+def _residual_in_place(x, w):
+    h = x * 1.0
+    h += ops.tanh(h @ w)
+    return h
+
+
+def _read_then_overwritten(x):
+    t = ops.tanh(x)
+    s = ops.sum(t)
+    t += 1.0  # tanh's gradient rule reads t
+    return s
+
+
+@pytest.mark.parametrize("fn, shapes", [(_in_place_bias, [(2, 3), (3, 4), (4,)]), (_residual_in_place, [(2, 3), (3, 3)]),
+                                        (_read_then_overwritten, [(4,)])], ids=lambda v: getattr(v, "__name__", ""))
+def test_in_place_writes_that_would_give_wrong_gradients_are_refused(fn, shapes):
+    ir = popxl.Ir()
+    with ir.main_graph:
+        fwd = ir.create_graph(fn, *[spec(*shape) for shape in shapes])
+        with pytest.raises(NotImplementedError, match="in place"):
+            popxl.transforms.autodiff(fwd)
+
+
+def test_a_value_written_before_it_is_read_off_the_gradient_path_is_differentiated():
+    def fwd(x, w, m):
+        mask = m * 1.0
+        mask += 0.5  # not on the gradient path; written before anything reads it
+        return ops.tanh(x @ w) * mask
+
+    check(fwd, lambda x, w, m: torch.tanh(x @ w) * (m + 0.5), [randn(2, 3), randn(3, 4, seed=1), randn(2, 4, seed=2)],
+          required=[0, 1])
 
 
 def test_stitched_outputs_keep_their_meta_shape_at_call_sites():

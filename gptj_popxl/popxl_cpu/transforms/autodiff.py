@@ -8,6 +8,7 @@ caller can pass them on with ``GradGraphInfo.inputs_dict``.
 import enum
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
+from ..executor import storage_with_copying_views
 from ..graph import Graph
 from ..ops.control import CallSiteInfo, call, call_with_info
 from ..ops.elementwise import add, identity
@@ -152,6 +153,7 @@ class _Builder:
                 self.grads[t.id] = graph_input(t.shape, t.dtype, "grad_" + t.name.rpartition("/")[2])
                 self.expected_inputs.append(ExpectedConnection._create(t, ExpectedConnectionType.FwdGrad))
             needed = self._needed_ops()
+            self._check_no_write_on_gradient_path()
             for op in reversed(fwd._ops):
                 if op not in needed or not any(t.id in self.grads for t in op.outputs):
                     continue
@@ -164,6 +166,7 @@ class _Builder:
                 for t, dx, want in zip(op.inputs, dxs, wants):
                     if want:
                         self.accumulate(t, dx)
+            self._check_read_values_unwritten(needed)
             outputs = []
             for t in self.required:
                 g = self.grads.get(t.id)
@@ -189,8 +192,47 @@ class _Builder:
             if op in forward and any(t.id in back for t in op.outputs):
                 needed.add(op)
                 back.update(t.id for t in op.inputs)
-        self._reach = reach & back
+        self._forward_reach, self._reach = reach, reach & back
         return needed
+
+    def _writes(self):
+        """``(position, op, written tensor, its storage class)`` of each in-place write in the forward graph."""
+        classes, _, _ = storage_with_copying_views(self.fwd)
+        self._classes = classes
+        return [(k, op, op.inputs[i], classes.find(op.inputs[i].id)) for k, op in enumerate(self.fwd._ops)
+                for i in op.modified_inputs]
+
+    def _check_no_write_on_gradient_path(self) -> None:
+        # Gradient rules follow each tensor's producer. An in-place op's own output carries its gradient,
+        # but a tensor it writes that is read again afterwards (``y += b; tanh(y)``), or returned, would
+        # pass gradients to the tensor's producer and none through the write: b would silently get no
+        # gradient. Like torch's autograd checks, this refuses instead.
+        self._write_list = self._writes()
+        provided = {t.id for t in self.provided}
+        for k, op, t, _ in self._write_list:
+            carries = t.id in self._forward_reach or any(x.id in self._forward_reach for x in op.inputs)
+            read_after = t.id in provided or any(t in later.inputs for later in self.fwd._ops[k + 1:])
+            if carries and read_after:
+                raise NotImplementedError(
+                    f"autodiff of '{self.fwd.name}': op {op.prim.name} ('{op.name}') writes '{t.name}' in place, "
+                    f"and '{t.name}' is read or returned afterwards on the gradient path; use the out-of-place "
+                    f"op, or the in-place op's output")
+
+    def _check_read_values_unwritten(self, needed) -> None:
+        # A forward value a gradient rule reads reaches the gradient graph as a forward output, which
+        # shows the value after every later in-place write to it.
+        order = {op: k for k, op in enumerate(self.fwd._ops)}
+        for t_id, value in self.values.items():
+            t = self.fwd._tensors.get(t_id)
+            if t is None or t in self.fwd._inputs:  # a call site copies an input the graph writes
+                continue
+            c = self._classes.find(t_id)
+            reads = [order[op] for op in needed if any(self._classes.find(x.id) == c for x in op.inputs)]
+            late = [op for k, op, _, wc in self._write_list if wc == c and reads and k > min(reads)]
+            if late:
+                raise NotImplementedError(
+                    f"autodiff of '{self.fwd.name}': '{t.name}', which a gradient rule reads, is written in place "
+                    f"by op {late[0].prim.name} ('{late[0].name}') after it is read; write a copy instead")
 
     def _wants(self, t: Tensor) -> bool:
         return t.id in self._reach and t.dtype.is_floating_point
@@ -267,6 +309,15 @@ def _grad_call_inputs(info: GradGraphInfo, fwd_grads: Mapping[str, Optional[Tens
     return ins
 
 
+def _grads_by_output(outputs, dys) -> Dict[str, Optional[Tensor]]:
+    """Gradients by forward output id; a tensor a graph returns in several places gets their sum."""
+    grads: Dict[str, Optional[Tensor]] = {}
+    for t, dy in zip(outputs, dys):
+        prev = grads.get(t.id)
+        grads[t.id] = dy if prev is None else (prev if dy is None else add(prev, dy))
+    return grads
+
+
 def _grads_by_input(info: GradGraphInfo, graph: Graph, outs) -> Dict[int, Tensor]:
     return {graph._inputs.index(c.fwd_tensor): dx for c, dx in zip(info.expected_outputs, outs)}
 
@@ -277,7 +328,7 @@ def call_grad(g: GradOp):
     graph = op.attrs["graph"]
     info = _sub_grad_info(g.grad_infos, graph)
     site = CallSiteInfo(op)
-    grads = {sub.id: g.dy_or_none(i) for i, sub in enumerate(graph._outputs)}
+    grads = _grads_by_output(graph._outputs, [g.dy_or_none(i) for i in range(len(graph._outputs))])
     outs = call(info.graph, *_grad_call_inputs(info, grads, lambda sub: g.value(site.graph_to_parent(sub))))
     by_input = _grads_by_input(info, graph, outs)
     return [by_input.get(i) for i in range(len(op.inputs))]
@@ -303,7 +354,7 @@ def repeat_grad(g: GradOp):
     carried_grads = [g.dy_or_none(i) for i in range(k)]
     const_grads: List[Optional[Tensor]] = [None] * (len(op.inputs) - k)
     for site in reversed(sites):
-        grads = {sub.id: dy for sub, dy in zip(body._outputs[:k], carried_grads)}
+        grads = _grads_by_output(body._outputs[:k], carried_grads)
         by_input = _grads_by_input(info, body, call(info.graph, *_grad_call_inputs(info, grads, site.graph_to_parent)))
         carried_grads = [by_input.get(i) for i in range(k)]
         for j in range(len(const_grads)):

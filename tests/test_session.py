@@ -239,6 +239,27 @@ def test_host_gets_values_as_stored_even_when_written_later():
     np.testing.assert_array_equal(second[streams[0]], v1 * 2)
 
 
+@pytest.mark.parametrize("R", [1, 2])
+def test_streams_storing_one_value_get_arrays_of_their_own(R):
+    """One tensor (and a view of it) stored to three streams: run() returns three separate arrays, as
+    popxl's one array per stream, so changing one leaves the others as stored."""
+    ir = popxl.Ir(replication=R)
+    with ir.main_graph:
+        y = popxl.variable(np.arange(6, dtype=np.float32).reshape(2, 3), name="v") * 2.0
+        streams = [popxl.d2h_stream(t.shape, F32, name) for t, name in ((y, "a"), (y, "b"), (y[0], "row"))]
+        for stream, t in zip(streams, (y, y, y[0])):
+            ops.host_store(stream, t)
+    with popxl.Session(ir) as session:
+        out = session.run()
+    for stream in streams[1:]:
+        assert not np.shares_memory(out[streams[0]], out[stream])
+    out[streams[0]][...] = -1.0
+    value = np.arange(6, dtype=np.float32).reshape(2, 3) * 2
+    expected = np.broadcast_to(value, (R, 2, 3)) if R > 1 else value
+    np.testing.assert_array_equal(out[streams[1]], expected)
+    np.testing.assert_array_equal(out[streams[2]], expected[..., 0, :])
+
+
 def _counter_program(storage):
     """A program whose variable ``v`` (backed by ``storage``) is read out, then incremented in place."""
     ir = popxl.Ir()

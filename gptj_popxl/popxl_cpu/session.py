@@ -94,8 +94,11 @@ class Runtime:
                              f"{transfers} times in one run")
         self.stream_out_next[stream] = k + 1
         if target is None:
-            # A view (a transpose, a broadcast) would hand the host odd strides, even repeated elements.
-            self.stream_kept[stream] = value if value.is_contiguous() else value.contiguous()
+            # A view (a transpose, a broadcast) would hand the host odd strides, even repeated elements;
+            # memory another stream of this run holds would make two host arrays one.
+            storage = value.untyped_storage().data_ptr()
+            shared = any(kept.untyped_storage().data_ptr() == storage for kept in self.stream_kept.values())
+            self.stream_kept[stream] = value.clone() if shared else value.contiguous()
         else:
             target[k] = value.numpy()  # numpy's copy: torch's would wake its thread pool, slow on a busy host
 

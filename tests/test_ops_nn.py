@@ -249,6 +249,16 @@ def test_reduction(name, axis, keepdims, dtype, rng):
           tol=(2e-2, 3e-2) if dtype == np.float16 else None)
 
 
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
+def test_reduction_of_a_scalar_reduces_one_element(name, rng):
+    """A rank-0 input has no axis to reduce: the result is the reduction of its one element (the
+    square for sumsquare, the magnitude for l1 and l2, the log for logsum), as torch's over all axes."""
+    op, ref, domain = REDUCTIONS[name]
+    x = rand(rng, 1).reshape(())
+    x = domain(x) if domain else x - 2.0  # negative where the domain allows: abs and square show
+    check(lambda x: op(x), lambda x: ref(x.reshape(1), [0], False).reshape(()), x)
+
+
 def test_argmax_argmin(rng):
     x = rand(rng, 3, 4)
     x[0, :2] = 5.0  # a tie: the first occurrence wins

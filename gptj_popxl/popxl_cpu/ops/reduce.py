@@ -16,8 +16,10 @@ def _reduced_shape(shape, axes, keepdims):
 
 
 class Reduce(Primitive):
-    """Reduction over ``axes`` (already normalised); values carry the replica axis, hence ``+1``."""
+    """Reduction over ``axes`` (already normalised); values carry the replica axis, hence ``+1``.
+    ``of_each`` is the reduction of a single element (over no axes: a rank-0 input, or ``axis=[]``)."""
     fn = None
+    of_each = staticmethod(torch.clone)
 
     @classmethod
     def infer(cls, t, axes, keepdims):
@@ -27,7 +29,7 @@ class Reduce(Primitive):
     def lower(cls, op, runtime):
         axes, keepdims, fn = tuple(a + 1 for a in op.attrs["axes"]), op.attrs["keepdims"], cls.fn
         if not axes:
-            return lambda x: x.clone()
+            return cls.of_each
         # torch sums and multiplies integers in int64; the result keeps the input's dtype, wrapping
         # around on overflow as the IPU does.
         return lambda x: fn(x, axes, keepdims).to(x.dtype)
@@ -121,6 +123,7 @@ class ReduceProd(Reduce):
 
 class ReduceSumSquare(Reduce):
     name = "sumsquare"
+    of_each = staticmethod(lambda x: x * x)
 
     @staticmethod
     def fn(x, axes, keepdims):
@@ -149,6 +152,7 @@ class ReduceLogSumExp(Reduce):
 
 class ReduceL1(Reduce):
     name = "l1"
+    of_each = staticmethod(torch.abs)
     fn = staticmethod(lambda x, axes, keepdims: torch.sum(torch.abs(x), axes, keepdim=keepdims))
 
     @staticmethod
@@ -159,6 +163,7 @@ class ReduceL1(Reduce):
 
 class ReduceL2(Reduce):
     name = "l2"
+    of_each = staticmethod(lambda x: torch.sqrt(x * x))
     fn = staticmethod(lambda x, axes, keepdims: torch.sqrt(torch.sum(x * x, axes, keepdim=keepdims)))
 
     @staticmethod
@@ -169,6 +174,7 @@ class ReduceL2(Reduce):
 
 class ReduceLogSum(Reduce):
     name = "logsum"
+    of_each = staticmethod(torch.log)
     fn = staticmethod(lambda x, axes, keepdims: torch.log(torch.sum(x, axes, keepdim=keepdims)))
 
     @staticmethod

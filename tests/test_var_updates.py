@@ -102,6 +102,21 @@ def test_float16_updates_round_once(name, call, formula, f, in_place, tensor_fac
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("name, formula, f", ACCUMULATORS + [
+    ("scaled_add_", lambda t, x, f: 2.0 * t + f * x, 0.5)], ids=lambda v: v if isinstance(v, str) else "")
+def test_updates_of_a_variable_by_itself(name, formula, f):
+    """X is t itself (a variable updated by its own value): the formula reads t as it was."""
+    ir = popxl.Ir()
+    with ir.main_graph:
+        t = popxl.variable(T, name="t")
+        if name == "scaled_add_":
+            ops.scaled_add_(t, t, 2.0, f)
+        else:
+            getattr(V, name)(t, t, *([] if f is None else [f]))
+    (got,) = values_after(ir, [t])
+    np.testing.assert_allclose(got, formula(T, T, f), rtol=1e-6, atol=1e-6)
+
+
 def test_accumulate_square_default_factor_and_mixed_precision():
     ir = popxl.Ir()
     with ir.main_graph:

@@ -2,6 +2,7 @@
 from typing import Sequence, Tuple
 
 import numpy as np
+import torch
 
 from ..tensor import Tensor, constant
 
@@ -63,3 +64,8 @@ def check_same_dtype(*ts: Tensor) -> None:
 def check_float(t: Tensor, what: str) -> None:
     if not t.dtype.is_floating_point:
         raise TypeError(f"{what} needs a floating point tensor, got '{t.name}' {t.dtype.name}")
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two runtime values are views of one storage."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

@@ -9,7 +9,7 @@ from .. import dtypes
 from ..context import ipu
 from ..primitive import Primitive, spec
 from ..tensor import Tensor, constant
-from ._util import norm_axis
+from ._util import norm_axis, shares_memory
 from .elementwise import Identity, cast, mul
 from .reduce import sum as reduce_sum
 from .shape import reshape, slice as slice_op
@@ -85,8 +85,8 @@ class ScaledAdd(Primitive):
         def scaled_add(x, y, *scales):
             tensors = list(scales)
             sa, sb = scale(a, tensors), scale(b, tensors)
-            if inplace and x.dtype == torch.float32:
-                # Written into x: no full-size temporary.
+            if inplace and x.dtype == torch.float32 and not shares_memory(x, y):
+                # Written into x: no full-size temporary (unless y is x's memory, which scaling x would change).
                 x = x if a == 1.0 else x.mul_(sa)
                 return x.add_(y.float(), alpha=b) if b is not None else x.addcmul_(y.float(), sb)
             out = sa * x.float() + sb * y.float()

@@ -15,6 +15,7 @@ import torch
 from ... import dtypes
 from ...primitive import Primitive
 from ...tensor import Constant, Tensor, constant
+from .._util import shares_memory
 
 Factor = Union[float, Tensor]
 
@@ -34,6 +35,12 @@ def check_same_shape(t: Tensor, x: Tensor, what: str, name: str = "X") -> None:
     if x.shape != t.shape:
         raise ValueError(f"{what}: {name} '{x.name}' {x.shape} must have the shape of t '{t.name}' {t.shape} "
                          f"(no broadcasting)")
+
+
+def apart_from(t: torch.Tensor, values):
+    """``values``, each copied if it is ``t``'s memory: a formula writing ``t`` in place step by step
+    (``t *= f`` then ``t += x * x``) would otherwise read what it has already written."""
+    return [x.clone() if shares_memory(t, x) else x for x in values]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,12 +86,12 @@ class VarUpdate(Primitive):
                 # One replica: a scalar tensor's value is the python float the formula takes.
                 scalars = [float(s.reshape(-1)[0]) if c is None else c
                            for c, s in zip(constants, others[num_full - 1:])]
-                formula(t, *others[:num_full - 1], *scalars)
+                formula(t, *apart_from(t, others[:num_full - 1]), *scalars)
                 return t
             return update_in_place
 
         def update(t, *others):
-            full, scalars = others[:num_full - 1], others[num_full - 1:]
+            full, scalars = apart_from(t, others[:num_full - 1]), others[num_full - 1:]
             scalars = [s.reshape((s.shape[0],) + (1,) * rank).to(dtype) if c is None else c
                        for c, s in zip(constants, scalars)]
             into = t.to(dtype) if widen else t

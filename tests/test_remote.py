@@ -171,6 +171,27 @@ def test_loaded_values_updated_in_place_reach_only_the_entry_stored():
         np.testing.assert_array_equal(got[vs[1]], 2 * b)
 
 
+@pytest.mark.parametrize("R", [1, 2])
+def test_a_load_keeps_its_value_while_a_later_load_of_the_entry_is_updated_and_stored_back(R):
+    """Two loads of one entry through one offset tensor: the second, updated in place and stored back
+    (left in the buffer's memory), must not show through the first, read between update and store."""
+    ir = popxl.Ir(replication=R)
+    data = np.float32([1, 2, 3])
+    with ir.main_graph, popxl.in_sequence(True):
+        buffer = popxl.remote_buffer((3,), F32, entries=1)
+        v = popxl.remote_variable(data, buffer, 0, name="v")
+        offset = popxl.constant(np.uint32(0), popxl.uint32, name="offset")
+        first = ops.remote_load(buffer, offset)
+        second = ops.remote_load(buffer, offset)
+        ops.var_updates.accumulate_(second, popxl.constant(np.ones(3, np.float32)))
+        out = store(first * 2.0, "first")
+        ops.remote_store(buffer, offset, second)
+    with popxl.Session(ir) as session:
+        for n in range(2):
+            np.testing.assert_array_equal(session.run()[out], np.broadcast_to((data + n) * 2, (R, 3) if R > 1 else (3,)))
+        np.testing.assert_array_equal(session.get_tensor_data(v), data + 2)
+
+
 def test_remote_errors_name_the_buffer():
     ir = popxl.Ir(replication=2)
     with ir.main_graph:

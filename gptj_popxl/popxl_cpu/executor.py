@@ -253,6 +253,7 @@ def _remote_loads_to_copy(graph, classes, written, fused, absorbed) -> set:
     outputs = {classes.find(t.id) for t in graph._outputs}
     memo = {}
     copied = set()
+    read_only = []  # (position, last use, buffer) of the loads no op writes
     for k, op in enumerate(ops):
         if not op.prim.views_remote:
             continue
@@ -270,6 +271,14 @@ def _remote_loads_to_copy(graph, classes, written, fused, absorbed) -> set:
         elif any(buffer in _op_buffers(ops[j], memo, True) and (j < end or not ops[j].prim.writes_remote)
                  for j in range(k + 1, end + 1)):
             copied.add(op)
+        else:
+            read_only.append((op, k, end, buffer))
+    # A written load left in the buffer's memory writes the buffer from its load on: a load read after
+    # that must hold the value it loaded.
+    writing_views = [(k, op.attrs["buffer"].remote_buffer_id) for k, op in enumerate(ops)
+                     if op.prim.views_remote and op not in copied and classes.find(op.outputs[0].id) in written]
+    copied.update(op for op, k, end, buffer in read_only
+                  if any(b == buffer and k < j < end for j, b in writing_views))
     return copied
 
 

@@ -196,6 +196,13 @@ def test_add_inplace(rng):
         ops.add_(y, b)
         return y
     check(fn, lambda a, b: a + b, a, b, grad=False)
+
+    def onto_own_transpose(a):  # the rhs is the lhs's memory read another way
+        y = ops.identity(a)
+        ops.add_(ops.transpose_(y), y)
+        return y
+    square = rand(rng, 3, 3)
+    check(onto_own_transpose, lambda a: (a.T + a).T, square, grad=False)
     with pytest.raises(ValueError, match=r"rhs \(3, 4\) must broadcast to lhs \(4,\)"):
         build_error(lambda a, b: ops.add_(b, a), spec((3, 4)), spec((4,)))
 

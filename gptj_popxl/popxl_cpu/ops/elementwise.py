@@ -7,7 +7,8 @@ import torch
 from .. import dtypes, kernels
 from ..primitive import Primitive, spec
 from ..tensor import Tensor
-from ._util import broadcast_shape, check_float, check_same_dtype, replica_view_shape, scalar_like, unbroadcast
+from ._util import (broadcast_shape, check_float, check_same_dtype, replica_view_shape, scalar_like, shares_memory,
+                    unbroadcast)
 
 # ---------------------------------------------------------------- unary
 
@@ -332,7 +333,8 @@ class AddInplace(Binary):
     def lower(cls, op, runtime):
         a, b = op.inputs
         sb = replica_view_shape(b.shape, a.rank, runtime.replicas)
-        return lambda x, y: x.add_(y.reshape(sb))
+        # y may be x's memory seen another way (x a transpose of y): torch refuses to read what it writes.
+        return lambda x, y: x.add_(y.reshape(sb).clone() if shares_memory(x, y) else y.reshape(sb))
 
 
 def _pair(lhs, rhs):

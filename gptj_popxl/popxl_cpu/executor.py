@@ -15,12 +15,12 @@ has no step of its own, the add's step computes both (``addmm``) from the matmul
 attention's ``softmax(scores / c + mask)`` is one step of a C++ kernel.
 
 Memory plan: a step whose op can write into given memory (``Primitive.lower_out``) and whose output
-is large is handed that memory. A value that never outlives a run (its storage class holds no graph
+is ``allocation.PLANNED_BYTES`` or more is handed that memory. A value that never outlives a run (its storage class holds no graph
 output, nothing the host keeps, no variable, constant, input or remote memory) gets memory the plan
 allocates on its first run and keeps, as Poplar allocates tensors statically: no run pays for fresh
-pages again, and values whose lifetimes within a run do not overlap share one block. Any other large
-value gets huge-page memory that nothing else references: fresh, or an earlier run's once its user
-has dropped it (``allocation.Recycler``).
+pages again, and values whose lifetimes within a run do not overlap share one block. Any other such
+value gets memory that nothing else references (huge pages when large): fresh, or an earlier run's
+once its user has dropped it (``allocation.Recycler``).
 """
 import math
 from typing import Dict, List

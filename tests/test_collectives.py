@@ -344,6 +344,18 @@ def test_gradients_that_assume_identical_values(name):
 
 # ------------------------------------------------------------------ errors
 
+def test_replication_factor_is_fixed_once_a_collective_is_built():
+    """A collective's grouping is made for the replicas the IR has when it is built: setting the
+    replication factor afterwards would leave it reducing over the old groups, so it is refused."""
+    ir = popxl.Ir()
+    with ir.main_graph:
+        C.replicated_all_reduce(ops.host_load(popxl.h2d_stream((2,), F32, "x")))
+    with pytest.raises(ValueError, match=r"before building ops over replica groups: replicated_all_reduce .* "
+                                         r"was built for 1 replicas"):
+        ir.replication_factor = 4
+    assert ir.replication_factor == 1
+
+
 def test_collective_errors_name_the_problem():
     ir = popxl.Ir(replication=4)
     other = popxl.Ir(replication=2).replica_grouping()

@@ -43,6 +43,13 @@ class Ir:
     def replication_factor(self, value: int) -> None:
         if self._variables:
             raise ValueError("set ir.replication_factor before creating variables")
+        # A collective's replica grouping is fixed when the op is built.
+        for graph in self._graphs:
+            for op in graph._ops:
+                if any(isinstance(v, ReplicaGrouping) for v in op.attrs.values()):
+                    raise ValueError(f"set ir.replication_factor before building ops over replica groups: "
+                                     f"{op.prim.name} ('{op.name}') in graph '{graph.name}' was built for "
+                                     f"{self._replication} replicas")
         self._replication = int(value)
 
     @property

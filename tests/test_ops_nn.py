@@ -259,6 +259,16 @@ def test_reduction_of_a_scalar_reduces_one_element(name, rng):
     check(lambda x: op(x), lambda x: ref(x.reshape(1), [0], False).reshape(()), x)
 
 
+def test_float16_sums_of_squares_square_in_float32():
+    """10,000 float16 values of 1e-4: each square (1e-8) is below float16's smallest subnormal, so only
+    squaring in float32 gives the sum 1e-4 (rounded once to float16) and the norm 1e-2."""
+    x = np.full(10000, 1e-4, np.float16)
+    wide = x.astype(np.float64)
+    out, _ = run_graph(lambda x: (ops.sumsquare(x), ops.l2(x)), x)
+    np.testing.assert_allclose(out[0], np.float16((wide * wide).sum()), rtol=1e-3)
+    np.testing.assert_allclose(out[1], np.float16(np.sqrt((wide * wide).sum())), rtol=1e-3)
+
+
 def test_argmax_argmin(rng):
     x = rand(rng, 3, 4)
     x[0, :2] = 5.0  # a tie: the first occurrence wins

@@ -121,6 +121,12 @@ class ReduceProd(Reduce):
         return [div(mul(_expand_back(g, g.dy), _expand_back(g, g.y(0))), g.x(0))]
 
 
+def _squares(x):
+    """``x * x``, half-precision values squared in float32: squares of small float16 values (a gradient's
+    1e-4s) would round to 0 before the sum; the reduction's result is rounded once."""
+    return torch.square(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
+
+
 class ReduceSumSquare(Reduce):
     name = "sumsquare"
     of_each = staticmethod(lambda x: x * x)
@@ -128,7 +134,7 @@ class ReduceSumSquare(Reduce):
     @staticmethod
     def fn(x, axes, keepdims):
         if keepdims or sorted(axes) != list(range(1, x.dim())) or x.dtype not in (torch.float32, torch.float64):
-            return torch.sum(x * x, axes, keepdim=keepdims)
+            return torch.sum(_squares(x), axes, keepdim=keepdims)
         # A whole replica's tensor (e.g. a gradient, for its norm): a dot product with itself makes no
         # tensor of all the squares (and sums more accurately than the norm kernel).
         return torch.stack([torch.dot(row, row) for row in x.reshape(x.shape[0], -1)])
@@ -164,7 +170,7 @@ class ReduceL1(Reduce):
 class ReduceL2(Reduce):
     name = "l2"
     of_each = staticmethod(lambda x: torch.sqrt(x * x))
-    fn = staticmethod(lambda x, axes, keepdims: torch.sqrt(torch.sum(x * x, axes, keepdim=keepdims)))
+    fn = staticmethod(lambda x, axes, keepdims: torch.sqrt(torch.sum(_squares(x), axes, keepdim=keepdims)))
 
     @staticmethod
     def grad(g):

@@ -175,12 +175,18 @@ def test_2d_array_munging_and_tensor_parallel_output():
                                   data[:4])
 
 
-def test_print_named_tensors(capsys):
+def test_print_named_tensors_prints_values_when_the_program_runs(capsys):
+    """As popxl-addons': a print op per tensor, titled by its dotted name; the printed tensors are returned."""
     ir = popxl.Ir()
     with ir.main_graph:
-        nt = addons.NamedTensors.from_dict({"b.w": popxl.variable(np.zeros(2, np.float32), name="bw")})
-        addons.named_tensors.print_named_tensors(nt)
-    assert "b.w: (2,) float32 'bw'" in capsys.readouterr().out
+        nt = addons.NamedTensors.from_dict({"b.w": popxl.variable(np.float32([1.5, -2.0]), name="bw")})
+        printed = addons.named_tensors.print_named_tensors(nt)
+        out = popxl.d2h_stream((2,), popxl.float32, "out")
+        ops.host_store(out, printed.b.w * 2.0)
+    assert capsys.readouterr().err == ""
+    with popxl.Session(ir) as session:
+        np.testing.assert_array_equal(session.run()[out], [3.0, -4.0])
+    assert "b.w: [ 1.5 -2. ]" in capsys.readouterr().err
 
 
 def test_route_tensor_into_already_called_graphs():

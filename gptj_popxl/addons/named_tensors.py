@@ -3,7 +3,7 @@ from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
-from ..backend import popxl
+from ..backend import ops, popxl
 from .dot_tree import DotTree
 
 TensorMap = Mapping[popxl.Tensor, popxl.Tensor]
@@ -39,7 +39,7 @@ class NamedTensorData(DotTree[np.ndarray]):
     """Host arrays by dotted name (e.g. the weights of a checkpoint)."""
 
 
-def print_named_tensors(named_tensors: NamedTensors) -> None:
-    """Prints one line per tensor: dotted name, shape, dtype and tensor name (sorted by dotted name)."""
-    for name, t in sorted(named_tensors.to_dict().items()):
-        print(f"{name}: {tuple(t.shape)} {t.dtype.name} '{t.name}'")
+def print_named_tensors(named_tensors: NamedTensors) -> NamedTensors:
+    """The tensors, each passed through ``ops.print_tensor`` titled by its dotted name: their values
+    are printed whenever the program runs. Use the returned tensors so the prints run where they are."""
+    return NamedTensors.from_dict({name: ops.print_tensor(t, name) for name, t in named_tensors.to_dict().items()})

@@ -132,10 +132,11 @@ class Trainer:
     Attributes:
         config: the ``TrainingConfig``.
         model_config: the model's ``GPTJConfig``.
-        step_count: optimizer steps taken (``step`` calls, skipped ones included): the learning-rate
-            schedule advances on every call, as transformers' Trainer steps its scheduler.
+        step_count: ``step`` calls, skipped ones included.
         optimizer_steps: updates applied (AdamW's bias-correction step ``t``); a step skipped for
-            inf/NaN gradients under dynamic loss scaling is not one.
+            inf/NaN gradients under dynamic loss scaling is not one. The learning-rate schedule is at
+            this position: transformers' Trainer steps its scheduler only after an update that was
+            not skipped.
         learning_rate: the learning rate of the last step (before any: of the first).
         grad_norm: the last step's global gradient norm, unscaled, before clipping (None before any).
         loss_scale: the current loss scale.
@@ -196,7 +197,7 @@ class Trainer:
         if tokens == 0:
             raise ValueError(f"labels (shape {lab.shape}) ignore every token: the loss is undefined")
 
-        lr = cfg.lr_at(self.step_count)
+        lr = cfg.lr_at(self.optimizer_steps)
         t = self.optimizer_steps + 1
         bias_correction2_sqrt = math.sqrt(1 - cfg.beta2 ** t)
         scalars = {"loss_weight": 1.0 / tokens, "loss_scaling": self.loss_scale,

@@ -4,6 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import gptj_popxl
 from helpers_gptj import tiny_checkpoint
@@ -108,7 +109,14 @@ def test_a_skipped_step_leaves_no_infinities_behind(phased, dtype, checkpoint, b
     trainer.loss_scale = 1024.0
     loss = trainer.step(*batches[1])
     assert np.isfinite(loss) and np.isfinite(trainer.grad_norm) and trainer.optimizer_steps == 1
+    trainer.step(*batches[2])  # the first update's learning rate is the warm-up's 0
     assert all(np.isfinite(w).all() and not np.array_equal(before[k], w) for k, w in trainer.weights.items())
+    # The schedule did not advance on the skipped step: transformers' Trainer steps its scheduler only
+    # after an update that was not skipped.
+    schedule = transformers.get_linear_schedule_with_warmup(
+        torch.optim.SGD([torch.zeros(1)], lr=BASE.learning_rate), BASE.warmup_steps, BASE.total_steps)
+    schedule.step()
+    assert trainer.learning_rate == pytest.approx(schedule.get_last_lr()[0]) and trainer.learning_rate > 0
 
 
 def test_resume_is_bit_exact(checkpoint, batches, tmp_path):

@@ -291,10 +291,14 @@ class Trainer:
                 json.dump(state, f, indent=2)
 
     def _keep_source_config_keys(self, config_file: str) -> None:
-        """Add the source ``config.json``'s other keys (token ids, dropout, ...) to ours."""
+        """Add the source ``config.json``'s other keys (token ids, dropout, ...) to ours. Its dtype is
+        replaced by the saved weights' float32: transformers loads a checkpoint in its config's dtype."""
         source = os.path.join(self.model_dir, "config.json")
         with open(source, encoding="utf-8") as f:
             merged = json.load(f)
+        for key in ("dtype", "torch_dtype"):
+            if key in merged:
+                merged[key] = "float32"
         with open(config_file, encoding="utf-8") as f:
             merged.update(json.load(f))
         with open(config_file, "w", encoding="utf-8") as f:

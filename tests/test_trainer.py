@@ -119,6 +119,21 @@ def test_a_skipped_step_leaves_no_infinities_behind(phased, dtype, checkpoint, b
     assert trainer.learning_rate == pytest.approx(schedule.get_last_lr()[0]) and trainer.learning_rate > 0
 
 
+def test_a_checkpoint_trained_from_float16_loads_in_transformers_as_its_float32_weights(checkpoint, batches, tmp_path):
+    """The saved config names the saved weights' float32, not the float16 source's dtype, so transformers'
+    default load gives the trained weights exactly."""
+    source = transformers.GPTJForCausalLM.from_pretrained(checkpoint, dtype=torch.float16)
+    source.save_pretrained(tmp_path / "half")
+    trainer = gptj_popxl.Trainer(tmp_path / "half", dataclasses.replace(BASE, dtype="float16", loss_scaling=1024.0))
+    trainer.step(*batches[0])
+    trainer.save(tmp_path / "out")
+    loaded = transformers.GPTJForCausalLM.from_pretrained(tmp_path / "out")
+    exact = load_hf(tmp_path / "out", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    for (name, p), q in zip(loaded.named_parameters(), exact.parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_resume_is_bit_exact(checkpoint, batches, tmp_path):
     # Sharded optimizer state (data parallel), tensor shards, float16 master weights and accumulation.
     cfg = dataclasses.replace(BASE, phased=True, tensor_parallel=2, data_parallel=2, gradient_accumulation=2,

@@ -206,6 +206,7 @@ class Trainer:
                    "scaled_eps": cfg.eps * bias_correction2_sqrt}
         out = self._program_for(seq).run(ids, lab, scalars)
         self._device_ahead = True
+        self._model.weights_ahead_in(self._sync_host)  # a handle on the model pulls them before its next use
         finite = bool(out["finite"])
         if finite or not self._constants.skip_nonfinite:
             self.optimizer_steps += 1

@@ -169,13 +169,15 @@ def test_bad_config_and_batch_shape_name_the_culprit(checkpoint):
 
 
 def test_model_programs_read_the_trained_weights(checkpoint, batches, tmp_path):
-    # One host copy of the weights: the logits program built before training sees the updates.
+    # One host copy of the weights: the logits program built before training, run through a handle on
+    # the model taken then, sees the updates.
     trainer = gptj_popxl.Trainer(checkpoint, dataclasses.replace(BASE, tensor_parallel=2))
+    model = trainer.model
     ids = batches[0][0]
-    before = trainer.model.logits(ids)
+    before = model.logits(ids)
     for step_ids, labels in batches[:2]:  # the first step's learning rate is 0 (warmup)
         trainer.step(step_ids, labels)
-    after = trainer.model.logits(ids)
+    after = model.logits(ids)
     trainer.save(tmp_path / "out")
     with torch.no_grad():
         reference = load_hf(tmp_path / "out")(torch.from_numpy(ids)).logits.numpy()
@@ -187,10 +189,11 @@ def test_generation_reads_the_trained_weights(checkpoint, batches, tmp_path):
     # Generation programs built before training reload the one host copy after it, as the logits program does.
     trainer = gptj_popxl.Trainer(checkpoint, dataclasses.replace(BASE, tensor_parallel=2))
     prompt = batches[0][0][:2, :4]
-    before = trainer.model.generate(prompt, max_new_tokens=4)
+    model = trainer.model  # a handle taken before training
+    before = model.generate(prompt, max_new_tokens=4)
     for step_ids, labels in batches[:2]:  # the first step's learning rate is 0 (warmup)
         trainer.step(step_ids, labels)
-    after = trainer.model.generate(prompt, max_new_tokens=4)
+    after = model.generate(prompt, max_new_tokens=4)
     trainer.save(tmp_path / "out")
     with torch.no_grad():
         hf_ids = torch.from_numpy(prompt)

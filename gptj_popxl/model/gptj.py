@@ -4,7 +4,7 @@ The model builds one popxl program (see ``gptj_popxl.programs``) per kind of run
 "loss_and_grads") and input shape, on first use, and reuses it afterwards. Every program is loaded
 from the model's one host copy of the weights, ``GPTJ.weights``.
 """
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -74,7 +74,8 @@ class GPTJ:
                              + ", ".join(f"{k} {shapes.get(k)} (expected {expected.get(k)})" for k in wrong[:5]))
         self.config = config
         self.execution = execution
-        self.weights: Dict[str, np.ndarray] = dict(weights)
+        self._host_weights: Dict[str, np.ndarray] = dict(weights)
+        self._pull_weights: Optional[Callable[[], None]] = None
         self._weights_version = 0
         self._programs: Dict[Tuple[str, int, int], Program] = {}
         self.offload = offload
@@ -97,8 +98,18 @@ class GPTJ:
         return self.execution.attention_serialisation
 
     @property
-    def _weights(self) -> Dict[str, np.ndarray]:
-        return self.weights
+    def weights(self) -> Dict[str, np.ndarray]:
+        """The host copy of the weights, in our layout (the one every program loads from and writes
+        back to), first brought up to date where a newer copy is elsewhere (``weights_ahead_in``)."""
+        if self._pull_weights is not None:
+            pull, self._pull_weights = self._pull_weights, None
+            pull()
+        return self._host_weights
+
+    def weights_ahead_in(self, pull: Callable[[], None]) -> None:
+        """Note that a newer copy of the weights is elsewhere (a trainer's device): ``pull`` brings it into
+        ``weights`` (and calls ``weights_changed``) before they are next read or a program runs."""
+        self._pull_weights = pull
 
     @property
     def weights_version(self) -> int:
@@ -129,10 +140,11 @@ class GPTJ:
         """``program`` (any of this model's, generation's included) holding the current ``weights``:
         reloaded when they changed since it was loaded, except the weights in shared memory that
         another program has already reloaded."""
+        weights = self.weights  # first: it may bring newer weights in
         version = self._weights_version
         if program.weights_version != version:
             loaded = frozenset(n for n in program.shared_weights if self._memory_versions.get(n) == version)
-            program.load_weights(self.weights, version, loaded)
+            program.load_weights(weights, version, loaded)
         # A current program's shared memory holds the current weights: it wrote them when it was
         # built or reloaded, and every write since was of the same version.
         self._memory_versions.update(dict.fromkeys(program.shared_weights, version))

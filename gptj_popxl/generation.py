@@ -56,6 +56,20 @@ def decode_layout(prompt_len: int, max_new_tokens: int, max_chunk: Optional[int]
     return chunk, prompt_len + runs * chunk
 
 
+# transformers' GenerationConfig samples among the 50 most likely tokens unless told otherwise.
+DEFAULT_TOP_K = 50
+
+
+def eos_ids(eos_token_id) -> Optional[np.ndarray]:
+    """``eos_token_id`` (None, an int or a list of ints, as transformers takes it) as an array of ids."""
+    if eos_token_id is None:
+        return None
+    ids = np.atleast_1d(np.asarray(eos_token_id))
+    if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":
+        raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return ids
+
+
 def sampling_options(do_sample: bool, temperature, top_k, top_p) -> Optional[Sampling]:
     """The ``Sampling`` of these generate options (None: greedy), after checking them."""
     if not do_sample:
@@ -225,7 +239,7 @@ def _check_length(what: str, length: int, max_new_tokens: int, n_positions: int)
 
 
 def generate_steps(generator: Generator, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
-                   sampling: Optional[Sampling], eos_token_id: Optional[int], pad_token_id: Optional[int],
+                   sampling: Optional[Sampling], eos_token_id, pad_token_id: Optional[int],
                    seed: Optional[int], max_chunk: Optional[int] = None) -> Iterator[np.ndarray]:
     """Each step's new tokens (batch,) of left-padded rows, finished rows padded; stops when all finished.
     ``max_chunk``: most decode steps per run (tokens come a run at a time; default ``DECODE_CHUNK``)."""
@@ -234,11 +248,13 @@ def generate_steps(generator: Generator, input_ids: np.ndarray, attention_mask: 
                   np.random.default_rng(seed), max_chunk=max_chunk)
     unfinished = np.ones(batch, bool)
 
+    eos = eos_ids(eos_token_id)
+
     def emit(tokens: np.ndarray) -> np.ndarray:
-        if eos_token_id is None:
+        if eos is None:
             return tokens
         tokens = np.where(unfinished, tokens, pad_token_id)
-        unfinished[tokens == eos_token_id] = False
+        unfinished[np.isin(tokens, eos)] = False
         return tokens
 
     yield emit(slots.start(range(batch), input_ids, attention_mask))
@@ -253,7 +269,8 @@ def generate_steps(generator: Generator, input_ids: np.ndarray, attention_mask: 
 
 
 def generate(generator: Generator, input_ids, *, attention_mask=None, max_new_tokens=20, do_sample=False,
-             temperature=1.0, top_k=None, top_p=None, eos_token_id=None, pad_token_id=None, seed=None) -> np.ndarray:
+             temperature=1.0, top_k=DEFAULT_TOP_K, top_p=None, eos_token_id=None, pad_token_id=None,
+             seed=None) -> np.ndarray:
     """See ``GPTJ.generate``."""
     ids, mask, sampling, pad = _generate_args(generator, input_ids, attention_mask, max_new_tokens, do_sample,
                                               temperature, top_k, top_p, eos_token_id, pad_token_id)
@@ -262,8 +279,8 @@ def generate(generator: Generator, input_ids, *, attention_mask=None, max_new_to
     return np.concatenate([ids, np.stack(new, axis=1)], axis=1)
 
 
-def stream(generator: Generator, prompt_ids, *, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=None,
-           top_p=None, eos_token_id=None, seed=None) -> Iterator[int]:
+def stream(generator: Generator, prompt_ids, *, max_new_tokens=20, do_sample=False, temperature=1.0,
+           top_k=DEFAULT_TOP_K, top_p=None, eos_token_id=None, seed=None) -> Iterator[int]:
     """See ``GPTJ.stream``."""
     ids = np.asarray(prompt_ids)
     if ids.ndim != 1:
@@ -280,9 +297,11 @@ def _generate_args(generator, input_ids, attention_mask, max_new_tokens, do_samp
     config = generator.model.config
     ids = _check_ids("input_ids", input_ids, config, allow_ignore=False)
     _check_max_new_tokens(max_new_tokens)
+    eos = eos_ids(eos_token_id)
     if attention_mask is None:
-        # transformers infers the mask from a pad token that is not also the eos token.
-        infer = pad_token_id is not None and pad_token_id != eos_token_id and (ids == pad_token_id).any()
+        # transformers infers the mask from a pad token that is not also an eos token.
+        infer = (pad_token_id is not None and (eos is None or pad_token_id not in eos)
+                 and (ids == pad_token_id).any())
         mask = (ids != pad_token_id).astype(np.int64) if infer else np.ones_like(ids)
     else:
         mask = np.asarray(attention_mask)
@@ -291,12 +310,13 @@ def _generate_args(generator, input_ids, attention_mask, max_new_tokens, do_samp
         if not mask[:, -1].all():
             raise ValueError("attention_mask: rows must be left padded (every row's last token real)")
     _check_length("generate", ids.shape[1], max_new_tokens, config.n_positions)
-    pad = eos_token_id if pad_token_id is None else pad_token_id
+    # As transformers: without a pad token, finished rows are padded with the (first) eos token.
+    pad = (None if eos is None else int(eos[0])) if pad_token_id is None else pad_token_id
     return ids, mask.astype(np.int64), sampling_options(do_sample, temperature, top_k, top_p), pad
 
 
 def generate_many(generator: Generator, prompts, *, batch_size=8, max_new_tokens=20, eos_token_id=None,
-                  do_sample=False, temperature=1.0, top_k=None, top_p=None, seed=None) -> List[np.ndarray]:
+                  do_sample=False, temperature=1.0, top_k=DEFAULT_TOP_K, top_p=None, seed=None) -> List[np.ndarray]:
     """See ``GPTJ.generate_many``."""
     from gptj_popxl.model.gptj import _check_ids
     config = generator.model.config
@@ -310,6 +330,7 @@ def generate_many(generator: Generator, prompts, *, batch_size=8, max_new_tokens
             raise ValueError(f"prompts[{i}] must be a 1-D sequence of token ids, got shape {p.shape}")
         rows.append(_check_ids(f"prompts[{i}]", p[None], config, allow_ignore=False)[0])
         _check_length(f"prompts[{i}]", len(p), max_new_tokens, config.n_positions)
+    eos = set() if eos_token_id is None else set(eos_ids(eos_token_id).tolist())
     results: List[Optional[np.ndarray]] = [None] * len(rows)
     if not rows:
         return []
@@ -325,7 +346,7 @@ def generate_many(generator: Generator, prompts, *, batch_size=8, max_new_tokens
         """Record ``token`` for the slot's prompt; True when that prompt is done (slot freed)."""
         i = owner[slot]
         made[i].append(int(token))
-        if int(token) == eos_token_id or len(made[i]) == max_new_tokens:
+        if int(token) in eos or len(made[i]) == max_new_tokens:
             results[i] = np.array(made[i], np.int64)
             owner[slot] = None
             return True

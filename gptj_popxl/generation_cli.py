@@ -51,7 +51,8 @@ def add_parsers(commands, positive_int) -> None:
     generate.add_argument("--max-new-tokens", type=positive_int, default=20, help="tokens generated per prompt")
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
-    generate.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
+    generate.add_argument("--top-k", type=int, default=50,
+                          help="sample among the K most likely tokens (default 50, as transformers; 0: all)")
     generate.add_argument("--top-p", type=float, default=None, help="sample within this probability mass")
     generate.add_argument("--seed", type=int, default=None, help="seed of the sampling")
     generate.add_argument("--batch-size", type=positive_int, default=8, help="generation slots for --prompts")
@@ -94,7 +95,7 @@ def _check_common(parser, args) -> None:
     else:
         if args.temperature <= 0:
             parser.error(f"--temperature must be > 0, got {args.temperature}")
-        if args.top_k is not None and args.top_k < 0:
+        if args.top_k < 0:
             parser.error(f"--top-k must be >= 0, got {args.top_k}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
             parser.error(f"--top-p must be in (0, 1], got {args.top_p}")

@@ -55,6 +55,26 @@ def test_greedy_equals_transformers(checkpoint, hf, tp):
     np.testing.assert_array_equal(out, ref)
 
 
+def test_a_list_of_eos_tokens_equals_transformers(checkpoint, hf):
+    """eos_token_id as a list: a row finishes on any of them; pads default to the first, as transformers'."""
+    model = from_pretrained(checkpoint)
+    free = hf_generate(hf, IDS, MASK, max_new_tokens=8)
+    eos = [int(free[0, 6]), int(free[1, 7])]  # row 0's 2nd new token, row 1's 3rd
+    for pad in (99, None):
+        ref = hf_generate(hf, IDS, MASK, max_new_tokens=8, eos_token_id=eos, pad_token_id=pad)
+        assert ref[0, 6] == eos[0] and ref[1, 7] == eos[1]  # the rows finish on different eos tokens
+        np.testing.assert_array_equal(
+            model.generate(IDS, attention_mask=MASK, max_new_tokens=8, eos_token_id=eos, pad_token_id=pad), ref)
+    firsts = [hf_generate(hf, IDS[i:i + 1, MASK[i] == 1], max_new_tokens=8, eos_token_id=eos)[0, MASK[i].sum():]
+              for i in range(3)]
+    got = model.generate_many([IDS[i, MASK[i] == 1] for i in range(3)], max_new_tokens=8, eos_token_id=eos)
+    for i, (row, ref) in enumerate(zip(got, firsts)):
+        stop = [t for t, token in enumerate(ref) if token in eos]
+        np.testing.assert_array_equal(row, ref[: stop[0] + 1] if stop else ref, err_msg=f"prompt {i}")
+    with pytest.raises(TypeError, match="eos_token_id must be an int or a list of ints"):
+        model.generate(IDS, max_new_tokens=2, eos_token_id=[1.5])
+
+
 def test_greedy_in_one_run_equals_transformers(checkpoint, hf, monkeypatch):
     monkeypatch.setattr(generation, "DECODE_CHUNK_TO_THE_END", 64)  # the default: 7 decode steps in one run
     model = from_pretrained(checkpoint)
@@ -139,6 +159,20 @@ def test_sampling_limits_equal_greedy(checkpoint, hf, tp):
     for options in (dict(top_k=1, temperature=0.5), dict(top_p=1e-6), dict(top_k=3, top_p=1e-6, temperature=2.0)):
         out = model.generate(IDS, attention_mask=MASK, max_new_tokens=6, do_sample=True, seed=1, **options)
         np.testing.assert_array_equal(out, greedy, err_msg=str(options))
+
+
+def test_sampling_defaults_to_transformers_top_k(checkpoint, hf):
+    """With no top_k, as transformers' generate: only its default top-k (50 of this model's 101 tokens)."""
+    model = from_pretrained(checkpoint)
+    rows = 300
+    out = model.generate(np.tile(IDS[1], (rows, 1)), max_new_tokens=1, do_sample=True, seed=0)
+    with torch.no_grad():  # transformers' warped scores: -inf outside the tokens it may sample
+        scores = hf.generate(torch.tensor(IDS[1:2]), attention_mask=torch.ones((1, 5), dtype=torch.long),
+                             do_sample=True, max_new_tokens=1, output_scores=True, return_dict_in_generate=True,
+                             pad_token_id=0).scores[0][0].numpy()
+    allowed = np.isfinite(scores)
+    assert allowed.sum() == 50
+    assert allowed[out[:, -1]].all()
 
 
 def test_seed_reproduces_and_tokens_lie_in_transformers_set(checkpoint, hf):

@@ -212,9 +212,11 @@ class GPTJ:
                 only the real tokens.
             max_new_tokens: tokens to generate per row (at most).
             do_sample, temperature, top_k, top_p: sampling, warped in transformers' order
-                (temperature, top-k, top-p); greedy when ``do_sample`` is False.
-            eos_token_id, pad_token_id: a row that emits eos is padded with pad (default eos)
-                from then on; generation stops when every row has finished.
+                (temperature, top-k, top-p) with its defaults (1.0, 50, None; ``top_k`` 0 or None
+                switches top-k off); greedy when ``do_sample`` is False.
+            eos_token_id, pad_token_id: a row that emits eos (an id, or any of a list of ids) is
+                padded with pad (default: the first eos) from then on; generation stops when every
+                row has finished.
             seed: seed of the sampling (the same seed gives the same tokens).
 
         Returns:
@@ -226,7 +228,7 @@ class GPTJ:
         """New tokens (up to and including eos) for each of ``prompts`` (1-D token id sequences of
         any lengths), generated in ``batch_size`` slots with continuous batching: a finished
         slot is refilled with the next prompt. Keyword options: ``batch_size=8, max_new_tokens=20,
-        eos_token_id=None, do_sample=False, temperature=1.0, top_k=None, top_p=None, seed=None``.
+        eos_token_id=None, do_sample=False, temperature=1.0, top_k=50, top_p=None, seed=None``.
 
         Returns:
             a list of int64 arrays, one per prompt, in order.

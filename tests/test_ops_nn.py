@@ -249,6 +249,16 @@ def test_reduction(name, axis, keepdims, dtype, rng):
           tol=(2e-2, 3e-2) if dtype == np.float16 else None)
 
 
+@pytest.mark.parametrize("axis", [None, 1, [0, 2]])
+def test_prod_gradient_with_zeros(axis, rng):
+    """Reductions holding one zero (the zero's gradient is the others' product) or two (all zero)."""
+    x = rand(rng, 2, 3, 4)
+    x[0, 1, 2] = 0.0
+    x[1, :, 0] = 0.0
+    axes = [0, 1, 2] if axis is None else ([axis] if isinstance(axis, int) else axis)
+    check(lambda x: ops.prod(x, axis), lambda x: _prod(x, axes, False), x)
+
+
 @pytest.mark.parametrize("name", sorted(REDUCTIONS))
 def test_reduction_of_a_scalar_reduces_one_element(name, rng):
     """A rank-0 input has no axis to reduce: the result is the reduction of its one element (the

@@ -117,8 +117,31 @@ class ReduceProd(Reduce):
 
     @staticmethod
     def grad(g):
-        from .elementwise import div, mul
-        return [div(mul(_expand_back(g, g.dy), _expand_back(g, g.y(0))), g.x(0))]
+        dy = _expand_back(g, g.dy)
+        return [ProdGrad.create(dy, g.x(0), axes=g.attrs["axes"])]
+
+
+class ProdGrad(Primitive):
+    """``dy`` times the product of the other elements of each element's reduction: exact where the
+    input holds zeros, where ``dy * prod / x`` gives NaN."""
+    name = "prod_grad"
+
+    @staticmethod
+    def infer(dy, x, axes):
+        return x.spec
+
+    @classmethod
+    def lower(cls, op, runtime):
+        axes = tuple(a + 1 for a in op.attrs["axes"])
+
+        def prod_grad(dy, x):
+            # torch's product gradient treats zeros exactly (by products of the elements before and after).
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_()
+                product = ReduceProd.fn(leaf, axes, True)
+                (dx,) = torch.autograd.grad(product, leaf, product.new_ones(product.shape))
+            return dy * dx
+        return prod_grad
 
 
 def _squares(x):

@@ -113,8 +113,9 @@ def test_a_skipped_step_leaves_no_infinities_behind(phased, dtype, checkpoint, b
     assert all(np.isfinite(w).all() and not np.array_equal(before[k], w) for k, w in trainer.weights.items())
     # The schedule did not advance on the skipped step: transformers' Trainer steps its scheduler only
     # after an update that was not skipped.
-    schedule = transformers.get_linear_schedule_with_warmup(
-        torch.optim.SGD([torch.zeros(1)], lr=BASE.learning_rate), BASE.warmup_steps, BASE.total_steps)
+    optimizer = torch.optim.SGD([torch.zeros(1)], lr=BASE.learning_rate)
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, BASE.warmup_steps, BASE.total_steps)
+    optimizer.step()  # the one update applied
     schedule.step()
     assert trainer.learning_rate == pytest.approx(schedule.get_last_lr()[0]) and trainer.learning_rate > 0
 

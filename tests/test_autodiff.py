@@ -186,6 +186,7 @@ def test_a_tensor_returned_twice_gets_both_gradients():
         return p * 2.0 + q * 3.0
 
     check(called, lambda x: torch.sin(x) * 5.0, [randn(3)])
+    check(lambda x: (ops.sin(x),) * 2, lambda x: (torch.sin(x),) * 2, [randn(3)])  # one gradient input each
 
     def repeated(x):
         body = popxl.gir().create_graph(lambda a, b: (ops.tanh(a + b),) * 2, x, x)

@@ -114,8 +114,9 @@ class _Builder:
         self.expected_inputs: List[ExpectedConnection] = []
         self.values: Dict[str, Tensor] = {}  # forward tensor id -> its value in the gradient graph
         self.grads: Dict[str, Tensor] = {}   # forward tensor id -> accumulated gradient
-        # In the order given, as popxl guarantees: the gradient graph's inputs follow it.
-        self.provided = list(dict.fromkeys(grads_provided))
+        # In the order given, as popxl guarantees: the gradient graph's inputs follow it. A tensor the
+        # graph returns in several places takes a gradient input for each, summed.
+        self.provided = list(grads_provided)
         self.required = list(grads_required)
 
     def fwd_value(self, t: Tensor) -> Tensor:
@@ -150,7 +151,7 @@ class _Builder:
         with self.grad_graph:
             # FwdGrad inputs come first, in grads_provided order; Fwd inputs follow as rules ask for them.
             for t in self.provided:
-                self.grads[t.id] = graph_input(t.shape, t.dtype, "grad_" + t.name.rpartition("/")[2])
+                self.accumulate(t, graph_input(t.shape, t.dtype, "grad_" + t.name.rpartition("/")[2]))
                 self.expected_inputs.append(ExpectedConnection._create(t, ExpectedConnectionType.FwdGrad))
             needed = self._needed_ops()
             self._check_no_write_on_gradient_path()
@@ -289,7 +290,8 @@ def _sub_grad_info(infos: Dict[Graph, GradGraphInfo], graph: Graph) -> GradGraph
     """The gradient graph of a called graph: reused when made before, else made for all its own outputs."""
     info = infos.get(graph)
     if info is None:
-        provided = [t for t in graph._outputs if t not in graph._stitched]
+        # One gradient input per tensor: a call site sums the gradients of a tensor returned twice.
+        provided = list(dict.fromkeys(t for t in graph._outputs if t not in graph._stitched))
         required = [t for t in graph._inputs if t.dtype.is_floating_point]
         info = _differentiate(graph, provided, required, infos)
     return info

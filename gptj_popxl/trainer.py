@@ -243,9 +243,9 @@ class Trainer:
         """Bring the host copies (weights, moments) up to date with the device."""
         if self._program is not None and self._device_ahead:
             self._host_state = self._program.state_to_host()
+            self._device_ahead = False  # first: reading the model's weights below calls back here
             self._model.weights.update(self._host_state["weights"])
             self._model.weights_changed()
-            self._device_ahead = False
 
     @property
     def model(self) -> GPTJ:

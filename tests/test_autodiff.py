@@ -327,6 +327,13 @@ def _residual_in_place(x, w):
     return h
 
 
+def _in_place_through_a_view(x, w, b):
+    y = x @ w
+    view = ops.transpose_(y)
+    view += b  # writes y's memory
+    return ops.tanh(y)
+
+
 def _read_then_overwritten(x):
     t = ops.tanh(x)
     s = ops.sum(t)
@@ -335,6 +342,7 @@ def _read_then_overwritten(x):
 
 
 @pytest.mark.parametrize("fn, shapes", [(_in_place_bias, [(2, 3), (3, 4), (4,)]), (_residual_in_place, [(2, 3), (3, 3)]),
+                                        (_in_place_through_a_view, [(2, 3), (3, 4), (4, 2)]),
                                         (_read_then_overwritten, [(4,)])], ids=lambda v: getattr(v, "__name__", ""))
 def test_in_place_writes_that_would_give_wrong_gradients_are_refused(fn, shapes):
     ir = popxl.Ir()
@@ -344,14 +352,23 @@ def test_in_place_writes_that_would_give_wrong_gradients_are_refused(fn, shapes)
             popxl.transforms.autodiff(fwd)
 
 
-def test_a_value_written_before_it_is_read_off_the_gradient_path_is_differentiated():
-    def fwd(x, w, m):
+def test_in_place_writes_that_keep_gradients_right_are_differentiated():
+    """Against torch: a mask written before anything reads it; a statistic accumulated off the gradient
+    path; a buffer filled row by row, each write on the previous one's output, then read by a matmul."""
+    def fwd(x, w, m, stat):
         mask = m * 1.0
-        mask += 0.5  # not on the gradient path; written before anything reads it
-        return ops.tanh(x @ w) * mask
+        mask += 0.5
+        y = x @ w
+        ops.var_updates.accumulate_(stat, ops.sum(y))
+        ops.var_updates.accumulate_(stat, ops.sum(y))
+        rows = ops.init((2, 4), popxl.float32, "rows")
+        for i in range(2):
+            rows = ops.dynamic_update_(rows, popxl.constant(np.array([i], np.uint32)), ops.tanh(y[i:i + 1]),
+                                       axes=[0], sizes=[1], no_overlap=True)
+        return (rows @ w.transpose()) * (mask @ w.transpose())
 
-    check(fwd, lambda x, w, m: torch.tanh(x @ w) * (m + 0.5), [randn(2, 3), randn(3, 4, seed=1), randn(2, 4, seed=2)],
-          required=[0, 1])
+    check(fwd, lambda x, w, m, stat: (torch.tanh(x @ w) @ w.T) * ((m + 0.5) @ w.T),
+          [randn(2, 3), randn(3, 4, seed=1), randn(2, 4, seed=2), randn(1, seed=3).reshape(())], required=[0, 1])
 
 
 def test_stitched_outputs_keep_their_meta_shape_at_call_sites():

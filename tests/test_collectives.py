@@ -145,6 +145,7 @@ def test_collectives_match_per_replica_reference(R, stride, group_size, into_mem
     x = rng.normal(size=(R,) + shape).astype(np.float32)
     flags = rng.random((R, 5)) > 0.4
     ints = rng.integers(-5, 5, size=(R, 3)).astype(np.int32)
+    uints = rng.integers(0, 1000, size=(R, 3)).astype(np.uint32)
     ops_f = ["add", "mean", "mul", "min", "max", "square_add"]
     ir = popxl.Ir(replication=R)
     with ir.main_graph:
@@ -152,6 +153,7 @@ def test_collectives_match_per_replica_reference(R, stride, group_size, into_mem
         xs, xt = load(shape, F32, "x")
         bs, bt = load((5,), popxl.bool, "b")
         is_, it = load((3,), popxl.int32, "i")
+        us, ut = load((3,), popxl.uint32, "u")  # computed on in int64: no planned memory of its own dtype
         outs = [C.replicated_all_reduce(xt, op, group) for op in ops_f]
         outs += [C.replicated_all_reduce(bt, "and", group), C.replicated_all_reduce(bt, "or", group),
                  C.replicated_all_reduce(it, "max", group)]
@@ -161,18 +163,20 @@ def test_collectives_match_per_replica_reference(R, stride, group_size, into_mem
                  C.replicated_all_gather(xt, axis=0, group=group), C.replicated_all_gather(xt, axis=1, group=group),
                  C.replicated_all_gather(xt, group=group, output_shape="new_axis"),
                  C.replicated_reduce_scatter(xt, "mean", group), C.replicated_reduce_scatter(xt, "max", group),
+                 C.replicated_reduce_scatter(ut, "add", group), C.replicated_all_gather(ut, group=group),
                  C.replicated_reduce_scatter(xt, "add", group), C.replicated_reduce_scatter(it, "min", group),
                  C.replica_sharded_slice(it, group),
                  C.replicated_slice(xt, axis=0, group=group), C.replicated_slice(xt[:gs], axis=0, group=group)]
         assert outs[-4].meta_shape == (3,) and outs[-1].shape == (3,)
     got = run(ir, {xs: x.reshape((R,) * (R > 1) + shape), bs: flags.reshape((R,) * (R > 1) + (5,)),
-                   is_: ints.reshape((R,) * (R > 1) + (3,))}, outs)
+                   is_: ints.reshape((R,) * (R > 1) + (3,)), us: uints.reshape((R,) * (R > 1) + (3,))}, outs)
     for r in range(R):
         p, k = peers[r], peers[r].index(r)
         expected = [_reduce(op, x[p]) for op in ops_f]
         expected += [_reduce("and", flags[p]), _reduce("or", flags[p]), _reduce("max", ints[p]), _reduce("add", x[p]),
                      np.concatenate(x[p], 0), np.concatenate(x[p], 1), x[p],
                      _flat_chunk(_reduce("mean", x[p]), k, gs), _flat_chunk(_reduce("max", x[p]), k, gs),
+                     _flat_chunk(_reduce("add", uints[p]), k, gs), np.concatenate(uints[p], 0),
                      _flat_chunk(_reduce("add", x[p]), k, gs), _flat_chunk(_reduce("min", ints[p]), k, gs),
                      _flat_chunk(ints[r], k, gs), np.split(x[r], gs, 0)[k], x[r][k]]
         for i, (value, want) in enumerate(zip(got, expected)):

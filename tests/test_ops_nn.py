@@ -269,6 +269,15 @@ def test_reduction_of_a_scalar_reduces_one_element(name, rng):
     check(lambda x: op(x), lambda x: ref(x.reshape(1), [0], False).reshape(()), x)
 
 
+def test_norms_of_a_scalar_keep_its_dtype_and_range():
+    """l2 of a float16 300 is 300 (its square overflows float16), and integer scalars stay integers."""
+    out, _ = run_graph(lambda x: ops.l2(x), np.float16(300.0).reshape(()))
+    assert out[0] == np.float16(300.0)
+    ints = np.int32(-4).reshape(())
+    out, _ = run_graph(lambda x: (ops.l2(x), ops.sumsquare(x), ops.l1(x)), ints)
+    assert [(o.dtype, int(o)) for o in out] == [(np.int32, 4), (np.int32, 16), (np.int32, 4)]
+
+
 def test_float16_sums_of_squares_square_in_float32():
     """10,000 float16 values of 1e-4: each square (1e-8) is below float16's smallest subnormal, so only
     squaring in float32 gives the sum 1e-4 (rounded once to float16) and the norm 1e-2."""

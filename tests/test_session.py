@@ -246,18 +246,21 @@ def test_streams_storing_one_value_get_arrays_of_their_own(R):
     ir = popxl.Ir(replication=R)
     with ir.main_graph:
         y = popxl.variable(np.arange(6, dtype=np.float32).reshape(2, 3), name="v") * 2.0
-        streams = [popxl.d2h_stream(t.shape, F32, name) for t, name in ((y, "a"), (y, "b"), (y[0], "row"))]
-        for stream, t in zip(streams, (y, y, y[0])):
+        values = (y, y, y[0], ops.transpose(y))
+        streams = [popxl.d2h_stream(t.shape, F32, name) for t, name in zip(values, ("a", "b", "row", "t"))]
+        for stream, t in zip(streams, values):
             ops.host_store(stream, t)
     with popxl.Session(ir) as session:
         out = session.run()
     for stream in streams[1:]:
         assert not np.shares_memory(out[streams[0]], out[stream])
+        assert out[stream].flags.c_contiguous
     out[streams[0]][...] = -1.0
     value = np.arange(6, dtype=np.float32).reshape(2, 3) * 2
     expected = np.broadcast_to(value, (R, 2, 3)) if R > 1 else value
     np.testing.assert_array_equal(out[streams[1]], expected)
     np.testing.assert_array_equal(out[streams[2]], expected[..., 0, :])
+    np.testing.assert_array_equal(out[streams[3]], np.swapaxes(expected, -1, -2))
 
 
 def _counter_program(storage):

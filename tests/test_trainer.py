@@ -186,6 +186,22 @@ def test_model_programs_read_the_trained_weights(checkpoint, batches, tmp_path):
     assert np.abs(after - before).max() > 1e-2
 
 
+def test_the_host_copy_is_brought_up_to_date_once_per_step(checkpoint, batches, monkeypatch):
+    """After a step, reading the model (which pulls the device's newer weights) and saving fetch the
+    device state once, not once per path to it."""
+    trainer = gptj_popxl.Trainer(checkpoint, BASE)
+    trainer.step(*batches[0])
+    program = trainer._program
+    fetched = []
+    to_host = program.state_to_host
+    monkeypatch.setattr(program, "state_to_host", lambda: fetched.append(1) or to_host())
+    version = trainer.model.weights_version
+    assert len(fetched) == 1 and version == trainer.model.weights_version
+    trainer.step(*batches[1])
+    trainer.model.logits(batches[0][0][:1])
+    assert len(fetched) == 2 and trainer.model.weights_version == version + 1
+
+
 def test_generation_reads_the_trained_weights(checkpoint, batches, tmp_path):
     # Generation programs built before training reload the one host copy after it, as the logits program does.
     trainer = gptj_popxl.Trainer(checkpoint, dataclasses.replace(BASE, tensor_parallel=2))

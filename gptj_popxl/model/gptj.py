@@ -102,8 +102,8 @@ class GPTJ:
         """The host copy of the weights, in our layout (the one every program loads from and writes
         back to), first brought up to date where a newer copy is elsewhere (``weights_ahead_in``)."""
         if self._pull_weights is not None:
-            pull, self._pull_weights = self._pull_weights, None
-            pull()
+            self._pull_weights()  # may read ``weights`` again: a pull that has nothing left to do returns
+            self._pull_weights = None  # only now: a pull that failed is tried again
         return self._host_weights
 
     def weights_ahead_in(self, pull: Callable[[], None]) -> None:

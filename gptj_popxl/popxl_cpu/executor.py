@@ -147,7 +147,8 @@ class Plan:
                 outs = tuple(slot_of(t) for t in op.outputs)
                 steps.append([with_memory(fn, op.outputs[0]), tuple(ins), outs[0], ()])
                 continue
-            fn = op.prim.lower_out(op, runtime) if op.single else None
+            # (Values of wide unsigned types are computed on in int64: memory of their own dtype would not do.)
+            fn = op.prim.lower_out(op, runtime) if op.single and not _computes_on_wide_unsigned(op) else None
             fn = op.prim.lower(op, runtime) if fn is None else with_memory(fn, op.outputs[0])
             if _computes_on_wide_unsigned(op):
                 fn = _in_int64(fn, op)

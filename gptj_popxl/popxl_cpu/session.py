@@ -98,7 +98,7 @@ class Runtime:
             # memory another stream of this run holds would make two host arrays one.
             storage = value.untyped_storage().data_ptr()
             shared = any(kept.untyped_storage().data_ptr() == storage for kept in self.stream_kept.values())
-            self.stream_kept[stream] = value.clone() if shared else value.contiguous()
+            self.stream_kept[stream] = value.clone(memory_format=torch.contiguous_format) if shared else value.contiguous()
         else:
             target[k] = value.numpy()  # numpy's copy: torch's would wake its thread pool, slow on a busy host
 

@@ -29,7 +29,7 @@ class Reduce(Primitive):
     def lower(cls, op, runtime):
         axes, keepdims, fn = tuple(a + 1 for a in op.attrs["axes"]), op.attrs["keepdims"], cls.fn
         if not axes:
-            return cls.of_each
+            return lambda x: cls.of_each(x).to(x.dtype)
         # torch sums and multiplies integers in int64; the result keeps the input's dtype, wrapping
         # around on overflow as the IPU does.
         return lambda x: fn(x, axes, keepdims).to(x.dtype)
@@ -192,7 +192,7 @@ class ReduceL1(Reduce):
 
 class ReduceL2(Reduce):
     name = "l2"
-    of_each = staticmethod(lambda x: torch.sqrt(x * x))
+    of_each = staticmethod(torch.abs)
     fn = staticmethod(lambda x, axes, keepdims: torch.sqrt(torch.sum(_squares(x), axes, keepdim=keepdims)))
 
     @staticmethod

@@ -114,6 +114,9 @@ class _Builder:
         self.expected_inputs: List[ExpectedConnection] = []
         self.values: Dict[str, Tensor] = {}  # forward tensor id -> its value in the gradient graph
         self.grads: Dict[str, Tensor] = {}   # forward tensor id -> accumulated gradient
+        # Forward tensor id -> the latest forward position of an op whose gradient rule reads its value.
+        self._read_at: Dict[str, int] = {}
+        self._reading_for = -1
         # In the order given, as popxl guarantees: the gradient graph's inputs follow it. A tensor the
         # graph returns in several places takes a gradient input for each, summed.
         self.provided = list(grads_provided)
@@ -121,6 +124,7 @@ class _Builder:
 
     def fwd_value(self, t: Tensor) -> Tensor:
         """The value of forward tensor ``t`` inside the gradient graph."""
+        self._read_at[t.id] = max(self._read_at.get(t.id, -1), self._reading_for)
         value = self.values.get(t.id)
         if value is not None:
             return value
@@ -163,11 +167,12 @@ class _Builder:
                                               f"gradient rule, but a required gradient flows through it")
                 dys = [self.grads.get(t.id) for t in op.outputs]
                 wants = [self._wants(t) for t in op.inputs]
+                self._reading_for = self._order[op]
                 dxs = op.prim.grad(GradOp(op, dys, self.fwd_value, wants, self.grad_infos))
                 for t, dx, want in zip(op.inputs, dxs, wants):
                     if want:
                         self.accumulate(t, dx)
-            self._check_read_values_unwritten(needed)
+            self._check_read_values_unwritten()
             outputs = []
             for t in self.required:
                 g = self.grads.get(t.id)
@@ -200,40 +205,51 @@ class _Builder:
         """``(position, op, written tensor, its storage class)`` of each in-place write in the forward graph."""
         classes, _, _ = storage_with_copying_views(self.fwd)
         self._classes = classes
+        self._order = {op: k for k, op in enumerate(self.fwd._ops)}
         return [(k, op, op.inputs[i], classes.find(op.inputs[i].id)) for k, op in enumerate(self.fwd._ops)
                 for i in op.modified_inputs]
 
+    def _made_at(self, t: Tensor) -> int:
+        """The forward position of ``t``'s producer (-1: an input, constant or variable)."""
+        return self._order.get(t._producer, -1)
+
     def _check_no_write_on_gradient_path(self) -> None:
         # Gradient rules follow each tensor's producer. An in-place op's own output carries its gradient,
-        # but a tensor it writes that is read again afterwards (``y += b; tanh(y)``), or returned, would
-        # pass gradients to the tensor's producer and none through the write: b would silently get no
-        # gradient. Like torch's autograd checks, this refuses instead.
+        # but a value it writes (through any view) that is still read afterwards as a tensor made before
+        # the write (``y += b; tanh(y)``), or returned, would pass gradients to that tensor's producer and
+        # none through the write: b would silently get no gradient. Like torch's autograd, this refuses.
         self._write_list = self._writes()
-        provided = {t.id for t in self.provided}
-        for k, op, t, _ in self._write_list:
-            carries = t.id in self._forward_reach or any(x.id in self._forward_reach for x in op.inputs)
-            read_after = t.id in provided or any(t in later.inputs for later in self.fwd._ops[k + 1:])
-            if carries and read_after:
+        provided = set(self.provided)
+        towards_outputs, back = set(), {t.id for t in self.provided}
+        for op in reversed(self.fwd._ops):
+            if any(t.id in back for t in op.outputs):
+                towards_outputs.add(op)
+                back.update(t.id for t in op.inputs)
+        for k, op, t, c in self._write_list:
+            if not (t.id in self._forward_reach or any(x.id in self._forward_reach for x in op.inputs)):
+                continue
+            stale = [u for u in provided if self._classes.find(u.id) == c and self._made_at(u) < k]
+            stale += [u for later in self.fwd._ops[k + 1:] if later in towards_outputs for u in later.inputs
+                      if self._classes.find(u.id) == c and self._made_at(u) < k]
+            if stale:
                 raise NotImplementedError(
                     f"autodiff of '{self.fwd.name}': op {op.prim.name} ('{op.name}') writes '{t.name}' in place, "
-                    f"and '{t.name}' is read or returned afterwards on the gradient path; use the out-of-place "
-                    f"op, or the in-place op's output")
+                    f"and '{stale[0].name}' is read or returned afterwards on the gradient path as it was before; "
+                    f"use the out-of-place op, or the in-place op's output")
 
-    def _check_read_values_unwritten(self, needed) -> None:
+    def _check_read_values_unwritten(self) -> None:
         # A forward value a gradient rule reads reaches the gradient graph as a forward output, which
         # shows the value after every later in-place write to it.
-        order = {op: k for k, op in enumerate(self.fwd._ops)}
-        for t_id, value in self.values.items():
+        for t_id, read_at in self._read_at.items():
             t = self.fwd._tensors.get(t_id)
             if t is None or t in self.fwd._inputs:  # a call site copies an input the graph writes
                 continue
             c = self._classes.find(t_id)
-            reads = [order[op] for op in needed if any(self._classes.find(x.id) == c for x in op.inputs)]
-            late = [op for k, op, _, wc in self._write_list if wc == c and reads and k > min(reads)]
+            late = [op for k, op, _, wc in self._write_list if wc == c and k > read_at]
             if late:
                 raise NotImplementedError(
                     f"autodiff of '{self.fwd.name}': '{t.name}', which a gradient rule reads, is written in place "
-                    f"by op {late[0].prim.name} ('{late[0].name}') after it is read; write a copy instead")
+                    f"by op {late[0].prim.name} ('{late[0].name}') after the op it is read for; write a copy instead")
 
     def _wants(self, t: Tensor) -> bool:
         return t.id in self._reach and t.dtype.is_floating_point

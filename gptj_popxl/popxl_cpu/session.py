@@ -96,8 +96,9 @@ class Runtime:
         if target is None:
             # A view (a transpose, a broadcast) would hand the host odd strides, even repeated elements;
             # memory another stream of this run holds would make two host arrays one.
-            storage = value.untyped_storage().data_ptr()
-            shared = any(kept.untyped_storage().data_ptr() == storage for kept in self.stream_kept.values())
+            shared = bool(self.stream_kept) and any(
+                kept.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
+                for kept in self.stream_kept.values())
             self.stream_kept[stream] = value.clone(memory_format=torch.contiguous_format) if shared else value.contiguous()
         else:
             target[k] = value.numpy()  # numpy's copy: torch's would wake its thread pool, slow on a busy host

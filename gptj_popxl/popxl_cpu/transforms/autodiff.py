@@ -117,6 +117,9 @@ class _Builder:
         # Forward tensor id -> the latest forward position of an op whose gradient rule reads its value.
         self._read_at: Dict[str, int] = {}
         self._reading_for = -1
+        # Forward values the rules read that become forward outputs, once the gradient graph stands: a
+        # refused autodiff leaves the forward graph as it was.
+        self.stitch: List[Tensor] = []
         # In the order given, as popxl guarantees: the gradient graph's inputs follow it. A tensor the
         # graph returns in several places takes a gradient input for each, summed.
         self.provided = list(grads_provided)
@@ -135,8 +138,7 @@ class _Builder:
                 raise ValueError(f"autodiff of '{self.fwd.name}': tensor '{t.name}' belongs to graph "
                                  f"'{t._graph.name}'")
             if t not in self.fwd._inputs and t not in self.fwd._outputs:
-                self.fwd._stitched.add(t)
-                self.fwd._add_output(t)
+                self.stitch.append(t)
             value = graph_input(t.shape, t.dtype, t.name.rpartition("/")[2])
             self.expected_inputs.append(ExpectedConnection._create(t, ExpectedConnectionType.Fwd))
         self.values[t.id] = value
@@ -173,6 +175,9 @@ class _Builder:
                     if want:
                         self.accumulate(t, dx)
             self._check_read_values_unwritten()
+            for t in self.stitch:
+                fwd._stitched.add(t)
+                fwd._add_output(t)
             outputs = []
             for t in self.required:
                 g = self.grads.get(t.id)

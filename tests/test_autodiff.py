@@ -341,7 +341,8 @@ def _read_then_overwritten(x):
     return s
 
 
-@pytest.mark.parametrize("fn, shapes", [(_in_place_bias, [(2, 3), (3, 4), (4,)]), (_residual_in_place, [(2, 3), (3, 3)]),
+@pytest.mark.parametrize("fn, shapes", [(_in_place_bias, [(2, 3), (3, 4), (4,)]),
+                                        (_residual_in_place, [(2, 3), (3, 3)]),
                                         (_in_place_through_a_view, [(2, 3), (3, 4), (4, 2)]),
                                         (_read_then_overwritten, [(4,)])], ids=lambda v: getattr(v, "__name__", ""))
 def test_in_place_writes_that_would_give_wrong_gradients_are_refused(fn, shapes):

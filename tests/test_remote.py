@@ -188,7 +188,8 @@ def test_a_load_keeps_its_value_while_a_later_load_of_the_entry_is_updated_and_s
         ops.remote_store(buffer, offset, second)
     with popxl.Session(ir) as session:
         for n in range(2):
-            np.testing.assert_array_equal(session.run()[out], np.broadcast_to((data + n) * 2, (R, 3) if R > 1 else (3,)))
+            expected = np.broadcast_to((data + n) * 2, (R, 3) if R > 1 else (3,))
+            np.testing.assert_array_equal(session.run()[out], expected)
         np.testing.assert_array_equal(session.get_tensor_data(v), data + 2)
 
 

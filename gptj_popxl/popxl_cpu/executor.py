@@ -15,12 +15,12 @@ has no step of its own, the add's step computes both (``addmm``) from the matmul
 attention's ``softmax(scores / c + mask)`` is one step of a C++ kernel.
 
 Memory plan: a step whose op can write into given memory (``Primitive.lower_out``) and whose output
-is ``allocation.PLANNED_BYTES`` or more is handed that memory. A value that never outlives a run (its storage class holds no graph
-output, nothing the host keeps, no variable, constant, input or remote memory) gets memory the plan
-allocates on its first run and keeps, as Poplar allocates tensors statically: no run pays for fresh
-pages again, and values whose lifetimes within a run do not overlap share one block. Any other such
-value gets memory that nothing else references (huge pages when large): fresh, or an earlier run's
-once its user has dropped it (``allocation.Recycler``).
+is ``allocation.PLANNED_BYTES`` or more is handed that memory. A value that never outlives a run (its
+storage class holds no graph output, nothing the host keeps, no variable, constant, input or remote
+memory) gets memory the plan allocates on its first run and keeps, as Poplar allocates tensors
+statically: no run pays for fresh pages again, and values whose lifetimes within a run do not
+overlap share one block. Any other such value gets memory that nothing else references (huge pages
+when large): fresh, or an earlier run's once its user has dropped it (``allocation.Recycler``).
 """
 import math
 from typing import Dict, List
@@ -254,7 +254,7 @@ def _remote_loads_to_copy(graph, classes, written, fused, absorbed) -> set:
     outputs = {classes.find(t.id) for t in graph._outputs}
     memo = {}
     copied = set()
-    read_only = []  # (position, last use, buffer) of the loads no op writes
+    read_only = []  # (op, position, last use, buffer) of the loads no op writes
     for k, op in enumerate(ops):
         if not op.prim.views_remote:
             continue

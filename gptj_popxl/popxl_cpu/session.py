@@ -99,7 +99,8 @@ class Runtime:
             shared = bool(self.stream_kept) and any(
                 kept.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
                 for kept in self.stream_kept.values())
-            self.stream_kept[stream] = value.clone(memory_format=torch.contiguous_format) if shared else value.contiguous()
+            self.stream_kept[stream] = (value.clone(memory_format=torch.contiguous_format) if shared
+                                        else value.contiguous())
         else:
             target[k] = value.numpy()  # numpy's copy: torch's would wake its thread pool, slow on a busy host
 

@@ -147,10 +147,11 @@ class Plan:
                 outs = tuple(slot_of(t) for t in op.outputs)
                 steps.append([with_memory(fn, op.outputs[0]), tuple(ins), outs[0], ()])
                 continue
-            # (Values of wide unsigned types are computed on in int64: memory of their own dtype would not do.)
-            fn = op.prim.lower_out(op, runtime) if op.single and not _computes_on_wide_unsigned(op) else None
+            # Values of wide unsigned types are computed on in int64: memory of their own dtype would not do.
+            wide = _computes_on_wide_unsigned(op)
+            fn = op.prim.lower_out(op, runtime) if op.single and not wide else None
             fn = op.prim.lower(op, runtime) if fn is None else with_memory(fn, op.outputs[0])
-            if _computes_on_wide_unsigned(op):
+            if wide:
                 fn = _in_int64(fn, op)
             if op in copied:
                 fn = _copying(fn)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .executor import Plan
+from .ops._util import shares_memory
 from .ops.io import HostLoad
 from .replica_layout import GroupIndex, merger, splitter
 from .streams import DeviceToHostStream, HostToDeviceStream
@@ -96,9 +97,7 @@ class Runtime:
         if target is None:
             # A view (a transpose, a broadcast) would hand the host odd strides, even repeated elements;
             # memory another stream of this run holds would make two host arrays one.
-            shared = bool(self.stream_kept) and any(
-                kept.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
-                for kept in self.stream_kept.values())
+            shared = any(shares_memory(kept, value) for kept in self.stream_kept.values())
             self.stream_kept[stream] = (value.clone(memory_format=torch.contiguous_format) if shared
                                         else value.contiguous())
         else:

@@ -197,14 +197,16 @@ class _Builder:
             if any(t.id in reach for t in op.inputs):
                 forward.add(op)
                 reach.update(t.id for t in op.outputs)
+        # Ops whose outputs lead to a provided output. An op reading a reached tensor is itself in
+        # ``forward``, so the ones in ``forward`` are exactly those on a path from a required input.
         back = {t.id for t in self.provided}
-        needed = set()
+        self._towards_outputs = set()
         for op in reversed(self.fwd._ops):
-            if op in forward and any(t.id in back for t in op.outputs):
-                needed.add(op)
+            if any(t.id in back for t in op.outputs):
+                self._towards_outputs.add(op)
                 back.update(t.id for t in op.inputs)
         self._forward_reach, self._reach = reach, reach & back
-        return needed
+        return self._towards_outputs & forward
 
     def _writes(self):
         """``(position, op, written tensor, its storage class)`` of each in-place write in the forward graph."""
@@ -225,16 +227,11 @@ class _Builder:
         # none through the write: b would silently get no gradient. Like torch's autograd, this refuses.
         self._write_list = self._writes()
         provided = set(self.provided)
-        towards_outputs, back = set(), {t.id for t in self.provided}
-        for op in reversed(self.fwd._ops):
-            if any(t.id in back for t in op.outputs):
-                towards_outputs.add(op)
-                back.update(t.id for t in op.inputs)
         for k, op, t, c in self._write_list:
             if not (t.id in self._forward_reach or any(x.id in self._forward_reach for x in op.inputs)):
                 continue
             stale = [u for u in provided if self._classes.find(u.id) == c and self._made_at(u) < k]
-            stale += [u for later in self.fwd._ops[k + 1:] if later in towards_outputs for u in later.inputs
+            stale += [u for later in self.fwd._ops[k + 1:] if later in self._towards_outputs for u in later.inputs
                       if self._classes.find(u.id) == c and self._made_at(u) < k]
             if stale:
                 raise NotImplementedError(

@@ -449,9 +449,20 @@ def test_cross_entropy_sharded_loss_matches_torch(rng, replicas, tp, reduction):
     _check_cross_entropy_sharded_loss(rng, replicas, tp, reduction)
 
 
-def _check_cross_entropy_sharded_loss(rng, replicas, tp, reduction):
-    n, vocab, ignore = 5, 12, -100
-    logits_np = (3 * rng.standard_normal((n, vocab))).astype(np.float32)
+# The float32 kernels' vector loops take 64 and 16 classes a step, then a scalar tail: 1100 classes make
+# shards of 1100, 550 and 275 with all three. A spread of 40 takes some exponents below float32's normal
+# range (the kernels flush those to 0); -inf logits are masked classes.
+@pytest.mark.parametrize("replicas,tp", [(1, 1), (2, 2), (4, 4)])
+@pytest.mark.parametrize("spread", [3.0, 40.0])
+def test_cross_entropy_sharded_loss_wide_shards_match_torch(rng, replicas, tp, spread):
+    _check_cross_entropy_sharded_loss(rng, replicas, tp, "mean", vocab=1100, spread=spread)
+
+
+def _check_cross_entropy_sharded_loss(rng, replicas, tp, reduction, vocab=12, spread=3.0):
+    n, ignore = 5, -100
+    logits_np = (spread * rng.standard_normal((n, vocab))).astype(np.float32)
+    if vocab > 12:
+        logits_np[1, 100:700] = -np.inf
     labels = np.array([3, 11, ignore, 0, 7], np.int64)
     size = vocab // tp
     offsets = np.arange(tp) * size

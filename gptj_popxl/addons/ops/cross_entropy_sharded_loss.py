@@ -1,9 +1,11 @@
 """Cross entropy over logits whose class axis is sharded across replicas, without gathering them."""
+import functools
+import os
 from typing import Optional, Union
 
 import numpy as np
 
-from ...backend import IS_CPU, custom_op, ops, popxl
+from ...backend import IS_CPU, custom_op, native, ops, popxl
 from .replicated_all_reduce_TP import replicated_all_reduce_identical_grad_inputs
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -11,15 +13,40 @@ _REDUCTIONS = ("mean", "sum", "none")
 if IS_CPU:
     import torch
 
+    @functools.lru_cache(maxsize=None)
+    def _kernels():
+        """The C++ passes over float32 logits (``softmax_terms.cpp``), built by cppimport on first use."""
+        return native.build(os.path.join(os.path.dirname(os.path.abspath(__file__)), "softmax_terms.cpp"),
+                            "softmax_terms")
+
     def _label_columns(logits, indices):
         """Each row's label clamped into this shard, and whether it really lies in this shard."""
         idx = indices.long()
         in_shard = (idx >= 0) & (idx < logits.shape[-1])
         return idx.clamp(0, logits.shape[-1] - 1).unsqueeze(-1), in_shard
 
+    def _exp_sums(logits, shift):
+        """``sum(exp(x - shift))`` per row: float32 in one read of the logits (torch's shift, exp and
+        sum made five passes over a fresh 50 MB tensor on the benchmark model)."""
+        if logits.dtype != torch.float32:
+            return (logits - shift.unsqueeze(-1)).exp_().sum(-1)
+        totals = torch.empty_like(shift)
+        _kernels().shifted_exp_sums(logits.contiguous().numpy(), shift.contiguous().numpy(), totals.numpy(),
+                                    torch.get_num_threads())
+        return totals
+
+    def _scaled_exps(logits, shift, scale, out):
+        """``exp(x - shift) * scale`` per row, into ``out`` when given; float32 in one read and one write."""
+        if logits.dtype != torch.float32:
+            return torch.sub(logits, shift.unsqueeze(-1), out=out).exp_().mul_(scale.unsqueeze(-1))
+        out = torch.empty_like(logits) if out is None else out
+        _kernels().scaled_shifted_exp(logits.contiguous().numpy(), shift.contiguous().numpy(),
+                                      scale.contiguous().numpy(), out.numpy(), torch.get_num_threads())
+        return out
+
     class ShardSoftmaxTerms(custom_op.CustomOp):
-        """``(sum(exp(x - m)), x[label] - m)`` per row of one shard, each in one pass over the logits
-        (a label outside the shard picks 0). Gradient: :class:`ShardSoftmaxTermsGrad`; none for ``m``."""
+        """``(sum(exp(x - m)), x[label] - m)`` per row of one shard (a label outside the shard picks 0).
+        Gradient: :class:`ShardSoftmaxTermsGrad`; none for ``m``."""
         name = "shard_softmax_terms"
 
         @staticmethod
@@ -27,22 +54,11 @@ if IS_CPU:
             row = custom_op.spec(logits.shape[:1], logits.dtype)
             return row, row
 
-        @classmethod
-        def lower(cls, op, runtime):
-            # The exponentials go to scratch memory the op keeps across runs (they never leave the
-            # kernel): no fresh 50 MB tensor per run, and three parallel passes over the logits. Taking
-            # a few rows at a time instead cost three parallel regions per block, each of which waits
-            # out a time slice when the machine is busy (40x slower with 2 threads on a loaded host).
-            scratch = []
-
-            def softmax_terms(logits, indices, shift):
-                if not scratch:
-                    scratch.append(torch.empty_like(logits))
-                column, in_shard = _label_columns(logits, indices)
-                total = torch.sub(logits, shift.unsqueeze(-1), out=scratch[0]).exp_().sum(-1)
-                picked = torch.gather(logits, -1, column).squeeze(-1) - shift
-                return total, torch.where(in_shard, picked, 0.0)
-            return softmax_terms
+        @staticmethod
+        def kernel(logits, indices, shift):
+            column, in_shard = _label_columns(logits, indices)
+            picked = torch.gather(logits, -1, column).squeeze(-1) - shift
+            return _exp_sums(logits, shift), torch.where(in_shard, picked, 0.0)
 
         @staticmethod
         def grad(g):
@@ -61,7 +77,7 @@ if IS_CPU:
         @staticmethod
         def kernel(logits, indices, shift, dtotal, dpicked, out=None):
             column, in_shard = _label_columns(logits, indices)
-            dx = torch.sub(logits, shift.unsqueeze(-1), out=out).exp_().mul_(dtotal.unsqueeze(-1))
+            dx = _scaled_exps(logits, shift, dtotal, out)
             return dx.scatter_add_(-1, column, torch.where(in_shard, dpicked, 0.0).unsqueeze(-1))
 
         @classmethod

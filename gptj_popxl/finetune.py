@@ -17,6 +17,7 @@ after saving.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import signal
 import threading
@@ -67,7 +68,7 @@ def _number(text: str, positive: bool) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
-    if not (value > 0 if positive else value >= 0):
+    if not math.isfinite(value) or not (value > 0 if positive else value >= 0):
         raise argparse.ArgumentTypeError(f"expected a number {bound}, got {value}")
     return value
 
@@ -94,7 +95,8 @@ def add_finetune_parser(commands) -> None:
                    help="MNLI data: json/jsonl, csv, parquet, a save_to_disk folder or a cached Hub name[:config]")
     p.add_argument("--output", required=True, help="directory for log.jsonl, checkpoint/ and loss.png")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the --model or --resume directory)")
-    p.add_argument("--split", help="split of a save_to_disk folder or cached Hub data set (default: train)")
+    p.add_argument("--split", help="split of a save_to_disk folder or cached Hub data set (default: train); "
+                   "a single file is the split 'train'")
     p.add_argument("--config", choices=config_names(), help="named config; any flag below overrides its fields")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, help="optimizer steps (default: the config's, or 1 epoch)")
@@ -120,7 +122,7 @@ def add_finetune_parser(commands) -> None:
                    help="pack examples run_clm-style (default: --no-packing, one padded example per row)")
     p.add_argument("--save-every", type=_positive_int, help="also checkpoint every N steps")
     p.add_argument("--resume", help="continue the run whose checkpoint is in this directory")
-    p.add_argument("--seed", type=int, help="seed of the data order and the trainer (default 0)")
+    p.add_argument("--seed", type=_non_negative_int, help="seed of the data order and the trainer (default 0)")
 
 
 @dataclasses.dataclass
@@ -132,6 +134,7 @@ class _Run:
     output: str
     save_every: Optional[int]
     data_settings: Dict[str, Any]
+    tokenizer: Any  # the one the data was encoded with: checkpoints carry it
 
 
 def run_finetune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -161,7 +164,7 @@ def _start(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Run:
     except ValueError as e:
         parser.error(f"the training settings do not fit --model {args.model}: {e}")
     return _Run(trainer, batches, args.output, args.save_every,
-                dict(packing=settings["packing"], split=settings["split"]))
+                dict(packing=settings["packing"], split=settings["split"]), tokenizer)
 
 
 def resolve_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, model_config: GPTJConfig
@@ -172,7 +175,7 @@ def resolve_settings(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     changes the accumulation); its warm-up proportion is kept in ``warmup_proportion`` for
     ``training_config_fields``. Exits 2 (``parser.error``) on settings that cannot work.
     """
-    settings = dict(DEFAULTS, steps=None, epochs=None, split="train", warmup_proportion=0.0)
+    settings = dict(DEFAULTS, steps=None, epochs=None, split=None, warmup_proportion=0.0)
     given = {k: v for k, v in vars(args).items() if k in settings and v is not None}
     if args.config:
         try:
@@ -232,7 +235,8 @@ def _resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Run:
         batches.restore(state)
     except DataError as e:
         parser.error(f"--data {args.data} with --resume {args.resume}: {e}")
-    return _Run(trainer, batches, args.output, args.save_every, dict(packing=state["packing"], split=state["split"]))
+    return _Run(trainer, batches, args.output, args.save_every, dict(packing=state["packing"], split=state["split"]),
+                tokenizer)
 
 
 def _check_model_matches(parser, named, model_config, model_dir: str) -> None:
@@ -283,6 +287,8 @@ def _train(run: _Run) -> int:
     log_path = os.path.join(run.output, LOG_NAME)
     checkpoint = os.path.join(run.output, CHECKPOINT_NAME)
     saved_at = None
+    if trainer.step_count:
+        _drop_records_after(log_path, trainer.step_count)
     with _StopOnInterrupt() as stop, open(log_path, "a" if trainer.step_count else "w") as log, \
             tqdm(total=total, initial=trainer.step_count, unit="step", dynamic_ncols=True) as bar:
         start = time.perf_counter()
@@ -313,8 +319,30 @@ def _train(run: _Run) -> int:
     return 0
 
 
+def _drop_records_after(log_path: str, step: int) -> None:
+    """Cut the log back to the checkpoint a run resumes from: steps logged after it (before a crash) are
+    run again, and a line cut short by the crash is dropped. Replaced in one step."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path, encoding="utf-8") as f:
+        lines = f.readlines()
+
+    def before_checkpoint(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    kept = [line if line.endswith("\n") else line + "\n" for line in lines if before_checkpoint(line)]
+    if kept != lines:
+        partial = log_path + ".partial"
+        with open(partial, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(partial, log_path)
+
+
 def _save(run: _Run, checkpoint: str) -> None:
-    run.trainer.save(checkpoint, data_state={**run.batches.state(), **run.data_settings})
+    run.trainer.save(checkpoint, data_state={**run.batches.state(), **run.data_settings}, tokenizer=run.tokenizer)
 
 
 class _StopOnInterrupt:

@@ -37,7 +37,8 @@ STATE_FORMAT = 1
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool): the settings' infinities or NaNs would train silently wrong."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +96,11 @@ class TrainingConfig:
             need(_is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, "a number in [0, 1)")
         need(_is_number(self.eps) and self.eps > 0, "eps", "a number > 0")
         need(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
-        need(self.loss_scaling == "dynamic" or (_is_number(self.loss_scaling) and math.isfinite(self.loss_scaling)
-                                                and self.loss_scaling > 0),
+        need(self.loss_scaling == "dynamic" or (_is_number(self.loss_scaling) and self.loss_scaling > 0),
              "loss_scaling", 'a finite number > 0 or "dynamic"')
         need(self.dtype in DTYPES, "dtype", f"one of {sorted(DTYPES)}")
-        need(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", "an integer")
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed",
+             "an integer >= 0")
         try:
             self.execution()
         except ValueError as e:
@@ -259,10 +260,13 @@ class Trainer:
         return self.model.weights
 
     # --- checkpoints
-    def save(self, out_dir: PathLike, *, data_state: Optional[dict] = None) -> None:
+    def save(self, out_dir: PathLike, *, data_state: Optional[dict] = None, tokenizer=None) -> None:
         """Write a checkpoint to ``out_dir`` atomically: ``config.json`` and ``model.safetensors`` (float32,
-        Hugging Face names and shapes: transformers loads it as is), the source's tokenizer files, and the
-        trainer state (config, counters, loss scale, AdamW moments and ``data_state``, a JSON-able dict)."""
+        Hugging Face names and shapes: transformers loads it as is), a tokenizer, and the trainer state
+        (config, counters, loss scale, AdamW moments and ``data_state``, a JSON-able dict).
+
+        ``tokenizer``: the transformers tokenizer the training data was encoded with, saved by its
+        ``save_pretrained``; without it the source checkpoint's tokenizer files are copied."""
         if data_state is not None and not isinstance(data_state, dict):
             raise TypeError(f"data_state must be a dict or None, got {type(data_state).__name__}")
         try:
@@ -282,10 +286,13 @@ class Trainer:
         with atomic_directory(out_dir) as tmp:
             write_hf_files(tmp, self.model_config, hf)
             self._keep_source_config_keys(os.path.join(tmp, "config.json"))
-            for name in TOKENIZER_FILES:
-                source = os.path.join(self.model_dir, name)
-                if os.path.isfile(source):
-                    shutil.copyfile(source, os.path.join(tmp, name))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            else:
+                for name in TOKENIZER_FILES:
+                    source = os.path.join(self.model_dir, name)
+                    if os.path.isfile(source):
+                        shutil.copyfile(source, os.path.join(tmp, name))
             if moments:
                 safetensors.numpy.save_file(moments, os.path.join(tmp, OPTIMIZER_STATE_FILE))
             with open(os.path.join(tmp, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:

@@ -50,6 +50,9 @@ def expect_usage_error(capsys, args, *fragments):
     (["--lr-schedule", "cosine"], ["--lr-schedule", "invalid choice: 'cosine'"]),
     (["--loss-scaling", "auto"], ["--loss-scaling", "expected a number > 0, got 'auto'"]),
     (["--learning-rate", "-1"], ["--learning-rate", "expected a number >= 0"]),
+    (["--learning-rate", "inf"], ["--learning-rate", "expected a number >= 0, got inf"]),
+    (["--loss-scaling", "nan"], ["--loss-scaling", "expected a number > 0, got nan"]),
+    (["--seed", "-1"], ["--seed", "expected an integer >= 0, got -1"]),
     (["--dtype", "bfloat16"], ["--dtype", "invalid choice"]),
     (["--sequence-length", "17"], ["--sequence-length 17 exceeds the model's n_positions (16)"]),
     (["--sequence-length", "8", "--attention-serialisation", "3"], ["--attention-serialisation 3 must divide"]),
@@ -212,3 +215,47 @@ def test_end_to_end_log_checkpoint_curve_and_exact_resume(setup, tmp_path):
     _, resumed_weights = hf_weights(str(stopped / "checkpoint"))
     for name, weight in final.items():
         np.testing.assert_array_equal(resumed_weights[name], weight, err_msg=name)
+
+
+def test_a_checkpoint_carries_the_tokenizer_the_data_was_encoded_with(setup, tmp_path):
+    """``--tokenizer`` other than the model folder's own: the checkpoint (which ``validate`` and ``generate``
+    read) must encode text as that tokenizer did, not as the model folder's."""
+    pytest.importorskip("gptj_popxl.trainer")
+    import transformers
+
+    other = tmp_path / "other-tok"
+    texts = [mnli_text(r["premise"], r["hypothesis"], r["label"], EOS_TOKEN) for r in synthetic_mnli(200)]
+    train_bpe_tokenizer(texts[:40], str(other), vocab_size=80)
+    out = tmp_path / "run"
+    assert run_cli(*finetune_args(setup, out, 1), "--tokenizer", other) == 0
+    text = texts[0]
+    encode = lambda folder: transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)(text).input_ids
+    assert encode(other) != encode(setup["model"])  # the two tokenizers differ on this text
+    assert encode(out / "checkpoint") == encode(other)
+
+
+def test_resuming_after_a_crash_logs_each_step_once(setup, tmp_path, monkeypatch):
+    """A run that dies after its last checkpoint leaves log records past it (and maybe a line cut short);
+    the resumed run replaces them, so the log reads as an uninterrupted run's."""
+    pytest.importorskip("gptj_popxl.trainer")
+    from gptj_popxl.trainer import Trainer
+
+    straight = tmp_path / "straight"
+    assert run_cli(*finetune_args(setup, straight, 6)) == 0
+    crashed = tmp_path / "crashed"
+    step = Trainer.step
+
+    def step_until_the_crash(self, *args, **kwargs):
+        if self.step_count == 3:  # after the checkpoint of step 2 and the record of step 3
+            raise RuntimeError("simulated crash")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", step_until_the_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_cli(*finetune_args(setup, crashed, 6))
+    monkeypatch.undo()
+    with open(crashed / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # the write the crash interrupted
+    assert run_cli("--resume", crashed / "checkpoint", "--data", setup["data"], "--output", crashed) == 0
+    key = ("step", "epoch", "batch", "loss", "grad_norm", "learning_rate")
+    assert [[r[k] for k in key] for r in read_log(crashed)] == [[r[k] for k in key] for r in read_log(straight)]

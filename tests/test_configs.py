@@ -71,6 +71,8 @@ def test_unknown_name_and_field_list_the_valid_ones():
     ({"micro_batch_size": 0}, "tiny.execution.micro_batch_size must be an integer >= 1, got 0"),
     ({"steps": True}, "tiny.training.steps must be an integer >= 1, got True"),
     ({"learning_rate": -1.0}, "tiny.training.learning_rate must be a number >= 0"),
+    ({"learning_rate": float("inf")}, "tiny.training.learning_rate must be a number >= 0, got inf"),
+    ({"loss_scaling": float("nan")}, "tiny.execution.loss_scaling must be a positive number or 'dynamic'"),
     ({"data_parallel": 3}, "tiny: global_batch_size 16 is not a multiple of micro_batch_size 1 x data_parallel 3"),
 ])
 def test_bad_values(overrides, match):

@@ -104,6 +104,12 @@ def test_every_local_format_gives_the_same_rows(tokenizer, tmp_path):
     assert len(load_local_dataset(paths[5], "train")) == 2
     with pytest.raises(DataError, match=r"disk_dict: no split 'test'; it has \['train', 'validation'\]"):
         load_local_dataset(paths[5], "test")
+    # A file is the split 'train' (as datasets.load_dataset names it) and a Dataset folder its own split:
+    # asking either for another is refused, not ignored.
+    for path in paths[:5]:
+        assert len(load_local_dataset(path)) == len(load_local_dataset(path, "train")) == len(ROWS)
+        with pytest.raises(DataError, match="no split 'validation'"):
+            load_local_dataset(path, "validation")
 
 
 @pytest.mark.parametrize("rows, match", [

@@ -12,6 +12,7 @@ A file has three sections:
 names are unique across sections). Unknown names and fields are errors listing the valid ones.
 """
 import dataclasses
+import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Union
 
@@ -162,7 +163,8 @@ def _check_value(where: str, field: str, value: Any) -> None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (YAML's .inf and .nan are floats)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 __all__ = ["ConfigError", "ExecutionSection", "ModelSection", "NamedConfig", "TrainingSection", "config_names",

@@ -15,6 +15,8 @@ Typical use::
     batches = BatchStream(rows, micro_batch_size=1, gradient_accumulation=4, data_parallel=2, seed=0)
     batch = next(batches)   # batch.input_ids, batch.labels: (8, 64) int64
 """
+from typing import Optional
+
 from .batches import IGNORE_INDEX, BatchStream, GlobalBatch, TokenRows, build_rows, packed_rows, padded_rows
 from .loading import DataError, load_local_dataset
 from .mnli import LABEL_WORDS, MNLI_COLUMNS, encode_mnli, mnli_columns, mnli_prompt, mnli_text
@@ -22,7 +24,8 @@ from .synthetic import synthetic_mnli, write_synthetic_mnli
 from .tokenizer import EOS_TOKEN, load_tokenizer, train_bpe_tokenizer
 
 
-def load_mnli_rows(path: str, tokenizer, sequence_length: int, packing: bool, split: str = "train") -> TokenRows:
+def load_mnli_rows(path: str, tokenizer, sequence_length: int, packing: bool,
+                   split: Optional[str] = None) -> TokenRows:
     """The MNLI data set at ``path`` (see ``load_local_dataset``) as training rows.
 
     Padded rows pad with the tokenizer's pad token, or its eos token when it has none.

@@ -7,7 +7,7 @@
 """
 import contextlib
 import os
-from typing import Iterator
+from typing import Iterator, Optional
 
 # File suffix -> the ``datasets`` builder that reads it.
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -17,11 +17,13 @@ class DataError(ValueError):
     """A data set that cannot be used as given; the message names the file and, where it applies, the row."""
 
 
-def load_local_dataset(path: str, split: str = "train"):
+def load_local_dataset(path: str, split: Optional[str] = None):
     """The ``split`` of the data set at ``path`` as a ``datasets.Dataset``.
 
-    A single file is one split (``split`` is ignored). A ``save_to_disk`` folder holding a
-    ``DatasetDict`` and a cached Hub data set are indexed by ``split``.
+    A ``save_to_disk`` folder holding a ``DatasetDict`` and a cached Hub data set are indexed by
+    ``split`` (default ``"train"``). A single file is one split, ``"train"``, as ``datasets`` names
+    it; a folder holding one ``Dataset`` is its own split. For these a ``split`` that names another
+    is an error rather than ignored.
 
     Raises:
         DataError: unknown file type, missing split, a Hub name that is not cached, or an
@@ -36,6 +38,8 @@ def load_local_dataset(path: str, split: str = "train"):
             raise DataError(f"{path}: unsupported file type {suffix!r}; expected one of {sorted(_FILE_BUILDERS)}")
         if os.path.getsize(path) == 0:
             raise DataError(f"{path}: the data set is empty (an empty file)")
+        if split not in (None, "train"):
+            raise DataError(f"{path}: a single file is one split, 'train'; it has no split {split!r}")
         try:
             with _quiet_datasets():
                 dataset = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=path, split="train")
@@ -51,19 +55,23 @@ def load_local_dataset(path: str, split: str = "train"):
     elif os.path.splitext(path)[1].lower() in _FILE_BUILDERS:
         raise DataError(f"{path}: no such file or directory")
     else:
-        dataset = _load_cached_hub_dataset(path, split)
+        dataset = _load_cached_hub_dataset(path, split or "train")
     if len(dataset) == 0:
         raise DataError(f"{path}: the data set is empty")
     return dataset
 
 
-def _pick_split(dataset, split: str, where: str):
+def _pick_split(dataset, split: Optional[str], where: str):
     import datasets
 
     if isinstance(dataset, datasets.DatasetDict):
+        split = split or "train"
         if split not in dataset:
             raise DataError(f"{where}: no split {split!r}; it has {sorted(dataset)}")
         return dataset[split]
+    own = str(dataset.split) if dataset.split is not None else "train"
+    if split not in (None, own):
+        raise DataError(f"{where}: holds one data set, split {own!r}; it has no split {split!r}")
     return dataset
 
 

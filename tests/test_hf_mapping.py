@@ -385,6 +385,23 @@ def test_mapping_errors_name_the_tensor(hf_sd, config):
         popxl_to_hf(params, config, 4)
 
 
+@pytest.mark.parametrize("offload", (False, True))
+def test_safetensors_with_more_layers_than_the_config_are_refused(saved_dir, tmp_path, offload):
+    """Weights for a deeper model under a config.json that names fewer layers: the layer-by-layer path
+    (in memory and offloaded) refuses the tensors it has no place for, as ``hf_to_popxl`` does."""
+    import gptj_popxl
+
+    shallow = tmp_path / "shallow"
+    shallow.mkdir()
+    hf_config = json.loads((saved_dir / "config.json").read_text())
+    assert hf_config["n_layer"] >= 2
+    (shallow / "config.json").write_text(json.dumps(dict(hf_config, n_layer=hf_config["n_layer"] - 1)))
+    os.link(saved_dir / "model.safetensors", shallow / "model.safetensors")
+    last = hf_config["n_layer"] - 1
+    with pytest.raises(ValueError, match=rf"unexpected tensor\(s\): transformer\.h\.{last}\."):
+        gptj_popxl.from_pretrained(shallow, offload=offload, offload_cache_dir=tmp_path / "cache")
+
+
 # ----------------------------------------------------------------------------- saving
 
 

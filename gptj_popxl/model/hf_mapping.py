@@ -314,6 +314,13 @@ class LazyHFCheckpoint:
         except (OSError, safetensors.SafetensorError) as e:
             raise ValueError(f"could not read {name} from safetensors file {file}: {e}") from e
 
+    def check_names(self, config: GPTJConfig) -> None:
+        """Refuse tensors ``config`` has no place for, as ``hf_to_popxl`` does: a ``config.json`` that
+        does not match its weights (say, fewer layers) would otherwise run a truncated model silently."""
+        unexpected = sorted(set(self.weight_map) - set(hf_param_shapes(config)))
+        if unexpected:
+            raise ValueError(f"checkpoint {self.directory} has unexpected tensor(s): {', '.join(unexpected)}")
+
     def close(self) -> None:
         """Release the open files."""
         self._handles.clear()

@@ -26,6 +26,7 @@ _META_FILE = "meta.json"
 def _converted_parts(checkpoint: LazyHFCheckpoint, config: GPTJConfig, tp: int, dtype
                      ) -> Iterator[Dict[str, np.ndarray]]:
     """Our-layout tensors: the outer ones, then each decoder layer's, converted one part at a time."""
+    checkpoint.check_names(config)
     yield hf_outer_to_popxl(checkpoint.get, config, tp, dtype)
     for layer in range(config.n_layer):
         yield hf_layer_to_popxl(checkpoint.get, config, tp, layer, dtype)

@@ -34,14 +34,17 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rotary_embed
 def trig_tables(seq_len: int, rotary_dim: int, base: int = 10000,
                 np_dtype: Any = "float32") -> Tuple[np.ndarray, np.ndarray]:
     """``(sin, cos)``, each ``(seq_len, rotary_dim // 2)`` of ``np_dtype``: row ``m``, column ``i`` holds
-    the sine / cosine of ``m * base^(-2i / rotary_dim)``."""
+    the sine / cosine of ``m * base^(-2i / rotary_dim)``. The angles are computed in at least float32
+    and only the results rounded to ``np_dtype``: float16 angles are off by up to a radian near
+    position 2047 (popxl-addons computes them in ``np_dtype``)."""
     if not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2:
         raise ValueError(f"trig_tables: rotary_dim must be a positive even int, got {rotary_dim!r}")
     if not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"trig_tables: seq_len must be a positive int, got {seq_len!r}")
-    inv_freq = float(base) ** (-np.arange(0, rotary_dim, 2).astype(np_dtype) / rotary_dim)
-    angles = np.outer(np.arange(seq_len).astype(np_dtype), inv_freq).astype(np_dtype)
-    return np.sin(angles), np.cos(angles)
+    exact = np.promote_types(np_dtype, np.float32)
+    inv_freq = float(base) ** (-np.arange(0, rotary_dim, 2).astype(exact) / rotary_dim)
+    angles = np.outer(np.arange(seq_len).astype(exact), inv_freq).astype(exact)
+    return np.sin(angles).astype(np_dtype), np.cos(angles).astype(np_dtype)
 
 
 def trig_table_constants(seq_len: int, rotary_dim: int, base: int = 10000, dtype=popxl.float32):

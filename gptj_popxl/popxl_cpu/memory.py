@@ -2,19 +2,22 @@
 
 Liveness follows the lowering (``executor.Plan``): ops run in graph order, a value is allocated
 by the op producing it and freed after its last use (graph outputs live to the graph's end), and
-values that share storage (in-place ops, views, aliases; the lowering's storage classes) count
-once. A graph's inputs belong to its caller. At a call, the callee's own peak is added to what is
-live in the caller. Variables (not remote) and constants are resident for the whole program;
-remote buffers are not device memory and are reported apart.
+values that share storage (in-place ops, views, aliases; the lowering's storage classes, with the
+views it copies) count once. A graph's inputs belong to its caller, and what shares storage with a
+variable or constant is resident. At a call, the callee's own peak is added to what is live in the
+caller, less the call's outputs: they are the callee's values, counted in its peak. The copies of
+inputs a callee writes but is handed by value are counted beside the callee's peak. Variables (not
+remote) and constants are resident for the whole program; remote buffers are not device memory and
+are reported apart.
 
 Everything is per replica: replicas run the same program on same-shaped values.
 """
 import dataclasses
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .executor import _storage_classes
+from .executor import storage_with_copying_views, written_input_indices
 from .tensor import Constant, Tensor, Variable
 
 
@@ -70,23 +73,31 @@ class MemoryReport:
 KindOf = Callable[[Tensor], Optional[str]]
 
 
+def _copied_inputs(op, graph) -> List[int]:
+    """Inputs of a call ``op`` that ``graph`` writes but is handed by value: the lowering copies them in
+    (``ops.control``), one copy live at a time."""
+    classes, written, _ = storage_with_copying_views(graph)
+    modified = op.attrs.get("modified", ())
+    return [i for i in written_input_indices(graph, classes, written) if i < len(op.inputs) and i not in modified]
+
+
 class _Analysis:
     def __init__(self, kind_of: KindOf):
         self.kind_of = kind_of
         self.peaks: Dict[object, int] = {}
 
-    def live_steps(self, graph) -> List[int]:
-        """Bytes the graph allocates that are live at each of its ops (callees excluded)."""
-        classes, _ = _storage_classes(graph, set())
-        owned_elsewhere = {classes.find(t.id) for t in graph._inputs}
+    def live_steps(self, graph) -> Tuple[List[int], List[int]]:
+        """Bytes the graph allocates that are live at each of its ops (callees excluded), and of those
+        the bytes each op allocates."""
+        classes, _, _ = storage_with_copying_views(graph)
+        # Inputs, variables and constants, and what shares their storage: not this graph's allocations.
+        owned_elsewhere = {classes.find(t.id) for t in graph._tensors.values() if t._producer is None}
         size: Dict[str, int] = {}
         first: Dict[str, int] = {}
         last: Dict[str, int] = {}
         ops = graph._ops
         for k, op in enumerate(ops):
             for t in op.inputs + op.outputs:
-                if t._producer is None:
-                    continue  # inputs, variables, constants: not this graph's allocations
                 c = classes.find(t.id)
                 if c in owned_elsewhere:
                     continue
@@ -98,21 +109,31 @@ class _Analysis:
             if c in last:
                 last[c] = len(ops) - 1
         live = [0] * (len(ops) + 1)
+        new = [0] * len(ops)
         for c, n in size.items():
             live[first[c]] += n
             live[last[c] + 1] -= n
-        return [int(n) for n in np.cumsum(live[:-1])] if ops else []
+            new[first[c]] += n
+        return ([int(n) for n in np.cumsum(live[:-1])] if ops else []), new
 
     def peak(self, graph) -> int:
         """The graph's own peak allocation, callees included, inputs excluded."""
         if graph not in self.peaks:
-            live = self.live_steps(graph)
+            live, new = self.live_steps(graph)
             best = 0
             for k, op in enumerate(graph._ops):
-                inner = max((self.peak(g) for g in op.called_graphs), default=0)
-                best = max(best, live[k] + inner)
+                best = max(best, live[k])
+                for g in op.called_graphs:
+                    best = max(best, self.at_call(op, g, live[k], new[k]))
             self.peaks[graph] = best
         return self.peaks[graph]
+
+    def at_call(self, op, graph, live: int, new: int) -> int:
+        """Bytes live while ``op`` runs ``graph``, with ``live`` live in the caller at ``op`` (``new`` of them
+        its outputs). A call's outputs are the graph's own values, in its peak. A loop's are too, but
+        from its second iteration the previous one's stand beside them, so they count once more."""
+        copied_in = sum(tensor_bytes(op.inputs[i]) for i in _copied_inputs(op, graph))
+        return live - (new if op.prim.name == "call" else 0) + self.peak(graph) + copied_in
 
     def kinds(self, graph) -> Dict[str, int]:
         """Bytes of the values of ``graph`` (not its callees) of each named kind."""
@@ -150,12 +171,12 @@ def memory_report(ir, kind_of: KindOf = lambda t: None, variable_kind: Callable[
         remote[kind] = remote.get(kind, 0) + b.entries * int(np.prod(b.tensor_shape, dtype=np.int64)) * \
             np.dtype(b.tensor_dtype.as_numpy()).itemsize
 
-    live = analysis.live_steps(main)
+    live, new = analysis.live_steps(main)
     phases: List[PhaseMemory] = []
     main_peak = 0
     for k, op in enumerate(main._ops):
         for g in op.called_graphs:
-            peak = base + live[k] + analysis.peak(g)
+            peak = base + analysis.at_call(op, g, live[k], new[k])
             kinds = analysis.kinds(g)
             kinds["activations"] = max(0, peak - base - sum(kinds.values()))
             if phases and phases[-1].name == g.name:

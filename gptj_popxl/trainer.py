@@ -15,7 +15,7 @@ import numpy as np
 import safetensors.numpy
 
 from gptj_popxl.checkpoint import PathLike, atomic_directory, read_json
-from gptj_popxl.model.config import GPTJConfig, is_positive_int
+from gptj_popxl.model.config import GPTJConfig, is_finite_number, is_positive_int
 from gptj_popxl.model.gptj import GPTJ, _check_ids, load_weights
 from gptj_popxl.model.hf_mapping import popxl_to_hf, write_hf_files
 from gptj_popxl.model.layers import IGNORE_INDEX
@@ -34,11 +34,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DYNAMIC_INITIAL_SCALE = 2.0 ** 16
 DYNAMIC_GROWTH_INTERVAL = 2000
 STATE_FORMAT = 1
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float (not a bool): the settings' infinities or NaNs would train silently wrong."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,17 +81,17 @@ class TrainingConfig:
             if not ok:
                 raise ValueError(f"TrainingConfig.{name} must be {what}, got {getattr(self, name)!r}")
 
-        need(_is_number(self.learning_rate) and self.learning_rate >= 0, "learning_rate", "a number >= 0")
+        need(is_finite_number(self.learning_rate) and self.learning_rate >= 0, "learning_rate", "a number >= 0")
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}")
         need(isinstance(self.warmup_steps, int) and not isinstance(self.warmup_steps, bool)
              and self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
         need(is_positive_int(self.total_steps), "total_steps", "an integer >= 1")
-        need(_is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(is_finite_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
         for name in ("beta1", "beta2"):
-            need(_is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, "a number in [0, 1)")
-        need(_is_number(self.eps) and self.eps > 0, "eps", "a number > 0")
-        need(_is_number(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
-        need(self.loss_scaling == "dynamic" or (_is_number(self.loss_scaling) and self.loss_scaling > 0),
+            need(is_finite_number(getattr(self, name)) and 0 <= getattr(self, name) < 1, name, "a number in [0, 1)")
+        need(is_finite_number(self.eps) and self.eps > 0, "eps", "a number > 0")
+        need(is_finite_number(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", "a number > 0")
+        need(self.loss_scaling == "dynamic" or (is_finite_number(self.loss_scaling) and self.loss_scaling > 0),
              "loss_scaling", 'a finite number > 0 or "dynamic"')
         need(self.dtype in DTYPES, "dtype", f"one of {sorted(DTYPES)}")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed",

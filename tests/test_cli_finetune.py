@@ -229,7 +229,10 @@ def test_a_checkpoint_carries_the_tokenizer_the_data_was_encoded_with(setup, tmp
     out = tmp_path / "run"
     assert run_cli(*finetune_args(setup, out, 1), "--tokenizer", other) == 0
     text = texts[0]
-    encode = lambda folder: transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)(text).input_ids
+
+    def encode(folder):
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)(text).input_ids
+
     assert encode(other) != encode(setup["model"])  # the two tokenizers differ on this text
     assert encode(out / "checkpoint") == encode(other)
 

@@ -110,6 +110,15 @@ def test_every_local_format_gives_the_same_rows(tokenizer, tmp_path):
         assert len(load_local_dataset(path)) == len(load_local_dataset(path, "train")) == len(ROWS)
         with pytest.raises(DataError, match="no split 'validation'"):
             load_local_dataset(path, "validation")
+    import datasets
+    import pandas as pd
+
+    named = str(tmp_path / "disk_validation")
+    datasets.Dataset.from_pandas(pd.DataFrame(ROWS), split="validation").save_to_disk(named)
+    for split in (None, "validation", "train"):  # "train": the default name, which older runs recorded
+        assert len(load_local_dataset(named, split)) == len(ROWS)
+    with pytest.raises(DataError, match="split 'validation'; it has no split 'test'"):
+        load_local_dataset(named, "test")
 
 
 @pytest.mark.parametrize("rows, match", [

@@ -400,6 +400,12 @@ def test_safetensors_with_more_layers_than_the_config_are_refused(saved_dir, tmp
     last = hf_config["n_layer"] - 1
     with pytest.raises(ValueError, match=rf"unexpected tensor\(s\): transformer\.h\.{last}\."):
         gptj_popxl.from_pretrained(shallow, offload=offload, offload_cache_dir=tmp_path / "cache")
+    if offload:  # also with a cache written while config.json still named every layer
+        (shallow / "config.json").write_text(json.dumps(hf_config))
+        gptj_popxl.from_pretrained(shallow, offload=True, offload_cache_dir=tmp_path / "cache")
+        (shallow / "config.json").write_text(json.dumps(dict(hf_config, n_layer=last)))
+        with pytest.raises(ValueError, match=rf"unexpected tensor\(s\): transformer\.h\.{last}\."):
+            gptj_popxl.from_pretrained(shallow, offload=True, offload_cache_dir=tmp_path / "cache")
 
 
 # ----------------------------------------------------------------------------- saving

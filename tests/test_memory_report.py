@@ -107,3 +107,29 @@ def test_a_call_writing_a_captured_value_does_not_keep_it_alive_through_its_outp
         stored(loaded("b"))  # acc is dead by now; only the 4-byte sum lives on
         stored(total)
     assert peak(ir) == MIB + 2 * SCALAR
+
+
+def test_a_graph_returning_its_input_returns_a_copy():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        x = loaded()
+
+        def body(a):
+            doubled = a * 2.0
+            return a, doubled * 3.0  # doubled is freed before the graph returns its copy of a
+
+        outputs = ops.call(ir.create_graph(body, x), x)
+        for t in outputs:
+            stored(t)
+    # In the call: x, doubled and its triple; then x, the triple and the copy of x.
+    assert peak(ir) == 3 * MIB + 2 * SCALAR
+
+
+def test_a_loop_run_once_or_never_holds_no_previous_iteration():
+    for count in (0, 1):
+        ir = popxl.Ir()
+        with ir.main_graph:
+            x = loaded()
+            (y,) = ops.repeat(ir.create_graph(lambda a: a * 2.0, x), count, x)
+            stored(y)
+        assert peak(ir) == 2 * MIB + SCALAR, count  # x and the loop's output (a copy of x when it never runs)

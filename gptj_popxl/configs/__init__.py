@@ -12,9 +12,10 @@ A file has three sections:
 names are unique across sections). Unknown names and fields are errors listing the valid ones.
 """
 import dataclasses
-import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Union
+
+from gptj_popxl.model.config import is_finite_number
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -153,18 +154,13 @@ def _check_value(where: str, field: str, value: Any) -> None:
         if value not in _CHOICES[field]:
             raise ConfigError(f"{where} must be one of {', '.join(_CHOICES[field])}, got {value!r}")
     elif field == "loss_scaling":
-        if value != "dynamic" and not (_is_number(value) and value > 0):
+        if value != "dynamic" and not (is_finite_number(value) and value > 0):
             raise ConfigError(f"{where} must be a positive number or 'dynamic', got {value!r}")
     elif field in ("learning_rate", "warmup_proportion", "weight_decay"):
-        if not (_is_number(value) and value >= 0):
+        if not (is_finite_number(value) and value >= 0):
             raise ConfigError(f"{where} must be a number >= 0, got {value!r}")
     elif not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         raise ConfigError(f"{where} must be an integer >= 1, got {value!r}")
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float (YAML's .inf and .nan are floats)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 __all__ = ["ConfigError", "ExecutionSection", "ModelSection", "NamedConfig", "TrainingSection", "config_names",

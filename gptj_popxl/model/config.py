@@ -1,5 +1,6 @@
 """GPT-J model hyper-parameters and their tensor-parallel layout."""
 import dataclasses
+import math
 import os
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -11,6 +12,12 @@ _SUPPORTED_ACTIVATION = "gelu_new"
 def is_positive_int(value: Any) -> bool:
     """Whether ``value`` is an ``int`` >= 1 (bool is an int subclass, but True as a count is a bug, not a 1)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite ``int`` or ``float`` (not a bool): an infinite or NaN setting would
+    train silently wrong."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_positive_int(name: str, value: Any) -> None:

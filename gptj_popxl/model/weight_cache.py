@@ -9,6 +9,7 @@ and reused while the checkpoint's files are unchanged. Offloaded generation back
 buffers with the stacked files, so a layer's weights are read from disk (the page cache) only
 when the layer is loaded, and the operating system may drop those pages again at any time.
 """
+import dataclasses
 import json
 import os
 from typing import Callable, Dict, Iterator, Optional, Tuple
@@ -26,7 +27,6 @@ _META_FILE = "meta.json"
 def _converted_parts(checkpoint: LazyHFCheckpoint, config: GPTJConfig, tp: int, dtype
                      ) -> Iterator[Dict[str, np.ndarray]]:
     """Our-layout tensors: the outer ones, then each decoder layer's, converted one part at a time."""
-    checkpoint.check_names(config)
     yield hf_outer_to_popxl(checkpoint.get, config, tp, dtype)
     for layer in range(config.n_layer):
         yield hf_layer_to_popxl(checkpoint.get, config, tp, layer, dtype)
@@ -38,6 +38,7 @@ def load_layerwise(path: PathLike, config: GPTJConfig, tp: int, dtype) -> Dict[s
     checkpoint = lazy_hf_checkpoint(path)
     if checkpoint is None:
         return hf_to_popxl(load_hf_state_dict(path), config, tp, dtype)
+    checkpoint.check_names(config)
     weights: Dict[str, np.ndarray] = {}
     try:
         for part in _converted_parts(checkpoint, config, tp, dtype):
@@ -55,10 +56,12 @@ def _layer_param(name: str) -> Optional[Tuple[int, str]]:
     return int(layer), rest
 
 
-def _source_stamp(checkpoint: LazyHFCheckpoint, tp: int, dtype) -> Dict:
-    """What the cache was made from: the checkpoint files' sizes and times, tp and dtype."""
+def _source_stamp(checkpoint: LazyHFCheckpoint, config: GPTJConfig, tp: int, dtype) -> Dict:
+    """What the cache was made from: the checkpoint files' sizes and times, the model config (its heads
+    decide the tensor-parallel layout), tp and dtype."""
     files = {os.path.basename(f): [os.path.getsize(f), os.stat(f).st_mtime_ns] for f in checkpoint.files}
-    return {"files": files, "tensor_parallel": tp, "dtype": np.dtype(dtype).name}
+    return {"files": files, "config": dataclasses.asdict(config), "tensor_parallel": tp,
+            "dtype": np.dtype(dtype).name}
 
 
 def _write_cache(directory: str, checkpoint: LazyHFCheckpoint, config: GPTJConfig, tp: int, dtype, stamp) -> None:
@@ -104,13 +107,15 @@ def open_offload_cache(path: PathLike, config: GPTJConfig, tp: int, dtype, cache
     parameter's stacked ``(n_layer, *shape)`` map, which the layers' entries of ``weights`` view.
 
     Raises:
-        ValueError: the checkpoint is not safetensors, or cannot be read.
+        ValueError: the checkpoint is not safetensors, cannot be read, or holds tensors ``config`` has no
+            place for.
     """
     checkpoint = lazy_hf_checkpoint(path)
     if checkpoint is None:
         raise ValueError(f"offload needs a safetensors checkpoint; {os.fspath(path)} has PyTorch pickles only")
+    checkpoint.check_names(config)
     directory = os.fspath(cache_dir) if cache_dir is not None else offload_cache_dir(path, tp, dtype)
-    stamp = _source_stamp(checkpoint, tp, dtype)
+    stamp = _source_stamp(checkpoint, config, tp, dtype)
     meta = os.path.join(directory, _META_FILE)
     try:
         with open(meta, encoding="utf-8") as f:

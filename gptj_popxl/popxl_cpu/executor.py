@@ -23,8 +23,7 @@ overlap share one block. Any other such value gets memory that nothing else refe
 when large): fresh, or an earlier run's once its user has dropped it (``allocation.Recycler``).
 """
 import math
-import weakref
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 
@@ -61,40 +60,12 @@ def _storage_classes(graph, copied_views):
         if not op.outputs or not op.inputs:
             continue
         if op.called_graphs:
-            # A call's outputs are its graph's own: the caller's storage only where that graph returns
-            # (a view of) an input it was handed.
-            for j, i in _returned_inputs(op):
-                classes.union(op.outputs[j].id, op.inputs[i].id)
-        elif mods:
+            continue  # a call's outputs are fresh: its plan copies any that share an input's storage
+        if mods:
             classes.union(op.outputs[0].id, op.inputs[mods[0]].id)
         elif op.prim.alias or (op.prim.view and op not in copied_views):
             classes.union(op.outputs[0].id, op.inputs[0].id)
     return classes, {classes.find(t_id) for t_id in written_ids}
-
-
-# graph -> ((op count, input count) when computed, (output, input) pairs sharing storage)
-_RETURNED_INPUTS = weakref.WeakKeyDictionary()
-
-
-def _returned_inputs(op) -> List[Tuple[int, int]]:
-    """``(j, i)``: output ``j`` of a call or repeat ``op`` may be (a view of) its input ``i``. For a
-    loop, whose iterations feed outputs back as inputs, any output its graph returns from an input is
-    paired with every input any output comes from."""
-    (graph,) = op.called_graphs
-    key = (len(graph._ops), len(graph._inputs))
-    cached = _RETURNED_INPUTS.get(graph)
-    if cached is None or cached[0] != key:
-        classes, _, _ = storage_with_copying_views(graph)
-        input_positions: Dict[str, List[int]] = {}
-        for i, t in enumerate(graph._inputs):
-            input_positions.setdefault(classes.find(t.id), []).append(i)
-        pairs = [(j, i) for j, t in enumerate(graph._outputs) for i in input_positions.get(classes.find(t.id), ())]
-        cached = _RETURNED_INPUTS[graph] = (key, pairs)
-    pairs = [(j, i) for j, i in cached[1] if j < len(op.outputs) and i < len(op.inputs)]
-    if op.prim.name == "repeat" and pairs:
-        outputs, inputs = {j for j, _ in pairs}, {i for _, i in pairs}
-        pairs = [(j, i) for j in outputs for i in inputs]
-    return pairs
 
 
 def storage_with_copying_views(graph):
@@ -122,7 +93,6 @@ class Plan:
         copied |= copied_loads
         remote_views = {classes.find(op.outputs[0].id) for op in graph._ops
                         if op.prim.views_remote and op not in copied_loads}
-        self.written_inputs = written_input_indices(graph, classes, written)
         input_classes = {classes.find(t.id) for t in graph._inputs}
 
         # Storage that nothing changes once computed: main-graph activations no op writes that share

@@ -5,8 +5,10 @@ by the op producing it and freed after its last use (graph outputs live to the g
 values that share storage (in-place ops, views, aliases; the lowering's storage classes, with the
 views it copies) count once. A graph's inputs belong to its caller, and what shares storage with a
 variable or constant is resident. At a call, the callee's own peak is added to what is live in the
-caller, less the call's outputs: they are the callee's values, counted in its peak. The copies of
-inputs a callee writes but is handed by value are counted beside the callee's peak. Variables (not
+caller, less the call's outputs: they are the callee's values, counted in its peak, and the caller
+counts them from the call on (those that share an input's or a constant's storage are returned as
+copies, made once the callee's other values are freed). The copies of inputs a callee writes but is
+handed by value are counted beside the callee's peak. Variables (not
 remote) and constants are resident for the whole program; remote buffers are not device memory and
 are reported apart.
 
@@ -17,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .executor import storage_with_copying_views, written_input_indices
+from .executor import storage_with_copying_views
+from .ops.control import copied_inputs
 from .tensor import Constant, Tensor, Variable
 
 
@@ -73,14 +76,6 @@ class MemoryReport:
 KindOf = Callable[[Tensor], Optional[str]]
 
 
-def _copied_inputs(op, graph) -> List[int]:
-    """Inputs of a call ``op`` that ``graph`` writes but is handed by value: the lowering copies them in
-    (``ops.control``), one copy live at a time."""
-    classes, written, _ = storage_with_copying_views(graph)
-    modified = op.attrs.get("modified", ())
-    return [i for i in written_input_indices(graph, classes, written) if i < len(op.inputs) and i not in modified]
-
-
 class _Analysis:
     def __init__(self, kind_of: KindOf):
         self.kind_of = kind_of
@@ -130,10 +125,14 @@ class _Analysis:
 
     def at_call(self, op, graph, live: int, new: int) -> int:
         """Bytes live while ``op`` runs ``graph``, with ``live`` live in the caller at ``op`` (``new`` of them
-        its outputs). A call's outputs are the graph's own values, in its peak. A loop's are too, but
-        from its second iteration the previous one's stand beside them, so they count once more."""
-        copied_in = sum(tensor_bytes(op.inputs[i]) for i in _copied_inputs(op, graph))
-        return live - (new if op.prim.name == "call" else 0) + self.peak(graph) + copied_in
+        its outputs), and the copies of inputs the graph writes but is handed by value. The outputs are
+        the graph's own values, in its peak; a loop's previous iteration's outputs stand beside the
+        next one's, and a loop run no times only copies its inputs out."""
+        count = op.attrs.get("repeat_count", 1)
+        if count == 0:
+            return live
+        copied_in = sum(tensor_bytes(op.inputs[i]) for i in copied_inputs(op))
+        return live - (new if count == 1 else 0) + self.peak(graph) + copied_in
 
     def kinds(self, graph) -> Dict[str, int]:
         """Bytes of the values of ``graph`` (not its callees) of each named kind."""

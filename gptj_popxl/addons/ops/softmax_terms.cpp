@@ -15,7 +15,6 @@ cfg['dependencies'] = ['../../popxl_cpu/kernels/vector_math.h', '../../popxl_cpu
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
-#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -29,9 +28,6 @@ namespace {
 
 // Values a thread takes at least: below, waking a second thread costs more than it saves.
 constexpr int64_t GRAIN_VALUES = 16384;
-
-// exp(v) for v <= 0, 0 below -87 as the sixteen-wide exp_nonpositive does (no subnormals).
-inline float exp_nonpositive(float v) { return v < -87.0f ? 0.0f : std::exp(v); }
 
 // x's rows (its leading axes, the replicas' included, flattened) and their length (the classes), checking
 // that each per-row array has one value per row.
@@ -82,11 +78,12 @@ void shifted_exp_sums(const Floats& x, const Floats& shift, Floats& totals, int 
                 sums[k] = _mm512_add_ps(
                     sums[k], gptj_kernels::exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(v + c + 16 * k), t)));
         for (; c + 16 <= n; c += 16)
-            sums[0] = _mm512_add_ps(sums[0], gptj_kernels::exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(v + c), t)));
+            sums[0] =
+                _mm512_add_ps(sums[0], gptj_kernels::exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(v + c), t)));
         total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3])));
 #endif
         for (; c < n; ++c)
-            total += exp_nonpositive(v[c] - top[r]);
+            total += gptj_kernels::exp_nonpositive(v[c] - top[r]);
         out[r] = total;
     });
 }
@@ -109,10 +106,11 @@ void scaled_shifted_exp(const Floats& x, const Floats& shift, const Floats& scal
 #ifdef __AVX512F__
         const __m512 t = _mm512_set1_ps(top[r]), f = _mm512_set1_ps(factor[r]);
         for (; c + 16 <= n; c += 16)
-            _mm512_storeu_ps(w + c, _mm512_mul_ps(gptj_kernels::exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(v + c), t)), f));
+            _mm512_storeu_ps(
+                w + c, _mm512_mul_ps(gptj_kernels::exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(v + c), t)), f));
 #endif
         for (; c < n; ++c)
-            w[c] = exp_nonpositive(v[c] - top[r]) * factor[r];
+            w[c] = gptj_kernels::exp_nonpositive(v[c] - top[r]) * factor[r];
     });
 }
 

@@ -22,6 +22,9 @@ inline float tanh_by_exp(float u) {
     return std::copysign((1.0f - e) / (1.0f + e), u);
 }
 
+// exp(v) for v <= 0, 0 below -87 as the sixteen-wide exp_nonpositive below (no subnormals).
+inline float exp_nonpositive(float v) { return v < -87.0f ? 0.0f : std::exp(v); }
+
 inline float gelu_tanh(float v) {
     return 0.5f * v * (1.0f + tanh_by_exp(SQRT_2_OVER_PI * (v + GELU_CUBE * v * v * v)));
 }
@@ -89,8 +92,7 @@ inline float exp_shifted(float* x, int64_t n, float top) {
     total = _mm512_reduce_add_ps(sums);
 #endif
     for (; i < n; ++i) {
-        const float shifted = x[i] - top;
-        x[i] = shifted < -87.0f ? 0.0f : std::exp(shifted);
+        x[i] = exp_nonpositive(x[i] - top);
         total += x[i];
     }
     return total;

@@ -39,7 +39,7 @@ class Call(Primitive):
     @classmethod
     def lower(cls, op, runtime):
         plan = runtime.plan(op.attrs["graph"])
-        copy_in = _copy_in(plan, op)
+        copy_in = _copy_in(op)
         run = plan.run
         if not copy_in:
             return lambda *xs: run(xs)
@@ -66,11 +66,17 @@ def _written_inputs(graph: Graph) -> frozenset:
     return cached[1]
 
 
-def _copy_in(plan, op) -> Tuple[bool, ...]:
-    """Inputs the subgraph writes that this call does not pass by reference are copied in."""
+def copied_inputs(op: Op) -> Tuple[int, ...]:
+    """Indices of the inputs of call or repeat ``op`` that its graph writes but that the op does not pass
+    by reference: each run of the graph gets a copy of them."""
     modified = op.attrs["modified"]
-    copy = tuple(i in plan.written_inputs and i not in modified for i in range(len(op.inputs)))
-    return copy if any(copy) else ()
+    return tuple(sorted(i for i in _written_inputs(op.attrs["graph"]) if i not in modified))
+
+
+def _copy_in(op) -> Tuple[bool, ...]:
+    """Per input of ``op``, whether a run copies it in (empty when none is)."""
+    copied = copied_inputs(op)
+    return tuple(i in copied for i in range(len(op.inputs))) if copied else ()
 
 
 class Repeat(Call):
@@ -89,7 +95,7 @@ class Repeat(Call):
     def lower(cls, op, runtime):
         plan = runtime.plan(op.attrs["graph"])
         count, k = op.attrs["repeat_count"], op.attrs["num_outputs"]
-        copy_in = _copy_in(plan, op)
+        copy_in = _copy_in(op)
 
         def repeat(*xs):
             if count == 0:

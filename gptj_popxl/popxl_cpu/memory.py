@@ -8,9 +8,8 @@ variable or constant is resident. At a call, the callee's own peak is added to w
 caller, less the call's outputs: they are the callee's values, counted in its peak, and the caller
 counts them from the call on (those that share an input's or a constant's storage are returned as
 copies, made once the callee's other values are freed). The copies of inputs a callee writes but is
-handed by value are counted beside the callee's peak. Variables (not
-remote) and constants are resident for the whole program; remote buffers are not device memory and
-are reported apart.
+handed by value are counted beside the callee's peak. Variables (not remote) and constants are
+resident for the whole program; remote buffers are not device memory and are reported apart.
 
 Everything is per replica: replicas run the same program on same-shaped values.
 """

@@ -226,7 +226,9 @@ def _resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Run:
     if "packing" not in state or "split" not in state:
         parser.error(f"--resume {args.resume}: the checkpoint has no data position (not written by finetune)")
     config = trainer.config
-    settings = dict(packing=state["packing"], split=state["split"], sequence_length=state["sequence_length"],
+    # Runs saved before the split was checked recorded "train" for "the data set's one split" too.
+    split = None if state["split"] == "train" else state["split"]
+    settings = dict(packing=state["packing"], split=split, sequence_length=state["sequence_length"],
                     micro_batch_size=config.micro_batch_size, gradient_accumulation=config.gradient_accumulation,
                     data_parallel=config.data_parallel, seed=config.seed)
     tokenizer = _tokenizer(parser, args.tokenizer or args.resume, "--tokenizer" if args.tokenizer else "--resume")
@@ -235,8 +237,7 @@ def _resume(parser: argparse.ArgumentParser, args: argparse.Namespace) -> _Run:
         batches.restore(state)
     except DataError as e:
         parser.error(f"--data {args.data} with --resume {args.resume}: {e}")
-    return _Run(trainer, batches, args.output, args.save_every, dict(packing=state["packing"], split=state["split"]),
-                tokenizer)
+    return _Run(trainer, batches, args.output, args.save_every, dict(packing=state["packing"], split=split), tokenizer)
 
 
 def _check_model_matches(parser, named, model_config, model_dir: str) -> None:

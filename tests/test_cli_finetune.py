@@ -262,3 +262,36 @@ def test_resuming_after_a_crash_logs_each_step_once(setup, tmp_path, monkeypatch
     assert run_cli("--resume", crashed / "checkpoint", "--data", setup["data"], "--output", crashed) == 0
     key = ("step", "epoch", "batch", "loss", "grad_norm", "learning_rate")
     assert [[r[k] for k in key] for r in read_log(crashed)] == [[r[k] for k in key] for r in read_log(straight)]
+
+
+
+def test_a_run_recorded_with_the_old_default_split_resumes_on_a_named_dataset_folder(setup, tmp_path, monkeypatch):
+    """Checkpoints written before the split was checked record "train" for any data set's one split: one
+    on a ``save_to_disk`` folder of a Dataset named "validation" still resumes."""
+    pytest.importorskip("gptj_popxl.trainer")
+    import datasets
+
+    from gptj_popxl.trainer import TRAINER_STATE_FILE, Trainer
+
+    folder = str(tmp_path / "validation-set")
+    datasets.Dataset.from_json(setup["data"], split="validation").save_to_disk(folder)
+    setup = dict(setup, data=folder)
+    out = tmp_path / "run"
+    step = Trainer.step
+
+    def step_until_the_crash(self, *args, **kwargs):
+        if self.step_count == 2:  # after the checkpoint of step 2
+            raise RuntimeError("simulated crash")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", step_until_the_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_cli(*finetune_args(setup, out, 4))
+    monkeypatch.undo()
+    state_file = out / "checkpoint" / TRAINER_STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["data_state"]["split"] is None
+    state["data_state"]["split"] = "train"  # as runs before the check recorded it
+    state_file.write_text(json.dumps(state))
+    assert run_cli("--resume", out / "checkpoint", "--data", folder, "--output", out) == 0
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]

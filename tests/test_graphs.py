@@ -299,3 +299,28 @@ def test_constant_written_in_place_restarts_each_run():
         c = popxl.constant(np.zeros(3, np.float32), name="c")
         y = ops.add_(c, popxl.constant(1.0)) * 1.0
     np.testing.assert_array_equal(fetch(ir, [y], runs=3)[0], np.ones(3))
+
+
+def test_a_value_a_graph_returns_twice_comes_back_as_two_values():
+    """Outputs sharing storage (one value twice, or a value and a view of it) are returned as separate
+    values: writing one in place leaves the other (numpy's copies)."""
+    for second in (lambda b: b, lambda b: ops.reshape(b, (16,))):
+        ir = popxl.Ir()
+        with ir.main_graph:
+            x_stream = popxl.h2d_stream((4, 4), popxl.float32, "x")
+            x = ops.host_load(x_stream)
+            graph = ir.create_graph(lambda a: _twice(a, second), x)
+            first, other = ops.call(graph, x)
+            ops.add_(first, popxl.constant(1.0, popxl.float32))
+            streams = [popxl.d2h_stream(t.shape, t.dtype, f"o{i}") for i, t in enumerate((first, other))]
+            for stream, t in zip(streams, (first, other)):
+                ops.host_store(stream, t)
+        with popxl.Session(ir) as session:
+            out = session.run({x_stream: np.ones((4, 4), np.float32)})
+        np.testing.assert_array_equal(out[streams[0]], np.full((4, 4), 3.0, np.float32))
+        np.testing.assert_array_equal(out[streams[1]].reshape(4, 4), np.full((4, 4), 2.0, np.float32))
+
+
+def _twice(a, second):
+    doubled = a * 2.0
+    return doubled, second(doubled)

@@ -133,3 +133,30 @@ def test_a_loop_run_once_or_never_holds_no_previous_iteration():
             (y,) = ops.repeat(ir.create_graph(lambda a: a * 2.0, x), count, x)
             stored(y)
         assert peak(ir) == 2 * MIB + SCALAR, count  # x and the loop's output (a copy of x when it never runs)
+
+
+def test_a_loop_returning_its_inputs_holds_their_copies_beside_the_previous_iteration():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        x, z = loaded("x"), loaded("z")
+        (a, b) = ops.repeat(ir.create_graph(lambda a, b: (b, a), x, z), 3, x, z)  # a swap: no ops
+        stored(a)
+        stored(b)
+    # At a return from the second iteration on: x, z, the previous iteration's two outputs and the two copies.
+    assert peak(ir) == 6 * MIB
+
+
+def test_a_written_input_handed_by_value_and_returned_is_copied_in_and_out():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        x, z = loaded("x"), loaded("z")
+
+        def body(a, b):
+            ops.add_(a, popxl.constant(1.0, F))
+            return a, b * 2.0
+
+        outputs = ops.call(ir.create_graph(body, x, z), x, z)
+        for t in outputs:
+            stored(t)
+    # At the return: x, z, the copy of x handed in, and the two outputs (a copy of it, and b * 2).
+    assert peak(ir) == 5 * MIB + 2 * SCALAR

@@ -22,8 +22,8 @@ def load_local_dataset(path: str, split: Optional[str] = None):
 
     A ``save_to_disk`` folder holding a ``DatasetDict`` and a cached Hub data set are indexed by
     ``split`` (default ``"train"``). A single file is one split, ``"train"``, as ``datasets`` names
-    it; a folder holding one ``Dataset`` is its own split, or ``"train"``. For these a ``split`` that
-    names another is an error rather than ignored.
+    it; a folder holding one ``Dataset`` is its own split (``"train"`` when it has no name). For these
+    a ``split`` that names another is an error rather than ignored.
 
     Raises:
         DataError: unknown file type, missing split, a Hub name that is not cached, or an
@@ -69,9 +69,8 @@ def _pick_split(dataset, split: Optional[str], where: str):
         if split not in dataset:
             raise DataError(f"{where}: no split {split!r}; it has {sorted(dataset)}")
         return dataset[split]
-    # "train", the default name (and what runs before the check recorded), is taken as the one data set.
     own = str(dataset.split) if dataset.split is not None else "train"
-    if split not in (None, "train", own):
+    if split not in (None, own):
         raise DataError(f"{where}: holds one data set, split {own!r}; it has no split {split!r}")
     return dataset
 

@@ -165,10 +165,15 @@ class Plan:
             if t.id not in slot:
                 init[slot_of(t)] = runtime.persistent_value(t, writable=False)
         self.out_slots = tuple(slot[t.id] for t in graph._outputs)
-        # Outputs sharing storage with an input or a constant are copied: callers get fresh values, so
-        # writing to one never changes the input or the constant's later value.
+        # Outputs sharing storage with an input, a constant or an earlier output (a value returned twice,
+        # or with a view of it) are copied: callers get fresh values, so writing to one never changes
+        # the input, the constant's later value or another output.
         shared = input_classes | {classes.find(t.id) for t in graph._tensors.values() if isinstance(t, Constant)}
-        self.copy_out = tuple(classes.find(t.id) in shared for t in graph._outputs)
+        copy_out = []
+        for t in graph._outputs:
+            copy_out.append(classes.find(t.id) in shared)
+            shared.add(classes.find(t.id))
+        self.copy_out = tuple(copy_out)
         self.num_slots = len(slot)
         self.init = [init.get(i) for i in range(self.num_slots)]
         last_use = self._add_frees(steps, set(init) | set(self.out_slots))

@@ -5,11 +5,11 @@ by the op producing it and freed after its last use (graph outputs live to the g
 values that share storage (in-place ops, views, aliases; the lowering's storage classes, with the
 views it copies) count once. A graph's inputs belong to its caller, and what shares storage with a
 variable or constant is resident. At a call, the callee's own peak is added to what is live in the
-caller, less the call's outputs: they are the callee's values, counted in its peak, and the caller
-counts them from the call on (those that share an input's or a constant's storage are returned as
-copies, made once the callee's other values are freed). The copies of inputs a callee writes but is
-handed by value are counted beside the callee's peak. Variables (not remote) and constants are
-resident for the whole program; remote buffers are not device memory and are reported apart.
+caller, less the call's outputs: they are the callee's values, counted in its peak, until it
+returns them all as fresh values (copies of those that share an input's, a constant's or another
+output's storage). The copies of inputs a callee writes but is handed by value are counted beside.
+Variables (not remote) and constants are resident for the whole program; remote buffers are not
+device memory and are reported apart.
 
 Everything is per replica: replicas run the same program on same-shaped values.
 """
@@ -125,13 +125,15 @@ class _Analysis:
     def at_call(self, op, graph, live: int, new: int) -> int:
         """Bytes live while ``op`` runs ``graph``, with ``live`` live in the caller at ``op`` (``new`` of them
         its outputs), and the copies of inputs the graph writes but is handed by value. The outputs are
-        the graph's own values, in its peak; a loop's previous iteration's outputs stand beside the
-        next one's, and a loop run no times only copies its inputs out."""
+        the graph's own values, in its peak, until it returns them: then they are all fresh (some
+        copied), beside the copied inputs and, in a loop, the previous iteration's outputs. A loop run
+        no times only copies its inputs out."""
         count = op.attrs.get("repeat_count", 1)
         if count == 0:
             return live
         copied_in = sum(tensor_bytes(op.inputs[i]) for i in copied_inputs(op))
-        return live - (new if count == 1 else 0) + self.peak(graph) + copied_in
+        previous = new if count > 1 else 0
+        return max(live - new + previous + self.peak(graph), live + previous) + copied_in
 
     def kinds(self, graph) -> Dict[str, int]:
         """Bytes of the values of ``graph`` (not its callees) of each named kind."""

@@ -314,10 +314,10 @@ def format_plan(plan: Dict[str, Any]) -> str:
 def add_plan_parser(commands) -> None:
     """Register the ``plan`` subcommand on ``commands`` (an ``add_subparsers`` object)."""
     p = commands.add_parser("plan", help="device-memory plan of a named config, from shapes alone",
-                            description="Builds the config's training step and inference forward from shapes "
-                                        "alone (no weights, nothing runs) and reports, per replica, the peak "
-                                        "device memory per phase, whether it fits a GC200, FLOPs and collective "
-                                        "bytes.")
+                            description="Builds the config's training step, inference forward and generation "
+                                        "(prefill and decode) from shapes alone (no weights, nothing runs) and "
+                                        "reports, per replica, the peak device memory per phase, whether it fits "
+                                        "a GC200, FLOPs and collective bytes.")
     p.add_argument("--config", required=True, choices=config_names(), help="named config")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--no-phased", dest="phased", action="store_const", const=False,

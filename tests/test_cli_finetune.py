@@ -237,32 +237,37 @@ def test_a_checkpoint_carries_the_tokenizer_the_data_was_encoded_with(setup, tmp
     assert encode(out / "checkpoint") == encode(other)
 
 
+def crash_after(monkeypatch, steps: int, args) -> None:
+    """Run ``finetune`` with ``args`` until it dies (a simulated crash) as it starts step ``steps + 1``."""
+    from gptj_popxl.trainer import Trainer
+
+    step = Trainer.step
+
+    def step_until_the_crash(self, *step_args, **kwargs):
+        if self.step_count == steps:
+            raise RuntimeError("simulated crash")
+        return step(self, *step_args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Trainer, "step", step_until_the_crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_cli(*args)
+
+
 def test_resuming_after_a_crash_logs_each_step_once(setup, tmp_path, monkeypatch):
     """A run that dies after its last checkpoint leaves log records past it (and maybe a line cut short);
     the resumed run replaces them, so the log reads as an uninterrupted run's."""
     pytest.importorskip("gptj_popxl.trainer")
-    from gptj_popxl.trainer import Trainer
 
     straight = tmp_path / "straight"
     assert run_cli(*finetune_args(setup, straight, 6)) == 0
     crashed = tmp_path / "crashed"
-    step = Trainer.step
-
-    def step_until_the_crash(self, *args, **kwargs):
-        if self.step_count == 3:  # after the checkpoint of step 2 and the record of step 3
-            raise RuntimeError("simulated crash")
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "step", step_until_the_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_cli(*finetune_args(setup, crashed, 6))
-    monkeypatch.undo()
+    crash_after(monkeypatch, 3, finetune_args(setup, crashed, 6))  # past the checkpoint of step 2
     with open(crashed / "log.jsonl", "a") as f:
         f.write('{"step": 4, "lo')  # the write the crash interrupted
     assert run_cli("--resume", crashed / "checkpoint", "--data", setup["data"], "--output", crashed) == 0
     key = ("step", "epoch", "batch", "loss", "grad_norm", "learning_rate")
     assert [[r[k] for k in key] for r in read_log(crashed)] == [[r[k] for k in key] for r in read_log(straight)]
-
 
 
 def test_a_run_recorded_with_the_old_default_split_resumes_on_a_named_dataset_folder(setup, tmp_path, monkeypatch):
@@ -271,23 +276,13 @@ def test_a_run_recorded_with_the_old_default_split_resumes_on_a_named_dataset_fo
     pytest.importorskip("gptj_popxl.trainer")
     import datasets
 
-    from gptj_popxl.trainer import TRAINER_STATE_FILE, Trainer
+    from gptj_popxl.trainer import TRAINER_STATE_FILE
 
     folder = str(tmp_path / "validation-set")
     datasets.Dataset.from_json(setup["data"], split="validation").save_to_disk(folder)
     setup = dict(setup, data=folder)
     out = tmp_path / "run"
-    step = Trainer.step
-
-    def step_until_the_crash(self, *args, **kwargs):
-        if self.step_count == 2:  # after the checkpoint of step 2
-            raise RuntimeError("simulated crash")
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "step", step_until_the_crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_cli(*finetune_args(setup, out, 4))
-    monkeypatch.undo()
+    crash_after(monkeypatch, 2, finetune_args(setup, out, 4))  # at the checkpoint of step 2
     state_file = out / "checkpoint" / TRAINER_STATE_FILE
     state = json.loads(state_file.read_text())
     assert state["data_state"]["split"] is None

@@ -26,9 +26,6 @@ using Floats = py::array_t<float, py::array::c_style>;
 
 namespace {
 
-// Values a thread takes at least: below, waking a second thread costs more than it saves.
-constexpr int64_t GRAIN_VALUES = 16384;
-
 // x's rows (its leading axes, the replicas' included, flattened) and their length (the classes), checking
 // that each per-row array has one value per row.
 struct Rows {
@@ -48,16 +45,6 @@ Rows rows_of(const Floats& x, std::initializer_list<const Floats*> per_row, cons
     return {rows, x.shape(x.ndim() - 1)};
 }
 
-template <typename F>
-void over_rows(int64_t rows, int64_t n, int threads, const F& row) {
-    py::gil_scoped_release released;
-    gptj_kernels::parallel_for(rows, std::max<int64_t>(1, GRAIN_VALUES / std::max<int64_t>(n, 1)), threads,
-                               [&](int64_t first, int64_t last) {
-                                   for (int64_t r = first; r < last; ++r)
-                                       row(r);
-                               });
-}
-
 // totals[r] = sum_c exp(x[r, c] - shift[r]), for shift[r] >= every x[r, c] (the max over all shards).
 void shifted_exp_sums(const Floats& x, const Floats& shift, Floats& totals, int threads) {
     const Rows shape = rows_of(x, {&shift, &totals}, "shifted_exp_sums");
@@ -65,7 +52,8 @@ void shifted_exp_sums(const Floats& x, const Floats& shift, Floats& totals, int 
     const float* in = x.data();
     const float* top = shift.data();
     float* out = totals.mutable_data();
-    over_rows(rows, n, threads, [&](int64_t r) {
+    py::gil_scoped_release released;
+    gptj_kernels::parallel_rows(rows, n, threads, [&](int64_t r) {
         const float* v = in + r * n;
         int64_t c = 0;
         float total = 0.0f;
@@ -99,7 +87,8 @@ void scaled_shifted_exp(const Floats& x, const Floats& shift, const Floats& scal
     const float* top = shift.data();
     const float* factor = scale.data();
     float* y = out.mutable_data();
-    over_rows(rows, n, threads, [&](int64_t r) {
+    py::gil_scoped_release released;
+    gptj_kernels::parallel_rows(rows, n, threads, [&](int64_t r) {
         const float* v = in + r * n;
         float* w = y + r * n;
         int64_t c = 0;

@@ -25,8 +25,8 @@ using Floats = py::array_t<float, py::array::c_style>;
 
 namespace {
 
-// Sixteen-element blocks a thread takes at least: below, waking a second thread costs more than it saves.
-constexpr int64_t GRAIN_BLOCKS = 1024;
+// Sixteen-element blocks a thread takes at least.
+constexpr int64_t GRAIN_BLOCKS = gptj_kernels::GRAIN_VALUES / 16;
 
 // out[i] = f(in[i], i) for every i, on up to `threads` threads; f takes sixteen at a time where AVX-512 is
 // there. Threads split at whole blocks, so only the array's last few elements take the scalar path and the
@@ -81,9 +81,6 @@ void gelu_tanh_grad(const Floats& dy, const Floats& x, Floats& out, int threads)
     map(x.data(), out.mutable_data(), x.size(), threads, GeluGrad{dy.data()});
 }
 
-// Rows of `n` a thread takes at least: rows * n about GRAIN_BLOCKS * 16 values.
-int64_t row_grain(int64_t n) { return std::max<int64_t>(1, GRAIN_BLOCKS * 16 / std::max<int64_t>(n, 1)); }
-
 // out[r] = softmax(x[r] / scale + mask[r % mask_rows]) for each row r of the last axis' length n: x and out
 // (rows, n), mask (mask_rows, n) with mask_rows dividing rows (the attention's (queries, keys) mask
 // under the batch and head axes).
@@ -102,9 +99,8 @@ void scaled_masked_softmax(const Floats& x, const Floats& mask, float scale, Flo
     const float* m = mask.data();
     float* y = out.mutable_data();
     py::gil_scoped_release released;
-    gptj_kernels::parallel_for(rows, row_grain(n), threads, [&](int64_t first, int64_t last) {
-        for (int64_t r = first; r < last; ++r)
-            gptj_kernels::scaled_masked_softmax(in + r * n, m + (r % mask_rows) * n, scale, y + r * n, n);
+    gptj_kernels::parallel_rows(rows, n, threads, [&](int64_t r) {
+        gptj_kernels::scaled_masked_softmax(in + r * n, m + (r % mask_rows) * n, scale, y + r * n, n);
     });
 }
 

@@ -1,4 +1,4 @@
-// Splitting a loop over OpenMP threads: header-only, shared by the runtime's kernels and the custom ops.
+// Splitting a loop, or rows, over OpenMP threads: header-only, shared by the runtime's kernels and the custom ops.
 #pragma once
 
 #include <algorithm>
@@ -20,6 +20,21 @@ void parallel_for(int64_t n, int64_t grain, int num_threads, const F& fn) {
 #pragma omp parallel for num_threads(int(chunks)) schedule(static, 1)
     for (int64_t k = 0; k < chunks; ++k)
         fn(k * step, std::min(n, (k + 1) * step));
+}
+
+// Values a thread takes at least in the kernels' elementwise and row loops: below, waking a second thread
+// costs more than it saves.
+constexpr int64_t GRAIN_VALUES = 16384;
+
+// Runs row(r) for each of `rows` rows of `length` values, on up to num_threads threads, each given rows of
+// at least GRAIN_VALUES values in all.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t length, int num_threads, const F& row) {
+    parallel_for(rows, std::max<int64_t>(1, GRAIN_VALUES / std::max<int64_t>(length, 1)), num_threads,
+                 [&](int64_t first, int64_t last) {
+                     for (int64_t r = first; r < last; ++r)
+                         row(r);
+                 });
 }
 
 }  // namespace gptj_kernels

@@ -458,12 +458,20 @@ def test_cross_entropy_sharded_loss_wide_shards_match_torch(rng, replicas, tp, s
     _check_cross_entropy_sharded_loss(rng, replicas, tp, "mean", vocab=1100, spread=spread)
 
 
-def _check_cross_entropy_sharded_loss(rng, replicas, tp, reduction, vocab=12, spread=3.0):
+@pytest.mark.parametrize("replicas,tp", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_sharded_loss_with_every_label_ignored_matches_torch(rng, replicas, tp, reduction):
+    """torch's mean is then NaN, with a zero gradient."""
+    _check_cross_entropy_sharded_loss(rng, replicas, tp, reduction, labels=[-100] * 5)
+
+
+def _check_cross_entropy_sharded_loss(rng, replicas, tp, reduction, vocab=12, spread=3.0,
+                                      labels=(3, 11, -100, 0, 7)):
     n, ignore = 5, -100
     logits_np = (spread * rng.standard_normal((n, vocab))).astype(np.float32)
     if vocab > 12:
         logits_np[1, 100:700] = -np.inf
-    labels = np.array([3, 11, ignore, 0, 7], np.int64)
+    labels = np.array(labels, np.int64)
     size = vocab // tp
     offsets = np.arange(tp) * size
     shard_of = np.arange(replicas) % tp

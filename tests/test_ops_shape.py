@@ -308,13 +308,15 @@ def test_scatter(axis, dtype, rng):
     check(lambda x, i, v: ops.scatter(x, i, v, axis), lambda x, i, v: torch.scatter(x, axis, i, v), x, idx, v)
 
 
-def test_scatter_ignores_out_of_range_indices(rng):
-    x, v = rand(rng, 3, 2), rand(rng, 2, 2)
-    idx = np.array([[5, 1], [0, -1]], np.int32)
+def test_scatter_counts_negative_indices_from_the_end_and_ignores_out_of_range_ones(rng):
+    """ONNX ScatterElements: indices in [-3, -1] count from the end; 5 and -4 write nothing."""
+    x, v = rand(rng, 3, 3), rand(rng, 2, 3)
+    idx = np.array([[5, 1, -3], [0, -1, -4]], np.int32)
 
     def ref(x, i, v):
+        i = torch.where(i < 0, i + 3, i)
         keep = (i >= 0) & (i < 3)
-        out = torch.cat([x, torch.zeros(1, 2, dtype=x.dtype)])
+        out = torch.cat([x, torch.zeros(1, 3, dtype=x.dtype)])
         return torch.scatter(out, 0, torch.where(keep, i, 3), v)[:3]
     check(lambda x, i, v: ops.scatter(x, i, v), ref, x, idx, v)
     with pytest.raises(ValueError, match=r"indices 'i' \(2,\) and values 'v' \(2, 2\) float32 must share one shape"):

@@ -107,7 +107,7 @@ def cross_entropy_sharded_loss(logits: popxl.Tensor, indices: popxl.Tensor,
     ``ignore_index``: samples whose ``indices`` equal it are skipped; give it in the same per-shard
     frame as ``indices`` (e.g. ``IGNORE - shard_offset``) so every shard masks the same samples.
     Returns the loss, identical on every shard of a group: per sample for ``reduction="none"``,
-    else its sum or mean (over non-ignored samples). The gradient with respect to each shard's
+    else its sum or mean (over non-ignored samples; NaN when all are ignored). The gradient with respect to each shard's
     logits is ``(softmax - onehot) * dloss`` for that shard's classes.
 
     Computed as ``log(sum_shards(sum(exp(x - m)))) + m - x[label]`` with ``m`` the max over all
@@ -140,5 +140,9 @@ def cross_entropy_sharded_loss(logits: popxl.Tensor, indices: popxl.Tensor,
     keep = ops.cast(ops.logical_not(ops.equal(indices, ignore_index)), loss.dtype)
     loss = loss * keep
     if reduction == "mean":
-        return ops.sum(loss) / ops.maximum(ops.sum(keep), popxl.constant(1.0, loss.dtype))
+        # As torch's (and popxl-addons'): NaN when every sample is ignored; the gradient is then 0, as torch's.
+        count = ops.sum(keep)
+        mean = ops.sum(loss) / ops.maximum(count, popxl.constant(1.0, loss.dtype))
+        return ops.where(ops.greater(count, popxl.constant(0.0, loss.dtype)), mean,
+                         popxl.constant(np.nan, loss.dtype))
     return ops.sum(loss) if reduction == "sum" else loss

@@ -114,13 +114,16 @@ def test_batch_norm_inference(rng):
 
 
 def test_norm_errors():
-    with pytest.raises(ValueError, match=r"weight 'w' must be \(4,\) float32, one per channel of 'x' \(2, 4\); "
+    with pytest.raises(ValueError, match=r"ops.layer_norm: weight 'w' must be \(4,\) float32, one per channel of 'x' "
+                                         r"\(2, 4\); "
                                          r"got \(3,\) float32"):
         build_error(lambda x, w, b: ops.layer_norm(x, w, b), spec((2, 4)), spec((3,)), spec((4,)))
     with pytest.raises(ValueError, match=r"num_groups 3 must divide the 4 channels"):
         build_error(lambda x, w, b: ops.group_norm(x, w, b, 3), spec((2, 4)), spec((4,)), spec((4,)))
     with pytest.raises(ValueError, match=r"needs rank >= 2"):
         build_error(lambda x, w, b: ops.layer_norm(x, w, b), spec((4,)), spec((4,)), spec((4,)))
+    with pytest.raises(TypeError, match=r"mean of 'x' int32: needs a floating point tensor"):
+        build_error(lambda x: ops.mean(x), spec((4,), dtypes.int32))
     with pytest.raises(ValueError, match=r"scale 'v' must have shape \(3,\)"):
         build_error(lambda x, v: ops.batch_norm_inference(x, v, v, v, v), spec((2, 3)), spec((2,)))
 

@@ -191,10 +191,13 @@ def test_copy_var_update_and_the_alias_it_returns():
     np.testing.assert_array_equal(got_doubled, 2 * X)
 
 
+# [[-1, 0], [4, 1]]: -1 (and 4 along the axis of size 4) fall outside and add nothing, as in popops'
+# multiUpdateAdd (PopART's kernel), which reads indices as unsigned.
+@pytest.mark.parametrize("indices", [[[3, 0], [3, 1]], [[-1, 0], [4, 1]]])
 @pytest.mark.parametrize("axis", [0, 1])
-def test_sparse_accumulate(axis):
+def test_sparse_accumulate(axis, indices):
     t0 = RNG.normal(size=(4, 5)).astype(np.float32)
-    idx = np.array([[3, 0], [3, 1]], np.int32)
+    idx = np.array(indices, np.int32)
     x_shape = (2, 2, 5) if axis == 0 else (4, 2, 2)
     x = RNG.normal(size=x_shape).astype(np.float32)
     ir = popxl.Ir()
@@ -205,7 +208,8 @@ def test_sparse_accumulate(axis):
     expected = t0.copy()
     moved = np.moveaxis(expected, axis, 0)
     rows = np.moveaxis(x.reshape(x_shape[:axis] + (4,) + x_shape[axis + 2:]), axis, 0)
-    np.add.at(moved, idx.ravel(), 0.5 * rows)  # repeated index 3 adds twice
+    valid = (idx.ravel() >= 0) & (idx.ravel() < t0.shape[axis])
+    np.add.at(moved, idx.ravel()[valid], 0.5 * rows[valid])  # repeated index 3 adds twice
     np.testing.assert_allclose(got, expected, rtol=1e-6)
 
 
@@ -308,6 +312,23 @@ def test_adam_var_update_applies_the_trust_ratio(r1, r2, ratio):
         V.adam_var_update(t, x, popxl.variable(np.float32(r1)), popxl.variable(np.float32(r2)), learning_rate=lr)
         (got,) = values_after(ir, [t])
     np.testing.assert_allclose(got, T - 0.1 * ratio * X, rtol=1e-6)
+
+
+# PopART's adamvarupdatex.cpp: ratio = min(sqrt(r1), mwn) / sqrt(r2), or 1 where r1, r2 or a mwn tensor is 0.
+@pytest.mark.parametrize("mwn, ratio", [(1.0, 0.5), (3.0, 1.5), (None, 2.0), ("tensor 0", 1.0), ("tensor 1.5", 0.75)])
+def test_adam_var_update_caps_the_weight_norm(mwn, ratio):
+    ir = popxl.Ir()
+    with ir.main_graph:
+        t, x = popxl.variable(T, name="t"), popxl.variable(X, name="x")
+        if isinstance(mwn, str):
+            mwn = popxl.variable(np.float32(mwn.split()[1]), name="mwn")
+        V.adam_var_update(t, x, popxl.variable(np.float32(16.0)), popxl.variable(np.float32(4.0)), learning_rate=0.1,
+                          max_weight_norm=mwn)
+        (got,) = values_after(ir, [t])
+    np.testing.assert_allclose(got, T - 0.1 * ratio * X, rtol=1e-6)
+    with pytest.raises(ValueError, match="max_weight_norm must not be a constant 0"):
+        with popxl.Ir().main_graph:
+            V.adam_var_update(popxl.variable(T), popxl.variable(X), popxl.constant(1.0), popxl.constant(1.0), 0.1, 0.0)
 
 
 def test_adam_step_in_a_subgraph_on_replicas():

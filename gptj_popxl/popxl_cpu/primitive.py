@@ -188,4 +188,7 @@ class GradOp:
 
 
 def spec(shape, dtype, meta_shape=()) -> TensorSpec:
+    """An op's output spec; every op's shape passes through here, so a negative size is refused once."""
+    if any(int(s) < 0 for s in shape):
+        raise ValueError(f"shape {tuple(shape)} has a negative size")
     return TensorSpec(shape, dtype, meta_shape)

@@ -235,7 +235,8 @@ def ceil(t: Tensor) -> Tensor:
 
 
 def logical_not(t: Tensor) -> Tensor:
-    return LogicalNot.create(t)
+    """Elementwise ``not t``; the input is cast to bool."""
+    return LogicalNot.create(as_bool(t))
 
 
 def isnan(t: Tensor) -> Tensor:
@@ -300,18 +301,18 @@ Pow = _binary("pow", torch.pow, lambda g: _grads(
 Fmod = _binary("fmod", torch.fmod, lambda g: _grads(
     g, lambda: g.dy, lambda: negate(mul(g.dy, _trunc_div(g.x(0), g.x(1))))))
 Maximum = _binary("maximum", torch.maximum, lambda g: _grads(
-    g, lambda: mul(g.dy, cast(_ge(g.x(0), g.x(1)), g.dy.dtype)),
-    lambda: mul(g.dy, cast(logical_not(_ge(g.x(0), g.x(1))), g.dy.dtype))))
+    g, lambda: where_result(g.dy, g.x(0), g.y(0)), lambda: where_result(g.dy, g.x(1), g.y(0))))
 Equal = _binary("equal", torch.eq, out_dtype=dtypes.bool_)
 Greater = _binary("greater", torch.gt, out_dtype=dtypes.bool_)
-GreaterEqual = _binary("greater_equal", torch.ge, out_dtype=dtypes.bool_)
 LogicalAnd = _binary("logical_and", torch.logical_and, out_dtype=dtypes.bool_)
 LogicalOr = _binary("logical_or", torch.logical_or, out_dtype=dtypes.bool_)
 TruncDiv = _binary("trunc_div", lambda a, b: torch.trunc(a / b))
 
 
-def _ge(a, b):
-    return GreaterEqual.create(a, b)
+def where_result(dy: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """``dy`` where ``x`` equals the result ``y`` of a max or min, else 0: as PopART, every tied input
+    gets the whole gradient."""
+    return mul(dy, cast(equal(x, y), dy.dtype))
 
 
 def _trunc_div(a, b):
@@ -372,9 +373,11 @@ def fmod(lhs: Tensor, rhs: Tensor) -> Tensor:
 
 
 def maximum(*ts: Tensor) -> Tensor:
-    """Elementwise maximum of two or more tensors."""
-    if len(ts) < 2:
-        raise ValueError("maximum needs at least two tensors")
+    """Elementwise maximum of one or more tensors (of one: a copy)."""
+    if not ts:
+        raise ValueError("maximum needs at least one tensor")
+    if len(ts) == 1:
+        return identity(ts[0])
     out = ts[0]
     for t in ts[1:]:
         out = Maximum.create(*_pair(out, t))
@@ -389,12 +392,19 @@ def greater(input: Tensor, other: Tensor) -> Tensor:  # noqa: A002 - popxl's nam
     return Greater.create(*_pair(input, other))
 
 
+def as_bool(t: Tensor) -> Tensor:
+    """``t`` cast to bool unless it is bool already (as popxl's logical ops and ``where`` do)."""
+    return t if t.dtype == dtypes.bool_ else cast(t, dtypes.bool_)
+
+
 def logical_and(lhs: Tensor, rhs: Tensor) -> Tensor:
-    return LogicalAnd.create(*_pair(lhs, rhs))
+    """Elementwise ``lhs and rhs``; inputs are cast to bool."""
+    return LogicalAnd.create(*map(as_bool, _pair(lhs, rhs)))
 
 
 def logical_or(lhs: Tensor, rhs: Tensor) -> Tensor:
-    return LogicalOr.create(*_pair(lhs, rhs))
+    """Elementwise ``lhs or rhs``; inputs are cast to bool."""
+    return LogicalOr.create(*map(as_bool, _pair(lhs, rhs)))
 
 
 # ---------------------------------------------------------------- casts and identities

@@ -4,8 +4,8 @@ Out-of-range gather indices: with ``zero_OOR=True`` they give zeros (popxl's con
 ``zero_OOR=False`` popxl leaves the result undefined, and here they are clamped into
 ``[0, size - 1]`` so results are deterministic (negative indices therefore read row 0, not the
 last row as numpy would). Gradients follow the same rule: clamped indices receive their rows'
-gradient, zeroed ones receive nothing. Scatter follows ONNX ScatterElements: an index in ``[-size, -1]``
-counts from the end of the axis; one outside ``[-size, size - 1]`` writes nothing.
+gradient, zeroed ones receive nothing. Scatter and onehot read indices as PopART does, as unsigned: one
+outside ``[0, size)``, negative ones included, writes nothing (ONNX would count negatives from the end).
 """
 import torch
 
@@ -150,16 +150,10 @@ def tied_gather(t: Tensor, indices: Tensor, axis: int = 0, available_memory_prop
 
 # ---------------------------------------------------------------- scatter
 
-def _from_end(indices: torch.Tensor, n: int) -> torch.Tensor:
-    """int64 ``indices`` with those in ``[-n, -1]`` counted from the end of an axis of size ``n``."""
-    idx = indices.long()
-    return torch.where(idx < 0, idx + n, idx)
-
-
 def _with_spare_slot(x: torch.Tensor, axis: int, indices: torch.Tensor):
     """``x`` with one zero slot appended along ``axis``, and ``indices`` with out-of-range ones sent there."""
     n = x.shape[axis]
-    idx = _from_end(indices, n)
+    idx = indices.long()
     idx = torch.where((idx >= 0) & (idx < n), idx, n)
     return torch.cat([x, torch.zeros_like(x.narrow(axis, 0, 1))], axis), idx
 
@@ -175,6 +169,9 @@ class Scatter(Primitive):
             raise ValueError(f"indices '{indices.name}' {indices.shape} and values '{values.name}' {values.shape} "
                              f"{values.dtype.name} must share one shape of rank {t.rank}, values of dtype "
                              f"{t.dtype.name}")
+        if any(n > size for d, (n, size) in enumerate(zip(indices.shape, t.shape)) if d != axis):
+            raise ValueError(f"indices '{indices.name}' {indices.shape} may not be larger than '{t.name}' {t.shape} "
+                             f"off the scatter axis {axis}")
         return t.spec
 
     @classmethod
@@ -182,7 +179,7 @@ class Scatter(Primitive):
         axis = op.attrs["axis"] + 1
 
         def scatter(x, indices, values):
-            idx = _from_end(indices, x.shape[axis])
+            idx = indices.long()
             if bool(((idx >= 0) & (idx < x.shape[axis])).all()):  # no spare slot needed: one copy, contiguous
                 return x.clone().scatter_(axis, idx, values)
             padded, idx = _with_spare_slot(x, axis, indices)
@@ -210,8 +207,7 @@ class ScatterGrad(Primitive):
 
 
 class GatherElements(Primitive):
-    """``t[..., indices[p], ...]`` along ``axis`` at every position ``p`` of ``indices`` (negative ones
-    counted from the end, 0 where out of range)."""
+    """``t[..., indices[p], ...]`` along ``axis`` at every position ``p`` of ``indices`` (0 where out of range)."""
     name = "gather_elements"
 
     @staticmethod
@@ -230,18 +226,16 @@ class GatherElements(Primitive):
 
 def scatter(t: Tensor, indices: Tensor, values: Tensor, axis: int = 0, available_memory_proportion=None) -> Tensor:
     """A copy of ``t`` with ``values`` written at ``indices`` along ``axis`` (ONNX ScatterElements);
-    ``indices``, ``values`` and ``t`` have the same rank, ``indices`` and ``values`` the same shape.
-    Indices in ``[-size, -1]`` count from the end of the axis; others out of range write nothing."""
+    ``indices``, ``values`` and ``t`` have the same rank, ``indices`` and ``values`` the same shape."""
     return Scatter.create(t, indices, values, axis=norm_axis(axis, t))
 
 
 # ---------------------------------------------------------------- onehot
 
 def _hot(indices: torch.Tensor, depth: int, axis: int) -> torch.Tensor:
-    """Boolean one-hot of ``indices`` (ONNX rules: negatives count from the end, others off)."""
-    idx = indices.long()
-    idx = torch.where(idx < 0, idx + depth, idx)
-    hot = idx.unsqueeze(-1) == torch.arange(depth)
+    """Boolean one-hot of ``indices``; one outside ``[0, depth)``, negative ones included, is all off (as
+    popops' encodeOneHot, which reads indices as unsigned; ONNX would count negatives from the end)."""
+    hot = indices.long().unsqueeze(-1) == torch.arange(depth)
     return hot.movedim(-1, axis + 1)
 
 

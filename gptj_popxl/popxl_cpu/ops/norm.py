@@ -38,9 +38,9 @@ def _per_channel(v: torch.Tensor, rank: int) -> torch.Tensor:
 class GroupNorm(Primitive):
     name = "group_norm"
 
-    @staticmethod
-    def infer(t, weight, bias, num_groups, eps):
-        check_float(t, "group_norm")
+    @classmethod
+    def infer(cls, t, weight, bias, num_groups, eps):
+        check_float(t, cls.name)
         if t.rank < 2:
             raise ValueError(f"'{t.name}' {t.shape} needs rank >= 2: (batch, channels, ...)")
         channels = t.shape[1]
@@ -63,6 +63,11 @@ class GroupNorm(Primitive):
     @staticmethod
     def grad(g):
         return list(GroupNormGrad.create(g.dy, g.x(0), g.x(1), **g.attrs))
+
+
+class LayerNorm(GroupNorm):
+    """:class:`GroupNorm` with one group, under its own name (for error messages)."""
+    name = "layer_norm"
 
 
 class GroupNormGrad(Primitive):
@@ -98,7 +103,7 @@ def group_norm(t: Tensor, weight: Tensor, bias: Tensor, num_groups: int, eps: fl
 
 def layer_norm(t: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-05) -> Tensor:
     """:func:`group_norm` with one group: for ``(N, H)`` inputs, layer norm over ``H``."""
-    return group_norm(t, weight, bias, 1, eps)
+    return LayerNorm.create(t, weight, bias, num_groups=1, eps=float(eps))
 
 
 def batch_norm_inference(t: Tensor, scale: Tensor, bias: Tensor, mean: Tensor, var: Tensor, epsilon: float = 1e-05,

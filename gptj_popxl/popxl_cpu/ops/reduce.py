@@ -78,6 +78,12 @@ class ReduceMean(Reduce):
     name = "mean"
     fn = staticmethod(lambda x, axes, keepdims: torch.mean(x, axes, keepdim=keepdims))
 
+    @classmethod
+    def infer(cls, t, axes, keepdims):
+        if not t.dtype.is_floating_point:  # how PopART rounds an integer mean is not documented
+            raise TypeError(f"mean of '{t.name}' {t.dtype.name}: needs a floating point tensor; cast it first")
+        return super().infer(t, axes, keepdims)
+
     @staticmethod
     def grad(g):
         from .elementwise import mul
@@ -95,10 +101,8 @@ class ReduceMax(Reduce):
 
     @staticmethod
     def grad(g):
-        from .elementwise import cast, div, equal, mul
-        mask = cast(equal(g.x(0), _expand_back(g, g.y(0))), g.dy.dtype)
-        count = _expand_back(g, sum(mask, g.attrs["axes"], True))
-        return [div(mul(_expand_back(g, g.dy), mask), count)]
+        from .elementwise import where_result
+        return [where_result(_expand_back(g, g.dy), g.x(0), _expand_back(g, g.y(0)))]
 
 
 class ReduceMin(ReduceMax):

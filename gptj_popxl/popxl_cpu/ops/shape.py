@@ -173,11 +173,19 @@ def _slices(t: Tensor, start, stop, step, axis):
     def as_list(v):
         return None if v is None else ([v] if isinstance(v, int) else list(v))
     start, stop, step, axis = as_list(start), as_list(stop), as_list(step), as_list(axis)
-    n = len(next(v for v in (start, stop, step, axis, [0]) if v is not None))
+    given = {name: v for name, v in (("start", start), ("stop", stop), ("step", step), ("axis", axis)) if v is not None}
+    if len({len(v) for v in given.values()}) > 1:
+        raise ValueError(f"slice of '{t.name}' {t.shape}: "
+                         + ", ".join(f"{name} {v}" for name, v in given.items()) + " must have one length")
+    n = len(next(iter(given.values()), [0]))
     axis = axis if axis is not None else list(range(n))
+    if n > t.rank and "axis" not in given:
+        raise ValueError(f"slice of '{t.name}' {t.shape}: {n} entries for {t.rank} axes")
+    normed = [norm_axis(a, t) for a in axis]
+    if len(set(normed)) != len(normed):
+        raise ValueError(f"slice of '{t.name}' {t.shape}: axis {axis} names an axis twice")
     slices = [(0, s, 1) for s in t.shape]
-    for i, a in enumerate(axis):
-        a = norm_axis(a, t)
+    for i, a in enumerate(normed):
         py = builtin_slice(start[i] if start else None, stop[i] if stop else None, step[i] if step else None)
         slices[a] = py.indices(t.shape[a])
     return tuple(slices)
@@ -292,8 +300,9 @@ def split(t: Tensor, splits: Union[int, List[int]], axis: int = 0) -> List[Tenso
         sizes = [n // splits] * splits
     else:
         sizes = [int(s) for s in splits]
-        if sum(sizes) != n:
-            raise ValueError(f"split sizes {sizes} do not add up to {n}, axis {axis} of '{t.name}' {t.shape}")
+        if sum(sizes) != n or min(sizes, default=0) < 0:
+            raise ValueError(f"split sizes {sizes} are not sizes adding up to {n}, axis {axis} of '{t.name}' "
+                             f"{t.shape}")
     out, start = [], 0
     for s in sizes:
         out.append(slice(t, start, start + s, 1, axis))

@@ -5,7 +5,7 @@ from .. import dtypes
 from ..primitive import Primitive, spec
 from ..tensor import Tensor
 from ._util import broadcast_shape, check_float, check_same_dtype, replica_view_shape, scalar_like, unbroadcast
-from .elementwise import equal
+from .elementwise import as_bool, equal, logical_and, logical_not
 
 __all__ = ["where", "clip"]
 
@@ -37,12 +37,15 @@ class Where(Primitive):
 
 
 def where(condition: Tensor, lhs, rhs) -> Tensor:
-    """``lhs`` where ``condition`` is true, else ``rhs`` (numpy broadcasting; either may be a python number)."""
+    """``lhs`` where ``condition`` (cast to bool) is true, else ``rhs`` (numpy broadcasting; either may be a
+    python number)."""
     if not isinstance(lhs, Tensor) and isinstance(rhs, Tensor):
         lhs = scalar_like(lhs, rhs)
     if not isinstance(lhs, Tensor):
         raise TypeError("where: lhs or rhs must be a Tensor")
-    return Where.create(condition, lhs, scalar_like(rhs, lhs))
+    if not isinstance(condition, Tensor):
+        raise TypeError(f"where: condition must be a Tensor, got {type(condition).__name__}")
+    return Where.create(as_bool(condition), lhs, scalar_like(rhs, lhs))
 
 
 class Clip(Primitive):
@@ -61,8 +64,12 @@ class Clip(Primitive):
 
     @staticmethod
     def grad(g):
-        # The gradient passes where the input was inside [min, max], i.e. where clipping changed nothing.
-        return [where(equal(g.x(0), g.y(0)), g.dy, 0)]
+        # As PopART: the gradient passes where the result is neither bound (so not at a bound itself,
+        # and through NaN).
+        y = g.y(0)
+        inside = logical_and(logical_not(equal(y, scalar_like(g.attrs["min"], y))),
+                             logical_not(equal(y, scalar_like(g.attrs["max"], y))))
+        return [where(inside, g.dy, 0)]
 
 
 def clip(t: Tensor, min: float = float("-inf"), max: float = float("inf")) -> Tensor:  # noqa: A002

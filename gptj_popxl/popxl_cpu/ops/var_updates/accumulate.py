@@ -135,11 +135,11 @@ def _accumulate_mean(t, x, step):
     return t.lerp_(x, 1 / (step + 1))
 
 
-def _lamb_ratio(r1sq, r2sq):
-    """``sqrt(r1sq) / sqrt(r2sq)``, or 1 where either squared norm is 0."""
-    r1sq, r2sq = torch.as_tensor(r1sq), torch.as_tensor(r2sq)
-    ratio = torch.sqrt(r1sq) / torch.sqrt(r2sq)
-    return torch.where((r1sq == 0) | (r2sq == 0), torch.ones_like(ratio), ratio)
+def _lamb_ratio(r1sq, r2sq, mwn):
+    """``min(sqrt(r1sq), mwn) / sqrt(r2sq)``, or 1 where ``r1sq``, ``r2sq`` or ``mwn`` is 0 (PopART's)."""
+    r1sq, r2sq, mwn = torch.as_tensor(r1sq), torch.as_tensor(r2sq), torch.as_tensor(mwn)
+    ratio = torch.minimum(torch.sqrt(r1sq), mwn.to(r1sq.dtype)) / torch.sqrt(r2sq)
+    return torch.where((r1sq == 0) | (r2sq == 0) | (mwn == 0), torch.ones_like(ratio), ratio)
 
 
 # torch's half-precision add_ rounds its alpha to half first, so only a plain sum rounds once.
@@ -156,7 +156,7 @@ AccumulatorZero = _var_update("accumulator_zero", lambda t: t.zero_(), num_full=
 CopyVarUpdate = _var_update("copy_var_update", lambda t, x: t.copy_(x), rounds_once=_always)
 Increment = _var_update("increment", lambda t: t.add_(1), num_full=1, rounds_once=_always)
 AdamVarUpdate = _var_update("adam_var_update",
-                            lambda t, x, r1sq, r2sq, lr: _add_scaled(t, x, -lr * _lamb_ratio(r1sq, r2sq)))
+                            lambda t, x, r1sq, r2sq, lr, mwn: _add_scaled(t, x, -lr * _lamb_ratio(r1sq, r2sq, mwn)))
 
 
 def _accumulate(prim, t: Tensor, X: Tensor, f: Factor, what: str) -> Tensor:
@@ -219,7 +219,8 @@ def increment_(t: Tensor) -> Tensor:
 
 
 class SparseAccumulate(Primitive):
-    """``t[..., indices[i], ...] += f * X[..., i, ...]`` along ``axis``, in place (repeated indices add up)."""
+    """``t[..., indices[i], ...] += f * X[..., i, ...]`` along ``axis``, in place (repeated indices add up;
+    indices outside ``[0, size)``, negative ones included, add nothing)."""
     name = "sparse_accumulate"
     modifies = (0,)
 
@@ -237,7 +238,7 @@ class SparseAccumulate(Primitive):
     def lower(cls, op, runtime):
         t_in, _, indices, _ = op.inputs
         axis, rank, r = op.attrs["axis"], t_in.rank, runtime.replicas
-        count = max(indices.nelms, 1)
+        count, size = max(indices.nelms, 1), t_in.shape[axis]
         replicas = torch.arange(r).unsqueeze(1).expand(r, count)
         rows_shape = (r,) + t_in.shape[:axis] + (count,) + t_in.shape[axis + 1:]
         dtype = compute_dtype(t_in.dtype.as_torch())
@@ -249,7 +250,12 @@ class SparseAccumulate(Primitive):
             scaled = rows * f.reshape((r,) + (1,) * rank).to(dtype)
             # Half-precision rows sharing an index are summed in float32 and rounded once into t.
             acc = t.to(dtype) if widen else t
-            acc.movedim(axis + 1, 1).index_put_((replicas, idx.reshape(r, count).long()), scaled, accumulate=True)
+            idx = idx.reshape(r, count).long()
+            valid = (idx >= 0) & (idx < size)
+            if not bool(valid.all()):  # as popops' multiUpdateAdd, which reads indices as unsigned: skipped
+                scaled = torch.where(valid.reshape(valid.shape + (1,) * (scaled.dim() - 2)), scaled, 0)
+                idx = torch.where(valid, idx, 0)
+            acc.movedim(axis + 1, 1).index_put_((replicas, idx), scaled, accumulate=True)
             return t.copy_(acc) if widen else t
         return sparse_accumulate
 

@@ -125,14 +125,19 @@ def adamax_updater(acc_first_order: Tensor, acc_second_order: Tensor, weight: Op
 
 def adam_var_update(t: Tensor, x: Tensor, r1: Tensor, r2: Tensor, learning_rate: Optional[Factor] = None,
                     max_weight_norm: Optional[Factor] = None) -> Tensor:
-    """``t -= lr * ratio * x`` in place, ``ratio = sqrt(r1) / sqrt(r2)`` (1 when either is 0).
+    """``t -= lr * ratio * x`` in place, ``ratio = min(sqrt(r1), max_weight_norm) / sqrt(r2)``, or 1
+    where ``r1``, ``r2`` or a ``max_weight_norm`` tensor is 0 (PopART's kernel).
 
     ``r1``/``r2`` are the squared norms of the weight and of the updater (LAMB's trust ratio; pass
-    zeros for Adam). ``learning_rate`` None means 0, as popxl. ``max_weight_norm`` is accepted for
-    popxl's signature; popart's kernel does not apply it either.
+    zeros for Adam). ``learning_rate`` None means 0, as popxl. ``max_weight_norm`` None means no cap;
+    a constant 0, which PopART refuses, is an error.
     """
     what = "adam_var_update"
     check_same_shape(t, x, what, "x")
+    if not isinstance(max_weight_norm, (Tensor, type(None))) and float(max_weight_norm) == 0.0:
+        raise ValueError(f"{what} of '{t.name}': max_weight_norm must not be a constant 0 (pass None for no cap, "
+                         f"or a tensor)")
     r1, r2 = factor(r1, what, "r1"), factor(r2, what, "r2")
+    mwn = factor(float("inf") if max_weight_norm is None else max_weight_norm, what, "max_weight_norm")
     return AdamVarUpdate.create(t, x, r1, r2, factor(0.0 if learning_rate is None else learning_rate, what,
-                                                     "learning_rate"), name=f"{what}_{t.name}")
+                                                     "learning_rate"), mwn, name=f"{what}_{t.name}")

@@ -48,24 +48,31 @@ def _remove(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: PathLike) -> Iterator[str]:
+def atomic_directory(path: PathLike, marker: str) -> Iterator[str]:
     """Build a directory in a temporary sibling and swap it into ``path`` on success.
 
-    Yields the temporary directory's path; write the directory's contents there.
-    When the ``with`` block completes, everything in it is fsynced and it is renamed
-    to ``path``. An existing directory at ``path`` is first moved aside and deleted
-    only after the new one is in place. If the block raises, the temporary directory
-    is removed and an existing ``path`` is left untouched.
+    Yields the temporary directory's path; write the directory's contents there,
+    ``marker`` among them: the file every directory of this kind holds. When the
+    ``with`` block completes, everything in it is fsynced and it is renamed to
+    ``path``. An existing directory at ``path`` is replaced only when it is empty or
+    holds ``marker`` (an earlier directory of the same kind), never a directory of
+    other data; it is first moved aside and deleted only after the new one is in
+    place. If the block raises, the temporary directory is removed and an existing
+    ``path`` is left untouched.
 
     A crash between the two renames of a replacement leaves the previous
     directory at a hidden ``.<name>.old-*`` sibling, never a partial one at ``path``.
 
     Raises:
         NotADirectoryError: ``path`` exists and is not a directory.
+        FileExistsError: ``path`` is a non-empty directory without ``marker``.
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"cannot write a checkpoint directory at {path}: it exists and is not a directory")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.lexists(os.path.join(path, marker)):
+        raise FileExistsError(f"refusing to replace {path}: it is not empty and holds no {marker}, so it is not a "
+                              f"directory of the kind being written; choose a new or empty directory")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = _sibling_name(path, "tmp")

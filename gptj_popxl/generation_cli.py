@@ -112,17 +112,24 @@ def _check_data_path(parser, option: str, path: str) -> None:
         parser.error(f"{option} {path}: expected one of {', '.join(sorted(_DATA_FORMATS))}")
 
 
-def _load_model(args):
+def _load_model(parser, args):
     from gptj_popxl.model.gptj import from_pretrained
-    return from_pretrained(args.model, tensor_parallel=args.tensor_parallel, dtype=getattr(args, "dtype", "float32"),
-                           offload=getattr(args, "offload", False), offload_cache_dir=getattr(args, "offload_dir", None))
+    try:
+        return from_pretrained(args.model, tensor_parallel=args.tensor_parallel,
+                               dtype=getattr(args, "dtype", "float32"), offload=getattr(args, "offload", False),
+                               offload_cache_dir=getattr(args, "offload_dir", None))
+    except FileExistsError as e:  # --offload-dir names a folder of other data
+        parser.error(f"--offload-dir: {e}")
 
 
-def _load(args):
-    """The model and its tokenizer."""
-    import transformers
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    return _load_model(args), tokenizer
+def _load(parser, args):
+    """The model and its tokenizer (checked first: it loads in a moment)."""
+    from gptj_popxl.data import load_tokenizer
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except ValueError as e:
+        parser.error(f"--model {e}")
+    return _load_model(parser, args), tokenizer
 
 
 def peak_memory_bytes() -> int:
@@ -208,7 +215,7 @@ def _validate(parser, args) -> int:
     rows = rows[: args.limit] if args.limit else rows
     if not rows:
         parser.error(f"--data {args.data}: no rows")
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(parser, args)
     prefix = few_shot_prefix(shots)
     prompts = [tokenizer(prefix + mnli_prompt(r["premise"], r["hypothesis"]))["input_ids"] for r in rows]
     longest = max(map(len, prompts))
@@ -243,7 +250,7 @@ def _read_prompts(path: str) -> List[str]:
 def _generate_ids(parser, args) -> int:
     """``--prompt-ids``: greedy or sampled ids, then the load time, tokens/s and peak memory."""
     began = time.perf_counter()
-    model = _load_model(args)
+    model = _load_model(parser, args)
     loaded = time.perf_counter()
     ids = np.array(args.prompt_ids)
     if ids.max() >= model.config.vocab_size:
@@ -264,7 +271,7 @@ def _generate_ids(parser, args) -> int:
 def _generate(parser, args) -> int:
     if args.prompt_ids is not None:
         return _generate_ids(parser, args)
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(parser, args)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=tokenizer.eos_token_id)
     texts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts)

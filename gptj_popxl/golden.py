@@ -154,7 +154,7 @@ def random_hf_checkpoint(path: PathLike, config: GPTJConfig, seed: int = 0) -> s
                 p.normal_(0.0, 0.2)
             else:
                 p.normal_(0.0, p.shape[1] ** -0.5)
-    with _no_progress_bars(), atomic_directory(path) as tmp:
+    with _no_progress_bars(), atomic_directory(path, "config.json") as tmp:
         model.save_pretrained(tmp)
     return os.fspath(path)
 

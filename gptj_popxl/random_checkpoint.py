@@ -77,7 +77,7 @@ def write_random_checkpoint(path: PathLike, config: GPTJConfig, dtype: str = "fl
     groups = shard_groups(config)
     rng = np.random.default_rng(seed)
     weight_map, total = {}, 0
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, "config.json") as tmp:
         for k, names in enumerate(groups):
             file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
             tensors = {n: random_parameter(n, shapes[n], rng, np.dtype(dtype)) for n in names}

@@ -278,7 +278,7 @@ class Trainer:
                  "data_state": json.loads(data_json)}
         moments = {f"{kind}/{name}": np.ascontiguousarray(a)
                    for kind in ("first_order", "second_order") for name, a in self._host_state.get(kind, {}).items()}
-        with atomic_directory(out_dir) as tmp:
+        with atomic_directory(out_dir, "config.json") as tmp:
             write_hf_files(tmp, self.model_config, hf)
             self._keep_source_config_keys(os.path.join(tmp, "config.json"))
             if tokenizer is not None:

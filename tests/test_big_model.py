@@ -88,6 +88,15 @@ def test_memory_mapped_offload_gives_in_memory_and_transformers_tokens(sharded, 
         assert storage.data_ptr() == stacked.ctypes.data
 
 
+def test_offload_cache_never_replaces_a_directory_of_other_data(sharded):
+    before = sorted(os.listdir(sharded))
+    with pytest.raises(FileExistsError, match="it is not empty and holds no meta.json"):
+        from_pretrained(sharded, offload=True, offload_cache_dir=sharded)
+    assert sorted(os.listdir(sharded)) == before
+    with pytest.raises(ValueError, match="offload_cache_dir .* needs offload=True"):
+        from_pretrained(sharded, offload_cache_dir=sharded)
+
+
 def test_offload_cache_is_written_once(sharded, tmp_path):
     cache = tmp_path / "cache"
     from_pretrained(sharded, offload=True, offload_cache_dir=cache)
@@ -131,5 +140,10 @@ def test_generate_cli_prompt_ids_offload(sharded, tmp_path, capsys):
         cli.main(["generate", "--model", sharded, "--prompt-ids", "1,x"])
     with pytest.raises(SystemExit):
         cli.main(["generate", "--model", sharded, "--offload-dir", str(tmp_path), "--prompt-ids", "1"])
+    before = sorted(os.listdir(sharded))
+    with pytest.raises(SystemExit):  # the checkpoint's own folder is not an offload cache: left alone
+        cli.main(["generate", "--model", sharded, "--offload", "--offload-dir", sharded, "--prompt-ids", "1"])
+    assert sorted(os.listdir(sharded)) == before
+    assert "--offload-dir: refusing to replace" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["random-checkpoint", "--config", "gpt-j-600b", "--output", str(tmp_path / "x")])

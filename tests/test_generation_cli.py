@@ -1,5 +1,6 @@
 """``gptj-popxl validate`` and ``generate`` against transformers' greedy generations, counted by hand."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -138,3 +139,16 @@ def test_bad_options_exit_2(model_dir, data, tmp_path):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
         assert e.value.code == 2, message
+
+
+def test_a_checkpoint_without_a_tokenizer_is_named_before_loading(model_dir, data, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.link(os.path.join(model_dir, name), bare / name)
+    for argv in (["generate", "--model", str(bare), "--prompt", "hello"],
+                 ["validate", "--model", str(bare), "--data", str(data[0])]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2
+        assert f"--model {bare}: no tokenizer files in it" in capsys.readouterr().err

@@ -399,7 +399,7 @@ def test_safetensors_with_more_layers_than_the_config_are_refused(saved_dir, tmp
     os.link(saved_dir / "model.safetensors", shallow / "model.safetensors")
     last = hf_config["n_layer"] - 1
     with pytest.raises(ValueError, match=rf"unexpected tensor\(s\): transformer\.h\.{last}\."):
-        gptj_popxl.from_pretrained(shallow, offload=offload, offload_cache_dir=tmp_path / "cache")
+        gptj_popxl.from_pretrained(shallow, offload=offload, offload_cache_dir=tmp_path / "cache" if offload else None)
     if offload:  # also with a cache written while config.json still named every layer
         (shallow / "config.json").write_text(json.dumps(hf_config))
         gptj_popxl.from_pretrained(shallow, offload=True, offload_cache_dir=tmp_path / "cache")
@@ -466,11 +466,11 @@ def test_save_validates_before_writing(hf_sd, config, tmp_path):
 
 def test_atomic_directory_failure_keeps_old_and_cleans_up(tmp_path):
     target = tmp_path / "d"
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, "a") as tmp:
         with open(os.path.join(tmp, "a"), "w") as f:
             f.write("complete")
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, "a") as tmp:
             with open(os.path.join(tmp, "b"), "w") as f:
                 f.write("partial")
             raise RuntimeError("boom")
@@ -479,5 +479,19 @@ def test_atomic_directory_failure_keeps_old_and_cleans_up(tmp_path):
     assert os.listdir(tmp_path) == ["d"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError, match="file"):
-        with atomic_directory(tmp_path / "file"):
+        with atomic_directory(tmp_path / "file", "a"):
             pass
+
+
+def test_writers_never_replace_a_directory_of_other_data(hf_sd, config, tmp_path):
+    """A checkpoint replaces a checkpoint (or an empty directory), never a folder of the user's files."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("years of work")
+    with pytest.raises(FileExistsError, match=r"refusing to replace .*notes: it is not empty and holds no "
+                                              r"config.json"):
+        save_hf_checkpoint(tmp_path / "notes", config, hf_sd)
+    assert os.listdir(tmp_path / "notes") == ["thesis.tex"]
+    (tmp_path / "empty").mkdir()
+    save_hf_checkpoint(tmp_path / "empty", config, hf_sd)
+    save_hf_checkpoint(tmp_path / "empty", config, hf_sd)  # its own output: replaced
+    assert "config.json" in os.listdir(tmp_path / "empty")

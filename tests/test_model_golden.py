@@ -238,6 +238,9 @@ def test_random_checkpoint_replaces_an_existing_directory_whole(tmp_path):
     path = tmp_path / "ckpt"
     path.mkdir()
     (path / "pytorch_model.bin").write_bytes(b"stale")
+    with pytest.raises(FileExistsError, match="holds no config.json"):  # not a checkpoint: left alone
+        golden.random_hf_checkpoint(path, tiny_config(n_layer=1), seed=1)
+    (path / "config.json").write_text("{}")
     golden.random_hf_checkpoint(path, tiny_config(n_layer=1), seed=1)
     assert not (path / "pytorch_model.bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary sibling left behind

@@ -123,7 +123,7 @@ class TaskSession(popxl.Session):
         """Writes the state, the session state and the dataloader position to ``checkpoint_dir``."""
         state = self.get_named_tensors_data().to_dict()
         checkpoint_dir = os.path.expanduser(checkpoint_dir)
-        with timer(f"Saving checkpoint {checkpoint_dir}"), atomic_directory(checkpoint_dir) as tmp:
+        with timer(f"Saving checkpoint {checkpoint_dir}"), atomic_directory(checkpoint_dir, _SESSION_FILE) as tmp:
             model_dir = os.path.join(tmp, "model")
             os.makedirs(model_dir)
             for name, array in state.items():

@@ -4,6 +4,7 @@ The model builds one popxl program (see ``gptj_popxl.programs``) per kind of run
 "loss_and_grads") and input shape, on first use, and reuses it afterwards. Every program is loaded
 from the model's one host copy of the weights, ``GPTJ.weights``.
 """
+import os
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -329,6 +330,8 @@ def from_pretrained(path: PathLike, *, tensor_parallel: int = 1, dtype: str = "f
                                  attention_serialisation=attention_serialisation)
     config = GPTJConfig.from_pretrained_dir(path)
     storage = None
+    if offload_cache_dir is not None and not offload:
+        raise ValueError(f"offload_cache_dir {os.fspath(offload_cache_dir)!r} needs offload=True")
     if offload and lazy_hf_checkpoint(path) is not None:
         weights, storage = open_offload_cache(path, config, execution.tensor_parallel, np.dtype(execution.dtype),
                                               offload_cache_dir)

@@ -262,7 +262,7 @@ def save_hf_checkpoint(
     Raises:
         ValueError: a parameter is missing, unexpected, wrongly shaped or not floating point.
     """
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, "config.json") as tmp:
         write_hf_files(tmp, config, state_dict, safe_serialization=safe_serialization)
 
 

@@ -125,7 +125,7 @@ def open_offload_cache(path: PathLike, config: GPTJConfig, tp: int, dtype, cache
     if not fresh:
         log(f"writing the offload weight cache {directory} (once per checkpoint, layer by layer)")
         try:
-            with atomic_directory(directory) as tmp:
+            with atomic_directory(directory, _META_FILE) as tmp:
                 _write_cache(tmp, checkpoint, config, tp, dtype, stamp)
         finally:
             checkpoint.close()

@@ -89,10 +89,46 @@ def test_input_errors_name_the_stream_and_shapes():
             session.run_with_outputs({x: good}, {y: np.zeros((2, 3), np.float32)})
         with pytest.raises(ValueError, match="Missing: 'y'"):
             session.run_with_outputs({x: good})
+        with pytest.raises(TypeError, match="the array for output stream 'y' has dtype int32; it must be float32"):
+            session.run_with_outputs({x: good}, {y: np.zeros((2, 2, 2, 3), np.int32)})
         # 64-bit data is sent as 32-bit, unless downcasting is off.
         np.testing.assert_array_equal(session.run({x: good.astype(np.float64) + 1})[y], 2 * good + 2)
         with pytest.raises(TypeError, match="has dtype float64"):
             session.run({x: good.astype(np.float64)}, downcast_inputs=False)
+
+
+def test_streams_nothing_loads_or_stores_are_no_inputs_or_outputs():
+    """As popxl's Ir.get_all_*_streams: only streams a host_load reads or a host_store writes count."""
+    ir, x, y = doubler()
+    with ir.main_graph:
+        popxl.h2d_stream((3,), F32, "never_loaded")
+        popxl.d2h_stream((3,), F32, "never_stored")
+    assert ir.get_all_h2d_streams() == {x} and ir.get_all_d2h_streams() == {y}
+    data = np.ones((2, 3), np.float32)
+    with popxl.Session(ir) as session:
+        assert list(session.create_host_outputs()) == [y]
+        assert list(session.run({x: data})) == [y]
+        target = np.zeros((2, 3), np.float32)
+        session.run_with_outputs({x: data}, {y: target})
+    np.testing.assert_array_equal(target, 2 * data)
+
+
+def test_a_scalar_stream_gives_an_array():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        x, y = popxl.h2d_stream((), F32, "x"), popxl.d2h_stream((), F32, "y")
+        ops.host_store(y, ops.host_load(x) + 1.0)
+    with popxl.Session(ir) as session:
+        out = session.run({x: np.float32(3)})[y]
+    assert isinstance(out, np.ndarray) and out.shape == () and out == 4
+
+
+def test_streams_are_made_in_the_main_graph_only():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        for make in (popxl.h2d_stream, popxl.d2h_stream):
+            with pytest.raises(ValueError, match=f"Can only call `{make.__name__}` in context of main graph"):
+                ir.create_graph(lambda: make((2,), F32, "s"))
 
 
 def test_running_needs_an_attached_session():

@@ -75,12 +75,17 @@ class Ir:
         return ReplicaGrouping._from_assignment(self._replication, assignment)
 
     def get_all_d2h_streams(self):
-        from .streams import DeviceToHostStream
-        return {s for s in self._streams if isinstance(s, DeviceToHostStream)}
+        """The device-to-host streams a ``host_store`` writes (as popxl: a stream never stored is no output)."""
+        from .ops.io import HostStore
+        return self._streams_used_by(HostStore)
 
     def get_all_h2d_streams(self):
-        from .streams import HostToDeviceStream
-        return {s for s in self._streams if isinstance(s, HostToDeviceStream)}
+        """The host-to-device streams a ``host_load`` reads."""
+        from .ops.io import HostLoad
+        return self._streams_used_by(HostLoad)
+
+    def _streams_used_by(self, prim) -> set:
+        return {op.attrs["stream"] for graph in self._graphs for op in graph._ops if issubclass(op.prim, prim)}
 
     def create_empty_graph(self, name: Optional[str] = None) -> Graph:
         return Graph._create(self, name or "graph")

@@ -8,7 +8,7 @@ import torch
 
 from .executor import Plan
 from .ops._util import shares_memory
-from .ops.io import HostLoad
+from .ops.io import HostLoad, HostStore
 from .replica_layout import GroupIndex, merger, splitter
 from .streams import DeviceToHostStream, HostToDeviceStream
 from .tensor import Constant, Tensor, Variable, same_memory
@@ -208,7 +208,8 @@ class Session:
         n = ir.num_host_transfers
         self._input_layouts = {s: (np.dtype(s.dtype.as_numpy()), self._extra_dims() + s.shape,
                                    (n, self._rt.replicas) + s.shape) for s in self._expected_inputs}
-        self._d2h_streams = (0, [])
+        stored = self._streams_used(ir.main_graph, HostStore)
+        self._d2h_streams = [s for s in ir._streams if s in stored]
 
     # --- attachment
     @property
@@ -244,10 +245,8 @@ class Session:
         return list(self._expected_inputs)
 
     def _outputs(self) -> List[DeviceToHostStream]:
-        streams = self._ir._streams
-        if self._d2h_streams[0] != len(streams):  # streams are only ever added to an IR
-            self._d2h_streams = (len(streams), [s for s in streams if isinstance(s, DeviceToHostStream)])
-        return self._d2h_streams[1]
+        """The d2h streams the program stores to (as popxl, a stream nothing stores to is no output)."""
+        return self._d2h_streams
 
     def _extra_dims(self):
         """``(num_host_transfers, replicas)`` less the ones equal to 1: what host arrays add to a stream shape."""
@@ -273,7 +272,7 @@ class Session:
         streams = self._outputs()
         kept = self._execute(inputs, downcast_inputs, dict.fromkeys(streams))
         squeeze = self._rt.replicas == 1
-        return {s: (kept[s].numpy()[0] if squeeze else kept[s].numpy()) if s in kept
+        return {s: (kept[s].numpy()[0, ...] if squeeze else kept[s].numpy()) if s in kept
                 else np.zeros(self._extra_dims() + s.shape, s.dtype.as_numpy()) for s in streams}
 
     def run_with_outputs(self, inputs: Optional[Mapping[HostToDeviceStream, np.ndarray]] = None,
@@ -283,6 +282,10 @@ class Session:
         self._require_attached("run_with_outputs")
         outputs = dict(outputs or {})
         self._check_streams(outputs, self._outputs(), "output")
+        for s, a in outputs.items():
+            if np.asarray(a).dtype != s.dtype.as_numpy():
+                raise TypeError(f"the array for output stream '{s._name}' has dtype {np.asarray(a).dtype}; it must be "
+                                f"{np.dtype(s.dtype.as_numpy()).name}")
         views = {s: self._output_view(s, a) for s, a in outputs.items()}
         self._execute(inputs, downcast_inputs, {s: view for s, (view, _) in views.items()}, outputs.values())
         for view, copy_back in views.values():
@@ -387,7 +390,7 @@ class Session:
             return np.empty(shape, target.dtype), target
 
     def _streams_used(self, graph, prim, seen=None):
-        """The streams of every ``prim`` op (HostLoad) in ``graph`` and the graphs it calls."""
+        """The streams of every ``prim`` op (HostLoad, HostStore) in ``graph`` and the graphs it calls."""
         seen = set() if seen is None else seen
         used = set()
         if graph in seen:

@@ -2,7 +2,7 @@
 from typing import Iterable, Optional
 
 from . import dtypes
-from .context import get_main_graph
+from .context import get_current_graph, get_main_graph
 from .tensor import TensorSpec
 
 
@@ -55,9 +55,18 @@ class DeviceToHostStream(Stream):
     """Device to host; written in the program with ``ops.host_store``."""
 
 
+def _main_graph_ir(what: str):
+    """The IR being built, whose main graph is the current graph: as popxl, streams belong to it alone."""
+    graph = get_current_graph()
+    if graph is not get_main_graph():
+        raise ValueError(f"Can only call `{what}` in context of main graph. You are in context of graph "
+                         f"'{graph.name}'.")
+    return graph.ir
+
+
 def h2d_stream(shape: Iterable[int], dtype: dtypes.dtype, name: Optional[str] = None) -> HostToDeviceStream:
-    return HostToDeviceStream._create(get_main_graph().ir, tuple(shape), dtype, name)
+    return HostToDeviceStream._create(_main_graph_ir("h2d_stream"), tuple(shape), dtype, name)
 
 
 def d2h_stream(shape: Iterable[int], dtype: dtypes.dtype, name: Optional[str] = None) -> DeviceToHostStream:
-    return DeviceToHostStream._create(get_main_graph().ir, tuple(shape), dtype, name)
+    return DeviceToHostStream._create(_main_graph_ir("d2h_stream"), tuple(shape), dtype, name)

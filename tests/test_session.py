@@ -131,6 +131,25 @@ def test_streams_are_made_in_the_main_graph_only():
                 ir.create_graph(lambda: make((2,), F32, "s"))
 
 
+def test_in_sync_with_ipu_tells_whether_the_host_has_the_devices_value():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        counter = popxl.variable(np.zeros(2, np.float32), name="counter")
+        read_only = popxl.variable(np.ones(2, np.float32), name="read_only")
+        y = popxl.d2h_stream((2,), F32, "y")
+        ops.var_updates.accumulate_(counter, read_only)
+        ops.host_store(y, read_only + 0.0)
+    session = popxl.Session(ir)
+    with session:
+        assert counter.in_sync_with_ipu and read_only.in_sync_with_ipu
+        session.run()
+        assert not counter.in_sync_with_ipu and read_only.in_sync_with_ipu
+        np.testing.assert_array_equal(session.get_tensor_data(counter), [1, 1])  # reads the device: in sync again
+        assert counter.in_sync_with_ipu
+        session.run()
+    assert counter.in_sync_with_ipu  # leaving the context copied the weights to the host
+
+
 def test_running_needs_an_attached_session():
     ir, x, _ = doubler()
     session = popxl.Session(ir)

@@ -6,7 +6,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .executor import Plan
+from .executor import Plan, storage_with_copying_views
 from .ops._util import shares_memory
 from .ops.io import HostLoad, HostStore
 from .replica_layout import GroupIndex, merger, splitter
@@ -209,6 +209,7 @@ class Session:
         self._input_layouts = {s: (np.dtype(s.dtype.as_numpy()), self._extra_dims() + s.shape,
                                    (n, self._rt.replicas) + s.shape) for s in self._expected_inputs}
         stored = self._streams_used(ir.main_graph, HostStore)
+        self._written_variables = _written_variables(ir)
         self._d2h_streams = [s for s in ir._streams if s in stored]
 
     # --- attachment
@@ -303,6 +304,8 @@ class Session:
         rt.stream_kept = {}
         try:
             self._main.run(())
+            for v in self._written_variables:
+                v._in_sync = False
             return rt.stream_kept
         finally:
             rt.stream_in = {}
@@ -437,6 +440,7 @@ class Session:
         """Copies every variable's host value to the device (the session must be attached)."""
         self._require_attached("weights_from_host")
         self._copy_to_device(self._host)
+        self._mark_in_sync(self._host)
 
     def weights_to_host(self) -> None:
         """Copies every variable's device value to the host (the session must be attached)."""
@@ -447,6 +451,12 @@ class Session:
                     layout.storage.flush()
                 continue
             self._host[v] = layout.store(self._host[v], layout.to_host(self._device_tensor(v)))
+        self._mark_in_sync(self._layouts)
+
+    @staticmethod
+    def _mark_in_sync(variables: Iterable[Variable]) -> None:
+        for v in variables:
+            v._in_sync = True
 
     def get_tensor_data(self, tensor) -> np.ndarray:
         """The value of a variable (read from the device when attached) or a constant.
@@ -501,6 +511,16 @@ class Session:
             written[v] = self._host[v] = layout.store(self._host[v], layout.host_data(arr))
         if self._attached:
             self._copy_to_device(written)
+            self._mark_in_sync(written)
+
+
+def _written_variables(ir) -> List[Variable]:
+    """The variables a run of ``ir``'s main graph may change: written in place (in any graph it calls), or
+    held in a remote buffer something stores to."""
+    classes, written, _ = storage_with_copying_views(ir.main_graph)
+    stored_buffers = {id(op.attrs["buffer"]) for graph in ir._graphs for op in graph._ops if op.prim.writes_remote}
+    return [v for v in ir._variables
+            if classes.find(v.id) in written or (v._remote is not None and id(v._remote[0]) in stored_buffers)]
 
 
 def _per_transfer(array: np.ndarray, shape: Tuple[int, ...]) -> Sequence[torch.Tensor]:

@@ -59,6 +59,8 @@ class Tensor:
 
     # (RemoteBuffer, entry) holding the value of a replica-sharded variable's shard (`var_shard`).
     _rts_entry: Optional[Tuple[Any, int]] = None
+    # Whether the host value is the device's (see ``in_sync_with_ipu``): sessions clear it on variables.
+    _in_sync: bool = True
     # Iterating a tensor or testing membership would fall back to __getitem__: refuse, as popxl.
     __iter__ = None
     __contains__ = None
@@ -135,7 +137,9 @@ class Tensor:
 
     @property
     def in_sync_with_ipu(self) -> bool:
-        return True
+        """Whether the host holds the device's value: False for a variable a run has changed since the last
+        ``weights_to_host`` (always True for other tensors)."""
+        return self._in_sync
 
     @property
     def location_info(self):

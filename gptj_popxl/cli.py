@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     random.add_argument("--config", required=True,
                         help=f"one of {', '.join(sorted(NAMED_CONFIGS))}, or a GPT-J config.json path")
     random.add_argument("--dtype", choices=RANDOM_DTYPES, default="float16", help="dtype of the stored weights")
-    random.add_argument("--output", required=True, help="checkpoint directory to write: new, empty, or a checkpoint (replaced whole)")
+    random.add_argument("--output", required=True,
+                        help="checkpoint directory to write: new, empty, or a checkpoint (replaced whole)")
     random.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     add_finetune_parser(commands)
     generation_cli.add_parsers(commands, _positive_int)

@@ -84,6 +84,13 @@ def sampling_options(do_sample: bool, temperature, top_k, top_p) -> Optional[Sam
     return Sampling(float(temperature), top_k or None, None if top_p in (None, 1, 1.0) else float(top_p))
 
 
+def sampling_rng(seed) -> np.random.Generator:
+    """The random generator sampling draws from, seeded with ``seed`` (None: fresh entropy)."""
+    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
+        raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
+    return np.random.default_rng(seed)
+
+
 def _left_pad(prompts: Sequence[np.ndarray], length: int):
     """``(ids, mask)`` (n, length): the prompts right-aligned, zeros on the left."""
     ids = np.zeros((len(prompts), length), np.int64)
@@ -245,7 +252,7 @@ def generate_steps(generator: Generator, input_ids: np.ndarray, attention_mask: 
     ``max_chunk``: most decode steps per run (tokens come a run at a time; default ``DECODE_CHUNK``)."""
     batch, seq = input_ids.shape
     slots = Slots(generator, batch, prompt_bucket(seq, generator.model.config.n_positions), max_new_tokens, sampling,
-                  np.random.default_rng(seed), max_chunk=max_chunk)
+                  sampling_rng(seed), max_chunk=max_chunk)
     unfinished = np.ones(batch, bool)
 
     eos = eos_ids(eos_token_id)
@@ -305,11 +312,17 @@ def _generate_args(generator, input_ids, attention_mask, max_new_tokens, do_samp
         mask = (ids != pad_token_id).astype(np.int64) if infer else np.ones_like(ids)
     else:
         mask = np.asarray(attention_mask)
-        if mask.shape != ids.shape or not np.isin(mask, (0, 1)).all():
-            raise ValueError(f"attention_mask must be 0/1 of the input_ids shape {ids.shape}, got shape {mask.shape}")
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask must have the input_ids shape {ids.shape}, got shape {mask.shape}")
+        other = mask[~np.isin(mask, (0, 1))]
+        if other.size:
+            raise ValueError(f"attention_mask must hold only 0 and 1, found {other[0].item()!r}")
         if not mask[:, -1].all():
             raise ValueError("attention_mask: rows must be left padded (every row's last token real)")
     _check_length("generate", ids.shape[1], max_new_tokens, config.n_positions)
+    if pad_token_id is not None and not (isinstance(pad_token_id, (int, np.integer)) and not isinstance(pad_token_id,
+                                                                                                     bool)):
+        raise TypeError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
     # As transformers: without a pad token, finished rows are padded with the (first) eos token.
     pad = (None if eos is None else int(eos[0])) if pad_token_id is None else pad_token_id
     return ids, mask.astype(np.int64), sampling_options(do_sample, temperature, top_k, top_p), pad
@@ -337,7 +350,7 @@ def generate_many(generator: Generator, prompts, *, batch_size=8, max_new_tokens
     sampling = sampling_options(do_sample, temperature, top_k, top_p)
     batch = min(batch_size, len(rows))
     slots = Slots(generator, batch, prompt_bucket(max(map(len, rows)), config.n_positions), max_new_tokens, sampling,
-                  np.random.default_rng(seed))
+                  sampling_rng(seed))
     owner: List[Optional[int]] = [None] * batch  # prompt index of each slot
     made: List[List[int]] = [[] for _ in rows]
     queue = iter(range(len(rows)))

@@ -103,6 +103,8 @@ def _check_common(parser, args) -> None:
             parser.error(f"--prompts {args.prompts}: no such file")
         if args.offload_dir is not None and not args.offload:
             parser.error("--offload-dir needs --offload")
+        if args.seed is not None and args.seed < 0:
+            parser.error(f"--seed must be >= 0, got {args.seed}")
 
 
 def _check_data_path(parser, option: str, path: str) -> None:

@@ -256,6 +256,15 @@ def test_bad_options_name_the_option(checkpoint):
         model.generate(IDS, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="attention_mask"):
         model.generate(IDS, attention_mask=MASK[:, ::-1])
+    with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1, found 0.5"):
+        model.generate(IDS, attention_mask=np.full(IDS.shape, 0.5))
+    with pytest.raises(TypeError, match="pad_token_id must be an int or None, got 'x'"):
+        model.generate(IDS, pad_token_id="x", eos_token_id=13)
+    for seed in (-1, 1.5):
+        with pytest.raises(ValueError, match=f"seed must be an integer >= 0 or None, got {seed}"):
+            model.generate(IDS, do_sample=True, seed=seed)
+    with pytest.raises(ValueError, match=r"prompts\[1\] must be a non-empty 2-D array .* got shape \(1, 0\)"):
+        model.generate_many([IDS[0], []])
 
 
 @pytest.mark.parametrize("tp", [1, 2])

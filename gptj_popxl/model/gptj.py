@@ -26,10 +26,10 @@ PAD_LOGIT_BIAS = -1e4
 def _check_ids(what: str, ids, config: GPTJConfig, allow_ignore: bool) -> np.ndarray:
     """``ids`` as a 2-D int64 array after checking its type, shape and values."""
     a = np.asarray(ids)
+    if a.ndim != 2 or 0 in a.shape:  # first: an empty list is a float array
+        raise ValueError(f"{what} must be a non-empty 2-D array (batch, seq), got shape {a.shape}")
     if a.dtype.kind not in "iu":
         raise TypeError(f"{what} must be an integer array, got dtype {a.dtype} (shape {a.shape})")
-    if a.ndim != 2 or 0 in a.shape:
-        raise ValueError(f"{what} must be a non-empty 2-D array (batch, seq), got shape {a.shape}")
     if a.shape[1] > config.n_positions:
         raise ValueError(f"{what} has shape {a.shape}: sequence length {a.shape[1]} exceeds the model's "
                          f"n_positions ({config.n_positions})")

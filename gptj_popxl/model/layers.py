@@ -275,6 +275,8 @@ class DecoderBlock(addons.Module):
 
     ``build(x, positions)``: ``x`` (batch, seq, n_embd) identical on every shard, ``positions``
     (batch, seq) int32 token positions (for the rotary embedding). Returns the new hidden states.
+    Positions must lie in ``[0, n_positions)``: the rotary tables are gathered at them, which a graph
+    cannot check as it runs (popxl_cpu reads the nearest row; on an IPU the result is undefined).
     """
 
     def __init__(self, config: GPTJConfig, groups: TPGroups, attention_serialisation: int = 1):

@@ -72,6 +72,8 @@ def eos_ids(eos_token_id) -> Optional[np.ndarray]:
 
 def sampling_options(do_sample: bool, temperature, top_k, top_p) -> Optional[Sampling]:
     """The ``Sampling`` of these generate options (None: greedy), after checking them."""
+    if not isinstance(do_sample, (bool, np.bool_)):
+        raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
     if not do_sample:
         return None
     if not (isinstance(temperature, (int, float)) and temperature > 0):

@@ -74,6 +74,8 @@ def test_dot_tree_names_nesting_and_serialisation():
     names, values = t.unpack()
     assert names == ("1", "a.x", "a.y.0", "b") and values == (4, 2, 3, 1)
     assert addons.DotTree.pack(names, values).to_dict() == dict(zip(names, values))
+    with pytest.raises(ValueError, match="pack: 4 keys for 3 values"):
+        addons.DotTree.pack(names, values[:3])
     assert addons.DotTree.from_dict(t.to_dict()).to_dict() == t.to_dict()
     assert t.map(lambda v: v * 10).to_dict() == {"b": 10, "a.x": 20, "a.y.0": 30, "1": 40}
     assert t.to_mapping(t.map(str)) == {1: "1", 2: "2", 3: "3", 4: "4"}

@@ -258,6 +258,8 @@ def test_bad_options_name_the_option(checkpoint):
         model.generate(IDS, attention_mask=MASK[:, ::-1])
     with pytest.raises(ValueError, match="attention_mask must hold only 0 and 1, found 0.5"):
         model.generate(IDS, attention_mask=np.full(IDS.shape, 0.5))
+    with pytest.raises(TypeError, match="do_sample must be a bool, got 'no'"):
+        model.generate(IDS, do_sample="no")
     with pytest.raises(TypeError, match="pad_token_id must be an int or None, got 'x'"):
         model.generate(IDS, pad_token_id="x", eos_token_id=13)
     for seed in (-1, 1.5):

@@ -100,6 +100,7 @@ def test_config_defaults_and_pretrained_dir(saved_dir, config):
     (dict(rotary_dim=5), "rotary_dim .5. must be even"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(n_layer=0), "n_layer must be a positive integer"),
+    (dict(layer_norm_epsilon=float("inf")), "layer_norm_epsilon must be a finite positive number, got inf"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):

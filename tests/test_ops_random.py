@@ -109,5 +109,7 @@ def test_random_errors():
         build_error(lambda x, s: ops.shaped_dropout(x, s, [2], 0.5), spec((3,)), spec((2,), dtypes.uint32))
     with pytest.raises(TypeError, match="dtype must be floating point, got int32"):
         build_error(lambda s: ops.random_normal(s, (3,), dtype=dtypes.int32), spec((2,), dtypes.uint32))
+    with pytest.raises(ValueError, match="random_uniform: low 2.0 must not exceed high 1.0"):
+        build_error(lambda s: ops.random_uniform(s, (3,), 2.0, 1.0), spec((2,), dtypes.uint32))
     with pytest.raises(ValueError, match="n must be >= 1"):
         build_error(lambda s: ops.split_random_seed(s, 0), spec((2,), dtypes.uint32))

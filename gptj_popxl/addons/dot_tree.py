@@ -187,6 +187,9 @@ class DotTree(Generic[L]):
     @classmethod
     def pack(cls, keys: Iterable[Key], values: Iterable[L]):
         """The inverse of :meth:`unpack`."""
+        keys, values = list(keys), list(values)
+        if len(keys) != len(values):
+            raise ValueError(f"pack: {len(keys)} keys for {len(values)} values")
         return cls.from_dict(dict(zip(keys, values)))
 
     def map(self, fn: Callable[[L], V]):

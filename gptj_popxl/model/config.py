@@ -77,9 +77,9 @@ class GPTJConfig:
             )
         if self.n_inner is not None:
             _check_positive_int("n_inner", self.n_inner)
-        if not self.layer_norm_epsilon > 0:
+        if not (is_finite_number(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
             raise ValueError(
-                f"GPTJConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}"
+                f"GPTJConfig.layer_norm_epsilon must be a finite positive number, got {self.layer_norm_epsilon!r}"
             )
         if self.activation_function != _SUPPORTED_ACTIVATION:
             raise ValueError(

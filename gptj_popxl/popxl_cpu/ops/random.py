@@ -174,4 +174,6 @@ def random_normal(seed_tensor: Tensor, shape: Tuple[int, ...], mean: float = 0.0
 def random_uniform(seed_tensor: Tensor, shape: Tuple[int, ...], low: float = 0.0, high: float = 1.0,
                    dtype=dtypes.float32) -> Tensor:
     """Uniform samples in ``[low, high)``."""
+    if not low <= high:
+        raise ValueError(f"random_uniform: low {low} must not exceed high {high}")
     return _random(seed_tensor, shape, dtype, False, low, high - low, "random_uniform")

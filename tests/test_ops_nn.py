@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from gptj_popxl import popxl_cpu as popxl
 from gptj_popxl.popxl_cpu import dtypes, ops
 from ops_check import FLOATS, build_error, check, rand, run_graph, spec
 
@@ -35,6 +36,29 @@ def test_matmul_bias_patterns(form, replication, dtype, rng):
     x, w, b = (rand(rng, *lead, *shape, dtype=dtype) for shape in ((2, 3, 4), (4, 5), (5,)))
     popxl_fn, torch_fn, grad = _BIAS_MATMULS[form]
     check(popxl_fn, torch_fn, x, w, b, replication=replication, grad=grad)
+
+
+def test_matmul_bias_stored_after_its_weight(rng):
+    """``x @ w + b`` with ``b``'s memory right after ``w``'s, as the model keeps its LM head, is one product
+    ``[x, 1] @ [w; b]``: against numpy, and again after the bias changes in that memory."""
+    from gptj_popxl.popxl_cpu.ops.nn import _BiasRow
+    x = rand(rng, 2, 3, 4)
+    block = rand(rng, 5, 6)  # rows 0-3: w (4, 6); row 4: b (6,)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        w, b = popxl.variable(block[:4], name="w"), popxl.variable(block[4], name="b")
+        popxl.back_variable(w, block[:4])
+        popxl.back_variable(b, block[4])
+        x_stream, y_stream = popxl.h2d_stream(x.shape, popxl.float32, "x"), popxl.d2h_stream((2, 3, 6), popxl.float32)
+        ops.host_store(y_stream, ops.host_load(x_stream) @ w + b)
+    with popxl.Session(ir) as session:
+        np.testing.assert_allclose(session.run({x_stream: x})[y_stream], x @ block[:4] + block[4], rtol=1e-5,
+                                   atol=1e-6)
+        session.write_variable_data(b, np.full(6, 3.0, np.float32))
+        np.testing.assert_allclose(session.run({x_stream: x})[y_stream], x @ block[:4] + 3.0, rtol=1e-5, atol=1e-6)
+    as_tensor = torch.from_numpy
+    assert torch.equal(_BiasRow(4, 6)(as_tensor(block[:4]), as_tensor(block[4])), as_tensor(block))
+    assert _BiasRow(4, 6)(as_tensor(block[:4]), as_tensor(block[4].copy())) is None  # elsewhere: addmm
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "float32 copies"])

@@ -23,6 +23,18 @@ from gptj_popxl.programs.inference import build_logits, build_loss_and_grads
 PAD_LOGIT_BIAS = -1e4
 
 
+_LM_HEAD_WEIGHT, _LM_HEAD_BIAS = "lm_head.weight", "lm_head.bias"
+
+
+def _aligned_empty(shape: Tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array aligned to a cache line, as torch allocates: the kernels stream weights in
+    64-byte vectors."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def _check_ids(what: str, ids, config: GPTJConfig, allow_ignore: bool) -> np.ndarray:
     """``ids`` as a 2-D int64 array after checking its type, shape and values."""
     a = np.asarray(ids)
@@ -126,12 +138,22 @@ class GPTJ:
         memory of the others too (all reload the same ``weights``)."""
         key = (name, tuple(shape), np.dtype(dtype).name)
         if key not in self._weight_memory:
-            # Aligned to a cache line, as torch allocates: the kernels stream it in 64-byte vectors.
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-            raw = np.empty(nbytes + 64, np.uint8)
-            start = -raw.ctypes.data % 64
-            self._weight_memory[key] = raw[start:start + nbytes].view(dtype).reshape(shape)
+            if name == _LM_HEAD_WEIGHT and len(shape) == 2:
+                self._lm_head_memory(tuple(shape), dtype)
+            elif name == _LM_HEAD_BIAS and len(shape) == 1:
+                self._lm_head_memory((self.config.n_embd,) + tuple(shape), dtype)
+            else:
+                self._weight_memory[key] = _aligned_empty(tuple(shape), dtype)
         return self._weight_memory[key]
+
+    def _lm_head_memory(self, weight_shape: Tuple[int, int], dtype) -> None:
+        """The LM head's weight (k, n) with its bias (n,) as the row after it: the runtime then computes
+        ``x @ w + b`` as one product, ``[x, 1] @ [w; b]``, instead of first writing the bias into every
+        row of the logits (``popxl_cpu.ops.nn._BiasRow``)."""
+        k, n = weight_shape
+        rows = _aligned_empty((k + 1, n), dtype)
+        self._weight_memory[(_LM_HEAD_WEIGHT, (k, n), np.dtype(dtype).name)] = rows[:k]
+        self._weight_memory[(_LM_HEAD_BIAS, (n,), np.dtype(dtype).name)] = rows[k]
 
     def weights_changed(self) -> None:
         """Mark ``weights`` as changed: each program reloads them before its next run."""

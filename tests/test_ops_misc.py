@@ -42,6 +42,16 @@ def test_scaled_add(dtype, rng):
           tol=(2e-2, 2e-2) if dtype == np.float16 else None)
 
 
+@pytest.mark.parametrize("x_dtype, y_dtype", [(np.float16, np.float32), (np.float32, np.float16)])
+def test_scaled_add_of_two_dtypes_gives_xs(x_dtype, y_dtype, rng):
+    """popxl: X and Y "can be different types" (poplibs' mixed-precision scaled add)."""
+    x, y = rand(rng, 3, 4, dtype=x_dtype), rand(rng, 3, 4, dtype=y_dtype)
+    b = np.array(-0.25, np.float32)
+    out, _ = run_graph(lambda x, y: ops.scaled_add(x, y, 0.5, -2.0), x, y)
+    assert out[0].dtype == x_dtype
+    check(lambda x, y, b: ops.scaled_add(x, y, 0.5, b), lambda x, y, b: 0.5 * x + b * y, x, y, b, tol=(2e-2, 2e-2))
+
+
 def test_scaled_add_inplace_sgd_step(rng):
     w0, g = rand(rng, 4, 3), rand(rng, 4, 3)
     ir = popxl.Ir()
@@ -58,7 +68,8 @@ def test_scaled_add_inplace_sgd_step(rng):
 
 
 def test_scaled_add_errors():
-    with pytest.raises(ValueError, match=r"X 'x' \(2, 3\) float32 and Y 'y' \(3,\) float32 must have the same shape"):
+    with pytest.raises(ValueError, match=r"X 'x' \(2, 3\) float32 and Y 'y' \(3,\) float32 must be floating point "
+                                         r"tensors of one shape"):
         build_error(lambda x, y: ops.scaled_add(x, y), spec((2, 3)), spec((3,)))
     with pytest.raises(ValueError, match=r"scale a 'a' must be a floating point scalar, got \(2,\) float32"):
         build_error(lambda x, a: ops.scaled_add(x, x, a), spec((2,)), spec((2,)))

@@ -106,10 +106,14 @@ class ScaledAdd(Primitive):
             if given[operand] is not None:
                 return constant(given[operand], g.dy.dtype)
             return cast(g.x(scale_input[operand]), g.dy.dtype)
-        grads = [mul(g.dy, factor(i)) if g.needs(i) else None for i in (0, 1)]
+
+        def as_dtype_of(t, k):  # X and Y may differ in dtype; the result (and dy) is X's
+            return t if t.dtype == g.in_spec(k).dtype else cast(t, g.in_spec(k).dtype)
+        grads = [as_dtype_of(mul(g.dy, factor(i)), i) if g.needs(i) else None for i in (0, 1)]
         for operand, k in scale_input.items():
             s = g.in_spec(k)
-            grads.append(reshape(cast(reduce_sum(mul(g.dy, g.x(operand))), s.dtype), s.shape) if g.needs(k) else None)
+            product = mul(g.dy, as_dtype_of(g.x(operand), 0))
+            grads.append(reshape(cast(reduce_sum(product), s.dtype), s.shape) if g.needs(k) else None)
         return grads
 
 
@@ -120,9 +124,9 @@ class ScaledAddInplace(ScaledAdd):
 
 
 def _scaled_add(prim, X: Tensor, Y: Tensor, a, b) -> Tensor:
-    if X.shape != Y.shape or X.dtype != Y.dtype:
+    if X.shape != Y.shape or not (X.dtype.is_floating_point and Y.dtype.is_floating_point):
         raise ValueError(f"{prim.name}: X '{X.name}' {X.shape} {X.dtype.name} and Y '{Y.name}' {Y.shape} "
-                         f"{Y.dtype.name} must have the same shape and dtype")
+                         f"{Y.dtype.name} must be floating point tensors of one shape")
     scales, attrs = [], {}
     for key, v in (("a", a), ("b", b)):
         if isinstance(v, Tensor):
@@ -137,7 +141,8 @@ def _scaled_add(prim, X: Tensor, Y: Tensor, a, b) -> Tensor:
 
 
 def scaled_add(X: Tensor, Y: Tensor, a: Union[float, Tensor] = 1.0, b: Union[float, Tensor] = 1.0) -> Tensor:
-    """``a * X + b * Y`` for same-shaped X and Y; ``a``/``b`` are floats or scalar tensors."""
+    """``a * X + b * Y`` for same-shaped X and Y (of X's dtype, computed in float32 when they differ, as
+    poplibs' mixed-precision scaled add); ``a``/``b`` are floats or scalar tensors."""
     return _scaled_add(ScaledAdd, X, Y, a, b)
 
 

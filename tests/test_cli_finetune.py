@@ -139,6 +139,23 @@ def test_settings_default_then_config_then_flags():
     assert trainer_fields("--epochs", 3, batches_per_epoch=4)["total_steps"] == 12
 
 
+def test_the_reference_configs_pack_their_rows_unless_told_not_to():
+    import argparse
+
+    from gptj_popxl.configs import load_config
+    from gptj_popxl.finetune import add_finetune_parser, resolve_settings
+
+    parser = argparse.ArgumentParser()
+    add_finetune_parser(parser.add_subparsers())
+
+    def packing(*flags):
+        args = parser.parse_args(["finetune", "--model", "m", "--data", "d", "--output", "o", *flags])
+        return resolve_settings(parser, args, load_config("tiny").gptj_config(n_positions=16))["packing"]
+    assert packing() is False
+    assert packing("--config", "tiny") is True
+    assert packing("--config", "tiny", "--no-packing") is False
+
+
 def test_loss_curve_is_a_png(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(dict(step=s, loss=1.0 / s)) + "\n" for s in range(1, 6)))

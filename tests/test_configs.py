@@ -12,14 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The reference app's values (design/reference-app-facts.md), field by field.
 POD16 = dict(n_layer=28, n_embd=4096, n_head=16, rotary_dim=64, vocab_size=50400, sequence_length=1024,
              global_batch_size=128, steps=500, learning_rate=5e-6, warmup_proportion=0.005995, lr_schedule="constant",
-             weight_decay=0.0, micro_batch_size=1, data_parallel=1, tensor_parallel=16, loss_scaling=4096,
+             weight_decay=0.0, packing=True, micro_batch_size=1, data_parallel=1, tensor_parallel=16, loss_scaling=4096,
              attention_serialisation=2, dtype="float16")
 EXPECTED = {
     "gptj_6B_1024_pod16": POD16,
     "gptj_6B_1024_pod64": dict(POD16, data_parallel=4),
     "tiny": dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=16, vocab_size=128, sequence_length=8,
                  global_batch_size=16, steps=100000, learning_rate=1e-5, warmup_proportion=0.00625,
-                 lr_schedule="constant", weight_decay=0.01, micro_batch_size=1, data_parallel=2, tensor_parallel=4,
+                 lr_schedule="constant", weight_decay=0.01, packing=True, micro_batch_size=1, data_parallel=2, tensor_parallel=4,
                  loss_scaling=1, attention_serialisation=2, dtype="float32"),
 }
 

@@ -4,7 +4,7 @@ A file has three sections:
 
 - ``model``: the GPT-J shape, in ``GPTJConfig`` field names;
 - ``training``: sequence length, global batch, steps, learning rate and its warm-up proportion
-  and schedule, weight decay;
+  and schedule, weight decay, and the rows' layout (``packing``);
 - ``execution``: micro-batch, data and tensor parallel, loss scaling, attention
   serialisation, dtype.
 
@@ -42,6 +42,9 @@ class TrainingSection:
     warmup_proportion: float
     lr_schedule: str
     weight_decay: float
+    # Rows pack examples end to end (the reference app's layout: no padding, the prompt in the loss),
+    # or hold one padded example each with only its label word and eos in the loss.
+    packing: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +156,9 @@ def _check_value(where: str, field: str, value: Any) -> None:
     if field in _CHOICES:
         if value not in _CHOICES[field]:
             raise ConfigError(f"{where} must be one of {', '.join(_CHOICES[field])}, got {value!r}")
+    elif field == "packing":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
     elif field == "loss_scaling":
         if value != "dynamic" and not (is_finite_number(value) and value > 0):
             raise ConfigError(f"{where} must be a positive number or 'dynamic', got {value!r}")

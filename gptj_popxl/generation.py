@@ -346,13 +346,13 @@ def generate_many(generator: Generator, prompts, *, batch_size=8, max_new_tokens
         rows.append(_check_ids(f"prompts[{i}]", p[None], config, allow_ignore=False)[0])
         _check_length(f"prompts[{i}]", len(p), max_new_tokens, config.n_positions)
     eos = set() if eos_token_id is None else set(eos_ids(eos_token_id).tolist())
+    sampling, rng = sampling_options(do_sample, temperature, top_k, top_p), sampling_rng(seed)
     results: List[Optional[np.ndarray]] = [None] * len(rows)
     if not rows:
         return []
-    sampling = sampling_options(do_sample, temperature, top_k, top_p)
     batch = min(batch_size, len(rows))
     slots = Slots(generator, batch, prompt_bucket(max(map(len, rows)), config.n_positions), max_new_tokens, sampling,
-                  sampling_rng(seed))
+                  rng)
     owner: List[Optional[int]] = [None] * batch  # prompt index of each slot
     made: List[List[int]] = [[] for _ in rows]
     queue = iter(range(len(rows)))

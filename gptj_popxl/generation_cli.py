@@ -124,11 +124,11 @@ def _load_model(parser, args):
         parser.error(f"--offload-dir: {e}")
 
 
-def _load(parser, args):
+def _load(parser, args, needs_eos: bool):
     """The model and its tokenizer (checked first: it loads in a moment)."""
     from gptj_popxl.data import load_tokenizer
     try:
-        tokenizer = load_tokenizer(args.model)
+        tokenizer = load_tokenizer(args.model, needs_eos)
     except ValueError as e:
         parser.error(f"--model {e}")
     return _load_model(parser, args), tokenizer
@@ -217,7 +217,7 @@ def _validate(parser, args) -> int:
     rows = rows[: args.limit] if args.limit else rows
     if not rows:
         parser.error(f"--data {args.data}: no rows")
-    model, tokenizer = _load(parser, args)
+    model, tokenizer = _load(parser, args, needs_eos=True)
     prefix = few_shot_prefix(shots)
     prompts = [tokenizer(prefix + mnli_prompt(r["premise"], r["hypothesis"]))["input_ids"] for r in rows]
     longest = max(map(len, prompts))
@@ -273,7 +273,7 @@ def _generate_ids(parser, args) -> int:
 def _generate(parser, args) -> int:
     if args.prompt_ids is not None:
         return _generate_ids(parser, args)
-    model, tokenizer = _load(parser, args)
+    model, tokenizer = _load(parser, args, needs_eos=False)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=tokenizer.eos_token_id)
     texts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts)

@@ -265,6 +265,8 @@ def test_bad_options_name_the_option(checkpoint):
     for seed in (-1, 1.5):
         with pytest.raises(ValueError, match=f"seed must be an integer >= 0 or None, got {seed}"):
             model.generate(IDS, do_sample=True, seed=seed)
+        with pytest.raises(ValueError, match="seed must be"):
+            model.generate_many([], seed=seed)
     with pytest.raises(ValueError, match=r"prompts\[1\] must be a non-empty 2-D array .* got shape \(1, 0\)"):
         model.generate_many([IDS[0], []])
 

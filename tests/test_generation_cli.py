@@ -152,3 +152,18 @@ def test_a_checkpoint_without_a_tokenizer_is_named_before_loading(model_dir, dat
             cli.main(argv)
         assert e.value.code == 2
         assert f"--model {bare}: no tokenizer files in it" in capsys.readouterr().err
+
+
+def test_generate_runs_without_an_eos_token_to_max_new_tokens(model_dir, tmp_path, capsys):
+    """Free generation needs no eos (validate does: MNLI targets end with one)."""
+    no_eos = tmp_path / "no_eos"
+    no_eos.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.link(os.path.join(model_dir, name), no_eos / name)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer).save_pretrained(no_eos)
+    assert transformers.AutoTokenizer.from_pretrained(no_eos).eos_token_id is None
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cats sleep\n")
+    assert cli.main(["generate", "--model", str(no_eos), "--prompts", str(prompts), "--max-new-tokens", "4"]) == 0
+    assert len(json.loads(capsys.readouterr().out.splitlines()[-1])["tokens"]) == 4

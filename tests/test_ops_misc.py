@@ -50,6 +50,11 @@ def test_scaled_add_of_two_dtypes_gives_xs(x_dtype, y_dtype, rng):
     out, _ = run_graph(lambda x, y: ops.scaled_add(x, y, 0.5, -2.0), x, y)
     assert out[0].dtype == x_dtype
     check(lambda x, y, b: ops.scaled_add(x, y, 0.5, b), lambda x, y, b: 0.5 * x + b * y, x, y, b, tol=(2e-2, 2e-2))
+    # Y beyond float16's range: its scale's gradient (sum of dy * Y) is still finite, as in float32.
+    big = np.array([7e4, 3.0], y_dtype) if y_dtype == np.float32 else np.array([6e4, 3.0], y_dtype)
+    _, grads = run_graph(lambda x, y, b: ops.scaled_add(x, y, 0.5, b), np.ones(2, x_dtype), big, b,
+                         dys=[np.ones(2, x_dtype)])
+    np.testing.assert_allclose(grads[2], big.astype(np.float64).sum(), rtol=1e-3)
 
 
 def test_scaled_add_inplace_sgd_step(rng):

@@ -103,13 +103,15 @@ def test_streams_nothing_loads_or_stores_are_no_inputs_or_outputs():
     with ir.main_graph:
         popxl.h2d_stream((3,), F32, "never_loaded")
         popxl.d2h_stream((3,), F32, "never_stored")
-    assert ir.get_all_h2d_streams() == {x} and ir.get_all_d2h_streams() == {y}
+        z = popxl.d2h_stream((3,), F32, "stored_in_a_graph_never_called")
+        ir.create_graph(lambda: ops.host_store(z, popxl.constant(np.zeros(3, np.float32))))
+    assert ir.get_all_h2d_streams() == {x} and ir.get_all_d2h_streams() == {y, z}
     data = np.ones((2, 3), np.float32)
-    with popxl.Session(ir) as session:
-        assert list(session.create_host_outputs()) == [y]
-        assert list(session.run({x: data})) == [y]
+    with popxl.Session(ir) as session:  # the session's outputs are the IR's, as popxl's
+        assert list(session.create_host_outputs()) == [y, z]
+        assert list(session.run({x: data})) == [y, z]
         target = np.zeros((2, 3), np.float32)
-        session.run_with_outputs({x: data}, {y: target})
+        session.run_with_outputs({x: data}, {y: target, z: np.zeros(3, np.float32)})
     np.testing.assert_array_equal(target, 2 * data)
 
 

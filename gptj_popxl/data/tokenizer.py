@@ -7,11 +7,14 @@ EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, needs_eos: bool = True):
     """``transformers.AutoTokenizer`` from a local folder (a checkpoint or a tokenizer folder).
 
+    ``needs_eos``: refuse a tokenizer without an eos token (MNLI targets end with one; free generation
+    runs to its length without).
+
     Raises:
-        ValueError: the folder holds no tokenizer files, or a tokenizer without an eos token.
+        ValueError: the folder holds no tokenizer files, or (``needs_eos``) a tokenizer without an eos token.
     """
     import transformers
 
@@ -22,7 +25,7 @@ def load_tokenizer(path: str):
         tokenizer = transformers.AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: no tokenizer could be loaded from it ({e})") from None
-    if tokenizer.eos_token_id is None:
+    if needs_eos and tokenizer.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no eos token; the MNLI target ends with one")
     return tokenizer
 

@@ -8,7 +8,6 @@ import torch
 
 from .executor import Plan, storage_with_copying_views
 from .ops._util import shares_memory
-from .ops.io import HostLoad, HostStore
 from .replica_layout import GroupIndex, merger, splitter
 from .streams import DeviceToHostStream, HostToDeviceStream
 from .tensor import Constant, Tensor, Variable, same_memory
@@ -201,14 +200,14 @@ class Session:
                 self._rt.variables[v.id] = torch.from_numpy(self._host[v])
         self._copy_to_device(self._host)
         self._main = self._rt.plan(ir.main_graph)
-        loaded = self._streams_used(ir.main_graph, HostLoad)
+        # As popxl: the IR's streams some host_load reads and some host_store writes, in creation order.
+        loaded, stored = ir.get_all_h2d_streams(), ir.get_all_d2h_streams()
         self._expected_inputs = [s for s in ir._streams if s in loaded]
         # Per input stream: the dtype and exact host shape that need no further checks, and the
         # (transfers, R, *shape) view the runtime loads from.
         n = ir.num_host_transfers
         self._input_layouts = {s: (np.dtype(s.dtype.as_numpy()), self._extra_dims() + s.shape,
                                    (n, self._rt.replicas) + s.shape) for s in self._expected_inputs}
-        stored = self._streams_used(ir.main_graph, HostStore)
         self._written_variables = _written_variables(ir)
         self._d2h_streams = [s for s in ir._streams if s in stored]
 
@@ -392,20 +391,6 @@ class Session:
         except ValueError:
             return np.empty(shape, target.dtype), target
 
-    def _streams_used(self, graph, prim, seen=None):
-        """The streams of every ``prim`` op (HostLoad, HostStore) in ``graph`` and the graphs it calls."""
-        seen = set() if seen is None else seen
-        used = set()
-        if graph in seen:
-            return used
-        seen.add(graph)
-        for op in graph._ops:
-            if issubclass(op.prim, prim):
-                used.add(op.attrs["stream"])
-            for g in op.called_graphs:
-                used |= self._streams_used(g, prim, seen)
-        return used
-
     # --- variables
     def _device_tensor(self, v: Variable) -> torch.Tensor:
         if v._remote is not None:
@@ -518,9 +503,21 @@ def _written_variables(ir) -> List[Variable]:
     """The variables a run of ``ir``'s main graph may change: written in place (in any graph it calls), or
     held in a remote buffer something stores to."""
     classes, written, _ = storage_with_copying_views(ir.main_graph)
-    stored_buffers = {id(op.attrs["buffer"]) for graph in ir._graphs for op in graph._ops if op.prim.writes_remote}
+    stored_buffers = {id(op.attrs["buffer"]) for graph in _reached(ir.main_graph) for op in graph._ops
+                      if op.prim.writes_remote}
     return [v for v in ir._variables
             if classes.find(v.id) in written or (v._remote is not None and id(v._remote[0]) in stored_buffers)]
+
+
+def _reached(graph, seen=None) -> set:
+    """``graph`` and every graph it calls, directly or not."""
+    seen = set() if seen is None else seen
+    if graph not in seen:
+        seen.add(graph)
+        for op in graph._ops:
+            for called in op.called_graphs:
+                _reached(called, seen)
+    return seen
 
 
 def _per_transfer(array: np.ndarray, shape: Tuple[int, ...]) -> Sequence[torch.Tensor]:

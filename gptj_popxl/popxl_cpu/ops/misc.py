@@ -112,7 +112,8 @@ class ScaledAdd(Primitive):
         grads = [as_dtype_of(mul(g.dy, factor(i)), i) if g.needs(i) else None for i in (0, 1)]
         for operand, k in scale_input.items():
             s = g.in_spec(k)
-            product = mul(g.dy, as_dtype_of(g.x(operand), 0))
+            # In float32, as the forward: the operands may be of two dtypes, one too narrow for the other.
+            product = mul(cast(g.dy, dtypes.float32), cast(g.x(operand), dtypes.float32))
             grads.append(reshape(cast(reduce_sum(product), s.dtype), s.shape) if g.needs(k) else None)
         return grads
 

@@ -38,10 +38,13 @@ def test_matmul_bias_patterns(form, replication, dtype, rng):
     check(popxl_fn, torch_fn, x, w, b, replication=replication, grad=grad)
 
 
-def test_matmul_bias_stored_after_its_weight(rng):
+def test_matmul_bias_stored_after_its_weight(rng, monkeypatch):
     """``x @ w + b`` with ``b``'s memory right after ``w``'s, as the model keeps its LM head, is one product
-    ``[x, 1] @ [w; b]``: against numpy, and again after the bias changes in that memory."""
+    ``[x, 1] @ [w; b]`` (for outputs of any size here): against numpy, and again after the bias changes in
+    that memory."""
+    from gptj_popxl.popxl_cpu.ops import nn
     from gptj_popxl.popxl_cpu.ops.nn import _BiasRow
+    monkeypatch.setattr(nn, "_BIAS_ROW_FROM_BYTES", 0)
     x = rand(rng, 2, 3, 4)
     block = rand(rng, 5, 6)  # rows 0-3: w (4, 6); row 4: b (6,)
     ir = popxl.Ir()

@@ -258,6 +258,27 @@ def test_replicas_index_their_own_data(rng):
           lambda x: (x.T, x[1:4:2], torch.cat([x, x], 1), x.reshape(3, 5)), x, replication=2)
 
 
+def test_concat_inplace_refuses_what_would_show_it_copies():
+    """popxl's concat_ result aliases its inputs; this runtime's is a copy, so graphs that would tell the two
+    apart (writing the result, or reading it after writing an input) are errors, and others run as popxl."""
+    ir = popxl.Ir()
+    with ir.main_graph:
+        a, b = popxl.variable(np.ones(2, np.float32), name="a"), popxl.variable(np.zeros(2, np.float32), name="b")
+        y = ops.concat_([a, b])
+        doubled = y * 2.0  # read before any write: fine
+        with pytest.raises(NotImplementedError, match="ops.add_ writes 'reshape_', the result of concat_"):
+            ops.add_(ops.reshape_(y, (2, 2)), constant(1.0))
+        ops.add_(a, constant(1.0))  # writing an input is fine while nothing reads the result afterwards
+        with pytest.raises(NotImplementedError, match="ops.mul reads 'concat', the result of concat_ 'concat' after "
+                                                      "one of its inputs was written"):
+            y * 3.0
+        out = popxl.d2h_stream((4,), popxl.float32, "out")
+        ops.host_store(out, doubled)
+    with popxl.Session(ir) as session:
+        np.testing.assert_array_equal(session.run()[out], [2, 2, 0, 0])
+        np.testing.assert_array_equal(session.get_tensor_data(a), [2, 2])
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match=r"cannot reshape 'x' \(2, 3\) \(6 elements\) to \(4, 2\)"):
         build_error(lambda x: ops.reshape(x, (4, 2)), spec((2, 3)))

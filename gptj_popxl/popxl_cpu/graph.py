@@ -27,6 +27,11 @@ class Graph:
         self._call_sites: List = []
         # Outputs that autodiff appended so gradient graphs can read forward values.
         self._stitched: set = set()
+        # concat_ outputs (which popxl aliases to the inputs, and this runtime copies) by the alias root
+        # of each of them and of their inputs; and those whose inputs were written since (see
+        # ``primitive.check_concat_aliases``).
+        self._concat_aliases: Dict[str, List[Tensor]] = {}
+        self._stale_concats: set = set()
         ir._graphs.append(self)
         return self
 

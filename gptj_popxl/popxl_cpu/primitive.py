@@ -132,9 +132,46 @@ class Primitive:
         op = Op(cls, ins, attrs, graph, name or cls.name, single)
         op.outputs = [Tensor._create(graph, s.shape, s.dtype, name or cls.name, producer=op, meta_shape=s.meta_shape)
                       for s in ([specs] if single else specs)]
+        if graph._concat_aliases:
+            check_concat_aliases(op)
         graph._ops.append(op)
         get_current_context()._op_created(op)
         return op.outputs[0] if single else tuple(op.outputs)
+
+
+def alias_root(t: Tensor) -> Tensor:
+    """The tensor whose memory ``t`` is, through aliasing views (``reshape_``...) and in-place ops."""
+    while t._producer is not None:
+        op = t._producer
+        if op.prim.alias:
+            t = op.inputs[0]
+        elif op.modified_inputs and t is op.outputs[0]:
+            t = op.inputs[op.modified_inputs[0]]
+        else:
+            break
+    return t
+
+
+def check_concat_aliases(op: Op) -> None:
+    """Refuse what would show that ``concat_`` copies here: popxl's result aliases its inputs, so a write
+    to the result changes them, and a write to them changes it. Both are errors at build time: writing
+    an alias of a concat_ result, and reading one after one of its inputs was written."""
+    graph = op.graph
+    for t in op.inputs:
+        stale = [c for c in graph._concat_aliases.get(alias_root(t).id, ()) if c.id in graph._stale_concats]
+        if stale:
+            raise NotImplementedError(
+                f"ops.{op.prim.name} reads '{t.name}', the result of concat_ '{stale[0].name}' after one of its inputs "
+                f"was written: in popxl it would show that write, here concat_ copied its inputs; concatenate "
+                f"after the write")
+    for i in op.modified_inputs:
+        root = alias_root(op.inputs[i])
+        for c in graph._concat_aliases.get(root.id, ()):
+            if alias_root(c) is root:
+                raise NotImplementedError(
+                    f"ops.{op.prim.name} writes '{op.inputs[i].name}', the result of concat_ '{c.name}': in popxl "
+                    f"that writes its inputs, here concat_ copied them; write the inputs, then concatenate")
+            graph._stale_concats.add(c.id)
 
 
 class GradOp:

@@ -4,7 +4,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..primitive import Primitive, spec
+from ..primitive import Primitive, alias_root, spec
 from ..tensor import Tensor
 from ._util import norm_axis
 
@@ -287,7 +287,14 @@ def concat(ts: Iterable[Tensor], axis: int = 0) -> Tensor:
 
 
 def concat_(ts: Iterable[Tensor], axis: int = 0) -> Tensor:
-    return concat(ts, axis)
+    """:func:`concat` whose result, in popxl, aliases its inputs. Here it is a copy, so building a graph
+    that would show the difference (writing the result, or reading it after writing an input) is an
+    error (``primitive.check_concat_aliases``)."""
+    out = concat(ts, axis)
+    aliases = out._graph._concat_aliases
+    for root_id in {alias_root(t).id for t in out._producer.inputs + [out]}:  # the inputs as this graph has them
+        aliases.setdefault(root_id, []).append(out)
+    return out
 
 
 def split(t: Tensor, splits: Union[int, List[int]], axis: int = 0) -> List[Tensor]:

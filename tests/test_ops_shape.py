@@ -269,13 +269,17 @@ def test_concat_inplace_refuses_what_would_show_it_copies():
         with pytest.raises(NotImplementedError, match="ops.add_ writes 'reshape_', the result of concat_"):
             ops.add_(ops.reshape_(y, (2, 2)), constant(1.0))
         ops.add_(a, constant(1.0))  # writing an input is fine while nothing reads the result afterwards
+        a_doubled = a * 2.0  # and reading the input is too
         with pytest.raises(NotImplementedError, match="ops.mul reads 'concat', the result of concat_ 'concat' after "
                                                       "one of its inputs was written"):
             y * 3.0
-        out = popxl.d2h_stream((4,), popxl.float32, "out")
+        out, a_out = popxl.d2h_stream((4,), popxl.float32, "out"), popxl.d2h_stream((2,), popxl.float32, "a_out")
         ops.host_store(out, doubled)
+        ops.host_store(a_out, a_doubled)
     with popxl.Session(ir) as session:
-        np.testing.assert_array_equal(session.run()[out], [2, 2, 0, 0])
+        outputs = session.run()
+        np.testing.assert_array_equal(outputs[out], [2, 2, 0, 0])
+        np.testing.assert_array_equal(outputs[a_out], [4, 4])
         np.testing.assert_array_equal(session.get_tensor_data(a), [2, 2])
 
 

@@ -158,16 +158,16 @@ def check_concat_aliases(op: Op) -> None:
     an alias of a concat_ result, and reading one after one of its inputs was written."""
     graph = op.graph
     for t in op.inputs:
-        stale = [c for c in graph._concat_aliases.get(alias_root(t).id, ()) if c.id in graph._stale_concats]
-        if stale:
+        root = alias_root(t)  # a concat_ result is its own root
+        if root.id in graph._stale_concats:
             raise NotImplementedError(
-                f"ops.{op.prim.name} reads '{t.name}', the result of concat_ '{stale[0].name}' after one of its inputs "
+                f"ops.{op.prim.name} reads '{t.name}', the result of concat_ '{root.name}' after one of its inputs "
                 f"was written: in popxl it would show that write, here concat_ copied its inputs; concatenate "
                 f"after the write")
     for i in op.modified_inputs:
         root = alias_root(op.inputs[i])
         for c in graph._concat_aliases.get(root.id, ()):
-            if alias_root(c) is root:
+            if c is root:
                 raise NotImplementedError(
                     f"ops.{op.prim.name} writes '{op.inputs[i].name}', the result of concat_ '{c.name}': in popxl "
                     f"that writes its inputs, here concat_ copied them; write the inputs, then concatenate")

@@ -84,6 +84,16 @@ class Graph:
                     seen.append(g)
         return tuple(seen)
 
+    def _all_called_graphs(self, seen=None) -> list:
+        """The graphs this graph calls, directly or not, each once, in first-call order."""
+        seen = [] if seen is None else seen
+        for op in self._ops:
+            for g in op.called_graphs:
+                if g not in seen:
+                    seen.append(g)
+                    g._all_called_graphs(seen)
+        return seen
+
     def get_tensor(self, tensor_id: str) -> Tensor:
         try:
             return self._tensors[tensor_id]

@@ -161,7 +161,7 @@ def memory_report(ir, kind_of: KindOf = lambda t: None, variable_kind: Callable[
         if v._remote is None:
             kind = variable_kind(v)
             resident[kind] = resident.get(kind, 0) + tensor_bytes(v)
-    constants = {t.id: tensor_bytes(t) for g in [main] + _all_called(main) for t in g._tensors.values()
+    constants = {t.id: tensor_bytes(t) for g in [main] + main._all_called_graphs() for t in g._tensors.values()
                  if isinstance(t, Constant)}
     resident["constants"] = sum(constants.values())
     base = sum(resident.values())
@@ -188,13 +188,3 @@ def memory_report(ir, kind_of: KindOf = lambda t: None, variable_kind: Callable[
         main_peak = max(main_peak, live[k])
     peak = max([base + main_peak] + [p.peak_bytes for p in phases])
     return MemoryReport(ir.replication_factor, peak, resident, remote, phases, base + main_peak)
-
-
-def _all_called(graph, seen=None) -> list:
-    seen = [] if seen is None else seen
-    for op in graph._ops:
-        for g in op.called_graphs:
-            if g not in seen:
-                seen.append(g)
-                _all_called(g, seen)
-    return seen

@@ -245,7 +245,7 @@ class Session:
         return list(self._expected_inputs)
 
     def _outputs(self) -> List[DeviceToHostStream]:
-        """The d2h streams the program stores to (as popxl, a stream nothing stores to is no output)."""
+        """The IR's d2h streams some host_store writes (as popxl's: a stream nothing stores to is no output)."""
         return self._d2h_streams
 
     def _extra_dims(self):
@@ -503,21 +503,10 @@ def _written_variables(ir) -> List[Variable]:
     """The variables a run of ``ir``'s main graph may change: written in place (in any graph it calls), or
     held in a remote buffer something stores to."""
     classes, written, _ = storage_with_copying_views(ir.main_graph)
-    stored_buffers = {id(op.attrs["buffer"]) for graph in _reached(ir.main_graph) for op in graph._ops
-                      if op.prim.writes_remote}
+    stored_buffers = {id(op.attrs["buffer"]) for graph in [ir.main_graph] + ir.main_graph._all_called_graphs()
+                      for op in graph._ops if op.prim.writes_remote}
     return [v for v in ir._variables
             if classes.find(v.id) in written or (v._remote is not None and id(v._remote[0]) in stored_buffers)]
-
-
-def _reached(graph, seen=None) -> set:
-    """``graph`` and every graph it calls, directly or not."""
-    seen = set() if seen is None else seen
-    if graph not in seen:
-        seen.add(graph)
-        for op in graph._ops:
-            for called in op.called_graphs:
-                _reached(called, seen)
-    return seen
 
 
 def _per_transfer(array: np.ndarray, shape: Tuple[int, ...]) -> Sequence[torch.Tensor]:

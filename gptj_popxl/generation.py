@@ -86,9 +86,14 @@ def sampling_options(do_sample: bool, temperature, top_k, top_p) -> Optional[Sam
     return Sampling(float(temperature), top_k or None, None if top_p in (None, 1, 1.0) else float(top_p))
 
 
+def _is_int(value) -> bool:
+    """A python or numpy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def sampling_rng(seed) -> np.random.Generator:
     """The random generator sampling draws from, seeded with ``seed`` (None: fresh entropy)."""
-    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
+    if seed is not None and not (_is_int(seed) and seed >= 0):
         raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
     return np.random.default_rng(seed)
 
@@ -322,8 +327,7 @@ def _generate_args(generator, input_ids, attention_mask, max_new_tokens, do_samp
         if not mask[:, -1].all():
             raise ValueError("attention_mask: rows must be left padded (every row's last token real)")
     _check_length("generate", ids.shape[1], max_new_tokens, config.n_positions)
-    if pad_token_id is not None and not (isinstance(pad_token_id, (int, np.integer)) and not isinstance(pad_token_id,
-                                                                                                     bool)):
+    if pad_token_id is not None and not _is_int(pad_token_id):
         raise TypeError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
     # As transformers: without a pad token, finished rows are padded with the (first) eos token.
     pad = (None if eos is None else int(eos[0])) if pad_token_id is None else pad_token_id

@@ -35,6 +35,74 @@ def test_create_graph_with_specs_tensors_and_python_args():
     np.testing.assert_array_equal(fetch(ir, [y])[0], X * 3 + X + 2)
 
 
+def test_create_graph_orders_inputs_as_the_signature():
+    """popxl binds the arguments to the signature: keywords given in another order keep its order."""
+    ir = popxl.Ir()
+    with ir.main_graph:
+        g = ir.create_graph(lambda x, y: x - y, y=spec(2), x=spec(2))
+        assert [t.name for t in g.inputs] == ["x", "y"]
+        (d,) = ops.call(g, popxl.constant(np.array([10, 10], np.float32)), popxl.constant(np.array([1, 2], np.float32)))
+    np.testing.assert_array_equal(fetch(ir, [d])[0], [9, 8])
+
+
+def test_tensor_by_ref_on_sequences_and_varargs():
+    """As popxl: List/Tuple[TensorByRef] and TensorByRef on *args/**kwargs make every such input by reference,
+    so in-place writes reach the caller's tensors."""
+    from typing import List
+    ir = popxl.Ir()
+    with ir.main_graph:
+        vs = [popxl.variable(np.zeros(2, np.float32), name=f"v{i}") for i in range(6)]
+
+        def in_list(xs: List[popxl.TensorByRef]):
+            for x in xs:
+                x += 1.0
+
+        def in_varargs(*xs: popxl.TensorByRef):
+            for x in xs:
+                x += 1.0
+
+        def in_kwargs(**xs: popxl.TensorByRef):
+            for x in xs.values():
+                x += 1.0
+        for fn, args, kwargs in ((in_list, ([spec(2), spec(2)],), {}), (in_varargs, (spec(2), spec(2)), {}),
+                                 (in_kwargs, (), dict(p=spec(2), q=spec(2)))):
+            g = ir.create_graph(fn, *args, **kwargs)
+            assert len(g._by_ref_inputs) == 2, fn.__name__
+            first, second = vs[:2]
+            ops.call(g, first, second)
+            vs = vs[2:]
+        assert [t.name for t in g.inputs] == ["p", "q"]
+    with popxl.Session(ir) as session:
+        session.run()
+        values = session.get_tensors_data(ir.main_graph.variables)
+    assert all((v == 1).all() for v in values.values())
+
+
+def test_an_input_given_twice_is_refused():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        g = ir.create_graph(lambda x, y: x + y, spec(2), spec(2))
+        a = popxl.constant(np.zeros(2, np.float32))
+        with pytest.raises(ValueError, match="graph input 'x' is given twice, positionally and in inputs_dict"):
+            ops.call(g, a, a, inputs_dict={g.inputs[0]: a})
+
+
+def test_io_tile_exchange_puts_exchanges_on_io_tiles_and_verifies_their_overlap():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        s = popxl.h2d_stream((2,), F32, "s")
+        with popxl.transforms.io_tile_exchange():
+            x = ops.host_load(s)
+        assert x.tile_set == "io"
+        with pytest.raises(RuntimeError, match="More than one Op remained after io_tile_exchange: mul, add"):
+            with popxl.transforms.io_tile_exchange():
+                (ops.host_load(s) * 2.0) + 1.0
+        with popxl.transforms.io_tile_exchange(verify_overlap=False):
+            ops.host_load(s) * 2.0 + 1.0
+        with popxl.name_scope("a") as scopes, popxl.in_sequence(False) as mode, popxl.ipu(0) as ipu:
+            assert (scopes, mode, ipu) == (["a"], False, 0)
+
+
 def test_create_graph_with_lists_of_specs():
     ir = popxl.Ir()
     with ir.main_graph:

@@ -99,20 +99,23 @@ gir = get_ir
 
 @contextlib.contextmanager
 def name_scope(name: str):
-    """Prefixes the names of tensors created inside with ``name/``."""
+    """Prefixes the names of tensors created inside with ``name/``; yields the scopes now open, as popxl."""
     _CONTEXT.push_name_scope(name)
     try:
-        yield
+        yield list(_CONTEXT._name_scopes)
     finally:
         _CONTEXT.pop_name_scope()
 
 
 @contextlib.contextmanager
 def in_sequence(mode: bool = True):
-    """Ops created inside run in creation order (this runtime always does; recorded for fidelity)."""
+    """Ops created inside run in creation order (this runtime always does; recorded for fidelity);
+    yields ``mode``, as popxl."""
+    if not isinstance(mode, bool):
+        raise TypeError(f"in_sequence: mode must be a bool, got {mode!r}")
     _CONTEXT._in_sequence.append(mode)
     try:
-        yield
+        yield mode
     finally:
         _CONTEXT._in_sequence.pop()
 
@@ -124,7 +127,7 @@ def ipu(ipu: int):
         raise ValueError(f"ipu must be >= 0, got {ipu}")
     prev, _CONTEXT._ipu_id = _CONTEXT._ipu_id, ipu
     try:
-        yield
+        yield ipu
     finally:
         _CONTEXT._ipu_id = prev
 

@@ -1,7 +1,7 @@
 """The IR: one main graph, the subgraphs, variables, streams and remote buffers of a program."""
 import inspect
 import itertools
-from typing import Any, Callable, List, Optional, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from .graph import Graph
 from .replica_grouping import ReplicaGrouping
@@ -98,18 +98,21 @@ class Ir:
         """
         build = fn.build if hasattr(fn, "build") and not inspect.isfunction(fn) else fn
         name = getattr(fn, "__name__", None) or type(fn).__name__
-        graph = Graph._create(self, name)
         try:
-            signature = inspect.signature(build).parameters
+            signature = inspect.signature(build)
         except (TypeError, ValueError):
-            signature = {}
-        params = list(signature)
-        # Parameters annotated TensorByRef get by-reference graph inputs.
-        by_ref = {n for n, p in signature.items() if p.annotation is TensorByRef}
+            signature = None
+        graph = Graph._create(self, name)
         with graph:
-            in_args = [_as_graph_input(a, n, n in by_ref)
-                       for a, n in zip(args, params + [f"arg{i}" for i in range(len(params), len(args))])]
-            in_kwargs = {k: _as_graph_input(v, k, k in by_ref) for k, v in kwargs.items()}
+            if signature is None:
+                in_args = [_as_graph_input(a, f"arg{i}") for i, a in enumerate(args)]
+                in_kwargs = {k: _as_graph_input(v, k) for k, v in kwargs.items()}
+            else:
+                # As popxl: graph inputs in the signature's order, whatever the order of the keywords given.
+                bound = signature.bind(*args, **kwargs)
+                for param_name, value in bound.arguments.items():
+                    bound.arguments[param_name] = _bound_graph_input(signature.parameters[param_name], value)
+                in_args, in_kwargs = bound.args, bound.kwargs
             outputs = build(*in_args, **in_kwargs)
             for t in _flatten_outputs(outputs, name):
                 graph._add_output(_own(graph, t))
@@ -128,6 +131,17 @@ class Ir:
         return f"Ir[{self._id}: replication {self._replication}, {len(self._graphs)} graphs]"
 
 
+def _bound_graph_input(param: inspect.Parameter, value):
+    """The graph input(s) for ``value`` bound to ``param``: by reference when annotated ``TensorByRef``
+    (for ``*args``/``**kwargs``, each of them; ``List``/``Tuple[TensorByRef]`` for a sequence), as popxl."""
+    hint = param.annotation
+    if param.kind is inspect.Parameter.VAR_POSITIONAL:
+        return tuple(_as_graph_input(a, f"{param.name}_{i}", hint is TensorByRef) for i, a in enumerate(value))
+    if param.kind is inspect.Parameter.VAR_KEYWORD:
+        return {k: _as_graph_input(v, k, hint is TensorByRef) for k, v in value.items()}
+    return _as_graph_input(value, param.name, hint is TensorByRef or hint in (List[TensorByRef], Tuple[TensorByRef]))
+
+
 def _as_graph_input(arg, name: str, by_ref: bool = False):
     if isinstance(arg, (TensorSpec, Tensor)):
         spec = arg.spec if isinstance(arg, Tensor) else arg
@@ -135,7 +149,7 @@ def _as_graph_input(arg, name: str, by_ref: bool = False):
     if isinstance(arg, (list, tuple)) and any(isinstance(a, (TensorSpec, Tensor)) for a in arg):
         if not all(isinstance(a, (TensorSpec, Tensor)) for a in arg):
             raise TypeError(f"create_graph: argument {name!r} mixes tensors and other values: {arg!r}")
-        return type(arg)(_as_graph_input(a, f"{name}_{i}") for i, a in enumerate(arg))
+        return type(arg)(_as_graph_input(a, f"{name}_{i}", by_ref) for i, a in enumerate(arg))
     return arg
 
 

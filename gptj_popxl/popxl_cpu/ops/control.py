@@ -187,7 +187,11 @@ def _connect(graph: Graph, inputs, inputs_dict, what: str) -> List[Tensor]:
         if sub not in graph._inputs:
             raise ValueError(f"{what} '{graph.name}': inputs_dict key '{getattr(sub, 'name', sub)}' is not an input "
                              f"of the graph")
-        connected[graph._inputs.index(sub)] = par
+        index = graph._inputs.index(sub)
+        if index in connected:
+            raise ValueError(f"{what} '{graph.name}': graph input '{sub.name}' is given twice, positionally and in "
+                             f"inputs_dict")
+        connected[index] = par
     for par, sub in graph._captured.values():
         connected.setdefault(graph._inputs.index(sub), par)
     out = []

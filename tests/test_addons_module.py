@@ -211,3 +211,23 @@ def test_route_tensor_into_already_called_graphs():
     with popxl.Session(ir) as session:
         session.run()
         np.testing.assert_array_equal(session.get_tensor_data(counter), [3.0, 6.0])
+
+
+def test_call_module_passes_keyword_tensors_in_the_signature_order():
+    class Difference(addons.Module):
+        def build(self, x, y):
+            return x - y
+
+    class Outer(addons.Module):
+        def build(self, a, b):
+            (d,) = self.call_module(Difference(), name="difference")(y=b, x=a)
+            return d
+    ir = popxl.Ir()
+    with ir.main_graph:
+        a = popxl.constant(np.array([10.0], np.float32))
+        b = popxl.constant(np.array([1.0], np.float32))
+        facts, graph = Outer().create_graph(a, b)
+        (out,) = graph.bind(facts.init()).call(a, b)
+        stream = addons.host_store(out)
+    with popxl.Session(ir) as session:
+        np.testing.assert_array_equal(session.run()[stream], [9.0])

@@ -45,6 +45,17 @@ def test_create_graph_orders_inputs_as_the_signature():
     np.testing.assert_array_equal(fetch(ir, [d])[0], [9, 8])
 
 
+def test_create_graph_makes_inputs_of_tensor_spec_defaults():
+    ir = popxl.Ir()
+    with ir.main_graph:
+        g = ir.create_graph(lambda x, bias=spec(2), scale=2.0: x * scale + bias, spec(2))
+        assert [t.name for t in g.inputs] == ["x", "bias"]
+        x = popxl.constant(np.array([1.0, 2.0], np.float32))
+        bias = popxl.constant(np.array([0.5, -0.5], np.float32))
+        (y,) = ops.call(g, x, bias)
+    np.testing.assert_array_equal(fetch(ir, [y])[0], [2.5, 3.5])
+
+
 def test_tensor_by_ref_on_sequences_and_varargs():
     """As popxl: List/Tuple[TensorByRef] and TensorByRef on *args/**kwargs make every such input by reference,
     so in-place writes reach the caller's tensors."""
@@ -72,6 +83,12 @@ def test_tensor_by_ref_on_sequences_and_varargs():
             ops.call(g, first, second)
             vs = vs[2:]
         assert [t.name for t in g.inputs] == ["p", "q"]
+        # the hint that applies is the value's kind's: a bare TensorByRef does not reach into a list
+        assert not ir.create_graph(lambda xs: None, [spec(2)])._by_ref_inputs
+
+        def list_hinted(x: List[popxl.TensorByRef], xs: popxl.TensorByRef):
+            pass
+        assert not ir.create_graph(list_hinted, spec(2), [spec(2), spec(2)])._by_ref_inputs
     with popxl.Session(ir) as session:
         session.run()
         values = session.get_tensors_data(ir.main_graph.variables)
@@ -99,8 +116,19 @@ def test_io_tile_exchange_puts_exchanges_on_io_tiles_and_verifies_their_overlap(
                 (ops.host_load(s) * 2.0) + 1.0
         with popxl.transforms.io_tile_exchange(verify_overlap=False):
             ops.host_load(s) * 2.0 + 1.0
+        # init ops and ops made in other graphs are not the block's compute, as in popxl
+        buffer = popxl.remote_buffer((2,), F32, 1)
+        with popxl.transforms.io_tile_exchange():
+            ops.remote_load_(buffer, 0, ops.init((2,), F32))
+            ir.create_graph(lambda x: x * 2.0 + 1.0, spec(2))
+            ops.host_load(s)
         with popxl.name_scope("a") as scopes, popxl.in_sequence(False) as mode, popxl.ipu(0) as ipu:
             assert (scopes, mode, ipu) == (["a"], False, 0)
+        with popxl.in_sequence("pass") as passed, popxl.in_sequence(np.True_) as truthy:
+            assert passed is None and truthy
+        with pytest.raises(TypeError, match="in_sequence: mode must be a bool or 'pass', got None"):
+            with popxl.in_sequence(None):
+                pass
 
 
 def test_create_graph_with_lists_of_specs():

@@ -139,12 +139,25 @@ def _spec_key(arg):
     return ("value", repr(arg))
 
 
-def _tensor_args(args, kwargs) -> list:
-    """The arguments that ``create_graph`` turned into graph inputs, in graph input order."""
+def _tensor_args(build, args, kwargs) -> list:
+    """The arguments of ``build`` that ``create_graph`` turned into graph inputs, in graph input order:
+    the signature's (defaults included), whatever the order of the keywords given."""
     def is_tensors(a):
         return isinstance(a, popxl.Tensor) or (isinstance(a, (list, tuple)) and a
                                                 and all(isinstance(t, popxl.Tensor) for t in a))
-    return [a for a in list(args) + list(kwargs.values()) if is_tensors(a)]
+    signature = inspect.signature(build)
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = []
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            values.extend(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            values.extend(value.values())
+        else:
+            values.append(value)
+    return [a for a in values if is_tensors(a)]
 
 
 class Module(popxl.Module, metaclass=NameScopeMeta):
@@ -366,7 +379,7 @@ class Module(popxl.Module, metaclass=NameScopeMeta):
             if autodiff in ("build_grad", "autodiff") or (autodiff == "auto" and module.implements_grad_graph):
                 grad = graph.autodiff(grads_provided=grads_provided, grads_required=grads_required, method=autodiff)
                 self.called_graphs_grad_info[graph.graph] = grad.grad_graph_info
-            return graph.bind(variables).call(*_tensor_args(args, kwargs))[:n_outputs]
+            return graph.bind(variables).call(*_tensor_args(module.build, args, kwargs))[:n_outputs]
         return call
 
     # --- containers of sub-modules

@@ -108,12 +108,16 @@ def name_scope(name: str):
 
 
 @contextlib.contextmanager
-def in_sequence(mode: bool = True):
-    """Ops created inside run in creation order (this runtime always does; recorded for fidelity);
-    yields ``mode``, as popxl."""
-    if not isinstance(mode, bool):
-        raise TypeError(f"in_sequence: mode must be a bool, got {mode!r}")
-    _CONTEXT._in_sequence.append(mode)
+def in_sequence(mode=True):
+    """Ops created inside run in creation order (this runtime always does; recorded for fidelity) when
+    ``mode`` is true, in any order the scheduler likes when false; ``"pass"`` keeps the enclosing
+    setting. Yields ``mode`` (None for ``"pass"``), as popxl."""
+    if mode is None:
+        raise TypeError("in_sequence: mode must be a bool or 'pass', got None")
+    if isinstance(mode, str) and mode == "pass":
+        yield None
+        return
+    _CONTEXT._in_sequence.append(bool(mode))
     try:
         yield mode
     finally:

@@ -108,8 +108,10 @@ class Ir:
                 in_args = [_as_graph_input(a, f"arg{i}") for i, a in enumerate(args)]
                 in_kwargs = {k: _as_graph_input(v, k) for k, v in kwargs.items()}
             else:
-                # As popxl: graph inputs in the signature's order, whatever the order of the keywords given.
+                # As popxl: graph inputs in the signature's order, whatever the order of the keywords given,
+                # defaults included (a TensorSpec default is an input too).
                 bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
                 for param_name, value in bound.arguments.items():
                     bound.arguments[param_name] = _bound_graph_input(signature.parameters[param_name], value)
                 in_args, in_kwargs = bound.args, bound.kwargs
@@ -139,7 +141,9 @@ def _bound_graph_input(param: inspect.Parameter, value):
         return tuple(_as_graph_input(a, f"{param.name}_{i}", hint is TensorByRef) for i, a in enumerate(value))
     if param.kind is inspect.Parameter.VAR_KEYWORD:
         return {k: _as_graph_input(v, k, hint is TensorByRef) for k, v in value.items()}
-    return _as_graph_input(value, param.name, hint is TensorByRef or hint in (List[TensorByRef], Tuple[TensorByRef]))
+    sequence = isinstance(value, (list, tuple))
+    return _as_graph_input(value, param.name,
+                           hint in (List[TensorByRef], Tuple[TensorByRef]) if sequence else hint is TensorByRef)
 
 
 def _as_graph_input(arg, name: str, by_ref: bool = False):

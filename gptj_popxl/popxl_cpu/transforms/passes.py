@@ -1,7 +1,7 @@
 """Scheduling transforms of the SDK that change no results; on the CPU they only validate their use."""
 import contextlib
 
-from ..context import get_current_context, io_tiles
+from ..context import get_current_graph, in_sequence, io_tiles
 from ..graph import Graph
 
 
@@ -24,20 +24,22 @@ _EXCHANGES = frozenset({"host_load", "host_store", "remote_load", "remote_load_"
 
 @contextlib.contextmanager
 def io_tile_exchange(verify_overlap: bool = True):
-    """Exchanges inside run on IO tiles (``Tensor.tile_set`` is ``'io'``), overlapped with compute on the
-    IPU; same results here. As popxl, with ``verify_overlap`` the block may hold host and remote loads and
-    stores, which merge into one exchange, and at most one other op: more would not overlap."""
-    context = get_current_context()
+    """Exchanges inside run on IO tiles (``Tensor.tile_set`` is ``'io'``), merged and unordered, overlapped
+    with compute on the IPU; same results here. As popxl, with ``verify_overlap`` the block may make, in
+    the current graph, host and remote loads and stores (which merge into one exchange) and ``init`` ops,
+    or one other op and inits: what remains must be one op to overlap."""
+    graph = get_current_graph()
     created = []
-    hook = context.register_op_created_hook(created.append)
+    hook = graph.register_op_created_hook(created.append)
     try:
-        with io_tiles():
+        with io_tiles(), merge_exchange(), in_sequence(False):
             yield
     finally:
-        context.remove_op_created_hook(hook)
-    exchanges = [op for op in created if op.prim.name in _EXCHANGES]
-    remaining = len(created) - len(exchanges) + (1 if exchanges else 0)
+        graph.remove_op_created_hook(hook)
+    counted = [op for op in created if op.prim.name != "init"]
+    others = [op for op in counted if op.prim.name not in _EXCHANGES]
+    remaining = len(others) + (1 if len(others) < len(counted) else 0)
     if verify_overlap and remaining > 1:
-        others = ", ".join(op.prim.name for op in created if op.prim.name not in _EXCHANGES)
-        raise RuntimeError(f"More than one Op remained after io_tile_exchange: {others} beside the exchanges; "
+        names = ", ".join(op.prim.name for op in others)
+        raise RuntimeError(f"More than one Op remained after io_tile_exchange: {names} beside the exchanges; "
                            f"make only host and remote loads and stores inside")

@@ -198,6 +198,21 @@ def test_dynamic_update_inplace(rng):
     check(lambda x, i, u: fn(x, i, u)[0], lambda x, i, u: ref(x, i, u)[0], x, idx, u)
 
 
+def test_dynamic_update_inplace_from_a_view_of_its_target(rng):
+    """The update is read before the write, even when it is a slice of the tensor being written."""
+    data = rand(rng, 8, 3)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        v = popxl.variable(data, name="v")
+        shifted = ops.slice_(v, start=[1], stop=[5], axis=[0])
+        ops.dynamic_update_(v, popxl.constant(np.array([0], np.uint32)), shifted, [0], [4], False)
+    with popxl.Session(ir) as session:
+        session.run()
+        expected = data.copy()
+        expected[0:4] = data[1:5]
+        np.testing.assert_array_equal(session.get_tensor_data(v), expected)
+
+
 def test_dynamic_update_inplace_writes_a_variable(rng):
     """A cache written one row per run at a runtime offset, as a KV cache is."""
     rows = rand(rng, 3, 2)

@@ -117,6 +117,8 @@ class DynamicUpdate(Primitive):
 
         def update(x, index, upd):
             out = x if inplace else x.clone()
+            if inplace and upd.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                upd = upd.clone()  # an update viewing the target is its value before the write
             out[region(index)] = upd
             return out
         return update

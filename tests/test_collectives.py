@@ -167,7 +167,8 @@ def test_collectives_match_per_replica_reference(R, stride, group_size, into_mem
                  C.replicated_reduce_scatter(xt, "add", group), C.replicated_reduce_scatter(it, "min", group),
                  C.replica_sharded_slice(it, group),
                  C.replicated_slice(xt, axis=0, group=group), C.replicated_slice(xt[:gs], axis=0, group=group)]
-        assert outs[-4].meta_shape == (3,) and outs[-1].shape == (3,)
+        # only a replica-sharded output (popxl's configure_output_for_replicated_tensor_sharding) has a meta shape
+        assert outs[-4].meta_shape == () and outs[-3].meta_shape == (3,) and outs[-1].shape == (3,)
     got = run(ir, {xs: x.reshape((R,) * (R > 1) + shape), bs: flags.reshape((R,) * (R > 1) + (5,)),
                    is_: ints.reshape((R,) * (R > 1) + (3,)), us: uints.reshape((R,) * (R > 1) + (3,))}, outs)
     for r in range(R):
@@ -181,6 +182,25 @@ def test_collectives_match_per_replica_reference(R, stride, group_size, into_mem
                      _flat_chunk(ints[r], k, gs), np.split(x[r], gs, 0)[k], x[r][k]]
         for i, (value, want) in enumerate(zip(got, expected)):
             np.testing.assert_allclose(value[r], want, rtol=1e-5, atol=1e-5, err_msg=f"output {i}, replica {r}")
+
+
+def test_reduce_scatter_output_is_replica_sharded_only_when_configured():
+    """As popxl: gathering a plain reduce-scatter's chunks concatenates them, padding included; a chunk
+    configured for replicated tensor sharding reassembles the reduced tensor's shape."""
+    R = 4
+    x = np.random.default_rng(4).normal(size=(R, 5, 3)).astype(np.float32)  # 15 elements: padded chunks
+    ir = popxl.Ir(replication=R)
+    with ir.main_graph:
+        xs, xt = load((5, 3), F32, "x")
+        plain = C.replicated_all_gather(C.replicated_reduce_scatter(xt))
+        sharded = C.replicated_all_gather(
+            C.replicated_reduce_scatter(xt, configure_output_for_replicated_tensor_sharding=True))
+        assert plain.shape == (16,) and sharded.shape == (5, 3)
+    got_plain, got_sharded = run(ir, {xs: x}, [plain, sharded])
+    total = x.sum(0)
+    for r in range(R):
+        np.testing.assert_allclose(got_plain[r], np.concatenate([total.reshape(-1), [0.0]]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got_sharded[r], total, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("into_memory", [False, True], ids=["fresh", "planned"])

@@ -398,7 +398,8 @@ def test_float16_layer_ops_offer_blas_only_to_the_prefill(monkeypatch, wanted):
               TensorSpec((2, 3), int32), TensorSpec((1,), int32)])
     ways = _ways(build, specs)
     streamed = f"streamed on {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}"
-    assert ways["decode_layer"][1] == (None if wanted is None else streamed)
+    # left to timing unless wanted, or there is one way only (streaming on one thread, on a 1-thread machine)
+    assert ways["decode_layer"][1] == (None if wanted is None and len(ways["decode_layer"][0]) > 1 else streamed)
     assert "blas" not in ways["decode_layer"][0]
     assert ways["prefill_layer"][1] == {None: None, "blas": "blas", "streamed": streamed}[wanted]
     assert ("blas" in ways["prefill_layer"][0]) == (wanted != "streamed")

@@ -267,7 +267,7 @@ def test_remote_replica_sharded_variables_in_a_multi_entry_buffer():
         assert shard.meta_shape == (2, 5)
         full = C.replicated_all_gather(shard)
         # Every replica holds the same full value, so the reduce-scatter sums R equal halves.
-        updated = C.replicated_reduce_scatter(full * 0.5)
+        updated = C.replicated_reduce_scatter(full * 0.5, configure_output_for_replicated_tensor_sharding=True)
         ops.remote_store(buffer, 1, updated)
         out_full = store(full, "full")
     with popxl.Session(ir) as session:

@@ -126,17 +126,19 @@ class ReplicatedAllGather(Primitive):
     @staticmethod
     def grad(g):
         a = g.attrs
-        return [ReplicatedReduceScatter.create(g.dy, op=LOCAL, group=a["group"], layout=a["layout"], axis=a["axis"])]
+        return [ReplicatedReduceScatter.create(g.dy, op=LOCAL, group=a["group"], layout=a["layout"], axis=a["axis"],
+                                               sharded=a["layout"] == "flat")]
 
 
 class ReplicatedReduceScatter(Primitive):
-    """Reduces (``op``) over each group, then each replica keeps its own chunk under ``layout``."""
+    """Reduces (``op``) over each group, then each replica keeps its own chunk under ``layout``; a
+    ``sharded`` flat chunk is a replica-sharded tensor, whose meta shape is ``t``'s shape."""
     name = "replicated_reduce_scatter"
 
     @staticmethod
-    def infer(t, op, group, layout, axis):
+    def infer(t, op, group, layout, axis, sharded):
         shape = chunk_shape_of(t.shape, layout, axis, group.group_size)
-        return spec(shape, t.dtype, t.shape if layout == "flat" else ())
+        return spec(shape, t.dtype, t.shape if sharded else ())
 
     @classmethod
     def lower(cls, op, runtime):
@@ -218,19 +220,22 @@ def replicated_reduce_scatter(t: Tensor, op: str = "add", group: Optional[Replic
                               configure_output_for_replicated_tensor_sharding: bool = False) -> Tensor:
     """Reduces ``t`` over each group; replica k of a group keeps the k-th flat shard of the result.
 
-    The output is 1-D with ``ceil(t.nelms / group_size)`` elements and ``meta_shape == t.shape``.
-    Shards are in plain element order, so ``configure_output_for_replicated_tensor_sharding`` changes
-    nothing here.
+    The output is 1-D with ``ceil(t.nelms / group_size)`` elements. With
+    ``configure_output_for_replicated_tensor_sharding`` it is a replica-sharded tensor, whose
+    ``meta_shape`` is ``t.shape`` (so ``replicated_all_gather`` reassembles ``t``'s shape); without, it
+    has no meta shape, as in popxl.
     """
     what = "replicated_reduce_scatter"
     return ReplicatedReduceScatter.create(t, op=check_op(op, what), group=resolve_group(group, what),
-                                          layout="flat", axis=0, name=t.name + "_reduce_scattered")
+                                          layout="flat", axis=0,
+                                          sharded=bool(configure_output_for_replicated_tensor_sharding),
+                                          name=t.name + "_reduce_scattered")
 
 
 def replica_sharded_slice(t: Tensor, group: Optional[ReplicaGrouping] = None) -> Tensor:
     """Each replica's own flat shard of its value of ``t`` (no communication)."""
     return ReplicatedReduceScatter.create(t, op=LOCAL, group=resolve_group(group, "replica_sharded_slice"),
-                                          layout="flat", axis=0, name=t.name + "_sharded_slice")
+                                          layout="flat", axis=0, sharded=True, name=t.name + "_sharded_slice")
 
 
 def replicated_slice(t: Tensor, axis: int = 0, group: Optional[ReplicaGrouping] = None) -> Tensor:
@@ -243,7 +248,7 @@ def replicated_slice(t: Tensor, axis: int = 0, group: Optional[ReplicaGrouping] 
     if not t.rank:
         raise ValueError(f"{what}: cannot slice the scalar '{t.name}'")
     axis = norm_axis(int(axis), t)
-    out = ReplicatedReduceScatter.create(t, op=LOCAL, group=group, layout="concat", axis=axis,
+    out = ReplicatedReduceScatter.create(t, op=LOCAL, group=group, layout="concat", axis=axis, sharded=False,
                                          name=t.name + "_replicated_slice")
     if t.shape[axis] == group.group_size:
         out = reshape(out, out.shape[:axis] + out.shape[axis + 1:])

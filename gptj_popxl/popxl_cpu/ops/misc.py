@@ -285,6 +285,7 @@ class Histogram(Primitive):
     """uint32 counts of ``t`` in the ``len(levels) + 1`` bins the levels bound: below ``levels[0]``,
     each ``[levels[i-1], levels[i])``, and from ``levels[-1]`` up."""
     name = "histogram"
+    unsigned = "torch"  # the kernel compares the values converted to float64, which torch does from any dtype
 
     @staticmethod
     def infer(t, levels, absolute_of_input):

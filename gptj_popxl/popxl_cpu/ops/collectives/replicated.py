@@ -57,11 +57,17 @@ def resolve_group(group: Optional[ReplicaGrouping], what: str) -> ReplicaGroupin
     return group
 
 
+def unsigned_of_reduction(op) -> str:
+    """How a collective's kernel sees unsigned values (``Primitive.unsigned``): 'min' and 'max' compare them."""
+    return "order" if op.attrs["op"] in ("min", "max") else "bits"
+
+
 # ---------------------------------------------------------------- primitives
 
 class ReplicatedAllReduce(Primitive):
     """Each replica gets the reduction (``op``) of the values of the replicas in its group."""
     name = "replicated_all_reduce"
+    unsigned_of = classmethod(lambda cls, op: unsigned_of_reduction(op))
 
     @staticmethod
     def infer(t, op, group):
@@ -132,6 +138,7 @@ class ReplicatedAllGather(Primitive):
 class ReplicatedReduceScatter(Primitive):
     """Reduces (``op``) over each group, then each replica keeps its own chunk under ``layout``."""
     name = "replicated_reduce_scatter"
+    unsigned_of = classmethod(lambda cls, op: unsigned_of_reduction(op))
 
     @staticmethod
     def infer(t, op, group, layout, axis):

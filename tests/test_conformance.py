@@ -193,3 +193,43 @@ def test_unsigned_dtypes_wrap(dtype):
     for k in want:
         assert got[streams[k]].dtype == dtype
         np.testing.assert_array_equal(got[streams[k]], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_values_past_the_signed_range(dtype):
+    """Unsigned values from half the type's range up (uint64 ones from 2**63 read negative as int64 bits)
+    compare, divide, reduce and convert as numpy's."""
+    from ops_check import run_graph
+    top = np.iinfo(dtype).max
+    a = np.array([top, top // 2 + 1, top // 2 + 7, 5, 0, top - 3], dtype)
+    b = np.array([3, top // 2 + 1, 2, top, 7, top // 2 + 2], dtype)
+    both = np.stack([a, b])
+    cases = {  # name: (popxl function, inputs, numpy's result)
+        "greater": (ops.greater, (a, b), a > b),
+        "equal": (ops.equal, (a, b), a == b),
+        "maximum": (ops.maximum, (a, b), np.maximum(a, b)),
+        "div": (ops.div, (a, b), a // b),
+        "fmod": (ops.fmod, (a, b), a % b),
+        "max": (lambda x: ops.max(x, 1), (both,), both.max(1)),
+        "min": (lambda x: ops.min(x, 1), (both,), both.min(1)),
+        "argmax": (lambda x: ops.argmax(x, 1), (both,), both.argmax(1).astype(np.int32)),
+        "argmin": (lambda x: ops.argmin(x, 1), (both,), both.argmin(1).astype(np.int32)),
+        "topk": (lambda x: ops.topk(x, 3, 0, True, True)[0], (a,), np.sort(a)[::-1][:3]),
+        "topk_smallest": (lambda x: ops.topk(x, 2, 0, False, True)[1], (a,), np.argsort(a)[:2].astype(np.int32)),
+        "to_float32": (lambda x: ops.cast(x, popxl.float32), (a,), a.astype(np.float32)),
+        "histogram": (lambda x: ops.histogram(x, [1.0, top / 2 + 10], False), (a,),
+                      np.histogram(a.astype(np.float64), [-np.inf, 1.0, top / 2 + 10, np.inf])[0].astype(np.uint32)),
+    }
+    for name, (fn, inputs, want) in cases.items():
+        (got,), _ = run_graph(fn, *inputs)
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_uint64_max_and_min_across_replicas():
+    from ops_check import run_graph
+    values = np.array([[2 ** 64 - 1, 3], [5, 2 ** 63]], np.uint64)
+    (high, low), _ = run_graph(lambda x: (ops.collectives.replicated_all_reduce(x, "max"),
+                                          ops.collectives.replicated_all_reduce(x, "min")), values, replication=2)
+    np.testing.assert_array_equal(high, np.broadcast_to(values.max(0), (2, 2)))
+    np.testing.assert_array_equal(low, np.broadcast_to(values.min(0), (2, 2)))

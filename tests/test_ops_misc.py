@@ -168,3 +168,18 @@ def test_histogram_and_lamb_square(rng):
     np.testing.assert_allclose(per_replica, np.sum(x.astype(np.float64) ** 2, 1), rtol=1e-6)
     with pytest.raises(ValueError, match=r"levels \[1.0, 0.0\] must be strictly increasing"):
         build_error(lambda x: ops.histogram(x, [1, 0], False), spec((2,)))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64, np.int8, np.int32])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_increment_mod_wraps_the_sum_in_its_dtype(dtype, inplace):
+    """As PopART's IncrementMod: ``t + increment`` wraps around in t's dtype, then the remainder is taken
+    (C's, following the sum's sign); numpy's integer arithmetic wraps the same way."""
+    info = np.iinfo(dtype)
+    t = np.array([info.max, info.max - 1, 3, 0, info.min, info.max // 2 + 1], dtype)
+    fn = ops.increment_mod_ if inplace else ops.increment_mod
+    (got,), _ = run_graph(lambda x: fn(x, 1, 10), t)
+    total = t + dtype(1)
+    want = (np.fmod(total, dtype(10))).astype(dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)

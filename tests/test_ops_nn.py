@@ -187,12 +187,20 @@ def test_nll_loss_clamps_tiny_probabilities():
         torch.stack([p[0, 0].clamp(min=1e-7), p[1, 1]])), p, labels)
 
 
-def test_nll_loss_out_of_range_label_picks_probability_zero():
+@pytest.mark.parametrize("label", [3, 5, -2])
+def test_nll_loss_label_outside_the_classes_stops_the_run(label):
+    """A label that is no class (nor ignore_index) is an error naming the op and the label, as torch's."""
     p = np.full((2, 3), 1 / 3, np.float32)
-    out, grads = run_graph(lambda p, l: ops.nll_loss(p, l, reduction="none"), p, np.array([5, 1], np.int32),
-                           dys=[np.ones(2, np.float32)])
-    np.testing.assert_allclose(out[0], [-np.log(1e-7), np.log(3)], rtol=1e-6)
-    np.testing.assert_allclose(grads[0], [[0, 0, 0], [0, -3, 0]], rtol=1e-6)
+    labels = np.array([label, 1], np.int32)
+    with pytest.raises(IndexError, match=rf"nll_loss: label {label} is outside the 3 classes \[0, 3\)"):
+        run_graph(lambda p, l: ops.nll_loss(p, l, reduction="none"), p, labels)
+    with pytest.raises(IndexError, match=rf"nll_loss_with_softmax_grad: label {label} is outside"):
+        run_graph(lambda p, l: ops.nll_loss_with_softmax_grad(p, l, ignore_index=-100), p, labels)
+    with pytest.raises(IndexError):
+        torch.nn.functional.nll_loss(torch.tensor(p).log(), torch.tensor(labels, dtype=torch.int64))
+    # ignore_index may lie outside the classes: its rows add nothing.
+    out, _ = run_graph(lambda p, l: ops.nll_loss(p, l, ignore_index=label, reduction="none"), p, labels)
+    np.testing.assert_allclose(out[0], [0, np.log(3)], rtol=1e-6)
 
 
 def test_nll_loss_all_ignored_is_zero():

@@ -153,7 +153,7 @@ class Plan:
             fn = op.prim.lower_out(op, runtime) if op.single and not wide else None
             fn = op.prim.lower(op, runtime) if fn is None else with_memory(fn, op.outputs[0])
             if wide:
-                fn = _in_int64(fn, op)
+                fn = _in_int64(fn, op, ordered=op.prim.unsigned_of(op) == "order")
             if op in copied:
                 fn = _copying(fn)
             shared = tuple(i for i in op.prim.retains if classes.find(op.inputs[i].id) not in unchanging)
@@ -351,44 +351,52 @@ def _copying(fn):
 
 # torch implements little arithmetic for these types; kernels compute on int64 and results wrap around.
 _WIDE_UNSIGNED = {torch.uint16: 0xFFFF, torch.uint32: 0xFFFFFFFF, torch.uint64: None}
+_INT64_SIGN_BIT = -(1 << 63)
 
 
 def _computes_on_wide_unsigned(op) -> bool:
     prim = op.prim
-    if prim.view or prim.alias or prim.moves_unsigned:
+    if prim.view or prim.alias or prim.unsigned_of(op) == "torch":
         return False
     return any(t.dtype.as_torch() in _WIDE_UNSIGNED for t in op.inputs + op.outputs)
 
 
-def _widen(x):
+def _widen(x, ordered: bool):
+    """``x`` as int64: uint16/32 values as they are; uint64 ones with their bits, which two's complement
+    sums and products wrap as uint64's, or, ``ordered``, with the top bit flipped, which maps [0, 2**64)
+    onto [-2**63, 2**63) in the same order for kernels that compare values."""
     if not isinstance(x, torch.Tensor) or x.dtype not in _WIDE_UNSIGNED:
         return x
-    # uint64 keeps its bits (two's complement arithmetic wraps the same way); the others fit in int64.
-    return x.view(torch.int64) if x.dtype == torch.uint64 else x.to(torch.int64)
+    if x.dtype != torch.uint64:
+        return x.to(torch.int64)
+    bits = x.view(torch.int64)
+    return bits ^ _INT64_SIGN_BIT if ordered else bits
 
 
-def _narrow(y, dtype: torch.dtype):
+def _narrow(y, dtype: torch.dtype, ordered: bool):
+    """The inverse of ``_widen`` for an int64 result of unsigned ``dtype``, wrapping around."""
     if dtype not in _WIDE_UNSIGNED or y.dtype == dtype:
         return y
     y = y.to(torch.int64)
-    mask = _WIDE_UNSIGNED[dtype]
-    return y.view(torch.uint64) if mask is None else (y & mask).to(dtype)
+    if dtype == torch.uint64:
+        return (y ^ _INT64_SIGN_BIT if ordered else y).view(torch.uint64)
+    return (y & _WIDE_UNSIGNED[dtype]).to(dtype)
 
 
-def _in_int64(fn, op):
-    """``fn`` run on int64 copies of its uint16/32/64 values, results narrowed back with wrap-around;
-    inputs it modifies get the narrowed result written back."""
+def _in_int64(fn, op, ordered: bool):
+    """``fn`` run on int64 copies of its uint16/32/64 values (``_widen``), results narrowed back with
+    wrap-around; inputs it modifies get the narrowed result written back."""
     modified = op.modified_inputs
     out_dtypes = [t.dtype.as_torch() for t in op.outputs]
     single = op.single
 
     def run_in_int64(*xs):
-        wide = [_widen(x) for x in xs]
+        wide = [_widen(x, ordered) for x in xs]
         result = fn(*wide)
         for i in modified:
-            xs[i].copy_(_narrow(wide[i], xs[i].dtype))
+            xs[i].copy_(_narrow(wide[i], xs[i].dtype, ordered))
         results = [result] if single else list(result)
-        results = [_narrow(y, d) for y, d in zip(results, out_dtypes)]
+        results = [_narrow(y, d, ordered) for y, d in zip(results, out_dtypes)]
         if modified and results:
             results[0] = xs[modified[0]]
         return results[0] if single else tuple(results)

@@ -14,8 +14,12 @@ and optionally ``modifies`` (input indices written in place; output 0 aliases th
 in-place op would otherwise be visible through it), ``retains`` (inputs the kernel keeps a reference
 to after it returns, as ``host_store`` hands its value to the host; the runtime passes a copy unless
 nothing can change the value later), ``alias`` (output 0 deliberately aliases input 0,
-as ``reshape_``) or ``moves_unsigned`` (the kernel only moves uint16/32/64 values, which torch
-can do; other kernels see such values as int64 and their results wrap around as on the IPU). Ops that need runtime state (streams, remote buffers, subgraphs, replicas) override
+as ``reshape_``) or ``unsigned`` (how the kernel sees uint16/32/64 values, on which torch computes little:
+``"bits"``, the default, as int64 with the same low bits, for kernels whose results wrap around as on the
+IPU (sums, products, moves); ``"order"`` as int64 in the same order, for kernels that compare values
+(uint64 ones from 2**63 up would read negative as bits); ``"torch"`` as they are, for kernels that only
+move or convert them, which torch can do; see ``executor``). ``unsigned_of(op)`` gives it per op, for
+primitives whose kernel depends on an attribute. Ops that need runtime state (streams, remote buffers, subgraphs, replicas) override
 ``lower(op, runtime)`` to return the callable run for each execution. An op that can write its one
 output into given memory also defines ``lower_out(op, runtime)``: lowering hands large outputs
 memory it keeps across runs, or huge-page memory (see ``executor``).
@@ -72,7 +76,7 @@ class Primitive:
     view: bool = False
     retains: Tuple[int, ...] = ()
     alias: bool = False
-    moves_unsigned: bool = False
+    unsigned: str = "bits"
     # Remote buffer access (``op.attrs["buffer"]``): the output may be a view of the buffer's memory
     # (lowering copies it where that could show a later change), or the op writes the buffer.
     views_remote: bool = False
@@ -101,6 +105,11 @@ class Primitive:
         shape and dtype to write and return (None: fresh memory); None when the op cannot write into
         given memory."""
         return None
+
+    @classmethod
+    def unsigned_of(cls, op: Op) -> str:
+        """How this op's kernel sees uint16/32/64 values: ``"bits"``, ``"order"`` or ``"torch"``."""
+        return cls.unsigned
 
     @classmethod
     def called_graphs(cls, op: Op):

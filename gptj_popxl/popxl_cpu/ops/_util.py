@@ -69,3 +69,28 @@ def check_float(t: Tensor, what: str) -> None:
 def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two runtime values are views of one storage."""
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+_INT64_SIGN_BIT = -(1 << 63)
+
+
+def _uint64_at_least(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a >= b`` of uint64 values held as int64 bits: flipping the top bit maps unsigned order to signed."""
+    return (a ^ _INT64_SIGN_BIT) >= (b ^ _INT64_SIGN_BIT)
+
+
+def uint64_trunc_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a // b`` of uint64 values held as int64 bits (as the runtime gives them to kernels), which a
+    signed division would read as negative from 2**63 up."""
+    small_b = b >= 0  # below 2**63
+    divisor = torch.where(small_b, b, 1)
+    # Half of a fits int64's positive range; twice its quotient is a's, or one short of it.
+    quotient = (((a >> 1) & ~_INT64_SIGN_BIT) // divisor) << 1
+    quotient += _uint64_at_least(a - quotient * divisor, divisor)
+    # A divisor from 2**63 up goes into a once or not at all.
+    return torch.where(small_b, quotient, _uint64_at_least(a, b).to(torch.int64))
+
+
+def uint64_remainder(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a % b`` of uint64 values held as int64 bits (the products and differences wrap as uint64's)."""
+    return a - uint64_trunc_div(a, b) * b

@@ -13,7 +13,7 @@ from ..tensor import Tensor, constant
 class Call(Primitive):
     """Runs ``graph`` on the inputs; inputs are passed by value unless marked modified (by reference)."""
     name = "call"
-    moves_unsigned = True  # the called graph's own ops compute
+    unsigned = "torch"  # the called graph's own ops compute
 
     @staticmethod
     def infer(*inputs, graph, modified):

@@ -8,7 +8,7 @@ from .. import dtypes, kernels
 from ..primitive import Primitive, spec
 from ..tensor import Tensor
 from ._util import (broadcast_shape, check_float, check_same_dtype, replica_view_shape, scalar_like, shares_memory,
-                    unbroadcast)
+                    uint64_remainder, uint64_trunc_div, unbroadcast)
 
 # ---------------------------------------------------------------- unary
 
@@ -254,8 +254,10 @@ def isfinite(t: Tensor) -> Tensor:
 # ---------------------------------------------------------------- binary
 
 class Binary(Primitive):
-    """Broadcasting binary op; subclasses set ``fn`` (torch) and a gradient rule."""
+    """Broadcasting binary op; subclasses set ``fn`` (torch) and a gradient rule, and ``uint64_fn`` where
+    ``fn`` would read uint64 values from 2**63 up, given as int64 bits, as negative."""
     fn = None
+    uint64_fn = None
     out_dtype = None
 
     @classmethod
@@ -267,6 +269,8 @@ class Binary(Primitive):
     def lower(cls, op, runtime):
         a, b = op.inputs
         rank, fn = op.outputs[0].rank, cls.fn
+        if a.dtype == dtypes.uint64 and cls.uint64_fn is not None:
+            fn = cls.uint64_fn
         if a.rank == rank and b.rank == rank:
             return fn
         sa = replica_view_shape(a.shape, rank, runtime.replicas)
@@ -278,9 +282,10 @@ class Binary(Primitive):
         return lambda x, y: fn(x.reshape(sa), y.reshape(sb))
 
 
-def _binary(name, fn, grad=None, out_dtype=None):
+def _binary(name, fn, grad=None, out_dtype=None, unsigned="bits", uint64_fn=None):
     return type(name.title().replace("_", ""), (Binary,), {
-        "name": name, "fn": staticmethod(fn), "out_dtype": out_dtype,
+        "name": name, "fn": staticmethod(fn), "out_dtype": out_dtype, "unsigned": unsigned,
+        "uint64_fn": staticmethod(uint64_fn) if uint64_fn else None,
         "grad": staticmethod(grad) if grad else None})
 
 
@@ -294,16 +299,17 @@ Add = _binary("add", torch.add, lambda g: _grads(g, lambda: g.dy, lambda: g.dy))
 Sub = _binary("sub", torch.sub, lambda g: _grads(g, lambda: g.dy, lambda: negate(g.dy)))
 Mul = _binary("mul", torch.mul, lambda g: _grads(g, lambda: mul(g.dy, g.x(1)), lambda: mul(g.dy, g.x(0))))
 Div = _binary("div", lambda a, b: torch.div(a, b) if a.is_floating_point() else torch.div(a, b, rounding_mode="trunc"),
-              lambda g: _grads(g, lambda: div(g.dy, g.x(1)), lambda: negate(div(mul(g.dy, g.y(0)), g.x(1)))))
+              lambda g: _grads(g, lambda: div(g.dy, g.x(1)), lambda: negate(div(mul(g.dy, g.y(0)), g.x(1)))),
+              uint64_fn=uint64_trunc_div)
 Pow = _binary("pow", torch.pow, lambda g: _grads(
     g, lambda: mul(g.dy, mul(g.x(1), pow(g.x(0), sub(g.x(1), scalar_like(1, g.x(1)))))),
     lambda: mul(g.dy, mul(g.y(0), log(g.x(0))))))
 Fmod = _binary("fmod", torch.fmod, lambda g: _grads(
-    g, lambda: g.dy, lambda: negate(mul(g.dy, _trunc_div(g.x(0), g.x(1))))))
+    g, lambda: g.dy, lambda: negate(mul(g.dy, _trunc_div(g.x(0), g.x(1))))), uint64_fn=uint64_remainder)
 Maximum = _binary("maximum", torch.maximum, lambda g: _grads(
-    g, lambda: where_result(g.dy, g.x(0), g.y(0)), lambda: where_result(g.dy, g.x(1), g.y(0))))
+    g, lambda: where_result(g.dy, g.x(0), g.y(0)), lambda: where_result(g.dy, g.x(1), g.y(0))), unsigned="order")
 Equal = _binary("equal", torch.eq, out_dtype=dtypes.bool_)
-Greater = _binary("greater", torch.gt, out_dtype=dtypes.bool_)
+Greater = _binary("greater", torch.gt, out_dtype=dtypes.bool_, unsigned="order")
 LogicalAnd = _binary("logical_and", torch.logical_and, out_dtype=dtypes.bool_)
 LogicalOr = _binary("logical_or", torch.logical_or, out_dtype=dtypes.bool_)
 TruncDiv = _binary("trunc_div", lambda a, b: torch.trunc(a / b))
@@ -411,6 +417,7 @@ def logical_or(lhs: Tensor, rhs: Tensor) -> Tensor:
 
 class Cast(Primitive):
     name = "cast"
+    unsigned = "torch"  # torch converts unsigned values exactly
 
     @staticmethod
     def infer(t, data_type):

@@ -310,6 +310,7 @@ def onehot(t: Tensor, num_classes, values: Tensor, axis: int) -> Tensor:
 
 class TopK(Primitive):
     name = "topk"
+    unsigned = "order"
 
     @staticmethod
     def infer(t, k, axis, largest, sorted):  # noqa: A002 - popxl's name

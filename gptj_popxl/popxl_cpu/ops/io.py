@@ -46,7 +46,7 @@ def init(shape, dtype, name: Optional[str] = None, init_type: str = "zero", meta
 
 class HostLoad(Primitive):
     name = "host_load"
-    moves_unsigned = True
+    unsigned = "torch"
 
     @staticmethod
     def infer(stream):
@@ -60,7 +60,7 @@ class HostLoad(Primitive):
 
 class HostStore(Primitive):
     name = "host_store"
-    moves_unsigned = True
+    unsigned = "torch"
     retains = (0,)
 
     @staticmethod
@@ -113,7 +113,7 @@ class RemoteLoad(Primitive):
     write could show through, ``executor``); the memory report still counts it as a tensor on the
     device, which is where an IPU holds it."""
     name = "remote_load"
-    moves_unsigned = True
+    unsigned = "torch"
     views_remote = True
 
     @staticmethod
@@ -150,7 +150,7 @@ class RemoteLoadInplace(RemoteLoad):
 
 class RemoteStore(Primitive):
     name = "remote_store"
-    moves_unsigned = True
+    unsigned = "torch"
     writes_remote = True
 
     @staticmethod

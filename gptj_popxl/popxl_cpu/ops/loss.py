@@ -1,8 +1,9 @@
 """Negative log likelihood losses.
 
 ``probs`` has the classes on its last axis and ``labels`` the shape of the other axes. A label
-outside ``[0, C)`` picks probability 0; rows whose label is ``ignore_index`` add nothing, and 'mean'
-then divides by the number of rows not ignored (at least 1). Probabilities are clamped to 1e-7
+outside ``[0, C)`` that is not ``ignore_index`` stops the run with an IndexError naming it (as torch's
+loss does; popxl gives no result for it, and a graph cannot check values when it is built); rows whose
+label is ``ignore_index`` add nothing, and 'mean' then divides by the number of rows not ignored (at least 1). Probabilities are clamped to 1e-7
 (6.104e-5 for float16) before the log, as popart does; everything is computed in float32.
 """
 from typing import Optional, Tuple, Union
@@ -27,15 +28,20 @@ class _Rows:
     """One replica-batched view of the inputs: ``p`` rows ``(R, N, C)`` (float32), each row's picked
     probability, and each row's weight in the reduced loss (0 for ignored rows, 1/count for 'mean')."""
 
-    def __init__(self, probs: torch.Tensor, labels: torch.Tensor, ignore_index: Optional[int], reduction: str):
+    def __init__(self, probs: torch.Tensor, labels: torch.Tensor, ignore_index: Optional[int], reduction: str,
+                 what: str):
         replicas, classes = probs.shape[0], probs.shape[-1]
         self.shape = probs.shape
         self.p = probs.reshape(replicas, -1, classes).float()
         lab = labels.reshape(replicas, -1).long()
         self.in_range = (lab >= 0) & (lab < classes)
+        valid = (lab != ignore_index) if ignore_index is not None else torch.ones_like(lab, dtype=torch.bool)
+        bad = valid & ~self.in_range
+        if bad.any():
+            raise IndexError(f"{what}: label {lab[bad][0].item()} is outside the {classes} classes [0, {classes}) "
+                             f"and is not ignore_index ({ignore_index})")
         self.column = lab.clamp(0, classes - 1).unsqueeze(-1)
         self.picked = torch.where(self.in_range, torch.gather(self.p, -1, self.column).squeeze(-1), 0.0)
-        valid = (lab != ignore_index) if ignore_index is not None else torch.ones_like(lab, dtype=torch.bool)
         self.weight = valid.float()
         if reduction == "mean":
             self.weight = self.weight / valid.sum(1, keepdim=True).clamp(min=1)
@@ -61,7 +67,8 @@ class NllLoss(Primitive):
 
     @staticmethod
     def kernel(probs, labels, ignore_index, reduction, log_prob):
-        return _loss(_Rows(probs, labels, ignore_index, reduction), labels.shape, reduction, log_prob, probs.dtype)
+        return _loss(_Rows(probs, labels, ignore_index, reduction, "nll_loss"), labels.shape, reduction, log_prob,
+                     probs.dtype)
 
     @staticmethod
     def grad(g):
@@ -77,7 +84,7 @@ class NllLossGrad(Primitive):
 
     @staticmethod
     def kernel(dy, probs, labels, ignore_index, reduction, log_prob):
-        rows = _Rows(probs, labels, ignore_index, reduction)
+        rows = _Rows(probs, labels, ignore_index, reduction, "nll_loss_grad")
         scale = -dy.reshape(dy.shape[0], -1).float() * rows.weight
         if not log_prob:
             # d/dp -log(max(p, eps)) is -1/p above eps and 0 where the clamp holds.
@@ -95,7 +102,7 @@ class NllLossWithSoftmaxGrad(Primitive):
 
     @staticmethod
     def kernel(probs, labels, loss_grad, ignore_index, reduction):
-        rows = _Rows(probs, labels, ignore_index, reduction)
+        rows = _Rows(probs, labels, ignore_index, reduction, "nll_loss_with_softmax_grad")
         loss = _loss(rows, labels.shape, reduction, False, probs.dtype)
         scale = loss_grad.reshape(-1, 1).float() * rows.weight
         dx = rows.add_at_labels(rows.p * scale.unsqueeze(-1), -scale)

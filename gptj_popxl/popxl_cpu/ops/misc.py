@@ -9,7 +9,7 @@ from .. import dtypes
 from ..context import ipu
 from ..primitive import Primitive, spec
 from ..tensor import Tensor, constant
-from ._util import norm_axis, shares_memory
+from ._util import norm_axis, shares_memory, uint64_remainder
 from .elementwise import Identity, cast, mul
 from .reduce import sum as reduce_sum
 from .shape import reshape, slice as slice_op
@@ -20,17 +20,38 @@ __all__ = ["increment_mod", "increment_mod_", "scaled_add", "scaled_add_", "prin
 
 # ---------------------------------------------------------------- increment_mod
 
+def _int64_bits(value: int, bits: int) -> int:
+    """The int64 holding the low ``bits`` bits of ``value`` as the runtime gives uint16/32/64 values to kernels."""
+    value %= 1 << bits
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _increment_mod_kernel(dtype, increment, modulus):
+    """``(x + increment) % modulus`` as PopART computes it: the sum wraps around in ``x``'s dtype, then
+    the remainder (C's: its sign follows the sum's) is taken."""
+    if dtype not in (dtypes.uint16, dtypes.uint32, dtypes.uint64):
+        # torch keeps the tensor's dtype for a python scalar, wrapping an integer sum as PopART does.
+        return lambda x: torch.fmod(x + increment, modulus)
+    # Kernels get these as int64 (executor): the sum is wrapped here, uint64's by int64 arithmetic itself.
+    bits = np.dtype(dtype.as_numpy()).itemsize * 8
+    increment, modulus = _int64_bits(increment, bits), _int64_bits(modulus, bits)
+    if dtype == dtypes.uint64:
+        modulus = torch.tensor(modulus)
+        return lambda x: uint64_remainder(x + increment, modulus)
+    return lambda x: torch.fmod((x + increment) & ((1 << bits) - 1), modulus)
+
+
 class IncrementMod(Primitive):
-    """``fmod(t + increment, modulus)``, e.g. a counter cycling through ``[0, modulus)``."""
+    """``(t + increment) % modulus`` in ``t``'s dtype, e.g. a counter cycling through ``[0, modulus)``."""
     name = "increment_mod"
 
     @staticmethod
     def infer(t, increment, modulus):
         return t.spec
 
-    @staticmethod
-    def kernel(x, increment, modulus):
-        return torch.fmod(x + increment, modulus).to(x.dtype)
+    @classmethod
+    def lower(cls, op, runtime):
+        return _increment_mod_kernel(op.inputs[0].dtype, op.attrs["increment"], op.attrs["modulus"])
 
     @staticmethod
     def grad(g):
@@ -42,20 +63,24 @@ class IncrementModInplace(IncrementMod):
     modifies = (0,)
     grad = None
 
-    @staticmethod
-    def kernel(x, increment, modulus):
-        return x.copy_(IncrementMod.kernel(x, increment, modulus))
+    @classmethod
+    def lower(cls, op, runtime):
+        kernel = _increment_mod_kernel(op.inputs[0].dtype, op.attrs["increment"], op.attrs["modulus"])
+        return lambda x: x.copy_(kernel(x))
 
 
 def _increment_mod(prim, t: Tensor, increment: float, modulus: float) -> Tensor:
-    if modulus == 0:
-        raise ValueError(f"{prim.name} of '{t.name}': modulus must not be 0")
+    # As PopART, increment and modulus take t's dtype first (an integer one truncates them).
     kind = int if t.dtype.is_int else float
-    return prim.create(t, increment=kind(increment), modulus=kind(modulus))
+    increment, modulus = kind(increment), kind(modulus)
+    if modulus == 0:
+        raise ValueError(f"{prim.name} of '{t.name}': modulus must not be 0 (in {t.dtype.name})")
+    return prim.create(t, increment=increment, modulus=modulus)
 
 
 def increment_mod(t: Tensor, increment: float, modulus: float) -> Tensor:
-    """``(t + increment) % modulus`` (C fmod: the sign of the result follows ``t + increment``)."""
+    """``(t + increment) % modulus``, the sum wrapping around in ``t``'s dtype (an integer one) before the
+    remainder, whose sign follows the sum's (C's fmod)."""
     return _increment_mod(IncrementMod, t, increment, modulus)
 
 
@@ -285,6 +310,7 @@ class Histogram(Primitive):
     """uint32 counts of ``t`` in the ``len(levels) + 1`` bins the levels bound: below ``levels[0]``,
     each ``[levels[i-1], levels[i])``, and from ``levels[-1]`` up."""
     name = "histogram"
+    unsigned = "torch"  # the kernel compares the values converted to float64, which torch does from any dtype
 
     @staticmethod
     def infer(t, levels, absolute_of_input):

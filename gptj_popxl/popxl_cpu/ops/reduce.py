@@ -97,6 +97,7 @@ class ReduceMean(Reduce):
 
 class ReduceMax(Reduce):
     name = "max"
+    unsigned = "order"
     fn = staticmethod(lambda x, axes, keepdims: torch.amax(x, axes, keepdim=keepdims))
 
     @staticmethod
@@ -265,6 +266,7 @@ def l2(t: Tensor, axis=None, keepdims=False) -> Tensor:
 
 class ArgMax(Primitive):
     name = "argmax"
+    unsigned = "order"
     fn = staticmethod(torch.argmax)
 
     @staticmethod

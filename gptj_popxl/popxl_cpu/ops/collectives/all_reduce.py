@@ -6,12 +6,13 @@ import torch
 from ...primitive import Primitive
 from ...tensor import Tensor
 from ...replica_layout import REDUCE
-from .replicated import check_op
+from .replicated import check_op, unsigned_of_reduction
 
 
 class AllReduce(Primitive):
     """Every output is the reduction (``op``) of all inputs."""
     name = "all_reduce"
+    unsigned_of = classmethod(lambda cls, op: unsigned_of_reduction(op))
 
     @staticmethod
     def infer(*ts, op):

@@ -57,11 +57,17 @@ def resolve_group(group: Optional[ReplicaGrouping], what: str) -> ReplicaGroupin
     return group
 
 
+def unsigned_of_reduction(op) -> str:
+    """How a collective's kernel sees unsigned values (``Primitive.unsigned``): 'min' and 'max' compare them."""
+    return "order" if op.attrs["op"] in ("min", "max") else "bits"
+
+
 # ---------------------------------------------------------------- primitives
 
 class ReplicatedAllReduce(Primitive):
     """Each replica gets the reduction (``op``) of the values of the replicas in its group."""
     name = "replicated_all_reduce"
+    unsigned_of = classmethod(lambda cls, op: unsigned_of_reduction(op))
 
     @staticmethod
     def infer(t, op, group):
@@ -134,6 +140,7 @@ class ReplicatedReduceScatter(Primitive):
     """Reduces (``op``) over each group, then each replica keeps its own chunk under ``layout``; a
     ``sharded`` flat chunk is a replica-sharded tensor, whose meta shape is ``t``'s shape."""
     name = "replicated_reduce_scatter"
+    unsigned_of = classmethod(lambda cls, op: unsigned_of_reduction(op))
 
     @staticmethod
     def infer(t, op, group, layout, axis, sharded):

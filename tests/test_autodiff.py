@@ -315,6 +315,43 @@ def test_autodiff_errors():
             popxl.transforms.autodiff(fwd.inputs[0])
 
 
+def _no_gradient_rule_before_a_call(sub):
+    def fwd(x, w):
+        return ops.call(sub, ops.gelu_(x * 2.0), w)[0]  # gelu_ has no gradient rule
+    return fwd
+
+
+def _write_through_a_view_before_a_call(sub):
+    def fwd(x, w):
+        y = x * 2.0
+        view = ops.transpose_(y)
+        view += 1.0  # writes y's memory, which the call then reads as 'y'
+        return ops.call(sub, y, w)[0]
+    return fwd
+
+
+@pytest.mark.parametrize("make_fwd, error", [(_no_gradient_rule_before_a_call, "no gradient rule"),
+                                             (_write_through_a_view_before_a_call, "in place")],
+                         ids=["no_gradient_rule", "write_through_a_view"])
+def test_refused_autodiff_leaves_the_ir_as_it_was(make_fwd, error):
+    """The called graph is differentiated first (its gradient graph made, forward outputs stitched to it and
+    its call site) and only then the caller refused: none of it may stay."""
+    ir = popxl.Ir()
+    with ir.main_graph:
+        sub = ir.create_graph(lambda x, w: ops.tanh(x @ w), spec(2, 3), spec(3, 3))
+        fwd = ir.create_graph(make_fwd(sub), spec(2, 3), spec(3, 3))
+        site = ops.call_with_info(fwd, ops.init((2, 3), F32), ops.init((3, 3), F32))
+
+    def state():
+        return ([(g, list(g.outputs), list(g.tensors), list(g._ops)) for g in ir._graphs],
+                [(op, list(op.outputs)) for g in ir._graphs for op in g._ops])
+    before = state()
+    with pytest.raises(NotImplementedError, match=error):
+        popxl.transforms.autodiff(fwd)
+    assert state() == before
+    assert len(site.outputs) == 1 and len(ir._graphs) == 3
+
+
 def _in_place_bias(x, w, b):
     y = x @ w
     y += b  # writes y; tanh then reads y, not the write's output

@@ -117,8 +117,7 @@ class _Builder:
         # Forward tensor id -> the latest forward position of an op whose gradient rule reads its value.
         self._read_at: Dict[str, int] = {}
         self._reading_for = -1
-        # Forward values the rules read that become forward outputs, once the gradient graph stands: a
-        # refused autodiff leaves the forward graph as it was.
+        # Forward values the rules read, appended to the forward outputs once every rule has run.
         self.stitch: List[Tensor] = []
         # In the order given, as popxl guarantees: the gradient graph's inputs follow it. A tensor the
         # graph returns in several places takes a gradient input for each, summed.
@@ -293,8 +292,35 @@ def autodiff(graph: Graph, grads_provided: Optional[Iterable[Tensor]] = None,
             raise TypeError(f"autodiff of '{graph.name}': cannot differentiate with respect to '{t.name}' of dtype "
                             f"{t.dtype.name}")
     infos = dict(called_graphs_grad_info or {})
-    info = _differentiate(graph, provided, required, infos)
+    # Differentiating a called graph adds its gradient graph and the forward outputs its rules read (at
+    # every call site) before the rest is done: a refused autodiff undoes all of it.
+    before = _IrState(graph.ir)
+    try:
+        info = _differentiate(graph, provided, required, infos)
+    except BaseException:
+        before.restore()
+        raise
     return infos if return_all_grad_graphs else info
+
+
+class _IrState:
+    """What autodiff may change in an IR: its graphs, and each graph's ops, outputs, call sites and tensors
+    (call sites gain outputs when a called graph does)."""
+
+    def __init__(self, ir):
+        self.ir = ir
+        self.graphs = list(ir._graphs)
+        self.per_graph = [(list(g._ops), list(g._outputs), set(g._stitched), list(g._call_sites), dict(g._tensors))
+                          for g in self.graphs]
+        self.op_outputs = [(op, list(op.outputs)) for g in self.graphs for op in g._ops]
+
+    def restore(self) -> None:
+        self.ir._graphs[:] = self.graphs
+        for g, (ops, outputs, stitched, call_sites, tensors) in zip(self.graphs, self.per_graph):
+            g._ops[:], g._outputs[:], g._call_sites[:] = ops, outputs, call_sites
+            g._stitched, g._tensors = stitched, tensors
+        for op, outputs in self.op_outputs:
+            op.outputs[:] = outputs
 
 
 def _differentiate(graph: Graph, provided, required, infos: Dict[Graph, GradGraphInfo]) -> GradGraphInfo:

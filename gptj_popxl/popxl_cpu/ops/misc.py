@@ -119,9 +119,10 @@ class ScaledAdd(Primitive):
 
 
 class ScaledAddInplace(ScaledAdd):
+    """scaled_add's gradient rule: the gradient of a tensor scale of X reads X as it was before this op
+    wrote it, which autodiff copies for it."""
     name = "scaled_add_"
     modifies = (0,)
-    grad = None
 
 
 def _scaled_add(prim, X: Tensor, Y: Tensor, a, b) -> Tensor:

@@ -315,6 +315,25 @@ def test_autodiff_errors():
             popxl.transforms.autodiff(fwd.inputs[0])
 
 
+@pytest.mark.parametrize("act, act_torch, act_rule_reads", [(ops.relu, torch.relu, "output"),
+                                                           (ops.gelu, t_gelu, "input"),
+                                                           (ops.tanh, torch.tanh, "output")],
+                         ids=["relu", "gelu", "tanh"])
+@pytest.mark.parametrize("required", [[0, 1, 2], [0], [1], [2]], ids=lambda r: "d" + "".join("xwb"[i] for i in r))
+def test_the_gradient_graph_takes_only_the_forward_values_its_rules_need(act, act_torch, act_rule_reads, required):
+    """act(x @ w + b): the activation's rule reads one value; the add's none; the matmul's gradient of x
+    reads w, that of w reads x."""
+    ir, fwd, info = check(lambda x, w, b: act(x @ w + b), lambda x, w, b: act_torch(x @ w + b),
+                          [randn(2, 3), randn(3, 4, seed=1), randn(4, seed=2)], required=required)
+    x, w, _ = fwd.inputs
+    matmul, add, activation = fwd._ops
+    expected = {add.outputs[0] if act_rule_reads == "input" else activation.outputs[0]}
+    expected |= {w} if 0 in required else set()
+    expected |= {x} if 1 in required else set()
+    assert {c.fwd_tensor for c in info.expected_inputs if c.connection_type is ExpectedConnectionType.Fwd} == expected
+    assert matmul.outputs[0] not in fwd.outputs
+
+
 def _no_gradient_rule_before_a_call(sub):
     def fwd(x, w):
         return ops.call(sub, ops.gelu_(x * 2.0), w)[0]  # gelu_ has no gradient rule

@@ -315,42 +315,129 @@ def test_autodiff_errors():
             popxl.transforms.autodiff(fwd.inputs[0])
 
 
+@pytest.mark.parametrize("act, act_torch, act_rule_reads", [(ops.relu, torch.relu, "output"),
+                                                           (ops.gelu, t_gelu, "input"),
+                                                           (ops.tanh, torch.tanh, "output")],
+                         ids=["relu", "gelu", "tanh"])
+@pytest.mark.parametrize("required", [[0, 1, 2], [0], [1], [2]], ids=lambda r: "d" + "".join("xwb"[i] for i in r))
+def test_the_gradient_graph_takes_only_the_forward_values_its_rules_need(act, act_torch, act_rule_reads, required):
+    """act(x @ w + b): the activation's rule reads one value; the add's none; the matmul's gradient of x
+    reads w, that of w reads x."""
+    ir, fwd, info = check(lambda x, w, b: act(x @ w + b), lambda x, w, b: act_torch(x @ w + b),
+                          [randn(2, 3), randn(3, 4, seed=1), randn(4, seed=2)], required=required)
+    x, w, _ = fwd.inputs
+    matmul, add, activation = fwd._ops
+    expected = {add.outputs[0] if act_rule_reads == "input" else activation.outputs[0]}
+    expected |= {w} if 0 in required else set()
+    expected |= {x} if 1 in required else set()
+    assert {c.fwd_tensor for c in info.expected_inputs if c.connection_type is ExpectedConnectionType.Fwd} == expected
+    assert matmul.outputs[0] not in fwd.outputs
+
+
+def _no_gradient_rule_before_a_call(sub):
+    def fwd(x, w):
+        return ops.call(sub, ops.gelu_(x * 2.0), w)[0]  # gelu_ has no gradient rule
+    return fwd
+
+
+def _write_through_a_view_before_a_call(sub):
+    def fwd(x, w):
+        y = x * 2.0
+        view = ops.transpose_(y)
+        view += 1.0  # writes y's memory, which the call then reads as 'y'
+        return ops.call(sub, y, w)[0]
+    return fwd
+
+
+@pytest.mark.parametrize("make_fwd, error", [(_no_gradient_rule_before_a_call, "no gradient rule"),
+                                             (_write_through_a_view_before_a_call, "in place")],
+                         ids=["no_gradient_rule", "write_through_a_view"])
+def test_refused_autodiff_leaves_the_ir_as_it_was(make_fwd, error):
+    """The called graph is differentiated first (its gradient graph made, forward outputs stitched to it and
+    its call site) and only then the caller refused: none of it may stay."""
+    ir = popxl.Ir()
+    with ir.main_graph:
+        sub = ir.create_graph(lambda x, w: ops.tanh(x @ w), spec(2, 3), spec(3, 3))
+        fwd = ir.create_graph(make_fwd(sub), spec(2, 3), spec(3, 3))
+        site = ops.call_with_info(fwd, ops.init((2, 3), F32), ops.init((3, 3), F32))
+
+    def state():
+        return ([(g, list(g.outputs), list(g.tensors), list(g._ops)) for g in ir._graphs],
+                [(op, list(op.outputs)) for g in ir._graphs for op in g._ops])
+    before = state()
+    with pytest.raises(NotImplementedError, match=error):
+        popxl.transforms.autodiff(fwd)
+    assert state() == before
+    assert len(site.outputs) == 1 and len(ir._graphs) == 3
+
+
 def _in_place_bias(x, w, b):
     y = x @ w
-    y += b  # writes y; tanh then reads y, not the write's output
+    y += b  # writes y; tanh reads y, which now holds add_'s output
+    return ops.tanh(y)
+
+
+def _scaled_then_shifted(x):
+    y = x * 2.0
+    y += 1.0
     return ops.tanh(y)
 
 
 def _residual_in_place(x, w):
     h = x * 1.0
-    h += ops.tanh(h @ w)
+    h += ops.tanh(h @ w)  # matmul's rule reads h as it was before this write
     return h
-
-
-def _in_place_through_a_view(x, w, b):
-    y = x @ w
-    view = ops.transpose_(y)
-    view += b  # writes y's memory
-    return ops.tanh(y)
 
 
 def _read_then_overwritten(x):
     t = ops.tanh(x)
     s = ops.sum(t)
-    t += 1.0  # tanh's gradient rule reads t
-    return s
+    t += 1.0  # tanh's rule reads its output t as it was before this write
+    return s, t
 
 
-@pytest.mark.parametrize("fn, shapes", [(_in_place_bias, [(2, 3), (3, 4), (4,)]),
-                                        (_residual_in_place, [(2, 3), (3, 3)]),
-                                        (_in_place_through_a_view, [(2, 3), (3, 4), (4, 2)]),
-                                        (_read_then_overwritten, [(4,)])], ids=lambda v: getattr(v, "__name__", ""))
-def test_in_place_writes_that_would_give_wrong_gradients_are_refused(fn, shapes):
+def _written_twice_read_between(x, w, b):
+    y = x * 1.0
+    y += b
+    z = y * w  # mul's rule reads y (after the first write) and w
+    y += z
+    return ops.tanh(y)
+
+
+def _scaled_add_with_tensor_scales(x, y, a, b):
+    X = x * 1.0
+    ops.scaled_add_(X, y, a, b)  # the rule for a reads X before the write, for b reads y
+    return ops.tanh(X)
+
+
+@pytest.mark.parametrize("fn, fn_torch, shapes", [
+    (_in_place_bias, lambda x, w, b: torch.tanh(x @ w + b), [(2, 3), (3, 4), (4,)]),
+    (_scaled_then_shifted, lambda x: torch.tanh(x * 2.0 + 1.0), [(5,)]),
+    (_residual_in_place, lambda x, w: x + torch.tanh(x @ w), [(2, 3), (3, 3)]),
+    (_read_then_overwritten, lambda x: (torch.tanh(x).sum(), torch.tanh(x) + 1.0), [(4,)]),
+    (_written_twice_read_between, lambda x, w, b: torch.tanh((x + b) + (x + b) * w), [(2, 3), (3,), (3,)]),
+    (_scaled_add_with_tensor_scales, lambda x, y, a, b: torch.tanh(a * x + b * y), [(2, 3), (2, 3), (), ()]),
+], ids=lambda v: getattr(v, "__name__", ""))
+def test_in_place_writes_on_the_gradient_path(fn, fn_torch, shapes):
+    """Against torch: reads after an in-place write see the written value and pass gradients through the
+    write; a value a gradient rule reads that is overwritten later reaches it as it was."""
+    check(fn, fn_torch, [randn(*shape, seed=i) for i, shape in enumerate(shapes)])
+
+
+def _in_place_through_a_view(x, w, b):
+    y = x @ w
+    view = ops.transpose_(y)
+    view += b  # writes y's memory through another view of it
+    return ops.tanh(y)
+
+
+def test_a_read_of_memory_written_through_another_view_is_refused():
     ir = popxl.Ir()
     with ir.main_graph:
-        fwd = ir.create_graph(fn, *[spec(*shape) for shape in shapes])
+        fwd = ir.create_graph(_in_place_through_a_view, spec(2, 3), spec(3, 4), spec(4, 2))
         outputs = fwd.outputs
-        with pytest.raises(NotImplementedError, match="in place"):
+        with pytest.raises(NotImplementedError, match=r"op tanh \('tanh'\) reads 'matmul' after op add_ \('add_'\) "
+                                                      r"wrote its memory in place through 'transpose_'"):
             popxl.transforms.autodiff(fwd)
         assert fwd.outputs == outputs  # the forward graph is left as it was
 

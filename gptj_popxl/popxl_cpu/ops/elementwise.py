@@ -13,36 +13,40 @@ from ._util import (broadcast_shape, check_float, check_same_dtype, replica_view
 # ---------------------------------------------------------------- unary
 
 class ElementwiseGrad(Primitive):
-    """``dy * f'(x)`` for a unary primitive ``of``, computed from the forward input ``x`` and output ``y``.
+    """``dy * f'(x)`` for a unary primitive ``of``, computed from ``v``: the forward input ``x``, the output
+    ``y`` or ``dy`` itself, whichever ``of.derivative_reads`` names (so autodiff keeps only that value).
 
     A primitive with a ``fused_grad(dy, x)`` (one kernel for the whole product) uses it on float32
-    values; otherwise ``derivative(x, y)`` is built from separate torch ops.
+    values; otherwise ``derivative(v)`` is built from separate torch ops.
     """
     name = "elementwise_grad"
 
     @staticmethod
-    def infer(dy, x, y, of):
+    def infer(dy, v, of):
         return dy.spec
 
     @classmethod
     def lower(cls, op, runtime):
         of = op.attrs["of"]
         fused = getattr(of, "fused_grad", None)
-        if fused is not None and all(t.dtype == dtypes.float32 for t in op.inputs[:2]):
-            return lambda dy, x, y: fused(dy, x)
+        if fused is not None and all(t.dtype == dtypes.float32 for t in op.inputs):
+            return fused
         derivative = of.derivative
-        return lambda dy, x, y: dy * derivative(x, y).to(dy.dtype)
+        return lambda dy, v: dy * derivative(v).to(dy.dtype)
 
 
 def _unary_grad(g):
-    return [ElementwiseGrad.create(g.dy, g.x(0), g.y(0), of=g.op.prim)]
+    reads = g.op.prim.derivative_reads
+    v = g.x(0) if reads == "x" else g.y(0) if reads == "y" else g.dy
+    return [ElementwiseGrad.create(g.dy, v, of=g.op.prim)]
 
 
-def _unary(name: str, fn: Callable, derivative: Callable = None, floating: bool = True, out_dtype=None,
-           fused_grad: Callable = None, lower_out: Callable = None):
-    """Defines a unary primitive; ``derivative(x, y)`` (torch) gives its gradient rule, ``fused_grad(dy, x)``
-    optionally the same ``dy * f'(x)`` as one kernel, and ``lower_out(op, runtime)`` optionally the
-    primitive's ``lower_out``."""
+def _unary(name: str, fn: Callable, derivative: Callable = None, reads: str = "x", floating: bool = True,
+           out_dtype=None, fused_grad: Callable = None, lower_out: Callable = None):
+    """Defines a unary primitive; ``derivative(v)`` (torch) gives its gradient rule from ``v``, which
+    ``reads`` names: the input ``"x"``, the output ``"y"``, or ``"dy"`` where only its shape matters.
+    ``fused_grad(dy, x)`` optionally gives the same ``dy * f'(x)`` as one kernel, and
+    ``lower_out(op, runtime)`` optionally the primitive's ``lower_out``."""
     attrs = {
         "name": name,
         "infer": staticmethod(lambda t: _unary_infer(t, name, floating, out_dtype)),
@@ -52,6 +56,7 @@ def _unary(name: str, fn: Callable, derivative: Callable = None, floating: bool 
         attrs["lower_out"] = classmethod(lambda cls, op, runtime: lower_out(op, runtime))
     if derivative is not None:
         attrs["derivative"] = staticmethod(derivative)
+        attrs["derivative_reads"] = reads
         attrs["grad"] = staticmethod(_unary_grad)
     if fused_grad is not None:
         attrs["fused_grad"] = staticmethod(fused_grad)
@@ -95,41 +100,42 @@ def _gelu_tanh_grad(dy, x):
     return kernels.gelu_tanh_grad(dy, x)
 
 
-def _gelu_tanh_derivative(x, y):
+def _gelu_tanh_derivative(x):
     x = x.float()
     inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
     th = torch.tanh(inner)
     return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
 
 
-def _gelu_erf_derivative(x, y):
+def _gelu_erf_derivative(x):
     x = x.float()
     return 0.5 * (1 + torch.erf(x / math.sqrt(2.0))) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
-def _swish_derivative(x, y):
+def _swish_derivative(x):
     s = torch.sigmoid(x.float())
     return s * (1 + x.float() * (1 - s))
 
 
-Negate = _unary("negate", torch.neg, lambda x, y: torch.full_like(x, -1), floating=False)
-Sqrt = _unary("sqrt", torch.sqrt, lambda x, y: 0.5 / y)
-Exp = _unary("exp", torch.exp, lambda x, y: y)
-Log = _unary("log", torch.log, lambda x, y: 1 / x)
-Log2 = _unary("log2", torch.log2, lambda x, y: 1 / (x * math.log(2.0)))
-Tanh = _unary("tanh", torch.tanh, lambda x, y: 1 - y * y)
-Sin = _unary("sin", torch.sin, lambda x, y: torch.cos(x))
-Cos = _unary("cos", torch.cos, lambda x, y: -torch.sin(x))
-Abs = _unary("abs", torch.abs, lambda x, y: torch.sign(x), floating=False)
-Relu = _unary("relu", torch.relu, lambda x, y: (x > 0).to(x.dtype), floating=False)
+Negate = _unary("negate", torch.neg, lambda dy: torch.full_like(dy, -1), reads="dy", floating=False)
+Sqrt = _unary("sqrt", torch.sqrt, lambda y: 0.5 / y, reads="y")
+Exp = _unary("exp", torch.exp, lambda y: y, reads="y")
+Log = _unary("log", torch.log, lambda x: 1 / x)
+Log2 = _unary("log2", torch.log2, lambda x: 1 / (x * math.log(2.0)))
+Tanh = _unary("tanh", torch.tanh, lambda y: 1 - y * y, reads="y")
+Sin = _unary("sin", torch.sin, torch.cos)
+Cos = _unary("cos", torch.cos, lambda x: -torch.sin(x))
+Abs = _unary("abs", torch.abs, torch.sign, floating=False)
+# From the output: a relu's output is what the next op reads anyway, so autodiff keeps one value, not two.
+Relu = _unary("relu", torch.relu, lambda y: (y > 0).to(y.dtype), reads="y", floating=False)
 Gelu = _unary("gelu", _gelu_tanh, _gelu_tanh_derivative, fused_grad=_gelu_tanh_grad,
               lower_out=_gelu_tanh_lower_out)
 Geluerf = _unary("geluerf", torch.nn.functional.gelu, _gelu_erf_derivative,
                  fused_grad=lambda dy, x: torch.ops.aten.gelu_backward(dy, x, approximate="none"))
 Swish = _unary("swish", torch.nn.functional.silu, _swish_derivative, fused_grad=torch.ops.aten.silu_backward)
-Sign = _unary("sign", torch.sign, lambda x, y: torch.zeros_like(x), floating=False)
-Floor = _unary("floor", torch.floor, lambda x, y: torch.zeros_like(x))
-Ceil = _unary("ceil", torch.ceil, lambda x, y: torch.zeros_like(x))
+Sign = _unary("sign", torch.sign, torch.zeros_like, reads="dy", floating=False)
+Floor = _unary("floor", torch.floor, torch.zeros_like, reads="dy")
+Ceil = _unary("ceil", torch.ceil, torch.zeros_like, reads="dy")
 LogicalNot = _unary("logical_not", torch.logical_not, floating=False, out_dtype=dtypes.bool_)
 Isnan = _unary("isnan", torch.isnan, floating=False, out_dtype=dtypes.bool_)
 Isinf = _unary("isinf", torch.isinf, floating=False, out_dtype=dtypes.bool_)
@@ -328,6 +334,7 @@ def _trunc_div(a, b):
 class AddInplace(Binary):
     name = "add_"
     modifies = (0,)
+    grad = staticmethod(Add.grad)  # reads no forward value, so the write loses it nothing
 
     @classmethod
     def infer(cls, a, b):

@@ -136,17 +136,21 @@ class ScaledAdd(Primitive):
             return t if t.dtype == g.in_spec(k).dtype else cast(t, g.in_spec(k).dtype)
         grads = [as_dtype_of(mul(g.dy, factor(i)), i) if g.needs(i) else None for i in (0, 1)]
         for operand, k in scale_input.items():
+            if not g.needs(k):
+                grads.append(None)
+                continue
             s = g.in_spec(k)
             # In float32, as the forward: the operands may be of two dtypes, one too narrow for the other.
             product = mul(cast(g.dy, dtypes.float32), cast(g.x(operand), dtypes.float32))
-            grads.append(reshape(cast(reduce_sum(product), s.dtype), s.shape) if g.needs(k) else None)
+            grads.append(reshape(cast(reduce_sum(product), s.dtype), s.shape))
         return grads
 
 
 class ScaledAddInplace(ScaledAdd):
+    """scaled_add's gradient rule: the gradient of a tensor scale of X reads X as it was before this op
+    wrote it, which autodiff copies for it."""
     name = "scaled_add_"
     modifies = (0,)
-    grad = None
 
 
 def _scaled_add(prim, X: Tensor, Y: Tensor, a, b) -> Tensor:

@@ -112,19 +112,23 @@ class MatMul(Primitive):
         # With output_type the gradient arrives in that dtype; the inputs' gradients are in theirs.
         dy = g.dy if g.dy.dtype == a.dtype else cast(g.dy, a.dtype)
         dy2 = reshape(dy, _matmul_shape_2d(a.shape, b.shape, dy.shape))
-        x = g.x(0) if len(a.shape) > 1 else reshape(g.x(0), (1,) + a.shape)
-        y = g.x(1) if len(b.shape) > 1 else reshape(g.x(1), b.shape + (1,))
+        # Each operand's gradient reads only the other operand, so autodiff keeps only what is needed.
+        x_shape = a.shape if len(a.shape) > 1 else (1,) + a.shape
+        y_shape = b.shape if len(b.shape) > 1 else b.shape + (1,)
         da = db = None
         if g.needs(0):
+            y = reshape(g.x(1), y_shape) if y_shape != b.shape else g.x(1)
             da = matmul(dy2, transpose(y, _swap_last(y.rank)))
-            da = reshape(unbroadcast(da, x.shape), a.shape)
-        if g.needs(1) and len(a.shape) > 2 and len(b.shape) == 2:
-            # Batch axes of lhs summed in the product itself: one (k, rows) @ (rows, n) matmul.
-            rows = int(np.prod(a.shape[:-1], dtype=np.int64))
-            db = matmul(transpose(reshape(x, (rows, a.shape[-1])), (1, 0)), reshape(dy2, (rows, b.shape[-1])))
-        elif g.needs(1):
-            db = matmul(transpose(x, _swap_last(x.rank)), dy2)
-            db = reshape(unbroadcast(db, y.shape), b.shape)
+            da = reshape(unbroadcast(da, x_shape), a.shape)
+        if g.needs(1):
+            x = reshape(g.x(0), x_shape) if x_shape != a.shape else g.x(0)
+            if len(a.shape) > 2 and len(b.shape) == 2:
+                # Batch axes of lhs summed in the product itself: one (k, rows) @ (rows, n) matmul.
+                rows = int(np.prod(a.shape[:-1], dtype=np.int64))
+                db = matmul(transpose(reshape(x, (rows, a.shape[-1])), (1, 0)), reshape(dy2, (rows, b.shape[-1])))
+            else:
+                db = matmul(transpose(x, _swap_last(x.rank)), dy2)
+                db = reshape(unbroadcast(db, y_shape), b.shape)
         return [da, db]
 
 

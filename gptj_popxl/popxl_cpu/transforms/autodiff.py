@@ -105,7 +105,15 @@ class GradGraphInfo:
 
 
 class _Builder:
-    """State of one autodiff run over one forward graph."""
+    """State of one autodiff run over one forward graph.
+
+    In-place writes: a tensor read after an in-place op wrote its memory holds the written value, so a
+    read is taken as a read of the tensor's version there, the output of the in-place op that last wrote
+    it (``y += b; tanh(y)`` reads add_'s output), and gradients follow versions. A forward value that a
+    gradient rule reads and a later in-place op overwrites reaches the gradient graph as a copy made just
+    before that write. Memory last written through another view of it (or inside a called graph) has no
+    version to follow: reading it on the gradient path is refused.
+    """
 
     def __init__(self, graph: Graph, grads_provided, grads_required, grad_infos: Dict[Graph, GradGraphInfo]):
         self.fwd = graph
@@ -114,20 +122,54 @@ class _Builder:
         self.expected_inputs: List[ExpectedConnection] = []
         self.values: Dict[str, Tensor] = {}  # forward tensor id -> its value in the gradient graph
         self.grads: Dict[str, Tensor] = {}   # forward tensor id -> accumulated gradient
-        # Forward tensor id -> the latest forward position of an op whose gradient rule reads its value.
-        self._read_at: Dict[str, int] = {}
-        self._reading_for = -1
-        # Forward values the rules read that become forward outputs, once the gradient graph stands: a
-        # refused autodiff leaves the forward graph as it was.
-        self.stitch: List[Tensor] = []
+        self._reading_for = -1  # forward position of the op whose gradient rule runs
         # In the order given, as popxl guarantees: the gradient graph's inputs follow it. A tensor the
         # graph returns in several places takes a gradient input for each, summed.
         self.provided = list(grads_provided)
         self.required = list(grads_required)
+        self._order = {op: k for k, op in enumerate(graph._ops)}
+        self._classes, _, _ = storage_with_copying_views(graph)
+        # Storage class -> [(position, in-place op, the input it writes)], in forward order.
+        self._writes: Dict[str, List[Tuple[int, object, Tensor]]] = {}
+        for k, op in enumerate(graph._ops):
+            for i in op.modified_inputs:
+                self._writes.setdefault(self._classes.find(op.inputs[i].id), []).append((k, op, op.inputs[i]))
+        # What each op reads and the graph returns: versions, or the tensor itself where it has none.
+        self._reads = {op: [self._followed(t, k) for t in op.inputs] for op, k in self._order.items()}
+        self._returned = [self._followed(t, len(graph._ops)) for t in self.provided]
+
+    def _made_at(self, t: Tensor) -> int:
+        """The forward position of ``t``'s producer (-1: an input, constant or variable)."""
+        return self._order.get(t._producer, -1)
+
+    def _last_write(self, t: Tensor, position: int):
+        """``(position, op, written input)`` of the last in-place write to ``t``'s memory after ``t`` was made
+        and before forward position ``position``; None when there is none."""
+        made = self._made_at(t)
+        earlier = [w for w in self._writes.get(self._classes.find(t.id), ()) if made < w[0] < position]
+        return earlier[-1] if earlier else None
+
+    def _version(self, t: Tensor, position: int) -> Optional[Tensor]:
+        """The tensor whose value a read of ``t`` at forward position ``position`` gets: ``t`` when nothing
+        wrote its memory since it was made, else the output of the in-place op that last wrote it, if that
+        op wrote ``t``'s own version; None if the write went through another view or a called graph."""
+        write = self._last_write(t, position)
+        if write is None:
+            return t
+        k, op, written = write
+        if op.called_graphs or written is not op.inputs[op.modified_inputs[0]]:
+            return None
+        before = self._version(t, k)
+        return op.outputs[0] if before is not None and before is self._version(written, k) else None
+
+    def _followed(self, t: Tensor, position: int) -> Tensor:
+        version = self._version(t, position)
+        return t if version is None else version
 
     def fwd_value(self, t: Tensor) -> Tensor:
-        """The value of forward tensor ``t`` inside the gradient graph."""
-        self._read_at[t.id] = max(self._read_at.get(t.id, -1), self._reading_for)
+        """The value of forward tensor ``t`` inside the gradient graph, as the op whose rule runs reads it."""
+        if t._graph is self.fwd:
+            t = self._read_version(t, self._reading_for, "a gradient rule reads")
         value = self.values.get(t.id)
         if value is not None:
             return value
@@ -137,12 +179,20 @@ class _Builder:
             if t._graph is not self.fwd:
                 raise ValueError(f"autodiff of '{self.fwd.name}': tensor '{t.name}' belongs to graph "
                                  f"'{t._graph.name}'")
-            if t not in self.fwd._inputs and t not in self.fwd._outputs:
-                self.stitch.append(t)
             value = graph_input(t.shape, t.dtype, t.name.rpartition("/")[2])
             self.expected_inputs.append(ExpectedConnection._create(t, ExpectedConnectionType.Fwd))
         self.values[t.id] = value
         return value
+
+    def _read_version(self, t: Tensor, position: int, reader: str) -> Tensor:
+        version = self._version(t, position)
+        if version is None:
+            _, op, written = self._last_write(t, position)
+            raise NotImplementedError(
+                f"autodiff of '{self.fwd.name}': {reader} '{t.name}' after op {op.prim.name} ('{op.name}') "
+                f"wrote its memory in place through '{written.name}'; gradients follow a write only from the "
+                f"tensor written to the in-place op's output: read that output, or write a copy")
+        return version
 
     def accumulate(self, t: Tensor, g: Optional[Tensor]) -> None:
         if g is None:
@@ -156,11 +206,11 @@ class _Builder:
         fwd = self.fwd
         with self.grad_graph:
             # FwdGrad inputs come first, in grads_provided order; Fwd inputs follow as rules ask for them.
-            for t in self.provided:
-                self.accumulate(t, graph_input(t.shape, t.dtype, "grad_" + t.name.rpartition("/")[2]))
+            for t, version in zip(self.provided, self._returned):
+                self.accumulate(version, graph_input(t.shape, t.dtype, "grad_" + t.name.rpartition("/")[2]))
                 self.expected_inputs.append(ExpectedConnection._create(t, ExpectedConnectionType.FwdGrad))
             needed = self._needed_ops()
-            self._check_no_write_on_gradient_path()
+            self._refuse_unversioned_reads()
             for op in reversed(fwd._ops):
                 if op not in needed or not any(t.id in self.grads for t in op.outputs):
                     continue
@@ -168,16 +218,13 @@ class _Builder:
                     raise NotImplementedError(f"autodiff of '{fwd.name}': op {op.prim.name} ('{op.name}') has no "
                                               f"gradient rule, but a required gradient flows through it")
                 dys = [self.grads.get(t.id) for t in op.outputs]
-                wants = [self._wants(t) for t in op.inputs]
+                reads = self._reads[op]
+                wants = [self._wants(t) for t in reads]
                 self._reading_for = self._order[op]
                 dxs = op.prim.grad(GradOp(op, dys, self.fwd_value, wants, self.grad_infos))
-                for t, dx, want in zip(op.inputs, dxs, wants):
+                for t, dx, want in zip(reads, dxs, wants):
                     if want:
                         self.accumulate(t, dx)
-            self._check_read_values_unwritten()
-            for t in self.stitch:
-                fwd._stitched.add(t)
-                fwd._add_output(t)
             outputs = []
             for t in self.required:
                 g = self.grads.get(t.id)
@@ -187,6 +234,7 @@ class _Builder:
                     g = identity(g)
                 graph_output(g)
                 outputs.append(ExpectedConnection._create(t, ExpectedConnectionType.FwdGrad))
+        self._stitch_read_values()
         return GradGraphInfo._create(self.grad_graph, fwd, self.expected_inputs, outputs)
 
     def _needed_ops(self):
@@ -194,64 +242,67 @@ class _Builder:
         reach = {t.id for t in self.required}
         forward = set()
         for op in self.fwd._ops:
-            if any(t.id in reach for t in op.inputs):
+            if any(t.id in reach for t in self._reads[op]):
                 forward.add(op)
                 reach.update(t.id for t in op.outputs)
         # Ops whose outputs lead to a provided output. An op reading a reached tensor is itself in
         # ``forward``, so the ones in ``forward`` are exactly those on a path from a required input.
-        back = {t.id for t in self.provided}
+        back = {t.id for t in self._returned}
         self._towards_outputs = set()
         for op in reversed(self.fwd._ops):
             if any(t.id in back for t in op.outputs):
                 self._towards_outputs.add(op)
-                back.update(t.id for t in op.inputs)
-        self._forward_reach, self._reach = reach, reach & back
+                back.update(t.id for t in self._reads[op])
+        self._forward = forward
+        self._reach = reach & back
         return self._towards_outputs & forward
 
-    def _writes(self):
-        """``(position, op, written tensor, its storage class)`` of each in-place write in the forward graph."""
-        classes, _, _ = storage_with_copying_views(self.fwd)
-        self._classes = classes
-        self._order = {op: k for k, op in enumerate(self.fwd._ops)}
-        return [(k, op, op.inputs[i], classes.find(op.inputs[i].id)) for k, op in enumerate(self.fwd._ops)
-                for i in op.modified_inputs]
+    def _refuse_unversioned_reads(self) -> None:
+        # Gradients follow versions; a read of memory written through another view would send the
+        # gradient of the written value to the tensor as it was, and none through the write. Refused
+        # where the write is on a path from a required input, the read on the way to a provided output.
+        def check(t, position, reader):
+            write = self._last_write(t, position)
+            if write is not None and write[1] in self._forward:
+                self._read_version(t, position, reader)
 
-    def _made_at(self, t: Tensor) -> int:
-        """The forward position of ``t``'s producer (-1: an input, constant or variable)."""
-        return self._order.get(t._producer, -1)
+        for op in self._towards_outputs:
+            for t in op.inputs:
+                check(t, self._order[op], f"op {op.prim.name} ('{op.name}') reads")
+        for t in self.provided:
+            check(t, len(self.fwd._ops), "the graph returns")
 
-    def _check_no_write_on_gradient_path(self) -> None:
-        # Gradient rules follow each tensor's producer. An in-place op's own output carries its gradient,
-        # but a value it writes (through any view) that is still read afterwards as a tensor made before
-        # the write (``y += b; tanh(y)``), or returned, would pass gradients to that tensor's producer and
-        # none through the write: b would silently get no gradient. Like torch's autograd, this refuses.
-        self._write_list = self._writes()
-        provided = set(self.provided)
-        for k, op, t, c in self._write_list:
-            if not (t.id in self._forward_reach or any(x.id in self._forward_reach for x in op.inputs)):
+    def _stitch_read_values(self) -> None:
+        """Appends the forward values the gradient graph reads to the forward outputs (every call site gains
+        them); one that a later in-place op overwrites is copied just before that write."""
+        fwd = self.fwd
+        copies: Dict[int, List] = {}  # forward position -> copies to make just before the op there
+        for n, c in enumerate(self.expected_inputs):
+            t = c.fwd_tensor
+            # A call site copies an input that the graph writes, so the caller's tensor keeps the value.
+            if c.connection_type is not ExpectedConnectionType.Fwd or t in fwd._inputs:
                 continue
-            stale = [u for u in provided if self._classes.find(u.id) == c and self._made_at(u) < k]
-            stale += [u for later in self.fwd._ops[k + 1:] if later in self._towards_outputs for u in later.inputs
-                      if self._classes.find(u.id) == c and self._made_at(u) < k]
-            if stale:
-                raise NotImplementedError(
-                    f"autodiff of '{self.fwd.name}': op {op.prim.name} ('{op.name}') writes '{t.name}' in place, "
-                    f"and '{stale[0].name}' is read or returned afterwards on the gradient path as it was before; "
-                    f"use the out-of-place op, or the in-place op's output")
+            overwrite = self._next_write(t)
+            if overwrite is not None:
+                copies.setdefault(overwrite, []).append(n)
+        for position in sorted(copies, reverse=True):
+            for n in copies[position]:
+                t = self.expected_inputs[n].fwd_tensor
+                with fwd:
+                    copy = identity(t, t.name.rpartition("/")[2] + "_before_write")
+                fwd._ops.insert(position, fwd._ops.pop())
+                self.expected_inputs[n] = ExpectedConnection._create(copy, ExpectedConnectionType.Fwd)
+        for c in self.expected_inputs:
+            t = c.fwd_tensor
+            if c.connection_type is ExpectedConnectionType.Fwd and t not in fwd._inputs and t not in fwd._outputs:
+                fwd._stitched.add(t)
+                fwd._add_output(t)
 
-    def _check_read_values_unwritten(self) -> None:
-        # A forward value a gradient rule reads reaches the gradient graph as a forward output, which
-        # shows the value after every later in-place write to it.
-        for t_id, read_at in self._read_at.items():
-            t = self.fwd._tensors.get(t_id)
-            if t is None or t in self.fwd._inputs:  # a call site copies an input the graph writes
-                continue
-            c = self._classes.find(t_id)
-            late = [op for k, op, _, wc in self._write_list if wc == c and k > read_at]
-            if late:
-                raise NotImplementedError(
-                    f"autodiff of '{self.fwd.name}': '{t.name}', which a gradient rule reads, is written in place "
-                    f"by op {late[0].prim.name} ('{late[0].name}') after the op it is read for; write a copy instead")
+    def _next_write(self, t: Tensor) -> Optional[int]:
+        """The forward position of the first in-place write to ``t``'s memory after ``t`` was made."""
+        made = self._made_at(t)
+        later = [k for k, _, _ in self._writes.get(self._classes.find(t.id), ()) if k > made]
+        return later[0] if later else None
 
     def _wants(self, t: Tensor) -> bool:
         return t.id in self._reach and t.dtype.is_floating_point
@@ -293,8 +344,35 @@ def autodiff(graph: Graph, grads_provided: Optional[Iterable[Tensor]] = None,
             raise TypeError(f"autodiff of '{graph.name}': cannot differentiate with respect to '{t.name}' of dtype "
                             f"{t.dtype.name}")
     infos = dict(called_graphs_grad_info or {})
-    info = _differentiate(graph, provided, required, infos)
+    # Differentiating a called graph adds its gradient graph and the forward outputs its rules read (at
+    # every call site) before the rest is done: a refused autodiff undoes all of it.
+    before = _IrState(graph.ir)
+    try:
+        info = _differentiate(graph, provided, required, infos)
+    except BaseException:
+        before.restore()
+        raise
     return infos if return_all_grad_graphs else info
+
+
+class _IrState:
+    """What autodiff may change in an IR: its graphs, and each graph's ops, outputs, call sites and tensors
+    (call sites gain outputs when a called graph does)."""
+
+    def __init__(self, ir):
+        self.ir = ir
+        self.graphs = list(ir._graphs)
+        self.per_graph = [(list(g._ops), list(g._outputs), set(g._stitched), list(g._call_sites), dict(g._tensors))
+                          for g in self.graphs]
+        self.op_outputs = [(op, list(op.outputs)) for g in self.graphs for op in g._ops]
+
+    def restore(self) -> None:
+        self.ir._graphs[:] = self.graphs
+        for g, (ops, outputs, stitched, call_sites, tensors) in zip(self.graphs, self.per_graph):
+            g._ops[:], g._outputs[:], g._call_sites[:] = ops, outputs, call_sites
+            g._stitched, g._tensors = stitched, tensors
+        for op, outputs in self.op_outputs:
+            op.outputs[:] = outputs
 
 
 def _differentiate(graph: Graph, provided, required, infos: Dict[Graph, GradGraphInfo]) -> GradGraphInfo:

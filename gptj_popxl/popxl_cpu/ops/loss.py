@@ -2,9 +2,10 @@
 
 ``probs`` has the classes on its last axis and ``labels`` the shape of the other axes. A label
 outside ``[0, C)`` that is not ``ignore_index`` stops the run with an IndexError naming it (as torch's
-loss does; popxl gives no result for it, and a graph cannot check values when it is built); rows whose
-label is ``ignore_index`` add nothing, and 'mean' then divides by the number of rows not ignored (at least 1). Probabilities are clamped to 1e-7
-(6.104e-5 for float16) before the log, as popart does; everything is computed in float32.
+loss does; popxl gives no result for it, and a graph cannot check values when it is built). Rows
+whose label is ``ignore_index`` add nothing, and 'mean' then divides by the number of rows not ignored
+(at least 1). Probabilities are clamped to 1e-7 (6.104e-5 for float16) before the log, as popart
+does; everything is computed in float32.
 """
 from typing import Optional, Tuple, Union
 

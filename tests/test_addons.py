@@ -3,6 +3,7 @@ cross entropy, the Adam step, remote buffers, gradient accumulation and array mu
 
 References: torch (layers, losses, optimiser), numpy (collectives, munging).
 """
+import math
 from functools import partial
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from gptj_popxl import addons
+from gptj_popxl.addons.layers._init import truncated_normal
 from gptj_popxl.addons.array_munging import (pad_axis, repeat, repeat_shard, shard, squeeze_safe, tensor_parallel_input,
                                              unshard)
 from gptj_popxl.backend import ops, popxl
@@ -230,6 +232,24 @@ def test_variable_factory_from_an_iterable_and_bad_data():
             addons.VariableFactory(lambda: [1, 2], F32, "w")
 
 
+def test_linear_weights_are_drawn_from_a_normal_truncated_at_two_deviations():
+    """As popxl-addons' Linear: N(0, 0.02) cut at +-2 standard deviations, whose standard deviation is
+    0.02 * sqrt(1 - 2 * 2 * phi(2) / (2 * Phi(2) - 1))."""
+    ir = popxl.Ir()
+    with ir.main_graph:
+        facts, graph = addons.layers.Linear(512).create_graph(popxl.TensorSpec((2, 256), F32))
+        embedding = addons.layers.Embedding(F32, 10, 4)
+        embedding.create_graph(popxl.TensorSpec((2,), popxl.int32))
+        assert embedding.weight.shape == (10, 4)  # the layer's table, as popxl-addons' build sets it
+        np.random.seed(3)
+        weight = facts.init().weight
+    with popxl.Session(ir) as session:
+        w = session.get_tensor_data(weight)
+    density, mass = math.exp(-2.0) / math.sqrt(2 * math.pi), math.erf(2 / math.sqrt(2))
+    assert np.abs(w).max() <= 0.04
+    np.testing.assert_allclose(w.std(), 0.02 * math.sqrt(1 - 4 * density / mass), rtol=0.01)
+
+
 def test_deferred_data_is_drawn_only_when_variables_are_made():
     from gptj_popxl.model.config import GPTJConfig
     from gptj_popxl.model.layers import DecoderBlock, tp_groups
@@ -252,7 +272,7 @@ def test_deferred_data_is_drawn_only_when_variables_are_made():
         weight = linear_facts.init().weight
     np.random.seed(7)
     with popxl.Session(ir) as session:
-        np.testing.assert_allclose(session.get_tensor_data(weight), np.random.normal(0.0, 0.02, (3, 4)), rtol=1e-6)
+        np.testing.assert_allclose(session.get_tensor_data(weight), truncated_normal((3, 4)), rtol=1e-6)
 
     drawn = []
     ir = popxl.Ir(replication=2)

@@ -11,6 +11,7 @@ import transformers
 
 import gptj_popxl
 from gptj_popxl import cli, golden
+from gptj_popxl.model.config import tp_layout
 from gptj_popxl.model.hf_mapping import hf_param_names, popxl_param_shapes
 from gptj_popxl.programs.execution import ExecutionConfig
 from helpers_gptj import TINY, tiny_checkpoint, tiny_config
@@ -66,6 +67,17 @@ def ours(path, ids, labels, **kwargs):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_float32_matches_hf(ckpt, tokens, hf32, tp):
     assert_matches(ours(ckpt, *tokens, tensor_parallel=tp), hf32, 1e-4, 1e-5, 1e-3)
+
+
+def test_the_model_follows_popxl_addons_vocabulary_shards(ckpt, tokens, hf32, monkeypatch):
+    """Under the SDK, popxl-addons' Embedding rounds a vocabulary shard up to a multiple of 16 rows (ours
+    does not): the model's layout follows its embedding layer, so it still matches transformers."""
+    def addons_shard_size(vocab_size, n_shards):
+        return 16 * -(-(-(-vocab_size // n_shards)) // 16)
+    monkeypatch.setattr(gptj_popxl.addons.layers.Embedding, "get_vocab_shard_size", staticmethod(addons_shard_size))
+    model = gptj_popxl.from_pretrained(ckpt, tensor_parallel=2)
+    assert tp_layout(model.config, 2).vocab_per_shard == 64  # 101 tokens: 51 rows a shard rounded up
+    assert_matches((model.logits(tokens[0]), *model.loss_and_grads(*tokens)), hf32, 1e-4, 1e-5, 1e-3)
 
 
 def test_replicated_gradients_agree_on_every_shard(ckpt, tokens):

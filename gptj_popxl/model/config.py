@@ -4,6 +4,7 @@ import math
 import os
 from typing import Any, Dict, Mapping, Optional, Union
 
+from gptj_popxl import addons
 from gptj_popxl.checkpoint import read_json
 
 _SUPPORTED_ACTIVATION = "gelu_new"
@@ -175,7 +176,9 @@ def tp_layout(config: GPTJConfig, tp: int) -> TPLayout:
         raise ValueError(f"tensor-parallel degree tp must be an integer >= 1, got {tp!r}")
     heads = _round_up(config.n_head, tp)
     inner = _round_up(config.inner_size, tp)
-    vocab = _round_up(config.vocab_size, tp)
+    # The embedding layer's shard size: popxl-addons rounds it up to a multiple of 16 where ours does
+    # not, so under the SDK the whole model follows its layer's layout.
+    vocab = addons.layers.Embedding.get_vocab_shard_size(config.vocab_size, tp) * tp
     return TPLayout(
         tp=tp,
         heads_padded=heads,

@@ -154,7 +154,7 @@ class Embedding(addons.Module):
     def __init__(self, config: GPTJConfig, groups: TPGroups, dtype=popxl.float32):
         super().__init__()
         self.groups = groups
-        # addons' shard size ceil(V / tp) is tp_layout's vocab_per_shard.
+        # Its shard size is tp_layout's vocab_per_shard.
         self.word = addons.layers.Embedding(dtype, config.vocab_size, config.n_embd, replica_grouping=groups.sharded)
 
     def build(self, input_ids: popxl.Tensor, shard_offset: popxl.Tensor) -> popxl.Tensor:

@@ -63,4 +63,5 @@ class Embedding(Module):
                                        self.dtype, replica_grouping=self.replica_grouping)
 
     def build(self, indices: popxl.Tensor) -> popxl.Tensor:
-        return ops.gather(self.variables(), indices, axis=self.axis, zero_OOR=self.n_shards > 1)
+        self.weight = self.variables()
+        return ops.gather(self.weight, indices, axis=self.axis, zero_OOR=self.n_shards > 1)

@@ -7,12 +7,13 @@ import numpy as np
 from ...backend import popxl
 from ..module import Module
 from ..variable_factory import DeferredData
+from ._init import truncated_normal
 
 
 class Linear(Module):
     """Fully connected layer over the last axis of ``x``.
 
-    Variables: ``weight`` (in, out) drawn from Normal(0, 0.02), ``bias`` (out,) zeros (if ``bias``),
+    Variables: ``weight`` (in, out) drawn from Normal(0, 0.02) truncated at two standard deviations, ``bias`` (out,) zeros (if ``bias``),
     both of ``x``'s dtype. ``replica_grouping``: the variables' grouping; with several groups each
     group holds its own values (e.g. tensor-parallel shards), host data ``(num_groups, ...)``.
     """
@@ -25,7 +26,7 @@ class Linear(Module):
 
     def build(self, x: popxl.Tensor) -> popxl.Tensor:
         shape = (x.shape[-1], self.out_features)
-        draw = DeferredData(shape, np.float64, partial(np.random.normal, 0.0, 0.02, shape))
+        draw = DeferredData(shape, np.float64, partial(truncated_normal, shape))
         w = self.add_variable_input("weight", draw, x.dtype, replica_grouping=self.replica_grouping)
         y = x @ w
         if self.bias:

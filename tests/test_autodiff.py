@@ -495,3 +495,28 @@ def test_reduction_gradient_is_a_plain_host_array(write_in_place):
     (xt.sum(1) * torch.from_numpy(dy)).sum().backward()
     np.testing.assert_array_equal(out, xt.grad.numpy() + (1.0 if write_in_place else 0.0))
     assert out.flags.c_contiguous
+
+
+@pytest.mark.parametrize("by_ref", [False, True])
+def test_a_graph_input_written_after_a_rule_read_it(by_ref):
+    """mul's rule reads ``a``, which the graph then writes in place: the gradient graph gets ``a`` as it
+    was, also when ``a`` is the caller's tensor (by reference), which the call has written."""
+    x, w, seed = (np.random.default_rng(i).standard_normal(3).astype(np.float32) for i in range(3))
+    ir = popxl.Ir()
+    with ir.main_graph:
+        def scale_then_bump(a, w):
+            product = a * w
+            ops.add_(a, 1.0)
+            return product
+        if by_ref:
+            scale_then_bump.__annotations__["a"] = popxl.TensorByRef
+        spec = popxl.TensorSpec((3,), popxl.float32)
+        graph = ir.create_graph(scale_then_bump, spec, spec)
+        info = popxl.transforms.autodiff(graph)
+        site = ops.call_with_info(graph, popxl.variable(x), popxl.variable(w))
+        dx, dw = ops.call(info.graph, popxl.variable(seed), inputs_dict=info.inputs_dict(site))
+    dx, dw = fetch(ir, [dx, dw])
+    a, w_torch = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    (a * w_torch).backward(torch.tensor(seed))
+    np.testing.assert_allclose(dx, a.grad.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(dw, w_torch.grad.numpy(), rtol=1e-6)

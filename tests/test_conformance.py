@@ -217,6 +217,9 @@ def test_unsigned_values_past_the_signed_range(dtype):
         "topk": (lambda x: ops.topk(x, 3, 0, True, True)[0], (a,), np.sort(a)[::-1][:3]),
         "topk_smallest": (lambda x: ops.topk(x, 2, 0, False, True)[1], (a,), np.argsort(a)[:2].astype(np.int32)),
         "to_float32": (lambda x: ops.cast(x, popxl.float32), (a,), a.astype(np.float32)),
+        "abs": (ops.abs, (a,), a),  # unsigned values are their own abs and relu
+        "relu": (ops.relu, (a,), a),
+        "sign": (ops.sign, (a,), np.sign(a)),
         "histogram": (lambda x: ops.histogram(x, [1.0, top / 2 + 10], False), (a,),
                       np.histogram(a.astype(np.float64), [-np.inf, 1.0, top / 2 + 10, np.inf])[0].astype(np.uint32)),
     }

@@ -42,13 +42,15 @@ def _unary_grad(g):
 
 
 def _unary(name: str, fn: Callable, derivative: Callable = None, reads: str = "x", floating: bool = True,
-           out_dtype=None, fused_grad: Callable = None, lower_out: Callable = None):
+           out_dtype=None, fused_grad: Callable = None, lower_out: Callable = None, unsigned: str = "bits"):
     """Defines a unary primitive; ``derivative(v)`` (torch) gives its gradient rule from ``v``, which
     ``reads`` names: the input ``"x"``, the output ``"y"``, or ``"dy"`` where only its shape matters.
     ``fused_grad(dy, x)`` optionally gives the same ``dy * f'(x)`` as one kernel, and
-    ``lower_out(op, runtime)`` optionally the primitive's ``lower_out``."""
+    ``lower_out(op, runtime)`` optionally the primitive's ``lower_out``; ``unsigned`` is
+    ``Primitive.unsigned``."""
     attrs = {
         "name": name,
+        "unsigned": unsigned,
         "infer": staticmethod(lambda t: _unary_infer(t, name, floating, out_dtype)),
         "kernel": staticmethod(fn),
     }
@@ -125,15 +127,29 @@ Log2 = _unary("log2", torch.log2, lambda x: 1 / (x * math.log(2.0)))
 Tanh = _unary("tanh", torch.tanh, lambda y: 1 - y * y, reads="y")
 Sin = _unary("sin", torch.sin, torch.cos)
 Cos = _unary("cos", torch.cos, lambda x: -torch.sin(x))
-Abs = _unary("abs", torch.abs, torch.sign, floating=False)
+_UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+
+
+def _sign(x):
+    # torch has no sign of uint16/32/64 (the runtime hands them over as they are: unsigned="torch").
+    return (x != 0).to(x.dtype) if x.dtype in _UNSIGNED else torch.sign(x)
+
+
+def _as_is_when_unsigned(fn):
+    """``fn``, for a function that leaves non-negative values as they are (abs, relu)."""
+    return lambda x: x.clone() if x.dtype in _UNSIGNED else fn(x)
+
+
+Abs = _unary("abs", _as_is_when_unsigned(torch.abs), torch.sign, floating=False, unsigned="torch")
 # From the output: a relu's output is what the next op reads anyway, so autodiff keeps one value, not two.
-Relu = _unary("relu", torch.relu, lambda y: (y > 0).to(y.dtype), reads="y", floating=False)
+Relu = _unary("relu", _as_is_when_unsigned(torch.relu), lambda y: (y > 0).to(y.dtype), reads="y", floating=False,
+              unsigned="torch")
 Gelu = _unary("gelu", _gelu_tanh, _gelu_tanh_derivative, fused_grad=_gelu_tanh_grad,
               lower_out=_gelu_tanh_lower_out)
 Geluerf = _unary("geluerf", torch.nn.functional.gelu, _gelu_erf_derivative,
                  fused_grad=lambda dy, x: torch.ops.aten.gelu_backward(dy, x, approximate="none"))
 Swish = _unary("swish", torch.nn.functional.silu, _swish_derivative, fused_grad=torch.ops.aten.silu_backward)
-Sign = _unary("sign", torch.sign, torch.zeros_like, reads="dy", floating=False)
+Sign = _unary("sign", _sign, torch.zeros_like, reads="dy", floating=False, unsigned="torch")
 Floor = _unary("floor", torch.floor, torch.zeros_like, reads="dy")
 Ceil = _unary("ceil", torch.ceil, torch.zeros_like, reads="dy")
 LogicalNot = _unary("logical_not", torch.logical_not, floating=False, out_dtype=dtypes.bool_)

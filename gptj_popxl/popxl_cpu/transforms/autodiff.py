@@ -279,8 +279,8 @@ class _Builder:
         copies: Dict[int, List] = {}  # forward position -> copies to make just before the op there
         for n, c in enumerate(self.expected_inputs):
             t = c.fwd_tensor
-            # A call site copies an input that the graph writes, so the caller's tensor keeps the value.
-            if c.connection_type is not ExpectedConnectionType.Fwd or t in fwd._inputs:
+            # Inputs too: one passed by reference is the caller's tensor, which the call writes.
+            if c.connection_type is not ExpectedConnectionType.Fwd:
                 continue
             overwrite = self._next_write(t)
             if overwrite is not None:

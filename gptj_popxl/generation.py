@@ -26,16 +26,24 @@ DECODE_CHUNK = 16
 # new tokens in as few runs as possible, so that no step is wasted rounding them up to runs of
 # equal length (32 new tokens: 31 steps in one run rather than two runs of 16).
 DECODE_CHUNK_TO_THE_END = 64
-# Smallest prompt bucket; buckets double from it up to n_positions.
+# Smallest prompt bucket; buckets double from it up to FINE_BUCKETS_FROM, then take four equal steps
+# per doubling (64, 80, 96, 112, 128, 160, ...).
 MIN_BUCKET = 8
+FINE_BUCKETS_FROM = 64
 
 
 def prompt_bucket(length: int, n_positions: int) -> int:
-    """The padded prompt length programs are compiled for: a power-of-two multiple of
-    ``MIN_BUCKET`` at least ``length``, capped at ``n_positions``."""
+    """The padded prompt length programs are compiled for, capped at ``n_positions``: the power of two
+    from ``MIN_BUCKET`` at least ``length`` up to ``FINE_BUCKETS_FROM`` columns, then the next quarter
+    step of ``length``'s doubling. A prefill costs as its padded length: a power-of-two bucket could
+    nearly double a long prompt's work (400 columns padded to 512 made a 4-layer prefill 0.77x
+    transformers'), a quarter step pads by at most a quarter, for four programs per doubling."""
     bucket = MIN_BUCKET
-    while bucket < length:
+    while bucket < min(length, FINE_BUCKETS_FROM):
         bucket *= 2
+    if length > bucket:
+        step = (1 << (length - 1).bit_length() - 1) // 4  # a quarter of the largest power of two below length
+        bucket = -(-length // step) * step
     return max(length, min(bucket, n_positions))
 
 

@@ -41,6 +41,24 @@ def hf_generate(hf, ids, mask=None, **kw):
     return out.numpy()
 
 
+def test_prompt_buckets_pad_a_long_prompt_by_at_most_a_quarter():
+    # Powers of two up to 64 columns, then four equal steps per doubling, capped at n_positions.
+    lengths = [1, 8, 9, 64, 65, 81, 128, 129, 400, 513]
+    assert [generation.prompt_bucket(n, 4096) for n in lengths] == [8, 8, 16, 64, 80, 96, 128, 160, 448, 640]
+    assert generation.prompt_bucket(400, 420) == 420
+    buckets = {generation.prompt_bucket(n, 4096) for n in range(65, 4097)}
+    assert len(buckets) == 4 * 6 and all(generation.prompt_bucket(n, 4096) <= 1.25 * n for n in range(65, 4097))
+
+
+@pytest.mark.parametrize("length", [70, 100])
+def test_long_prompts_in_their_buckets_equal_transformers(tmp_path, length):
+    path = tiny_checkpoint(tmp_path, n_positions=128)
+    hf_long = transformers.GPTJForCausalLM.from_pretrained(path).eval()
+    ids = np.random.default_rng(length).integers(1, 101, size=(2, length))
+    np.testing.assert_array_equal(from_pretrained(path).generate(ids, max_new_tokens=6),
+                                  hf_generate(hf_long, ids, max_new_tokens=6))
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_greedy_equals_transformers(checkpoint, hf, tp):
     model = from_pretrained(checkpoint, tensor_parallel=tp)

@@ -1,11 +1,12 @@
-"""Random ops: seeds are deterministic and replica-specific; dropout and random tensors have the right
-statistics, and dropout's gradient reuses its mask."""
+"""Random ops: draws follow the seed and the op (never the replica's index); dropout and random tensors
+have the right statistics, and dropout's gradient reuses its mask."""
 import numpy as np
 import pytest
 import torch
 
+from gptj_popxl import popxl_cpu as popxl
 from gptj_popxl.popxl_cpu import create_seeds, dtypes, ops
-from ops_check import build_error, run_graph, spec
+from ops_check import build_error, fetch, run_graph, spec
 
 SEED = np.array([1234, 5678], np.uint32)
 
@@ -58,21 +59,52 @@ def test_shaped_dropout_drops_whole_rows(rng):
     np.testing.assert_array_equal(dx, np.where(kept_rows[:, None], 2.0, 0.0) * np.ones_like(x))
 
 
-def test_replicas_draw_different_numbers():
-    """The same seed on two replicas gives each replica its own stream, reproducibly."""
-    seeds = np.stack([SEED, SEED])
+def test_replicas_draw_as_their_seeds_say():
+    """As on the IPU, a replica's draws follow its seed, not its index: replicas fed one seed draw the
+    same numbers (tensor-parallel shards stay identical), replicas fed their own seeds draw apart, and
+    a run draws again what an earlier one drew."""
     x = np.ones((2, 32, 32), np.float32)
 
     def fn(x, s):
         return ops.dropout(x, s, 0.5), ops.random_normal(s, (16,)), ops.split_random_seed(s)[0]
-    (y, r, split), _ = run_graph(fn, x, seeds, replication=2)
-    assert not np.array_equal(y[0], y[1]) and not np.array_equal(r[0], r[1])
-    np.testing.assert_array_equal(split[0], split[1])  # seed arithmetic itself is replica independent
-    (y_again, r_again, _), _ = run_graph(fn, x, seeds, replication=2)
-    np.testing.assert_array_equal(y, y_again)
-    np.testing.assert_array_equal(r, r_again)
+    (y, r, split), _ = run_graph(fn, x, np.stack([SEED, SEED]), replication=2)
+    np.testing.assert_array_equal(y[0], y[1])
+    np.testing.assert_array_equal(r[0], r[1])
+    np.testing.assert_array_equal(split[0], split[1])
+    (y_apart, r_apart, _), _ = run_graph(fn, x, create_seeds(7, replicas=2), replication=2)
+    assert not np.array_equal(y_apart[0], y_apart[1]) and not np.array_equal(r_apart[0], r_apart[1])
+    (y_again, r_again, _), _ = run_graph(fn, x, create_seeds(7, replicas=2), replication=2)
+    np.testing.assert_array_equal(y_apart, y_again)
+    np.testing.assert_array_equal(r_apart, r_again)
     (y_single,), _ = run_graph(lambda x, s: ops.dropout(x, s, 0.5), x[0], SEED)
-    np.testing.assert_array_equal(y_single, y[0])  # replica 0 draws what a single replica draws
+    np.testing.assert_array_equal(y_single, y[0])  # a replica draws what a single replica draws
+
+
+def test_ops_fed_one_seed_draw_apart_and_a_dropout_gradient_keeps_its_mask(rng):
+    """Each random op has its own seed modifier (PopART's): two dropouts of one seed drop different
+    elements, and each one's gradient is dy times its own mask (checked against torch autograd)."""
+    x = rng.standard_normal((64,)).astype(np.float32)
+    dy = rng.standard_normal((64,)).astype(np.float32)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        seed = popxl.constant(SEED, dtypes.uint32)
+        first, second = ops.random_uniform(seed, (64,)), ops.random_uniform(seed, (64,))
+        graph = ir.create_graph(lambda t, s: (ops.dropout(t, s, 0.5), ops.dropout(t, s, 0.5)),
+                                popxl.TensorSpec((64,), dtypes.float32), popxl.TensorSpec((2,), dtypes.uint32))
+        grads = popxl.transforms.autodiff(graph, grads_required=graph.inputs[:1])
+        site = ops.call_with_info(graph, popxl.constant(x), seed)
+        (dx,) = ops.call(grads.graph, popxl.constant(dy), popxl.constant(dy), inputs_dict=grads.inputs_dict(site))
+    first, second, a, b, dx = fetch(ir, [first, second, *site.outputs[:2], dx])
+    assert not np.array_equal(first, second) and not np.array_equal(a == 0, b == 0)
+    # Each output is x times its op's scaled mask, which a / x recovers.
+    t, mask_a, mask_b = torch.tensor(x, requires_grad=True), torch.tensor(a / x), torch.tensor(b / x)
+    ((t * mask_a * torch.tensor(dy)).sum() + (t * mask_b * torch.tensor(dy)).sum()).backward()
+    np.testing.assert_allclose(dx, t.grad.numpy(), rtol=1e-5)
+
+
+def test_a_split_seed_keeps_its_first_word():
+    (a, b), _ = run_graph(lambda s: ops.split_random_seed(s), SEED)
+    assert a[0] == b[0] == SEED[0] and a[1] != b[1]
 
 
 @pytest.mark.parametrize("dtype", [dtypes.float32, dtypes.float16])

@@ -25,6 +25,8 @@ class Ir:
         self._variables: List = []
         self._streams: List = []
         self._remote_buffers: List = []
+        # Each random op takes the next, so ops fed one seed draw apart (PopART's seed modifiers).
+        self._seed_modifiers = itertools.count(1)
         self._main = Graph._create(self, "main_graph")
 
     @property

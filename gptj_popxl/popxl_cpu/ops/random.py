@@ -1,14 +1,20 @@
 """Random numbers from seed tensors: seed splitting, dropout and random tensors.
 
 A seed is a ``(2,)`` uint32 tensor. Every random op draws from a torch generator seeded with a hash
-of (seed, replica index), so a seed always gives the same numbers, each replica its own stream, and
-a gradient rule can regenerate a dropout mask from the seed alone. The exact bits differ from Poplar's.
+of the seed and the op's seed modifier, a number the IR gives each random op as it is made, as PopART
+does: a seed always gives the same numbers, ops fed one seed draw apart, and a gradient rule can
+regenerate a dropout mask from the seed and the forward op's modifier. As on the IPU, where a replica's
+draws depend on its seed and not on its index, replicas fed the same seed draw the same numbers
+(tensor-parallel shards keep identical activations); give each replica its own seed
+(``random_seed.create_seeds(..., replicas=R)``) for replica-specific draws. The exact bits differ
+from Poplar's.
 """
 from typing import Sequence, Tuple
 
 import torch
 
 from .. import dtypes
+from ..context import get_current_graph
 from ..primitive import Primitive, spec
 from ..tensor import Tensor, constant
 from ._util import check_float
@@ -32,20 +38,24 @@ def _seed64(pair) -> int:
     return (hi << 32) | lo
 
 
-def _generators(seed: torch.Tensor):
-    """One generator per replica, from that replica's ``(2,)`` seed and its replica index."""
+def _generators(seed: torch.Tensor, modifier: int):
+    """One generator per replica, from that replica's ``(2,)`` seed and the op's seed modifier."""
     gens = []
-    for replica, pair in enumerate(seed.reshape(seed.shape[0], 2).tolist()):
+    for pair in seed.reshape(seed.shape[0], 2).tolist():
         g = torch.Generator()
-        g.manual_seed(_mix(_seed64(pair) ^ _mix(replica)))
+        g.manual_seed(_mix(_seed64(pair) ^ _mix(modifier)))
         gens.append(g)
     return gens
 
 
-def _draw(seed: torch.Tensor, shape: Sequence[int], normal: bool) -> torch.Tensor:
+def _draw(seed: torch.Tensor, modifier: int, shape: Sequence[int], normal: bool) -> torch.Tensor:
     """``(R, *shape)`` float32 samples, uniform in [0, 1) or standard normal."""
     sample = torch.randn if normal else torch.rand
-    return torch.stack([sample(tuple(shape), generator=g) for g in _generators(seed)])
+    return torch.stack([sample(tuple(shape), generator=g) for g in _generators(seed, modifier)])
+
+
+def _next_seed_modifier() -> int:
+    return next(get_current_graph().ir._seed_modifiers)
 
 
 def _check_seed(seed: Tensor, what: str) -> None:
@@ -58,7 +68,8 @@ def _check_seed(seed: Tensor, what: str) -> None:
 # ---------------------------------------------------------------- seeds
 
 class ModifyRandomSeed(Primitive):
-    """A new seed: a hash of the seed and a uint32 modifier."""
+    """A new seed: the seed's first word, then a hash of the seed and a uint32 modifier (PopART keeps the
+    first word too)."""
     name = "modify_random_seed"
 
     @staticmethod
@@ -70,7 +81,7 @@ class ModifyRandomSeed(Primitive):
         out = []
         for pair, m in zip(seed.reshape(seed.shape[0], 2).tolist(), modifier.reshape(-1).tolist()):
             h = _mix(_seed64(pair) ^ _mix(int(m) + (1 << 32)))
-            out.append([h & 0xFFFFFFFF, h >> 32])
+            out.append([pair[0], h & 0xFFFFFFFF])
         return torch.tensor(out, dtype=torch.uint32)
 
 
@@ -95,9 +106,9 @@ def split_random_seed(seed: Tensor, n: int = 2) -> Tuple[Tensor, ...]:
 
 # ---------------------------------------------------------------- dropout
 
-def _keep(seed: torch.Tensor, mask_shape, p: float) -> torch.Tensor:
+def _keep(seed: torch.Tensor, modifier: int, mask_shape, p: float) -> torch.Tensor:
     """``(R, *mask_shape)`` float32 mask scaled by ``1/(1-p)``: elements survive with probability ``1-p``."""
-    return (_draw(seed, mask_shape, normal=False) >= p).float() / (1.0 - p)
+    return (_draw(seed, modifier, mask_shape, normal=False) >= p).float() / (1.0 - p)
 
 
 class Dropout(Primitive):
@@ -105,18 +116,18 @@ class Dropout(Primitive):
     name = "dropout"
 
     @staticmethod
-    def infer(t, seed, p, mask_shape):
+    def infer(t, seed, p, mask_shape, modifier):
         return t.spec
 
     @classmethod
     def lower(cls, op, runtime):
-        p, mask_shape = op.attrs["p"], op.attrs["mask_shape"]
+        p, mask_shape, modifier = op.attrs["p"], op.attrs["mask_shape"], op.attrs["modifier"]
         view = (runtime.replicas,) + (1,) * (op.inputs[0].rank - len(mask_shape)) + tuple(mask_shape)
-        return lambda x, seed: (x.float() * _keep(seed, mask_shape, p).reshape(view)).to(x.dtype)
+        return lambda x, seed: (x.float() * _keep(seed, modifier, mask_shape, p).reshape(view)).to(x.dtype)
 
     @staticmethod
     def grad(g):
-        # The same mask, regenerated from the seed: dropout is linear in t.
+        # The same mask, regenerated from the seed and the forward op's modifier: dropout is linear in t.
         return [Dropout.create(g.dy, g.x(1), **g.attrs), None]
 
 
@@ -128,7 +139,7 @@ def _dropout(t: Tensor, seed_tensor: Tensor, p: float, mask_shape, what: str) ->
     mask_shape = tuple(int(s) for s in mask_shape)
     if len(mask_shape) > t.rank or any(m not in (1, n) for m, n in zip(mask_shape[::-1], t.shape[::-1])):
         raise ValueError(f"{what}: mask shape {mask_shape} does not broadcast to '{t.name}' {t.shape}")
-    return Dropout.create(t, seed_tensor, p=float(p), mask_shape=mask_shape)
+    return Dropout.create(t, seed_tensor, p=float(p), mask_shape=mask_shape, modifier=_next_seed_modifier())
 
 
 def dropout(t: Tensor, seed_tensor: Tensor, p: float) -> Tensor:
@@ -148,12 +159,12 @@ class RandomTensor(Primitive):
     name = "random"
 
     @staticmethod
-    def infer(seed, shape, dtype, normal, offset, scale):
+    def infer(seed, shape, dtype, normal, offset, scale, modifier):
         return spec(shape, dtype)
 
     @staticmethod
-    def kernel(seed, shape, dtype, normal, offset, scale):
-        return (offset + scale * _draw(seed, shape, normal)).to(dtype.as_torch())
+    def kernel(seed, shape, dtype, normal, offset, scale, modifier):
+        return (offset + scale * _draw(seed, modifier, shape, normal)).to(dtype.as_torch())
 
 
 def _random(seed_tensor, shape, dtype, normal, offset, scale, what) -> Tensor:
@@ -162,7 +173,7 @@ def _random(seed_tensor, shape, dtype, normal, offset, scale, what) -> Tensor:
     if not dtype.is_floating_point:
         raise TypeError(f"{what}: dtype must be floating point, got {dtype.name}")
     return RandomTensor.create(seed_tensor, shape=tuple(int(s) for s in shape), dtype=dtype, normal=normal,
-                               offset=float(offset), scale=float(scale), name=what)
+                               offset=float(offset), scale=float(scale), modifier=_next_seed_modifier(), name=what)
 
 
 def random_normal(seed_tensor: Tensor, shape: Tuple[int, ...], mean: float = 0.0, std: float = 1.0,

@@ -216,14 +216,47 @@ def test_attention_softmax_is_one_kernel_matching_float64(keys, rng):
     np.testing.assert_allclose(ds, s64.grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mask_shape", [(8,), (1, 8), (2, 1, 4, 8), (2, 1, 1, 8), (3, 1, 8), (1, 3, 4, 8)],
+                         ids=["keys", "one row", "per batch", "per batch keys", "per head", "per head and query"])
+def test_attention_softmax_fused_for_masks_broadcast_over_batch_heads_or_queries(mask_shape, rng):
+    scores = (rng.standard_normal((2, 3, 4, 8)) * 5).astype(np.float32)  # (batch, heads, queries, keys)
+    mask = rng.standard_normal(mask_shape).astype(np.float32)
+    fn = _attention_graph(3.0, mask)
+    assert _fused_softmaxes(fn, TensorSpec(scores.shape, float32)) == 1
+    (probs,), _ = run_graph(fn, scores)
+    np.testing.assert_allclose(probs, _attention_softmax64(scores, mask, 3.0), rtol=1e-5, atol=1e-7)
+
+
 def test_attention_softmax_unfused_where_the_pattern_does_not_hold(rng):
-    scores = rng.standard_normal((2, 4, 8)).astype(np.float32)
-    broadcast_mask = rng.standard_normal((1, 8)).astype(np.float32)  # broadcasts over queries: not a suffix
+    scores = rng.standard_normal((2, 3, 4, 5, 8)).astype(np.float32)
     spec = TensorSpec(scores.shape, float32)
-    assert _fused_softmaxes(_attention_graph(3.0, broadcast_mask), spec) == 0
-    assert _fused_softmaxes(_attention_graph(3.0, broadcast_mask[0], reuse_quotient=True), spec) == 0
-    (probs, _), _ = run_graph(_attention_graph(3.0, broadcast_mask[0], reuse_quotient=True), scores)
-    np.testing.assert_allclose(probs, _attention_softmax64(scores, broadcast_mask[0], 3.0), rtol=1e-5, atol=1e-7)
+    over_keys = rng.standard_normal((5, 1)).astype(np.float32)
+    two_runs = rng.standard_normal((2, 1, 4, 1, 8)).astype(np.float32)
+    assert _fused_softmaxes(_attention_graph(3.0, over_keys), spec) == 0
+    assert _fused_softmaxes(_attention_graph(3.0, two_runs), spec) == 0
+    assert _fused_softmaxes(_attention_graph(3.0, two_runs[0, 0], reuse_quotient=True), spec) == 0
+    for mask in (over_keys, two_runs):
+        (probs,), _ = run_graph(_attention_graph(3.0, mask), scores)
+        np.testing.assert_allclose(probs, _attention_softmax64(scores, mask, 3.0), rtol=1e-5, atol=1e-7)
+    (probs, _), _ = run_graph(_attention_graph(3.0, two_runs[0, 0], reuse_quotient=True), scores)
+    np.testing.assert_allclose(probs, _attention_softmax64(scores, two_runs[0, 0], 3.0), rtol=1e-5, atol=1e-7)
+
+
+def test_attention_softmax_fused_with_each_replicas_own_mask(rng, monkeypatch):
+    """A prefill's (batch, 1, queries, keys) mask comes from the host, one per replica."""
+    calls = []
+    real = kernels.scaled_masked_softmax
+    monkeypatch.setattr(kernels, "scaled_masked_softmax", lambda *a, **k: calls.append(a) or real(*a, **k))
+    scores = (rng.standard_normal((2, 2, 3, 4, 8)) * 5).astype(np.float32)  # replicas first
+    masks = np.where(rng.random((2, 2, 1, 4, 8)) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32)
+
+    def fn(s, mask):
+        return ops.softmax(s / constant(np.float32(2.0)) + mask, axis=-1)
+    assert _fused_softmaxes(fn, TensorSpec(scores.shape[1:], float32), TensorSpec(masks.shape[1:], float32)) == 1
+    (probs,), _ = run_graph(fn, scores, masks, replication=2)
+    assert len(calls) == 1
+    for r in range(2):
+        np.testing.assert_allclose(probs[r], _attention_softmax64(scores[r], masks[r], 2.0), rtol=1e-5, atol=1e-7)
 
 
 def test_attention_softmax_kernel_keeps_nans_and_gives_zeros_where_masked():

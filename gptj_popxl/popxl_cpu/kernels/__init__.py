@@ -41,11 +41,17 @@ def gelu_tanh_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_masked_softmax(x: torch.Tensor, mask: torch.Tensor, scale: float,
-                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``softmax(x / scale + mask)`` over x's last axis, float32, in one pass: ``mask``'s shape is a suffix
-    of x's (the attention's (queries, keys) under batch and heads). torch's three kernels took 0.44 ms
-    on (1, 8, 256, 256) on 2 threads."""
+                          out: Optional[torch.Tensor] = None, inner: Optional[int] = None,
+                          repeat: int = 1) -> torch.Tensor:
+    """``softmax(x / scale + mask)`` over x's last axis, float32, in one pass. The mask's rows (all but
+    its last axis, flattened) go in blocks of ``inner`` (default: all of them), each block serving
+    ``repeat`` consecutive blocks of x's rows, and the whole mask repeats: a mask whose shape is a
+    suffix of x's (the attention's (queries, keys) under batch and heads) is the default, a (batch, 1,
+    queries, keys) mask under (batch, heads, queries, keys) is ``inner=queries, repeat=heads``. torch's
+    three kernels took 0.44 ms on (1, 8, 256, 256) on 2 threads."""
     x, mask = x.contiguous(), mask.contiguous()
     out = torch.empty_like(x) if out is None else out
-    fused_ops().scaled_masked_softmax(x.numpy(), mask.numpy(), scale, out.numpy(), torch.get_num_threads())
+    mask_rows = mask.numel() // max(mask.shape[-1], 1) if mask.dim() else 0
+    fused_ops().scaled_masked_softmax(x.numpy(), mask.numpy(), scale, mask_rows if inner is None else inner, repeat,
+                                      out.numpy(), torch.get_num_threads())
     return out

@@ -81,10 +81,14 @@ void gelu_tanh_grad(const Floats& dy, const Floats& x, Floats& out, int threads)
     map(x.data(), out.mutable_data(), x.size(), threads, GeluGrad{dy.data()});
 }
 
-// out[r] = softmax(x[r] / scale + mask[r % mask_rows]) for each row r of the last axis' length n: x and out
-// (rows, n), mask (mask_rows, n) with mask_rows dividing rows (the attention's (queries, keys) mask
-// under the batch and head axes).
-void scaled_masked_softmax(const Floats& x, const Floats& mask, float scale, Floats& out, int threads) {
+// out[r] = softmax(x[r] / scale + mask[row(r)]) for each row r of the last axis' length n: x and out
+// (rows, n), mask (mask_rows, n). The mask's rows go in blocks of `inner`, each block serving `repeat`
+// consecutive blocks of x's rows, and the whole mask repeats: row(r) = (r / (inner * repeat) * inner +
+// r % inner) % mask_rows. The attention's (queries, keys) mask under the batch and head axes is
+// inner = mask_rows, repeat = 1; a (batch, 1, queries, keys) mask, the same for every head, is inner =
+// queries, repeat = heads.
+void scaled_masked_softmax(const Floats& x, const Floats& mask, float scale, int64_t inner, int64_t repeat,
+                           Floats& out, int threads) {
     require_same_size(x, out, "scaled_masked_softmax");
     if (x.size() == 0)
         return;
@@ -95,12 +99,17 @@ void scaled_masked_softmax(const Floats& x, const Floats& mask, float scale, Flo
                               " elements, rows of " + std::to_string(n) + ", does not tile x of " +
                               std::to_string(x.size()) + " elements");
     const int64_t rows = x.size() / n, mask_rows = mask.size() / n;
+    if (inner < 1 || repeat < 1 || mask_rows % inner)
+        throw py::value_error("scaled_masked_softmax: blocks of " + std::to_string(inner) + " rows repeated " +
+                              std::to_string(repeat) + " times do not divide a mask of " +
+                              std::to_string(mask_rows) + " rows");
     const float* in = x.data();
     const float* m = mask.data();
     float* y = out.mutable_data();
     py::gil_scoped_release released;
     gptj_kernels::parallel_rows(rows, n, threads, [&](int64_t r) {
-        gptj_kernels::scaled_masked_softmax(in + r * n, m + (r % mask_rows) * n, scale, y + r * n, n);
+        const int64_t row = (r / (inner * repeat) * inner + r % inner) % mask_rows;
+        gptj_kernels::scaled_masked_softmax(in + r * n, m + row * n, scale, y + r * n, n);
     });
 }
 
@@ -113,5 +122,5 @@ PYBIND11_MODULE(fused_ops, m) {
     m.def("gelu_tanh_grad", &gelu_tanh_grad, py::arg("dy").noconvert(), py::arg("x").noconvert(),
           py::arg("out").noconvert(), py::arg("threads"));
     m.def("scaled_masked_softmax", &scaled_masked_softmax, py::arg("x").noconvert(), py::arg("mask").noconvert(),
-          py::arg("scale"), py::arg("out").noconvert(), py::arg("threads"));
+          py::arg("scale"), py::arg("inner"), py::arg("repeat"), py::arg("out").noconvert(), py::arg("threads"));
 }

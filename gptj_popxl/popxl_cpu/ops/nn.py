@@ -156,7 +156,8 @@ def lowering_fusions(graph, replicas: int, classes, written):
     * ``x @ w`` whose only use is ``+ b`` (``add`` or ``add_``) with a 1-D bias, float32 on one replica:
       one ``torch.addmm`` at the add.
     * ``softmax(s / c + mask)`` over the last axis (the attention's scores), float32, with ``c`` a scalar
-      constant and ``mask``'s shape a suffix of ``s``'s (a constant when replicated): one pass of the
+      constant and ``mask`` broadcasting over ``s`` with its shape a suffix of ``s``'s but for leading
+      1s and one run of 1s (e.g. (batch, 1, queries, keys), the same for every head): one pass of the
       runtime's C++ kernel at the softmax (``kernels.scaled_masked_softmax``).
     """
     uses = {}
@@ -225,18 +226,41 @@ def _attention_softmax(op, only_use, replicas: int, classes, written):
         if (not isinstance(scale, Constant) or scale.nelms != 1 or scale.dtype != dtypes.float32
                 or classes.find(scale.id) in written  # the kernel takes the constant's value once
                 or scores.shape != op.inputs[0].shape or scores.nelms == 0 or mask.dtype != dtypes.float32
-                or mask.rank == 0 or mask.shape != scores.shape[scores.rank - mask.rank:]
-                or (replicas != 1 and not isinstance(mask, Constant))):
+                or mask.rank == 0 or mask.rank > scores.rank or mask.shape[-1] != scores.shape[-1]):
             continue
-        return _softmax_kernel(float(scale._data.reshape(()))), (scores, mask), (div, add)
+        # A constant is the same on every replica; another mask is each replica's own, its leading axis.
+        same_everywhere = isinstance(mask, Constant)
+        lead = () if same_everywhere else (replicas,)
+        blocks = _mask_row_blocks(lead + scores.shape[:-1], lead + mask.shape[:-1])
+        if blocks is None:
+            continue
+        return _softmax_kernel(float(scale._data.reshape(())), same_everywhere, *blocks), (scores, mask), (div, add)
     return None
 
 
-def _softmax_kernel(scale: float):
+def _mask_row_blocks(rows_shape, mask_rows_shape):
+    """``(inner, repeat)`` for the kernel (``kernels.scaled_masked_softmax``) when a mask with rows of shape
+    ``mask_rows_shape`` broadcasts over rows of shape ``rows_shape`` as one repeats: its axes, after the
+    leading ones it lacks or has as 1 (the whole mask repeats), equal the rows' except for one run of
+    1s (each block of the axes after it repeats); None for other broadcasts."""
+    kept = list(mask_rows_shape)
+    while kept and kept[0] == 1:
+        kept.pop(0)
+    rows = list(rows_shape[len(rows_shape) - len(kept):]) if kept else []
+    differ = [i for i, (m, s) in enumerate(zip(kept, rows)) if m != s]
+    if any(kept[i] != 1 for i in differ) or (differ and differ != list(range(differ[0], differ[-1] + 1))):
+        return None
+    if not differ:
+        return int(np.prod(kept, dtype=np.int64)), 1
+    return (int(np.prod(kept[differ[-1] + 1:], dtype=np.int64)),
+            int(np.prod(rows[differ[0]:differ[-1] + 1], dtype=np.int64)))
+
+
+def _softmax_kernel(scale: float, same_everywhere: bool, inner: int, repeat: int):
     from .. import kernels
 
     def scaled_masked_softmax(scores, mask, out=None):
-        return kernels.scaled_masked_softmax(scores, mask[0], scale, out)  # the mask is the same on every replica
+        return kernels.scaled_masked_softmax(scores, mask[0] if same_everywhere else mask, scale, out, inner, repeat)
     return scaled_masked_softmax
 
 

@@ -242,13 +242,16 @@ def test_attention_softmax_unfused_where_the_pattern_does_not_hold(rng):
     np.testing.assert_allclose(probs, _attention_softmax64(scores, two_runs[0, 0], 3.0), rtol=1e-5, atol=1e-7)
 
 
-def test_attention_softmax_fused_with_each_replicas_own_mask(rng, monkeypatch):
-    """A prefill's (batch, 1, queries, keys) mask comes from the host, one per replica."""
+@pytest.mark.parametrize("scores_shape, mask_shape", [((2, 3, 4, 8), (2, 1, 4, 8)), ((2, 4, 8), (4, 8)),
+                                                      ((2, 3, 4, 8), (1, 4, 8)), ((3, 2, 4, 8), (4, 8))])
+def test_attention_softmax_fused_with_each_replicas_own_mask(scores_shape, mask_shape, rng, monkeypatch):
+    """A prefill's (batch, 1, queries, keys) mask comes from the host, one per replica; a mask of lower
+    rank than the scores too, whose rows must still be the replica's own."""
     calls = []
     real = kernels.scaled_masked_softmax
     monkeypatch.setattr(kernels, "scaled_masked_softmax", lambda *a, **k: calls.append(a) or real(*a, **k))
-    scores = (rng.standard_normal((2, 2, 3, 4, 8)) * 5).astype(np.float32)  # replicas first
-    masks = np.where(rng.random((2, 2, 1, 4, 8)) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32)
+    scores = (rng.standard_normal((2,) + scores_shape) * 5).astype(np.float32)  # replicas first
+    masks = np.where(rng.random((2,) + mask_shape) < 0.3, np.finfo(np.float32).min, 0).astype(np.float32)
 
     def fn(s, mask):
         return ops.softmax(s / constant(np.float32(2.0)) + mask, axis=-1)

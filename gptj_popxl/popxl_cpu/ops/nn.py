@@ -228,10 +228,12 @@ def _attention_softmax(op, only_use, replicas: int, classes, written):
                 or scores.shape != op.inputs[0].shape or scores.nelms == 0 or mask.dtype != dtypes.float32
                 or mask.rank == 0 or mask.rank > scores.rank or mask.shape[-1] != scores.shape[-1]):
             continue
-        # A constant is the same on every replica; another mask is each replica's own, its leading axis.
+        # A constant is the same on every replica; another mask is each replica's own, its leading axis,
+        # which lines up with the scores' only once the mask has their rank.
         same_everywhere = isinstance(mask, Constant)
         lead = () if same_everywhere else (replicas,)
-        blocks = _mask_row_blocks(lead + scores.shape[:-1], lead + mask.shape[:-1])
+        mask_rows = (1,) * (scores.rank - mask.rank) + mask.shape[:-1]
+        blocks = _mask_row_blocks(lead + scores.shape[:-1], lead + mask_rows)
         if blocks is None:
             continue
         return _softmax_kernel(float(scale._data.reshape(())), same_everywhere, *blocks), (scores, mask), (div, add)

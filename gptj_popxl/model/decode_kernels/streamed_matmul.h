@@ -20,8 +20,13 @@
 #include <stdexcept>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+// Processors with AVX2 but no AVX-512 (AMD Zen, many laptops) take eight lanes at a time; without,
+// the loops below are scalar. Every lane does what the scalar loop does, so the results are the same.
+#define GPTJ_STREAMED_AVX2 1
 #endif
 
 #include "work_team.h"
@@ -104,14 +109,27 @@ inline void store16(Half* y, __m512 v) {
 }
 #endif
 
+#ifdef GPTJ_STREAMED_AVX2
+// 8 consecutive values as float32, and their stores as float16 (round to nearest even) or float32.
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const Half* w) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))); }
+inline void store8(float* y, __m256 v) { _mm256_storeu_ps(y, v); }
+inline void store8(Half* y, __m256 v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#endif
+
 // y[i] = x[i] as To, for i < n, between float32 and float16 either way: widened exactly, or rounded
 // once (from_float).
 template <typename From, typename To>
 inline void convert(const From* x, int64_t n, To* y) {
     int64_t i = 0;
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16)
         store16(y + i, load16(x + i));
+#elif defined(GPTJ_STREAMED_AVX2)
+    for (; i + 8 <= n; i += 8)
+        store8(y + i, load8(x + i));
 #endif
     for (; i < n; ++i)
         y[i] = from_float<To>(to_float(x[i]));
@@ -121,10 +139,14 @@ inline void convert(const From* x, int64_t n, To* y) {
 template <typename T>
 inline void add_scaled(float a, const T* __restrict x, int64_t n, float* __restrict y) {
     int64_t i = 0;
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     const __m512 scale = _mm512_set1_ps(a);
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(y + i, _mm512_fmadd_ps(scale, load16(x + i), _mm512_loadu_ps(y + i)));
+#elif defined(GPTJ_STREAMED_AVX2)
+    const __m256 scale = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(scale, load8(x + i), _mm256_loadu_ps(y + i)));
 #endif
     for (; i < n; ++i)
         y[i] += a * to_float(x[i]);  // fused where the processor can (-ffp-contract=fast), as the vector loop
@@ -211,7 +233,21 @@ inline void add_rows(const float* __restrict x, int64_t K, const W* __restrict w
         }
     }
 #else
-    for (int64_t n = n0; n < n1; ++n) {
+    int64_t n = n0;
+#ifdef GPTJ_STREAMED_AVX2
+    for (; n + 8 <= n1; n += 8) {
+        __m256 wv[S];
+        for (int j = 0; j < S; ++j)
+            wv[j] = load8(wk + j * N + n);
+        for (int r = 0; r < R; ++r) {
+            __m256 acc = _mm256_loadu_ps(y + r * N + n);
+            for (int j = 0; j < S; ++j)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(x[r * K + j]), wv[j], acc);
+            _mm256_storeu_ps(y + r * N + n, acc);
+        }
+    }
+#endif
+    for (; n < n1; ++n) {
         float wv[S];  // each weight widened once for all R rows of x
         for (int j = 0; j < S; ++j)
             wv[j] = to_float(wk[j * N + n]);

@@ -69,6 +69,21 @@ void shifted_exp_sums(const Floats& x, const Floats& shift, Floats& totals, int 
             sums[0] =
                 _mm512_add_ps(sums[0], gptj_kernels::exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(v + c), t)));
         total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(sums[0], sums[1]), _mm512_add_ps(sums[2], sums[3])));
+#elif defined(GPTJ_KERNELS_AVX2)
+        // Eight sums of eight lanes each, as many partial sums as the sixteen-wide loop's.
+        const __m256 t = _mm256_set1_ps(top[r]);
+        __m256 sums[8];
+        for (__m256& sum : sums)
+            sum = _mm256_setzero_ps();
+        for (; c + 64 <= n; c += 64)
+            for (int k = 0; k < 8; ++k)
+                sums[k] = _mm256_add_ps(
+                    sums[k], gptj_kernels::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(v + c + 8 * k), t)));
+        for (; c + 8 <= n; c += 8)
+            sums[0] = _mm256_add_ps(sums[0], gptj_kernels::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(v + c), t)));
+        for (int k = 1; k < 8; ++k)
+            sums[0] = _mm256_add_ps(sums[0], sums[k]);
+        total = gptj_kernels::reduce_add(sums[0]);
 #endif
         for (; c < n; ++c)
             total += gptj_kernels::exp_nonpositive(v[c] - top[r]);
@@ -97,6 +112,11 @@ void scaled_shifted_exp(const Floats& x, const Floats& shift, const Floats& scal
         for (; c + 16 <= n; c += 16)
             _mm512_storeu_ps(
                 w + c, _mm512_mul_ps(gptj_kernels::exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(v + c), t)), f));
+#elif defined(GPTJ_KERNELS_AVX2)
+        const __m256 t = _mm256_set1_ps(top[r]), f = _mm256_set1_ps(factor[r]);
+        for (; c + 8 <= n; c += 8)
+            _mm256_storeu_ps(
+                w + c, _mm256_mul_ps(gptj_kernels::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(v + c), t)), f));
 #endif
         for (; c < n; ++c)
             w[c] = gptj_kernels::exp_nonpositive(v[c] - top[r]) * factor[r];

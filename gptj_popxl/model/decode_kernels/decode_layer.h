@@ -58,14 +58,18 @@ inline void layer_norm(const float* x, int64_t rows, int64_t n, const T* weight,
 }
 
 // a[i] = gelu_tanh(a[i] + bias[i]) (vector_math.h: transformers' gelu_new) for i < n, sixteen at a time where
-// AVX-512 is there.
+// AVX-512 is there, eight where AVX2 is.
 template <typename T>
 inline void add_bias_gelu(float* a, const T* bias, int64_t n) {
     int64_t i = 0;
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(a + i, gptj_kernels::gelu_tanh(
                                     _mm512_add_ps(_mm512_loadu_ps(a + i), gptj_streamed::load16(bias + i))));
+#elif defined(GPTJ_STREAMED_AVX2)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(a + i, gptj_kernels::gelu_tanh(
+                                    _mm256_add_ps(_mm256_loadu_ps(a + i), gptj_streamed::load8(bias + i))));
 #endif
     for (; i < n; ++i)
         a[i] = gptj_kernels::gelu_tanh(a[i] + to_float(bias[i]));

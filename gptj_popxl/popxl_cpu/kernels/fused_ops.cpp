@@ -37,9 +37,12 @@ void map(const float* in, float* out, int64_t n, int threads, const F& f) {
     gptj_kernels::parallel_for((n + 15) / 16, GRAIN_BLOCKS, threads, [&](int64_t first, int64_t last) {
         int64_t i = 16 * first;
         const int64_t end = std::min(n, 16 * last);
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
         for (; i + 16 <= end; i += 16)
             _mm512_storeu_ps(out + i, f(_mm512_loadu_ps(in + i), i));
+#elif defined(GPTJ_KERNELS_AVX2)
+        for (; i + 8 <= end; i += 8)
+            _mm256_storeu_ps(out + i, f(_mm256_loadu_ps(in + i), i));
 #endif
         for (; i < end; ++i)
             out[i] = f(in[i], i);
@@ -61,9 +64,13 @@ struct Gelu {
 struct GeluGrad {
     const float* dy;
     float operator()(float v, int64_t i) const { return dy[i] * gptj_kernels::gelu_tanh_derivative(v); }
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
     __m512 operator()(__m512 v, int64_t i) const {
         return _mm512_mul_ps(_mm512_loadu_ps(dy + i), gptj_kernels::gelu_tanh_derivative(v));
+    }
+#elif defined(GPTJ_KERNELS_AVX2)
+    __m256 operator()(__m256 v, int64_t i) const {
+        return _mm256_mul_ps(_mm256_loadu_ps(dy + i), gptj_kernels::gelu_tanh_derivative(v));
     }
 #endif
 };

@@ -1,4 +1,5 @@
-// Sixteen-wide float32 exp, tanh and tanh-GELU for AVX-512, with their scalar counterparts, and a softmax row:
+// Sixteen-wide float32 exp, tanh and tanh-GELU for AVX-512, eight-wide for AVX2, with their scalar counterparts,
+// and a softmax row:
 // header-only, shared by the runtime's fused kernels and the decode kernels.
 #pragma once
 
@@ -6,8 +7,13 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+// Processors with AVX2 but no AVX-512 (AMD Zen, many laptops) take the eight-wide functions below; without
+// either, the scalar ones.
+#define GPTJ_KERNELS_AVX2 1
 #endif
 
 namespace gptj_kernels {
@@ -78,6 +84,59 @@ inline __m512 gelu_tanh_derivative(__m512 v) {
 }
 #endif
 
+#ifdef GPTJ_KERNELS_AVX2
+// The eight-wide counterparts of the sixteen-wide functions above, by the same arithmetic; 2^n is built in
+// the exponent bits, n >= -126 there.
+inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 normal = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_NLT_UQ);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln2, high bits
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);  // ln2, low bits
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    for (float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f})
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(normal, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
+}
+
+inline __m256 tanh_by_exp(__m256 u) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+    const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_andnot_ps(sign, u)));
+    const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    return _mm256_or_ps(t, _mm256_and_ps(sign, u));
+}
+
+inline __m256 gelu_tanh(__m256 v) {
+    const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(v, v), v);
+    const __m256 u = _mm256_mul_ps(_mm256_set1_ps(SQRT_2_OVER_PI), _mm256_fmadd_ps(_mm256_set1_ps(GELU_CUBE), cube, v));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(_mm256_set1_ps(1.0f), tanh_by_exp(u)));
+}
+
+inline __m256 gelu_tanh_derivative(__m256 v) {
+    const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f), v2 = _mm256_mul_ps(v, v);
+    const __m256 u = _mm256_mul_ps(_mm256_set1_ps(SQRT_2_OVER_PI),
+                                   _mm256_fmadd_ps(_mm256_set1_ps(GELU_CUBE), _mm256_mul_ps(v2, v), v));
+    const __m256 t = tanh_by_exp(u);
+    const __m256 du = _mm256_mul_ps(_mm256_set1_ps(SQRT_2_OVER_PI),
+                                    _mm256_fmadd_ps(_mm256_set1_ps(3.0f * GELU_CUBE), v2, one));
+    return _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_fnmadd_ps(t, t, one)), du,
+                           _mm256_mul_ps(half, _mm256_add_ps(one, t)));
+}
+
+inline float reduce_add(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float reduce_max(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 // x[i] = exp(x[i] - top) for i < n, where top >= every x[i], 0 below -87 as exp_nonpositive; returns their sum.
 inline float exp_shifted(float* x, int64_t n, float top) {
     int64_t i = 0;
@@ -90,6 +149,14 @@ inline float exp_shifted(float* x, int64_t n, float top) {
         sums = _mm512_add_ps(sums, e);
     }
     total = _mm512_reduce_add_ps(sums);
+#elif defined(GPTJ_KERNELS_AVX2)
+    __m256 sums = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(x + i, e);
+        sums = _mm256_add_ps(sums, e);
+    }
+    total = reduce_add(sums);
 #endif
     for (; i < n; ++i) {
         x[i] = exp_nonpositive(x[i] - top);
@@ -111,6 +178,15 @@ inline void scaled_masked_softmax(const float* x, const float* mask, float scale
         tops = _mm512_max_ps(tops, v);
     }
     top = _mm512_reduce_max_ps(tops);
+#elif defined(GPTJ_KERNELS_AVX2)
+    __m256 tops = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_add_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(scale)),
+                                       _mm256_loadu_ps(mask + i));
+        _mm256_storeu_ps(y + i, v);
+        tops = _mm256_max_ps(tops, v);
+    }
+    top = reduce_max(tops);
 #endif
     for (; i < n; ++i) {
         y[i] = x[i] / scale + mask[i];

@@ -20,9 +20,9 @@ IPU (sums, products, moves); ``"order"`` as int64 in the same order, for kernels
 (uint64 ones from 2**63 up would read negative as bits); ``"torch"`` as they are, for kernels that only
 move or convert them, which torch can do; see ``executor``). ``unsigned_of(op)`` gives it per op, for
 primitives whose kernel depends on an attribute. Ops that need runtime state (streams, remote buffers,
-subgraphs, replicas) override ``lower(op, runtime)`` to return the callable run for each execution. An op that can write its one
-output into given memory also defines ``lower_out(op, runtime)``: lowering hands large outputs
-memory it keeps across runs, or huge-page memory (see ``executor``).
+subgraphs, replicas) override ``lower(op, runtime)`` to return the callable run for each execution. An
+op that can write its one output into given memory also defines ``lower_out(op, runtime)``: lowering
+hands large outputs memory it keeps across runs, or huge-page memory (see ``executor``).
 
 Kernels of ops not flagged ``view``, ``alias`` or ``modifies`` return fresh tensors, never an
 input or a view of one: lowering's storage analysis relies on it.

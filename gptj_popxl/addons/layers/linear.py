@@ -13,8 +13,8 @@ from ._init import truncated_normal
 class Linear(Module):
     """Fully connected layer over the last axis of ``x``.
 
-    Variables: ``weight`` (in, out) drawn from Normal(0, 0.02) truncated at two standard deviations, ``bias`` (out,) zeros (if ``bias``),
-    both of ``x``'s dtype. ``replica_grouping``: the variables' grouping; with several groups each
+    Variables: ``weight`` (in, out) drawn from Normal(0, 0.02) truncated at two standard deviations,
+    ``bias`` (out,) zeros (if ``bias``), both of ``x``'s dtype. ``replica_grouping``: the variables' grouping; with several groups each
     group holds its own values (e.g. tensor-parallel shards), host data ``(num_groups, ...)``.
     """
 

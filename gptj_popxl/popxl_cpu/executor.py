@@ -28,6 +28,7 @@ from typing import Dict, List
 import torch
 
 from . import allocation
+from .ops._util import INT64_SIGN_BIT
 from .ops.io import HostLoad
 from .ops.nn import lowering_fusions
 from .remote_buffer import RemoteBuffer
@@ -348,10 +349,8 @@ def _copying(fn):
     return lambda *xs: fn(*xs).clone()
 
 
-
 # torch implements little arithmetic for these types; kernels compute on int64 and results wrap around.
 _WIDE_UNSIGNED = {torch.uint16: 0xFFFF, torch.uint32: 0xFFFFFFFF, torch.uint64: None}
-_INT64_SIGN_BIT = -(1 << 63)
 
 
 def _computes_on_wide_unsigned(op) -> bool:
@@ -370,7 +369,7 @@ def _widen(x, ordered: bool):
     if x.dtype != torch.uint64:
         return x.to(torch.int64)
     bits = x.view(torch.int64)
-    return bits ^ _INT64_SIGN_BIT if ordered else bits
+    return bits ^ INT64_SIGN_BIT if ordered else bits
 
 
 def _narrow(y, dtype: torch.dtype, ordered: bool):
@@ -379,7 +378,7 @@ def _narrow(y, dtype: torch.dtype, ordered: bool):
         return y
     y = y.to(torch.int64)
     if dtype == torch.uint64:
-        return (y ^ _INT64_SIGN_BIT if ordered else y).view(torch.uint64)
+        return (y ^ INT64_SIGN_BIT if ordered else y).view(torch.uint64)
     return (y & _WIDE_UNSIGNED[dtype]).to(dtype)
 
 

@@ -71,12 +71,13 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-_INT64_SIGN_BIT = -(1 << 63)
+# The int64 with only the top bit set: flipping it maps uint64 order (held as int64 bits) onto int64 order.
+INT64_SIGN_BIT = -(1 << 63)
 
 
 def _uint64_at_least(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a >= b`` of uint64 values held as int64 bits: flipping the top bit maps unsigned order to signed."""
-    return (a ^ _INT64_SIGN_BIT) >= (b ^ _INT64_SIGN_BIT)
+    return (a ^ INT64_SIGN_BIT) >= (b ^ INT64_SIGN_BIT)
 
 
 def uint64_trunc_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def uint64_trunc_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     small_b = b >= 0  # below 2**63
     divisor = torch.where(small_b, b, 1)
     # Half of a fits int64's positive range; twice its quotient is a's, or one short of it.
-    quotient = (((a >> 1) & ~_INT64_SIGN_BIT) // divisor) << 1
+    quotient = (((a >> 1) & ~INT64_SIGN_BIT) // divisor) << 1
     quotient += _uint64_at_least(a - quotient * divisor, divisor)
     # A divisor from 2**63 up goes into a once or not at all.
     return torch.where(small_b, quotient, _uint64_at_least(a, b).to(torch.int64))

@@ -10,7 +10,7 @@ import torch
 
 from ..primitive import Primitive, spec
 from ..tensor import Tensor
-from ._util import norm_axis
+from ._util import norm_axis, shares_memory
 from .io import init_value
 
 __all__ = ["dynamic_slice", "dynamic_update", "dynamic_update_"]
@@ -117,7 +117,7 @@ class DynamicUpdate(Primitive):
 
         def update(x, index, upd):
             out = x if inplace else x.clone()
-            if inplace and upd.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            if inplace and shares_memory(upd, x):
                 upd = upd.clone()  # an update viewing the target is its value before the write
             out[region(index)] = upd
             return out

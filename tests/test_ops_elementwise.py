@@ -232,6 +232,8 @@ def test_add_inplace(rng):
         ops.add_(y, b)
         return y
     check(fn, lambda a, b: a + b, a, b, grad=False)
+    # each replica adds its own rhs, broadcast over its own rows
+    check(fn, lambda a, b: a + b, rand(rng, 2, 3, 4), rand(rng, 2, 4), grad=False, replication=2)
 
     def onto_own_transpose(a):  # the rhs is the lhs's memory read another way
         y = ops.identity(a)

@@ -96,7 +96,7 @@ class Runtime:
         if target is None:
             # A view (a transpose, a broadcast) would hand the host odd strides, even repeated elements;
             # memory another stream of this run holds would make two host arrays one.
-            shared = any(shares_memory(kept, value) for kept in self.stream_kept.values())
+            shared = self.stream_kept and any(shares_memory(kept, value) for kept in self.stream_kept.values())
             self.stream_kept[stream] = (value.clone(memory_format=torch.contiguous_format) if shared
                                         else value.contiguous())
         else:
@@ -210,6 +210,11 @@ class Session:
                                    (n, self._rt.replicas) + s.shape) for s in self._expected_inputs}
         self._written_variables = _written_variables(ir)
         self._d2h_streams = [s for s in ir._streams if s in stored]
+        # Per-run state a run copies rather than builds: each stream's transfer count, and run()'s
+        # targets (every output kept as the program stored it).
+        self._no_loads = dict.fromkeys(self._expected_inputs, 0)
+        self._no_stores = dict.fromkeys(self._d2h_streams, 0)
+        self._all_kept = dict.fromkeys(self._d2h_streams)
 
     # --- attachment
     @property
@@ -269,11 +274,10 @@ class Session:
             self.run_with_outputs(inputs, outputs, downcast_inputs)
             return outputs
         # One transfer per stream: hand over the stored values themselves instead of copying them.
-        streams = self._outputs()
-        kept = self._execute(inputs, downcast_inputs, dict.fromkeys(streams))
+        kept = self._execute(inputs, downcast_inputs, self._all_kept)
         squeeze = self._rt.replicas == 1
         return {s: (kept[s].numpy()[0, ...] if squeeze else kept[s].numpy()) if s in kept
-                else np.zeros(self._extra_dims() + s.shape, s.dtype.as_numpy()) for s in streams}
+                else np.zeros(self._extra_dims() + s.shape, s.dtype.as_numpy()) for s in self._d2h_streams}
 
     def run_with_outputs(self, inputs: Optional[Mapping[HostToDeviceStream, np.ndarray]] = None,
                          outputs: Optional[Mapping[DeviceToHostStream, np.ndarray]] = None,
@@ -297,9 +301,9 @@ class Session:
         caller's ``host_outputs`` arrays take stores during the run. Returns the kept values."""
         rt = self._rt
         rt.stream_in = self._stream_values(inputs or {}, downcast, host_outputs)
-        rt.stream_in_next = dict.fromkeys(rt.stream_in, 0)
-        rt.stream_out = targets
-        rt.stream_out_next = dict.fromkeys(targets, 0)
+        rt.stream_in_next = self._no_loads.copy()  # the inputs are checked to be exactly the expected ones
+        rt.stream_out = targets  # read only
+        rt.stream_out_next = self._no_stores.copy()  # and the targets exactly the outputs
         rt.stream_kept = {}
         try:
             self._main.run(())
@@ -326,7 +330,7 @@ class Session:
                 if layout is None or type(a) is not np.ndarray or a.dtype != layout[0] or a.shape != layout[1]:
                     break
                 lent = (s in borrowing and a.flags.c_contiguous and a.flags.writeable
-                        and not any(np.may_share_memory(a, out) for out in host_outputs))
+                        and not (host_outputs and any(np.may_share_memory(a, out) for out in host_outputs)))
                 copies[s] = _per_transfer(a if lent else a.copy(), layout[2])
             else:
                 return copies

@@ -1,5 +1,5 @@
 """Helpers shared by op definitions."""
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,6 +40,15 @@ def scalar_like(value, t: Tensor) -> Tensor:
 def replica_view_shape(shape: Sequence[int], rank: int, replicas: int) -> Tuple[int, ...]:
     """Runtime shape ``(R, 1.., *shape)`` padding ``shape`` with leading ones up to ``rank``."""
     return (replicas,) + (1,) * (rank - len(shape)) + tuple(shape)
+
+
+def broadcast_view(shape: Sequence[int], rank: int, replicas: int) -> Optional[Tuple[int, ...]]:
+    """The view a ``(R, *shape)`` value needs to broadcast against rank-``rank`` values with its replica
+    axis lined up (``replica_view_shape``), or None where it broadcasts as it is: with one replica the
+    leading 1 lines up with anything (a view costs microseconds, which a decode step pays per op)."""
+    if len(shape) == rank or replicas == 1:
+        return None
+    return replica_view_shape(shape, rank, replicas)
 
 
 def unbroadcast(dy: Tensor, shape: Sequence[int]) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 from .. import dtypes, kernels
 from ..primitive import Primitive, spec
 from ..tensor import Tensor
-from ._util import (broadcast_shape, check_float, check_same_dtype, replica_view_shape, scalar_like, shares_memory,
+from ._util import (broadcast_shape, broadcast_view, check_float, check_same_dtype, scalar_like, shares_memory,
                     uint64_remainder, uint64_trunc_div, unbroadcast)
 
 # ---------------------------------------------------------------- unary
@@ -293,13 +293,13 @@ class Binary(Primitive):
         rank, fn = op.outputs[0].rank, cls.fn
         if a.dtype == dtypes.uint64 and cls.uint64_fn is not None:
             fn = cls.uint64_fn
-        if a.rank == rank and b.rank == rank:
+        sa = broadcast_view(a.shape, rank, runtime.replicas)
+        sb = broadcast_view(b.shape, rank, runtime.replicas)
+        if sa is None and sb is None:
             return fn
-        sa = replica_view_shape(a.shape, rank, runtime.replicas)
-        sb = replica_view_shape(b.shape, rank, runtime.replicas)
-        if a.rank == rank:  # only the lower-rank operand needs its view (a reshape per run is not free)
+        if sa is None:  # only the operand that needs a view takes one (a reshape per run is not free)
             return lambda x, y: fn(x, y.reshape(sb))
-        if b.rank == rank:
+        if sb is None:
             return lambda x, y: fn(x.reshape(sa), y)
         return lambda x, y: fn(x.reshape(sa), y.reshape(sb))
 
@@ -362,9 +362,13 @@ class AddInplace(Binary):
     @classmethod
     def lower(cls, op, runtime):
         a, b = op.inputs
-        sb = replica_view_shape(b.shape, a.rank, runtime.replicas)
-        # y may be x's memory seen another way (x a transpose of y): torch refuses to read what it writes.
-        return lambda x, y: x.add_(y.reshape(sb).clone() if shares_memory(x, y) else y.reshape(sb))
+        sb = broadcast_view(b.shape, a.rank, runtime.replicas)
+
+        def add_inplace(x, y):
+            y = y if sb is None else y.reshape(sb)
+            # y may be x's memory seen another way (x a transpose of y): torch refuses to read what it writes.
+            return x.add_(y.clone() if shares_memory(x, y) else y)
+        return add_inplace
 
 
 def _pair(lhs, rhs):

@@ -367,3 +367,73 @@ def test_sumsquare_of_a_large_tensor_matches_numpy(replication):
     (got,), _ = run_graph(ops.sumsquare, x if replication > 1 else x[0], replication=replication)
     want = np.sum(x.astype(np.float64) ** 2, axis=(1, 2))
     np.testing.assert_allclose(got, want if replication > 1 else want[0], rtol=1e-6)
+
+
+def _onednn(monkeypatch):
+    from gptj_popxl.popxl_cpu import products
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch has no oneDNN on this processor")
+    monkeypatch.setattr(products, "ONEDNN", True)  # read when a program is lowered
+
+
+def _weight_program(w_data, storage=None, update=False, rows=32):
+    """``x @ w (+ b)`` and ``x @ w`` for host ``x`` (rows, 8); ``w`` (8, 6) backed by ``storage`` if given;
+    ``update``: the program then adds 1 to ``w`` in place."""
+    ir = popxl.Ir()
+    with ir.main_graph:
+        w = popxl.variable(w_data, name="w")
+        if storage is not None:
+            popxl.back_variable(w, storage)
+        b = popxl.variable(np.arange(6, dtype=np.float32), name="b")
+        x_stream = popxl.h2d_stream((rows, 8), popxl.float32, "x")
+        x = ops.host_load(x_stream)
+        streams = [popxl.d2h_stream((rows, 6), popxl.float32, name) for name in ("biased", "plain")]
+        ops.host_store(streams[0], x @ w + b)
+        ops.host_store(streams[1], x @ w)
+        if update:
+            ops.var_updates.accumulate_(w, popxl.constant(np.ones((8, 6), np.float32)))
+    return popxl.Session(ir), w, x_stream, streams
+
+
+def test_onednn_products_by_read_only_weights_follow_every_write(rng, monkeypatch):
+    """Products by a weight the program only reads take oneDNN's kernel on a copy of it: against numpy,
+    after ``write_variable_data``, and after another program writes the memory they share in place."""
+    _onednn(monkeypatch)
+    x = rand(rng, 32, 8)
+    storage = rand(rng, 8, 6)
+    reader, w, x_stream, (biased, plain) = _weight_program(storage.copy(), storage)
+    writer, _, writer_x, (writer_biased, _) = _weight_program(storage.copy(), storage, update=True)
+    bias = np.arange(6, dtype=np.float32)
+
+    def expect(session, weight):
+        out = session.run({x_stream: x})
+        np.testing.assert_allclose(out[biased], x.astype(np.float64) @ weight + bias, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[plain], x.astype(np.float64) @ weight, rtol=1e-5, atol=1e-5)
+    with reader, writer:
+        expect(reader, storage.copy())
+        reader.write_variable_data(w, np.full((8, 6), 0.5, np.float32))
+        expect(reader, np.full((8, 6), 0.5))
+        for weight in (0.5, 1.5):  # the writer reads w, then adds 1 to it in the shared memory
+            np.testing.assert_allclose(writer.run({writer_x: x})[writer_biased], x.astype(np.float64) @ np.full(
+                (8, 6), weight) + bias, rtol=1e-5, atol=1e-5)
+            expect(reader, np.full((8, 6), weight + 1))
+
+
+def test_onednn_products_by_other_matrices(rng, monkeypatch):
+    """A transposed matrix (a backward pass's ``dy @ w.T``) and a loaded one (fresh each run, perhaps at the
+    same address) are never read from a copy: results follow each run's data."""
+    _onednn(monkeypatch)
+    x, m = rand(rng, 32, 8), rand(rng, 6, 8)
+    ir = popxl.Ir()
+    with ir.main_graph:
+        x_stream, m_stream = popxl.h2d_stream((32, 8), popxl.float32, "x"), popxl.h2d_stream((6, 8), popxl.float32, "m")
+        x_value, m_value = ops.host_load(x_stream), ops.host_load(m_stream)
+        streams = [popxl.d2h_stream((32, 6), popxl.float32, name) for name in ("transposed", "loaded")]
+        ops.host_store(streams[0], x_value @ ops.transpose(m_value))
+        ops.host_store(streams[1], x_value @ (ops.transpose(m_value) * 1.0))
+    with popxl.Session(ir) as session:
+        for _ in range(2):
+            out = session.run({x_stream: x, m_stream: m})
+            for s in streams:
+                np.testing.assert_allclose(out[s], x.astype(np.float64) @ m.T, rtol=1e-5, atol=1e-5)
+            m[...] = rand(rng, 6, 8)  # the same array, new values

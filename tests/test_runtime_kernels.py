@@ -11,6 +11,7 @@ from gptj_popxl.popxl_cpu import (Ir, Session, TensorByRef, TensorSpec, constant
 from gptj_popxl.popxl_cpu.executor import storage_with_copying_views
 from gptj_popxl.popxl_cpu.ops import elementwise
 from gptj_popxl.popxl_cpu.ops.nn import Softmax, lowering_fusions
+from gptj_popxl.popxl_cpu.session import Runtime
 from ops_check import run_graph
 
 F = torch.nn.functional
@@ -196,7 +197,7 @@ def _fused_softmaxes(fn, *specs):
     with ir.main_graph:
         graph = ir.create_graph(fn, *specs)
     classes, written, _ = storage_with_copying_views(graph)
-    fused, _ = lowering_fusions(graph, 1, classes, written)
+    fused, _ = lowering_fusions(graph, Runtime(ir), classes, written)
     return sum(op.prim is Softmax for op in fused)
 
 

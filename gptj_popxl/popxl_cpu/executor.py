@@ -89,7 +89,7 @@ class Plan:
     def __init__(self, graph, runtime):
         self.graph = graph
         classes, written, copied = storage_with_copying_views(graph)
-        fused, absorbed = lowering_fusions(graph, runtime.replicas, classes, written)
+        fused, absorbed = lowering_fusions(graph, runtime, classes, written)
         copied_loads = _remote_loads_to_copy(graph, classes, written, fused, absorbed)
         copied |= copied_loads
         remote_views = {classes.find(op.outputs[0].id) for op in graph._ops

@@ -6,6 +6,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import products
+from .dtypes import float32
 from .executor import Plan, storage_with_copying_views
 from .ops._util import shares_memory
 from .replica_layout import GroupIndex, merger, splitter
@@ -25,6 +27,8 @@ class Runtime:
         self.plans: Dict[object, Plan] = {}
         self._lowering = []
         self.variables: Dict[str, torch.Tensor] = {}
+        # The float32 matrices among them that the program never writes, by address (``products``).
+        self.read_only: Dict[int, torch.Tensor] = {}
         # Each buffer is (R, entries, *tensor_shape); kernels and variables write it in place, never rebind it.
         self.remote: Dict[int, torch.Tensor] = {b.remote_buffer_id: self._remote_storage(b) for b in ir._remote_buffers}
         # The run's input values, one (R, *shape) tensor per host transfer.
@@ -209,6 +213,14 @@ class Session:
         self._input_layouts = {s: (np.dtype(s.dtype.as_numpy()), self._extra_dims() + s.shape,
                                    (n, self._rt.replicas) + s.shape) for s in self._expected_inputs}
         self._written_variables = _written_variables(ir)
+        # A run writing variables kept in host memory changes what other sessions may read as theirs.
+        self._writes_shared = any(v._storage is not None for v in self._written_variables)
+        if self._rt.replicas == 1:
+            written = set(self._written_variables)
+            for v in ir._variables:
+                if v._remote is None and v.dtype == float32 and len(v.shape) == 2 and v not in written:
+                    value = self._rt.variables[v.id]
+                    self._rt.read_only[value.data_ptr()] = value
         self._d2h_streams = [s for s in ir._streams if s in stored]
         # Per-run state a run copies rather than builds: each stream's transfer count, and run()'s
         # targets (every output kept as the program stored it).
@@ -309,6 +321,8 @@ class Session:
             self._main.run(())
             for v in self._written_variables:
                 v._in_sync = False
+            if self._writes_shared:
+                products.variables_written()
             return rt.stream_kept
         finally:
             rt.stream_in = {}
@@ -416,6 +430,7 @@ class Session:
                 and not layout.sharded and torch.equal(layout.rows, torch.arange(self._rt.replicas)))
 
     def _copy_to_device(self, host: Mapping[Variable, np.ndarray]) -> None:
+        products.variables_written()
         for v, data in host.items():
             if self._in_device_memory(v, data):
                 continue
@@ -498,6 +513,7 @@ class Session:
                                           f"replica groups of {v.replica_grouping.group_size} is not supported")
             layout = self._layouts[v]
             written[v] = self._host[v] = layout.store(self._host[v], layout.host_data(arr))
+        products.variables_written()  # a variable in host memory has changed even when not attached
         if self._attached:
             self._copy_to_device(written)
             self._mark_in_sync(written)

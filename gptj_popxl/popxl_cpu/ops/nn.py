@@ -5,7 +5,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import dtypes
+from .. import dtypes, products
 from ..primitive import Primitive, spec
 from ..tensor import Tensor
 from ._util import broadcast_shape, check_float, norm_axis, replica_view_shape, unbroadcast
@@ -94,8 +94,15 @@ class MatMul(Primitive):
         n = b.shape[-1] if b.rank == 2 else 1
         out_shape = (runtime.replicas,) + op.outputs[0].shape
         if runtime.replicas == 1:
+            onednn = products.ONEDNN and rows >= products.MIN_ROWS
+
             def matmul(x, y, out=None):
-                product = torch.mm(x.reshape(rows, k), y.reshape(k, n), out=None if out is None else out.view(rows, n))
+                x, y = x.reshape(rows, k), y.reshape(k, n)
+                if onednn:
+                    w_rows = y.t() if y.t().is_contiguous() else products.read_only_copy(runtime.read_only, y)
+                    if w_rows is not None:
+                        return products.linear(x, w_rows).view(out_shape)
+                product = torch.mm(x, y, out=None if out is None else out.view(rows, n))
                 return product.view(out_shape)
         else:
             def matmul(x, y, out=None):
@@ -146,15 +153,16 @@ def _matmul_shape_2d(sa, sb, sy):
     return sy
 
 
-def lowering_fusions(graph, replicas: int, classes, written):
-    """Lowering's pattern rewrites: ``{op: (kernel, inputs)}`` for ops whose step computes what they and
+def lowering_fusions(graph, runtime, classes, written):
+    """Lowering's pattern rewrites for ``runtime`` (a session's: its replicas, its read-only variables):
+    ``{op: (kernel, inputs)}`` for ops whose step computes what they and
     the ops they absorb (the second result) would have, from other inputs. A rewritten op's absorbed
     producers have no other use and are no graph output, so no step can see them missing; and no op
     between the first of them and the rewritten op writes the step's inputs, which it reads later than
     they would have (``classes`` and ``written``: the graph's storage classes and the written ones).
 
     * ``x @ w`` whose only use is ``+ b`` (``add`` or ``add_``) with a 1-D bias, float32 on one replica:
-      one ``torch.addmm`` at the add.
+      one ``torch.addmm`` at the add (or oneDNN's product with the bias, ``products``).
     * ``softmax(s / c + mask)`` over the last axis (the attention's scores), float32, with ``c`` a scalar
       constant and ``mask`` broadcasting over ``s`` with its shape a suffix of ``s``'s but for leading
       1s and one run of 1s (e.g. (batch, 1, queries, keys), the same for every head): one pass of the
@@ -185,16 +193,17 @@ def lowering_fusions(graph, replicas: int, classes, written):
 
     fused, absorbed = {}, set()
     for op in graph._ops:
-        rewrite = _bias_matmul(op, only_use, replicas) or _attention_softmax(op, only_use, replicas, classes, written)
+        rewrite = (_bias_matmul(op, only_use, runtime)
+                   or _attention_softmax(op, only_use, runtime.replicas, classes, written))
         if rewrite is not None and not written_between(rewrite[2], op, rewrite[1]):
             fused[op] = rewrite[:2]
             absorbed.update(rewrite[2])
     return fused, absorbed
 
 
-def _bias_matmul(op, only_use, replicas: int):
+def _bias_matmul(op, only_use, runtime):
     from .elementwise import Add, AddInplace
-    if replicas != 1 or op.prim not in (Add, AddInplace):
+    if runtime.replicas != 1 or op.prim not in (Add, AddInplace):
         return None
     for i in ((0, 1) if op.prim is Add else (0,)):
         product, bias = op.inputs[i], op.inputs[1 - i]
@@ -205,7 +214,7 @@ def _bias_matmul(op, only_use, replicas: int):
         if (x.rank < 2 or w.rank != 2 or bias.shape != (w.shape[1],)
                 or any(t.dtype != dtypes.float32 for t in (x, w, bias))):
             continue
-        return _addmm_kernel(x.shape, w.shape), (x, w, bias), (mm,)
+        return _addmm_kernel(x.shape, w.shape, runtime), (x, w, bias), (mm,)
     return None
 
 
@@ -266,12 +275,17 @@ def _softmax_kernel(scale: float, same_everywhere: bool, inner: int, repeat: int
     return scaled_masked_softmax
 
 
-def _addmm_kernel(x_shape, w_shape):
+def _addmm_kernel(x_shape, w_shape, runtime):
     rows, (k, n) = int(np.prod(x_shape[:-1], dtype=np.int64)), w_shape
     out_shape = (1,) + tuple(x_shape[:-1]) + (n,)
     with_bias_row = _BiasRow(k, n) if rows * n * 4 >= _BIAS_ROW_FROM_BYTES else lambda w, b: None
+    onednn = products.ONEDNN and rows >= products.MIN_ROWS
 
     def addmm(x, w, b, out=None):
+        if onednn:
+            w_rows = products.read_only_copy(runtime.read_only, w[0])
+            if w_rows is not None:
+                return products.linear(x.reshape(rows, k), w_rows, b[0]).view(out_shape)
         out = None if out is None else out.view(rows, n)
         w_b = with_bias_row(w[0], b[0])
         if w_b is None:

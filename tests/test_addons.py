@@ -291,6 +291,7 @@ def test_deferred_data_is_drawn_only_when_variables_are_made():
 
 
 def test_linear_and_layer_norm_match_torch_with_gradients(rng):
+    torch.manual_seed(0)  # torch's layers draw their weights: not from whatever state earlier tests left
     x_np = rng.standard_normal((2, 3, 5)).astype(np.float32)
     torch_lin = torch.nn.Linear(5, 4)
     torch_ln = torch.nn.LayerNorm(4)
@@ -427,6 +428,7 @@ class TPMLP(addons.Module):
 @pytest.mark.parametrize("replicas,tp", [(2, 2), (4, 2), (4, 4)])
 def test_tp_sharded_mlp_equals_the_unsharded_mlp_with_gradients(rng, replicas, tp):
     hidden, inner = 4, 8
+    torch.manual_seed(0)
     fc_in, fc_out = torch.nn.Linear(hidden, inner), torch.nn.Linear(inner, hidden)
     x_np = rng.standard_normal((3, hidden)).astype(np.float32)
     dy_np = rng.standard_normal((3, hidden)).astype(np.float32)

@@ -49,6 +49,22 @@ def test_gelu_and_its_gradient_match_float64(n, rng):
     np.testing.assert_allclose(dx, _gelu_grad64(dy, x), rtol=4e-6, atol=4e-6)
 
 
+@pytest.mark.parametrize("decay", [0.0, 0.01])
+def test_adam_updater_kernel_matches_float64(decay, rng):
+    """The one-pass updater against numpy in float64, on lengths that take the vector lanes, two threads
+    and a scalar tail; zero moments and a zero second moment under a non-zero first one included."""
+    n = 100003
+    m, w = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    v = (rng.random(n) * 1e-3).astype(np.float32)
+    m[:5], v[:9] = 0, 0
+    bc1, bc2, eps = 1 - 0.9 ** 3, 1 - 0.999 ** 3, 1e-6
+    x = kernels.adam_updater(torch.from_numpy(m), torch.from_numpy(v), torch.from_numpy(w) if decay else None,
+                             bc1, bc2, eps, decay).numpy()
+    m64, v64 = m.astype(np.float64), v.astype(np.float64)
+    expected = m64 / bc1 / (np.sqrt(v64 / bc2) + eps) + decay * w.astype(np.float64)
+    np.testing.assert_allclose(x, expected, rtol=2e-6, atol=1e-7)
+
+
 def test_gelu_kernels_give_torchs_nans_and_infinities():
     x = np.array([np.nan, np.inf, -np.inf, 1.0] * 1000, np.float32)
     dy = np.ones_like(x)

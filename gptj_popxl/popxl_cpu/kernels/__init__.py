@@ -1,8 +1,8 @@
 """The runtime's own C++ kernels, for ops where one pass over memory beats torch's composition.
 
-``fused_ops.cpp`` (float32 tanh-GELU and its gradient, the attention's scaled and masked softmax) is
-compiled by cppimport on first use for this processor (into this folder, git-ignored, or the kernel
-cache, ``$GPTJ_POPXL_KERNEL_CACHE``; see ``popxl_cpu/native.py``). ``vector_math.h`` and
+``fused_ops.cpp`` (float32 tanh-GELU and its gradient, the attention's scaled and masked softmax, Adam's
+updater) is compiled by cppimport on first use for this processor (into this folder, git-ignored, or the
+kernel cache, ``$GPTJ_POPXL_KERNEL_CACHE``; see ``popxl_cpu/native.py``). ``vector_math.h`` and
 ``parallel_for.h`` are shared with the custom ops' and decode kernels' C++.
 """
 import functools
@@ -37,6 +37,18 @@ def gelu_tanh_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     dy, x = dy.contiguous(), x.contiguous()
     out = torch.empty_like(x)
     fused_ops().gelu_tanh_grad(dy.numpy(), x.numpy(), out.numpy(), torch.get_num_threads())
+    return out
+
+
+def adam_updater(m: torch.Tensor, v: torch.Tensor, w: Optional[torch.Tensor], bc1: float, bc2: float, eps: float,
+                 wd: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Adam's updater ``m / bc1 / (sqrt(v / bc2) + eps) (+ wd * w)`` of float32 tensors of one shape, into
+    ``out`` (contiguous) when given, in one pass: torch's six passes took 125 ms of a 77M-parameter
+    training step on 2 threads (its sqrt alone 100 ms)."""
+    m, v = m.contiguous(), v.contiguous()
+    out = torch.empty_like(m) if out is None else out
+    fused_ops().adam_updater(m.numpy(), v.numpy(), None if w is None else w.contiguous().numpy(), bc1, bc2, eps, wd,
+                             out.numpy(), torch.get_num_threads())
     return out
 
 

@@ -7,14 +7,17 @@ cfg['extra_link_args'] = ['-fopenmp']
 cfg['dependencies'] = ['vector_math.h', 'parallel_for.h', '.cpu']
 %>
 */
-// The runtime's fused kernels, float32, each one pass over memory: tanh-GELU and its gradient, and the
-// attention's softmax(x / scale + mask). Built on first use by cppimport (kernels/__init__.py loads it).
+// The runtime's fused kernels, float32, each one pass over memory: tanh-GELU and its gradient, the
+// attention's softmax(x / scale + mask) and Adam's updater. Built on first use by cppimport (kernels/__init__.py loads it).
 // Takes contiguous numpy arrays; torch tensors pass theirs via .numpy().
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "parallel_for.h"
@@ -88,6 +91,43 @@ void gelu_tanh_grad(const Floats& dy, const Floats& x, Floats& out, int threads)
     map(x.data(), out.mutable_data(), x.size(), threads, GeluGrad{dy.data()});
 }
 
+// Adam's updater m[i] / bc1 / (sqrt(v[i] / bc2) + eps) (+ wd * w[i] with a weight), each step as its own
+// rounded float32 operation, as torch's composition of them computes it.
+struct AdamUpdater {
+    const float *v, *w;
+    float bc1, bc2, eps, wd;
+    float operator()(float m, int64_t i) const {
+        const float x = (m / bc1) / (std::sqrt(v[i] / bc2) + eps);
+        return w ? x + wd * w[i] : x;
+    }
+#if defined(__AVX512F__)
+    __m512 operator()(__m512 m, int64_t i) const {
+        const __m512 vc = _mm512_div_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(bc2));
+        const __m512 x = _mm512_div_ps(_mm512_div_ps(m, _mm512_set1_ps(bc1)),
+                                       _mm512_add_ps(_mm512_sqrt_ps(vc), _mm512_set1_ps(eps)));
+        return w ? _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(wd), _mm512_loadu_ps(w + i))) : x;
+    }
+#elif defined(GPTJ_KERNELS_AVX2)
+    __m256 operator()(__m256 m, int64_t i) const {
+        const __m256 vc = _mm256_div_ps(_mm256_loadu_ps(v + i), _mm256_set1_ps(bc2));
+        const __m256 x = _mm256_div_ps(_mm256_div_ps(m, _mm256_set1_ps(bc1)),
+                                       _mm256_add_ps(_mm256_sqrt_ps(vc), _mm256_set1_ps(eps)));
+        return w ? _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(wd), _mm256_loadu_ps(w + i))) : x;
+    }
+#endif
+};
+
+// out = Adam's updater of the moments m, v (and the weight w, with weight decay wd; None without).
+void adam_updater(const Floats& m, const Floats& v, const std::optional<Floats>& w, float bc1, float bc2, float eps,
+                  float wd, Floats& out, int threads) {
+    require_same_size(m, out, "adam_updater");
+    require_same_size(v, out, "adam_updater");
+    if (w)
+        require_same_size(*w, out, "adam_updater");
+    map(m.data(), out.mutable_data(), m.size(), threads, AdamUpdater{v.data(), w ? w->data() : nullptr, bc1, bc2,
+                                                                      eps, wd});
+}
+
 // out[r] = softmax(x[r] / scale + mask[row(r)]) for each row r of the last axis' length n: x and out
 // (rows, n), mask (mask_rows, n). The mask's rows go in blocks of `inner`, each block serving `repeat`
 // consecutive blocks of x's rows, and the whole mask repeats: row(r) = (r / (inner * repeat) * inner +
@@ -127,6 +167,9 @@ PYBIND11_MODULE(fused_ops, m) {
     // noconvert: a converted copy of `out` would take the result and leave the caller's array as it was.
     m.def("gelu_tanh", &gelu_tanh, py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("threads"));
     m.def("gelu_tanh_grad", &gelu_tanh_grad, py::arg("dy").noconvert(), py::arg("x").noconvert(),
+          py::arg("out").noconvert(), py::arg("threads"));
+    m.def("adam_updater", &adam_updater, py::arg("m").noconvert(), py::arg("v").noconvert(),
+          py::arg("w").noconvert(), py::arg("bc1"), py::arg("bc2"), py::arg("eps"), py::arg("wd"),
           py::arg("out").noconvert(), py::arg("threads"));
     m.def("scaled_masked_softmax", &scaled_masked_softmax, py::arg("x").noconvert(), py::arg("mask").noconvert(),
           py::arg("scale"), py::arg("inner"), py::arg("repeat"), py::arg("out").noconvert(), py::arg("threads"));

@@ -3,6 +3,7 @@ from typing import Optional, Union
 
 import torch
 
+from ... import dtypes, kernels
 from ...primitive import Primitive, spec
 from ...tensor import Tensor
 from .accumulate import AdamVarUpdate, Factor, check_same_shape, compute_dtype, factor, increment_
@@ -44,10 +45,21 @@ class AdamUpdater(Primitive):
         out_dtype = a["out_dtype"].as_torch()
         dtype = compute_dtype(op.inputs[0].dtype.as_torch())
 
+        # float32 on one replica: the runtime's one-pass kernel, by the same float32 steps.
+        fused = (not adamax and dtype == out_dtype == torch.float32
+                 and all(t.dtype == dtypes.float32 for t in op.inputs[:2] + op.inputs[3:3 + decay]))
+
         def updater(m, v, eps, *rest, out=None):
             def scalar(s):
                 return s.reshape((s.shape[0],) + (1,) * rank).to(dtype)
             rest = list(rest)
+            if fused and m.shape[0] == 1:
+                w, wd = (rest.pop(0), float(rest.pop(0))) if decay else (None, 0.0)
+                bc1 = bc2 = 1.0
+                if bias:
+                    step, beta1, beta2 = (scalar(s) for s in rest)
+                    bc1, bc2 = float(1 - beta1 ** step), float(1 - beta2 ** step)
+                return kernels.adam_updater(m, v, w, bc1, bc2, float(eps), wd, out)
             m, v, eps = m.to(dtype), v.to(dtype), scalar(eps)
             if decay:
                 w, wd = rest.pop(0).to(dtype), scalar(rest.pop(0))

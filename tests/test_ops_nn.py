@@ -374,6 +374,7 @@ def _onednn(monkeypatch):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("torch has no oneDNN on this processor")
     monkeypatch.setattr(products, "ONEDNN", True)  # read when a program is lowered
+    monkeypatch.setattr(products, "MIN_MULTIPLY_ADDS", 0)  # for the tests' small products
 
 
 def _weight_program(w_data, storage=None, update=False, rows=32):

@@ -9,7 +9,9 @@ caller, less the call's outputs: they are the callee's values, counted in its pe
 returns them all as fresh values (copies of those that share an input's, a constant's or another
 output's storage). The copies of inputs a callee writes but is handed by value are counted beside.
 Variables (not remote) and constants are resident for the whole program; remote buffers are not
-device memory and are reported apart.
+device memory and are reported apart. Not counted: the copies of read-only weights that products
+take on some processors (``products.read_only_copy``): a program that writes its weights, as a
+training step does, makes none.
 
 Everything is per replica: replicas run the same program on same-shaped values.
 """

@@ -12,7 +12,7 @@ slower than MKL. So, where oneDNN is chosen (:data:`ONEDNN`):
   copy of the variable (:func:`read_only_copy`), made on first use and kept while the weight is
   unchanged: one copy per weight memory, whichever sessions read it.
 
-The choice: ``GPTJ_POPXL_PRODUCTS=onednn`` or ``mkl``; by default oneDNN on AMD processors, MKL
+The choice: ``GPTJ_POPXL_GEMM=onednn`` or ``mkl``; by default oneDNN on AMD processors, MKL
 elsewhere (on Intel's, MKL met the benchmarks' goals; oneDNN there is unmeasured).
 """
 import os
@@ -21,8 +21,12 @@ from typing import Dict, Optional
 
 import torch
 
-# Products of fewer rows are a decode step's, which the runtime's own streamed kernels compute.
+# Smaller products keep MKL: a decode step's few rows (the runtime's streamed kernels compute most of
+# those), and products under 2**25 multiply-adds, where oneDNN's fixed cost per call outweighed its speed
+# (measured: 0.5x MKL's at 64 x 64 x 64, 0.92x at 64 x 512 x 512, 1.02x at 128 x 512 x 512, 1.16x at
+# 64 x 512 x 2048).
 MIN_ROWS = 16
+MIN_MULTIPLY_ADDS = 1 << 25
 
 
 def _cpu_vendor() -> str:
@@ -37,15 +41,20 @@ def _cpu_vendor() -> str:
 
 
 def _choose_onednn() -> bool:
-    choice = os.environ.get("GPTJ_POPXL_PRODUCTS", "auto")
+    choice = os.environ.get("GPTJ_POPXL_GEMM", "auto")
     if choice not in ("auto", "onednn", "mkl"):
-        raise ValueError(f"GPTJ_POPXL_PRODUCTS must be 'auto', 'onednn' or 'mkl', got {choice!r}")
+        raise ValueError(f"GPTJ_POPXL_GEMM must be 'auto', 'onednn' or 'mkl', got {choice!r}")
     if choice == "mkl" or not torch.backends.mkldnn.is_available():
         return False
     return choice == "onednn" or _cpu_vendor() == "AuthenticAMD"
 
 
 ONEDNN = _choose_onednn()
+
+
+def takes_onednn(rows: int, k: int, n: int) -> bool:
+    """Whether a ``(rows, k) @ (k, n)`` float32 product takes oneDNN's kernel (where it can)."""
+    return ONEDNN and rows >= MIN_ROWS and rows * k * n >= MIN_MULTIPLY_ADDS
 
 
 def linear(x: torch.Tensor, w_rows: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

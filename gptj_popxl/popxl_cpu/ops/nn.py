@@ -94,7 +94,7 @@ class MatMul(Primitive):
         n = b.shape[-1] if b.rank == 2 else 1
         out_shape = (runtime.replicas,) + op.outputs[0].shape
         if runtime.replicas == 1:
-            onednn = products.ONEDNN and rows >= products.MIN_ROWS
+            onednn = products.takes_onednn(rows, k, n)
 
             def matmul(x, y, out=None):
                 x, y = x.reshape(rows, k), y.reshape(k, n)
@@ -279,7 +279,7 @@ def _addmm_kernel(x_shape, w_shape, runtime):
     rows, (k, n) = int(np.prod(x_shape[:-1], dtype=np.int64)), w_shape
     out_shape = (1,) + tuple(x_shape[:-1]) + (n,)
     with_bias_row = _BiasRow(k, n) if rows * n * 4 >= _BIAS_ROW_FROM_BYTES else lambda w, b: None
-    onednn = products.ONEDNN and rows >= products.MIN_ROWS
+    onednn = products.takes_onednn(rows, k, n)
 
     def addmm(x, w, b, out=None):
         if onednn:

@@ -438,3 +438,31 @@ def test_onednn_products_by_other_matrices(rng, monkeypatch):
             for s in streams:
                 np.testing.assert_allclose(out[s], x.astype(np.float64) @ m.T, rtol=1e-5, atol=1e-5)
             m[...] = rand(rng, 6, 8)  # the same array, new values
+
+
+def test_onednn_products_see_writes_that_stop_part_way(rng, monkeypatch):
+    """A refused ``write_variables_data`` that has already stored one variable, and a run that writes the
+    shared weight and then fails, both leave the weight changed: products by it must read the change."""
+    _onednn(monkeypatch)
+    x = rand(rng, 32, 8)
+    storage = rand(rng, 8, 6)
+    reader, w, x_stream, (_, plain) = _weight_program(storage.copy(), storage)
+    ir = popxl.Ir()
+    with ir.main_graph:  # w += 1, then a remote load of an entry the buffer lacks for a bad offset
+        shared = popxl.variable(storage.copy(), name="w")
+        popxl.back_variable(shared, storage)
+        ops.var_updates.accumulate_(shared, popxl.constant(np.ones((8, 6), np.float32)))
+        buffer, offset = popxl.remote_buffer((2,), popxl.float32, 1), popxl.h2d_stream((), popxl.int32, "offset")
+        ops.host_store(popxl.d2h_stream((2,), popxl.float32, "r"), ops.remote_load(buffer, ops.host_load(offset)))
+    writer = popxl.Session(ir)
+    with reader, writer:
+        reader.run({x_stream: x})
+        with pytest.raises(TypeError):
+            reader.write_variables_data({w: np.full((8, 6), 2.0, np.float32), reader.ir.main_graph.variables[1]:
+                                         np.zeros(6, np.float64)})
+        np.testing.assert_allclose(reader.run({x_stream: x})[plain], x.astype(np.float64) @ np.full((8, 6), 2.0),
+                                   rtol=1e-5, atol=1e-5)
+        with pytest.raises(IndexError):
+            writer.run({offset: np.array(5, np.int32)})
+        np.testing.assert_allclose(reader.run({x_stream: x})[plain], x.astype(np.float64) @ np.full((8, 6), 3.0),
+                                   rtol=1e-5, atol=1e-5)

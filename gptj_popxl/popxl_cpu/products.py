@@ -54,7 +54,7 @@ ONEDNN = _choose_onednn()
 
 def takes_onednn(rows: int, k: int, n: int) -> bool:
     """Whether a ``(rows, k) @ (k, n)`` float32 product takes oneDNN's kernel (where it can)."""
-    return ONEDNN and rows >= MIN_ROWS and rows * k * n >= MIN_MULTIPLY_ADDS
+    return ONEDNN and rows >= MIN_ROWS and k > 0 and rows * k * n >= MIN_MULTIPLY_ADDS
 
 
 def linear(x: torch.Tensor, w_rows: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -321,10 +321,10 @@ class Session:
             self._main.run(())
             for v in self._written_variables:
                 v._in_sync = False
-            if self._writes_shared:
-                products.variables_written()
             return rt.stream_kept
         finally:
+            if self._writes_shared:  # a run that stops part way may have written some of them too
+                products.variables_written()
             rt.stream_in = {}
             rt.stream_out = {}
             rt.stream_kept = {}
@@ -493,6 +493,8 @@ class Session:
 
     def write_variables_data(self, tensors: Mapping) -> None:
         """:meth:`write_variable_data` of several variables, updating the device once."""
+        # First: a variable in host memory changes as it is stored, even when a later entry is refused.
+        products.variables_written()
         written = {}
         for v, data in tensors.items():
             if not isinstance(v, Variable):
@@ -513,7 +515,6 @@ class Session:
                                           f"replica groups of {v.replica_grouping.group_size} is not supported")
             layout = self._layouts[v]
             written[v] = self._host[v] = layout.store(self._host[v], layout.host_data(arr))
-        products.variables_written()  # a variable in host memory has changed even when not attached
         if self._attached:
             self._copy_to_device(written)
             self._mark_in_sync(written)

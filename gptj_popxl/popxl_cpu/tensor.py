@@ -374,7 +374,9 @@ def back_variable(variable: Variable, storage: np.ndarray) -> None:
     (``write_variable_data``, attached or not) or a program that writes the variable changes it for
     every session backed by ``storage`` at once, and ``get_tensor_data`` shows such writes;
     ``weights_from_host`` cannot restore an earlier value, and leaving a session copies nothing back
-    (a memmap storage is flushed). Run the programs of one storage from one thread at a time.
+    (a memmap storage is flushed). Run the programs of one storage from one thread at a time. Write
+    ``storage`` through a session, not directly: a product may read a copy of a weight that only a
+    session's write marks out of date (``products.read_only_copy``).
     """
     what = f"back_variable: {_describe(variable)}"
     if not isinstance(variable, Variable) or variable._remote is not None or variable._shard_over is not None:

@@ -91,8 +91,8 @@ void gelu_tanh_grad(const Floats& dy, const Floats& x, Floats& out, int threads)
     map(x.data(), out.mutable_data(), x.size(), threads, GeluGrad{dy.data()});
 }
 
-// Adam's updater m[i] / bc1 / (sqrt(v[i] / bc2) + eps) (+ wd * w[i] with a weight), each step as its own
-// rounded float32 operation, as torch's composition of them computes it.
+// Adam's updater m[i] / bc1 / (sqrt(v[i] / bc2) + eps) (+ wd * w[i] with a weight), each step a correctly
+// rounded float32 operation (the weight decay term a fused multiply-add, as torch's addcmul_ is here).
 struct AdamUpdater {
     const float *v, *w;
     float bc1, bc2, eps, wd;

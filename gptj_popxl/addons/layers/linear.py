@@ -14,8 +14,9 @@ class Linear(Module):
     """Fully connected layer over the last axis of ``x``.
 
     Variables: ``weight`` (in, out) drawn from Normal(0, 0.02) truncated at two standard deviations,
-    ``bias`` (out,) zeros (if ``bias``), both of ``x``'s dtype. ``replica_grouping``: the variables' grouping; with several groups each
-    group holds its own values (e.g. tensor-parallel shards), host data ``(num_groups, ...)``.
+    ``bias`` (out,) zeros (if ``bias``), both of ``x``'s dtype. ``replica_grouping``: the variables'
+    grouping; with several groups each group holds its own values (e.g. tensor-parallel shards), host
+    data ``(num_groups, ...)``.
     """
 
     def __init__(self, out_features: int, bias: bool = True, replica_grouping=None):

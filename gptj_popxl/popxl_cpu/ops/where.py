@@ -4,7 +4,7 @@ import torch
 from .. import dtypes
 from ..primitive import Primitive, spec
 from ..tensor import Tensor
-from ._util import broadcast_shape, broadcast_view, check_float, check_same_dtype, replica_view_shape, scalar_like, unbroadcast
+from ._util import broadcast_shape, broadcast_view, check_float, check_same_dtype, scalar_like, unbroadcast
 from .elementwise import as_bool, equal, logical_and, logical_not
 
 __all__ = ["where", "clip"]
@@ -27,8 +27,7 @@ class Where(Primitive):
         shapes = [broadcast_view(t.shape, rank, runtime.replicas) for t in op.inputs]
         if shapes == [None] * 3:
             return torch.where
-        shapes = [replica_view_shape(t.shape, rank, runtime.replicas) for t in op.inputs]
-        return lambda c, a, b: torch.where(c.reshape(shapes[0]), a.reshape(shapes[1]), b.reshape(shapes[2]))
+        return lambda *xs: torch.where(*(x if s is None else x.reshape(s) for x, s in zip(xs, shapes)))
 
     @staticmethod
     def grad(g):
